@@ -1,0 +1,1161 @@
+#!/usr/bin/env python3
+"""observerd: the witness of the lakehouse, in one standard-library-only file.
+
+Every operation the lakehouse's autonomous work performs (MCP tools, scenario runners,
+Langfuse traces, overseer corrections) is POSTed here as an ObservedOp. observerd appends
+each op to a JSONL log and fsyncs it *before* the op enters memory or is acknowledged, keeps
+the newest ``ring_size`` ops in a ring for live statistics, and restores that ring from the
+log's tail on restart.
+
+Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
+
+The file reads top to bottom, each section depending only on those above it:
+logging -> config -> model -> persistence -> store -> HTTP -> background loops -> CLI/main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import tomllib
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+VERSION = "1.0.0"
+SERVICE = "observerd"
+
+
+# =============================================================================
+# Logging: one key=value line per event on stderr, like Go's slog text handler
+# =============================================================================
+
+_LOG_LOCK = threading.Lock()
+_BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f]+")
+
+
+def utc_now_rfc3339() -> str:
+    """The current UTC time as RFC 3339 with microseconds and a Z suffix."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _logfmt_value(value: object) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif value is None:
+        text = ""
+    else:
+        text = str(value)
+    return text if _BARE_VALUE.fullmatch(text) else json.dumps(text, ensure_ascii=False)
+
+
+def log(level: str, msg: str, **fields: object) -> None:
+    """Write one log line: time, level, msg, then the fields in the order given."""
+    parts = [f"time={utc_now_rfc3339()}", f"level={level}", f"msg={_logfmt_value(msg)}"]
+    parts.extend(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+    line = " ".join(parts) + "\n"
+    with _LOG_LOCK:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+# =============================================================================
+# Config: the [observerd] and [auth] tables of the shared lakehouse.toml
+# =============================================================================
+
+DEFAULT_CONFIG_PATH = "lakehouse.toml"
+
+# key -> (type, default, minimum). Types are exact: a bool is not an int here.
+OBSERVERD_KEYS: dict[str, tuple[type, object, float | None]] = {
+    "bind": (str, "127.0.0.1:3219", None),
+    "persist_path": (str, "data/observer/ops.jsonl", None),
+    "ring_size": (int, 2000, 1),
+    "recent_scenarios": (int, 10, 0),
+    "max_body_bytes": (int, 4 * 1024 * 1024, 1),
+    "request_timeout_s": (float, 10.0, 0.001),
+    "max_connections": (int, 256, 1),
+    "allow_unauthenticated": (bool, False, None),
+}
+AUTH_KEYS: dict[str, tuple[type, object, float | None]] = {
+    "token": (str, "", None),
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` lists every reason."""
+
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective settings, after file, CLI flags and environment."""
+
+    host: str
+    port: int
+    persist_path: Path | None
+    ring_size: int
+    recent_scenarios: int
+    max_body_bytes: int
+    request_timeout_s: float
+    max_connections: int
+    allow_unauthenticated: bool
+    token: str
+    source: str
+
+    @property
+    def bind(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_bind(text: str) -> tuple[str, int]:
+    """Split "host:port" (or "[v6]:port") into its parts; raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"bind {text!r} must be host:port")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"bind {text!r}: port must be 0-65535")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f"bind {text!r}: host is empty (use 0.0.0.0 for all interfaces)")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_table(name: str, table: object, spec: dict, problems: list[str]) -> dict:
+    """Type-check one TOML table against its spec; unknown keys are problems."""
+    values = {key: default for key, (_, default, _) in spec.items()}
+    if table is None:
+        return values
+    if not isinstance(table, dict):
+        problems.append(f"[{name}] must be a table")
+        return values
+    for key, value in table.items():
+        if key not in spec:
+            problems.append(f"unknown key {key!r} in [{name}]")
+            continue
+        kind, _, minimum = spec[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            problems.append(f"[{name}] {key} must be {kind.__name__}, got {type(value).__name__}")
+            continue
+        if minimum is not None and value < minimum:
+            problems.append(f"[{name}] {key} must be >= {minimum}, got {value}")
+            continue
+        values[key] = value
+    return values
+
+
+def load_config(
+    path: str | None,
+    bind: str | None = None,
+    persist_path: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Read the config file (path None = the default file, optional), then apply overrides.
+
+    Precedence: CLI flags (bind, persist_path) > OBSERVERD_TOKEN env var > file > defaults.
+    Raises ConfigError listing every problem found.
+    """
+    environ = os.environ if environ is None else environ
+    source = path or DEFAULT_CONFIG_PATH
+    document: dict = {}
+    base_dir = Path.cwd()
+    try:
+        with open(source, "rb") as f:
+            document = tomllib.load(f)
+        base_dir = Path(source).resolve().parent
+    except FileNotFoundError:
+        if path is not None:
+            raise ConfigError(source, ["file not found"]) from None
+        log("WARN", "config file not found, using defaults", file=source)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
+
+    problems: list[str] = []
+    values = _check_table("observerd", document.get("observerd"), OBSERVERD_KEYS, problems)
+    auth = _check_table("auth", document.get("auth"), AUTH_KEYS, problems)
+    if bind is not None:
+        values["bind"] = bind
+    host, port = "127.0.0.1", 0
+    try:
+        host, port = parse_bind(values["bind"])
+    except ValueError as exc:
+        problems.append(str(exc))
+
+    if persist_path is not None:
+        resolved = Path(persist_path).resolve() if persist_path else None
+    elif values["persist_path"]:
+        resolved = base_dir / values["persist_path"]
+    else:
+        resolved = None
+
+    token = environ.get("OBSERVERD_TOKEN") or auth["token"]
+    if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
+        problems.append(
+            f"bind {values['bind']} is not loopback and [auth] token is empty: set a token "
+            "(or OBSERVERD_TOKEN), or set allow_unauthenticated = true in [observerd]"
+        )
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        host=host,
+        port=port,
+        persist_path=resolved,
+        ring_size=values["ring_size"],
+        recent_scenarios=values["recent_scenarios"],
+        max_body_bytes=values["max_body_bytes"],
+        request_timeout_s=values["request_timeout_s"],
+        max_connections=values["max_connections"],
+        allow_unauthenticated=values["allow_unauthenticated"],
+        token=token,
+        source=source,
+    )
+
+
+# =============================================================================
+# Model: ObservedOp, its validation and defaults, and strict JSON input
+# =============================================================================
+
+SOURCES = ("mcp", "scenario", "langfuse", "overseer_correction")
+DEFAULT_SOURCE = "mcp"
+OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+class InvalidOp(ValueError):
+    """An op, or a JSON document meant to hold one, was rejected; names the field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """Parse an RFC 3339 date-time with offset; raises ValueError."""
+    if not _RFC3339.fullmatch(text):
+        raise ValueError("must be an RFC 3339 date-time like 2026-11-24T19:56:56Z")
+    try:
+        return datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ValueError(f"is not a valid date-time: {exc}") from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+_STRICT_JSON = json.JSONDecoder(
+    object_pairs_hook=_object_without_duplicate_keys,
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+)
+
+
+def parse_json_strict(data: bytes | str) -> object:
+    """Decode UTF-8 JSON, refusing NaN/Infinity, duplicate keys, huge and deep values.
+
+    Raises InvalidOp (field "body") with a reason a client can act on.
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return _STRICT_JSON.decode(text)
+    except UnicodeDecodeError as exc:
+        raise InvalidOp("body", f"is not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidOp("body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidOp("body", "is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidOp("body", f"is not valid JSON: {str(exc)[:120]}") from None
+
+
+def validate_op(raw: object) -> dict:
+    """Check one decoded ObservedOp and return it as stored: defaults filled, extras kept.
+
+    The known fields come first in a fixed order, then unknown keys verbatim in the order
+    given, so records round-trip with the other lakehouse services. Raises InvalidOp.
+    """
+    if not isinstance(raw, dict):
+        raise InvalidOp("body", f"must be a JSON object, got {json_type(raw)}")
+
+    endpoint = raw.get("endpoint")
+    if endpoint is None:
+        raise InvalidOp("endpoint", "is required")
+    if not isinstance(endpoint, str):
+        raise InvalidOp("endpoint", f"must be a string, got {json_type(endpoint)}")
+    if not endpoint.strip():
+        raise InvalidOp("endpoint", "must not be blank")
+
+    source = raw.get("source")
+    if source is None or source == "":
+        source = DEFAULT_SOURCE
+    elif source not in SOURCES:
+        shown = repr(source) if isinstance(source, str) else json_type(source)
+        raise InvalidOp("source", f"must be one of {', '.join(SOURCES)}, got {shown[:80]}")
+
+    timestamp = raw.get("timestamp")
+    if timestamp is None or timestamp == "":
+        timestamp = utc_now_rfc3339()
+    elif not isinstance(timestamp, str):
+        raise InvalidOp("timestamp", f"must be a string, got {json_type(timestamp)}")
+    else:
+        try:
+            parse_rfc3339(timestamp)
+        except ValueError as exc:
+            raise InvalidOp("timestamp", str(exc)) from None
+
+    success = raw.get("success")
+    if success is None:
+        success = False
+    elif not isinstance(success, bool):
+        raise InvalidOp("success", f"must be a boolean, got {json_type(success)}")
+
+    duration = raw.get("duration_ms")
+    if duration is None:
+        duration = 0
+    elif isinstance(duration, bool) or not isinstance(duration, (int, float)):
+        raise InvalidOp("duration_ms", f"must be a number, got {json_type(duration)}")
+    elif duration < 0:
+        raise InvalidOp("duration_ms", "must be >= 0")
+
+    for field in OPTIONAL_TEXT_FIELDS:
+        value = raw.get(field)
+        if value is not None and not isinstance(value, str):
+            raise InvalidOp(field, f"must be a string, got {json_type(value)}")
+
+    op = {
+        "endpoint": endpoint,
+        "source": source,
+        "timestamp": timestamp,
+        "success": success,
+        "duration_ms": duration,
+    }
+    for key, value in raw.items():
+        if key not in op:
+            op[key] = value
+    return op
+
+
+# =============================================================================
+# Persistence: the JSONL log (durable appends, torn-tail repair, tail restore)
+# =============================================================================
+
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+RESTORE_BLOCK_BYTES = 64 * 1024
+
+
+class PersistError(Exception):
+    """An append could not be made durable; the log was rolled back to before it."""
+
+
+def encode_line(op: dict) -> bytes:
+    """One op as one JSONL line, UTF-8, newline-terminated."""
+    return (_LINE_ENCODER.encode(op) + "\n").encode("utf-8")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory entry change (create, rename) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs_durably(folder: Path) -> None:
+    """Create folder and any missing parents, fsyncing each parent that gained an entry."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for created in reversed(missing):
+        os.mkdir(created)
+        fsync_dir(created.parent)
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a file back to the end of its last complete line; returns bytes dropped.
+
+    A crash mid-append can leave a partial last line; without this the next append would
+    be glued onto it. A file that ends in a newline (or is empty) is not touched.
+    """
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - RESTORE_BLOCK_BYTES)
+            f.seek(start)
+            block = f.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end == size:
+            return 0
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - end
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class JsonlLog:
+    """The append-only JSONL file: every append is written and fsynced, or rolled back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = -1
+        self._size = 0
+        self._needs_rollback = False
+        self._lock = threading.Lock()
+
+    def open(self) -> None:
+        """Create the file (and folders) durably, repair a torn tail, and open for appends."""
+        make_dirs_durably(self.path.parent)
+        if self.path.exists():
+            dropped = repair_torn_tail(self.path)
+            if dropped:
+                log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
+        self._fd = self._open_for_append()
+
+    def _open_for_append(self) -> int:
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if created:
+            fsync_dir(self.path.parent)
+        self._size = os.fstat(fd).st_size
+        return fd
+
+    def append_durably(self, data: bytes) -> None:
+        """Write data and fsync it; on failure truncate back and raise PersistError."""
+        with self._lock:
+            if self._needs_rollback:
+                self._roll_back()
+            try:
+                _write_all(self._fd, data)
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._needs_rollback = True
+                self._roll_back()
+                raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
+            self._size += len(data)
+
+    def _roll_back(self) -> None:
+        """Truncate to the last durable size so no partial line stays behind."""
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            log("ERROR", "cannot roll back failed append; will retry", path=self.path, error=exc)
+            raise PersistError(f"log needs repair: {exc.strerror or exc}") from exc
+        self._needs_rollback = False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _lines_backward(f, end: int):
+    """Yield (offset, line) from end of file back to its start, newest first."""
+    pos, tail = end, b""
+    while pos > 0:
+        start = max(0, pos - RESTORE_BLOCK_BYTES)
+        f.seek(start)
+        chunk = f.read(pos - start) + tail
+        lines = chunk.split(b"\n")
+        tail = lines[0]
+        offset = start + len(chunk)
+        for line in reversed(lines[1:]):
+            offset -= len(line) + 1
+            yield offset + 1, line
+        pos = start
+    yield 0, tail
+
+
+def restore_tail(path: Path, ring_size: int) -> list[dict]:
+    """The newest ring_size valid ops of the log, oldest first, reading backwards.
+
+    Blank lines are skipped silently; a malformed or invalid line is skipped with a warning
+    naming its byte offset, exactly as a forward replay would skip it. Cost depends on
+    ring_size, not on the length of the history.
+    """
+    newest_first: list[dict] = []
+    if not path.exists():
+        return newest_first
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        for offset, line in _lines_backward(f, size):
+            if len(newest_first) >= ring_size:
+                break
+            if not line.strip():
+                continue
+            try:
+                newest_first.append(validate_op(parse_json_strict(line)))
+            except InvalidOp as exc:
+                log("WARN", "skipped invalid log line", path=path, offset=offset, reason=exc)
+    newest_first.reverse()
+    return newest_first
+
+
+# =============================================================================
+# Store: the ring with live counters, fed through group commit
+# =============================================================================
+
+
+class RingStats:
+    """The newest ops with counters kept current on every apply and evict."""
+
+    def __init__(self, ring_size: int, recent_scenarios: int):
+        self.ops: deque[dict] = deque()
+        self.ring_size = ring_size
+        self.successes = 0
+        self.by_source: Counter[str] = Counter()
+        self.recent_scenarios: deque[dict] = deque(maxlen=recent_scenarios or None)
+        self._keep_recent = recent_scenarios > 0
+
+    def apply(self, op: dict) -> None:
+        if len(self.ops) >= self.ring_size:
+            self._evict(self.ops.popleft())
+        self.ops.append(op)
+        self.successes += op["success"] is True
+        self.by_source[op["source"]] += 1
+        if self._keep_recent and op["source"] == "scenario":
+            self.recent_scenarios.append(op)
+
+    def _evict(self, op: dict) -> None:
+        self.successes -= op["success"] is True
+        source = op["source"]
+        self.by_source[source] -= 1
+        if not self.by_source[source]:
+            del self.by_source[source]
+        # The evicted op is the ring's oldest, so if it is still listed it is listed first.
+        if self.recent_scenarios and self.recent_scenarios[0] is op:
+            self.recent_scenarios.popleft()
+
+    def stats(self) -> dict:
+        total = len(self.ops)
+        return {
+            "total": total,
+            "successes": self.successes,
+            "failures": total - self.successes,
+            "by_source": dict(self.by_source),
+            "recent_scenario_ops": list(self.recent_scenarios),
+        }
+
+
+class _PendingCommit:
+    """One caller's ops waiting in the group-commit queue."""
+
+    __slots__ = ("ops", "data", "done", "error", "ring_len")
+
+    def __init__(self, ops: list[dict], data: bytes):
+        self.ops = ops
+        self.data = data
+        self.done = False
+        self.error: BaseException | None = None
+        self.ring_len = 0
+
+
+class OpStore:
+    """Persist-then-apply: ops reach the ring only after their lines are fsynced.
+
+    Concurrent callers share fsyncs (group commit): whoever finds no write in progress
+    becomes the writer, appends every line queued so far in one write, fsyncs once, applies
+    the ops to the ring in file order and wakes the callers. A lone caller writes at once.
+    """
+
+    def __init__(self, ring: RingStats, log_file: JsonlLog | None):
+        self.ring = ring
+        self.log_file = log_file
+        self._ring_lock = threading.Lock()
+        self._queue: list[_PendingCommit] = []
+        self._queue_cond = threading.Condition()
+        self._writing = False
+
+    def restore(self, ops: list[dict]) -> None:
+        with self._ring_lock:
+            for op in ops:
+                self.ring.apply(op)
+
+    def record(self, ops: list[dict]) -> int:
+        """Make ops durable, then apply them; returns the ring length. Raises PersistError."""
+        if self.log_file is None:
+            with self._ring_lock:
+                for op in ops:
+                    self.ring.apply(op)
+                return len(self.ring.ops)
+        pending = _PendingCommit(ops, b"".join(encode_line(op) for op in ops))
+        with self._queue_cond:
+            self._queue.append(pending)
+            while not pending.done:
+                if self._writing:
+                    self._queue_cond.wait()
+                    continue
+                batch, self._queue, self._writing = self._queue, [], True
+                self._queue_cond.release()
+                try:
+                    self._commit(batch)
+                finally:
+                    self._queue_cond.acquire()
+                    self._writing = False
+                    self._queue_cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        return pending.ring_len
+
+    def _commit(self, batch: list[_PendingCommit]) -> None:
+        try:
+            self.log_file.append_durably(b"".join(p.data for p in batch))
+            with self._ring_lock:
+                for pending in batch:
+                    for op in pending.ops:
+                        self.ring.apply(op)
+                ring_len = len(self.ring.ops)
+            for pending in batch:
+                pending.ring_len = ring_len
+        except BaseException as exc:
+            for pending in batch:
+                pending.error = exc
+            if not isinstance(exc, PersistError):
+                raise
+        finally:
+            for pending in batch:
+                pending.done = True
+
+    def stats(self) -> dict:
+        with self._ring_lock:
+            return self.ring.stats()
+
+    def __len__(self) -> int:
+        return len(self.ring.ops)
+
+    def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+
+
+# =============================================================================
+# HTTP: routing, handlers, one error path, connection limits and deadlines
+# =============================================================================
+
+
+class HTTPError(Exception):
+    """An error answer: status, message for the JSON body, and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 32\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+    b'{"error":"too many connections"}'
+)
+
+
+class ConnectionTracker:
+    """Caps open connections and closes those that take too long to send a request.
+
+    A per-recv socket timeout alone lets a client dribble one byte at a time forever
+    (slowloris), so each connection gets a deadline for its whole next request, which
+    close_expired() enforces by shutting the socket down under the blocked reader.
+    """
+
+    IDLE, READING, IN_FLIGHT = "idle", "reading", "in_flight"
+
+    def __init__(self, limit: int, request_timeout_s: float):
+        self.limit = limit
+        self.request_timeout_s = request_timeout_s
+        # socket -> (phase, deadline); the deadline is None once the request is read.
+        self._open: dict[socket.socket, tuple[str, float | None]] = {}
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._closing = False
+
+    def admit(self, sock: socket.socket) -> bool:
+        with self._lock:
+            if len(self._open) >= self.limit or self._closing:
+                return False
+            self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
+            return True
+
+    def release(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+            self._drained.notify_all()
+
+    def awaiting_request(self, sock: socket.socket) -> None:
+        """Between requests: the next one must arrive, whole, before a fresh deadline."""
+        with self._lock:
+            self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
+            closing = self._closing
+        if closing:
+            _shutdown_quietly(sock)
+
+    def headers_read(self, sock: socket.socket) -> None:
+        """A request has begun: shutdown waits for it; its deadline still runs."""
+        with self._lock:
+            self._open[sock] = (self.READING, self._open[sock][1])
+
+    def request_read(self, sock: socket.socket) -> None:
+        """The body is read: the request is in flight and no longer has a deadline."""
+        with self._lock:
+            self._open[sock] = (self.IN_FLIGHT, None)
+
+    def close_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [s for s, (_, d) in self._open.items() if d is not None and d < now]
+        for sock in expired:
+            _shutdown_quietly(sock)
+
+    def close_idle_and_drain(self, timeout_s: float) -> int:
+        """Refuse new connections, close idle ones, let requests in progress finish.
+
+        Returns how many connections were still open when the wait ran out.
+        """
+        with self._lock:
+            self._closing = True
+            idle = [s for s, (phase, _) in self._open.items() if phase == self.IDLE]
+        for sock in idle:
+            _shutdown_quietly(sock)
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._open and time.monotonic() < deadline:
+                self._drained.wait(deadline - time.monotonic())
+            return len(self._open)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class ObserverServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a deep accept backlog, a connection cap and the store."""
+
+    # The stdlib's backlog of 5 makes the kernel drop SYNs during a burst of connections,
+    # and clients then wait whole seconds for retransmits.
+    request_queue_size = 1024
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, config: Config, store: OpStore):
+        self.config = config
+        self.store = store
+        self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), ObserverHandler)
+
+    def process_request(self, request, client_address):
+        if not self.connections.admit(request):
+            _refuse_overloaded(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log("INFO", "connection dropped", remote=client_address[0], error=type(exc).__name__)
+        else:
+            log("ERROR", "unhandled error in connection", remote=client_address[0],
+                error=repr(exc), traceback="".join(traceback.format_exc()))
+
+
+def _refuse_overloaded(sock: socket.socket) -> None:
+    """Answer 503 without a thread; drain what the client sent so close is not a reset."""
+    try:
+        sock.setblocking(False)
+        sock.send(_OVERLOADED)
+        sock.recv(65536)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path's handlers by method, and whether it needs the bearer token."""
+
+    methods: dict[str, str]
+    auth: bool = True
+
+
+ROUTES = {
+    "/observer/health": Route({"GET": "get_health"}, auth=False),
+    "/observer/stats": Route({"GET": "get_stats"}),
+    "/observer/event": Route({"POST": "post_event"}),
+}
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+
+
+class ObserverHandler(BaseHTTPRequestHandler):
+    """Routes requests, turns every HTTPError into one JSON answer, written in one send."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"{SERVICE}/{VERSION}"
+    sys_version = ""
+    disable_nagle_algorithm = True
+    server: ObserverServer
+
+    def setup(self):
+        self.timeout = self.server.config.request_timeout_s
+        super().setup()
+
+    def handle_one_request(self):
+        self.server.connections.awaiting_request(self.connection)
+        super().handle_one_request()
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def dispatch(self) -> None:
+        self.server.connections.headers_read(self.connection)
+        self._body_unread = bool(
+            self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            or self.headers.get("Transfer-Encoding")
+        )
+        headers: dict[str, str] = {}
+        try:
+            route = ROUTES.get(urlsplit(self.path).path)
+            if route is None:
+                raise HTTPError(404, f"no route for {urlsplit(self.path).path[:200]}")
+            name = route.methods.get(self.command)
+            if name is None:
+                allow = ", ".join(route.methods)
+                raise HTTPError(405, f"method {self.command} not allowed; use {allow}", {"Allow": allow})
+            if route.auth:
+                self.authorize()
+            status, body = getattr(self, name)()
+        except HTTPError as exc:
+            status, body, headers = exc.status, {"error": exc.message}, exc.headers
+        except Exception as exc:
+            log("ERROR", "handler failed", path=self.path[:200], error=repr(exc),
+                traceback=traceback.format_exc())
+            status, body = 500, {"error": "internal error"}
+        if self._body_unread:
+            self.close_connection = True
+        self.send_json(status, body, headers)
+
+    def authorize(self) -> None:
+        token = self.server.config.token
+        if not token:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+        ):
+            raise HTTPError(401, "missing or invalid bearer token",
+                            {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+
+    def read_body(self) -> bytes:
+        """The request body, bounded by max_body_bytes and checked before reading."""
+        if self.headers.get("Transfer-Encoding"):
+            raise HTTPError(411, "Content-Length required; Transfer-Encoding is not supported")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise HTTPError(411, "Content-Length required")
+        if len({value.strip() for value in lengths}) != 1:
+            raise HTTPError(400, "conflicting Content-Length headers")
+        text = lengths[0].strip()
+        limit = self.server.config.max_body_bytes
+        if not text.isascii() or not text.isdigit():
+            raise HTTPError(400, "Content-Length must be a non-negative integer")
+        if not _CONTENT_LENGTH.fullmatch(text) or int(text) > limit:
+            raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}")
+        length = int(text)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise HTTPError(400, f"body ended after {len(body)} of {length} bytes")
+        self._body_unread = False
+        self.server.connections.request_read(self.connection)
+        return body
+
+    def get_health(self):
+        return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
+
+    def get_stats(self):
+        return 200, self.server.store.stats()
+
+    def post_event(self):
+        try:
+            op = validate_op(parse_json_strict(self.read_body()))
+        except InvalidOp as exc:
+            raise HTTPError(400, f"invalid op: {exc}") from None
+        try:
+            ring_len = self.server.store.record([op])
+        except PersistError as exc:
+            log("ERROR", "op not persisted", error=exc)
+            raise HTTPError(503, f"op not persisted: {exc}") from None
+        return 200, {"accepted": True, "ring_size": ring_len}
+
+    def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
+        """Status line, headers and body in a single write, so keep-alive never stalls."""
+        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        if self.server.connections.closing:
+            self.close_connection = True
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [
+            f"HTTP/1.1 {status} {phrase}",
+            f"Server: {self.server_version}",
+            f"Date: {self.date_time_string()}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(payload)}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.wfile.write(head if self.command == "HEAD" else head + payload)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib parser's errors (bad request line, huge headers) as JSON too."""
+        self.close_connection = True
+        self.send_json(code, {"error": message or HTTPStatus(code).phrase})
+
+    def log_message(self, format, *args):
+        log("WARN", format % args, remote=self.client_address[0])
+
+
+# =============================================================================
+# Background loops: one scheduler thread per concern, stopped by an Event
+# =============================================================================
+
+
+class Scheduler:
+    """Runs periodic tasks on one thread; stop() wakes it at once."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._tasks: list[list] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def every(self, interval_s: float, task) -> None:
+        self._tasks.append([interval_s, time.monotonic() + interval_s, task])
+
+    def start(self) -> None:
+        if self._tasks:
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 1.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for entry in self._tasks:
+                interval, due, task = entry
+                if due <= now:
+                    entry[1] = now + interval
+                    try:
+                        task()
+                    except Exception as exc:
+                        log("ERROR", "background task failed", loop=self.name,
+                            task=getattr(task, "__name__", repr(task)), error=repr(exc))
+            next_due = min(entry[1] for entry in self._tasks)
+            self._stop.wait(max(0.0, next_due - time.monotonic()))
+
+
+# =============================================================================
+# CLI and main
+# =============================================================================
+
+SHUTDOWN_GRACE_S = 1.5
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="observerd.py",
+        description="observerd: the lakehouse's witness. Records ObservedOps durably to JSONL "
+        "and serves live stats over HTTP.",
+    )
+    parser.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG_PATH}, optional)")
+    parser.add_argument("--bind", help="host:port to listen on; overrides [observerd] bind")
+    parser.add_argument("--persist-path", help='JSONL log path; "" = ephemeral; overrides the file')
+    parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
+    return parser.parse_args(argv)
+
+
+def open_store(config: Config) -> OpStore:
+    """Open (and repair) the log, then restore the ring from its tail."""
+    ring = RingStats(config.ring_size, config.recent_scenarios)
+    log_file = None
+    if config.persist_path is not None:
+        log_file = JsonlLog(config.persist_path)
+        log_file.open()
+    store = OpStore(ring, log_file)
+    if config.persist_path is not None:
+        started = time.perf_counter()
+        store.restore(restore_tail(config.persist_path, config.ring_size))
+        log("INFO", "restored ops", count=len(store), path=config.persist_path,
+            ms=round((time.perf_counter() - started) * 1000, 1))
+    return store
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    log("INFO", "starting", version=VERSION, config=config.source,
+        persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
+    try:
+        store = open_store(config)
+    except OSError as exc:
+        log("ERROR", "persist_path is not usable", path=config.persist_path,
+            error=exc.strerror or exc)
+        return 2
+    try:
+        server = ObserverServer(config, store)
+    except OSError as exc:
+        log("ERROR", "cannot listen", bind=config.bind, error=exc.strerror or exc)
+        store.close()
+        return 2
+    host, port = server.server_address[:2]
+    log("INFO", "listening", addr=format_hostport(host, port))
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    housekeeping = Scheduler("housekeeping")
+    housekeeping.every(0.25, server.connections.close_expired)
+    housekeeping.start()
+    accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
+                                     daemon=True)
+    accept_thread.start()
+    while not stop.wait(0.5):
+        pass
+
+    log("INFO", "shutting down", open_connections=len(server.connections))
+    server.shutdown()
+    left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
+    housekeeping.stop()
+    server.server_close()
+    store.close()
+    log("INFO", "stopped", ops=len(store), abandoned_connections=left)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.bind, args.persist_path)
+    except ConfigError as exc:
+        log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
+        return 2
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,665 @@
+"""Tests for observerd: the store as a library, and the daemon through real HTTP.
+
+In-process servers run on an ephemeral loopback port; crash, restart, signal and disk-full
+behaviour runs the daemon as a real subprocess. Waits poll with a deadline, never sleep blindly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import observerd as od
+
+HERE = Path(__file__).resolve().parent
+DAEMON = HERE / "observerd.py"
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+# -----------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout=5.0, interval=0.01, what="condition"):
+    """Poll predicate until it returns truthy; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_config(folder: Path, observerd: dict | None = None, auth: dict | None = None,
+                 extra: str = "") -> Path:
+    """A lakehouse.toml with the given [observerd] and [auth] tables."""
+    def table(name, values):
+        lines = [f"[{name}]"]
+        for key, value in (values or {}).items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(lines) + "\n"
+    path = folder / "lakehouse.toml"
+    path.write_text(extra + table("observerd", observerd) + table("auth", auth))
+    return path
+
+
+def make_config(tmp_path: Path, **settings) -> od.Config:
+    """Load a Config the way the daemon does, from a file holding settings."""
+    auth = {"token": settings.pop("token")} if "token" in settings else None
+    settings.setdefault("bind", "127.0.0.1:0")
+    settings.setdefault("persist_path", str(tmp_path / "ops.jsonl"))
+    return od.load_config(str(write_config(tmp_path, settings, auth)), environ={})
+
+
+class Client:
+    """A keep-alive JSON client for one server."""
+
+    def __init__(self, port: int, token: str | None = None, timeout: float = 10):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.token = token
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        self.conn.request(method, path, body=body, headers=headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        return resp.status, (json.loads(data) if data else None), resp
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def close(self):
+        self.conn.close()
+
+
+class InProcessServer:
+    """observerd's server and store running on threads of the test process."""
+
+    def __init__(self, config: od.Config):
+        self.config = config
+        self.store = od.open_store(config)
+        self.server = od.ObserverServer(config, self.store)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+        self.housekeeping = od.Scheduler("test-housekeeping")
+        self.housekeeping.every(0.05, self.server.connections.close_expired)
+        self.housekeeping.start()
+
+    def client(self, **kw) -> Client:
+        return Client(self.port, **kw)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.connections.close_idle_and_drain(1.0)
+        self.housekeeping.stop()
+        self.server.server_close()
+        self.store.close()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Start an in-process server with the given settings; all are stopped at teardown."""
+    started = []
+
+    def start(**settings) -> InProcessServer:
+        folder = tmp_path / f"server{len(started)}"
+        folder.mkdir()
+        settings.setdefault("persist_path", str(folder / "ops.jsonl"))
+        server = InProcessServer(make_config(folder, **settings))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+class Daemon:
+    """observerd.py as a real subprocess, its stderr captured in a file."""
+
+    def __init__(self, folder: Path, args=(), config: Path | None = None, env=None,
+                 preexec_fn=None, cwd=None, script: Path = DAEMON):
+        self.folder = folder
+        self.log_path = folder / f"daemon-{time.monotonic_ns()}.log"
+        argv = [sys.executable, str(script)]
+        if config is not None:
+            argv += ["--config", str(config)]
+        argv += list(args)
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=self.log_file, cwd=cwd or folder,
+            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
+        )
+        self.port = None
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_listening(self, timeout=10.0) -> "Daemon":
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
+            for line in self.log.splitlines():
+                if "msg=listening" in line:
+                    return line.split("addr=")[1].split()[0]
+            return None
+        addr = wait_for(listening, timeout, what="daemon to listen")
+        self.port = int(addr.rsplit(":", 1)[1])
+        return self
+
+    def client(self, **kw) -> Client:
+        return Client(self.port, **kw)
+
+    def exit_status(self, timeout=10.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log_file.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.exit_status()
+
+
+@pytest.fixture
+def daemons():
+    """Start subprocess daemons; any still running at teardown are killed."""
+    started = []
+
+    def start(folder, **kw) -> Daemon:
+        daemon = Daemon(folder, **kw)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def start_durable_daemon(daemons, folder: Path, **settings) -> Daemon:
+    settings.setdefault("bind", "127.0.0.1:0")
+    settings.setdefault("persist_path", "ops.jsonl")
+    auth = {"token": settings.pop("token")} if "token" in settings else None
+    config = write_config(folder, settings, auth)
+    return daemons(folder, config=config).wait_listening()
+
+
+def raw_exchange(port: int, data: bytes, timeout=5.0) -> bytes:
+    """Send raw bytes on a fresh connection and read until the server closes or times out."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return b"".join(chunks)
+
+
+def parse_response(raw: bytes) -> tuple[int, dict | None]:
+    """Status and JSON body of the first HTTP response in raw bytes."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    body = rest[:length]
+    return status, (json.loads(body) if body else None)
+
+
+def replay_forward(path: Path) -> list[dict]:
+    """Every valid op of a JSONL file, read front to back: the reference for restore_tail."""
+    ops = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            ops.append(od.validate_op(od.parse_json_strict(line)))
+        except od.InvalidOp:
+            pass
+    return ops
+
+
+def op(endpoint="/e", **fields) -> dict:
+    return od.validate_op({"endpoint": endpoint, **fields})
+
+
+def stats_of(ops, ring_size=2000, recent=10) -> dict:
+    ring = od.RingStats(ring_size, recent)
+    for o in ops:
+        ring.apply(o)
+    return ring.stats()
+
+
+# -----------------------------------------------------------------------------
+# Model: validation and defaults
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({}, "endpoint"),
+    ({"endpoint": ""}, "endpoint"),
+    ({"endpoint": "  \t"}, "endpoint"),
+    ({"endpoint": 5}, "endpoint"),
+    ({"endpoint": "/e", "source": "cron"}, "source"),
+    ({"endpoint": "/e", "source": 1}, "source"),
+    ({"endpoint": "/e", "timestamp": "yesterday"}, "timestamp"),
+    ({"endpoint": "/e", "timestamp": "2026-13-01T00:00:00Z"}, "timestamp"),
+    ({"endpoint": "/e", "timestamp": "2026-11-24T10:00:00"}, "timestamp"),
+    ({"endpoint": "/e", "timestamp": 1732440000}, "timestamp"),
+    ({"endpoint": "/e", "success": "true"}, "success"),
+    ({"endpoint": "/e", "success": 1}, "success"),
+    ({"endpoint": "/e", "duration_ms": True}, "duration_ms"),
+    ({"endpoint": "/e", "duration_ms": "12"}, "duration_ms"),
+    ({"endpoint": "/e", "duration_ms": -1}, "duration_ms"),
+    ({"endpoint": "/e", "error": 500}, "error"),
+    ({"endpoint": "/e", "input_summary": ["a"]}, "input_summary"),
+    ({"endpoint": "/e", "output_summary": {}}, "output_summary"),
+    ([{"endpoint": "/e"}], "body"),
+    ("text", "body"),
+    (None, "body"),
+])
+def test_validation_names_the_field(raw, field):
+    with pytest.raises(od.InvalidOp) as info:
+        od.validate_op(raw)
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+def test_default_fields_are_filled_and_given_values_kept():
+    filled = od.validate_op({"endpoint": "/e"})
+    assert filled["source"] == "mcp"
+    assert filled["success"] is False
+    assert filled["duration_ms"] == 0
+    assert od.parse_rfc3339(filled["timestamp"]).tzinfo is not None
+    assert filled["timestamp"].endswith("Z")
+    assert od.validate_op({"endpoint": "/e", "source": ""})["source"] == "mcp"
+    given = {"endpoint": "/e", "source": "langfuse", "timestamp": "2026-11-24T19:56:56.5+02:00",
+             "success": True, "duration_ms": 1.5, "error": "", "trace_id": "abc", "tags": [1, {"x": None}]}
+    assert od.validate_op(given) == given
+
+
+def test_strict_json_refuses_what_json_allows_loosely():
+    for text, needle in [("NaN", "NaN"), ('{"a": Infinity}', "Infinity"), ('{"a":1,"a":2}', "duplicate"),
+                         ("1" * 5000, "digits"), ("[" * 100000, "deep"), ("1e999", "range"),
+                         (b"\xff\xfe", "UTF-8"), ("{", "JSON")]:
+        with pytest.raises(od.InvalidOp) as info:
+            od.parse_json_strict(text)
+        assert needle in str(info.value), text[:20]
+
+
+# -----------------------------------------------------------------------------
+# Store: stats, recent scenarios, ring rollover, persistence
+# -----------------------------------------------------------------------------
+
+
+def test_stats_aggregate_over_the_ring():
+    stats = stats_of([op(success=True), op(success=False), op(source="scenario", success=True),
+                      op(source="langfuse")])
+    assert stats["total"] == 4
+    assert stats["successes"] == 2
+    assert stats["failures"] == 2
+    assert stats["by_source"] == {"mcp": 2, "scenario": 1, "langfuse": 1}
+
+
+def test_recent_scenarios_are_capped_and_oldest_first():
+    ops = [op(f"/s{i}", source="scenario") if i % 2 else op(f"/m{i}") for i in range(30)]
+    recent = stats_of(ops, recent=4)["recent_scenario_ops"]
+    assert [o["endpoint"] for o in recent] == ["/s23", "/s25", "/s27", "/s29"]
+    assert stats_of(ops, recent=0)["recent_scenario_ops"] == []
+
+
+def test_ring_rolls_over_at_its_cap_and_counters_follow():
+    ops = [op(f"/{i}", source="scenario" if i < 3 else "mcp", success=i % 3 == 0) for i in range(10)]
+    stats = stats_of(ops, ring_size=4)
+    kept = ops[-4:]
+    assert stats["total"] == 4
+    assert stats["successes"] == sum(o["success"] for o in kept)
+    assert stats["by_source"] == {"mcp": 4}
+    assert stats["recent_scenario_ops"] == []
+
+
+def test_counters_match_a_full_recount_under_random_traffic():
+    rng = random.Random(7)
+    ring = od.RingStats(50, 5)
+    applied = []
+    for i in range(2000):
+        o = op(f"/{i}", source=rng.choice(od.SOURCES), success=rng.random() < 0.5)
+        ring.apply(o)
+        applied.append(o)
+        if i % 97 == 0:
+            window = applied[-50:]
+            expected = {
+                "total": len(window),
+                "successes": sum(o["success"] for o in window),
+                "failures": sum(not o["success"] for o in window),
+                "by_source": dict(__import__("collections").Counter(o["source"] for o in window)),
+                "recent_scenario_ops": [o for o in window if o["source"] == "scenario"][-5:],
+            }
+            assert ring.stats() == expected
+
+
+def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
+    config = make_config(tmp_path)
+    store = od.open_store(config)
+    ops = [op(f"/{i}", source=od.SOURCES[i % 4], success=i % 2 == 0, extra={"i": i}) for i in range(25)]
+    for o in ops:
+        store.record([o])
+    before = store.stats()
+    store.close()
+    lines = config.persist_path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == ops
+    restored = od.open_store(config)
+    assert restored.stats() == before
+    assert list(restored.ring.ops) == ops
+    restored.close()
+
+
+def test_replay_skips_a_corrupt_line_and_keeps_the_rest(tmp_path, capsys):
+    path = tmp_path / "ops.jsonl"
+    good = [op("/a"), op("/b")]
+    path.write_bytes(od.encode_line(good[0]) + b'{"endpoint": "/broken", \n' + od.encode_line(good[1]))
+    assert od.restore_tail(path, 2000) == good
+    assert "skipped invalid log line" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Config
+# -----------------------------------------------------------------------------
+
+
+def test_config_defaults_are_exactly_the_documented_ones(tmp_path):
+    path = tmp_path / "lakehouse.toml"
+    path.write_text("[other_daemon]\nanything = 1\n")
+    config = od.load_config(str(path), environ={})
+    assert (config.host, config.port) == ("127.0.0.1", 3219)
+    assert config.persist_path == tmp_path / "data/observer/ops.jsonl"
+    assert (config.ring_size, config.recent_scenarios, config.max_body_bytes) == (2000, 10, 4194304)
+    assert config.token == ""
+
+
+def test_shipped_lakehouse_toml_loads_with_the_defaults():
+    config = od.load_config(str(HERE / "lakehouse.toml"), environ={})
+    assert config.bind == "127.0.0.1:3219"
+    assert config.persist_path == HERE / "data/observer/ops.jsonl"
+
+
+def test_cli_flags_and_env_override_the_file(tmp_path):
+    path = write_config(tmp_path, {"bind": "127.0.0.1:1000", "persist_path": "x.jsonl"}, {"token": "file"})
+    config = od.load_config(str(path), bind="127.0.0.1:0", persist_path="",
+                            environ={"OBSERVERD_TOKEN": "env"})
+    assert (config.port, config.persist_path, config.token) == (0, None, "env")
+
+
+@pytest.mark.parametrize("table, needle", [
+    ({"ring_sise": 5}, "unknown key 'ring_sise'"),
+    ({"ring_size": "big"}, "ring_size must be int"),
+    ({"ring_size": 0}, "ring_size must be >= 1"),
+    ({"max_body_bytes": True}, "max_body_bytes must be int"),
+    ({"bind": "nohostport"}, "host:port"),
+])
+def test_config_problems_are_named(tmp_path, table, needle):
+    with pytest.raises(od.ConfigError) as info:
+        od.load_config(str(write_config(tmp_path, table)), environ={})
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (None, "file not found"),
+    ("[observerd\n", "invalid TOML"),
+    ("[observerd]\nbogus = 1\n", "unknown key 'bogus'"),
+])
+def test_bad_config_file_exits_2_with_one_line(tmp_path, content, needle):
+    path = tmp_path / "bad.toml"
+    if content is not None:
+        path.write_text(content)
+    proc = subprocess.run([sys.executable, str(DAEMON), "--config", str(path)],
+                          capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0] and "bad.toml" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_port_in_use_exits_2_with_one_clear_line(tmp_path, daemons):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = daemons(tmp_path, args=["--bind", f"127.0.0.1:{port}", "--persist-path", ""])
+        assert daemon.exit_status() == 2
+    assert "msg=\"cannot listen\"" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_unwritable_persist_path_exits_2(tmp_path, daemons):
+    (tmp_path / "a-file").write_text("")
+    daemon = daemons(tmp_path, args=["--bind", "127.0.0.1:0",
+                                     "--persist-path", str(tmp_path / "a-file" / "ops.jsonl")])
+    assert daemon.exit_status() == 2
+    assert "persist_path is not usable" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_missing_default_config_runs_on_defaults_with_a_warning(tmp_path, daemons):
+    daemon = daemons(tmp_path, args=["--bind", "127.0.0.1:0"]).wait_listening()
+    assert "level=WARN msg=\"config file not found, using defaults\"" in daemon.log
+    status, body, _ = daemon.client().post("/observer/event", {"endpoint": "/e"})
+    assert status == 200
+    assert (tmp_path / "data/observer/ops.jsonl").exists()
+
+
+def test_copied_alone_into_an_empty_folder_it_runs(tmp_path, daemons):
+    lonely = tmp_path / "host"
+    lonely.mkdir()
+    shutil.copy(DAEMON, lonely / "observerd.py")
+    daemon = daemons(tmp_path, cwd=lonely, script=lonely / "observerd.py",
+                     args=["--bind", "127.0.0.1:0"]).wait_listening()
+    client = daemon.client()
+    assert client.post("/observer/event", {"endpoint": "/alone"})[0] == 200
+    assert client.get("/observer/stats")[1]["total"] == 1
+    assert sorted(p.name for p in lonely.iterdir()) == ["data", "observerd.py"]
+
+
+def test_log_lines_are_key_value_with_level_and_msg(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    for line in daemon.log.splitlines():
+        assert line.startswith("time=") and " level=" in line and " msg=" in line, line
+    assert f"addr=127.0.0.1:{daemon.port}" in daemon.log
+    assert "msg=\"restored ops\" count=0" in daemon.log
+
+
+# -----------------------------------------------------------------------------
+# HTTP: routes, status codes, auth, keep-alive
+# -----------------------------------------------------------------------------
+
+
+def test_health_stats_and_event_shapes(serve):
+    server = serve()
+    client = server.client()
+    assert client.get("/observer/health")[:2] == (200, {"status": "ok", "service": "observerd", "ring_size": 0})
+    status, body, resp = client.post("/observer/event", {"endpoint": "/s", "source": "scenario", "success": True})
+    assert (status, body) == (200, {"accepted": True, "ring_size": 1})
+    assert resp.getheader("Content-Type") == "application/json"
+    status, stats, _ = client.get("/observer/stats")
+    assert status == 200
+    assert set(stats) == {"total", "successes", "failures", "by_source", "recent_scenario_ops"}
+    assert stats["by_source"] == {"scenario": 1}
+    assert stats["recent_scenario_ops"][0]["endpoint"] == "/s"
+    assert client.get("/observer/health")[1]["ring_size"] == 1
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"endpoint": ""}, "endpoint"),
+    ({"endpoint": "/e", "source": "cron"}, "source"),
+    ({"endpoint": "/e", "duration_ms": "fast"}, "duration_ms"),
+    ({"endpoint": "/e", "timestamp": "not a time"}, "timestamp"),
+    ('{"endpoint": "/e"', "JSON"),
+    ("[1, 2]", "object"),
+])
+def test_bad_op_is_400_naming_the_field_and_changes_nothing(serve, body, needle):
+    server = serve()
+    client = server.client()
+    status, error, _ = client.post("/observer/event", body)
+    assert status == 400
+    assert needle in error["error"]
+    assert client.get("/observer/stats")[1]["total"] == 0
+    assert server.config.persist_path.read_bytes() == b""
+
+
+def test_unknown_fields_round_trip_through_file_stats_and_restart(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    sent = {"endpoint": "/run", "source": "scenario", "trace_id": "t-1", "langfuse": {"span": [1, 2.5, None]},
+            "timestamp": "2026-11-24T19:56:56.123456Z"}
+    assert daemon.client().post("/observer/event", sent)[0] == 200
+    stored = json.loads((tmp_path / "ops.jsonl").read_text())
+    assert stored == {**sent, "success": False, "duration_ms": 0}
+    daemon.stop()
+    daemon = start_durable_daemon(daemons, tmp_path)
+    assert daemon.client().get("/observer/stats")[1]["recent_scenario_ops"] == [stored]
+
+
+def test_unknown_path_is_404_and_wrong_method_405_with_allow(serve):
+    client = serve().client()
+    status, body, _ = client.get("/observer/nope")
+    assert status == 404 and "error" in body
+    status, body, resp = client.request("DELETE", "/observer/stats")
+    assert status == 405 and resp.getheader("Allow") == "GET"
+    status, body, resp = client.get("/observer/event")
+    assert status == 405 and resp.getheader("Allow") == "POST"
+
+
+def test_auth_token_guards_every_route_but_health(serve):
+    server = serve(token="s3cret")
+    anonymous = server.client()
+    assert anonymous.get("/observer/health")[0] == 200
+    for method, path, body in [("GET", "/observer/stats", None), ("POST", "/observer/event", {"endpoint": "/e"})]:
+        status, error, resp = anonymous.request(method, path, body)
+        assert status == 401 and resp.getheader("WWW-Authenticate").startswith("Bearer")
+        assert "s3cret" not in json.dumps(error)
+        wrong = server.client(token="s3cres")
+        assert wrong.request(method, path, body)[0] == 401
+    assert server.client(token="s3cret").post("/observer/event", {"endpoint": "/e"})[0] == 200
+    assert server.store.stats()["total"] == 1
+
+
+def test_env_token_overrides_the_file_in_the_daemon(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": ""}, {"token": "from-file"})
+    daemon = daemons(tmp_path, config=config, env={"OBSERVERD_TOKEN": "from-env"}).wait_listening()
+    assert daemon.client(token="from-file").get("/observer/stats")[0] == 401
+    assert daemon.client(token="from-env").get("/observer/stats")[0] == 200
+
+
+def test_body_over_the_cap_is_413_before_reading_it(serve):
+    server = serve(max_body_bytes=100)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        # Announce 10 MB but send none of it: the answer must come from the header alone.
+        sock.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        status, body = parse_response(sock.recv(65536))
+    assert status == 413 and "max_body_bytes=100" in body["error"]
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/" + "x" * 200})[0] == 413
+    assert client.post("/observer/event", {"endpoint": "/small"})[0] == 200
+
+
+def test_body_without_content_length_is_411(serve):
+    server = serve()
+    raw = raw_exchange(server.port, b"POST /observer/event HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert parse_response(raw)[0] == 411
+    chunked = (b"POST /observer/event HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\n{\"a\":\r\n0\r\n\r\n")
+    assert parse_response(raw_exchange(server.port, chunked))[0] == 411
+    assert server.store.stats()["total"] == 0
+
+
+def test_persist_failure_is_503_and_memory_untouched(tmp_path):
+    # /dev/full fails every write with ENOSPC: a real fault, no mock.
+    config = make_config(tmp_path, persist_path="/dev/full")
+    server = InProcessServer(config)
+    try:
+        client = server.client()
+        status, body, _ = client.post("/observer/event", {"endpoint": "/e"})
+        assert status == 503 and "not persisted" in body["error"]
+        assert client.get("/observer/stats")[1]["total"] == 0
+        assert client.get("/observer/health")[0] == 200
+    finally:
+        server.close()
+
+
+def test_keep_alive_serves_two_requests_on_one_connection(serve):
+    server = serve()
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/1"})[0] == 200
+    sock = client.conn.sock
+    assert client.get("/observer/stats")[1]["total"] == 1
+    assert client.conn.sock is sock, "the second request needed a new connection"
+
+
+def test_each_response_is_sent_in_one_write(serve):
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+    status, body = parse_response(first)
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_client_that_disconnects_mid_request_is_not_a_traceback(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+            sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"endp")
+        with socket.create_connection(("127.0.0.1", daemon.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.sendall(b"GET /observer/stats HTTP/1.1\r\n\r\n")
+    assert daemon.client().get("/observer/health")[0] == 200
+    assert "Traceback" not in daemon.log
+
+
+def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    idle = daemon.client()
+    assert idle.get("/observer/health")[0] == 200  # an idle keep-alive connection stays open
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+        sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
+        wait_for(lambda: daemon.client().get("/observer/health")[0] == 200)
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "shutting down" in daemon.log, what="shutdown to begin")
+        sock.sendall(body[5:])
+        status, answer = parse_response(sock.recv(65536))
+        assert (status, answer["accepted"]) == (200, True)
+    assert daemon.exit_status(timeout=3) == 0
+    assert time.monotonic() - started < 2.0
+    assert json.loads((tmp_path / "ops.jsonl").read_text())["endpoint"] == "/in-flight"
