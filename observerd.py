@@ -70,8 +70,11 @@ def log(level: str, msg: str, **fields: object) -> None:
     parts.extend(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
     line = " ".join(parts) + "\n"
     with _LOG_LOCK:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a full or closed stderr must never take a request down with it
 
 
 # =============================================================================

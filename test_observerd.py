@@ -138,34 +138,38 @@ def serve(tmp_path):
 
 
 class Daemon:
-    """observerd.py as a real subprocess, its stderr captured in a file."""
+    """observerd.py as a real subprocess; its stderr is collected by a reader thread."""
 
     def __init__(self, folder: Path, args=(), config: Path | None = None, env=None,
                  preexec_fn=None, cwd=None, script: Path = DAEMON):
-        self.folder = folder
-        self.log_path = folder / f"daemon-{time.monotonic_ns()}.log"
         argv = [sys.executable, str(script)]
         if config is not None:
             argv += ["--config", str(config)]
         argv += list(args)
-        self.log_file = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=self.log_file, cwd=cwd or folder,
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd or folder,
             env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
         )
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
         self.port = None
+
+    def _collect(self):
+        for line in self.proc.stderr:
+            self._lines.append(line.decode(errors="replace"))
 
     @property
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return "".join(self._lines)
 
     def wait_listening(self, timeout=10.0) -> "Daemon":
         def listening():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
-            for line in self.log.splitlines():
+            for line in list(self._lines):
                 if "msg=listening" in line:
                     return line.split("addr=")[1].split()[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
             return None
         addr = wait_for(listening, timeout, what="daemon to listen")
         self.port = int(addr.rsplit(":", 1)[1])
@@ -175,10 +179,9 @@ class Daemon:
         return Client(self.port, **kw)
 
     def exit_status(self, timeout=10.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.log_file.close()
+        status = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return status
 
     def stop(self):
         if self.proc.poll() is None:
@@ -483,7 +486,7 @@ def test_copied_alone_into_an_empty_folder_it_runs(tmp_path, daemons):
     lonely = tmp_path / "host"
     lonely.mkdir()
     shutil.copy(DAEMON, lonely / "observerd.py")
-    daemon = daemons(tmp_path, cwd=lonely, script=lonely / "observerd.py",
+    daemon = daemons(lonely, script=lonely / "observerd.py",
                      args=["--bind", "127.0.0.1:0"]).wait_listening()
     client = daemon.client()
     assert client.post("/observer/event", {"endpoint": "/alone"})[0] == 200
@@ -663,3 +666,326 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
     assert daemon.exit_status(timeout=3) == 0
     assert time.monotonic() - started < 2.0
     assert json.loads((tmp_path / "ops.jsonl").read_text())["endpoint"] == "/in-flight"
+
+
+# -----------------------------------------------------------------------------
+# Durability: torn tails, folder fsync, crash under load, a full disk
+# -----------------------------------------------------------------------------
+
+
+def test_torn_tail_is_cut_back_before_the_first_append(tmp_path, capsys):
+    path = tmp_path / "ops.jsonl"
+    whole = od.encode_line(op("/whole"))
+    path.write_bytes(whole + b'{"endpoint":"/torn","sour')
+    log_file = od.JsonlLog(path)
+    log_file.open()
+    assert path.read_bytes() == whole
+    assert "dropped_bytes=25" in capsys.readouterr().err
+    log_file.append_durably(od.encode_line(op("/next")))
+    log_file.close()
+    assert [o["endpoint"] for o in replay_forward(path)] == ["/whole", "/next"]
+
+
+def test_a_clean_file_is_not_touched_at_open(tmp_path, capsys):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(od.encode_line(op("/a")) + od.encode_line(op("/b")))
+    os.utime(path, ns=(1, 1))
+    log_file = od.JsonlLog(path)
+    log_file.open()
+    log_file.close()
+    assert path.stat().st_mtime_ns == 1
+    assert "torn" not in capsys.readouterr().err
+
+
+def test_creating_the_log_fsyncs_every_folder_that_gained_an_entry(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    log_file = od.JsonlLog(tmp_path / "a" / "b" / "ops.jsonl")
+    log_file.open()
+    log_file.close()
+    assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+
+
+def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
+    acked: list[str] = []
+    stop = threading.Event()
+
+    def writer(n):
+        client = daemon.client(timeout=5)
+        i = 0
+        while not stop.is_set():
+            endpoint = f"/w{n}/{i}"
+            try:
+                status, _, _ = client.post("/observer/event", {"endpoint": endpoint, "success": i % 3 == 0})
+            except (OSError, http.client.HTTPException):
+                return
+            if status == 200:
+                acked.append(endpoint)
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(acked) >= 400, timeout=20, what="400 acknowledged ops")
+    daemon.proc.kill()
+    daemon.exit_status()
+    stop.set()
+    for t in threads:
+        t.join(10)
+
+    lines = (tmp_path / "ops.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"", "file must end with a complete line"
+    stored = [od.validate_op(od.parse_json_strict(line)) for line in lines[:-1]]
+    stored_endpoints = {o["endpoint"] for o in stored}
+    missing = [e for e in acked if e not in stored_endpoints]
+    assert not missing, f"{len(missing)} acknowledged ops lost, e.g. {missing[:3]}"
+
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
+    assert daemon.client().get("/observer/stats")[1] == stats_of(stored, ring_size=100000)
+
+
+def limit_file_size(max_bytes):
+    """preexec_fn: writes past max_bytes fail with EFBIG instead of killing the process."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # Only the soft limit: the test raises it again later to play a disk that recovers.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
+    return apply
+
+
+def test_full_disk_is_503_with_ring_and_file_clean_then_recovers(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    accepted, status = 0, 200
+    while status == 200:
+        status, body, _ = client.post("/observer/event", {"endpoint": f"/fill/{accepted}", "pad": "x" * 40})
+        accepted += status == 200
+    assert status == 503 and "not persisted" in body["error"], body
+    assert accepted >= 5
+    path = tmp_path / "ops.jsonl"
+    assert len(replay_forward(path)) == accepted
+    assert path.read_bytes().endswith(b"\n"), "a failed write must leave no partial line"
+    assert client.post("/observer/event", {"endpoint": "/still-full"})[0] == 503
+    assert client.get("/observer/stats")[1]["total"] == accepted
+    assert client.get("/observer/health")[0] == 200
+    assert "op not persisted" in daemon.log
+
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert client.post("/observer/event", {"endpoint": "/after-recovery"})[0] == 200
+    assert [o["endpoint"] for o in replay_forward(path)][-1] == "/after-recovery"
+    assert client.get("/observer/stats")[1]["total"] == accepted + 1
+
+
+# -----------------------------------------------------------------------------
+# Hostile and broken clients
+# -----------------------------------------------------------------------------
+
+
+def timed_health(port) -> float:
+    started = time.monotonic()
+    status, _ = parse_response(raw_exchange(port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == 200
+    return time.monotonic() - started
+
+
+def test_slowloris_connections_are_closed_and_never_block_health(serve):
+    server = serve(request_timeout_s=1.0)
+    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]
+    try:
+        for sock in slow:
+            sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
+        wait_for(lambda: len(server.server.connections) >= 200, what="200 slow connections admitted")
+        latencies = sorted(timed_health(server.port) for _ in range(7))
+        assert latencies[3] < 0.1, latencies
+        assert latencies[-1] < 1.0, latencies
+
+        # Dribble a byte every 0.2 s: each recv is quick, but the whole request is not.
+        closed = set()
+        deadline = time.monotonic() + 5
+        while len(closed) < len(slow) and time.monotonic() < deadline:
+            for i, sock in enumerate(slow):
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(b"a")
+                    sock.setblocking(False)
+                    if sock.recv(1) == b"":
+                        closed.add(i)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed.add(i)
+                finally:
+                    sock.setblocking(True)
+            time.sleep(0.2)
+        assert len(closed) == len(slow), f"{len(slow) - len(closed)} slow connections still open"
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_burst_of_connections_is_accepted_at_once(serve):
+    server = serve()
+    barrier = threading.Barrier(150)
+    took = []
+
+    def connect():
+        barrier.wait()
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10):
+            took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=connect) for _ in range(150)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert len(took) == 150
+    assert max(took) < 2.0, f"slowest connect took {max(took):.2f}s"
+
+
+def test_connections_past_the_cap_get_503_and_are_closed(serve):
+    server = serve(max_connections=4)
+    threads_before = threading.active_count()
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    wait_for(lambda: len(server.server.connections) == 4, what="4 connections admitted")
+    for _ in range(20):
+        raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
+        status, body = parse_response(raw)
+        assert (status, body) == (503, {"error": "too many connections"})
+    assert threading.active_count() <= threads_before + 4
+    held.pop().close()
+    wait_for(lambda: len(server.server.connections) == 3, what="a slot to free up")
+    assert server.client().get("/observer/health")[0] == 200
+    for sock in held:
+        sock.close()
+
+
+HUGE_DIGITS = b'{"endpoint": "/e", "n": ' + b"9" * 10000 + b"}"
+MALFORMED = {
+    "garbage request line": b"GARBAGE\r\n\r\n",
+    "request line with too many words": b"GET / HTTP/1.1 extra\r\n\r\n",
+    "huge request line": b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    "huge header": b"GET /observer/health HTTP/1.1\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n",
+    "too many headers": b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 200 + b"\r\n",
+    "non-numeric length": b"POST /observer/event HTTP/1.1\r\nContent-Length: ten\r\n\r\n{}",
+    "negative length": b"POST /observer/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n{}",
+    "conflicting lengths": b"POST /observer/event HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    "absurd length": b"POST /observer/event HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+    "truncated body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"endpoint\":",
+    "invalid UTF-8": b"POST /observer/event HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"endpoint\": \"\xff\xfe\"}  ",
+    "deep nesting": b"POST /observer/event HTTP/1.1\r\nContent-Length: 200000\r\n\r\n" + b"[" * 200000,
+    "NaN": b"POST /observer/event HTTP/1.1\r\nContent-Length: 36\r\n\r\n{\"endpoint\": \"/e\", \"duration_ms\": NaN}",
+    "Infinity": b"POST /observer/event HTTP/1.1\r\nContent-Length: 27\r\n\r\n{\"endpoint\": \"/e\", \"x\": -Infinity}",
+    "duplicate keys": b"POST /observer/event HTTP/1.1\r\nContent-Length: 34\r\n\r\n{\"endpoint\": \"/a\", \"endpoint\": \"/b\"}",
+    "10,000-digit number": b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(HUGE_DIGITS) + HUGE_DIGITS,
+    "body is a string": b"POST /observer/event HTTP/1.1\r\nContent-Length: 5\r\n\r\n\"abc\"",
+    "body is an array": b"POST /observer/event HTTP/1.1\r\nContent-Length: 18\r\n\r\n[{\"endpoint\":\"/e\"}]",
+    "body is null": b"POST /observer/event HTTP/1.1\r\nContent-Length: 4\r\n\r\nnull",
+    "empty body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_requests_get_a_4xx_json_error(serve, name):
+    server = serve()
+    raw = raw_exchange(server.port, MALFORMED[name])
+    status, body = parse_response(raw)
+    assert 400 <= status < 500, (status, body)
+    assert isinstance(body["error"], str) and body["error"]
+    assert timed_health(server.port) < 5
+    assert server.store.stats()["total"] == 0
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.random()
+        pos = rng.randrange(len(data) + 1)
+        if kind < 0.3 and data:
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif kind < 0.55:
+            data[pos:pos] = rng.choice([b"\x00", b"\r\n", b'"', b"{", b"9" * rng.randint(1, 50), b"\xc3", b" "])
+        elif kind < 0.8:
+            del data[pos:pos + rng.randint(1, 8)]
+        else:
+            data = data[:pos]
+    return bytes(data)
+
+
+def fuzz_request(rng: random.Random, i: int) -> bytes:
+    body = {"endpoint": f"/fuzz/{i}", "source": rng.choice(od.SOURCES + ("", "bad")),
+            "success": rng.choice([True, False, 1, None]), "duration_ms": rng.choice([0, 1.5, -1, "x"])}
+    if rng.random() < 0.3:
+        body["extra"] = {"nested": [rng.random(), None, "é"]}
+    payload = json.dumps(body).encode()
+    valid = b"POST /observer/event HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+    roll = rng.random()
+    if roll < 0.35:
+        return valid
+    if roll < 0.9:
+        return mutate(rng, valid)
+    return bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+
+
+def test_fuzzed_requests_never_kill_the_daemon_and_stats_match_the_200s(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=10000, request_timeout_s=0.5)
+    rng = random.Random(20261124)
+    accepted = 0
+    for i in range(3000):
+        raw = raw_exchange(daemon.port, fuzz_request(rng, i), timeout=5)
+        if not raw:
+            continue
+        status, body = parse_response(raw)
+        assert status < 500 or status in (501, 505), (i, status, body)
+        if status == 200 and body and body.get("accepted") is True:
+            accepted += 1
+    assert daemon.proc.poll() is None, "daemon died"
+    assert accepted > 200
+    stats = daemon.client().get("/observer/stats")[1]
+    assert stats["total"] == accepted
+    assert stats == stats_of(replay_forward(tmp_path / "ops.jsonl"), ring_size=10000)
+    assert "Traceback" not in daemon.log
+
+
+@pytest.mark.parametrize("settings, starts", [
+    ({"bind": "0.0.0.0:0"}, False),
+    ({"bind": "0.0.0.0:0", "allow_unauthenticated": True}, True),
+    ({"bind": "0.0.0.0:0", "token": "t0ken"}, True),
+    ({"bind": "127.0.0.1:0"}, True),
+])
+def test_non_loopback_bind_needs_a_token_or_explicit_opt_out(tmp_path, daemons, settings, starts):
+    auth = {"token": settings.pop("token")} if "token" in settings else None
+    config = write_config(tmp_path, {"persist_path": "", **settings}, auth)
+    daemon = daemons(tmp_path, config=config)
+    if starts:
+        daemon.wait_listening()
+    else:
+        assert daemon.exit_status() == 2
+        assert "not loopback" in daemon.log and len(daemon.log.strip().splitlines()) == 1
+
+
+def test_the_token_never_appears_in_logs_or_error_bodies(tmp_path, daemons):
+    secret = "tok-S3CRET-value"
+    daemon = start_durable_daemon(daemons, tmp_path, token=secret)
+    bodies = []
+    for token in (None, "wrong", secret + "x", secret[:-1]):
+        client = daemon.client(token=token)
+        bodies.append(client.get("/observer/stats")[1])
+        bodies.append(client.post("/observer/event", {"endpoint": "/e"})[1])
+    good = daemon.client(token=secret)
+    bodies.append(good.post("/observer/event", {"endpoint": ""})[1])
+    bodies.append(good.get("/observer/nope")[1])
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    assert secret not in json.dumps(bodies)
+    assert secret not in daemon.log
+    assert "auth=true" in daemon.log
