@@ -832,24 +832,29 @@ def test_slowloris_connections_are_closed_and_never_block_health(serve):
             sock.close()
 
 
-def test_a_burst_of_connections_is_accepted_at_once(serve):
-    server = serve()
-    barrier = threading.Barrier(150)
-    took = []
-
-    def connect():
-        barrier.wait()
-        started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10):
-            took.append(time.monotonic() - started)
-
-    threads = [threading.Thread(target=connect) for _ in range(150)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(15)
-    assert len(took) == 150
-    assert max(took) < 2.0, f"slowest connect took {max(took):.2f}s"
+def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
+    # The accept loop is not running yet, as when it lags behind a burst: every connection
+    # must still be established by the kernel's backlog, not dropped and retried after 1 s.
+    server = od.ObserverServer(make_config(tmp_path), od.open_store(make_config(tmp_path)))
+    port = server.server_address[1]
+    started = time.monotonic()
+    burst = []
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    try:
+        for _ in range(150):
+            burst.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        assert time.monotonic() - started < 2.0
+        thread.start()
+        for sock in burst[:3] + burst[-3:]:
+            sock.sendall(b"GET /observer/health HTTP/1.1\r\n\r\n")
+            assert parse_response(sock.recv(65536))[0] == 200
+    finally:
+        for sock in burst:
+            sock.close()
+        if thread.is_alive():
+            server.shutdown()
+        server.server_close()
+        server.store.close()
 
 
 def test_connections_past_the_cap_get_503_and_are_closed(serve):
