@@ -24,14 +24,16 @@ import os
 import re
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 import tomllib
 import traceback
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
+from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -49,9 +51,20 @@ _LOG_LOCK = threading.Lock()
 _BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f]+")
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def utc_now_rfc3339() -> str:
     """The current UTC time as RFC 3339 with microseconds and a Z suffix."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Formatting the date part is most of the cost and changes once a second: reuse it.
+    global _second_cache
+    now = time.time()
+    second = int(now)
+    cached_second, prefix = _second_cache
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second_cache = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
 def _logfmt_value(value: object) -> str:
@@ -93,6 +106,9 @@ OBSERVERD_KEYS: dict[str, tuple[type, object, float | None]] = {
     "request_timeout_s": (float, 10.0, 0.001),
     "max_connections": (int, 256, 1),
     "allow_unauthenticated": (bool, False, None),
+    "max_batch": (int, 1000, 1),
+    "max_file_bytes": (int, 0, 0),
+    "keep_files": (int, 3, 0),
 }
 AUTH_KEYS: dict[str, tuple[type, object, float | None]] = {
     "token": (str, "", None),
@@ -121,6 +137,9 @@ class Config:
     request_timeout_s: float
     max_connections: int
     allow_unauthenticated: bool
+    max_batch: int
+    max_file_bytes: int
+    keep_files: int
     token: str
     source: str
 
@@ -247,6 +266,9 @@ def load_config(
         request_timeout_s=values["request_timeout_s"],
         max_connections=values["max_connections"],
         allow_unauthenticated=values["allow_unauthenticated"],
+        max_batch=values["max_batch"],
+        max_file_bytes=values["max_file_bytes"],
+        keep_files=values["keep_files"],
         token=token,
         source=source,
     )
@@ -327,22 +349,22 @@ _STRICT_JSON = json.JSONDecoder(
 )
 
 
-def parse_json_strict(data: bytes | str) -> object:
+def parse_json_strict(data: bytes | str, what: str = "body") -> object:
     """Decode UTF-8 JSON, refusing NaN/Infinity, duplicate keys, huge and deep values.
 
-    Raises InvalidOp (field "body") with a reason a client can act on.
+    Raises InvalidOp naming `what` with a reason a client can act on.
     """
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         return _STRICT_JSON.decode(text)
     except UnicodeDecodeError as exc:
-        raise InvalidOp("body", f"is not valid UTF-8 (byte {exc.start})") from None
+        raise InvalidOp(what, f"is not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise InvalidOp("body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InvalidOp(what, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise InvalidOp("body", "is not valid JSON: nested too deeply") from None
+        raise InvalidOp(what, "is not valid JSON: nested too deeply") from None
     except ValueError as exc:
-        raise InvalidOp("body", f"is not valid JSON: {str(exc)[:120]}") from None
+        raise InvalidOp(what, f"is not valid JSON: {str(exc)[:120]}") from None
 
 
 def validate_op(raw: object) -> dict:
@@ -410,6 +432,36 @@ def validate_op(raw: object) -> dict:
         if key not in op:
             op[key] = value
     return op
+
+
+class BatchTooLarge(ValueError):
+    """A batch holds more ops than max_batch."""
+
+
+def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
+    """Decode and validate a batch (a JSON array, or NDJSON lines), all or nothing.
+
+    Raises InvalidOp naming the index of the first bad op, or BatchTooLarge.
+    """
+    if ndjson:
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        if len(lines) > max_batch:
+            raise BatchTooLarge(f"batch of {len(lines)} ops exceeds max_batch={max_batch}")
+        docs = [parse_json_strict(line, f"op {i}") for i, line in enumerate(lines)]
+    else:
+        docs = parse_json_strict(body)
+        if not isinstance(docs, list):
+            raise InvalidOp("body", f"must be a JSON array of ops (or NDJSON with Content-Type: "
+                            f"application/x-ndjson), got {json_type(docs)}")
+        if len(docs) > max_batch:
+            raise BatchTooLarge(f"batch of {len(docs)} ops exceeds max_batch={max_batch}")
+    ops = []
+    for i, doc in enumerate(docs):
+        try:
+            ops.append(validate_op(doc))
+        except InvalidOp as exc:
+            raise InvalidOp(f"op {i}", f"is invalid: {exc}") from None
+    return ops
 
 
 # =============================================================================
@@ -482,11 +534,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def segment_paths(path: Path, keep_files: int) -> list[Path]:
+    """The live file and its rotated segments, newest first: ops.jsonl, ops.jsonl.1, …"""
+    return [path] + [path.with_name(f"{path.name}.{n}") for n in range(1, keep_files + 1)]
+
+
 class JsonlLog:
     """The append-only JSONL file: every append is written and fsynced, or rolled back."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_file_bytes: int = 0, keep_files: int = 0):
         self.path = path
+        self.max_file_bytes = max_file_bytes
+        self.keep_files = keep_files
         self._fd = -1
         self._size = 0
         self._needs_rollback = False
@@ -514,6 +573,8 @@ class JsonlLog:
         with self._lock:
             if self._needs_rollback:
                 self._roll_back()
+            if self.max_file_bytes and self._size and self._size + len(data) > self.max_file_bytes:
+                self._rotate()
             try:
                 _write_all(self._fd, data)
                 os.fsync(self._fd)
@@ -522,6 +583,25 @@ class JsonlLog:
                 self._roll_back()
                 raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
             self._size += len(data)
+
+    def _rotate(self) -> None:
+        """Shift ops.jsonl -> .1 -> .2 …, dropping the oldest beyond keep_files.
+
+        Called between appends, so no line is ever split across segments.
+        """
+        segments = segment_paths(self.path, self.keep_files)
+        try:
+            if self.keep_files == 0:
+                os.unlink(self.path)
+            for older, newer in reversed(list(zip(segments[1:], segments))):
+                if newer.exists():
+                    os.replace(newer, older)
+            fd = self._open_for_append()
+        except OSError as exc:
+            raise PersistError(f"cannot rotate: {exc.strerror or exc} ({self.path})") from exc
+        os.close(self._fd)
+        self._fd = fd
+        log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
 
     def _roll_back(self) -> None:
         """Truncate to the last durable size so no partial line stays behind."""
@@ -557,27 +637,32 @@ def _lines_backward(f, end: int):
     yield 0, tail
 
 
-def restore_tail(path: Path, ring_size: int) -> list[dict]:
-    """The newest ring_size valid ops of the log, oldest first, reading backwards.
+def restore_tail(path: Path, ring_size: int, keep_files: int = 0) -> list[dict]:
+    """The newest ring_size valid ops of the log and its segments, oldest first.
 
+    Reads backwards from the end of the live file, then of each older segment, until the
+    ring is full, so the cost depends on ring_size, not on the length of the history.
     Blank lines are skipped silently; a malformed or invalid line is skipped with a warning
-    naming its byte offset, exactly as a forward replay would skip it. Cost depends on
-    ring_size, not on the length of the history.
+    naming its segment and byte offset, exactly as a forward replay would skip it.
     """
     newest_first: list[dict] = []
-    if not path.exists():
-        return newest_first
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        for offset, line in _lines_backward(f, size):
-            if len(newest_first) >= ring_size:
-                break
-            if not line.strip():
-                continue
-            try:
-                newest_first.append(validate_op(parse_json_strict(line)))
-            except InvalidOp as exc:
-                log("WARN", "skipped invalid log line", path=path, offset=offset, reason=exc)
+    for segment in segment_paths(path, keep_files):
+        if len(newest_first) >= ring_size:
+            break
+        try:
+            f = open(segment, "rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+                if len(newest_first) >= ring_size:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    newest_first.append(validate_op(parse_json_strict(line)))
+                except InvalidOp as exc:
+                    log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
     newest_first.reverse()
     return newest_first
 
@@ -594,7 +679,7 @@ class RingStats:
         self.ops: deque[dict] = deque()
         self.ring_size = ring_size
         self.successes = 0
-        self.by_source: Counter[str] = Counter()
+        self.by_source: dict[str, int] = {}
         self.recent_scenarios: deque[dict] = deque(maxlen=recent_scenarios or None)
         self._keep_recent = recent_scenarios > 0
 
@@ -603,15 +688,18 @@ class RingStats:
             self._evict(self.ops.popleft())
         self.ops.append(op)
         self.successes += op["success"] is True
-        self.by_source[op["source"]] += 1
+        source = op["source"]
+        self.by_source[source] = self.by_source.get(source, 0) + 1
         if self._keep_recent and op["source"] == "scenario":
             self.recent_scenarios.append(op)
 
     def _evict(self, op: dict) -> None:
         self.successes -= op["success"] is True
         source = op["source"]
-        self.by_source[source] -= 1
-        if not self.by_source[source]:
+        left = self.by_source[source] - 1
+        if left:
+            self.by_source[source] = left
+        else:
             del self.by_source[source]
         # The evicted op is the ring's oldest, so if it is still listed it is listed first.
         if self.recent_scenarios and self.recent_scenarios[0] is op:
@@ -629,9 +717,9 @@ class RingStats:
 
 
 class _PendingCommit:
-    """One caller's ops waiting in the group-commit queue."""
+    """One caller's ops in the group-commit queue; `wake` is released when it is done."""
 
-    __slots__ = ("ops", "data", "done", "error", "ring_len")
+    __slots__ = ("ops", "data", "done", "error", "ring_len", "wake")
 
     def __init__(self, ops: list[dict], data: bytes):
         self.ops = ops
@@ -639,6 +727,9 @@ class _PendingCommit:
         self.done = False
         self.error: BaseException | None = None
         self.ring_len = 0
+        # A plain lock, held from birth, is the cheapest way to park a thread until released.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class OpStore:
@@ -646,7 +737,9 @@ class OpStore:
 
     Concurrent callers share fsyncs (group commit): whoever finds no write in progress
     becomes the writer, appends every line queued so far in one write, fsyncs once, applies
-    the ops to the ring in file order and wakes the callers. A lone caller writes at once.
+    the ops to the ring in file order and wakes the callers. It then hands the writer's role
+    to the oldest caller that queued meanwhile, so no caller waits for more than the batch
+    ahead of it. A lone caller writes at once: there is no timer.
     """
 
     def __init__(self, ring: RingStats, log_file: JsonlLog | None):
@@ -654,7 +747,7 @@ class OpStore:
         self.log_file = log_file
         self._ring_lock = threading.Lock()
         self._queue: list[_PendingCommit] = []
-        self._queue_cond = threading.Condition()
+        self._queue_lock = threading.Lock()
         self._writing = False
 
     def restore(self, ops: list[dict]) -> None:
@@ -670,23 +763,29 @@ class OpStore:
                     self.ring.apply(op)
                 return len(self.ring.ops)
         pending = _PendingCommit(ops, b"".join(encode_line(op) for op in ops))
-        with self._queue_cond:
+        with self._queue_lock:
             self._queue.append(pending)
-            while not pending.done:
-                if self._writing:
-                    self._queue_cond.wait()
-                    continue
-                batch, self._queue, self._writing = self._queue, [], True
-                self._queue_cond.release()
-                try:
-                    self._commit(batch)
-                finally:
-                    self._queue_cond.acquire()
-                    self._writing = False
-                    self._queue_cond.notify_all()
+            is_writer, self._writing = not self._writing, True
+        if not is_writer:
+            pending.wake.acquire()  # until our batch is done, or the writer's role is ours
+        if not pending.done:
+            self._write_queued()
         if pending.error is not None:
             raise pending.error
         return pending.ring_len
+
+    def _write_queued(self) -> None:
+        """As the writer: commit everything queued, then pass the role on or give it up."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        try:
+            self._commit(batch)
+        finally:
+            with self._queue_lock:
+                successor = self._queue[0] if self._queue else None
+                self._writing = successor is not None
+            if successor is not None:
+                successor.wake.release()
 
     def _commit(self, batch: list[_PendingCommit]) -> None:
         try:
@@ -706,6 +805,7 @@ class OpStore:
         finally:
             for pending in batch:
                 pending.done = True
+                pending.wake.release()
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -780,15 +880,15 @@ class ConnectionTracker:
         if closing:
             _shutdown_quietly(sock)
 
+    # The two transitions below only replace the value of a key that admit() added, which is
+    # atomic and never resizes the dict under an iterating reader, so they skip the lock.
     def headers_read(self, sock: socket.socket) -> None:
         """A request has begun: shutdown waits for it; its deadline still runs."""
-        with self._lock:
-            self._open[sock] = (self.READING, self._open[sock][1])
+        self._open[sock] = (self.READING, self._open[sock][1])
 
     def request_read(self, sock: socket.socket) -> None:
         """The body is read: the request is in flight and no longer has a deadline."""
-        with self._lock:
-            self._open[sock] = (self.IN_FLIGHT, None)
+        self._open[sock] = (self.IN_FLIGHT, None)
 
     def close_expired(self) -> None:
         now = time.monotonic()
@@ -881,6 +981,70 @@ def _refuse_overloaded(sock: socket.socket) -> None:
         pass
 
 
+MAX_HEADERS = 100
+MAX_LINE_BYTES = 65536
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+class RequestHeaders:
+    """Request headers by lower-cased name; the subset of email.message.Message we use."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self):
+        self._values: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._values.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default=None):
+        values = self._values.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str, default=None):
+        return self._values.get(name.lower(), default)
+
+    def __contains__(self, name: str) -> bool:
+        return name.lower() in self._values
+
+
+class MalformedRequest(Exception):
+    """The request line or headers cannot be parsed; carries the status to answer."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, RequestHeaders]:
+    """Parse an HTTP/1.x request line and its headers; raises MalformedRequest.
+
+    The stdlib parses headers with the email package, which costs more per request than
+    everything else observerd does; this parser keeps the stdlib's limits (64 KiB lines,
+    100 headers) at a fraction of the cost.
+    """
+    words = request_line.decode("iso-8859-1").rstrip("\r\n").split()
+    if len(words) != 3:
+        raise MalformedRequest(400, "malformed request line")
+    method, target, version = words
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        if version.startswith("HTTP/") and version[5:6].isdigit() and version[5:6] != "0":
+            raise MalformedRequest(505, f"HTTP version {version[5:][:10]} not supported")
+        raise MalformedRequest(400, "malformed HTTP version in request line")
+    headers = RequestHeaders()
+    for _ in range(MAX_HEADERS + 1):
+        line = rfile.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES:
+            raise MalformedRequest(431, "header line too long")
+        if line in (b"\r\n", b"\n", b""):
+            return method, target, version, headers
+        name, sep, value = line.decode("iso-8859-1").partition(":")
+        if not sep or not name or name != name.strip() or " " in name:
+            raise MalformedRequest(400, "malformed header line")
+        headers.add(name, value.strip())
+    raise MalformedRequest(431, f"more than {MAX_HEADERS} headers")
+
+
 @dataclass(frozen=True)
 class Route:
     """A path's handlers by method, and whether it needs the bearer token."""
@@ -893,8 +1057,21 @@ ROUTES = {
     "/observer/health": Route({"GET": "get_health"}, auth=False),
     "/observer/stats": Route({"GET": "get_stats"}),
     "/observer/event": Route({"POST": "post_event"}),
+    "/observer/events": Route({"POST": "post_events"}),
 }
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+# json.dumps with any option builds a new encoder per call; responses reuse this one.
+_RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False)
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def http_date() -> str:
+    """The Date header value, formatted once per second."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, usegmt=True))
+    return _date_cache[1]
 
 
 class ObserverHandler(BaseHTTPRequestHandler):
@@ -907,12 +1084,35 @@ class ObserverHandler(BaseHTTPRequestHandler):
     server: ObserverServer
 
     def setup(self):
-        self.timeout = self.server.config.request_timeout_s
         super().setup()
+        # Kernel-side timeouts instead of a Python socket timeout, which would poll() before
+        # every recv and send; the whole-request deadline is ConnectionTracker's job.
+        timeout = self.server.config.request_timeout_s
+        timeval = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     def handle_one_request(self):
         self.server.connections.awaiting_request(self.connection)
         super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Fill command, path, version and headers; answer and return False if malformed."""
+        self.close_connection = True
+        self.command, self.request_version = "", "HTTP/1.1"
+        self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
+        try:
+            self.command, self.path, self.request_version, self.headers = read_request_head(
+                self.raw_requestline, self.rfile)
+        except MalformedRequest as exc:
+            self.send_error(exc.status, str(exc))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if self.request_version == "HTTP/1.1":
+            self.close_connection = "close" in connection
+        else:
+            self.close_connection = "keep-alive" not in connection
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -927,9 +1127,10 @@ class ObserverHandler(BaseHTTPRequestHandler):
         )
         headers: dict[str, str] = {}
         try:
-            route = ROUTES.get(urlsplit(self.path).path)
+            path = urlsplit(self.path).path
+            route = ROUTES.get(path)
             if route is None:
-                raise HTTPError(404, f"no route for {urlsplit(self.path).path[:200]}")
+                raise HTTPError(404, f"no route for {path[:200]}")
             name = route.methods.get(self.command)
             if name is None:
                 allow = ", ".join(route.methods)
@@ -975,6 +1176,8 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if not _CONTENT_LENGTH.fullmatch(text) or int(text) > limit:
             raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}")
         length = int(text)
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)
         if len(body) < length:
             raise HTTPError(400, f"body ended after {len(body)} of {length} bytes")
@@ -993,26 +1196,37 @@ class ObserverHandler(BaseHTTPRequestHandler):
             op = validate_op(parse_json_strict(self.read_body()))
         except InvalidOp as exc:
             raise HTTPError(400, f"invalid op: {exc}") from None
+        return 200, {"accepted": True, "ring_size": self.record([op])}
+
+    def post_events(self):
+        body = self.read_body()
+        media_type = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
         try:
-            ring_len = self.server.store.record([op])
+            ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
+        except InvalidOp as exc:
+            raise HTTPError(400, f"invalid batch: {exc}") from None
+        except BatchTooLarge as exc:
+            raise HTTPError(413, str(exc)) from None
+        ring_len = self.record(ops) if ops else len(self.server.store)
+        return 200, {"accepted": len(ops), "ring_size": ring_len}
+
+    def record(self, ops: list[dict]) -> int:
+        """Store ops durably; a persist failure is a 503 and nothing was applied."""
+        try:
+            return self.server.store.record(ops)
         except PersistError as exc:
-            log("ERROR", "op not persisted", error=exc)
+            log("ERROR", "op not persisted", ops=len(ops), error=exc)
             raise HTTPError(503, f"op not persisted: {exc}") from None
-        return 200, {"accepted": True, "ring_size": ring_len}
 
     def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
         """Status line, headers and body in a single write, so keep-alive never stalls."""
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        payload = _RESPONSE_ENCODER.encode(body).encode("utf-8")
         if self.server.connections.closing:
             self.close_connection = True
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = ""
         lines = [
-            f"HTTP/1.1 {status} {phrase}",
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
             f"Server: {self.server_version}",
-            f"Date: {self.date_time_string()}",
+            f"Date: {http_date()}",
             "Content-Type: application/json",
             f"Content-Length: {len(payload)}",
         ]
@@ -1023,9 +1237,9 @@ class ObserverHandler(BaseHTTPRequestHandler):
         self.wfile.write(head if self.command == "HEAD" else head + payload)
 
     def send_error(self, code, message=None, explain=None):
-        """The stdlib parser's errors (bad request line, huge headers) as JSON too."""
+        """The stdlib's own errors (request line too long, unknown method) as JSON too."""
         self.close_connection = True
-        self.send_json(code, {"error": message or HTTPStatus(code).phrase})
+        self.send_json(code, {"error": message or _REASONS.get(code, "error")})
 
     def log_message(self, format, *args):
         log("WARN", format % args, remote=self.client_address[0])
@@ -1098,12 +1312,12 @@ def open_store(config: Config) -> OpStore:
     ring = RingStats(config.ring_size, config.recent_scenarios)
     log_file = None
     if config.persist_path is not None:
-        log_file = JsonlLog(config.persist_path)
+        log_file = JsonlLog(config.persist_path, config.max_file_bytes, config.keep_files)
         log_file.open()
     store = OpStore(ring, log_file)
     if config.persist_path is not None:
         started = time.perf_counter()
-        store.restore(restore_tail(config.persist_path, config.ring_size))
+        store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files))
         log("INFO", "restored ops", count=len(store), path=config.persist_path,
             ms=round((time.perf_counter() - started) * 1000, 1))
     return store

@@ -994,3 +994,251 @@ def test_the_token_never_appears_in_logs_or_error_bodies(tmp_path, daemons):
     assert secret not in json.dumps(bodies)
     assert secret not in daemon.log
     assert "auth=true" in daemon.log
+
+
+# -----------------------------------------------------------------------------
+# Throughput: group commit, batch ingest
+# -----------------------------------------------------------------------------
+
+
+class FsyncSpy:
+    """Wraps os.fsync for the log file: counts calls, can slow them or fail chosen ones."""
+
+    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=()):
+        self.calls = 0
+        self.delay = delay
+        self.fail_calls = set(fail_calls)
+        self.log_name = log_name
+        self.lock = threading.Lock()
+        real = os.fsync
+
+        def fsync(fd):
+            if not os.readlink(f"/proc/self/fd/{fd}").endswith(log_name):
+                return real(fd)
+            with self.lock:
+                self.calls += 1
+                call = self.calls
+            time.sleep(self.delay if call == 1 else 0)
+            if call in self.fail_calls:
+                raise OSError(5, "Input/output error")
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_concurrent_posts_share_fsyncs_and_keep_file_order(serve, monkeypatch):
+    server = serve()
+    spy = FsyncSpy(monkeypatch, delay=0.2)
+    statuses = []
+
+    def post_many(n):
+        client = server.client()
+        for i in range(10):
+            statuses.append(client.post("/observer/event", {"endpoint": f"/t{n}/{i}"})[0])
+
+    threads = [threading.Thread(target=post_many, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert statuses == [200] * 160
+    assert spy.calls < 160 / 2, f"{spy.calls} fsyncs for 160 ops: no group commit"
+    in_file = [o["endpoint"] for o in replay_forward(server.config.persist_path)]
+    assert in_file == [o["endpoint"] for o in server.store.ring.ops]
+    assert len(set(in_file)) == 160
+
+
+def test_a_lone_post_is_one_write_and_one_fsync(serve, monkeypatch):
+    server = serve()
+    spy = FsyncSpy(monkeypatch)
+    assert server.client().post("/observer/event", {"endpoint": "/alone"})[0] == 200
+    assert spy.calls == 1
+
+
+def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
+    server = serve()
+    # Call 1 (the first writer) is slow so B, C and D queue behind it; call 2, their shared
+    # batch, fails; call 3 (E) succeeds.
+    spy = FsyncSpy(monkeypatch, delay=0.5, fail_calls={2})
+    results = {}
+
+    def post(name):
+        results[name] = server.client().post("/observer/event", {"endpoint": f"/{name}"})[0]
+
+    first = threading.Thread(target=post, args=("A",))
+    first.start()
+    wait_for(lambda: spy.calls == 1, what="A's fsync to start")
+    queued = [threading.Thread(target=post, args=(name,)) for name in "BCD"]
+    for t in queued:
+        t.start()
+    wait_for(lambda: len(server.store._queue) == 3, what="B, C and D to queue")
+    for t in [first, *queued]:
+        t.join(10)
+    post("E")
+    assert results == {"A": 200, "B": 503, "C": 503, "D": 503, "E": 200}
+    assert spy.calls == 4  # A, the failed batch, the fsync of its rollback, E
+    assert [o["endpoint"] for o in server.store.ring.ops] == ["/A", "/E"]
+    assert [o["endpoint"] for o in replay_forward(server.config.persist_path)] == ["/A", "/E"]
+
+
+def test_batch_ingest_as_json_array_and_ndjson(serve, monkeypatch):
+    server = serve()
+    spy = FsyncSpy(monkeypatch)
+    client = server.client()
+    batch = [{"endpoint": f"/b{i}", "success": i % 2 == 0} for i in range(100)]
+    assert client.post("/observer/events", batch)[:2] == (200, {"accepted": 100, "ring_size": 100})
+    assert spy.calls == 1, "a batch is one write and one fsync"
+    ndjson = "\n".join(json.dumps({"endpoint": f"/n{i}", "source": "scenario"}) for i in range(5)) + "\n\n"
+    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert (status, body) == (200, {"accepted": 5, "ring_size": 105})
+    assert client.post("/observer/events", [])[:2] == (200, {"accepted": 0, "ring_size": 105})
+    stats = client.get("/observer/stats")[1]
+    assert (stats["total"], stats["successes"], stats["by_source"]) == (105, 50, {"mcp": 100, "scenario": 5})
+    assert [o["endpoint"] for o in replay_forward(server.config.persist_path)][-1] == "/n4"
+
+
+@pytest.mark.parametrize("body, content_type, status, needle", [
+    ([{"endpoint": "/ok"}, {"endpoint": "/ok"}, {"source": "mcp"}], None, 400, "op 2 is invalid: endpoint is required"),
+    ([{"endpoint": "/ok"}, "text"], None, 400, "op 1 is invalid: body must be a JSON object"),
+    ({"endpoint": "/not-a-list"}, None, 400, "JSON array"),
+    ('{"endpoint": "/a"}\n{"endpoint": \n', "application/x-ndjson", 400, "op 1 is not valid JSON"),
+    ([{"endpoint": f"/{i}"} for i in range(11)], None, 413, "max_batch=10"),
+    ("\n".join(['{"endpoint": "/x"}'] * 11), "application/x-ndjson", 413, "max_batch=10"),
+])
+def test_bad_batches_store_nothing(serve, body, content_type, status, needle):
+    server = serve(max_batch=10)
+    headers = {"Content-Type": content_type} if content_type else {}
+    got, error, _ = server.client().post("/observer/events", body, headers=headers)
+    assert (got, needle in error["error"]) == (status, True), error
+    assert server.store.stats()["total"] == 0
+    assert server.config.persist_path.read_bytes() == b""
+
+
+# -----------------------------------------------------------------------------
+# Restart in constant time: tail restore across segments
+# -----------------------------------------------------------------------------
+
+
+def messy_log(rng: random.Random, n: int) -> bytes:
+    """JSONL with corrupt lines, invalid ops, blank lines, unicode, and maybe a torn tail."""
+    out = []
+    for i in range(n):
+        roll = rng.random()
+        if roll < 0.1:
+            out.append(b'{"endpoint": "/corrupt", ' + b"x" * rng.randint(0, 300) + b"\n")
+        elif roll < 0.15:
+            out.append(b'{"source": "mcp"}\n')
+        elif roll < 0.2:
+            out.append(b"\n" * rng.randint(1, 3) + b"   \n")
+        else:
+            o = op(f"/op{i}", source=rng.choice(od.SOURCES), success=rng.random() < 0.5,
+                   note="é" * rng.randint(0, 200))
+            out.append(od.encode_line(o))
+    data = b"".join(out)
+    if rng.random() < 0.5:
+        data += b'{"endpoint": "/torn", "sou'
+    return data
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_tail_restore_equals_a_full_forward_replay(tmp_path, monkeypatch, seed):
+    monkeypatch.setattr(od, "RESTORE_BLOCK_BYTES", 97)  # many block boundaries, mid-line and mid-char
+    rng = random.Random(seed)
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(messy_log(rng, rng.choice([0, 3, 40, 400])))
+    forward = replay_forward(path)
+    for ring_size in (1, 7, 50, 2000):
+        assert od.restore_tail(path, ring_size) == forward[-ring_size:]
+
+
+def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
+    rng = random.Random(3)
+    path = tmp_path / "ops.jsonl"
+    segments = od.segment_paths(path, 3)
+    for segment in reversed(segments):  # oldest first, as rotation would have written them
+        segment.write_bytes(messy_log(rng, 30).rsplit(b"\n", 1)[0] + b"\n")
+    forward = [o for segment in reversed(segments) for o in replay_forward(segment)]
+    for ring_size in (5, 30, 60, 1000):
+        assert od.restore_tail(path, ring_size, keep_files=3) == forward[-ring_size:]
+    assert od.restore_tail(path, 1000, keep_files=1) == forward[-len(replay_forward(segments[0])) - len(replay_forward(segments[1])):]
+
+
+def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
+    path = tmp_path / "ops.jsonl"
+    line = od.encode_line(op("/big"))
+    path.write_bytes(line * 50000)
+    reads = []
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
+    assert len(od.restore_tail(path, 100)) == 100
+    assert sum(reads) < 2 * od.RESTORE_BLOCK_BYTES < path.stat().st_size / 10
+
+
+# -----------------------------------------------------------------------------
+# Bounded disk: rotation
+# -----------------------------------------------------------------------------
+
+
+def test_rotation_under_concurrent_load_loses_nothing_and_splits_no_line(serve):
+    server = serve(max_file_bytes=4000, keep_files=1000, ring_size=100000)
+    acked = []
+
+    def post_many(n):
+        client = server.client()
+        for i in range(40):
+            if i % 10 == 0:
+                batch = [{"endpoint": f"/r{n}/{i}/{j}"} for j in range(5)]
+                if client.post("/observer/events", batch)[0] == 200:
+                    acked.extend(b["endpoint"] for b in batch)
+            elif client.post("/observer/event", {"endpoint": f"/r{n}/{i}"})[0] == 200:
+                acked.append(f"/r{n}/{i}")
+
+    threads = [threading.Thread(target=post_many, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    path = server.config.persist_path
+    segments = [p for p in od.segment_paths(path, 1000) if p.exists()]
+    assert len(segments) > 5
+    stored = []
+    for segment in reversed(segments):
+        data = segment.read_bytes()
+        assert data.endswith(b"\n") and len(data) <= 4000
+        stored.extend(od.validate_op(od.parse_json_strict(line)) for line in data.splitlines())
+    assert sorted(o["endpoint"] for o in stored) == sorted(acked)
+    assert [o["endpoint"] for o in stored] == [o["endpoint"] for o in server.store.ring.ops]
+    assert od.restore_tail(path, 100000, 1000) == stored
+
+
+def test_rotation_keeps_only_keep_files_segments_and_restart_restores_the_tail(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1000, keep_files=2, ring_size=12)
+    client = daemon.client()
+    for i in range(100):
+        assert client.post("/observer/event", {"endpoint": f"/k{i}"})[0] == 200
+    before = client.get("/observer/stats")[1]
+    names = sorted(p.name for p in tmp_path.glob("ops.jsonl*"))
+    assert names == ["ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
+    assert "msg=\"rotated log\"" in daemon.log
+    daemon.stop()
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1000, keep_files=2, ring_size=12)
+    assert daemon.client().get("/observer/stats")[1] == before

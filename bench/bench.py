@@ -1,0 +1,277 @@
+"""observerd benchmark: throughput as a ratio to a no-op stdlib server, restart time, stats p99.
+
+One run starts (a) bench/noop_server.py, the ceiling of Python's stdlib HTTP, (b) observerd
+ephemeral, (c) observerd durable (fsync per commit), and drives each with the same load:
+keep-alive clients at 1, 16 and 64 connections posting single events, and 16 connections posting
+batches of 100. The load comes from wrk (Debian package `wrk`) when installed, else from a stdlib
+multi-process keep-alive generator. Then it times a restart over a 1,000,000-line log and a
+2,000-line log, and measures GET /observer/stats p99 while durable ingest runs flat out.
+
+    make bench                      # or: python3 bench/bench.py --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EVENT = {"endpoint": "/mcp/search", "source": "mcp", "success": True, "duration_ms": 12.5,
+         "input_summary": "query=lakehouse", "output_summary": "3 hits"}
+SINGLE_BODY = json.dumps(EVENT).encode()
+BATCH_BODY = json.dumps([EVENT] * 100).encode()
+CONNECTIONS = (1, 16, 64)
+
+
+# --- servers -------------------------------------------------------------------------------
+
+class Server:
+    """A server under test as a subprocess; port read from its first lines of output."""
+
+    def __init__(self, name: str, argv: list[str], pattern: str, stream: str):
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        pipe = self.proc.stdout if stream == "stdout" else self.proc.stderr
+        deadline = time.monotonic() + 60
+        self.output: list[str] = []
+        while time.monotonic() < deadline:
+            line = pipe.readline().decode()
+            self.output.append(line)
+            match = re.search(pattern, line)
+            if match:
+                self.port = int(match.group(1))
+                break
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited at startup")
+        else:
+            raise RuntimeError(f"{name} did not start")
+        # Keep draining its output so a chatty server never blocks on a full pipe.
+        threading.Thread(target=lambda: self.output.extend(l.decode() for l in pipe), daemon=True).start()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_noop() -> Server:
+    return Server("no-op stdlib", [sys.executable, "bench/noop_server.py"], r"port=(\d+)", "stdout")
+
+
+def start_observerd(name: str, persist_path: str, ring_size: int = 2000) -> Server:
+    folder = Path(tempfile.mkdtemp(prefix="observerd-bench-"))
+    config = folder / "bench.toml"
+    config.write_text(f'[observerd]\nbind = "127.0.0.1:0"\npersist_path = {json.dumps(persist_path)}\n'
+                      f"ring_size = {ring_size}\nmax_connections = 1024\n")
+    return Server(name, [sys.executable, "observerd.py", "--config", str(config)],
+                  r"msg=listening addr=127\.0\.0\.1:(\d+)", "stderr")
+
+
+# --- load: wrk, or a stdlib generator ------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = io.open("%s", "rb"):read()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.connect + e.read + e.write + e.status + e.timeout))
+end
+"""
+
+
+def run_wrk(port: int, path: str, body: bytes, connections: int, duration: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        body_file = Path(tmp) / "body"
+        body_file.write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT % body_file)
+        out = subprocess.run(
+            ["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
+             "-s", str(script), f"http://127.0.0.1:{port}{path}"],
+            capture_output=True, text=True, check=True).stdout
+    requests, micros, p50, p99, errors = map(int, re.search(r"RESULT (.*)", out).group(1).split())
+    return {"rps": requests / (micros / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "errors": errors}
+
+
+def _keepalive_worker(port, path, body, connections, duration, queue):
+    request = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    latencies, errors = [], [0]
+
+    def one_connection():
+        sock = socket.create_connection(("127.0.0.1", port))
+        stream = sock.makefile("rb")
+        end = time.monotonic() + duration
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            sock.sendall(request)
+            status = stream.readline()
+            length = 0
+            while (line := stream.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            stream.read(length)
+            latencies.append(time.perf_counter() - started)
+            errors[0] += b" 200 " not in status
+        sock.close()
+
+    threads = [threading.Thread(target=one_connection) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.put((latencies, errors[0]))
+
+
+def run_stdlib_load(port: int, path: str, body: bytes, connections: int, duration: float) -> dict:
+    processes = min(connections, os.cpu_count() or 1)
+    queue = multiprocessing.Queue()
+    shares = [connections // processes + (i < connections % processes) for i in range(processes)]
+    procs = [multiprocessing.Process(target=_keepalive_worker, args=(port, path, body, n, duration, queue))
+             for n in shares]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    latencies = sorted(x for lat, _ in results for x in lat)
+    return {"rps": len(latencies) / duration, "p50_ms": percentile(latencies, 50) * 1000,
+            "p99_ms": percentile(latencies, 99) * 1000, "errors": sum(e for _, e in results)}
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * pct / 100))]
+
+
+# --- restart and stats-under-load ----------------------------------------------------------
+
+def write_log(path: Path, lines: int) -> None:
+    template = ('{"endpoint":"/scenario/checkout/%07d","source":"scenario","timestamp":'
+                '"2026-11-24T19:56:56.123456Z","success":true,"duration_ms":123.4,'
+                '"input_summary":"cart=3 items","output_summary":"order placed"}\n')
+    with open(path, "w") as f:
+        for start in range(0, lines, 10000):
+            f.write("".join(template % i for i in range(start, min(lines, start + 10000))))
+
+
+def time_restart(persist_path: Path, runs: int = 5) -> tuple[float, float]:
+    """Median seconds from spawn to a health answer, and the daemon's own restore time (ms)."""
+    spawn_to_ready, restore_ms = [], []
+    for _ in range(runs):
+        started = time.perf_counter()
+        server = start_observerd("restart", str(persist_path))
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: b\r\n\r\n")
+            sock.recv(4096)
+        spawn_to_ready.append(time.perf_counter() - started)
+        server.stop()
+        time.sleep(0.05)
+        match = re.search(r'msg="restored ops" count=\d+ .* ms=([\d.]+)', "".join(server.output))
+        if match:
+            restore_ms.append(float(match.group(1)))
+    return statistics.median(spawn_to_ready), (statistics.median(restore_ms) if restore_ms else float("nan"))
+
+
+def stats_latency_under_load(port: int, duration: float, load) -> tuple[float, dict]:
+    latencies = []
+    stop = threading.Event()
+
+    def poll_stats():
+        sock = socket.create_connection(("127.0.0.1", port))
+        stream = sock.makefile("rb")
+        while not stop.is_set():
+            started = time.perf_counter()
+            sock.sendall(b"GET /observer/stats HTTP/1.1\r\nHost: b\r\n\r\n")
+            length = 0
+            stream.readline()
+            while (line := stream.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            stream.read(length)
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.005)
+        sock.close()
+
+    poller = threading.Thread(target=poll_stats)
+    poller.start()
+    result = load(port, "/observer/event", SINGLE_BODY, 16, duration)
+    stop.set()
+    poller.join()
+    return percentile(sorted(latencies), 99) * 1000, result
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
+    parser.add_argument("--big-lines", type=int, default=1_000_000, help="lines in the big restart log")
+    parser.add_argument("--stdlib-load", action="store_true", help="use the stdlib generator even if wrk exists")
+    args = parser.parse_args()
+    use_wrk = shutil.which("wrk") and not args.stdlib_load
+    load = run_wrk if use_wrk else run_stdlib_load
+    print(f"# observerd benchmark — {platform.node()}: {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, {platform.platform()}, load from "
+          f"{'wrk' if use_wrk else 'stdlib generator'}, {args.duration:g}s per run\n")
+
+    work = Path(tempfile.mkdtemp(prefix="observerd-bench-"))
+    servers = {"noop": start_noop(), "ephemeral": start_observerd("observerd ephemeral", ""),
+               "durable": start_observerd("observerd durable", str(work / "ops.jsonl"))}
+    rows = []
+    try:
+        cases = [("single", "/observer/event", SINGLE_BODY, 1, c) for c in CONNECTIONS]
+        cases.append(("batch100", "/observer/events", BATCH_BODY, 100, 16))
+        for kind, path, body, per_request, connections in cases:
+            ceiling = None
+            for key in ("noop", "ephemeral", "durable"):
+                server = servers[key]
+                result = load(server.port, path, body, connections, args.duration)
+                ceiling = ceiling or result["rps"]
+                rows.append((kind, connections, server.name, result, per_request, result["rps"] / ceiling))
+        stats_p99, during = stats_latency_under_load(servers["durable"].port, args.duration, load)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    print("| load | conns | server | req/s | events/s | p50 ms | p99 ms | × no-op | errors |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for kind, conns, name, r, per, ratio in rows:
+        print(f"| {kind} | {conns} | {name} | {r['rps']:,.0f} | {r['rps'] * per:,.0f} | "
+              f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} | {r['errors']} |")
+
+    small, big = work / "small.jsonl", work / "big.jsonl"
+    write_log(small, 2000)
+    write_log(big, args.big_lines)
+    small_ready, small_restore = time_restart(small)
+    big_ready, big_restore = time_restart(big)
+    print(f"\n| restart | log size | spawn → first answer | restore (logged) |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| 2,000 lines | {small.stat().st_size / 1e6:.1f} MB | {small_ready * 1000:.0f} ms | {small_restore:.1f} ms |")
+    print(f"| {args.big_lines:,} lines | {big.stat().st_size / 1e6:.0f} MB | {big_ready * 1000:.0f} ms | {big_restore:.1f} ms |")
+    print(f"\nGET /observer/stats p99 while durable single-event ingest runs at 16 connections "
+          f"({during['rps']:,.0f} req/s): {stats_p99:.2f} ms")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
