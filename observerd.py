@@ -30,9 +30,11 @@ import threading
 import time
 import tomllib
 import traceback
+import urllib.error
+import urllib.request
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,6 +111,18 @@ OBSERVERD_KEYS: dict[str, tuple[type, object, float | None]] = {
     "max_batch": (int, 1000, 1),
     "max_file_bytes": (int, 0, 0),
     "keep_files": (int, 3, 0),
+    "analyze_interval_s": (float, 30.0, 0),
+    "corrections_path": (str, "", None),
+    "corrections_interval_s": (float, 5.0, 0),
+    "playbooks_path": (str, "", None),
+    "consolidate_interval_s": (float, 60.0, 0),
+    "escalate_url": (str, "", None),
+    "escalate_threshold": (int, 5, 1),
+    "escalate_window_s": (float, 300.0, 0.001),
+    "escalate_cooldown_s": (float, 1800.0, 0),
+    "review_llm_url": (str, "", None),
+    "review_llm_model": (str, "llama3", None),
+    "outbound_timeout_s": (float, 5.0, 0.001),
 }
 AUTH_KEYS: dict[str, tuple[type, object, float | None]] = {
     "token": (str, "", None),
@@ -140,6 +154,18 @@ class Config:
     max_batch: int
     max_file_bytes: int
     keep_files: int
+    analyze_interval_s: float
+    corrections_path: Path | None
+    corrections_interval_s: float
+    playbooks_path: Path | None
+    consolidate_interval_s: float
+    escalate_url: str
+    escalate_threshold: int
+    escalate_window_s: float
+    escalate_cooldown_s: float
+    review_llm_url: str
+    review_llm_model: str
+    outbound_timeout_s: float
     token: str
     source: str
 
@@ -248,6 +274,10 @@ def load_config(
     else:
         resolved = None
 
+    for key in ("escalate_url", "review_llm_url"):
+        if values[key] and not values[key].startswith(("http://", "https://")):
+            problems.append(f"[observerd] {key} must be an http:// or https:// URL")
+
     token = environ.get("OBSERVERD_TOKEN") or auth["token"]
     if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
@@ -269,6 +299,18 @@ def load_config(
         max_batch=values["max_batch"],
         max_file_bytes=values["max_file_bytes"],
         keep_files=values["keep_files"],
+        analyze_interval_s=values["analyze_interval_s"],
+        corrections_path=base_dir / values["corrections_path"] if values["corrections_path"] else None,
+        corrections_interval_s=values["corrections_interval_s"],
+        playbooks_path=base_dir / values["playbooks_path"] if values["playbooks_path"] else None,
+        consolidate_interval_s=values["consolidate_interval_s"],
+        escalate_url=values["escalate_url"],
+        escalate_threshold=values["escalate_threshold"],
+        escalate_window_s=values["escalate_window_s"],
+        escalate_cooldown_s=values["escalate_cooldown_s"],
+        review_llm_url=values["review_llm_url"].rstrip("/"),
+        review_llm_model=values["review_llm_model"],
+        outbound_timeout_s=values["outbound_timeout_s"],
         token=token,
         source=source,
     )
@@ -499,6 +541,17 @@ def make_dirs_durably(folder: Path) -> None:
     for created in reversed(missing):
         os.mkdir(created)
         fsync_dir(created.parent)
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Replace path with data so readers see the old file or the new one, never a mix."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -811,12 +864,252 @@ class OpStore:
         with self._ring_lock:
             return self.ring.stats()
 
+    def snapshot(self) -> list[dict]:
+        """The ring's ops, oldest first, as a list the caller may keep."""
+        with self._ring_lock:
+            return list(self.ring.ops)
+
     def __len__(self) -> int:
         return len(self.ring.ops)
 
     def close(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
+
+
+# =============================================================================
+# Analysis: failure signatures, clusters, playbooks, reviews (pure, over ring snapshots)
+# =============================================================================
+
+SIGNATURE_MAX_CHARS = 200
+_SIGNATURE_RULES = [
+    (re.compile(r"\"[^\"]*\"|'[^']*'"), "<str>"),
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<uuid>"),
+    (re.compile(r"(?:[a-z]:)?(?:[\\/][\w.\-~@%+]+){2,}[\\/]?|(?<![\w.])\.{0,2}/[\w.\-~@%+]+"), "<path>"),
+    (re.compile(r"\b0x[0-9a-f]+\b|\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{6,}\b"), "<hex>"),
+    (re.compile(r"[-+]?\d+(?:\.\d+)?"), "<n>"),
+    (re.compile(r"\s+"), " "),
+]
+NO_ERROR_SIGNATURE = "<no error text>"
+
+
+def error_signature(text: str | None) -> str:
+    """Normalise an error so the same failure with different ids, paths or numbers matches."""
+    signature = (text or "").lower()
+    for pattern, placeholder in _SIGNATURE_RULES:
+        signature = pattern.sub(placeholder, signature)
+    return signature.strip()[:SIGNATURE_MAX_CHARS] or NO_ERROR_SIGNATURE
+
+
+def op_time(op: dict) -> datetime:
+    return parse_rfc3339(op["timestamp"])
+
+
+def percentile(sorted_values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list; None when empty."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def group_failures(ops: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Failed ops by (endpoint, error signature), each group oldest first."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for op in ops:
+        if op["success"] is not True:
+            key = (op["endpoint"], error_signature(op.get("error")))
+            groups.setdefault(key, []).append(op)
+    return groups
+
+
+def describe_cluster(key: tuple[str, str], members: list[dict]) -> dict:
+    times = sorted(members, key=op_time)
+    sources: dict[str, int] = {}
+    for op in members:
+        sources[op["source"]] = sources.get(op["source"], 0) + 1
+    return {
+        "endpoint": key[0],
+        "signature": key[1],
+        "count": len(members),
+        "first_seen": times[0]["timestamp"],
+        "last_seen": times[-1]["timestamp"],
+        "sources": sources,
+        "sample_error": members[-1].get("error") or "",
+    }
+
+
+def rank_clusters(groups: dict[tuple[str, str], list[dict]]) -> list[dict]:
+    """Failure clusters, largest first (ties: most recent first, then endpoint)."""
+    clusters = [describe_cluster(key, members) for key, members in groups.items()]
+    clusters.sort(key=lambda c: (c["endpoint"], c["signature"]))
+    clusters.sort(key=lambda c: parse_rfc3339(c["last_seen"]), reverse=True)
+    clusters.sort(key=lambda c: c["count"], reverse=True)
+    return clusters
+
+
+def consolidate_playbooks(ops: list[dict]) -> list[dict]:
+    """One playbook per endpoint of the scenario ops, sorted by endpoint."""
+    runs: dict[str, list[dict]] = {}
+    for op in ops:
+        if op["source"] == "scenario":
+            runs.setdefault(op["endpoint"], []).append(op)
+    playbooks = []
+    for endpoint in sorted(runs):
+        members = runs[endpoint]
+        durations = sorted(op["duration_ms"] for op in members)
+        successes = [op for op in members if op["success"] is True]
+        failures = [op for op in members if op["success"] is not True]
+        signatures: dict[str, int] = {}
+        for op in failures:
+            signature = error_signature(op.get("error"))
+            signatures[signature] = signatures.get(signature, 0) + 1
+        playbooks.append({
+            "endpoint": endpoint,
+            "runs": len(members),
+            "successes": len(successes),
+            "success_rate": round(len(successes) / len(members), 4),
+            "p50_duration_ms": percentile(durations, 50),
+            "p95_duration_ms": percentile(durations, 95),
+            "last_success": max((op["timestamp"] for op in successes), key=parse_rfc3339, default=None),
+            "last_failure": max((op["timestamp"] for op in failures), key=parse_rfc3339, default=None),
+            "top_error_signature": max(signatures, key=signatures.get) if signatures else None,
+        })
+    return playbooks
+
+
+# Review verdicts, in order of precedence. Documented in the README.
+REVIEW_MIN_OPS = 5
+REVIEW_FAILING_RATE = 0.5
+REVIEW_DEGRADED_RATE = 0.1
+REVIEW_SLOW_P95_MS = 5000
+
+
+def review_endpoint(endpoint: str, ops: list[dict]) -> dict:
+    """Heuristic health of one endpoint's ops, with the reasons for the verdict."""
+    durations = sorted(op["duration_ms"] for op in ops)
+    failures = [op for op in ops if op["success"] is not True]
+    rate = len(failures) / len(ops)
+    p50, p95 = percentile(durations, 50), percentile(durations, 95)
+    signatures: dict[str, int] = {}
+    for op in failures:
+        signature = error_signature(op.get("error"))
+        signatures[signature] = signatures.get(signature, 0) + 1
+    top = sorted(signatures.items(), key=lambda item: -item[1])[:3]
+    reasons = []
+    if len(ops) < REVIEW_MIN_OPS:
+        verdict = "insufficient_data"
+        reasons.append(f"only {len(ops)} ops; at least {REVIEW_MIN_OPS} are needed for a verdict")
+    else:
+        if rate >= REVIEW_FAILING_RATE:
+            reasons.append(f"failure rate {rate:.0%} is at or above {REVIEW_FAILING_RATE:.0%}")
+        elif rate >= REVIEW_DEGRADED_RATE:
+            reasons.append(f"failure rate {rate:.0%} is at or above {REVIEW_DEGRADED_RATE:.0%}")
+        if p95 is not None and p95 > REVIEW_SLOW_P95_MS:
+            reasons.append(f"p95 duration {p95:g} ms is above {REVIEW_SLOW_P95_MS} ms")
+        if top and rate >= REVIEW_DEGRADED_RATE:
+            reasons.append(f"most common error: {top[0][0]!r} ({top[0][1]}x)")
+        if rate >= REVIEW_FAILING_RATE:
+            verdict = "failing"
+        elif reasons:
+            verdict = "degraded"
+        else:
+            verdict = "healthy"
+            reasons.append(f"failure rate {rate:.0%} and p95 {p95:g} ms are within bounds")
+    return {
+        "endpoint": endpoint,
+        "total": len(ops),
+        "failures": len(failures),
+        "failure_rate": round(rate, 4),
+        "p50_duration_ms": p50,
+        "p95_duration_ms": p95,
+        "top_error_signatures": [{"signature": sig, "count": n} for sig, n in top],
+        "verdict": verdict,
+        "reasons": reasons,
+    }
+
+
+def review_ops(ops: list[dict]) -> list[dict]:
+    """Reviews per endpoint, worst verdict first."""
+    by_endpoint: dict[str, list[dict]] = {}
+    for op in ops:
+        by_endpoint.setdefault(op["endpoint"], []).append(op)
+    rank = {"failing": 0, "degraded": 1, "healthy": 2, "insufficient_data": 3}
+    reviews = [review_endpoint(endpoint, members) for endpoint, members in by_endpoint.items()]
+    reviews.sort(key=lambda r: (rank[r["verdict"]], r["endpoint"]))
+    return reviews
+
+
+REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
+
+
+def parse_review_query(query: object) -> tuple[str | None, str | None, int | None, bool]:
+    """Check a POST /observer/review body: endpoint, source, last_n, llm (all optional)."""
+    if not isinstance(query, dict):
+        raise InvalidOp("body", f"must be a JSON object, got {json_type(query)}")
+    for key in query:
+        if key not in REVIEW_OPTIONS:
+            raise InvalidOp(key, f"is not a review option (use {', '.join(REVIEW_OPTIONS)})")
+    endpoint, source = query.get("endpoint"), query.get("source")
+    last_n, use_llm = query.get("last_n"), query.get("llm", False)
+    if endpoint is not None and not isinstance(endpoint, str):
+        raise InvalidOp("endpoint", f"must be a string, got {json_type(endpoint)}")
+    if source is not None and source not in SOURCES:
+        raise InvalidOp("source", f"must be one of {', '.join(SOURCES)}")
+    if last_n is not None and (isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1):
+        raise InvalidOp("last_n", "must be a positive integer")
+    if not isinstance(use_llm, bool):
+        raise InvalidOp("llm", f"must be a boolean, got {json_type(use_llm)}")
+    return endpoint, source, last_n, use_llm
+
+
+def post_json(url: str, payload: object, timeout_s: float) -> object:
+    """POST JSON and decode the JSON answer; raises OSError or ValueError on any failure."""
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode("utf-8"), method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        body = response.read()
+    return json.loads(body) if body.strip() else None
+
+
+def describe_outbound_error(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return f"unreachable: {exc.reason}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Insights:
+    """The background loops' latest results, read by the HTTP handlers."""
+
+    MAX_ESCALATIONS = 100
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.errors: dict = {"analyzed_at": None, "clusters": []}
+        self.playbooks: dict = {"consolidated_at": None, "playbooks": []}
+        self._escalations: deque[dict] = deque(maxlen=self.MAX_ESCALATIONS)
+
+    def publish_errors(self, clusters: list[dict]) -> None:
+        self.errors = {"analyzed_at": utc_now_rfc3339(), "clusters": clusters}
+
+    def publish_playbooks(self, playbooks: list[dict]) -> dict:
+        self.playbooks = {"consolidated_at": utc_now_rfc3339(), "playbooks": playbooks}
+        return self.playbooks
+
+    def record_escalation(self, attempt: dict) -> None:
+        with self._lock:
+            self._escalations.append(attempt)
+
+    def escalations(self) -> list[dict]:
+        """Recent escalation attempts, newest first."""
+        with self._lock:
+            return list(reversed(self._escalations))
 
 
 # =============================================================================
@@ -937,9 +1230,10 @@ class ObserverServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, config: Config, store: OpStore):
+    def __init__(self, config: Config, store: OpStore, insights: Insights | None = None):
         self.config = config
         self.store = store
+        self.insights = insights or Insights()
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -1058,6 +1352,10 @@ ROUTES = {
     "/observer/stats": Route({"GET": "get_stats"}),
     "/observer/event": Route({"POST": "post_event"}),
     "/observer/events": Route({"POST": "post_events"}),
+    "/observer/errors": Route({"GET": "get_errors"}),
+    "/observer/playbooks": Route({"GET": "get_playbooks"}),
+    "/observer/escalations": Route({"GET": "get_escalations"}),
+    "/observer/review": Route({"POST": "post_review"}),
 }
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 # json.dumps with any option builds a new encoder per call; responses reuse this one.
@@ -1210,6 +1508,52 @@ class ObserverHandler(BaseHTTPRequestHandler):
         ring_len = self.record(ops) if ops else len(self.server.store)
         return 200, {"accepted": len(ops), "ring_size": ring_len}
 
+    def get_errors(self):
+        return 200, self.server.insights.errors
+
+    def get_playbooks(self):
+        return 200, self.server.insights.playbooks
+
+    def get_escalations(self):
+        return 200, {"escalations": self.server.insights.escalations()}
+
+    def post_review(self):
+        body = self.read_body() if "Content-Length" in self.headers else b""
+        try:
+            query = parse_json_strict(body) if body.strip() else {}
+            endpoint, source, last_n, use_llm = parse_review_query(query)
+        except InvalidOp as exc:
+            raise HTTPError(400, f"invalid review request: {exc}") from None
+        ops = [op for op in self.server.store.snapshot()
+               if (endpoint is None or op["endpoint"] == endpoint) and (source is None or op["source"] == source)]
+        ops = ops[-last_n:] if last_n else ops
+        result = {"method": "heuristic", "ops_considered": len(ops), "reviews": review_ops(ops)}
+        if use_llm:
+            self.add_llm_review(result)
+        return 200, result
+
+    def add_llm_review(self, result: dict) -> None:
+        """Ask the configured Ollama-compatible model; a failure is reported, not raised."""
+        config = self.server.config
+        if not config.review_llm_url:
+            result["llm_error"] = "review_llm_url is not configured"
+            return
+        prompt = ("You review the health of services observed by the lakehouse. Given these "
+                  "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
+                  "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
+        try:
+            answer = post_json(f"{config.review_llm_url}/api/generate",
+                               {"model": config.review_llm_model, "prompt": prompt, "stream": False},
+                               config.outbound_timeout_s)
+            if not isinstance(answer, dict) or not isinstance(answer.get("response"), str):
+                raise ValueError("answer has no 'response' text")
+        except (OSError, ValueError) as exc:
+            result["llm_error"] = describe_outbound_error(exc)
+            log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
+            return
+        result["method"] = "heuristic+llm"
+        result["llm_review"] = answer["response"]
+
     def record(self, ops: list[dict]) -> int:
         """Store ops durably; a persist failure is a 503 and nothing was applied."""
         try:
@@ -1287,6 +1631,148 @@ class Scheduler:
             self._stop.wait(max(0.0, next_due - time.monotonic()))
 
 
+class CorrectionsTailer:
+    """Records each new complete line of the overseer's corrections JSONL as an op.
+
+    The read position (inode, byte offset, line number) is kept in a sidecar file next to
+    persist_path, written atomically after each batch is stored. Each recorded op also
+    carries its position, so a crash between storing a batch and saving the sidecar is
+    repaired at start from the log itself: lines are neither skipped nor repeated.
+    """
+
+    REF_KEY = "correction_ref"
+
+    def __init__(self, path: Path, store: OpStore, sidecar: Path | None):
+        self.path = path
+        self.store = store
+        self.sidecar = sidecar
+        self.inode, self.offset, self.line = None, 0, 0
+        self._load_position()
+
+    def _load_position(self) -> None:
+        if self.sidecar is not None and self.sidecar.exists():
+            try:
+                saved = json.loads(self.sidecar.read_text())
+                self.inode, self.offset, self.line = saved["inode"], saved["offset"], saved["line"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
+        for op in reversed(self.store.snapshot()):
+            ref = op.get(self.REF_KEY) if op["source"] == "overseer_correction" else None
+            if isinstance(ref, dict) and ref.get("inode") == self.inode and ref.get("offset", 0) > self.offset:
+                self.offset, self.line = ref["offset"], ref["line"]
+                break
+
+    def _save_position(self) -> None:
+        if self.sidecar is not None:
+            position = {"path": str(self.path), "inode": self.inode, "offset": self.offset, "line": self.line}
+            write_file_atomically(self.sidecar, json.dumps(position).encode())
+
+    def poll(self) -> int:
+        """Store the complete lines appended since the last poll; returns how many ops."""
+        try:
+            f = open(self.path, "rb")
+        except FileNotFoundError:
+            return 0
+        with f:
+            status = os.fstat(f.fileno())
+            if status.st_ino != self.inode or status.st_size < self.offset:
+                if self.inode is not None:
+                    log("INFO", "corrections file replaced or truncated; reading from its start",
+                        path=self.path)
+                self.inode, self.offset, self.line = status.st_ino, 0, 0
+            f.seek(self.offset)
+            chunk = f.read(status.st_size - self.offset)
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        if not complete:
+            return 0
+        ops, offset, line_no = [], self.offset, self.line
+        for raw in complete.split(b"\n")[:-1]:
+            offset += len(raw) + 1
+            line_no += 1
+            if not raw.strip():
+                continue
+            try:
+                doc = parse_json_strict(raw, "line")
+                if isinstance(doc, dict):
+                    doc = {**doc, "source": "overseer_correction",
+                           self.REF_KEY: {"inode": self.inode, "offset": offset, "line": line_no}}
+                ops.append(validate_op(doc))
+            except InvalidOp as exc:
+                log("WARN", "skipped invalid corrections line", path=self.path, line=line_no, reason=exc)
+        if ops:
+            self.store.record(ops)
+        self.offset, self.line = offset, line_no
+        self._save_position()
+        return len(ops)
+
+
+class Escalator:
+    """Posts a failure cluster to the LLM team once it crosses the threshold in the window."""
+
+    def __init__(self, config: Config, insights: Insights):
+        self.config = config
+        self.insights = insights
+        self._last_sent: dict[tuple[str, str], float] = {}
+
+    def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
+        window_start = datetime.now(timezone.utc) - timedelta(seconds=self.config.escalate_window_s)
+        for key, members in groups.items():
+            recent = [op for op in members if op_time(op) >= window_start]
+            if len(recent) < self.config.escalate_threshold:
+                continue
+            sent = self._last_sent.get(key)
+            if sent is not None and time.monotonic() - sent < self.config.escalate_cooldown_s:
+                continue
+            self._escalate(key, describe_cluster(key, recent), recent[-5:])
+
+    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict]) -> None:
+        payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
+                   "recent_failures": recent_failures}
+        attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
+                   "count": cluster["count"], "url": self.config.escalate_url}
+        try:
+            post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
+        except (OSError, ValueError) as exc:
+            # Not put on cooldown: the next analysis tries again.
+            attempt.update(outcome="failed", error=describe_outbound_error(exc))
+            log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"])
+        else:
+            self._last_sent[key] = time.monotonic()
+            attempt["outcome"] = "sent"
+            log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
+        self.insights.record_escalation(attempt)
+
+
+def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> Scheduler:
+    """Schedule every loop whose setting is on, on one thread; returns it started."""
+    loops = Scheduler("observer-loops")
+    escalator = Escalator(config, insights) if config.escalate_url else None
+
+    def analyze_errors() -> None:
+        groups = group_failures(store.snapshot())
+        insights.publish_errors(rank_clusters(groups))
+        if escalator is not None:
+            escalator.check(groups)
+
+    def consolidate() -> None:
+        published = insights.publish_playbooks(consolidate_playbooks(store.snapshot()))
+        if config.playbooks_path is not None:
+            write_file_atomically(config.playbooks_path, json.dumps(published, indent=1).encode())
+
+    if config.analyze_interval_s:
+        loops.every(config.analyze_interval_s, analyze_errors)
+    if config.consolidate_interval_s:
+        loops.every(config.consolidate_interval_s, consolidate)
+    if config.corrections_path is not None and config.corrections_interval_s:
+        sidecar = None
+        if config.persist_path is not None:
+            sidecar = config.persist_path.with_name(config.persist_path.name + ".corrections-position")
+        tailer = CorrectionsTailer(config.corrections_path, store, sidecar)
+        loops.every(config.corrections_interval_s, tailer.poll)
+    loops.start()
+    return loops
+
+
 # =============================================================================
 # CLI and main
 # =============================================================================
@@ -1333,8 +1819,9 @@ def serve(config: Config) -> int:
         log("ERROR", "persist_path is not usable", path=config.persist_path,
             error=exc.strerror or exc)
         return 2
+    insights = Insights()
     try:
-        server = ObserverServer(config, store)
+        server = ObserverServer(config, store, insights)
     except OSError as exc:
         log("ERROR", "cannot listen", bind=config.bind, error=exc.strerror or exc)
         store.close()
@@ -1348,6 +1835,7 @@ def serve(config: Config) -> int:
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
     housekeeping.start()
+    loops = start_observer_loops(config, store, insights)
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
@@ -1356,6 +1844,7 @@ def serve(config: Config) -> int:
 
     log("INFO", "shutting down", open_connections=len(server.connections))
     server.shutdown()
+    loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
     housekeeping.stop()
     server.server_close()

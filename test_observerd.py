@@ -107,12 +107,14 @@ class InProcessServer:
         self.housekeeping = od.Scheduler("test-housekeeping")
         self.housekeeping.every(0.05, self.server.connections.close_expired)
         self.housekeeping.start()
+        self.loops = od.start_observer_loops(config, self.store, self.server.insights)
 
     def client(self, **kw) -> Client:
         return Client(self.port, **kw)
 
     def close(self):
         self.server.shutdown()
+        self.loops.stop()
         self.server.connections.close_idle_and_drain(1.0)
         self.housekeeping.stop()
         self.server.server_close()
@@ -1242,3 +1244,361 @@ def test_rotation_keeps_only_keep_files_segments_and_restart_restores_the_tail(t
     daemon.stop()
     daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1000, keep_files=2, ring_size=12)
     assert daemon.client().get("/observer/stats")[1] == before
+
+
+# -----------------------------------------------------------------------------
+# Observer loops: clusters, corrections, playbooks, escalation, review
+# -----------------------------------------------------------------------------
+
+
+class FakeService:
+    """A loopback HTTP service recording JSON POSTs; answers with `reply`, can hold requests."""
+
+    def __init__(self, status=200, reply=None, hold: threading.Event | None = None):
+        self.received: list[tuple[str, dict]] = []
+        fake = self
+
+        class Handler(od.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                fake.received.append((self.path, json.loads(body)))
+                if hold is not None:
+                    hold.wait(10)
+                payload = json.dumps(reply if reply is not None else {"ok": True}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_service():
+    started = []
+
+    def start(**kw) -> FakeService:
+        service = FakeService(**kw)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/api/run"
+
+
+@pytest.mark.parametrize("a, b", [
+    ("Timeout after 30s calling 10.0.0.12:8080", "timeout after 5s calling 10.0.0.7:443"),
+    ("user 4521 not found", "User 17 not found"),
+    ("run 3f2a9c1e-77b0-4a8e-9a3f-1c2d3e4f5a6b failed", "run 00000000-1111-2222-3333-444455556666 failed"),
+    ("object 0xdeadbeef freed twice", "object 0x7f3a freed twice"),
+    ("commit a3f9c21b not found", "commit 0b1c2d3e4f not found"),
+    ("cannot open /var/data/run-1/out.json", "cannot open /tmp/x/y.json"),
+    ("key 'alpha' missing", 'key "beta-2" missing'),
+    ("too   many\n\tspaces", "too many spaces"),
+])
+def test_error_signatures_match_the_same_failure_with_other_ids(a, b):
+    assert od.error_signature(a) == od.error_signature(b)
+
+
+def test_error_signatures_keep_different_failures_apart_and_are_bounded():
+    assert od.error_signature("connection refused") != od.error_signature("connection reset")
+    assert od.error_signature("user 42 not found") == "user <n> not found"
+    assert od.error_signature("") == od.error_signature(None) == od.NO_ERROR_SIGNATURE
+    assert len(od.error_signature("word " * 500)) == 200
+
+
+def test_failure_clusters_are_served_largest_first(serve):
+    server = serve(analyze_interval_s=0.05)
+    client = server.client()
+    batch = [
+        {"endpoint": "/db", "error": f"timeout after {n}ms on shard {n % 3}", "source": "mcp",
+         "timestamp": f"2026-11-24T10:00:0{n}Z"} for n in range(4)
+    ] + [
+        {"endpoint": "/db", "error": "connection refused", "source": "scenario", "timestamp": "2026-11-24T11:00:00Z"},
+        {"endpoint": "/api", "error": "timeout after 5ms on shard 1", "source": "langfuse", "timestamp": "2026-11-24T09:00:00Z"},
+        {"endpoint": "/db", "success": True},
+    ]
+    assert client.post("/observer/events", batch)[0] == 200
+    errors = wait_for(lambda: (e := client.get("/observer/errors")[1])["clusters"] and e, what="analysis")
+    assert od.parse_rfc3339(errors["analyzed_at"])
+    first, *rest = errors["clusters"]
+    assert first == {"endpoint": "/db", "signature": "timeout after <n>ms on shard <n>", "count": 4,
+                     "first_seen": "2026-11-24T10:00:00Z", "last_seen": "2026-11-24T10:00:03Z",
+                     "sources": {"mcp": 4}, "sample_error": "timeout after 3ms on shard 0"}
+    assert [(c["endpoint"], c["count"]) for c in rest] == [("/db", 1), ("/api", 1)]
+
+
+def test_playbooks_consolidate_scenarios_and_are_written_atomically(serve, tmp_path):
+    playbooks_path = tmp_path / "shared" / "playbooks.json"
+    playbooks_path.parent.mkdir()
+    server = serve(consolidate_interval_s=0.05, playbooks_path=str(playbooks_path))
+    durations = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    batch = [{"endpoint": "/checkout", "source": "scenario", "duration_ms": d, "success": d <= 700,
+              "error": "" if d <= 700 else f"HTTP 502 from upstream {d}",
+              "timestamp": f"2026-11-24T10:00:{i:02d}Z"} for i, d in enumerate(durations)]
+    batch.append({"endpoint": "/checkout", "source": "mcp", "duration_ms": 99999})
+    assert server.client().post("/observer/events", batch)[0] == 200
+    got = wait_for(lambda: (p := server.client().get("/observer/playbooks")[1])["playbooks"] and p,
+                   what="consolidation")
+    assert got["playbooks"] == [{
+        "endpoint": "/checkout", "runs": 10, "successes": 7, "success_rate": 0.7,
+        "p50_duration_ms": 500, "p95_duration_ms": 1000,
+        "last_success": "2026-11-24T10:00:06Z", "last_failure": "2026-11-24T10:00:09Z",
+        "top_error_signature": "http <n> from upstream <n>",
+    }]
+    written = wait_for(lambda: playbooks_path.exists() and json.loads(playbooks_path.read_text()),
+                       what="playbooks file")
+    assert written["playbooks"] == got["playbooks"]
+    assert [p.name for p in playbooks_path.parent.iterdir()] == ["playbooks.json"]
+
+
+def make_tailer(tmp_path, corrections: Path):
+    config = make_config(tmp_path)
+    store = od.open_store(config)
+    sidecar = tmp_path / "ops.jsonl.corrections-position"
+    return od.CorrectionsTailer(corrections, store, sidecar), store
+
+
+def correction(n) -> bytes:
+    return json.dumps({"endpoint": f"/fix/{n}", "success": True, "input_summary": f"set retries={n}"}).encode() + b"\n"
+
+
+def endpoints(store) -> list[str]:
+    return [o["endpoint"] for o in store.snapshot()]
+
+
+def test_corrections_appended_in_pieces_are_recorded_once(tmp_path, capsys):
+    corrections = tmp_path / "corrections.jsonl"
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 0  # a missing file is not an error
+    corrections.write_bytes(correction(1) + correction(2) + correction(3)[:10])
+    assert tailer.poll() == 2
+    assert tailer.poll() == 0  # the partial third line waits
+    with open(corrections, "ab") as f:
+        f.write(correction(3)[10:] + b"not json\n" + b'{"source": "mcp"}\n' + correction(4))
+    assert tailer.poll() == 2
+    assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3", "/fix/4"]
+    assert {o["source"] for o in store.snapshot()} == {"overseer_correction"}
+    err = capsys.readouterr().err
+    assert "skipped invalid corrections line" in err and "line=4" in err and "line=5" in err
+    stored = replay_forward(tmp_path / "ops.jsonl")
+    assert [o["endpoint"] for o in stored] == endpoints(store)
+    store.close()
+
+
+def test_corrections_resume_after_restart_without_skips_or_repeats(tmp_path):
+    corrections = tmp_path / "corrections.jsonl"
+    corrections.write_bytes(correction(1) + correction(2))
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 2
+    store.close()
+    with open(corrections, "ab") as f:
+        f.write(correction(3))
+    tailer, store = make_tailer(tmp_path, corrections)  # a restart
+    assert tailer.poll() == 1
+    assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3"]
+    store.close()
+
+
+def test_a_crash_before_the_position_is_saved_repeats_nothing(tmp_path):
+    corrections = tmp_path / "corrections.jsonl"
+    corrections.write_bytes(correction(1))
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 1
+    saved = tailer.sidecar.read_bytes()
+    with open(corrections, "ab") as f:
+        f.write(correction(2))
+    assert tailer.poll() == 1
+    store.close()
+    tailer.sidecar.write_bytes(saved)  # as if the process died before saving the new position
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 0
+    assert endpoints(store) == ["/fix/1", "/fix/2"]
+    store.close()
+
+
+def test_a_truncated_or_replaced_corrections_file_is_read_from_its_start(tmp_path):
+    corrections = tmp_path / "corrections.jsonl"
+    corrections.write_bytes(correction(1) + correction(2))
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 2
+    corrections.write_bytes(correction(3))  # truncated in place: shorter than our offset
+    assert tailer.poll() == 1
+    replacement = tmp_path / "corrections.new"
+    replacement.write_bytes(correction(4) + correction(5) + correction(6))
+    os.replace(replacement, corrections)  # a new inode, even though it is longer
+    assert tailer.poll() == 3
+    assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3", "/fix/4", "/fix/5", "/fix/6"]
+    store.close()
+
+
+def test_the_daemon_tails_corrections_into_its_stats(tmp_path, daemons):
+    corrections = tmp_path / "overseer.jsonl"
+    daemon = start_durable_daemon(daemons, tmp_path, corrections_path="overseer.jsonl",
+                                  corrections_interval_s=0.05)
+    corrections.write_bytes(correction(1) + correction(2))
+    stats = wait_for(lambda: (s := daemon.client().get("/observer/stats")[1])["total"] == 2 and s,
+                     what="corrections to be recorded")
+    assert stats["by_source"] == {"overseer_correction": 2}
+
+
+def failures(endpoint, n, error="upstream 502 for job {i}"):
+    return [{"endpoint": endpoint, "error": error.format(i=i)} for i in range(n)]
+
+
+def wait_for_analyses(client, count=3):
+    """Block until the error analysis has run `count` more times."""
+    seen = set()
+
+    def analyses_seen():
+        seen.add(client.get("/observer/errors")[1]["analyzed_at"])
+        return len(seen) > count
+
+    wait_for(analyses_seen, what=f"{count} analyses")
+
+
+def test_a_cluster_over_the_threshold_is_escalated_once_per_cooldown(serve, fake_service):
+    team = fake_service()
+    server = serve(analyze_interval_s=0.05, escalate_url=team.url + "/api/run", escalate_threshold=3,
+                   escalate_window_s=600, escalate_cooldown_s=3600)
+    client = server.client()
+    client.post("/observer/events", failures("/pay", 2) + failures("/other", 1))
+    wait_for_analyses(client)  # under the threshold nothing may be sent
+    assert team.received == []
+    client.post("/observer/events", failures("/pay", 2))
+    wait_for(lambda: team.received, what="the escalation")
+    path, payload = team.received[0]
+    assert path == "/api/run"
+    assert (payload["mode"], payload["source"]) == ("code_review", "observerd")
+    assert payload["cluster"]["endpoint"] == "/pay" and payload["cluster"]["count"] == 4
+    assert payload["cluster"]["signature"] == "upstream <n> for job <n>"
+    assert len(payload["recent_failures"]) == 4
+    client.post("/observer/events", failures("/pay", 5))
+    wait_for_analyses(client)
+    assert len(team.received) == 1, "escalated again inside the cooldown"
+    escalations = client.get("/observer/escalations")[1]["escalations"]
+    assert [(e["endpoint"], e["outcome"]) for e in escalations] == [("/pay", "sent")]
+
+
+def test_escalation_repeats_after_the_cooldown_and_ignores_old_failures(serve, fake_service):
+    team = fake_service()
+    server = serve(analyze_interval_s=0.05, escalate_url=team.url, escalate_threshold=2,
+                   escalate_window_s=60, escalate_cooldown_s=0.3)
+    old = [{**f, "timestamp": "2020-01-01T00:00:00Z"} for f in failures("/old", 5)]
+    server.client().post("/observer/events", old + failures("/new", 2))
+    wait_for(lambda: len(team.received) >= 2, what="a second escalation after the cooldown")
+    assert {p["cluster"]["endpoint"] for _, p in team.received} == {"/new"}
+
+
+def test_a_down_or_slow_escalation_target_never_slows_ingest(serve, fake_service):
+    down = serve(analyze_interval_s=0.05, escalate_url=closed_port_url(), escalate_threshold=1)
+    down.client().post("/observer/event", {"endpoint": "/x", "error": "boom"})
+    attempt = wait_for(lambda: down.client().get("/observer/escalations")[1]["escalations"],
+                       what="a failed attempt")[0]
+    assert attempt["outcome"] == "failed" and "unreachable" in attempt["error"]
+
+    release = threading.Event()
+    slow_team = fake_service(hold=release)
+    slow = serve(analyze_interval_s=0.05, escalate_url=slow_team.url, escalate_threshold=1,
+                 outbound_timeout_s=30)
+    try:
+        client = slow.client()
+        client.post("/observer/event", {"endpoint": "/y", "error": "boom"})
+        wait_for(lambda: slow_team.received, what="the escalation to be in flight")
+        for i in range(50):  # the loop thread is stuck on the slow target meanwhile
+            assert client.post("/observer/event", {"endpoint": f"/ok{i}", "success": True})[0] == 200
+        assert slow.store.stats()["total"] == 51
+        assert not release.is_set()
+    finally:
+        release.set()
+
+
+def review(server, **query):
+    status, body, _ = server.client().post("/observer/review", query)
+    assert status == 200, body
+    return body
+
+
+def test_review_verdicts_on_known_data(serve):
+    server = serve()
+    batch = (
+        [{"endpoint": "/healthy", "success": True, "duration_ms": 10 * i} for i in range(1, 21)]
+        + [{"endpoint": "/degraded", "success": i >= 2, "error": "" if i >= 2 else "HTTP 500"} for i in range(10)]
+        + [{"endpoint": "/failing", "success": i % 2 == 0, "error": "timeout 30s"} for i in range(10)]
+        + [{"endpoint": "/slow", "success": True, "duration_ms": 9000} for _ in range(6)]
+        + [{"endpoint": "/rare", "success": True}, {"endpoint": "/rare", "source": "scenario"}]
+    )
+    assert server.client().post("/observer/events", batch)[0] == 200
+    result = review(server)
+    assert (result["method"], result["ops_considered"]) == ("heuristic", len(batch))
+    verdicts = {r["endpoint"]: r["verdict"] for r in result["reviews"]}
+    assert verdicts == {"/healthy": "healthy", "/degraded": "degraded", "/failing": "failing",
+                        "/slow": "degraded", "/rare": "insufficient_data"}
+    assert [r["verdict"] for r in result["reviews"]][:1] == ["failing"]
+    healthy = next(r for r in result["reviews"] if r["endpoint"] == "/healthy")
+    assert (healthy["total"], healthy["failures"], healthy["p50_duration_ms"], healthy["p95_duration_ms"]) == (20, 0, 100, 190)
+    failing = next(r for r in result["reviews"] if r["endpoint"] == "/failing")
+    assert failing["failure_rate"] == 0.5
+    assert failing["top_error_signatures"] == [{"signature": "timeout <n>s", "count": 5}]
+    assert all(r["reasons"] for r in result["reviews"])
+    only = review(server, endpoint="/rare", source="scenario")
+    assert only["ops_considered"] == 1
+    assert review(server, last_n=6)["reviews"][0]["endpoint"] == "/rare"
+
+
+@pytest.mark.parametrize("query, field", [
+    ({"source": "cron"}, "source"), ({"last_n": 0}, "last_n"), ({"last_n": True}, "last_n"),
+    ({"llm": "yes"}, "llm"), ({"endpoint": 3}, "endpoint"), ({"verbose": True}, "verbose"), ([], "body"),
+])
+def test_bad_review_requests_are_400_naming_the_field(serve, query, field):
+    status, body, _ = serve().client().post("/observer/review", query)
+    assert status == 400 and field in body["error"]
+
+
+def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
+    llm = fake_service(reply={"model": "m", "response": "The /x endpoint is failing: check the DB.", "done": True})
+    server = serve(review_llm_url=llm.url + "/", review_llm_model="qwen-test")
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert result["method"] == "heuristic+llm"
+    assert result["llm_review"] == "The /x endpoint is failing: check the DB."
+    path, sent = llm.received[0]
+    assert path == "/api/generate"
+    assert (sent["model"], sent["stream"]) == ("qwen-test", False) and "/x" in sent["prompt"]
+
+    broken = fake_service(status=500)
+    server = serve(review_llm_url=broken.url)
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert result["method"] == "heuristic" and "HTTP 500" in result["llm_error"]
+    assert result["reviews"][0]["verdict"] == "failing"
+
+    release = threading.Event()
+    hung = fake_service(hold=release)
+    server = serve(review_llm_url=hung.url, outbound_timeout_s=0.3)
+    try:
+        result = review(server, llm=True)
+        assert result["method"] == "heuristic" and result["llm_error"] == "timed out"
+    finally:
+        release.set()
+    assert "llm_error" in review(serve(), llm=True)  # no review_llm_url configured
