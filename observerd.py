@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -32,6 +33,7 @@ import tomllib
 import traceback
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -39,7 +41,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 VERSION = "1.0.0"
 SERVICE = "observerd"
@@ -93,6 +95,117 @@ def log(level: str, msg: str, **fields: object) -> None:
 
 
 # =============================================================================
+# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4
+# =============================================================================
+
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+def escape_label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _format_labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{escape_label_value(v)}"' for n, v in zip(names, values)) + "}"
+
+
+def _format_number(value: float) -> str:
+    if value == math.inf:
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class Metric:
+    """One metric family: a counter or gauge, with values per label set."""
+
+    def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = ()):
+        self.name, self.kind, self.help_text, self.labels = name, kind, help_text, labels
+        self.values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, *label_values: str, amount: float = 1) -> None:
+        with self._lock:
+            self.values[label_values] = self.values.get(label_values, 0) + amount
+
+    def set(self, value: float, *label_values: str) -> None:
+        self.values[label_values] = value
+
+    def samples(self):
+        with self._lock:
+            items = sorted(self.values.items())
+        for label_values, value in items:
+            yield f"{self.name}{_format_labels(self.labels, label_values)} {_format_number(value)}"
+
+
+class Histogram(Metric):
+    """A histogram with fixed buckets, per label set."""
+
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
+                 buckets: tuple[float, ...] = SECONDS_BUCKETS):
+        super().__init__(name, "histogram", help_text, labels)
+        self.buckets = buckets
+
+    def observe(self, value: float, *label_values: str) -> None:
+        with self._lock:
+            state = self.values.get(label_values)
+            if state is None:
+                state = self.values[label_values] = [[0] * len(self.buckets), 0.0, 0]
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    state[0][i] += 1
+                    break
+            state[1] += value
+            state[2] += 1
+
+    def samples(self):
+        with self._lock:
+            items = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self.values.items())
+        names = self.labels + ("le",)
+        for label_values, (counts, total, count) in items:
+            cumulative = 0
+            for bound, n in zip(self.buckets + (math.inf,), counts + [count - sum(counts)]):
+                cumulative += n
+                le = _format_number(bound if bound == math.inf else float(bound))
+                yield f"{self.name}_bucket{_format_labels(names, label_values + (le,))} {cumulative}"
+            yield f"{self.name}_sum{_format_labels(self.labels, label_values)} {_format_number(total)}"
+            yield f"{self.name}_count{_format_labels(self.labels, label_values)} {count}"
+
+
+class Metrics:
+    """Every metric observerd exports, rendered for GET /metrics."""
+
+    def __init__(self):
+        self.events = Metric("observerd_events_total", "counter",
+                             "Ops accepted and made durable, by source and success.", ("source", "success"))
+        self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
+        self.rejected = Metric("observerd_rejected_total", "counter",
+                               "Requests refused, by reason.", ("reason",))
+        self.persist_errors = Metric("observerd_persist_errors_total", "counter",
+                                     "Appends to the JSONL log that failed and were rolled back.")
+        self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL log.")
+        self.http_requests = Metric("observerd_http_requests_total", "counter",
+                                    "HTTP responses, by route and status code.", ("route", "code"))
+        self.http_seconds = Histogram("observerd_http_request_seconds",
+                                      "Time from request line to response sent, by route.", ("route",))
+        self.start_time = Metric("observerd_start_time_seconds", "gauge",
+                                 "Start time of the process, in seconds since the Unix epoch.")
+        self.build_info = Metric("observerd_build_info", "gauge",
+                                 "Always 1; the labels say what is running.", ("version", "python"))
+        self.start_time.set(time.time())
+        self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
+
+    def render(self) -> str:
+        lines = []
+        for metric in vars(self).values():
+            lines.append(f"# HELP {metric.name} {metric.help_text}")
+            lines.append(f"# TYPE {metric.name} {metric.kind}")
+            lines.extend(metric.samples())
+        return "\n".join(lines) + "\n"
+
+
+# =============================================================================
 # Config: the [observerd] and [auth] tables of the shared lakehouse.toml
 # =============================================================================
 
@@ -123,6 +236,9 @@ OBSERVERD_KEYS: dict[str, tuple[type, object, float | None]] = {
     "review_llm_url": (str, "", None),
     "review_llm_model": (str, "llama3", None),
     "outbound_timeout_s": (float, 5.0, 0.001),
+    "tls_cert": (str, "", None),
+    "tls_key": (str, "", None),
+    "access_log": (bool, False, None),
 }
 AUTH_KEYS: dict[str, tuple[type, object, float | None]] = {
     "token": (str, "", None),
@@ -166,12 +282,25 @@ class Config:
     review_llm_url: str
     review_llm_model: str
     outbound_timeout_s: float
+    tls_cert: Path | None
+    tls_key: Path | None
+    access_log: bool
     token: str
     source: str
 
     @property
     def bind(self) -> str:
         return format_hostport(self.host, self.port)
+
+    def describe(self) -> dict[str, object]:
+        """The effective settings as TOML-style values, the token masked."""
+        settings = {"bind": self.bind}
+        for name in OBSERVERD_KEYS:
+            if name != "bind":
+                value = getattr(self, name)
+                settings[name] = "" if value is None else value
+        settings["[auth] token"] = "(set, masked)" if self.token else "(empty)"
+        return settings
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -278,6 +407,9 @@ def load_config(
         if values[key] and not values[key].startswith(("http://", "https://")):
             problems.append(f"[observerd] {key} must be an http:// or https:// URL")
 
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        problems.append("[observerd] tls_cert and tls_key must be set together")
+
     token = environ.get("OBSERVERD_TOKEN") or auth["token"]
     if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
@@ -311,6 +443,9 @@ def load_config(
         review_llm_url=values["review_llm_url"].rstrip("/"),
         review_llm_model=values["review_llm_model"],
         outbound_timeout_s=values["outbound_timeout_s"],
+        tls_cert=base_dir / values["tls_cert"] if values["tls_cert"] else None,
+        tls_key=base_dir / values["tls_key"] if values["tls_key"] else None,
+        access_log=values["access_log"],
         token=token,
         source=source,
     )
@@ -476,19 +611,43 @@ def validate_op(raw: object) -> dict:
     return op
 
 
-class BatchTooLarge(ValueError):
-    """A batch holds more ops than max_batch."""
+class TooLarge(ValueError):
+    """A batch holds more ops than max_batch, or a body inflates past max_body_bytes."""
+
+
+def gunzip_bounded(data: bytes, limit: int) -> bytes:
+    """Inflate a gzip body step by step, refusing to produce more than limit bytes.
+
+    A gzip bomb (10 MB of zeros is 10 KB compressed) is stopped after limit + 1 bytes.
+    """
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    pieces, size, pending = [], 0, data
+    try:
+        while True:
+            piece = inflater.decompress(pending, limit + 1 - size)
+            size += len(piece)
+            if size > limit:
+                raise TooLarge(f"body inflates past max_body_bytes={limit}")
+            pieces.append(piece)
+            pending = inflater.unconsumed_tail
+            if inflater.eof or (not pending and not piece):
+                break
+    except zlib.error as exc:
+        raise InvalidOp("body", f"is not valid gzip: {exc}") from None
+    if not inflater.eof:
+        raise InvalidOp("body", "is a truncated gzip stream")
+    return b"".join(pieces)
 
 
 def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
     """Decode and validate a batch (a JSON array, or NDJSON lines), all or nothing.
 
-    Raises InvalidOp naming the index of the first bad op, or BatchTooLarge.
+    Raises InvalidOp naming the index of the first bad op, or TooLarge.
     """
     if ndjson:
         lines = [line for line in body.split(b"\n") if line.strip()]
         if len(lines) > max_batch:
-            raise BatchTooLarge(f"batch of {len(lines)} ops exceeds max_batch={max_batch}")
+            raise TooLarge(f"batch of {len(lines)} ops exceeds max_batch={max_batch}")
         docs = [parse_json_strict(line, f"op {i}") for i, line in enumerate(lines)]
     else:
         docs = parse_json_strict(body)
@@ -496,7 +655,7 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
             raise InvalidOp("body", f"must be a JSON array of ops (or NDJSON with Content-Type: "
                             f"application/x-ndjson), got {json_type(docs)}")
         if len(docs) > max_batch:
-            raise BatchTooLarge(f"batch of {len(docs)} ops exceeds max_batch={max_batch}")
+            raise TooLarge(f"batch of {len(docs)} ops exceeds max_batch={max_batch}")
     ops = []
     for i, doc in enumerate(docs):
         try:
@@ -595,10 +754,12 @@ def segment_paths(path: Path, keep_files: int) -> list[Path]:
 class JsonlLog:
     """The append-only JSONL file: every append is written and fsynced, or rolled back."""
 
-    def __init__(self, path: Path, max_file_bytes: int = 0, keep_files: int = 0):
+    def __init__(self, path: Path, max_file_bytes: int = 0, keep_files: int = 0,
+                 metrics: Metrics | None = None):
         self.path = path
         self.max_file_bytes = max_file_bytes
         self.keep_files = keep_files
+        self.metrics = metrics or Metrics()
         self._fd = -1
         self._size = 0
         self._needs_rollback = False
@@ -630,8 +791,11 @@ class JsonlLog:
                 self._rotate()
             try:
                 _write_all(self._fd, data)
+                started = time.perf_counter()
                 os.fsync(self._fd)
+                self.metrics.fsync_seconds.observe(time.perf_counter() - started)
             except OSError as exc:
+                self.metrics.persist_errors.inc()
                 self._needs_rollback = True
                 self._roll_back()
                 raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
@@ -665,6 +829,16 @@ class JsonlLog:
             log("ERROR", "cannot roll back failed append; will retry", path=self.path, error=exc)
             raise PersistError(f"log needs repair: {exc.strerror or exc}") from exc
         self._needs_rollback = False
+
+    def reopen(self) -> None:
+        """Close and reopen the path, e.g. after logrotate moved the file away (SIGHUP).
+
+        Appends hold the same lock, so every op lands whole in the old file or the new one.
+        """
+        with self._lock:
+            fd = self._open_for_append()
+            os.close(self._fd)
+            self._fd = fd
 
     def close(self) -> None:
         with self._lock:
@@ -795,9 +969,10 @@ class OpStore:
     ahead of it. A lone caller writes at once: there is no timer.
     """
 
-    def __init__(self, ring: RingStats, log_file: JsonlLog | None):
+    def __init__(self, ring: RingStats, log_file: JsonlLog | None, metrics: Metrics | None = None):
         self.ring = ring
         self.log_file = log_file
+        self.metrics = metrics or Metrics()
         self._ring_lock = threading.Lock()
         self._queue: list[_PendingCommit] = []
         self._queue_lock = threading.Lock()
@@ -814,7 +989,9 @@ class OpStore:
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
-                return len(self.ring.ops)
+                ring_len = len(self.ring.ops)
+            self._count(ops)
+            return ring_len
         pending = _PendingCommit(ops, b"".join(encode_line(op) for op in ops))
         with self._queue_lock:
             self._queue.append(pending)
@@ -825,7 +1002,12 @@ class OpStore:
             self._write_queued()
         if pending.error is not None:
             raise pending.error
+        self._count(ops)
         return pending.ring_len
+
+    def _count(self, ops: list[dict]) -> None:
+        for op in ops:
+            self.metrics.events.inc(op["source"], "true" if op["success"] is True else "false")
 
     def _write_queued(self) -> None:
         """As the writer: commit everything queued, then pass the role on or give it up."""
@@ -871,6 +1053,11 @@ class OpStore:
 
     def __len__(self) -> int:
         return len(self.ring.ops)
+
+    def reopen_log(self) -> None:
+        if self.log_file is not None:
+            self.log_file.reopen()
+            log("INFO", "reopened log", path=self.log_file.path)
 
     def close(self) -> None:
         if self.log_file is not None:
@@ -1038,6 +1225,48 @@ def review_ops(ops: list[dict]) -> list[dict]:
     reviews = [review_endpoint(endpoint, members) for endpoint, members in by_endpoint.items()]
     reviews.sort(key=lambda r: (rank[r["verdict"]], r["endpoint"]))
     return reviews
+
+
+OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
+DEFAULT_OPS_LIMIT = 100
+
+
+def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> list[dict]:
+    """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
+    for name, values in params.items():
+        if name not in OPS_QUERY_PARAMS:
+            raise InvalidOp(name, f"is not a query parameter (use {', '.join(OPS_QUERY_PARAMS)})")
+        if len(values) > 1:
+            raise InvalidOp(name, "is given more than once")
+    given = {name: values[0] for name, values in params.items()}
+    source, endpoint = given.get("source"), given.get("endpoint")
+    if source is not None and source not in SOURCES:
+        raise InvalidOp("source", f"must be one of {', '.join(SOURCES)}")
+    success = given.get("success")
+    if success is not None:
+        if success not in ("true", "false"):
+            raise InvalidOp("success", "must be true or false")
+        success = success == "true"
+    since = given.get("since")
+    if since is not None:
+        try:
+            since = parse_rfc3339(since)
+        except ValueError as exc:
+            raise InvalidOp("since", str(exc)) from None
+    limit_text = given.get("limit", str(DEFAULT_OPS_LIMIT))
+    if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= ring_size:
+        raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
+    limit = int(limit_text)
+    matched = []
+    for op in reversed(ops):
+        if ((source is None or op["source"] == source)
+                and (endpoint is None or op["endpoint"] == endpoint)
+                and (success is None or (op["success"] is True) == success)
+                and (since is None or op_time(op) >= since)):
+            matched.append(op)
+            if len(matched) == limit:
+                break
+    return matched
 
 
 REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
@@ -1216,9 +1445,30 @@ class ConnectionTracker:
 
 def _shutdown_quietly(sock: socket.socket) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        # The plain socket's shutdown, also for TLS: it wakes a reader blocked in recv
+        # without tearing down the TLS state that reader is using.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+class StartupError(Exception):
+    """A setting that loaded fine cannot be used (a TLS file, say); names it."""
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The server's TLS context from tls_cert and tls_key; raises StartupError naming the file."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    for name, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
+        if not path.is_file():
+            raise StartupError(f"{name} {path}: file not found")
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"tls_cert {config.tls_cert} / tls_key {config.tls_key}: "
+                           f"cannot load: {getattr(exc, 'reason', None) or exc}") from None
+    return context
 
 
 class ObserverServer(ThreadingHTTPServer):
@@ -1238,9 +1488,21 @@ class ObserverServer(ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), ObserverHandler)
+        if config.tls_cert is not None:
+            try:
+                self.socket = tls_context(config).wrap_socket(
+                    self.socket, server_side=True, do_handshake_on_connect=False)
+            except BaseException:
+                self.server_close()
+                raise
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.store.metrics
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
+            self.metrics.rejected.inc("too_many_connections")
             _refuse_overloaded(request)
             self.shutdown_request(request)
             return
@@ -1267,6 +1529,8 @@ class ObserverServer(ThreadingHTTPServer):
 
 def _refuse_overloaded(sock: socket.socket) -> None:
     """Answer 503 without a thread; drain what the client sent so close is not a reset."""
+    if isinstance(sock, ssl.SSLSocket):
+        return  # no handshake yet, so nothing can be said in TLS: just close
     try:
         sock.setblocking(False)
         sock.send(_OVERLOADED)
@@ -1356,7 +1620,11 @@ ROUTES = {
     "/observer/playbooks": Route({"GET": "get_playbooks"}),
     "/observer/escalations": Route({"GET": "get_escalations"}),
     "/observer/review": Route({"POST": "post_review"}),
+    "/observer/ops": Route({"GET": "get_ops"}),
+    "/metrics": Route({"GET": "get_metrics"}),
 }
+_REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required", 413: "too_large",
+                      415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 # json.dumps with any option builds a new encoder per call; responses reuse this one.
 _RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False)
@@ -1382,21 +1650,28 @@ class ObserverHandler(BaseHTTPRequestHandler):
     server: ObserverServer
 
     def setup(self):
-        super().setup()
         # Kernel-side timeouts instead of a Python socket timeout, which would poll() before
         # every recv and send; the whole-request deadline is ConnectionTracker's job.
         timeout = self.server.config.request_timeout_s
         timeval = struct.pack("ll", int(timeout), int(timeout % 1 * 1_000_000))
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        if isinstance(self.request, ssl.SSLSocket):
+            # On this connection's thread, so a slow or plain-HTTP client never holds up
+            # the accept loop; a failed handshake just ends this connection.
+            self.request.do_handshake()
+        super().setup()
 
     def handle_one_request(self):
+        self._started = None
+        self._route = "unparsed"
         self.server.connections.awaiting_request(self.connection)
         super().handle_one_request()
 
     def parse_request(self) -> bool:
         """Fill command, path, version and headers; answer and return False if malformed."""
         self.close_connection = True
+        self._started = time.perf_counter()
         self.command, self.request_version = "", "HTTP/1.1"
         self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
         try:
@@ -1428,7 +1703,9 @@ class ObserverHandler(BaseHTTPRequestHandler):
             path = urlsplit(self.path).path
             route = ROUTES.get(path)
             if route is None:
+                self._route = "unmatched"
                 raise HTTPError(404, f"no route for {path[:200]}")
+            self._route = path
             name = route.methods.get(self.command)
             if name is None:
                 allow = ", ".join(route.methods)
@@ -1481,6 +1758,16 @@ class ObserverHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, f"body ended after {len(body)} of {length} bytes")
         self._body_unread = False
         self.server.connections.request_read(self.connection)
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding == "gzip":
+            try:
+                return gunzip_bounded(body, limit)
+            except InvalidOp as exc:
+                raise HTTPError(400, str(exc)) from None
+            except TooLarge as exc:
+                raise HTTPError(413, str(exc)) from None
+        if encoding != "identity":
+            raise HTTPError(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip or none")
         return body
 
     def get_health(self):
@@ -1503,10 +1790,23 @@ class ObserverHandler(BaseHTTPRequestHandler):
             ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
         except InvalidOp as exc:
             raise HTTPError(400, f"invalid batch: {exc}") from None
-        except BatchTooLarge as exc:
+        except TooLarge as exc:
             raise HTTPError(413, str(exc)) from None
         ring_len = self.record(ops) if ops else len(self.server.store)
         return 200, {"accepted": len(ops), "ring_size": ring_len}
+
+    def get_ops(self):
+        params = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        try:
+            ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
+        except InvalidOp as exc:
+            raise HTTPError(400, f"invalid query: {exc}") from None
+        return 200, {"ops": ops, "count": len(ops)}
+
+    def get_metrics(self):
+        metrics = self.server.metrics
+        metrics.ring_ops.set(len(self.server.store))
+        return 200, metrics.render()
 
     def get_errors(self):
         return 200, self.server.insights.errors
@@ -1563,15 +1863,22 @@ class ObserverHandler(BaseHTTPRequestHandler):
             raise HTTPError(503, f"op not persisted: {exc}") from None
 
     def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
-        """Status line, headers and body in a single write, so keep-alive never stalls."""
-        payload = _RESPONSE_ENCODER.encode(body).encode("utf-8")
+        """Status line, headers and body in a single write, so keep-alive never stalls.
+
+        A str body is sent as Prometheus text; anything else as JSON. Every response passes
+        here, so here it is counted, timed and (with access_log) logged.
+        """
+        if isinstance(body, str):
+            payload, content_type = body.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            payload, content_type = _RESPONSE_ENCODER.encode(body).encode("utf-8"), "application/json"
         if self.server.connections.closing:
             self.close_connection = True
         lines = [
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
             f"Server: {self.server_version}",
             f"Date: {http_date()}",
-            "Content-Type: application/json",
+            f"Content-Type: {content_type}",
             f"Content-Length: {len(payload)}",
         ]
         lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
@@ -1579,6 +1886,19 @@ class ObserverHandler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self.wfile.write(head if self.command == "HEAD" else head + payload)
+        self.account(status, len(payload))
+
+    def account(self, status: int, sent_bytes: int) -> None:
+        metrics = self.server.metrics
+        seconds = time.perf_counter() - self._started if self._started is not None else 0.0
+        metrics.http_requests.inc(self._route, str(status))
+        metrics.http_seconds.observe(seconds, self._route)
+        if status in _REJECTION_REASONS:
+            metrics.rejected.inc(_REJECTION_REASONS[status])
+        if self.server.config.access_log:
+            log("INFO", "request", method=self.command or "-", path=(self.path or "-")[:200],
+                status=status, bytes=sent_bytes, duration_ms=round(seconds * 1000, 3),
+                remote=self.client_address[0])
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (request line too long, unknown method) as JSON too."""
@@ -1778,29 +2098,112 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
+EXAMPLES = """examples:
+  python observerd.py --config lakehouse.toml        run the daemon (same as: serve --config ...)
+  python observerd.py serve --bind 0.0.0.0:3219      override the bind address of the file
+  python observerd.py check --config lakehouse.toml  validate the config, print the effective settings
+  python observerd.py stats data/observer/ops.jsonl  the stats a restart from that file would serve
+  OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
+"""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    def add_serve_flags(parser: argparse.ArgumentParser, default=None) -> None:
+        parser.add_argument("--config", default=default,
+                            help=f"TOML config file (default: {DEFAULT_CONFIG_PATH}, optional)")
+        parser.add_argument("--bind", default=default, help="host:port; overrides [observerd] bind")
+        parser.add_argument("--persist-path", default=default,
+                            help='JSONL log path; "" = ephemeral; overrides the file')
+
     parser = argparse.ArgumentParser(
-        prog="observerd.py",
+        prog="observerd.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="observerd: the lakehouse's witness. Records ObservedOps durably to JSONL "
-        "and serves live stats over HTTP.",
-    )
-    parser.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG_PATH}, optional)")
-    parser.add_argument("--bind", help="host:port to listen on; overrides [observerd] bind")
-    parser.add_argument("--persist-path", help='JSONL log path; "" = ephemeral; overrides the file')
+                    "and serves live stats over HTTP.")
     parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
-    return parser.parse_args(argv)
+    add_serve_flags(parser)
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats}")
+    # SUPPRESS: flags given before the subcommand are not reset by its own defaults.
+    add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)"), argparse.SUPPRESS)
+    check = commands.add_parser("check", help="validate the config like nginx -t; exit 0 or 2")
+    add_serve_flags(check, argparse.SUPPRESS)
+    stats = commands.add_parser("stats", help="print the stats a restart from a JSONL log would serve")
+    stats.add_argument("file", help="the JSONL log (rotated segments beside it are read too)")
+    stats.add_argument("--ring-size", type=int, default=OBSERVERD_KEYS["ring_size"][1],
+                       help="ring size to restore (default: %(default)s)")
+    stats.add_argument("--recent-scenarios", type=int, default=OBSERVERD_KEYS["recent_scenarios"][1],
+                       help="cap of recent_scenario_ops (default: %(default)s)")
+    return parser
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def usability_problems(config: Config) -> list[str]:
+    """What would stop this config at startup beyond its syntax: files, folders, TLS."""
+    problems = []
+    for name, path in (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path)):
+        if path is None:
+            continue
+        existing = _nearest_existing(path.parent)
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            problems.append(f"{name} {path}: {existing} is not a writable folder")
+        elif path.exists() and not os.access(path, os.W_OK):
+            problems.append(f"{name} {path}: not writable")
+    if config.tls_cert is not None:
+        try:
+            tls_context(config)
+        except StartupError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def check(args: argparse.Namespace) -> int:
+    """`check`: print every problem (exit 2), or the effective settings (exit 0)."""
+    try:
+        config = load_config(args.config, args.bind, args.persist_path)
+        problems = usability_problems(config)
+    except ConfigError as exc:
+        config, problems = None, exc.problems
+    source = args.config or DEFAULT_CONFIG_PATH
+    if problems:
+        for problem in problems:
+            print(f"{source}: {problem}", file=sys.stderr)
+        print(f"{source}: {len(problems)} problem(s); observerd would not start", file=sys.stderr)
+        return 2
+    print(f"{source}: ok")
+    for name, value in config.describe().items():
+        print(f"{name} = {json.dumps(value, default=str)}")
+    return 0
+
+
+def print_stats(args: argparse.Namespace) -> int:
+    """`stats`: the JSON GET /observer/stats would serve after restoring from the file."""
+    path = Path(args.file)
+    if not path.exists():
+        print(f"{path}: file not found", file=sys.stderr)
+        return 2
+    if args.ring_size < 1 or args.recent_scenarios < 0:
+        print("--ring-size must be >= 1 and --recent-scenarios >= 0", file=sys.stderr)
+        return 2
+    ring = RingStats(args.ring_size, args.recent_scenarios)
+    for op in restore_tail(path, args.ring_size, OBSERVERD_KEYS["keep_files"][1]):
+        ring.apply(op)
+    print(json.dumps(ring.stats(), ensure_ascii=False, indent=2))
+    return 0
 
 
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the log, then restore the ring from its tail."""
     ring = RingStats(config.ring_size, config.recent_scenarios)
+    metrics = Metrics()
     log_file = None
     if config.persist_path is not None:
-        log_file = JsonlLog(config.persist_path, config.max_file_bytes, config.keep_files)
+        log_file = JsonlLog(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
         log_file.open()
-    store = OpStore(ring, log_file)
+    store = OpStore(ring, log_file, metrics)
     if config.persist_path is not None:
         started = time.perf_counter()
         store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files))
@@ -1822,16 +2225,27 @@ def serve(config: Config) -> int:
     insights = Insights()
     try:
         server = ObserverServer(config, store, insights)
+    except StartupError as exc:
+        log("ERROR", "cannot serve TLS", problem=exc)
+        store.close()
+        return 2
     except OSError as exc:
         log("ERROR", "cannot listen", bind=config.bind, error=exc.strerror or exc)
         store.close()
         return 2
     host, port = server.server_address[:2]
-    log("INFO", "listening", addr=format_hostport(host, port))
+    log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
 
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    # Handlers only note the signal; the main thread acts on it outside signal context.
+    received: deque[int] = deque()
+    wake = threading.Event()
+
+    def note_signal(signum, _frame):
+        received.append(signum)
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note_signal)
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
     housekeeping.start()
@@ -1839,8 +2253,18 @@ def serve(config: Config) -> int:
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
-    while not stop.wait(0.5):
-        pass
+    stopping = False
+    while not stopping:
+        wake.wait()
+        wake.clear()
+        while received:
+            if received.popleft() == signal.SIGHUP:
+                try:
+                    store.reopen_log()
+                except OSError as exc:
+                    log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
+            else:
+                stopping = True
 
     log("INFO", "shutting down", open_connections=len(server.connections))
     server.shutdown()
@@ -1854,7 +2278,11 @@ def serve(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return check(args)
+    if args.command == "stats":
+        return print_stats(args)
     try:
         config = load_config(args.config, args.bind, args.persist_path)
     except ConfigError as exc:
