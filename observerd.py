@@ -1253,7 +1253,7 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
             since = parse_rfc3339(since)
         except ValueError as exc:
             raise InvalidOp("since", str(exc)) from None
-    limit_text = given.get("limit", str(DEFAULT_OPS_LIMIT))
+    limit_text = given.get("limit", str(min(DEFAULT_OPS_LIMIT, ring_size)))
     if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= ring_size:
         raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
     limit = int(limit_text)

@@ -1602,3 +1602,300 @@ def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
     finally:
         release.set()
     assert "llm_error" in review(serve(), llm=True)  # no review_llm_url configured
+
+
+# -----------------------------------------------------------------------------
+# Operator surface: metrics, ops query, CLI, TLS, gzip, access log, SIGHUP
+# -----------------------------------------------------------------------------
+
+import gzip  # noqa: E402  (kept next to the tests that use it)
+import re  # noqa: E402
+import ssl  # noqa: E402
+
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
+SAMPLE = re.compile(rf"({METRIC_NAME})(\{{(?:{LABEL})(?:,{LABEL})*\}})? (\S+)")
+HELP = re.compile(rf"# HELP ({METRIC_NAME}) (.*)")
+TYPE = re.compile(rf"# TYPE ({METRIC_NAME}) (counter|gauge|histogram|summary|untyped)")
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """Check Prometheus text format 0.0.4 line by line; returns {family: {type, samples}}."""
+    assert text.endswith("\n")
+    families: dict[str, dict] = {}
+    for line in text.splitlines():
+        if match := HELP.fullmatch(line):
+            families.setdefault(match[1], {"type": None, "samples": []})
+        elif match := TYPE.fullmatch(line):
+            family = families.setdefault(match[1], {"type": None, "samples": []})
+            assert family["type"] is None and not family["samples"], f"TYPE after samples: {line}"
+            family["type"] = match[2]
+        else:
+            match = SAMPLE.fullmatch(line)
+            assert match, f"not a valid sample line: {line!r}"
+            name, labels, value = match[1], match[2] or "", match[3]
+            float(value.replace("+Inf", "inf"))
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            family = families.get(name) or families.get(base)
+            assert family and family["type"], f"sample before its TYPE: {line}"
+            if family["type"] != "histogram":
+                assert name in families
+            family["samples"].append((name, dict(re.findall(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"', labels)),
+                                      float(value.replace("+Inf", "inf"))))
+    return families
+
+
+def sample(families, family, name=None, **labels) -> float:
+    for sample_name, sample_labels, value in families[family]["samples"]:
+        if sample_name == (name or family) and sample_labels == {k: str(v) for k, v in labels.items()}:
+            return value
+    raise AssertionError(f"no sample {name or family} {labels}")
+
+
+def test_metrics_follow_the_exposition_format_and_count_what_happened(serve):
+    server = serve(token="tok")
+    client = server.client(token="tok")
+    assert server.client().get("/metrics")[0] == 401
+    client.post("/observer/events", [{"endpoint": "/a", "success": True}] * 2 + [{"endpoint": "/b", "source": "scenario"}])
+    client.post("/observer/event", {"endpoint": ""})
+    client.get("/observer/nope")
+    client.conn.request("GET", "/metrics", headers={"Authorization": "Bearer tok"})
+    resp = client.conn.getresponse()
+    text = resp.read().decode()
+    assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+    families = parse_exposition(text)
+    for name, kind in [("observerd_events_total", "counter"), ("observerd_ring_ops", "gauge"),
+                       ("observerd_rejected_total", "counter"), ("observerd_persist_errors_total", "counter"),
+                       ("observerd_fsync_seconds", "histogram"), ("observerd_http_requests_total", "counter"),
+                       ("observerd_http_request_seconds", "histogram"), ("observerd_start_time_seconds", "gauge"),
+                       ("observerd_build_info", "gauge")]:
+        assert families[name]["type"] == kind, name
+    assert sample(families, "observerd_events_total", source="mcp", success="true") == 2
+    assert sample(families, "observerd_events_total", source="scenario", success="false") == 1
+    assert sample(families, "observerd_ring_ops") == 3
+    assert sample(families, "observerd_rejected_total", reason="invalid") == 1
+    assert sample(families, "observerd_rejected_total", reason="unauthorized") == 1
+    assert sample(families, "observerd_http_requests_total", route="/observer/events", code="200") == 1
+    assert sample(families, "observerd_http_requests_total", route="unmatched", code="404") == 1
+    assert sample(families, "observerd_fsync_seconds", "observerd_fsync_seconds_count") == 1
+    buckets = [v for n, labels, v in families["observerd_fsync_seconds"]["samples"] if n.endswith("_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == 1
+    assert 0 < time.time() - sample(families, "observerd_start_time_seconds") < 60
+    assert sample(families, "observerd_build_info", version=od.VERSION,
+                  python=".".join(map(str, sys.version_info[:3]))) == 1
+
+
+def test_metric_label_values_are_escaped():
+    metrics = od.Metrics()
+    metrics.rejected.inc('a "quoted" \\ back\nslash')
+    families = parse_exposition(metrics.render())
+    assert families["observerd_rejected_total"]["samples"][0][1] == {"reason": 'a \\"quoted\\" \\\\ back\\nslash'}
+
+
+def test_ops_query_filters_newest_first(serve):
+    server = serve(ring_size=50)
+    client = server.client()
+    batch = [{"endpoint": f"/e{i % 3}", "source": "scenario" if i % 2 else "mcp", "success": i % 4 == 0,
+              "timestamp": f"2026-11-24T10:00:{i:02d}Z"} for i in range(20)]
+    client.post("/observer/events", batch)
+    status, body, _ = client.get("/observer/ops")
+    assert status == 200 and body["count"] == 20
+    assert [o["timestamp"][-3:-1] for o in body["ops"]][:3] == ["19", "18", "17"]
+    body = client.get("/observer/ops?source=scenario&endpoint=/e1&limit=2")[1]
+    assert [o["timestamp"][-3:-1] for o in body["ops"]] == ["19", "13"] and body["count"] == 2
+    body = client.get("/observer/ops?success=true&since=2026-11-24T10:00:08%2B00:00")[1]
+    assert [o["timestamp"][-3:-1] for o in body["ops"]] == ["16", "12", "08"]
+    assert client.get("/observer/ops?success=false&limit=50")[1]["count"] == 15
+
+
+@pytest.mark.parametrize("query, param", [
+    ("source=cron", "source"), ("success=yes", "success"), ("since=yesterday", "since"),
+    ("limit=0", "limit"), ("limit=51", "limit"), ("limit=ten", "limit"), ("color=red", "color"),
+    ("source=mcp&source=scenario", "source"),
+])
+def test_bad_ops_query_params_are_400_naming_the_param(serve, query, param):
+    status, body, _ = serve(ring_size=50).client().get(f"/observer/ops?{query}")
+    assert status == 400 and param in body["error"]
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, str(DAEMON), *args], capture_output=True, text=True,
+                          timeout=30, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def test_cli_help_and_version():
+    help_text = run_cli("--help")
+    assert help_text.returncode == 0
+    assert "examples:" in help_text.stdout and "check --config" in help_text.stdout
+    version = run_cli("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"observerd {od.VERSION}")
+
+
+def test_cli_check_prints_effective_settings_with_the_token_masked(tmp_path):
+    config = write_config(tmp_path, {"ring_size": 500, "persist_path": "x/ops.jsonl"}, {"token": "hunter2"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "ring_size = 500" in result.stdout
+    assert f'persist_path = "{tmp_path / "x/ops.jsonl"}"' in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr and "masked" in result.stdout
+
+
+def test_cli_check_lists_every_problem_and_exits_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    config = write_config(tmp_path, {"ring_sise": 1, "max_batch": "many", "bind": "0.0.0.0:1"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 2
+    for needle in ("unknown key 'ring_sise'", "max_batch must be int", "not loopback"):
+        assert needle in result.stderr
+    config = write_config(tmp_path, {"persist_path": "file/ops.jsonl", "tls_cert": "missing.pem",
+                                     "tls_key": "missing.key"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "persist_path" in result.stderr and "tls_cert" in result.stderr and "missing.pem" in result.stderr
+
+
+def test_cli_stats_equals_what_a_restart_would_serve(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    batch = [{"endpoint": f"/s{i}", "source": od.SOURCES[i % 4], "success": i % 3 == 0} for i in range(40)]
+    daemon.client().post("/observer/events", batch)
+    served = daemon.client().get("/observer/stats")[1]
+    result = run_cli("stats", str(tmp_path / "ops.jsonl"))
+    assert result.returncode == 0 and json.loads(result.stdout) == served
+    small = json.loads(run_cli("stats", str(tmp_path / "ops.jsonl"), "--ring-size", "10").stdout)
+    assert small == stats_of(replay_forward(tmp_path / "ops.jsonl")[-10:])
+    missing = run_cli("stats", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if shutil.which("openssl"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        return cert, key
+    test_dir = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "test"
+    bundled = next((p for p in (test_dir / "keycert.pem", test_dir / "certdata" / "keycert.pem") if p.exists()), None)
+    if bundled is None:
+        pytest.skip("no openssl and no CPython test certificate to make a TLS cert from")
+    shutil.copy(bundled, cert)
+    shutil.copy(bundled, key)
+    return cert, key
+
+
+def test_tls_serves_https_and_a_plain_http_client_fails_cleanly(tmp_path, daemons):
+    cert, key = make_self_signed_cert(tmp_path)
+    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem")
+    context = ssl.create_default_context(cafile=str(cert)) if shutil.which("openssl") else ssl._create_unverified_context()
+    https = http.client.HTTPSConnection("127.0.0.1", daemon.port, context=context, timeout=5)
+    https.request("POST", "/observer/event", body=json.dumps({"endpoint": "/tls"}))
+    response = https.getresponse()
+    assert (response.status, json.loads(response.read())["accepted"]) == (200, True)
+    for _ in range(5):
+        started = time.monotonic()
+        raw = raw_exchange(daemon.port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        assert b"200" not in raw
+        assert time.monotonic() - started < 2, "a plain-HTTP client was left hanging"
+    https.request("GET", "/observer/stats")
+    assert json.loads(https.getresponse().read())["total"] == 1
+    assert "Traceback" not in daemon.log
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({}, "file not found"),
+    ({"cert.pem": "not a certificate", "key.pem": "not a key"}, "cannot load"),
+])
+def test_bad_tls_files_stop_startup_naming_them(tmp_path, daemons, files, needle):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "", "tls_cert": "cert.pem",
+                                     "tls_key": "key.pem"})
+    daemon = daemons(tmp_path, config=config)
+    assert daemon.exit_status() == 2
+    assert needle in daemon.log and "cert.pem" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_gzip_bodies_on_both_post_routes(serve):
+    server = serve()
+    client = server.client()
+    one = gzip.compress(json.dumps({"endpoint": "/gz"}).encode())
+    assert client.post("/observer/event", one, headers={"Content-Encoding": "gzip"})[0] == 200
+    many = gzip.compress("\n".join(json.dumps({"endpoint": f"/gz{i}"}) for i in range(50)).encode())
+    status, body, _ = client.post("/observer/events", many, headers={"Content-Encoding": "gzip",
+                                                                    "Content-Type": "application/x-ndjson"})
+    assert (status, body["accepted"]) == (200, 50)
+    assert client.post("/observer/event", b"\x1f\x8b garbage", headers={"Content-Encoding": "gzip"})[0] == 400
+    assert client.post("/observer/event", one[:-8], headers={"Content-Encoding": "gzip"})[0] == 400
+    assert client.post("/observer/event", b"{}", headers={"Content-Encoding": "br"})[0] == 415
+    assert server.store.stats()["total"] == 51
+
+
+def test_a_gzip_bomb_is_413_without_inflating_it(serve, monkeypatch):
+    server = serve()
+    bomb = gzip.compress(b"0" * 10_000_000)
+    assert len(bomb) < 100_000
+    produced = []
+    real = od.zlib.decompressobj
+
+    def counting_decompressobj(*a, **k):
+        inner = real(*a, **k)
+
+        class Counting:
+            def decompress(self, data, max_length=0):
+                out = inner.decompress(data, max_length)
+                produced.append(len(out))
+                return out
+
+            def __getattr__(self, name):
+                return getattr(inner, name)
+        return Counting()
+
+    monkeypatch.setattr(od.zlib, "decompressobj", counting_decompressobj)
+    status, body, _ = server.client().post("/observer/event", bomb, headers={"Content-Encoding": "gzip"})
+    assert status == 413 and "max_body_bytes" in body["error"]
+    assert sum(produced) <= server.config.max_body_bytes + 1
+
+
+def test_access_log_is_off_by_default_and_one_line_per_request_when_on(tmp_path, daemons):
+    (tmp_path / "quiet").mkdir()
+    quiet = start_durable_daemon(daemons, tmp_path / "quiet")
+    quiet.client().get("/observer/health")
+    assert "msg=request" not in quiet.log
+    (tmp_path / "loud").mkdir()
+    loud = start_durable_daemon(daemons, tmp_path / "loud", access_log=True)
+    loud.client().post("/observer/event", {"endpoint": "/a"})
+    loud.client().get("/observer/nope")
+    line = wait_for(lambda: [ln for ln in loud.log.splitlines() if "path=/observer/nope" in ln], what="access line")[0]
+    assert re.search(r"msg=request method=GET path=/observer/nope status=404 bytes=\d+ duration_ms=[\d.]+ remote=127\.0\.0\.1", line)
+    assert "method=POST path=/observer/event status=200" in loud.log
+
+
+def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
+    acked, stop = [], threading.Event()
+
+    def writer(n):
+        client = daemon.client()
+        i = 0
+        while not stop.is_set():
+            if client.post("/observer/event", {"endpoint": f"/h{n}/{i}"})[0] == 200:
+                acked.append(f"/h{n}/{i}")
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    live, rotated = tmp_path / "ops.jsonl", tmp_path / "ops.jsonl.1"
+    wait_for(lambda: len(acked) > 200, what="load")
+    os.rename(live, rotated)  # what logrotate does before signalling, with `create`
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reopened log" in daemon.log, what="the reopen")
+    wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, what="ops in the new file")
+    stop.set()
+    for t in threads:
+        t.join(10)
+    in_old = [o["endpoint"] for o in replay_forward(rotated)]
+    in_new = [o["endpoint"] for o in replay_forward(live)]
+    assert sorted(in_old + in_new) == sorted(acked), "lost or duplicated ops across the reopen"
+    assert daemon.proc.poll() is None
+    assert daemon.client().get("/observer/stats")[1]["total"] == len(acked)
