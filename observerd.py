@@ -4,13 +4,15 @@
 Every operation the lakehouse's autonomous work performs (MCP tools, scenario runners,
 Langfuse traces, overseer corrections) is POSTed here as an ObservedOp. observerd appends
 each op to a JSONL log and fsyncs it *before* the op enters memory or is acknowledged, keeps
-the newest ``ring_size`` ops in a ring for live statistics, and restores that ring from the
-log's tail on restart.
+the newest ``ring_size`` ops in a ring for live statistics, restores that ring from the log's
+tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
+``python observerd.py --help`` lists the subcommands (serve, check, stats).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> config -> model -> persistence -> store -> HTTP -> background loops -> CLI/main.
+logging -> metrics -> config -> model -> persistence -> store -> analysis -> HTTP ->
+background loops -> CLI/main.
 """
 
 from __future__ import annotations
@@ -2094,7 +2096,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# CLI and main
+# CLI and main: serve, check, stats
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5

@@ -64,6 +64,12 @@ expect_json "blank endpoint is a 400 naming the field" "$(cat "$work/body")" "'e
 lines=$(wc -l < "$work/ops.jsonl")
 [ "$lines" -eq 5 ] && pass "ops.jsonl holds exactly 5 lines" || fail "ops.jsonl holds $lines lines"
 
+metrics=$(curl -sS "$base/metrics")
+grep -q '^observerd_events_total{source="scenario",success="true"} 2$' <<<"$metrics" \
+  && pass "metrics: events_total counts scenario successes" || fail "metrics: $metrics"
+"$PY" observerd.py check --config lakehouse.toml >/dev/null && pass "check: shipped lakehouse.toml is valid" \
+  || fail "check rejected lakehouse.toml"
+
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 pass "daemon killed with SIGKILL"
 start_daemon
