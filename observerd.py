@@ -946,29 +946,25 @@ class RingStats:
 
 
 class _PendingCommit:
-    """One caller's ops in the group-commit queue; `wake` is released when it is done."""
+    """One caller's ops in the commit queue, and what to call once they are durable."""
 
-    __slots__ = ("ops", "data", "done", "error", "ring_len", "wake")
+    __slots__ = ("ops", "data", "on_done")
 
-    def __init__(self, ops: list[dict], data: bytes):
+    def __init__(self, ops: list[dict], data: bytes, on_done):
         self.ops = ops
         self.data = data
-        self.done = False
-        self.error: BaseException | None = None
-        self.ring_len = 0
-        # A plain lock, held from birth, is the cheapest way to park a thread until released.
-        self.wake = threading.Lock()
-        self.wake.acquire()
+        self.on_done = on_done
 
 
 class OpStore:
     """Persist-then-apply: ops reach the ring only after their lines are fsynced.
 
-    Concurrent callers share fsyncs (group commit): whoever finds no write in progress
-    becomes the writer, appends every line queued so far in one write, fsyncs once, applies
-    the ops to the ring in file order and wakes the callers. It then hands the writer's role
-    to the oldest caller that queued meanwhile, so no caller waits for more than the batch
-    ahead of it. A lone caller writes at once: there is no timer.
+    Group commit: callers queue their ops with a completion callback; one committer thread
+    takes everything queued so far, appends it in one write, fsyncs once, applies the ops to
+    the ring in file order, then runs the callbacks (for HTTP, they send the 200s). It wakes
+    on the first op queued, so a lone op is written at once: there is no timer. A failed
+    write fails exactly that batch and applies none of it. Without a log (ephemeral), ops
+    are applied and their callback run in the caller's thread.
     """
 
     def __init__(self, ring: RingStats, log_file: JsonlLog | None, metrics: Metrics | None = None):
@@ -977,54 +973,68 @@ class OpStore:
         self.metrics = metrics or Metrics()
         self._ring_lock = threading.Lock()
         self._queue: list[_PendingCommit] = []
-        self._queue_lock = threading.Lock()
-        self._writing = False
+        self._queue_cond = threading.Condition()
+        self._closing = False
+        self._committer = None
+        if log_file is not None:
+            self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
+            self._committer.start()
 
     def restore(self, ops: list[dict]) -> None:
         with self._ring_lock:
             for op in ops:
                 self.ring.apply(op)
 
-    def record(self, ops: list[dict]) -> int:
-        """Make ops durable, then apply them; returns the ring length. Raises PersistError."""
+    def submit(self, ops: list[dict], on_done) -> None:
+        """Make ops durable, apply them, then call on_done(ring_len, error).
+
+        error is None, a PersistError (nothing was applied), or an unexpected exception.
+        """
         if self.log_file is None:
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
                 ring_len = len(self.ring.ops)
             self._count(ops)
-            return ring_len
-        pending = _PendingCommit(ops, b"".join(encode_line(op) for op in ops))
-        with self._queue_lock:
-            self._queue.append(pending)
-            is_writer, self._writing = not self._writing, True
-        if not is_writer:
-            pending.wake.acquire()  # until our batch is done, or the writer's role is ours
-        if not pending.done:
-            self._write_queued()
-        if pending.error is not None:
-            raise pending.error
-        self._count(ops)
-        return pending.ring_len
+            on_done(ring_len, None)
+            return
+        pending = _PendingCommit(ops, b"".join(encode_line(op) for op in ops), on_done)
+        with self._queue_cond:
+            if not self._closing:
+                self._queue.append(pending)
+                self._queue_cond.notify()
+                return
+        on_done(0, PersistError("observerd is shutting down"))
 
-    def _count(self, ops: list[dict]) -> None:
-        for op in ops:
-            self.metrics.events.inc(op["source"], "true" if op["success"] is True else "false")
+    def record(self, ops: list[dict]) -> int:
+        """submit() and wait: returns the ring length, or raises PersistError."""
+        result: list = []
+        done = threading.Lock()
+        done.acquire()
 
-    def _write_queued(self) -> None:
-        """As the writer: commit everything queued, then pass the role on or give it up."""
-        with self._queue_lock:
-            batch, self._queue = self._queue, []
-        try:
+        def on_done(ring_len, error):
+            result.extend((ring_len, error))
+            done.release()
+
+        self.submit(ops, on_done)
+        done.acquire()
+        ring_len, error = result
+        if error is not None:
+            raise error
+        return ring_len
+
+    def _run_committer(self) -> None:
+        while True:
+            with self._queue_cond:
+                while not self._queue and not self._closing:
+                    self._queue_cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
             self._commit(batch)
-        finally:
-            with self._queue_lock:
-                successor = self._queue[0] if self._queue else None
-                self._writing = successor is not None
-            if successor is not None:
-                successor.wake.release()
 
     def _commit(self, batch: list[_PendingCommit]) -> None:
+        ring_len, error = 0, None
         try:
             self.log_file.append_durably(b"".join(p.data for p in batch))
             with self._ring_lock:
@@ -1033,16 +1043,21 @@ class OpStore:
                         self.ring.apply(op)
                 ring_len = len(self.ring.ops)
             for pending in batch:
-                pending.ring_len = ring_len
-        except BaseException as exc:
-            for pending in batch:
-                pending.error = exc
-            if not isinstance(exc, PersistError):
-                raise
-        finally:
-            for pending in batch:
-                pending.done = True
-                pending.wake.release()
+                self._count(pending.ops)
+        except PersistError as exc:
+            error = exc
+        except Exception as exc:
+            log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
+            error = exc
+        for pending in batch:
+            try:
+                pending.on_done(ring_len, error)
+            except Exception as exc:
+                log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
+
+    def _count(self, ops: list[dict]) -> None:
+        for op in ops:
+            self.metrics.events.inc(op["source"], "true" if op["success"] is True else "false")
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -1062,6 +1077,12 @@ class OpStore:
             log("INFO", "reopened log", path=self.log_file.path)
 
     def close(self) -> None:
+        """Commit what is queued, stop the committer, close the log."""
+        with self._queue_cond:
+            self._closing = True
+            self._queue_cond.notify()
+        if self._committer is not None:
+            self._committer.join()
         if self.log_file is not None:
             self.log_file.close()
 
@@ -1380,6 +1401,8 @@ class ConnectionTracker:
         self.request_timeout_s = request_timeout_s
         # socket -> (phase, deadline); the deadline is None once the request is read.
         self._open: dict[socket.socket, tuple[str, float | None]] = {}
+        # socket -> answers another thread has yet to send; such a connection is in flight.
+        self._pending_answers: dict[socket.socket, int] = {}
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._closing = False
@@ -1394,14 +1417,30 @@ class ConnectionTracker:
     def release(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.pop(sock, None)
+            self._pending_answers.pop(sock, None)
             self._drained.notify_all()
 
     def awaiting_request(self, sock: socket.socket) -> None:
         """Between requests: the next one must arrive, whole, before a fresh deadline."""
         with self._lock:
             self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
-            closing = self._closing
-        if closing:
+            close_now = self._closing and sock not in self._pending_answers
+        if close_now:
+            _shutdown_quietly(sock)
+
+    def answer_deferred(self, sock: socket.socket) -> None:
+        """Another thread will send this request's answer: until then it is in flight."""
+        with self._lock:
+            self._pending_answers[sock] = self._pending_answers.get(sock, 0) + 1
+
+    def answer_sent(self, sock: socket.socket) -> None:
+        with self._lock:
+            left = self._pending_answers.pop(sock, 1) - 1
+            if left:
+                self._pending_answers[sock] = left
+            close_now = (self._closing and not left
+                         and self._open.get(sock, (None,))[0] == self.IDLE)
+        if close_now:
             _shutdown_quietly(sock)
 
     # The two transitions below only replace the value of a key that admit() added, which is
@@ -1417,7 +1456,8 @@ class ConnectionTracker:
     def close_expired(self) -> None:
         now = time.monotonic()
         with self._lock:
-            expired = [s for s, (_, d) in self._open.items() if d is not None and d < now]
+            expired = [s for s, (_, d) in self._open.items()
+                       if d is not None and d < now and s not in self._pending_answers]
         for sock in expired:
             _shutdown_quietly(sock)
 
@@ -1428,7 +1468,8 @@ class ConnectionTracker:
         """
         with self._lock:
             self._closing = True
-            idle = [s for s, (phase, _) in self._open.items() if phase == self.IDLE]
+            idle = [s for s, (phase, _) in self._open.items()
+                    if phase == self.IDLE and s not in self._pending_answers]
         for sock in idle:
             _shutdown_quietly(sock)
         deadline = time.monotonic() + timeout_s
@@ -1642,6 +1683,34 @@ def http_date() -> str:
     return _date_cache[1]
 
 
+DEFERRED = object()  # a handler's status when the committer thread will send the answer
+
+
+def persist_failed(exc: PersistError, op_count: int) -> HTTPError:
+    """A failed commit as the 503 its callers get; logged once per caller."""
+    log("ERROR", "op not persisted", ops=op_count, error=exc)
+    return HTTPError(503, f"op not persisted: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What an answer needs to know of its request, so another thread can send it."""
+
+    command: str
+    path: str
+    route: str
+    started: float | None
+    remote: str
+
+
+def _send_without_blocking(sock: socket.socket, data: bytes) -> bool:
+    """Send all of data now or report failure; the committer must never wait on a client."""
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT) == len(data)
+    except OSError:
+        return False
+
+
 class ObserverHandler(BaseHTTPRequestHandler):
     """Routes requests, turns every HTTPError into one JSON answer, written in one send."""
 
@@ -1662,11 +1731,22 @@ class ObserverHandler(BaseHTTPRequestHandler):
             # On this connection's thread, so a slow or plain-HTTP client never holds up
             # the accept loop; a failed handshake just ends this connection.
             self.request.do_handshake()
+        # Held while an answer is owed on this connection, so answers leave in request order.
+        self._turn = threading.Lock()
+        self._dropped = False  # the committer could not deliver an answer: stop serving
         super().setup()
 
+    def finish(self):
+        self.wait_for_turn()  # the last answer the committer owes goes out before the socket closes
+        super().finish()
+
+    def wait_for_turn(self) -> None:
+        """Until the committer has sent the answer this connection is owed, if any."""
+        with self._turn:
+            pass
+
     def handle_one_request(self):
-        self._started = None
-        self._route = "unparsed"
+        self._started, self._route, self.command, self.path = None, "unparsed", "", ""
         self.server.connections.awaiting_request(self.connection)
         super().handle_one_request()
 
@@ -1674,7 +1754,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
         """Fill command, path, version and headers; answer and return False if malformed."""
         self.close_connection = True
         self._started = time.perf_counter()
-        self.command, self.request_version = "", "HTTP/1.1"
+        self.request_version = "HTTP/1.1"
         self.requestline = self.raw_requestline.decode("iso-8859-1").rstrip("\r\n")
         try:
             self.command, self.path, self.request_version, self.headers = read_request_head(
@@ -1695,6 +1775,12 @@ class ObserverHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def dispatch(self) -> None:
+        # A pipelined request is handled only once the answer owed before it has gone out,
+        # so it sees that request's effects (read your writes) and answers stay in order.
+        self.wait_for_turn()
+        if self._dropped:
+            self.close_connection = True
+            return
         self.server.connections.headers_read(self.connection)
         self._body_unread = bool(
             self.headers.get("Content-Length", "0").strip() not in ("", "0")
@@ -1715,6 +1801,8 @@ class ObserverHandler(BaseHTTPRequestHandler):
             if route.auth:
                 self.authorize()
             status, body = getattr(self, name)()
+            if status is DEFERRED:
+                return
         except HTTPError as exc:
             status, body, headers = exc.status, {"error": exc.message}, exc.headers
         except Exception as exc:
@@ -1783,7 +1871,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
             op = validate_op(parse_json_strict(self.read_body()))
         except InvalidOp as exc:
             raise HTTPError(400, f"invalid op: {exc}") from None
-        return 200, {"accepted": True, "ring_size": self.record([op])}
+        return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
 
     def post_events(self):
         body = self.read_body()
@@ -1794,8 +1882,9 @@ class ObserverHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, f"invalid batch: {exc}") from None
         except TooLarge as exc:
             raise HTTPError(413, str(exc)) from None
-        ring_len = self.record(ops) if ops else len(self.server.store)
-        return 200, {"accepted": len(ops), "ring_size": ring_len}
+        if not ops:
+            return 200, {"accepted": 0, "ring_size": len(self.server.store)}
+        return self.commit(ops, lambda ring_len: {"accepted": len(ops), "ring_size": ring_len})
 
     def get_ops(self):
         params = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
@@ -1856,26 +1945,71 @@ class ObserverHandler(BaseHTTPRequestHandler):
         result["method"] = "heuristic+llm"
         result["llm_review"] = answer["response"]
 
-    def record(self, ops: list[dict]) -> int:
-        """Store ops durably; a persist failure is a 503 and nothing was applied."""
-        try:
-            return self.server.store.record(ops)
-        except PersistError as exc:
-            log("ERROR", "op not persisted", ops=len(ops), error=exc)
-            raise HTTPError(503, f"op not persisted: {exc}") from None
+    def commit(self, ops: list[dict], make_body):
+        """Store ops durably, then answer 200 with make_body(ring_len), or 503.
+
+        On a plain TCP connection the committer thread sends the answer itself as soon as the
+        batch is fsynced, so this thread goes straight back to reading the next request: one
+        thread wake per request fewer, which is most of the cost of durability here. TLS
+        connections (an SSL object must not be written by one thread while another reads
+        it) and the ephemeral store answer from this thread.
+        """
+        store = self.server.store
+        if store.log_file is None or isinstance(self.request, ssl.SSLSocket):
+            try:
+                return 200, make_body(store.record(ops))
+            except PersistError as exc:
+                raise persist_failed(exc, len(ops)) from None
+        exchange, close, sock = self.exchange(), self.close_connection, self.connection
+        connections = self.server.connections
+        self._turn.acquire()  # free: dispatch waited for it
+        connections.answer_deferred(sock)
+
+        def answer(ring_len: int, error: BaseException | None) -> None:
+            try:
+                if error is None:
+                    status, body = 200, make_body(ring_len)
+                elif isinstance(error, PersistError):
+                    failure = persist_failed(error, len(ops))
+                    status, body = failure.status, {"error": failure.message}
+                else:
+                    status, body = 500, {"error": "internal error"}
+                data, size = self.render_response(exchange, status, body, None, close or connections.closing)
+                if not self._dropped and not _send_without_blocking(sock, data):
+                    self._dropped = True
+                    log("INFO", "connection dropped", remote=exchange.remote, error="client not reading answers")
+                    _shutdown_quietly(sock)
+                self.account(exchange, status, size)
+            finally:
+                connections.answer_sent(sock)
+                self._turn.release()
+
+        store.submit(ops, answer)
+        return DEFERRED, None
+
+    def exchange(self) -> Exchange:
+        return Exchange(self.command or "-", self.path or "-", self._route, self._started,
+                        self.client_address[0])
 
     def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
-        """Status line, headers and body in a single write, so keep-alive never stalls.
+        """Answer from this thread, in a single write so keep-alive never stalls."""
+        if self.server.connections.closing:
+            self.close_connection = True
+        exchange = self.exchange()
+        data, size = self.render_response(exchange, status, body, headers, self.close_connection)
+        self.wfile.write(data)
+        self.account(exchange, status, size)
 
-        A str body is sent as Prometheus text; anything else as JSON. Every response passes
-        here, so here it is counted, timed and (with access_log) logged.
+    def render_response(self, exchange: Exchange, status: int, body: object,
+                        headers: dict[str, str] | None, close: bool) -> tuple[bytes, int]:
+        """Status line, headers and body as one buffer, and the body's size.
+
+        A str body is sent as Prometheus text; anything else as JSON.
         """
         if isinstance(body, str):
             payload, content_type = body.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
         else:
             payload, content_type = _RESPONSE_ENCODER.encode(body).encode("utf-8"), "application/json"
-        if self.server.connections.closing:
-            self.close_connection = True
         lines = [
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
             f"Server: {self.server_version}",
@@ -1884,27 +2018,27 @@ class ObserverHandler(BaseHTTPRequestHandler):
             f"Content-Length: {len(payload)}",
         ]
         lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
-        if self.close_connection:
+        if close:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.wfile.write(head if self.command == "HEAD" else head + payload)
-        self.account(status, len(payload))
+        return (head if exchange.command == "HEAD" else head + payload), len(payload)
 
-    def account(self, status: int, sent_bytes: int) -> None:
+    def account(self, exchange: Exchange, status: int, sent_bytes: int) -> None:
+        """Every answer passes here: counted, timed and (with access_log) logged."""
         metrics = self.server.metrics
-        seconds = time.perf_counter() - self._started if self._started is not None else 0.0
-        metrics.http_requests.inc(self._route, str(status))
-        metrics.http_seconds.observe(seconds, self._route)
+        seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
+        metrics.http_requests.inc(exchange.route, str(status))
+        metrics.http_seconds.observe(seconds, exchange.route)
         if status in _REJECTION_REASONS:
             metrics.rejected.inc(_REJECTION_REASONS[status])
         if self.server.config.access_log:
-            log("INFO", "request", method=self.command or "-", path=(self.path or "-")[:200],
-                status=status, bytes=sent_bytes, duration_ms=round(seconds * 1000, 3),
-                remote=self.client_address[0])
+            log("INFO", "request", method=exchange.command, path=exchange.path[:200], status=status,
+                bytes=sent_bytes, duration_ms=round(seconds * 1000, 3), remote=exchange.remote)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (request line too long, unknown method) as JSON too."""
         self.close_connection = True
+        self.wait_for_turn()
         self.send_json(code, {"error": message or _REASONS.get(code, "error")})
 
     def log_message(self, format, *args):

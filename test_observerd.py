@@ -1899,3 +1899,54 @@ def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_pat
     assert sorted(in_old + in_new) == sorted(acked), "lost or duplicated ops across the reopen"
     assert daemon.proc.poll() is None
     assert daemon.client().get("/observer/stats")[1]["total"] == len(acked)
+
+
+# -----------------------------------------------------------------------------
+# Answers sent by the committer thread
+# -----------------------------------------------------------------------------
+
+
+def read_responses(sock, count: int) -> list[tuple[int, dict]]:
+    """Read `count` HTTP responses off one connection."""
+    stream = sock.makefile("rb")
+    answers = []
+    for _ in range(count):
+        status = int(stream.readline().split()[1])
+        length = 0
+        while (line := stream.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        answers.append((status, json.loads(stream.read(length))))
+    return answers
+
+
+def test_pipelined_requests_are_answered_in_order(serve, monkeypatch):
+    server = serve()
+    FsyncSpy(monkeypatch, delay=0.3)  # the first answer is still owed when the rest arrive
+    requests = b""
+    for i in range(3):
+        body = json.dumps({"endpoint": f"/p{i}"}).encode()
+        requests += b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    requests += b"GET /observer/stats HTTP/1.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(requests)
+        answers = read_responses(sock, 4)
+    assert [a for a in answers[:3]] == [(200, {"accepted": True, "ring_size": n}) for n in (1, 2, 3)]
+    assert answers[3][0] == 200 and answers[3][1]["total"] == 3
+
+
+def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(serve):
+    server = serve()
+    body = json.dumps({"endpoint": "/flood"}).encode()
+    # More answers than a socket's send buffer can hold (it autotunes up to 4 MB here).
+    flood = (b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body) * 40000
+    with socket.socket() as greedy:
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.connect(("127.0.0.1", server.port))
+        greedy.sendall(flood)  # lands in observerd's receive buffer; the answers are never read
+        # A committer that waited on this client would hold every other commit for 10 s.
+        wait_for(lambda: len(server.server.connections) == 0, timeout=5, what="the greedy client to be dropped")
+        polite = server.client(timeout=3)
+        for i in range(20):
+            assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
+    assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
