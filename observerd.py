@@ -1984,7 +1984,11 @@ class ObserverHandler(BaseHTTPRequestHandler):
                 connections.answer_sent(sock)
                 self._turn.release()
 
-        store.submit(ops, answer)
+        try:
+            store.submit(ops, answer)
+        except Exception as exc:  # never leave the turn held: the connection would hang
+            log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
+            answer(0, exc)
         return DEFERRED, None
 
     def exchange(self) -> Exchange:
