@@ -1401,8 +1401,9 @@ class ConnectionTracker:
         self.request_timeout_s = request_timeout_s
         # socket -> (phase, deadline); the deadline is None once the request is read.
         self._open: dict[socket.socket, tuple[str, float | None]] = {}
-        # socket -> answers another thread has yet to send; such a connection is in flight.
-        self._pending_answers: dict[socket.socket, int] = {}
+        # Connections owed an answer that another thread will send (at most one each, as the
+        # handler's turn lock ensures); such a connection is in flight.
+        self._owed: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._closing = False
@@ -1417,29 +1418,26 @@ class ConnectionTracker:
     def release(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.pop(sock, None)
-            self._pending_answers.pop(sock, None)
+            self._owed.discard(sock)
             self._drained.notify_all()
 
     def awaiting_request(self, sock: socket.socket) -> None:
         """Between requests: the next one must arrive, whole, before a fresh deadline."""
         with self._lock:
             self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
-            close_now = self._closing and sock not in self._pending_answers
+            close_now = self._closing and sock not in self._owed
         if close_now:
             _shutdown_quietly(sock)
 
     def answer_deferred(self, sock: socket.socket) -> None:
         """Another thread will send this request's answer: until then it is in flight."""
         with self._lock:
-            self._pending_answers[sock] = self._pending_answers.get(sock, 0) + 1
+            self._owed.add(sock)
 
     def answer_sent(self, sock: socket.socket) -> None:
         with self._lock:
-            left = self._pending_answers.pop(sock, 1) - 1
-            if left:
-                self._pending_answers[sock] = left
-            close_now = (self._closing and not left
-                         and self._open.get(sock, (None,))[0] == self.IDLE)
+            self._owed.discard(sock)
+            close_now = self._closing and self._open.get(sock, (None,))[0] == self.IDLE
         if close_now:
             _shutdown_quietly(sock)
 
@@ -1457,7 +1455,7 @@ class ConnectionTracker:
         now = time.monotonic()
         with self._lock:
             expired = [s for s, (_, d) in self._open.items()
-                       if d is not None and d < now and s not in self._pending_answers]
+                       if d is not None and d < now and s not in self._owed]
         for sock in expired:
             _shutdown_quietly(sock)
 
@@ -1469,7 +1467,7 @@ class ConnectionTracker:
         with self._lock:
             self._closing = True
             idle = [s for s, (phase, _) in self._open.items()
-                    if phase == self.IDLE and s not in self._pending_answers]
+                    if phase == self.IDLE and s not in self._owed]
         for sock in idle:
             _shutdown_quietly(sock)
         deadline = time.monotonic() + timeout_s
