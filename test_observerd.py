@@ -6,18 +6,22 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -370,7 +374,7 @@ def test_counters_match_a_full_recount_under_random_traffic():
                 "total": len(window),
                 "successes": sum(o["success"] for o in window),
                 "failures": sum(not o["success"] for o in window),
-                "by_source": dict(__import__("collections").Counter(o["source"] for o in window)),
+                "by_source": dict(Counter(o["source"] for o in window)),
                 "recent_scenario_ops": [o for o in window if o["source"] == "scenario"][-5:],
             }
             assert ring.stats() == expected
@@ -1607,10 +1611,6 @@ def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
 # -----------------------------------------------------------------------------
 # Operator surface: metrics, ops query, CLI, TLS, gzip, access log, SIGHUP
 # -----------------------------------------------------------------------------
-
-import gzip  # noqa: E402  (kept next to the tests that use it)
-import re  # noqa: E402
-import ssl  # noqa: E402
 
 METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\\\|\\"|\\n)*"'
