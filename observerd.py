@@ -36,7 +36,7 @@ import traceback
 import urllib.error
 import urllib.request
 import zlib
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
@@ -1133,18 +1133,19 @@ def group_failures(ops: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def count_signatures(failures: list[dict]) -> Counter[str]:
+    """How often each error signature occurs; most_common() breaks ties by first seen."""
+    return Counter(error_signature(op.get("error")) for op in failures)
+
+
 def describe_cluster(key: tuple[str, str], members: list[dict]) -> dict:
-    times = sorted(members, key=op_time)
-    sources: dict[str, int] = {}
-    for op in members:
-        sources[op["source"]] = sources.get(op["source"], 0) + 1
     return {
         "endpoint": key[0],
         "signature": key[1],
         "count": len(members),
-        "first_seen": times[0]["timestamp"],
-        "last_seen": times[-1]["timestamp"],
-        "sources": sources,
+        "first_seen": min(members, key=op_time)["timestamp"],
+        "last_seen": max(members, key=op_time)["timestamp"],
+        "sources": dict(Counter(op["source"] for op in members)),
         "sample_error": members[-1].get("error") or "",
     }
 
@@ -1170,10 +1171,7 @@ def consolidate_playbooks(ops: list[dict]) -> list[dict]:
         durations = sorted(op["duration_ms"] for op in members)
         successes = [op for op in members if op["success"] is True]
         failures = [op for op in members if op["success"] is not True]
-        signatures: dict[str, int] = {}
-        for op in failures:
-            signature = error_signature(op.get("error"))
-            signatures[signature] = signatures.get(signature, 0) + 1
+        top_signature = count_signatures(failures).most_common(1)
         playbooks.append({
             "endpoint": endpoint,
             "runs": len(members),
@@ -1183,7 +1181,7 @@ def consolidate_playbooks(ops: list[dict]) -> list[dict]:
             "p95_duration_ms": percentile(durations, 95),
             "last_success": max((op["timestamp"] for op in successes), key=parse_rfc3339, default=None),
             "last_failure": max((op["timestamp"] for op in failures), key=parse_rfc3339, default=None),
-            "top_error_signature": max(signatures, key=signatures.get) if signatures else None,
+            "top_error_signature": top_signature[0][0] if top_signature else None,
         })
     return playbooks
 
@@ -1201,11 +1199,7 @@ def review_endpoint(endpoint: str, ops: list[dict]) -> dict:
     failures = [op for op in ops if op["success"] is not True]
     rate = len(failures) / len(ops)
     p50, p95 = percentile(durations, 50), percentile(durations, 95)
-    signatures: dict[str, int] = {}
-    for op in failures:
-        signature = error_signature(op.get("error"))
-        signatures[signature] = signatures.get(signature, 0) + 1
-    top = sorted(signatures.items(), key=lambda item: -item[1])[:3]
+    top = count_signatures(failures).most_common(3)
     reasons = []
     if len(ops) < REVIEW_MIN_OPS:
         verdict = "insufficient_data"
