@@ -18,6 +18,7 @@ background loops -> CLI/main.
 from __future__ import annotations
 
 import argparse
+import bisect
 import hmac
 import ipaddress
 import json
@@ -153,11 +154,9 @@ class Histogram(Metric):
         with self._lock:
             state = self.values.get(label_values)
             if state is None:
-                state = self.values[label_values] = [[0] * len(self.buckets), 0.0, 0]
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    state[0][i] += 1
-                    break
+                # Per-bucket counts, the last slot for values above every bound; sum; count.
+                state = self.values[label_values] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+            state[0][bisect.bisect_left(self.buckets, value)] += 1
             state[1] += value
             state[2] += 1
 
@@ -167,7 +166,7 @@ class Histogram(Metric):
         names = self.labels + ("le",)
         for label_values, (counts, total, count) in items:
             cumulative = 0
-            for bound, n in zip(self.buckets + (math.inf,), counts + [count - sum(counts)]):
+            for bound, n in zip(self.buckets + (math.inf,), counts):
                 cumulative += n
                 le = _format_number(bound if bound == math.inf else float(bound))
                 yield f"{self.name}_bucket{_format_labels(names, label_values + (le,))} {cumulative}"
