@@ -1387,6 +1387,12 @@ def correction(n) -> bytes:
     return json.dumps({"endpoint": f"/fix/{n}", "success": True, "input_summary": f"set retries={n}"}).encode() + b"\n"
 
 
+def append_to(path: Path, data: bytes) -> None:
+    """Append as the overseer does: another process adding lines to the corrections file."""
+    with open(path, "ab") as f:
+        f.write(data)
+
+
 def endpoints(store) -> list[str]:
     return [o["endpoint"] for o in store.snapshot()]
 
@@ -1398,8 +1404,7 @@ def test_corrections_appended_in_pieces_are_recorded_once(tmp_path, capsys):
     corrections.write_bytes(correction(1) + correction(2) + correction(3)[:10])
     assert tailer.poll() == 2
     assert tailer.poll() == 0  # the partial third line waits
-    with open(corrections, "ab") as f:
-        f.write(correction(3)[10:] + b"not json\n" + b'{"source": "mcp"}\n' + correction(4))
+    append_to(corrections, correction(3)[10:] + b"not json\n" + b'{"source": "mcp"}\n' + correction(4))
     assert tailer.poll() == 2
     assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3", "/fix/4"]
     assert {o["source"] for o in store.snapshot()} == {"overseer_correction"}
@@ -1416,8 +1421,7 @@ def test_corrections_resume_after_restart_without_skips_or_repeats(tmp_path):
     tailer, store = make_tailer(tmp_path, corrections)
     assert tailer.poll() == 2
     store.close()
-    with open(corrections, "ab") as f:
-        f.write(correction(3))
+    append_to(corrections, correction(3))
     tailer, store = make_tailer(tmp_path, corrections)  # a restart
     assert tailer.poll() == 1
     assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3"]
@@ -1430,8 +1434,7 @@ def test_a_crash_before_the_position_is_saved_repeats_nothing(tmp_path):
     tailer, store = make_tailer(tmp_path, corrections)
     assert tailer.poll() == 1
     saved = tailer.sidecar.read_bytes()
-    with open(corrections, "ab") as f:
-        f.write(correction(2))
+    append_to(corrections, correction(2))
     assert tailer.poll() == 1
     store.close()
     tailer.sidecar.write_bytes(saved)  # as if the process died before saving the new position
