@@ -908,8 +908,8 @@ class RingStats:
         self.ring_size = ring_size
         self.successes = 0
         self.by_source: dict[str, int] = {}
-        self.recent_scenarios: deque[dict] = deque(maxlen=recent_scenarios or None)
-        self._keep_recent = recent_scenarios > 0
+        # maxlen=0 keeps nothing, which is what recent_scenarios = 0 asks for.
+        self.recent_scenarios: deque[dict] = deque(maxlen=recent_scenarios)
 
     def apply(self, op: dict) -> None:
         if len(self.ops) >= self.ring_size:
@@ -918,7 +918,7 @@ class RingStats:
         self.successes += op["success"] is True
         source = op["source"]
         self.by_source[source] = self.by_source.get(source, 0) + 1
-        if self._keep_recent and op["source"] == "scenario":
+        if op["source"] == "scenario":
             self.recent_scenarios.append(op)
 
     def _evict(self, op: dict) -> None:
