@@ -181,6 +181,8 @@ class Metrics:
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
+        self.ring_bytes = Metric("observerd_ring_bytes", "gauge",
+                                 "Memory held by the ring's ops, as max_ring_bytes counts it.")
         self.rejected = Metric("observerd_rejected_total", "counter",
                                "Requests refused, by reason.", ("reason",))
         self.persist_errors = Metric("observerd_persist_errors_total", "counter",
@@ -217,6 +219,7 @@ OBSERVERD_KEYS: dict[str, tuple[type, object, float | None]] = {
     "bind": (str, "127.0.0.1:3219", None),
     "persist_path": (str, "data/observer/ops.jsonl", None),
     "ring_size": (int, 2000, 1),
+    "max_ring_bytes": (int, 64 * 1024 * 1024, 1),
     "recent_scenarios": (int, 10, 0),
     "max_body_bytes": (int, 4 * 1024 * 1024, 1),
     "request_timeout_s": (float, 10.0, 0.001),
@@ -263,6 +266,7 @@ class Config:
     port: int
     persist_path: Path | None
     ring_size: int
+    max_ring_bytes: int
     recent_scenarios: int
     max_body_bytes: int
     request_timeout_s: float
@@ -424,6 +428,7 @@ def load_config(
         port=port,
         persist_path=resolved,
         ring_size=values["ring_size"],
+        max_ring_bytes=values["max_ring_bytes"],
         recent_scenarios=values["recent_scenarios"],
         max_body_bytes=values["max_body_bytes"],
         request_timeout_s=values["request_timeout_s"],
@@ -683,6 +688,73 @@ def encode_line(op: dict) -> bytes:
     return (_LINE_ENCODER.encode(op) + "\n").encode("utf-8")
 
 
+# Error text beyond this many characters is not kept in the ring: signatures and samples
+# are cut to it, so a 4 MB error costs the ring (and the regexes that normalise it) 4 KB.
+ERROR_TEXT_KEPT_CHARS = 4096
+
+
+class RingOp:
+    """An op as the ring holds it: its journal line and the few fields stats and analysis read.
+
+    A decoded op costs memory by its shape, not its size (a 4 MiB body of [{},{},…] decodes
+    to ~100 MB); the line costs its length, so the ring can be bounded in bytes. Reads like a
+    mapping of those fields, so analysis takes RingOps and op dicts alike; to_dict() decodes
+    the whole op.
+    """
+
+    __slots__ = ("line", "endpoint", "source", "timestamp", "success", "duration_ms", "error", "size")
+    FIELDS = frozenset(__slots__[1:-1])
+
+    def __init__(self, op: dict):
+        self.line = encode_line(op)
+        self.endpoint = op["endpoint"]
+        self.source = sys.intern(op["source"])
+        self.timestamp = op["timestamp"]
+        self.success = op["success"]
+        self.duration_ms = op["duration_ms"]
+        error = op.get("error")
+        self.error = error[:ERROR_TEXT_KEPT_CHARS] if isinstance(error, str) else None
+        # What this op costs in memory, as the ring's byte bound counts it.
+        self.size = sum(map(sys.getsizeof, (self, self.line, self.endpoint, self.timestamp, self.error)))
+
+    def __getitem__(self, key: str):
+        if key not in self.FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default=None):
+        value = getattr(self, key) if key in self.FIELDS else None
+        return default if value is None else value
+
+    def to_dict(self) -> dict:
+        return json.loads(self.line)
+
+    def __repr__(self) -> str:
+        return f"RingOp({self.line[:80]!r})"
+
+
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+def encode_json(value: object) -> bytes:
+    """JSON as UTF-8, writing each RingOp as its stored line instead of decoding it.
+
+    Answers that carry ring ops (ops, stats, escalations) so cost their ops' length, never
+    their decoded size; anything without ring ops goes straight to the C encoder.
+    """
+    if isinstance(value, RingOp):
+        return value.line[:-1]
+    if isinstance(value, dict) and _may_hold_ring_ops(value.values()):
+        return b"{" + b", ".join(encode_json(k) + b": " + encode_json(v) for k, v in value.items()) + b"}"
+    if isinstance(value, list) and _may_hold_ring_ops(value):
+        return b"[" + b", ".join(map(encode_json, value)) + b"]"
+    return _JSON_ENCODER.encode(value).encode("utf-8")
+
+
+def _may_hold_ring_ops(values) -> bool:
+    return any(isinstance(v, (RingOp, dict, list)) for v in values)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory entry change (create, rename) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -865,34 +937,39 @@ def _lines_backward(f, end: int):
     yield 0, tail
 
 
-def restore_tail(path: Path, ring_size: int, keep_files: int = 0) -> list[dict]:
-    """The newest ring_size valid ops of the log and its segments, oldest first.
+def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
+                 max_bytes: float = math.inf) -> list[RingOp]:
+    """The newest valid ops of the log and its segments that fit the ring, oldest first.
 
-    Reads backwards from the end of the live file, then of each older segment, until the
-    ring is full, so the cost depends on ring_size, not on the length of the history.
+    Reads backwards from the end of the live file, then of each older segment, until
+    ring_size ops or max_bytes of them are held (always at least the newest, as the ring
+    does), so the cost depends on the ring's bounds, not on the length of the history.
     Blank lines are skipped silently; a malformed or invalid line is skipped with a warning
     naming its segment and byte offset, exactly as a forward replay would skip it.
     """
-    newest_first: list[dict] = []
+    newest_first: list[RingOp] = []
+    held = 0
     for segment in segment_paths(path, keep_files):
-        if len(newest_first) >= ring_size:
-            break
         try:
             f = open(segment, "rb")
         except FileNotFoundError:
             continue
         with f:
             for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
-                if len(newest_first) >= ring_size:
-                    break
                 if not line.strip():
                     continue
                 try:
-                    newest_first.append(validate_op(parse_json_strict(line)))
+                    ring_op = RingOp(validate_op(parse_json_strict(line)))
                 except InvalidOp as exc:
                     log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
-    newest_first.reverse()
-    return newest_first
+                    continue
+                if newest_first and held + ring_op.size > max_bytes:
+                    return newest_first[::-1]
+                newest_first.append(ring_op)
+                held += ring_op.size
+                if len(newest_first) >= ring_size:
+                    return newest_first[::-1]
+    return newest_first[::-1]
 
 
 # =============================================================================
@@ -901,34 +978,40 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0) -> list[dict]:
 
 
 class RingStats:
-    """The newest ops with counters kept current on every apply and evict."""
+    """The newest ops, bounded by count and by bytes, with counters kept current.
 
-    def __init__(self, ring_size: int, recent_scenarios: int):
-        self.ops: deque[dict] = deque()
+    Past max_bytes the oldest ops leave early (the newest always stays, however large), so
+    a ring of huge ops covers fewer of them; the journal keeps everything.
+    """
+
+    def __init__(self, ring_size: int, recent_scenarios: int, max_bytes: float = math.inf):
+        self.ops: deque[RingOp] = deque()
         self.ring_size = ring_size
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.successes = 0
         self.by_source: dict[str, int] = {}
         # maxlen=0 keeps nothing, which is what recent_scenarios = 0 asks for.
-        self.recent_scenarios: deque[dict] = deque(maxlen=recent_scenarios)
+        self.recent_scenarios: deque[RingOp] = deque(maxlen=recent_scenarios)
 
-    def apply(self, op: dict) -> None:
-        if len(self.ops) >= self.ring_size:
-            self._evict(self.ops.popleft())
+    def apply(self, op: RingOp) -> None:
         self.ops.append(op)
-        self.successes += op["success"] is True
-        source = op["source"]
-        self.by_source[source] = self.by_source.get(source, 0) + 1
-        if op["source"] == "scenario":
+        self.bytes += op.size
+        self.successes += op.success is True
+        self.by_source[op.source] = self.by_source.get(op.source, 0) + 1
+        if op.source == "scenario":
             self.recent_scenarios.append(op)
+        while len(self.ops) > self.ring_size or (self.bytes > self.max_bytes and len(self.ops) > 1):
+            self._evict(self.ops.popleft())
 
-    def _evict(self, op: dict) -> None:
-        self.successes -= op["success"] is True
-        source = op["source"]
-        left = self.by_source[source] - 1
+    def _evict(self, op: RingOp) -> None:
+        self.bytes -= op.size
+        self.successes -= op.success is True
+        left = self.by_source[op.source] - 1
         if left:
-            self.by_source[source] = left
+            self.by_source[op.source] = left
         else:
-            del self.by_source[source]
+            del self.by_source[op.source]
         # The evicted op is the ring's oldest, so if it is still listed it is listed first.
         if self.recent_scenarios and self.recent_scenarios[0] is op:
             self.recent_scenarios.popleft()
@@ -949,9 +1032,9 @@ class _PendingCommit:
 
     __slots__ = ("ops", "data", "on_done")
 
-    def __init__(self, ops: list[dict], data: bytes, on_done):
+    def __init__(self, ops: list[RingOp], on_done):
         self.ops = ops
-        self.data = data
+        self.data = b"".join(op.line for op in ops)
         self.on_done = on_done
 
 
@@ -979,7 +1062,7 @@ class OpStore:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
-    def restore(self, ops: list[dict]) -> None:
+    def restore(self, ops: list[RingOp]) -> None:
         with self._ring_lock:
             for op in ops:
                 self.ring.apply(op)
@@ -988,16 +1071,18 @@ class OpStore:
         """Make ops durable, apply them, then call on_done(ring_len, error).
 
         error is None, a PersistError (nothing was applied), or an unexpected exception.
+        The ops are kept as RingOps from here on; the dicts are the caller's to drop.
         """
+        ring_ops = [RingOp(op) for op in ops]
         if self.log_file is None:
             with self._ring_lock:
-                for op in ops:
+                for op in ring_ops:
                     self.ring.apply(op)
                 ring_len = len(self.ring.ops)
-            self._count(ops)
+            self._count(ring_ops)
             on_done(ring_len, None)
             return
-        pending = _PendingCommit(ops, b"".join(encode_line(op) for op in ops), on_done)
+        pending = _PendingCommit(ring_ops, on_done)
         with self._queue_cond:
             if not self._closing:
                 self._queue.append(pending)
@@ -1054,15 +1139,15 @@ class OpStore:
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
-    def _count(self, ops: list[dict]) -> None:
+    def _count(self, ops: list[RingOp]) -> None:
         for op in ops:
-            self.metrics.events.inc(op["source"], "true" if op["success"] is True else "false")
+            self.metrics.events.inc(op.source, "true" if op.success is True else "false")
 
     def stats(self) -> dict:
         with self._ring_lock:
             return self.ring.stats()
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[RingOp]:
         """The ring's ops, oldest first, as a list the caller may keep."""
         with self._ring_lock:
             return list(self.ring.ops)
@@ -1311,7 +1396,7 @@ def parse_review_query(query: object) -> tuple[str | None, str | None, int | Non
 def post_json(url: str, payload: object, timeout_s: float) -> object:
     """POST JSON and decode the JSON answer; raises OSError or ValueError on any failure."""
     request = urllib.request.Request(
-        url, data=json.dumps(payload).encode("utf-8"), method="POST",
+        url, data=encode_json(payload), method="POST",
         headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"},
     )
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -1660,8 +1745,6 @@ ROUTES = {
 _REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required", 413: "too_large",
                       415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
-# json.dumps with any option builds a new encoder per call; responses reuse this one.
-_RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False)
 _date_cache: tuple[int, str] = (-1, "")
 
 
@@ -1888,6 +1971,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
     def get_metrics(self):
         metrics = self.server.metrics
         metrics.ring_ops.set(len(self.server.store))
+        metrics.ring_bytes.set(self.server.store.ring.bytes)
         return 200, metrics.render()
 
     def get_errors(self):
@@ -2004,7 +2088,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if isinstance(body, str):
             payload, content_type = body.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
         else:
-            payload, content_type = _RESPONSE_ENCODER.encode(body).encode("utf-8"), "application/json"
+            payload, content_type = encode_json(body), "application/json"
         lines = [
             f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
             f"Server: {self.server_version}",
@@ -2107,8 +2191,11 @@ class CorrectionsTailer:
                 self.inode, self.offset, self.line = saved["inode"], saved["offset"], saved["line"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
-        for op in reversed(self.store.snapshot()):
-            ref = op.get(self.REF_KEY) if op["source"] == "overseer_correction" else None
+        for ring_op in reversed(self.store.snapshot()):
+            # Only ops this tailer wrote hold the key; decode nothing else.
+            if ring_op.source != "overseer_correction" or b'"correction_ref":' not in ring_op.line:
+                continue
+            ref = ring_op.to_dict().get(self.REF_KEY)
             if isinstance(ref, dict) and ref.get("inode") == self.inode and ref.get("offset", 0) > self.offset:
                 self.offset, self.line = ref["offset"], ref["line"]
                 break
@@ -2322,13 +2409,13 @@ def print_stats(args: argparse.Namespace) -> int:
     ring = RingStats(args.ring_size, args.recent_scenarios)
     for op in restore_tail(path, args.ring_size, OBSERVERD_KEYS["keep_files"][1]):
         ring.apply(op)
-    print(json.dumps(ring.stats(), ensure_ascii=False, indent=2))
+    print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
     return 0
 
 
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the log, then restore the ring from its tail."""
-    ring = RingStats(config.ring_size, config.recent_scenarios)
+    ring = RingStats(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics()
     log_file = None
     if config.persist_path is not None:
@@ -2337,7 +2424,8 @@ def open_store(config: Config) -> OpStore:
     store = OpStore(ring, log_file, metrics)
     if config.persist_path is not None:
         started = time.perf_counter()
-        store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files))
+        store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files,
+                                   config.max_ring_bytes))
         log("INFO", "restored ops", count=len(store), path=config.persist_path,
             ms=round((time.perf_counter() - started) * 1000, 1))
     return store

@@ -265,11 +265,20 @@ def op(endpoint="/e", **fields) -> dict:
     return od.validate_op({"endpoint": endpoint, **fields})
 
 
+def plain(value):
+    """A value holding RingOps as the JSON a client receives: the ops decoded."""
+    return json.loads(od.encode_json(value))
+
+
+def dicts(ring_ops) -> list[dict]:
+    return [o.to_dict() for o in ring_ops]
+
+
 def stats_of(ops, ring_size=2000, recent=10) -> dict:
     ring = od.RingStats(ring_size, recent)
     for o in ops:
-        ring.apply(o)
-    return ring.stats()
+        ring.apply(od.RingOp(o))
+    return plain(ring.stats())
 
 
 # -----------------------------------------------------------------------------
@@ -366,7 +375,7 @@ def test_counters_match_a_full_recount_under_random_traffic():
     applied = []
     for i in range(2000):
         o = op(f"/{i}", source=rng.choice(od.SOURCES), success=rng.random() < 0.5)
-        ring.apply(o)
+        ring.apply(od.RingOp(o))
         applied.append(o)
         if i % 97 == 0:
             window = applied[-50:]
@@ -377,7 +386,7 @@ def test_counters_match_a_full_recount_under_random_traffic():
                 "by_source": dict(Counter(o["source"] for o in window)),
                 "recent_scenario_ops": [o for o in window if o["source"] == "scenario"][-5:],
             }
-            assert ring.stats() == expected
+            assert plain(ring.stats()) == expected
 
 
 def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
@@ -386,13 +395,13 @@ def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
     ops = [op(f"/{i}", source=od.SOURCES[i % 4], success=i % 2 == 0, extra={"i": i}) for i in range(25)]
     for o in ops:
         store.record([o])
-    before = store.stats()
+    before = plain(store.stats())
     store.close()
     lines = config.persist_path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == ops
     restored = od.open_store(config)
-    assert restored.stats() == before
-    assert list(restored.ring.ops) == ops
+    assert plain(restored.stats()) == before
+    assert dicts(restored.ring.ops) == ops
     restored.close()
 
 
@@ -400,7 +409,7 @@ def test_replay_skips_a_corrupt_line_and_keeps_the_rest(tmp_path, capsys):
     path = tmp_path / "ops.jsonl"
     good = [op("/a"), op("/b")]
     path.write_bytes(od.encode_line(good[0]) + b'{"endpoint": "/broken", \n' + od.encode_line(good[1]))
-    assert od.restore_tail(path, 2000) == good
+    assert dicts(od.restore_tail(path, 2000)) == good
     assert "skipped invalid log line" in capsys.readouterr().err
 
 
@@ -1154,7 +1163,7 @@ def test_tail_restore_equals_a_full_forward_replay(tmp_path, monkeypatch, seed):
     path.write_bytes(messy_log(rng, rng.choice([0, 3, 40, 400])))
     forward = replay_forward(path)
     for ring_size in (1, 7, 50, 2000):
-        assert od.restore_tail(path, ring_size) == forward[-ring_size:]
+        assert dicts(od.restore_tail(path, ring_size)) == forward[-ring_size:]
 
 
 def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
@@ -1165,8 +1174,8 @@ def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
         segment.write_bytes(messy_log(rng, 30).rsplit(b"\n", 1)[0] + b"\n")
     forward = [o for segment in reversed(segments) for o in replay_forward(segment)]
     for ring_size in (5, 30, 60, 1000):
-        assert od.restore_tail(path, ring_size, keep_files=3) == forward[-ring_size:]
-    assert od.restore_tail(path, 1000, keep_files=1) == forward[-len(replay_forward(segments[0])) - len(replay_forward(segments[1])):]
+        assert dicts(od.restore_tail(path, ring_size, keep_files=3)) == forward[-ring_size:]
+    assert dicts(od.restore_tail(path, 1000, keep_files=1)) == forward[-len(replay_forward(segments[0])) - len(replay_forward(segments[1])):]
 
 
 def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
@@ -1233,7 +1242,7 @@ def test_rotation_under_concurrent_load_loses_nothing_and_splits_no_line(serve):
         stored.extend(od.validate_op(od.parse_json_strict(line)) for line in data.splitlines())
     assert sorted(o["endpoint"] for o in stored) == sorted(acked)
     assert [o["endpoint"] for o in stored] == [o["endpoint"] for o in server.store.ring.ops]
-    assert od.restore_tail(path, 100000, 1000) == stored
+    assert dicts(od.restore_tail(path, 100000, 1000)) == stored
 
 
 def test_rotation_keeps_only_keep_files_segments_and_restart_restores_the_tail(tmp_path, daemons):
@@ -1953,3 +1962,106 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
         for i in range(20):
             assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
+
+
+# -----------------------------------------------------------------------------
+# issue 9: ring memory bounded by bytes, for any op shape
+# -----------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+# Ops of about n encoded bytes whose decoded form costs far more (or far less) than n.
+HOSTILE_SHAPES = {
+    "empty objects": lambda n: op("/h", x=[{}] * (n // 3)),
+    "empty arrays": lambda n: op("/h", x=[[]] * (n // 3)),
+    "one-char strings": lambda n: op("/h", x=["a"] * (n // 4)),
+    "small numbers": lambda n: op("/h", x=[1.5] * (n // 4)),
+    "nested": lambda n: op("/h", x=[[[[{"a": [1]}]]]] * (n // 20)),
+    "huge error": lambda n: op("/h", error="boom " * (n // 5)),
+    "huge endpoint": lambda n: op("/h" * (n // 2)),
+    "astral error": lambda n: op("/h", error="\U0001F525" + "e" * n),
+}
+
+
+@pytest.mark.parametrize("shape", list(HOSTILE_SHAPES))
+def test_ring_memory_is_proportional_to_encoded_size_for_any_shape(shape):
+    import tracemalloc
+    hostile = HOSTILE_SHAPES[shape](64 * 1024)
+    ring = od.RingStats(2000, 10, max_bytes=MIB // 2)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(24):
+            ring.apply(od.RingOp(hostile))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The oldest left early: the bound is bytes, not count, and the ring is as full as it can be.
+    assert MIB // 2 - ring.ops[0].size < ring.bytes <= MIB // 2 and len(ring.ops) < 24
+    # What the ring counts is what it holds, within a few percent.
+    assert held <= ring.bytes * 1.05 + 16 * 1024, (held, ring.bytes)
+    assert ring.bytes == sum(o.size for o in ring.ops)
+
+
+def test_the_newest_op_stays_in_the_ring_however_large():
+    ring = od.RingStats(2000, 10, max_bytes=1000)
+    for i in range(3):
+        ring.apply(od.RingOp(op(f"/{i}", source="scenario", extra="x" * 5000)))
+    assert [o.endpoint for o in ring.ops] == ["/2"]
+    assert plain(ring.stats())["total"] == 1
+    assert [o["endpoint"] for o in plain(ring.stats())["recent_scenario_ops"]] == ["/2"]
+
+
+def test_restore_honours_the_ring_byte_bound_and_reads_only_what_it_keeps(tmp_path, monkeypatch):
+    path = tmp_path / "ops.jsonl"
+    lines = [od.encode_line(op(f"/{i}", extra="x" * 100_000)) for i in range(40)]
+    path.write_bytes(b"".join(lines))
+    reads = []
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
+    restored = od.restore_tail(path, 2000, max_bytes=500_000)
+    assert [o.endpoint for o in restored] == ["/36", "/37", "/38", "/39"]
+    assert sum(o.size for o in restored) <= 500_000
+    assert sum(reads) < 6 * len(lines[0]) + 2 * od.RESTORE_BLOCK_BYTES
+
+
+def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, max_ring_bytes=8 * MIB)
+    client = daemon.client(timeout=60)
+    # 2 MiB of [{},{},…] decodes to ~50 MB: held decoded, ten of them were half a gigabyte.
+    body = b'{"endpoint":"/hostile","source":"scenario","x":[' + b"{}," * (2 * MIB // 3) + b"{}]}"
+    for _ in range(10):
+        assert client.post("/observer/event", body)[0] == 200
+    status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+    rss_kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    assert rss_kib < 200 * 1024, status
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    assert 0 < sample(families, "observerd_ring_bytes") <= 8 * MIB
+    stats = client.get("/observer/stats")[1]
+    assert 1 <= stats["total"] < 10  # the ring covers fewer ops; the journal keeps all ten
+    assert len(stats["recent_scenario_ops"]) == stats["total"]
+    assert len(stats["recent_scenario_ops"][-1]["x"]) == 2 * MIB // 3 + 1
+    assert len((tmp_path / "ops.jsonl").read_bytes().splitlines()) == 10
+    ops = client.get(f"/observer/ops?limit={stats['total']}")[1]
+    assert ops["count"] == stats["total"] and ops["ops"][0] == stats["recent_scenario_ops"][-1]
