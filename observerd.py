@@ -2406,8 +2406,10 @@ def print_stats(args: argparse.Namespace) -> int:
     if args.ring_size < 1 or args.recent_scenarios < 0:
         print("--ring-size must be >= 1 and --recent-scenarios >= 0", file=sys.stderr)
         return 2
-    ring = RingStats(args.ring_size, args.recent_scenarios)
-    for op in restore_tail(path, args.ring_size, OBSERVERD_KEYS["keep_files"][1]):
+    max_bytes = OBSERVERD_KEYS["max_ring_bytes"][1]
+    ring = RingStats(args.ring_size, args.recent_scenarios, max_bytes)
+    ring_ops = restore_tail(path, args.ring_size, OBSERVERD_KEYS["keep_files"][1], max_bytes)
+    for op in ring_ops:
         ring.apply(op)
     print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
     return 0
