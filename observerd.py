@@ -1091,6 +1091,9 @@ class OpStore:
 # =============================================================================
 
 SIGNATURE_MAX_CHARS = 200
+# Only this much of an error is normalised: the rules cost ~0.7 s per MB, and past a few KiB
+# the first 200 normalised characters (all a signature keeps) are long since settled.
+SIGNATURE_INPUT_CHARS = 4096
 _SIGNATURE_RULES = [
     (re.compile(r"\"[^\"]*\"|'[^']*'"), "<str>"),
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<uuid>"),
@@ -1103,8 +1106,11 @@ NO_ERROR_SIGNATURE = "<no error text>"
 
 
 def error_signature(text: str | None) -> str:
-    """Normalise an error so the same failure with different ids, paths or numbers matches."""
-    signature = (text or "").lower()
+    """Normalise an error so the same failure with different ids, paths or numbers matches.
+
+    Errors longer than SIGNATURE_INPUT_CHARS are signed by that prefix.
+    """
+    signature = (text or "")[:SIGNATURE_INPUT_CHARS].lower()
     for pattern, placeholder in _SIGNATURE_RULES:
         signature = pattern.sub(placeholder, signature)
     return signature.strip()[:SIGNATURE_MAX_CHARS] or NO_ERROR_SIGNATURE

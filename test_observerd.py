@@ -1953,3 +1953,26 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
         for i in range(20):
             assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
+
+
+# -----------------------------------------------------------------------------
+# issue 9: background loops (corrections position, outbound deadline, escalation backoff)
+# -----------------------------------------------------------------------------
+
+
+def test_only_a_bounded_prefix_of_a_huge_error_is_normalised(monkeypatch):
+    seen = []
+
+    class Recording:
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def sub(self, placeholder, text):
+            seen.append(len(text))
+            return self.pattern.sub(placeholder, text)
+
+    monkeypatch.setattr(od, "_SIGNATURE_RULES", [(Recording(p), r) for p, r in od._SIGNATURE_RULES])
+    huge = "timeout after 30s calling 10.0.0.12:8080 " * 100_000  # 4 MB
+    assert od.error_signature(huge) == od.error_signature(huge[:od.SIGNATURE_INPUT_CHARS] + "tail differs")
+    assert seen and max(seen) <= od.SIGNATURE_INPUT_CHARS
+    assert od.error_signature(huge).startswith("timeout after <n>s calling <n>.<n>:<n> timeout")
