@@ -456,7 +456,8 @@ def load_config(
 # Model: ObservedOp, its validation and defaults, and strict JSON input
 # =============================================================================
 
-SOURCES = ("mcp", "scenario", "langfuse", "overseer_correction")
+CORRECTION_SOURCE = "overseer_correction"
+SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
 _RFC3339 = re.compile(
@@ -582,7 +583,8 @@ def validate_op(raw: object) -> dict:
 
     success = raw.get("success")
     if success is None:
-        success = False
+        # A correction records a fix the overseer made: unless it says it failed, it did not.
+        success = source == CORRECTION_SOURCE
     elif not isinstance(success, bool):
         raise InvalidOp("success", f"must be a boolean, got {json_type(success)}")
 
@@ -1129,10 +1131,14 @@ def percentile(sorted_values: list[float], pct: float) -> float | None:
 
 
 def group_failures(ops: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Failed ops by (endpoint, error signature), each group oldest first."""
+    """Failed ops by (endpoint, error signature), each group oldest first.
+
+    Overseer corrections are left out, even one that says it failed: they are the overseer's
+    answer to failures, and clustering or escalating them would feed its work back to it.
+    """
     groups: dict[tuple[str, str], list[dict]] = {}
     for op in ops:
-        if op["success"] is not True:
+        if op["success"] is not True and op["source"] != CORRECTION_SOURCE:
             key = (op["endpoint"], error_signature(op.get("error")))
             groups.setdefault(key, []).append(op)
     return groups
@@ -2114,7 +2120,7 @@ class CorrectionsTailer:
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
         for op in reversed(self.store.snapshot()):
-            ref = op.get(self.REF_KEY) if op["source"] == "overseer_correction" else None
+            ref = op.get(self.REF_KEY) if op["source"] == CORRECTION_SOURCE else None
             if isinstance(ref, dict) and ref.get("inode") == self.inode and ref.get("offset", 0) > self.offset:
                 self.offset, self.line = ref["offset"], ref["line"]
                 break
@@ -2151,7 +2157,7 @@ class CorrectionsTailer:
             try:
                 doc = parse_json_strict(raw, "line")
                 if isinstance(doc, dict):
-                    doc = {**doc, "source": "overseer_correction",
+                    doc = {**doc, "source": CORRECTION_SOURCE,
                            self.REF_KEY: {"inode": self.inode, "offset": offset, "line": line_no}}
                 ops.append(validate_op(doc))
             except InvalidOp as exc:

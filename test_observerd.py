@@ -1976,3 +1976,24 @@ def test_only_a_bounded_prefix_of_a_huge_error_is_normalised(monkeypatch):
     assert od.error_signature(huge) == od.error_signature(huge[:od.SIGNATURE_INPUT_CHARS] + "tail differs")
     assert seen and max(seen) <= od.SIGNATURE_INPUT_CHARS
     assert od.error_signature(huge).startswith("timeout after <n>s calling <n>.<n>:<n> timeout")
+
+
+def test_corrections_are_not_failures_clusters_or_escalations(serve, fake_service, tmp_path):
+    team = fake_service()
+    corrections = tmp_path / "overseer.jsonl"
+    server = serve(analyze_interval_s=0.05, corrections_path=str(corrections), corrections_interval_s=0.05,
+                   escalate_url=team.url, escalate_threshold=1)
+    client = server.client()
+    corrections.write_bytes(b"".join(json.dumps({"endpoint": f"/fix/{n}"}).encode() + b"\n" for n in range(3)))
+    posted = [{"endpoint": "/fix/posted", "source": "overseer_correction"},
+              {"endpoint": "/fix/failed", "source": "overseer_correction", "success": False, "error": "patch rejected"}]
+    assert client.post("/observer/events", posted)[0] == 200
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 5, what="the corrections to be recorded")
+    assert client.post("/observer/event", {"endpoint": "/real", "error": "boom"})[0] == 200
+    wait_for(lambda: team.received, what="the real failure to be escalated")
+    wait_for_analyses(client)
+    stats = client.get("/observer/stats")[1]
+    assert (stats["total"], stats["successes"], stats["failures"]) == (6, 4, 2)  # /fix/failed and /real
+    clusters = client.get("/observer/errors")[1]["clusters"]
+    assert [(c["endpoint"], c["signature"]) for c in clusters] == [("/real", "boom")]
+    assert [p["cluster"]["endpoint"] for _, p in team.received] == ["/real"]
