@@ -457,6 +457,8 @@ def load_config(
 # =============================================================================
 
 CORRECTION_SOURCE = "overseer_correction"
+# Where the corrections tailer notes each correction's line; only observerd may write it.
+CORRECTION_REF = "correction_ref"
 SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
@@ -614,6 +616,14 @@ def validate_op(raw: object) -> dict:
     return op
 
 
+def validate_posted_op(raw: object) -> dict:
+    """validate_op for an op a client sent: a client may not set the tailer's position."""
+    op = validate_op(raw)
+    if CORRECTION_REF in op:
+        raise InvalidOp(CORRECTION_REF, "is reserved: observerd sets it on the corrections it tails")
+    return op
+
+
 class TooLarge(ValueError):
     """A batch holds more ops than max_batch, or a body inflates past max_body_bytes."""
 
@@ -662,7 +672,7 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
     ops = []
     for i, doc in enumerate(docs):
         try:
-            ops.append(validate_op(doc))
+            ops.append(validate_posted_op(doc))
         except InvalidOp as exc:
             raise InvalidOp(f"op {i}", f"is invalid: {exc}") from None
     return ops
@@ -1871,7 +1881,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
 
     def post_event(self):
         try:
-            op = validate_op(parse_json_strict(self.read_body()))
+            op = validate_posted_op(parse_json_strict(self.read_body()))
         except InvalidOp as exc:
             raise HTTPError(400, f"invalid op: {exc}") from None
         return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
@@ -2103,27 +2113,98 @@ class CorrectionsTailer:
     repaired at start from the log itself: lines are neither skipped nor repeated.
     """
 
-    REF_KEY = "correction_ref"
-
     def __init__(self, path: Path, store: OpStore, sidecar: Path | None):
         self.path = path
         self.store = store
         self.sidecar = sidecar
-        self.inode, self.offset, self.line = None, 0, 0
-        self._load_position()
+        self.inode, self.offset, self.line = self._read_sidecar()
+        self._repair_position()
 
-    def _load_position(self) -> None:
-        if self.sidecar is not None and self.sidecar.exists():
+    @staticmethod
+    def _position(value: object) -> tuple[int, int, int] | None:
+        """(inode, offset, line) of a sidecar or correction_ref of the shape observerd writes."""
+        if not isinstance(value, dict):
+            return None
+        position = tuple(value.get(key) for key in ("inode", "offset", "line"))
+        return position if all(type(n) is int and n >= 0 for n in position) else None
+
+    def _read_sidecar(self) -> tuple[int | None, int, int]:
+        if self.sidecar is None or not self.sidecar.exists():
+            return None, 0, 0
+        try:
+            position = self._position(parse_json_strict(self.sidecar.read_bytes(), "position"))
+        except (OSError, InvalidOp) as exc:
+            position = None
+            log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
+        else:
+            if position is None:
+                log("WARN", "ignoring corrections position of the wrong shape", path=self.sidecar)
+        return position or (None, 0, 0)
+
+    def _repair_position(self) -> None:
+        """Move past the newest correction recorded after the sidecar was saved, if any.
+
+        Only a ref observerd wrote may move the position, and clients are refused the field,
+        but journals from before that rule may hold forged refs: so a ref counts only if its
+        line in the corrections file really is the correction stored with it. Never raises.
+        """
+        try:
+            f = open(self.path, "rb")
+        except OSError:
+            return  # nothing to check refs against; poll() reports nothing either
+        ignored = 0
+        with f:
             try:
-                saved = json.loads(self.sidecar.read_text())
-                self.inode, self.offset, self.line = saved["inode"], saved["offset"], saved["line"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
-        for op in reversed(self.store.snapshot()):
-            ref = op.get(self.REF_KEY) if op["source"] == CORRECTION_SOURCE else None
-            if isinstance(ref, dict) and ref.get("inode") == self.inode and ref.get("offset", 0) > self.offset:
-                self.offset, self.line = ref["offset"], ref["line"]
-                break
+                inode = os.fstat(f.fileno()).st_ino
+                base_offset, base_line = (self.offset, self.line) if inode == self.inode else (0, 0)
+                unread = None
+                for op in reversed(self.store.snapshot()):
+                    if op["source"] != CORRECTION_SOURCE or CORRECTION_REF not in op:
+                        continue
+                    position = self._position(op[CORRECTION_REF])
+                    if position is None:
+                        ignored += 1
+                        continue
+                    if position[0] != inode:
+                        continue  # recorded from a file since replaced
+                    if position[1] <= base_offset:
+                        break  # the sidecar is at least this far
+                    if unread is None:
+                        f.seek(base_offset)
+                        unread = f.read()
+                    if self._recorded_from(unread, base_offset, base_line, position, op):
+                        self.inode, self.offset, self.line = position
+                        break
+                    ignored += 1
+            except OSError as exc:
+                log("WARN", "cannot check corrections position against the file", path=self.path, error=exc)
+        if ignored:
+            log("WARN", "ignored correction refs that match no line of the corrections file",
+                path=self.path, count=ignored)
+
+    def _recorded_from(self, unread: bytes, base_offset: int, base_line: int,
+                       position: tuple[int, int, int], op: dict) -> bool:
+        """Whether op is what poll() records for the line at position, unread starting at base."""
+        inode, offset, line = position
+        end = offset - base_offset
+        if end > len(unread) or unread[end - 1] != ord("\n"):
+            return False
+        raw = unread[unread.rfind(b"\n", 0, end - 1) + 1:end - 1]
+        try:
+            expected = self._as_op(raw, {"inode": inode, "offset": offset, "line": line})
+        except InvalidOp:
+            return False
+        # A line without a timestamp was stamped when it was recorded.
+        return ({**expected, "timestamp": op["timestamp"]} == op
+                and unread.count(b"\n", 0, end) == line - base_line)
+
+    @staticmethod
+    def _as_op(raw: bytes, ref: dict) -> dict:
+        """The op recorded for one corrections line at ref; raises InvalidOp."""
+        doc = parse_json_strict(raw, "line")
+        if isinstance(doc, dict):
+            doc = {**doc, "source": CORRECTION_SOURCE, CORRECTION_REF: ref}
+        return validate_op(doc)
 
     def _save_position(self) -> None:
         if self.sidecar is not None:
@@ -2155,11 +2236,7 @@ class CorrectionsTailer:
             if not raw.strip():
                 continue
             try:
-                doc = parse_json_strict(raw, "line")
-                if isinstance(doc, dict):
-                    doc = {**doc, "source": CORRECTION_SOURCE,
-                           self.REF_KEY: {"inode": self.inode, "offset": offset, "line": line_no}}
-                ops.append(validate_op(doc))
+                ops.append(self._as_op(raw, {"inode": self.inode, "offset": offset, "line": line_no}))
             except InvalidOp as exc:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no, reason=exc)
         if ops:

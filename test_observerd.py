@@ -1997,3 +1997,65 @@ def test_corrections_are_not_failures_clusters_or_escalations(serve, fake_servic
     clusters = client.get("/observer/errors")[1]["clusters"]
     assert [(c["endpoint"], c["signature"]) for c in clusters] == [("/real", "boom")]
     assert [p["cluster"]["endpoint"] for _, p in team.received] == ["/real"]
+
+
+def journal_corrections(folder: Path) -> list[str]:
+    return [o["endpoint"] for o in replay_forward(folder / "ops.jsonl") if o["endpoint"].startswith("/fix/")]
+
+
+@pytest.mark.parametrize("forgery", ["malformed refs", "ref skipping a line", "ref past the end",
+                                     "sidecar of the wrong shape"])
+def test_forged_correction_refs_are_refused_and_never_move_the_tailer(tmp_path, daemons, forgery):
+    corrections, sidecar = tmp_path / "overseer.jsonl", tmp_path / "ops.jsonl.corrections-position"
+    corrections.write_bytes(correction(1))
+    daemon = start_durable_daemon(daemons, tmp_path, corrections_path="overseer.jsonl",
+                                  corrections_interval_s=0.05)
+    client = daemon.client()
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 1, what="correction 1")
+    after_first = wait_for(lambda: sidecar.exists() and sidecar.read_bytes(), what="the position file")
+    append_to(corrections, correction(2))
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 2, what="correction 2")
+    inode = corrections.stat().st_ino
+
+    # A client may not set the tailer's position, in any shape.
+    for ref in [{"inode": None, "offset": "x"}, {}, "x", {"inode": inode, "offset": 10**6, "line": 9}]:
+        forged = {"endpoint": "/forged", "source": "overseer_correction", "correction_ref": ref}
+        for path, body in [("/observer/event", forged), ("/observer/events", [{"endpoint": "/ok"}, forged])]:
+            status, answer, _ = client.post(path, body)
+            assert status == 400 and "correction_ref" in answer["error"] and "reserved" in answer["error"]
+    assert client.get("/observer/stats")[1]["total"] == 2
+    daemon.stop()
+
+    # A journal written before that rule can still hold forged refs; and the process died
+    # before it saved the position after correction 2, so the log must repair it.
+    sidecar.write_bytes(after_first)
+    size_with_third = corrections.stat().st_size + len(correction(3))
+    refs = {
+        "malformed refs": [{"inode": inode, "offset": 10**400, "line": -1}, [inode, 1, 1], "x", None,
+                           {"inode": inode, "offset": True, "line": True}, {"inode": inode, "offset": 10**6},
+                           {"inode": None, "offset": "x"}, {"inode": inode, "offset": "x"}],
+        "ref skipping a line": [{"inode": inode, "offset": size_with_third, "line": 3}],
+        "ref past the end": [{"inode": inode, "offset": 10**9, "line": 99}],
+        "sidecar of the wrong shape": [],
+    }[forgery]
+    if forgery == "sidecar of the wrong shape":
+        sidecar.write_text(json.dumps({"inode": None, "offset": "x", "line": [1]}))
+    with open(tmp_path / "ops.jsonl", "a") as journal:
+        for ref in refs:
+            journal.write(json.dumps({"endpoint": "/forged", "source": "overseer_correction", "success": True,
+                                      "correction_ref": ref}) + "\n")
+    append_to(corrections, correction(3))
+
+    daemon = daemons(tmp_path, config=tmp_path / "lakehouse.toml").wait_listening()
+
+    def recorded(endpoint):
+        assert daemon.proc.poll() is None, f"daemon exited {daemon.proc.returncode}:\n{daemon.log}"
+        return endpoint in journal_corrections(tmp_path)
+
+    wait_for(lambda: recorded("/fix/3"), timeout=10, what="correction 3 (not skipped)")
+    append_to(corrections, correction(4))
+    wait_for(lambda: recorded("/fix/4"), timeout=10, what="correction 4")
+    assert journal_corrections(tmp_path) == ["/fix/1", "/fix/2", "/fix/3", "/fix/4"]
+    assert "background task failed" not in daemon.log
+    if refs:
+        assert "ignored correction refs" in daemon.log
