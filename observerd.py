@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import hmac
+import http.client
 import ipaddress
 import json
 import math
@@ -34,8 +35,6 @@ import threading
 import time
 import tomllib
 import traceback
-import urllib.error
-import urllib.request
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 VERSION = "1.0.0"
 SERVICE = "observerd"
@@ -1330,27 +1329,6 @@ def parse_review_query(query: object) -> tuple[str | None, str | None, int | Non
     return endpoint, source, last_n, use_llm
 
 
-def post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON and decode the JSON answer; raises OSError or ValueError on any failure."""
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode("utf-8"), method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"},
-    )
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        body = response.read()
-    return json.loads(body) if body.strip() else None
-
-
-def describe_outbound_error(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return f"unreachable: {exc.reason}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"
-
-
 class Insights:
     """The background loops' latest results, read by the HTTP handlers."""
 
@@ -1380,7 +1358,7 @@ class Insights:
 
 
 # =============================================================================
-# HTTP: routing, handlers, one error path, connection limits and deadlines
+# HTTP: routing, handlers, one error path, connection limits and deadlines, outbound calls
 # =============================================================================
 
 
@@ -1506,6 +1484,71 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+class OutboundError(Exception):
+    """An outbound call failed or ran out of time; the message says how, briefly."""
+
+
+def post_json(url: str, payload: object, timeout_s: float) -> object:
+    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
+
+    A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
+    a time would hold the caller (a review, or the one loop thread) for as long as it likes.
+    So at the deadline a timer shuts the socket down under the blocked reader, as
+    close_expired() does for clients. Whatever the HTTP client raises is an OutboundError.
+    """
+    connection: http.client.HTTPConnection | None = None
+    connected = False
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        if connection is not None and connection.sock is not None:
+            _shutdown_quietly(connection.sock)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        parts = urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+        connection.connect()
+        connected = True
+        if expired.is_set():
+            raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
+        connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                           body=json.dumps(payload).encode("utf-8"),
+                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
+        response = connection.getresponse()
+        body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
+        if expired.is_set():
+            raise TimeoutError  # the shutdown may have ended the answer early
+        if response.length and len(body) <= OUTBOUND_MAX_ANSWER_BYTES:
+            # read(amt) hands back a short body quietly when the server hangs up early.
+            raise http.client.IncompleteRead(body, response.length)
+    except Exception as exc:
+        if expired.is_set() or isinstance(exc, TimeoutError):
+            raise OutboundError("timed out") from None
+        if not connected and isinstance(exc, OSError):
+            raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
+        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        timer.cancel()
+        if connection is not None:
+            connection.close()
+    if not 200 <= response.status < 300:
+        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
+    if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
+        raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
+    try:
+        return parse_json_strict(body, "answer") if body.strip() else None
+    except InvalidOp as exc:
+        raise OutboundError(str(exc)) from None
 
 
 class StartupError(Exception):
@@ -1949,14 +1992,16 @@ class ObserverHandler(BaseHTTPRequestHandler):
             answer = post_json(f"{config.review_llm_url}/api/generate",
                                {"model": config.review_llm_model, "prompt": prompt, "stream": False},
                                config.outbound_timeout_s)
-            if not isinstance(answer, dict) or not isinstance(answer.get("response"), str):
-                raise ValueError("answer has no 'response' text")
-        except (OSError, ValueError) as exc:
-            result["llm_error"] = describe_outbound_error(exc)
+            text = answer.get("response") if isinstance(answer, dict) else None
+            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
+            if not isinstance(text, str) or text != text.encode("utf-8", "replace").decode("utf-8"):
+                raise OutboundError("answer has no 'response' text in valid Unicode")
+        except OutboundError as exc:
+            result["llm_error"] = str(exc)
             log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
             return
         result["method"] = "heuristic+llm"
-        result["llm_review"] = answer["response"]
+        result["llm_review"] = text
 
     def commit(self, ops: list[dict], make_body):
         """Store ops durably, then answer 200 with make_body(ring_len), or 503.
@@ -2272,9 +2317,9 @@ class Escalator:
                    "count": cluster["count"], "url": self.config.escalate_url}
         try:
             post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
-        except (OSError, ValueError) as exc:
+        except OutboundError as exc:
             # Not put on cooldown: the next analysis tries again.
-            attempt.update(outcome="failed", error=describe_outbound_error(exc))
+            attempt.update(outcome="failed", error=str(exc))
             log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"])
         else:
             self._last_sent[key] = time.monotonic()

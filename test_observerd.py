@@ -2059,3 +2059,121 @@ def test_forged_correction_refs_are_refused_and_never_move_the_tailer(tmp_path, 
     assert "background task failed" not in daemon.log
     if refs:
         assert "ignored correction refs" in daemon.log
+
+
+class RawService:
+    """A loopback HTTP service that answers every request with `response`, raw: the first
+    `at_once` bytes at once, then one byte every `byte_interval_s`, then it closes."""
+
+    def __init__(self, response: bytes, at_once: int | None = None, byte_interval_s: float = 0.0):
+        self.response, self.byte_interval_s = response, byte_interval_s
+        self.at_once = len(response) if at_once is None else at_once
+        self.requests = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(sock,), daemon=True).start()
+
+    def _answer(self, sock):
+        with sock:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536) or b"\r\n\r\n"
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(65536) or b" " * length
+            self.requests += 1
+            try:
+                sock.sendall(self.response[:self.at_once])
+                for i in range(self.at_once, len(self.response)):
+                    if self._stop.wait(self.byte_interval_s):
+                        return
+                    sock.sendall(self.response[i:i + 1])
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.fixture
+def raw_service():
+    started = []
+
+    def start(response: bytes, **kw) -> RawService:
+        service = RawService(response, **kw)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.close()
+
+
+def http_answer(body: bytes, content_length: int | None = None) -> bytes:
+    length = len(body) if content_length is None else content_length
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length) + body
+
+
+SLOW_ANSWER = http_answer(json.dumps({"response": "x" * 60, "done": True}).encode())
+
+
+@pytest.mark.parametrize("dribbled", ["head", "body"])
+def test_an_llm_that_dribbles_its_answer_is_cut_off_at_the_deadline(serve, raw_service, dribbled):
+    # One byte every 0.5 s: the whole answer would take about a minute.
+    at_once = 0 if dribbled == "head" else SLOW_ANSWER.index(b"\r\n\r\n") + 4
+    llm = raw_service(SLOW_ANSWER, at_once=at_once, byte_interval_s=0.5)
+    server = serve(review_llm_url=llm.url, outbound_timeout_s=1)
+    server.client().post("/observer/events", failures("/x", 6))
+    status, result, _ = server.client(timeout=20).post("/observer/review", {"llm": True})
+    assert status == 200
+    assert (result["method"], result["llm_error"]) == ("heuristic", "timed out")
+    assert result["reviews"][0]["verdict"] == "failing"
+
+
+def test_a_dribbling_escalation_target_does_not_hold_the_loops(serve, raw_service, tmp_path):
+    team = raw_service(SLOW_ANSWER, at_once=0, byte_interval_s=0.5)
+    corrections = tmp_path / "overseer.jsonl"
+    server = serve(analyze_interval_s=0.05, escalate_url=team.url, escalate_threshold=1, outbound_timeout_s=1,
+                   corrections_path=str(corrections), corrections_interval_s=0.05)
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/x", "error": "boom"})[0] == 200
+    attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], timeout=20,
+                       what="the escalation to give up")[0]
+    assert (attempt["outcome"], attempt["error"]) == ("failed", "timed out")
+    corrections.write_bytes(correction(1))  # the same loop thread tails corrections
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 2, timeout=20, what="the correction")
+
+
+@pytest.mark.parametrize("answer, needle", [
+    (http_answer(b'{"response": "cut', content_length=100), "IncompleteRead"),
+    (b"", "RemoteDisconnected"),
+    (b"garbage\r\n\r\n", "BadStatusLine"),
+    (http_answer(b'{"response": '), "not valid JSON"),
+    (http_answer(b'{"response": "\\ud800 lone surrogate"}'), "valid Unicode"),
+    (http_answer(b'{"response": "' + b"x" * 2000 + b'"}'), "larger than 1000 bytes"),
+], ids=["incomplete", "no body", "bad status line", "bad json", "lone surrogate", "too large"])
+def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalation(
+        serve, raw_service, monkeypatch, answer, needle):
+    monkeypatch.setattr(od, "OUTBOUND_MAX_ANSWER_BYTES", 1000, raising=False)
+    service = raw_service(answer)
+    server = serve(review_llm_url=service.url, analyze_interval_s=0.05, escalate_url=service.url,
+                   escalate_threshold=1)
+    client = server.client()
+    client.post("/observer/events", failures("/x", 6))
+    status, result, _ = client.post("/observer/review", {"llm": True})
+    assert status == 200, result
+    assert result["method"] == "heuristic" and needle in result["llm_error"]
+    attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="an attempt")[0]
+    # An escalation ignores what the answer says, but not a broken or oversized one.
+    assert attempt["outcome"] == ("sent" if needle == "valid Unicode" else "failed")
