@@ -1332,13 +1332,17 @@ def parse_review_query(query: object) -> tuple[str | None, str | None, int | Non
 class Insights:
     """The background loops' latest results, read by the HTTP handlers."""
 
-    MAX_ESCALATIONS = 100
+    MAX_ESCALATIONS = 100  # of each kind: delivered (the newest per cluster), and failed
 
     def __init__(self):
         self._lock = threading.Lock()
         self.errors: dict = {"analyzed_at": None, "clusters": []}
         self.playbooks: dict = {"consolidated_at": None, "playbooks": []}
-        self._escalations: deque[dict] = deque(maxlen=self.MAX_ESCALATIONS)
+        # Escalation attempts as (sequence, attempt), each collection oldest first. Kept apart
+        # so that a target that keeps failing never pushes the delivered ones out of sight.
+        self._attempts = 0
+        self._delivered: dict[tuple[str, str], tuple[int, dict]] = {}
+        self._failed: deque[tuple[int, dict]] = deque(maxlen=self.MAX_ESCALATIONS)
 
     def publish_errors(self, clusters: list[dict]) -> None:
         self.errors = {"analyzed_at": utc_now_rfc3339(), "clusters": clusters}
@@ -1349,12 +1353,24 @@ class Insights:
 
     def record_escalation(self, attempt: dict) -> None:
         with self._lock:
-            self._escalations.append(attempt)
+            self._attempts += 1
+            entry = (self._attempts, attempt)
+            if attempt["outcome"] != "sent":
+                self._failed.append(entry)
+                return
+            key = (attempt["endpoint"], attempt["signature"])
+            self._delivered.pop(key, None)
+            self._delivered[key] = entry
+            if len(self._delivered) > self.MAX_ESCALATIONS:
+                del self._delivered[next(iter(self._delivered))]
 
     def escalations(self) -> list[dict]:
-        """Recent escalation attempts, newest first."""
+        """The newest delivered escalation of each cluster and the recent failed attempts,
+        newest first."""
         with self._lock:
-            return list(reversed(self._escalations))
+            entries = [*self._delivered.values(), *self._failed]
+        entries.sort(key=lambda entry: entry[0], reverse=True)
+        return [attempt for _, attempt in entries]
 
 
 # =============================================================================
@@ -2291,26 +2307,42 @@ class CorrectionsTailer:
         return len(ops)
 
 
+def escalation_retry_delay(failures: int, interval_s: float, cooldown_s: float) -> float:
+    """Seconds to wait after the failures-th failed delivery in a row of one cluster: one
+    analysis interval, doubled per failure, never more than the cooldown."""
+    return min(cooldown_s, interval_s * 2.0 ** min(failures - 1, 64))
+
+
 class Escalator:
-    """Posts a failure cluster to the LLM team once it crosses the threshold in the window."""
+    """Posts a failure cluster to the LLM team once it crosses the threshold in the window.
+
+    A delivered cluster is not sent again for escalate_cooldown_s; a failed delivery is
+    retried after escalation_retry_delay(), so a target that is down is not hit at every
+    analysis.
+    """
 
     def __init__(self, config: Config, insights: Insights):
         self.config = config
         self.insights = insights
-        self._last_sent: dict[tuple[str, str], float] = {}
+        # cluster -> (monotonic time before which it is not tried, failed deliveries in a row)
+        self._held: dict[tuple[str, str], tuple[float, int]] = {}
 
     def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
+        now = time.monotonic()
+        # Forget the clusters that are gone and free to go, or this would grow for ever.
+        self._held = {key: held for key, held in self._held.items() if key in groups or held[0] > now}
         window_start = datetime.now(timezone.utc) - timedelta(seconds=self.config.escalate_window_s)
         for key, members in groups.items():
             recent = [op for op in members if op_time(op) >= window_start]
             if len(recent) < self.config.escalate_threshold:
                 continue
-            sent = self._last_sent.get(key)
-            if sent is not None and time.monotonic() - sent < self.config.escalate_cooldown_s:
+            not_before, failures = self._held.get(key, (now, 0))
+            if now < not_before:
                 continue
-            self._escalate(key, describe_cluster(key, recent), recent[-5:])
+            self._escalate(key, describe_cluster(key, recent), recent[-5:], failures)
 
-    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict]) -> None:
+    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict],
+                  failures: int) -> None:
         payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
                    "recent_failures": recent_failures}
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
@@ -2318,11 +2350,14 @@ class Escalator:
         try:
             post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
         except OutboundError as exc:
-            # Not put on cooldown: the next analysis tries again.
+            failures += 1
+            delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
+                                           self.config.escalate_cooldown_s)
+            self._held[key] = (time.monotonic() + delay, failures)
             attempt.update(outcome="failed", error=str(exc))
-            log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"])
+            log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"], retry_in_s=delay)
         else:
-            self._last_sent[key] = time.monotonic()
+            self._held[key] = (time.monotonic() + self.config.escalate_cooldown_s, 0)
             attempt["outcome"] = "sent"
             log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
         self.insights.record_escalation(attempt)

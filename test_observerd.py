@@ -2177,3 +2177,51 @@ def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalatio
     attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="an attempt")[0]
     # An escalation ignores what the answer says, but not a broken or oversized one.
     assert attempt["outcome"] == ("sent" if needle == "valid Unicode" else "failed")
+
+
+def test_escalation_retry_delay_doubles_per_failure_up_to_the_cooldown():
+    assert [od.escalation_retry_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert od.escalation_retry_delay(10**6, 30.0, 1800.0) == 1800.0  # a target down for ever
+    assert od.escalation_retry_delay(3, 30.0, 0.0) == 0.0  # no cooldown: every analysis
+
+
+def test_a_failing_escalation_target_is_retried_with_backoff_not_at_every_analysis(serve, fake_service):
+    down = fake_service(status=503)
+    server = serve(analyze_interval_s=0.05, escalate_url=down.url, escalate_threshold=1,
+                   escalate_cooldown_s=3600)
+    client = server.client()
+    client.post("/observer/event", {"endpoint": "/x", "error": "boom"})
+    analyses = set()
+
+    def analysed(count):
+        analyses.add(client.get("/observer/errors")[1]["analyzed_at"])
+        return len(analyses) > count
+
+    wait_for(lambda: analysed(40), timeout=120, what="40 analyses")
+    attempts = len(down.received)
+    # Every analysis would be 40 attempts; doubling from 0.05 s, 20 would take hours.
+    assert 1 <= attempts < 20, attempts
+    escalations = client.get("/observer/escalations")[1]["escalations"]
+    assert len(escalations) >= attempts and {e["outcome"] for e in escalations} == {"failed"}
+    assert all("HTTP 503" in e["error"] for e in escalations)
+    assert [e["at"] for e in escalations] == sorted((e["at"] for e in escalations), reverse=True)
+
+
+def test_delivered_escalations_stay_listed_however_many_attempts_fail():
+    insights = od.Insights()
+
+    def attempt(endpoint, outcome, n=0):
+        return {"at": f"2026-11-24T10:{n // 60:02d}:{n % 60:02d}Z", "endpoint": endpoint,
+                "signature": "boom", "count": 1, "url": "http://team", "outcome": outcome}
+
+    insights.record_escalation(attempt("/a", "sent", 0))
+    insights.record_escalation(attempt("/c", "sent", 1))
+    insights.record_escalation(attempt("/a", "sent", 2))  # only the newest per cluster is kept
+    for n in range(3, 503):
+        insights.record_escalation({**attempt("/b", "failed", n), "error": "HTTP 503"})
+    listed = insights.escalations()
+    assert [(e["endpoint"], e["at"]) for e in listed if e["outcome"] == "sent"] == [
+        ("/a", "2026-11-24T10:00:02Z"), ("/c", "2026-11-24T10:00:01Z")]
+    failed = [e for e in listed if e["outcome"] == "failed"]
+    assert len(failed) == od.Insights.MAX_ESCALATIONS and failed[0]["at"] == "2026-11-24T10:08:22Z"
+    assert [e["at"] for e in listed] == sorted((e["at"] for e in listed), reverse=True)
