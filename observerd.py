@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import hmac
+import http.client
 import ipaddress
 import json
 import math
@@ -34,8 +35,6 @@ import threading
 import time
 import tomllib
 import traceback
-import urllib.error
-import urllib.request
 import zlib
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 VERSION = "1.0.0"
 SERVICE = "observerd"
@@ -461,7 +460,12 @@ def load_config(
 # Model: ObservedOp, its validation and defaults, and strict JSON input
 # =============================================================================
 
-SOURCES = ("mcp", "scenario", "langfuse", "overseer_correction")
+CORRECTION_SOURCE = "overseer_correction"
+# Where the corrections tailer notes each correction's line; only observerd may write it.
+CORRECTION_REF = "correction_ref"
+# How the key reads in a journal line: inside a JSON string its quotes would be escaped.
+_CORRECTION_REF_KEY = f'"{CORRECTION_REF}":'.encode()
+SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
 _RFC3339 = re.compile(
@@ -587,7 +591,8 @@ def validate_op(raw: object) -> dict:
 
     success = raw.get("success")
     if success is None:
-        success = False
+        # A correction records a fix the overseer made: unless it says it failed, it did not.
+        success = source == CORRECTION_SOURCE
     elif not isinstance(success, bool):
         raise InvalidOp("success", f"must be a boolean, got {json_type(success)}")
 
@@ -614,6 +619,14 @@ def validate_op(raw: object) -> dict:
     for key, value in raw.items():
         if key not in op:
             op[key] = value
+    return op
+
+
+def validate_posted_op(raw: object) -> dict:
+    """validate_op for an op a client sent: a client may not set the tailer's position."""
+    op = validate_op(raw)
+    if CORRECTION_REF in op:
+        raise InvalidOp(CORRECTION_REF, "is reserved: observerd sets it on the corrections it tails")
     return op
 
 
@@ -665,7 +678,7 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
     ops = []
     for i, doc in enumerate(docs):
         try:
-            ops.append(validate_op(doc))
+            ops.append(validate_posted_op(doc))
         except InvalidOp as exc:
             raise InvalidOp(f"op {i}", f"is invalid: {exc}") from None
     return ops
@@ -688,8 +701,9 @@ def encode_line(op: dict) -> bytes:
     return (_LINE_ENCODER.encode(op) + "\n").encode("utf-8")
 
 
-# Error text beyond this many characters is not kept in the ring: signatures and samples
-# are cut to it, so a 4 MB error costs the ring (and the regexes that normalise it) 4 KB.
+# Error text beyond this many characters is not kept in the ring, and not normalised into a
+# signature: the rules cost ~0.7 s per MB, and past a few KiB the 200 normalised characters
+# a signature keeps are long since settled.
 ERROR_TEXT_KEPT_CHARS = 4096
 
 
@@ -1188,8 +1202,11 @@ NO_ERROR_SIGNATURE = "<no error text>"
 
 
 def error_signature(text: str | None) -> str:
-    """Normalise an error so the same failure with different ids, paths or numbers matches."""
-    signature = (text or "").lower()
+    """Normalise an error so the same failure with different ids, paths or numbers matches.
+
+    Errors longer than ERROR_TEXT_KEPT_CHARS are signed by that prefix, as the ring keeps them.
+    """
+    signature = (text or "")[:ERROR_TEXT_KEPT_CHARS].lower()
     for pattern, placeholder in _SIGNATURE_RULES:
         signature = pattern.sub(placeholder, signature)
     return signature.strip()[:SIGNATURE_MAX_CHARS] or NO_ERROR_SIGNATURE
@@ -1208,10 +1225,14 @@ def percentile(sorted_values: list[float], pct: float) -> float | None:
 
 
 def group_failures(ops: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """Failed ops by (endpoint, error signature), each group oldest first."""
+    """Failed ops by (endpoint, error signature), each group oldest first.
+
+    Overseer corrections are left out, even one that says it failed: they are the overseer's
+    answer to failures, and clustering or escalating them would feed its work back to it.
+    """
     groups: dict[tuple[str, str], list[dict]] = {}
     for op in ops:
-        if op["success"] is not True:
+        if op["success"] is not True and op["source"] != CORRECTION_SOURCE:
             key = (op["endpoint"], error_signature(op.get("error")))
             groups.setdefault(key, []).append(op)
     return groups
@@ -1393,37 +1414,20 @@ def parse_review_query(query: object) -> tuple[str | None, str | None, int | Non
     return endpoint, source, last_n, use_llm
 
 
-def post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON and decode the JSON answer; raises OSError or ValueError on any failure."""
-    request = urllib.request.Request(
-        url, data=encode_json(payload), method="POST",
-        headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"},
-    )
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        body = response.read()
-    return json.loads(body) if body.strip() else None
-
-
-def describe_outbound_error(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return f"unreachable: {exc.reason}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}"
-
-
 class Insights:
     """The background loops' latest results, read by the HTTP handlers."""
 
-    MAX_ESCALATIONS = 100
+    MAX_ESCALATIONS = 100  # of each kind: delivered (the newest per cluster), and failed
 
     def __init__(self):
         self._lock = threading.Lock()
         self.errors: dict = {"analyzed_at": None, "clusters": []}
         self.playbooks: dict = {"consolidated_at": None, "playbooks": []}
-        self._escalations: deque[dict] = deque(maxlen=self.MAX_ESCALATIONS)
+        # Escalation attempts as (sequence, attempt), each collection oldest first. Kept apart
+        # so that a target that keeps failing never pushes the delivered ones out of sight.
+        self._attempts = 0
+        self._delivered: dict[tuple[str, str], tuple[int, dict]] = {}
+        self._failed: deque[tuple[int, dict]] = deque(maxlen=self.MAX_ESCALATIONS)
 
     def publish_errors(self, clusters: list[dict]) -> None:
         self.errors = {"analyzed_at": utc_now_rfc3339(), "clusters": clusters}
@@ -1434,16 +1438,28 @@ class Insights:
 
     def record_escalation(self, attempt: dict) -> None:
         with self._lock:
-            self._escalations.append(attempt)
+            self._attempts += 1
+            entry = (self._attempts, attempt)
+            if attempt["outcome"] != "sent":
+                self._failed.append(entry)
+                return
+            key = (attempt["endpoint"], attempt["signature"])
+            self._delivered.pop(key, None)
+            self._delivered[key] = entry
+            if len(self._delivered) > self.MAX_ESCALATIONS:
+                del self._delivered[next(iter(self._delivered))]
 
     def escalations(self) -> list[dict]:
-        """Recent escalation attempts, newest first."""
+        """The newest delivered escalation of each cluster and the recent failed attempts,
+        newest first."""
         with self._lock:
-            return list(reversed(self._escalations))
+            entries = [*self._delivered.values(), *self._failed]
+        entries.sort(key=lambda entry: entry[0], reverse=True)
+        return [attempt for _, attempt in entries]
 
 
 # =============================================================================
-# HTTP: routing, handlers, one error path, connection limits and deadlines
+# HTTP: routing, handlers, one error path, connection limits and deadlines, outbound calls
 # =============================================================================
 
 
@@ -1569,6 +1585,71 @@ def _shutdown_quietly(sock: socket.socket) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+class OutboundError(Exception):
+    """An outbound call failed or ran out of time; the message says how, briefly."""
+
+
+def post_json(url: str, payload: object, timeout_s: float) -> object:
+    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
+
+    A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
+    a time would hold the caller (a review, or the one loop thread) for as long as it likes.
+    So at the deadline a timer shuts the socket down under the blocked reader, as
+    close_expired() does for clients. Whatever the HTTP client raises is an OutboundError.
+    """
+    connection: http.client.HTTPConnection | None = None
+    connected = False
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        if connection is not None and connection.sock is not None:
+            _shutdown_quietly(connection.sock)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        parts = urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+        connection.connect()
+        connected = True
+        if expired.is_set():
+            raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
+        connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                           body=encode_json(payload),
+                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
+        response = connection.getresponse()
+        body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
+        if expired.is_set():
+            raise TimeoutError  # the shutdown may have ended the answer early
+        if response.length and len(body) <= OUTBOUND_MAX_ANSWER_BYTES:
+            # read(amt) hands back a short body quietly when the server hangs up early.
+            raise http.client.IncompleteRead(body, response.length)
+    except Exception as exc:
+        if expired.is_set() or isinstance(exc, TimeoutError):
+            raise OutboundError("timed out") from None
+        if not connected and isinstance(exc, OSError):
+            raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
+        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        timer.cancel()
+        if connection is not None:
+            connection.close()
+    if not 200 <= response.status < 300:
+        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
+    if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
+        raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
+    try:
+        return parse_json_strict(body, "answer") if body.strip() else None
+    except InvalidOp as exc:
+        raise OutboundError(str(exc)) from None
 
 
 class StartupError(Exception):
@@ -1942,7 +2023,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
 
     def post_event(self):
         try:
-            op = validate_op(parse_json_strict(self.read_body()))
+            op = validate_posted_op(parse_json_strict(self.read_body()))
         except InvalidOp as exc:
             raise HTTPError(400, f"invalid op: {exc}") from None
         return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
@@ -2011,14 +2092,16 @@ class ObserverHandler(BaseHTTPRequestHandler):
             answer = post_json(f"{config.review_llm_url}/api/generate",
                                {"model": config.review_llm_model, "prompt": prompt, "stream": False},
                                config.outbound_timeout_s)
-            if not isinstance(answer, dict) or not isinstance(answer.get("response"), str):
-                raise ValueError("answer has no 'response' text")
-        except (OSError, ValueError) as exc:
-            result["llm_error"] = describe_outbound_error(exc)
+            text = answer.get("response") if isinstance(answer, dict) else None
+            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
+            if not isinstance(text, str) or text != text.encode("utf-8", "replace").decode("utf-8"):
+                raise OutboundError("answer has no 'response' text in valid Unicode")
+        except OutboundError as exc:
+            result["llm_error"] = str(exc)
             log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
             return
         result["method"] = "heuristic+llm"
-        result["llm_review"] = answer["response"]
+        result["llm_review"] = text
 
     def commit(self, ops: list[dict], make_body):
         """Store ops durably, then answer 200 with make_body(ring_len), or 503.
@@ -2175,30 +2258,100 @@ class CorrectionsTailer:
     repaired at start from the log itself: lines are neither skipped nor repeated.
     """
 
-    REF_KEY = "correction_ref"
-
     def __init__(self, path: Path, store: OpStore, sidecar: Path | None):
         self.path = path
         self.store = store
         self.sidecar = sidecar
-        self.inode, self.offset, self.line = None, 0, 0
-        self._load_position()
+        self.inode, self.offset, self.line = self._read_sidecar()
+        self._repair_position()
 
-    def _load_position(self) -> None:
-        if self.sidecar is not None and self.sidecar.exists():
+    @staticmethod
+    def _position(value: object) -> tuple[int, int, int] | None:
+        """(inode, offset, line) of a sidecar or correction_ref of the shape observerd writes."""
+        if not isinstance(value, dict):
+            return None
+        position = tuple(value.get(key) for key in ("inode", "offset", "line"))
+        return position if all(type(n) is int and n >= 0 for n in position) else None
+
+    def _read_sidecar(self) -> tuple[int | None, int, int]:
+        if self.sidecar is None or not self.sidecar.exists():
+            return None, 0, 0
+        try:
+            position = self._position(parse_json_strict(self.sidecar.read_bytes(), "position"))
+        except (OSError, InvalidOp) as exc:
+            position = None
+            log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
+        else:
+            if position is None:
+                log("WARN", "ignoring corrections position of the wrong shape", path=self.sidecar)
+        return position or (None, 0, 0)
+
+    def _repair_position(self) -> None:
+        """Move past the newest correction recorded after the sidecar was saved, if any.
+
+        Only a ref observerd wrote may move the position, and clients are refused the field,
+        but journals from before that rule may hold forged refs: so a ref counts only if its
+        line in the corrections file really is the correction stored with it. Never raises.
+        """
+        try:
+            f = open(self.path, "rb")
+        except OSError:
+            return  # nothing to check refs against; poll() reports nothing either
+        ignored = 0
+        with f:
             try:
-                saved = json.loads(self.sidecar.read_text())
-                self.inode, self.offset, self.line = saved["inode"], saved["offset"], saved["line"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log("WARN", "ignoring unreadable corrections position", path=self.sidecar, error=exc)
-        for ring_op in reversed(self.store.snapshot()):
-            # Only ops this tailer wrote hold the key; decode nothing else.
-            if ring_op.source != "overseer_correction" or b'"correction_ref":' not in ring_op.line:
-                continue
-            ref = ring_op.to_dict().get(self.REF_KEY)
-            if isinstance(ref, dict) and ref.get("inode") == self.inode and ref.get("offset", 0) > self.offset:
-                self.offset, self.line = ref["offset"], ref["line"]
-                break
+                inode = os.fstat(f.fileno()).st_ino
+                base_offset, base_line = (self.offset, self.line) if inode == self.inode else (0, 0)
+                unread = None
+                for ring_op in reversed(self.store.snapshot()):
+                    # Only ops this tailer wrote hold the key: decode nothing else.
+                    if ring_op.source != CORRECTION_SOURCE or _CORRECTION_REF_KEY not in ring_op.line:
+                        continue
+                    op = ring_op.to_dict()
+                    position = self._position(op.get(CORRECTION_REF))
+                    if position is None:
+                        ignored += 1
+                        continue
+                    if position[0] != inode:
+                        continue  # recorded from a file since replaced
+                    if position[1] <= base_offset:
+                        break  # the sidecar is at least this far
+                    if unread is None:
+                        f.seek(base_offset)
+                        unread = f.read()
+                    if self._recorded_from(unread, base_offset, base_line, position, op):
+                        self.inode, self.offset, self.line = position
+                        break
+                    ignored += 1
+            except OSError as exc:
+                log("WARN", "cannot check corrections position against the file", path=self.path, error=exc)
+        if ignored:
+            log("WARN", "ignored correction refs that match no line of the corrections file",
+                path=self.path, count=ignored)
+
+    def _recorded_from(self, unread: bytes, base_offset: int, base_line: int,
+                       position: tuple[int, int, int], op: dict) -> bool:
+        """Whether op is what poll() records for the line at position, unread starting at base."""
+        inode, offset, line = position
+        end = offset - base_offset
+        if end > len(unread) or unread[end - 1] != ord("\n"):
+            return False
+        raw = unread[unread.rfind(b"\n", 0, end - 1) + 1:end - 1]
+        try:
+            expected = self._as_op(raw, {"inode": inode, "offset": offset, "line": line})
+        except InvalidOp:
+            return False
+        # A line without a timestamp was stamped when it was recorded.
+        return ({**expected, "timestamp": op["timestamp"]} == op
+                and unread.count(b"\n", 0, end) == line - base_line)
+
+    @staticmethod
+    def _as_op(raw: bytes, ref: dict) -> dict:
+        """The op recorded for one corrections line at ref; raises InvalidOp."""
+        doc = parse_json_strict(raw, "line")
+        if isinstance(doc, dict):
+            doc = {**doc, "source": CORRECTION_SOURCE, CORRECTION_REF: ref}
+        return validate_op(doc)
 
     def _save_position(self) -> None:
         if self.sidecar is not None:
@@ -2230,11 +2383,7 @@ class CorrectionsTailer:
             if not raw.strip():
                 continue
             try:
-                doc = parse_json_strict(raw, "line")
-                if isinstance(doc, dict):
-                    doc = {**doc, "source": "overseer_correction",
-                           self.REF_KEY: {"inode": self.inode, "offset": offset, "line": line_no}}
-                ops.append(validate_op(doc))
+                ops.append(self._as_op(raw, {"inode": self.inode, "offset": offset, "line": line_no}))
             except InvalidOp as exc:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no, reason=exc)
         if ops:
@@ -2244,38 +2393,57 @@ class CorrectionsTailer:
         return len(ops)
 
 
+def escalation_retry_delay(failures: int, interval_s: float, cooldown_s: float) -> float:
+    """Seconds to wait after the failures-th failed delivery in a row of one cluster: one
+    analysis interval, doubled per failure, never more than the cooldown."""
+    return min(cooldown_s, interval_s * 2.0 ** min(failures - 1, 64))
+
+
 class Escalator:
-    """Posts a failure cluster to the LLM team once it crosses the threshold in the window."""
+    """Posts a failure cluster to the LLM team once it crosses the threshold in the window.
+
+    A delivered cluster is not sent again for escalate_cooldown_s; a failed delivery is
+    retried after escalation_retry_delay(), so a target that is down is not hit at every
+    analysis.
+    """
 
     def __init__(self, config: Config, insights: Insights):
         self.config = config
         self.insights = insights
-        self._last_sent: dict[tuple[str, str], float] = {}
+        # cluster -> (monotonic time before which it is not tried, failed deliveries in a row)
+        self._held: dict[tuple[str, str], tuple[float, int]] = {}
 
     def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
+        now = time.monotonic()
+        # Forget the clusters that are gone and free to go, or this would grow for ever.
+        self._held = {key: held for key, held in self._held.items() if key in groups or held[0] > now}
         window_start = datetime.now(timezone.utc) - timedelta(seconds=self.config.escalate_window_s)
         for key, members in groups.items():
             recent = [op for op in members if op_time(op) >= window_start]
             if len(recent) < self.config.escalate_threshold:
                 continue
-            sent = self._last_sent.get(key)
-            if sent is not None and time.monotonic() - sent < self.config.escalate_cooldown_s:
+            not_before, failures = self._held.get(key, (now, 0))
+            if now < not_before:
                 continue
-            self._escalate(key, describe_cluster(key, recent), recent[-5:])
+            self._escalate(key, describe_cluster(key, recent), recent[-5:], failures)
 
-    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict]) -> None:
+    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict],
+                  failures: int) -> None:
         payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
                    "recent_failures": recent_failures}
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
         try:
             post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
-        except (OSError, ValueError) as exc:
-            # Not put on cooldown: the next analysis tries again.
-            attempt.update(outcome="failed", error=describe_outbound_error(exc))
-            log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"])
+        except OutboundError as exc:
+            failures += 1
+            delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
+                                           self.config.escalate_cooldown_s)
+            self._held[key] = (time.monotonic() + delay, failures)
+            attempt.update(outcome="failed", error=str(exc))
+            log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"], retry_in_s=delay)
         else:
-            self._last_sent[key] = time.monotonic()
+            self._held[key] = (time.monotonic() + self.config.escalate_cooldown_s, 0)
             attempt["outcome"] = "sent"
             log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
         self.insights.record_escalation(attempt)

@@ -2065,3 +2065,275 @@ def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemon
     assert len((tmp_path / "ops.jsonl").read_bytes().splitlines()) == 10
     ops = client.get(f"/observer/ops?limit={stats['total']}")[1]
     assert ops["count"] == stats["total"] and ops["ops"][0] == stats["recent_scenario_ops"][-1]
+
+
+# -----------------------------------------------------------------------------
+# issue 9: background loops (corrections position, outbound deadline, escalation backoff)
+# -----------------------------------------------------------------------------
+
+
+def test_only_a_bounded_prefix_of_a_huge_error_is_normalised(monkeypatch):
+    seen = []
+
+    class Recording:
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def sub(self, placeholder, text):
+            seen.append(len(text))
+            return self.pattern.sub(placeholder, text)
+
+    monkeypatch.setattr(od, "_SIGNATURE_RULES", [(Recording(p), r) for p, r in od._SIGNATURE_RULES])
+    huge = "timeout after 30s calling 10.0.0.12:8080 " * 100_000  # 4 MB
+    assert od.error_signature(huge) == od.error_signature(huge[:od.ERROR_TEXT_KEPT_CHARS] + "tail differs")
+    assert seen and max(seen) <= od.ERROR_TEXT_KEPT_CHARS
+    assert od.error_signature(huge).startswith("timeout after <n>s calling <n>.<n>:<n> timeout")
+
+
+def test_corrections_are_not_failures_clusters_or_escalations(serve, fake_service, tmp_path):
+    team = fake_service()
+    corrections = tmp_path / "overseer.jsonl"
+    server = serve(analyze_interval_s=0.05, corrections_path=str(corrections), corrections_interval_s=0.05,
+                   escalate_url=team.url, escalate_threshold=1)
+    client = server.client()
+    corrections.write_bytes(b"".join(json.dumps({"endpoint": f"/fix/{n}"}).encode() + b"\n" for n in range(3)))
+    posted = [{"endpoint": "/fix/posted", "source": "overseer_correction"},
+              {"endpoint": "/fix/failed", "source": "overseer_correction", "success": False, "error": "patch rejected"}]
+    assert client.post("/observer/events", posted)[0] == 200
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 5, what="the corrections to be recorded")
+    assert client.post("/observer/event", {"endpoint": "/real", "error": "boom"})[0] == 200
+    wait_for(lambda: team.received, what="the real failure to be escalated")
+    wait_for_analyses(client)
+    stats = client.get("/observer/stats")[1]
+    assert (stats["total"], stats["successes"], stats["failures"]) == (6, 4, 2)  # /fix/failed and /real
+    clusters = client.get("/observer/errors")[1]["clusters"]
+    assert [(c["endpoint"], c["signature"]) for c in clusters] == [("/real", "boom")]
+    assert [p["cluster"]["endpoint"] for _, p in team.received] == ["/real"]
+
+
+def journal_corrections(folder: Path) -> list[str]:
+    return [o["endpoint"] for o in replay_forward(folder / "ops.jsonl") if o["endpoint"].startswith("/fix/")]
+
+
+@pytest.mark.parametrize("forgery", ["malformed refs", "ref skipping a line", "ref past the end",
+                                     "sidecar of the wrong shape"])
+def test_forged_correction_refs_are_refused_and_never_move_the_tailer(tmp_path, daemons, forgery):
+    corrections, sidecar = tmp_path / "overseer.jsonl", tmp_path / "ops.jsonl.corrections-position"
+    corrections.write_bytes(correction(1))
+    daemon = start_durable_daemon(daemons, tmp_path, corrections_path="overseer.jsonl",
+                                  corrections_interval_s=0.05)
+    client = daemon.client()
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 1, what="correction 1")
+    after_first = wait_for(lambda: sidecar.exists() and sidecar.read_bytes(), what="the position file")
+    append_to(corrections, correction(2))
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 2, what="correction 2")
+    inode = corrections.stat().st_ino
+
+    # A client may not set the tailer's position, in any shape.
+    for ref in [{"inode": None, "offset": "x"}, {}, "x", {"inode": inode, "offset": 10**6, "line": 9}]:
+        forged = {"endpoint": "/forged", "source": "overseer_correction", "correction_ref": ref}
+        for path, body in [("/observer/event", forged), ("/observer/events", [{"endpoint": "/ok"}, forged])]:
+            status, answer, _ = client.post(path, body)
+            assert status == 400 and "correction_ref" in answer["error"] and "reserved" in answer["error"]
+    assert client.get("/observer/stats")[1]["total"] == 2
+    daemon.stop()
+
+    # A journal written before that rule can still hold forged refs; and the process died
+    # before it saved the position after correction 2, so the log must repair it.
+    sidecar.write_bytes(after_first)
+    size_with_third = corrections.stat().st_size + len(correction(3))
+    refs = {
+        "malformed refs": [{"inode": inode, "offset": 10**400, "line": -1}, [inode, 1, 1], "x", None,
+                           {"inode": inode, "offset": True, "line": True}, {"inode": inode, "offset": 10**6},
+                           {"inode": None, "offset": "x"}, {"inode": inode, "offset": "x"}],
+        "ref skipping a line": [{"inode": inode, "offset": size_with_third, "line": 3}],
+        "ref past the end": [{"inode": inode, "offset": 10**9, "line": 99}],
+        "sidecar of the wrong shape": [],
+    }[forgery]
+    if forgery == "sidecar of the wrong shape":
+        sidecar.write_text(json.dumps({"inode": None, "offset": "x", "line": [1]}))
+    with open(tmp_path / "ops.jsonl", "a") as journal:
+        for ref in refs:
+            journal.write(json.dumps({"endpoint": "/forged", "source": "overseer_correction", "success": True,
+                                      "correction_ref": ref}) + "\n")
+    append_to(corrections, correction(3))
+
+    daemon = daemons(tmp_path, config=tmp_path / "lakehouse.toml").wait_listening()
+
+    def recorded(endpoint):
+        assert daemon.proc.poll() is None, f"daemon exited {daemon.proc.returncode}:\n{daemon.log}"
+        return endpoint in journal_corrections(tmp_path)
+
+    wait_for(lambda: recorded("/fix/3"), timeout=10, what="correction 3 (not skipped)")
+    append_to(corrections, correction(4))
+    wait_for(lambda: recorded("/fix/4"), timeout=10, what="correction 4")
+    assert journal_corrections(tmp_path) == ["/fix/1", "/fix/2", "/fix/3", "/fix/4"]
+    assert "background task failed" not in daemon.log
+    if refs:
+        assert "ignored correction refs" in daemon.log
+
+
+class RawService:
+    """A loopback HTTP service that answers every request with `response`, raw: the first
+    `at_once` bytes at once, then one byte every `byte_interval_s`, then it closes."""
+
+    def __init__(self, response: bytes, at_once: int | None = None, byte_interval_s: float = 0.0):
+        self.response, self.byte_interval_s = response, byte_interval_s
+        self.at_once = len(response) if at_once is None else at_once
+        self.requests = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(sock,), daemon=True).start()
+
+    def _answer(self, sock):
+        with sock:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536) or b"\r\n\r\n"
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(65536) or b" " * length
+            self.requests += 1
+            try:
+                sock.sendall(self.response[:self.at_once])
+                for i in range(self.at_once, len(self.response)):
+                    if self._stop.wait(self.byte_interval_s):
+                        return
+                    sock.sendall(self.response[i:i + 1])
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.fixture
+def raw_service():
+    started = []
+
+    def start(response: bytes, **kw) -> RawService:
+        service = RawService(response, **kw)
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.close()
+
+
+def http_answer(body: bytes, content_length: int | None = None) -> bytes:
+    length = len(body) if content_length is None else content_length
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length) + body
+
+
+SLOW_ANSWER = http_answer(json.dumps({"response": "x" * 60, "done": True}).encode())
+
+
+@pytest.mark.parametrize("dribbled", ["head", "body"])
+def test_an_llm_that_dribbles_its_answer_is_cut_off_at_the_deadline(serve, raw_service, dribbled):
+    # One byte every 0.5 s: the whole answer would take about a minute.
+    at_once = 0 if dribbled == "head" else SLOW_ANSWER.index(b"\r\n\r\n") + 4
+    llm = raw_service(SLOW_ANSWER, at_once=at_once, byte_interval_s=0.5)
+    server = serve(review_llm_url=llm.url, outbound_timeout_s=1)
+    server.client().post("/observer/events", failures("/x", 6))
+    status, result, _ = server.client(timeout=20).post("/observer/review", {"llm": True})
+    assert status == 200
+    assert (result["method"], result["llm_error"]) == ("heuristic", "timed out")
+    assert result["reviews"][0]["verdict"] == "failing"
+
+
+def test_a_dribbling_escalation_target_does_not_hold_the_loops(serve, raw_service, tmp_path):
+    team = raw_service(SLOW_ANSWER, at_once=0, byte_interval_s=0.5)
+    corrections = tmp_path / "overseer.jsonl"
+    server = serve(analyze_interval_s=0.05, escalate_url=team.url, escalate_threshold=1, outbound_timeout_s=1,
+                   corrections_path=str(corrections), corrections_interval_s=0.05)
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/x", "error": "boom"})[0] == 200
+    attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], timeout=20,
+                       what="the escalation to give up")[0]
+    assert (attempt["outcome"], attempt["error"]) == ("failed", "timed out")
+    corrections.write_bytes(correction(1))  # the same loop thread tails corrections
+    wait_for(lambda: client.get("/observer/stats")[1]["total"] == 2, timeout=20, what="the correction")
+
+
+@pytest.mark.parametrize("answer, needle", [
+    (http_answer(b'{"response": "cut', content_length=100), "IncompleteRead"),
+    (b"", "RemoteDisconnected"),
+    (b"garbage\r\n\r\n", "BadStatusLine"),
+    (http_answer(b'{"response": '), "not valid JSON"),
+    (http_answer(b'{"response": "\\ud800 lone surrogate"}'), "valid Unicode"),
+    (http_answer(b'{"response": "' + b"x" * 2000 + b'"}'), "larger than 1000 bytes"),
+], ids=["incomplete", "no body", "bad status line", "bad json", "lone surrogate", "too large"])
+def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalation(
+        serve, raw_service, monkeypatch, answer, needle):
+    monkeypatch.setattr(od, "OUTBOUND_MAX_ANSWER_BYTES", 1000, raising=False)
+    service = raw_service(answer)
+    server = serve(review_llm_url=service.url, analyze_interval_s=0.05, escalate_url=service.url,
+                   escalate_threshold=1)
+    client = server.client()
+    client.post("/observer/events", failures("/x", 6))
+    status, result, _ = client.post("/observer/review", {"llm": True})
+    assert status == 200, result
+    assert result["method"] == "heuristic" and needle in result["llm_error"]
+    attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="an attempt")[0]
+    # An escalation ignores what the answer says, but not a broken or oversized one.
+    assert attempt["outcome"] == ("sent" if needle == "valid Unicode" else "failed")
+
+
+def test_escalation_retry_delay_doubles_per_failure_up_to_the_cooldown():
+    assert [od.escalation_retry_delay(n, 1.0, 10.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+    assert od.escalation_retry_delay(10**6, 30.0, 1800.0) == 1800.0  # a target down for ever
+    assert od.escalation_retry_delay(3, 30.0, 0.0) == 0.0  # no cooldown: every analysis
+
+
+def test_a_failing_escalation_target_is_retried_with_backoff_not_at_every_analysis(serve, fake_service):
+    down = fake_service(status=503)
+    server = serve(analyze_interval_s=0.05, escalate_url=down.url, escalate_threshold=1,
+                   escalate_cooldown_s=3600)
+    client = server.client()
+    client.post("/observer/event", {"endpoint": "/x", "error": "boom"})
+    analyses = set()
+
+    def analysed(count):
+        analyses.add(client.get("/observer/errors")[1]["analyzed_at"])
+        return len(analyses) > count
+
+    wait_for(lambda: analysed(40), timeout=120, what="40 analyses")
+    attempts = len(down.received)
+    # Every analysis would be 40 attempts; doubling from 0.05 s, 20 would take hours.
+    assert 1 <= attempts < 20, attempts
+    escalations = client.get("/observer/escalations")[1]["escalations"]
+    assert len(escalations) >= attempts and {e["outcome"] for e in escalations} == {"failed"}
+    assert all("HTTP 503" in e["error"] for e in escalations)
+    assert [e["at"] for e in escalations] == sorted((e["at"] for e in escalations), reverse=True)
+
+
+def test_delivered_escalations_stay_listed_however_many_attempts_fail():
+    insights = od.Insights()
+
+    def attempt(endpoint, outcome, n=0):
+        return {"at": f"2026-11-24T10:{n // 60:02d}:{n % 60:02d}Z", "endpoint": endpoint,
+                "signature": "boom", "count": 1, "url": "http://team", "outcome": outcome}
+
+    insights.record_escalation(attempt("/a", "sent", 0))
+    insights.record_escalation(attempt("/c", "sent", 1))
+    insights.record_escalation(attempt("/a", "sent", 2))  # only the newest per cluster is kept
+    for n in range(3, 503):
+        insights.record_escalation({**attempt("/b", "failed", n), "error": "HTTP 503"})
+    listed = insights.escalations()
+    assert [(e["endpoint"], e["at"]) for e in listed if e["outcome"] == "sent"] == [
+        ("/a", "2026-11-24T10:00:02Z"), ("/c", "2026-11-24T10:00:01Z")]
+    failed = [e for e in listed if e["outcome"] == "failed"]
+    assert len(failed) == od.Insights.MAX_ESCALATIONS and failed[0]["at"] == "2026-11-24T10:08:22Z"
+    assert [e["at"] for e in listed] == sorted((e["at"] for e in listed), reverse=True)
