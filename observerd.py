@@ -714,6 +714,43 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _newlines_backward(f, end: int):
+    """(offset, block_start, block) of each newline before end, newest first.
+
+    Reads one block at a time and keeps nothing between blocks, so the work is linear in
+    the bytes read and the memory is one block, however long the lines are; the caller may
+    slice what it needs out of the block in hand.
+    """
+    pos = end
+    while pos > 0:
+        start = max(0, pos - RESTORE_BLOCK_BYTES)
+        f.seek(start)
+        block = f.read(pos - start)
+        index = len(block)
+        while (index := block.rfind(b"\n", 0, index)) >= 0:
+            yield start + index, start, block
+        pos = start
+
+
+def _lines_backward(f, end: int):
+    """Yield (offset, line) from end back to the start of the file, newest first.
+
+    A line inside the block in hand is sliced from it; a longer one is read again on its own
+    once its start is found, so each byte is read at most twice and a line is held once.
+    """
+    line_end = end
+    for newline, start, block in _newlines_backward(f, end):
+        if line_end <= start + len(block):
+            line = block[newline - start + 1:line_end - start]
+        else:
+            f.seek(newline + 1)
+            line = f.read(line_end - newline - 1)
+        yield newline + 1, line
+        line_end = newline
+    f.seek(0)
+    yield 0, f.read(line_end)
+
+
 def repair_torn_tail(path: Path) -> int:
     """Cut a file back to the end of its last complete line; returns bytes dropped.
 
@@ -722,16 +759,7 @@ def repair_torn_tail(path: Path) -> int:
     """
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
-        end = size
-        while end > 0:
-            start = max(0, end - RESTORE_BLOCK_BYTES)
-            f.seek(start)
-            block = f.read(end - start)
-            newline = block.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
+        end = next((newline + 1 for newline, _, _ in _newlines_backward(f, size)), 0)
         if end == size:
             return 0
         f.truncate(end)
@@ -846,23 +874,6 @@ class JsonlLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def _lines_backward(f, end: int):
-    """Yield (offset, line) from end of file back to its start, newest first."""
-    pos, tail = end, b""
-    while pos > 0:
-        start = max(0, pos - RESTORE_BLOCK_BYTES)
-        f.seek(start)
-        chunk = f.read(pos - start) + tail
-        lines = chunk.split(b"\n")
-        tail = lines[0]
-        offset = start + len(chunk)
-        for line in reversed(lines[1:]):
-            offset -= len(line) + 1
-            yield offset + 1, line
-        pos = start
-    yield 0, tail
 
 
 def restore_tail(path: Path, ring_size: int, keep_files: int = 0) -> list[dict]:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -1953,3 +1954,72 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
         for i in range(20):
             assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
+
+
+# -----------------------------------------------------------------------------
+# issue 9: persistence faults
+# -----------------------------------------------------------------------------
+
+
+def endpoints_in(path: Path) -> list[str]:
+    """The endpoints of a JSONL file, every line of which must be a whole, valid op."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), f"{path.name} ends in a partial line"
+    return [od.validate_op(od.parse_json_strict(line))["endpoint"] for line in data.splitlines()]
+
+
+class ReadCountingFile:
+    """A file whose reads are counted, with the memory traced just before each read."""
+
+    def __init__(self, f, reads: list[int], held: list[int]):
+        self.f, self.reads, self.held = f, reads, held
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def read(self, n=-1):
+        self.held.append(tracemalloc.get_traced_memory()[0])
+        data = self.f.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_backward_reads_are_linear_and_hold_a_long_line_once(tmp_path, monkeypatch):
+    run = 8 * 1024 * 1024  # a run without a newline: NULs left by a crash, or a hostile line
+    block = od.RESTORE_BLOCK_BYTES
+    reads, held = [], []
+    real_open = open
+    monkeypatch.setattr(od, "open", lambda *a, **k: ReadCountingFile(real_open(*a, **k), reads, held),
+                        raising=False)
+    restored = tmp_path / "ops.jsonl"
+    restored.write_bytes(od.encode_line(op("/first")) + b"\0" * run + b"\n" + od.encode_line(op("/last")))
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(od.encode_line(op("/whole")) + b"\0" * run)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        assert [o["endpoint"] for o in od.restore_tail(restored, 10)] == ["/first", "/last"]
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+        # The reads before the one that takes the run whole are those that search for its start.
+        searching = next((n for n, size in enumerate(reads) if size > block), len(reads))
+        restore_reads, restore_held = sum(reads), max(held[:searching]) - baseline
+        reads.clear(), held.clear()
+        assert od.repair_torn_tail(torn) == run
+        repair_reads, repair_held = sum(reads), max(held) - baseline
+    finally:
+        tracemalloc.stop()
+    # Each byte is read at most twice (once to find where the line starts, once to take it),
+    # and nothing of the run is held while its start is searched for, so nothing is copied
+    # again and again: the work is linear in the bytes read.
+    assert restore_reads <= 2 * restored.stat().st_size
+    assert restore_held < 4 * block
+    # The line is held once, plus its decoded text for the parser; never several copies.
+    assert peak < 2.5 * run
+    assert repair_reads <= run + block and repair_held < 4 * block
+    assert endpoints_in(torn) == ["/whole"]
