@@ -899,9 +899,17 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0) -> list[dict]:
                 if not line.strip():
                     continue
                 try:
-                    newest_first.append(validate_op(parse_json_strict(line)))
-                except InvalidOp as exc:
+                    op = validate_op(parse_json_strict(line))
+                    # Ingest admits an op only once encode_line has written it, and every
+                    # read path encodes it again; restore admits by the same test.
+                    encode_line(op)
+                except Exception as exc:
+                    # Whatever a stored line makes decoding raise (InvalidOp, RecursionError,
+                    # MemoryError, a rule added later), it is one bad line, never a reason
+                    # to stop startup.
                     log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
+                    continue
+                newest_first.append(op)
     newest_first.reverse()
     return newest_first
 

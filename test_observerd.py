@@ -2023,3 +2023,25 @@ def test_backward_reads_are_linear_and_hold_a_long_line_once(tmp_path, monkeypat
     assert peak < 2.5 * run
     assert repair_reads <= run + block and repair_held < 4 * block
     assert endpoints_in(torn) == ["/whole"]
+
+
+def test_a_restart_skips_stored_lines_that_would_break_a_read(tmp_path, daemons):
+    path = tmp_path / "ops.jsonl"
+    bad = [
+        b'{"endpoint":"/lone-surrogate","note":"\\ud800"}',  # valid JSON that UTF-8 cannot carry
+        b'{"endpoint":"\\udfff"}',
+        b'{"endpoint":"/deep","x":' + b"[" * 100000 + b"]" * 100000 + b"}",
+        b"\0" * 100000,
+        b'{"endpoint":"/bad-utf8","note":"\xff"}',
+        b'{"endpoint":"/huge","duration_ms":' + b"9" * 5000 + b"}",
+        b'[{"endpoint":"/in-an-array"}]',
+    ]
+    good = [od.encode_line(op(f"/good/{i}", source="scenario")) for i in range(2)]
+    path.write_bytes(good[0] + b"\n".join(bad) + b"\n" + good[1])
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    assert client.get("/observer/stats")[1]["total"] == 2
+    assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/good/1", "/good/0"]
+    assert daemon.log.count("skipped invalid log line") == len(bad)
+    cli = run_cli("stats", str(path))
+    assert cli.returncode == 0 and json.loads(cli.stdout)["total"] == 2
