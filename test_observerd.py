@@ -2040,7 +2040,8 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
     _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
     idle = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(limit - len(in_use) - spare_fds)]
-    wait_for(lambda: len(open_fds(pid)) == limit - spare_fds, what="the daemon to accept the idle connections")
+    wait_for(lambda: len(open_fds(pid)) == limit - spare_fds, timeout=30,
+             what="the daemon to accept the idle connections")
     before = folder_contents(tmp_path)
     for _ in range(5):  # more failed attempts than keep_files
         assert post(i) == 503
@@ -2049,7 +2050,7 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
     assert len(open_fds(pid)) == limit - spare_fds, "a failed rotation leaked a file descriptor"
     for sock in idle:
         sock.close()
-    wait_for(lambda: len(open_fds(pid)) == len(in_use), what="the idle connections to close")
+    wait_for(lambda: len(open_fds(pid)) == len(in_use), timeout=30, what="the idle connections to close")
     assert post(i) == 200
     segments = od.segment_paths(path, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
