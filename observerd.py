@@ -714,41 +714,34 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _newlines_backward(f, end: int):
-    """(offset, block_start, block) of each newline before end, newest first.
-
-    Reads one block at a time and keeps nothing between blocks, so the work is linear in
-    the bytes read and the memory is one block, however long the lines are; the caller may
-    slice what it needs out of the block in hand.
-    """
+def _blocks_backward(f, end: int):
+    """(start, block) of f's blocks from end back to the start of the file, newest first."""
     pos = end
     while pos > 0:
         start = max(0, pos - RESTORE_BLOCK_BYTES)
         f.seek(start)
-        block = f.read(pos - start)
-        index = len(block)
-        while (index := block.rfind(b"\n", 0, index)) >= 0:
-            yield start + index, start, block
+        yield start, f.read(pos - start)
         pos = start
 
 
 def _lines_backward(f, end: int):
     """Yield (offset, line) from end back to the start of the file, newest first.
 
-    A line inside the block in hand is sliced from it; a longer one is read again on its own
-    once its start is found, so each byte is read at most twice and a line is held once.
+    The pieces of a line that spans blocks are kept until its start is found, then joined
+    once: each byte is read once and copied once more, so the work is linear in the bytes
+    read, and a long line costs twice its length at most while it is joined.
     """
-    line_end = end
-    for newline, start, block in _newlines_backward(f, end):
-        if line_end <= start + len(block):
-            line = block[newline - start + 1:line_end - start]
-        else:
-            f.seek(newline + 1)
-            line = f.read(line_end - newline - 1)
-        yield newline + 1, line
-        line_end = newline
-    f.seek(0)
-    yield 0, f.read(line_end)
+    pieces: list[bytes] = []  # the newest line not yet whole, newest piece first
+    for start, block in _blocks_backward(f, end):
+        cut = len(block)
+        while (newline := block.rfind(b"\n", 0, cut)) >= 0:
+            pieces.append(block[newline + 1:cut])
+            line = pieces[0] if len(pieces) == 1 else b"".join(reversed(pieces))
+            pieces = []
+            yield start + newline + 1, line
+            cut = newline
+        pieces.append(block[:cut])
+    yield 0, b"".join(reversed(pieces))
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -759,7 +752,12 @@ def repair_torn_tail(path: Path) -> int:
     """
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
-        end = next((newline + 1 for newline, _, _ in _newlines_backward(f, size)), 0)
+        end = 0
+        for start, block in _blocks_backward(f, size):
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
         if end == size:
             return 0
         f.truncate(end)
