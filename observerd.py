@@ -800,6 +800,36 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _blocks_backward(f, end: int):
+    """(start, block) of f's blocks from end back to the start of the file, newest first."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - RESTORE_BLOCK_BYTES)
+        f.seek(start)
+        yield start, f.read(pos - start)
+        pos = start
+
+
+def _lines_backward(f, end: int):
+    """Yield (offset, line) from end back to the start of the file, newest first.
+
+    The pieces of a line that spans blocks are kept until its start is found, then joined
+    once: each byte is read once and copied once more, so the work is linear in the bytes
+    read, and a long line costs twice its length at most while it is joined.
+    """
+    pieces: list[bytes] = []  # the newest line not yet whole, newest piece first
+    for start, block in _blocks_backward(f, end):
+        cut = len(block)
+        while (newline := block.rfind(b"\n", 0, cut)) >= 0:
+            pieces.append(block[newline + 1:cut])
+            line = pieces[0] if len(pieces) == 1 else b"".join(reversed(pieces))
+            pieces = []
+            yield start + newline + 1, line
+            cut = newline
+        pieces.append(block[:cut])
+    yield 0, b"".join(reversed(pieces))
+
+
 def repair_torn_tail(path: Path) -> int:
     """Cut a file back to the end of its last complete line; returns bytes dropped.
 
@@ -808,16 +838,12 @@ def repair_torn_tail(path: Path) -> int:
     """
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
-        end = size
-        while end > 0:
-            start = max(0, end - RESTORE_BLOCK_BYTES)
-            f.seek(start)
-            block = f.read(end - start)
+        end = 0
+        for start, block in _blocks_backward(f, size):
             newline = block.rfind(b"\n")
             if newline >= 0:
                 end = start + newline + 1
                 break
-            end = start
         if end == size:
             return 0
         f.truncate(end)
@@ -826,20 +852,22 @@ def repair_torn_tail(path: Path) -> int:
         return size - end
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 def segment_paths(path: Path, keep_files: int) -> list[Path]:
     """The live file and its rotated segments, newest first: ops.jsonl, ops.jsonl.1, …"""
     return [path] + [path.with_name(f"{path.name}.{n}") for n in range(1, keep_files + 1)]
 
 
+# Read and write: an append checks the file's last byte before writing.
+_APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
 class JsonlLog:
-    """The append-only JSONL file: every append is written and fsynced, or rolled back."""
+    """The append-only JSONL file: every append is written and fsynced, or rolled back.
+
+    Other writers may append to the file too, so where it ends is asked of the file itself
+    at each append, never remembered: a rollback removes only the bytes of the failed
+    append, and an op never lands glued to another writer's unfinished line.
+    """
 
     def __init__(self, path: Path, max_file_bytes: int = 0, keep_files: int = 0,
                  metrics: Metrics | None = None):
@@ -848,13 +876,12 @@ class JsonlLog:
         self.keep_files = keep_files
         self.metrics = metrics or Metrics()
         self._fd = -1
-        self._size = 0
-        self._needs_rollback = False
+        # Where the bytes of an append that is not yet durable begin; set while one is.
+        self._rollback_to: int | None = None
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        """Create the file (and folders) durably, repair a torn tail, and open for appends."""
-        make_dirs_durably(self.path.parent)
+        """Repair a torn tail, then open for appends, creating the file (and folders) durably."""
         if self.path.exists():
             dropped = repair_torn_tail(self.path)
             if dropped:
@@ -862,93 +889,158 @@ class JsonlLog:
         self._fd = self._open_for_append()
 
     def _open_for_append(self) -> int:
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        if created:
+        """Open the path, creating it and its folders if need be, and fsync its folder.
+
+        The folder is fsynced whoever created the file (we, or logrotate before a SIGHUP):
+        the ops acknowledged into it are only as durable as its directory entry.
+        """
+        make_dirs_durably(self.path.parent)
+        fd = os.open(self.path, _APPEND_FLAGS, 0o644)
+        try:
             fsync_dir(self.path.parent)
-        self._size = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
         return fd
 
     def append_durably(self, data: bytes) -> None:
-        """Write data and fsync it; on failure truncate back and raise PersistError."""
+        """Write data and fsync it; on any failure leave the log as it was and raise PersistError."""
         with self._lock:
-            if self._needs_rollback:
-                self._roll_back()
-            if self.max_file_bytes and self._size and self._size + len(data) > self.max_file_bytes:
-                self._rotate()
             try:
-                _write_all(self._fd, data)
-                started = time.perf_counter()
-                os.fsync(self._fd)
-                self.metrics.fsync_seconds.observe(time.perf_counter() - started)
+                self._append(data)
             except OSError as exc:
                 self.metrics.persist_errors.inc()
-                self._needs_rollback = True
-                self._roll_back()
                 raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
-            self._size += len(data)
 
-    def _rotate(self) -> None:
-        """Shift ops.jsonl -> .1 -> .2 …, dropping the oldest beyond keep_files.
-
-        Called between appends, so no line is ever split across segments.
-        """
-        segments = segment_paths(self.path, self.keep_files)
+    def _append(self, data: bytes) -> None:
+        if self._rollback_to is not None:
+            self._roll_back()
+        # One fstat per group commit, the cost of asking the file rather than remembering.
+        status = os.fstat(self._fd)
+        if status.st_nlink == 0:
+            # Deleted under us (rm, rm -r of its folder, another file renamed over it): what
+            # we append to the orphaned inode would vanish at restart. A rename away (logrotate) keeps the
+            # link and waits for SIGHUP, as documented. An rm racing this very append
+            # takes it along, as it would had the append come a moment earlier.
+            log("WARN", "log file was deleted; reopening its path", path=self.path)
+            self._reopen()
+            status = os.fstat(self._fd)
+        size = status.st_size
+        if self.max_file_bytes and size and size + len(data) > self.max_file_bytes:
+            self._rotate()
+            size = 0
+        if size and os.pread(self._fd, 1, size - 1) != b"\n":
+            # Another writer's line is unfinished. Glued onto it, our first op would be
+            # lost in one unparseable line, so it starts its own; if that writer was
+            # still writing, its line was broken either way, by whatever came next.
+            data = b"\n" + data
+        view = memoryview(data)
         try:
-            if self.keep_files == 0:
-                os.unlink(self.path)
-            for older, newer in reversed(list(zip(segments[1:], segments))):
-                if newer.exists():
-                    os.replace(newer, older)
-            fd = self._open_for_append()
-        except OSError as exc:
-            raise PersistError(f"cannot rotate: {exc.strerror or exc} ({self.path})") from exc
-        os.close(self._fd)
-        self._fd = fd
-        log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
+            while view:
+                written = os.write(self._fd, view)
+                if self._rollback_to is None:
+                    # O_APPEND put these bytes at the end of the file as it was at this
+                    # write, after anything appended since we looked: ours begin here.
+                    self._rollback_to = os.lseek(self._fd, 0, os.SEEK_CUR) - written
+                view = view[written:]
+            started = time.perf_counter()
+            os.fsync(self._fd)
+            self.metrics.fsync_seconds.observe(time.perf_counter() - started)
+        except OSError:
+            if self._rollback_to is not None:
+                try:
+                    self._roll_back()
+                except OSError:
+                    pass  # logged; retried before the next append
+            raise
+        self._rollback_to = None
 
     def _roll_back(self) -> None:
-        """Truncate to the last durable size so no partial line stays behind."""
+        """Cut the file back to where the failed append's bytes begin, so no partial line stays.
+
+        Lines other writers appended before ours stay. One appended after ours, in the
+        moment between the failed write and this truncate, goes with ours: no lock we could
+        take binds another writer. A file already shorter (truncated by someone) is left as
+        it is rather than extended with zeros.
+        """
         try:
-            os.ftruncate(self._fd, self._size)
-            os.fsync(self._fd)
+            if os.fstat(self._fd).st_size > self._rollback_to:
+                os.ftruncate(self._fd, self._rollback_to)
+                os.fsync(self._fd)
         except OSError as exc:
             log("ERROR", "cannot roll back failed append; will retry", path=self.path, error=exc)
-            raise PersistError(f"log needs repair: {exc.strerror or exc}") from exc
-        self._needs_rollback = False
+            raise
+        self._rollback_to = None
+
+    def _rotate(self) -> None:
+        """Shift ops.jsonl -> .1 -> .2 …, dropping the oldest beyond keep_files; all or nothing.
+
+        Called between appends, so no line is ever split across segments. What can fail for
+        want of a resource (creating the new file, opening the folder to fsync it) happens
+        while every rename can still be undone, and the oldest segment is only set aside
+        until the end: a rotation that fails leaves the folder as it was and loses nothing.
+        """
+        dropped = self.path.with_name(f".{self.path.name}.dropped")
+        fresh = self.path.with_name(f".{self.path.name}.next")
+        chain = segment_paths(self.path, self.keep_files) + [dropped]
+        moves = []
+        for source, target in zip(chain, chain[1:]):
+            if not source.exists():
+                break  # a gap: the segments after it keep their names
+            moves.append((source, target))
+        moves.reverse()
+        moves.append((fresh, self.path))
+        fd, done = -1, []
+        try:
+            fd = os.open(fresh, _APPEND_FLAGS | os.O_TRUNC, 0o644)
+            for source, target in moves:
+                os.rename(source, target)
+                done.append((source, target))
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            for source, target in reversed(done):
+                try:
+                    os.rename(target, source)
+                except OSError as undo_exc:
+                    log("ERROR", "cannot undo rotation step", path=target, error=undo_exc)
+            if fd >= 0:
+                os.close(fd)
+                try:
+                    os.unlink(fresh)
+                except OSError:
+                    pass  # an empty leftover, truncated by the next rotation
+            log("ERROR", "cannot rotate log; left as it was", path=self.path, error=exc)
+            raise
+        os.close(self._fd)
+        self._fd = fd
+        if moves[0][1] == dropped:
+            try:
+                os.unlink(dropped)
+            except OSError:
+                pass  # replaced by the next rotation's oldest segment
+        log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
 
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file away (SIGHUP).
 
         Appends hold the same lock, so every op lands whole in the old file or the new one.
+        Raises OSError, the old file still in use, if the path cannot be opened.
         """
         with self._lock:
-            fd = self._open_for_append()
-            os.close(self._fd)
-            self._fd = fd
+            self._reopen()
+
+    def _reopen(self) -> None:
+        if self._rollback_to is not None:
+            self._roll_back()  # its offset is in the file being left
+        fd = self._open_for_append()
+        os.close(self._fd)
+        self._fd = fd
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def _lines_backward(f, end: int):
-    """Yield (offset, line) from end of file back to its start, newest first."""
-    pos, tail = end, b""
-    while pos > 0:
-        start = max(0, pos - RESTORE_BLOCK_BYTES)
-        f.seek(start)
-        chunk = f.read(pos - start) + tail
-        lines = chunk.split(b"\n")
-        tail = lines[0]
-        offset = start + len(chunk)
-        for line in reversed(lines[1:]):
-            offset -= len(line) + 1
-            yield offset + 1, line
-        pos = start
-    yield 0, tail
 
 
 def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
@@ -974,7 +1066,10 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
                     continue
                 try:
                     ring_op = RingOp(validate_op(parse_json_strict(line)))
-                except InvalidOp as exc:
+                except Exception as exc:
+                    # Whatever a stored line makes decoding or encoding raise (InvalidOp,
+                    # RecursionError, UnicodeEncodeError, a rule added later), it is one bad
+                    # line, never a reason to stop startup.
                     log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
                     continue
                 if newest_first and held + ring_op.size > max_bytes:

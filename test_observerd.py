@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -2337,3 +2338,259 @@ def test_delivered_escalations_stay_listed_however_many_attempts_fail():
     failed = [e for e in listed if e["outcome"] == "failed"]
     assert len(failed) == od.Insights.MAX_ESCALATIONS and failed[0]["at"] == "2026-11-24T10:08:22Z"
     assert [e["at"] for e in listed] == sorted((e["at"] for e in listed), reverse=True)
+
+
+# -----------------------------------------------------------------------------
+# issue 9: persistence faults
+# -----------------------------------------------------------------------------
+
+
+def endpoints_in(path: Path) -> list[str]:
+    """The endpoints of a JSONL file, every line of which must be a whole, valid op."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), f"{path.name} ends in a partial line"
+    return [od.validate_op(od.parse_json_strict(line))["endpoint"] for line in data.splitlines()]
+
+
+def test_a_failed_append_rolls_back_only_its_own_bytes_after_another_writer_appended(tmp_path, daemons):
+    limit = 2000
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(limit)).wait_listening()
+    client = daemon.client()
+    path = tmp_path / "ops.jsonl"
+
+    def post(endpoint, **fields):
+        return client.post("/observer/event", {"endpoint": endpoint, **fields})[0]
+
+    for i in range(3):
+        assert post(f"/before/{i}") == 200
+    append_to(path, od.encode_line(op("/foreign/1", source="langfuse")))  # another writer
+    assert post("/after-foreign") == 200
+    assert post("/too-big", pad="x" * limit) == 503  # a short write up to the limit, then EFBIG
+    append_to(path, od.encode_line(op("/foreign/2", pad="y" * limit)))  # now past the limit
+    assert post("/past-the-limit") == 503  # fails before writing a byte
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert post("/after-recovery") == 200
+    assert endpoints_in(path) == ["/before/0", "/before/1", "/before/2", "/foreign/1", "/after-foreign",
+                                  "/foreign/2", "/after-recovery"]
+
+
+def test_an_op_after_another_writers_unfinished_line_starts_its_own_line(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    path = tmp_path / "ops.jsonl"
+    assert client.post("/observer/event", {"endpoint": "/first"})[0] == 200
+    append_to(path, b'{"endpoint":"/foreign","sour')  # another writer stopped mid-line
+    assert client.post("/observer/event", {"endpoint": "/second"})[0] == 200
+    assert [o["endpoint"] for o in replay_forward(path)] == ["/first", "/second"]
+    daemon.stop()
+    daemon = start_durable_daemon(daemons, tmp_path)
+    assert daemon.client().get("/observer/stats")[1]["total"] == 2
+    assert "skipped invalid log line" in daemon.log  # the fragment, on a line of its own
+
+
+def open_fds(pid: int) -> set[int]:
+    return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("spare_fds", [0, 1])  # 0: the new file cannot be created; 1: the folder cannot be opened
+def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp_path, daemons, spare_fds):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1000, keep_files=3, request_timeout_s=600.0)
+    client = daemon.client()
+    path, first_segment = tmp_path / "ops.jsonl", tmp_path / "ops.jsonl.1"
+    stamp = "2026-11-24T19:56:56Z"
+    line_bytes = len(od.encode_line(op("/r/000", timestamp=stamp)))
+    acked = []
+
+    def post(i):
+        status = client.post("/observer/event", {"endpoint": f"/r/{i:03d}", "timestamp": stamp})[0]
+        if status == 200:
+            acked.append(f"/r/{i:03d}")
+        return status
+
+    i = 0
+    while not first_segment.exists() or path.stat().st_size + line_bytes <= 1000:
+        assert post(i) == 200
+        i += 1
+    # The next op needs a rotation. Fill the daemon's fd table, but for spare_fds, with idle
+    # connections, as a crowd of clients would under a low RLIMIT_NOFILE.
+    pid = daemon.proc.pid
+    in_use = open_fds(pid)
+    limit = max(in_use) + 5
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+    idle = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(limit - len(in_use) - spare_fds)]
+    wait_for(lambda: len(open_fds(pid)) == limit - spare_fds, timeout=30,
+             what="the daemon to accept the idle connections")
+    before = folder_contents(tmp_path)
+    for _ in range(5):  # more failed attempts than keep_files
+        assert post(i) == 503
+        assert folder_contents(tmp_path) == before, "a failed rotation changed the folder"
+    assert "cannot rotate log" in daemon.log
+    assert len(open_fds(pid)) == limit - spare_fds, "a failed rotation leaked a file descriptor"
+    for sock in idle:
+        sock.close()
+    wait_for(lambda: len(open_fds(pid)) == len(in_use), timeout=30, what="the idle connections to close")
+    assert post(i) == 200
+    segments = od.segment_paths(path, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
+    assert [e for segment in reversed(segments) if segment.exists() for e in endpoints_in(segment)] == acked
+    assert endpoints_in(path) == [acked[-1]]
+
+
+def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    client = daemon.client()
+    folder = tmp_path / "data"
+    path = folder / "ops.jsonl"
+
+    def post(endpoint):
+        return client.post("/observer/event", {"endpoint": endpoint})[0]
+
+    assert post("/before-rm") == 200
+    path.unlink()  # an operator's rm
+    assert post("/after-rm") == 200
+    assert "log file was deleted" in daemon.log
+    assert endpoints_in(path) == ["/after-rm"]
+    # Another file renamed over the path (a restore from backup): appends follow the path.
+    replacement = folder / "from-backup.jsonl"
+    replacement.write_bytes(od.encode_line(op("/from-backup")))
+    os.replace(replacement, path)
+    assert post("/after-replace") == 200
+    assert endpoints_in(path) == ["/from-backup", "/after-replace"]
+    shutil.rmtree(folder)  # the folder too: made again, as at startup
+    assert post("/after-rmtree") == 200
+    assert endpoints_in(path) == ["/after-rmtree"]
+    daemon.stop()  # SIGKILL: only what reached the file counts
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    assert [o["endpoint"] for o in daemon.client().get("/observer/ops")[1]["ops"]] == ["/after-rmtree"]
+
+
+class ReadCountingFile:
+    """A file whose reads are counted."""
+
+    def __init__(self, f, reads: list[int]):
+        self.f, self.reads = f, reads
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_backward_reads_take_each_byte_once_and_hold_a_long_line_at_most_twice(tmp_path, monkeypatch):
+    run = 8 * 1024 * 1024  # a run without a newline: NULs left by a crash, or a hostile line
+    reads = []
+    real_open = open
+    monkeypatch.setattr(od, "open", lambda *a, **k: ReadCountingFile(real_open(*a, **k), reads), raising=False)
+    restored = tmp_path / "ops.jsonl"
+    restored.write_bytes(od.encode_line(op("/first")) + b"\0" * run + b"\n" + od.encode_line(op("/last")))
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(od.encode_line(op("/whole")) + b"\0" * run)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        assert [o["endpoint"] for o in od.restore_tail(restored, 10)] == ["/first", "/last"]
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    assert sum(reads) == restored.stat().st_size
+    # The run is joined once from its blocks, then decoded once for the parser: never a third copy.
+    assert peak < 2.5 * run
+    reads.clear()
+    assert od.repair_torn_tail(torn) == run
+    assert sum(reads) <= run + od.RESTORE_BLOCK_BYTES
+    assert endpoints_in(torn) == ["/whole"]
+
+
+def limit_cpu_seconds(seconds):
+    """preexec_fn: the process is killed after using this much CPU time, however busy the machine."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
+    return apply
+
+
+def test_restoring_a_long_run_without_newlines_is_linear_work(tmp_path):
+    # A scale model: with 64-byte blocks, 16 MiB is as many blocks as 16 GiB at the real block
+    # size. Linear, that is about a second of CPU; re-copying what was read, hours.
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(od.encode_line(op("/first")) + b"\0" * (16 << 20) + b"\n" + od.encode_line(op("/last")))
+    code = "import sys, observerd; observerd.RESTORE_BLOCK_BYTES = 64; sys.exit(observerd.main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "stats", str(path)], cwd=HERE, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit_cpu_seconds(30))
+    assert result.returncode == 0, result.stderr[-500:]
+    assert json.loads(result.stdout)["total"] == 2
+
+
+def test_rotation_and_a_reopened_path_fsync_the_folder_before_the_next_op(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def renaming(real):
+        def rename(source, target, **kw):
+            events.append(("rename", str(target)))
+            real(source, target, **kw)
+        return rename
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", renaming(real_rename))
+    monkeypatch.setattr(os, "replace", renaming(real_replace))
+    path = tmp_path / "ops.jsonl"
+    line = od.encode_line(op("/f"))
+    log_file = od.JsonlLog(path, max_file_bytes=2 * len(line), keep_files=2)
+    log_file.open()
+    for _ in range(7):  # three rotations
+        log_file.append_durably(line)
+    assert (tmp_path / "ops.jsonl.2").exists()
+    path.unlink()
+    log_file.append_durably(line)  # reopens the deleted path
+    log_file.close()
+    # Every new directory entry (rename, create) is made durable before an op goes into it.
+    folder, unsynced = str(tmp_path), True  # open() created the file
+    for kind, target in events:
+        if kind == "rename":
+            unsynced = True
+        elif target == folder:
+            unsynced = False
+        else:
+            assert not unsynced, f"an op was fsynced into {target} before its folder: {events}"
+    assert [e for e in events if e[0] == "rename"] and events[-2:] == [("fsync", folder), ("fsync", str(path))]
+
+
+def test_a_restart_skips_stored_lines_that_would_break_a_read(tmp_path, daemons):
+    path = tmp_path / "ops.jsonl"
+    bad = [
+        b'{"endpoint":"/lone-surrogate","note":"\\ud800"}',  # valid JSON that UTF-8 cannot carry
+        b'{"endpoint":"\\udfff"}',
+        b'{"endpoint":"/deep","x":' + b"[" * 100000 + b"]" * 100000 + b"}",
+        b"\0" * 100000,
+        b'{"endpoint":"/bad-utf8","note":"\xff"}',
+        b'{"endpoint":"/huge","duration_ms":' + b"9" * 5000 + b"}",
+        b'[{"endpoint":"/in-an-array"}]',
+    ]
+    good = [od.encode_line(op(f"/good/{i}", source="scenario")) for i in range(2)]
+    path.write_bytes(good[0] + b"\n".join(bad) + b"\n" + good[1])
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    assert client.get("/observer/stats")[1]["total"] == 2
+    assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/good/1", "/good/0"]
+    assert daemon.log.count("skipped invalid log line") == len(bad)
+    cli = run_cli("stats", str(path))
+    assert cli.returncode == 0 and json.loads(cli.stdout)["total"] == 2
