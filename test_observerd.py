@@ -13,6 +13,7 @@ import os
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -37,8 +38,12 @@ DAEMON = HERE / "observerd.py"
 # -----------------------------------------------------------------------------
 
 
-def wait_for(predicate, timeout=5.0, interval=0.01, what="condition"):
-    """Poll predicate until it returns truthy; fail the test after timeout seconds."""
+def wait_for(predicate, timeout=30.0, interval=0.01, what="condition"):
+    """Poll predicate until it returns truthy; fail the test after timeout seconds.
+
+    The deadline only bounds how long a broken build hangs: it is never what a test measures,
+    so it is generous for a slow disk and a busy CPU.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -73,7 +78,7 @@ def make_config(tmp_path: Path, **settings) -> od.Config:
 class Client:
     """A keep-alive JSON client for one server."""
 
-    def __init__(self, port: int, token: str | None = None, timeout: float = 10):
+    def __init__(self, port: int, token: str | None = None, timeout: float = 30):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         self.token = token
 
@@ -169,7 +174,7 @@ class Daemon:
     def log(self) -> str:
         return "".join(self._lines)
 
-    def wait_listening(self, timeout=10.0) -> "Daemon":
+    def wait_listening(self, timeout=60.0) -> "Daemon":
         def listening():
             for line in list(self._lines):
                 if "msg=listening" in line:
@@ -184,7 +189,7 @@ class Daemon:
     def client(self, **kw) -> Client:
         return Client(self.port, **kw)
 
-    def exit_status(self, timeout=10.0) -> int:
+    def exit_status(self, timeout=60.0) -> int:
         status = self.proc.wait(timeout)
         self._reader.join(timeout)
         return status
@@ -218,7 +223,7 @@ def start_durable_daemon(daemons, folder: Path, **settings) -> Daemon:
     return daemons(folder, config=config).wait_listening()
 
 
-def raw_exchange(port: int, data: bytes, timeout=5.0) -> bytes:
+def raw_exchange(port: int, data: bytes, timeout=30.0) -> bytes:
     """Send raw bytes on a fresh connection and read until the server closes or times out."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
@@ -455,7 +460,7 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, content, needle):
     if content is not None:
         path.write_text(content)
     proc = subprocess.run([sys.executable, str(DAEMON), "--config", str(path)],
-                          capture_output=True, text=True, timeout=10)
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -591,7 +596,7 @@ def test_env_token_overrides_the_file_in_the_daemon(tmp_path, daemons):
 
 def test_body_over_the_cap_is_413_before_reading_it(serve):
     server = serve(max_body_bytes=100)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         # Announce 10 MB but send none of it: the answer must come from the header alone.
         sock.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
         status, body = parse_response(sock.recv(65536))
@@ -636,7 +641,7 @@ def test_keep_alive_serves_two_requests_on_one_connection(serve):
 
 def test_each_response_is_sent_in_one_write(serve):
     server = serve()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
         first = sock.recv(65536)
     status, body = parse_response(first)
@@ -660,17 +665,17 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
     idle = daemon.client()
     assert idle.get("/observer/health")[0] == 200  # an idle keep-alive connection stays open
     body = json.dumps({"endpoint": "/in-flight"}).encode()
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
         sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
         wait_for(lambda: daemon.client().get("/observer/health")[0] == 200)
-        started = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in daemon.log, what="shutdown to begin")
         sock.sendall(body[5:])
         status, answer = parse_response(sock.recv(65536))
         assert (status, answer["accepted"]) == (200, True)
-    assert daemon.exit_status(timeout=3) == 0
-    assert time.monotonic() - started < 2.0
+    assert daemon.exit_status() == 0
+    # The idle connection was closed at once, not left to the grace period.
+    assert "abandoned_connections=0" in daemon.log
     assert json.loads((tmp_path / "ops.jsonl").read_text())["endpoint"] == "/in-flight"
 
 
@@ -724,7 +729,7 @@ def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemon
     stop = threading.Event()
 
     def writer(n):
-        client = daemon.client(timeout=5)
+        client = daemon.client()
         i = 0
         while not stop.is_set():
             endpoint = f"/w{n}/{i}"
@@ -739,7 +744,7 @@ def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemon
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(acked) >= 400, timeout=20, what="400 acknowledged ops")
+    wait_for(lambda: len(acked) >= 400, timeout=120, what="400 acknowledged ops")
     daemon.proc.kill()
     daemon.exit_status()
     stop.set()
@@ -795,27 +800,41 @@ def test_full_disk_is_503_with_ring_and_file_clean_then_recovers(tmp_path, daemo
 # -----------------------------------------------------------------------------
 
 
-def timed_health(port) -> float:
-    started = time.monotonic()
+def assert_healthy(port) -> None:
     status, _ = parse_response(raw_exchange(port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert status == 200
-    return time.monotonic() - started
 
 
-def test_slowloris_connections_are_closed_and_never_block_health(serve):
-    server = serve(request_timeout_s=1.0)
-    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]
+def open_slow_requests(port: int, count: int) -> list[socket.socket]:
+    """Connections that each send the start of a request and then stall."""
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
+    for sock in slow:
+        sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
+    return slow
+
+
+def test_slowloris_connections_never_block_health(serve):
+    # Stalled requests may take all of request_timeout_s (longer than the test waits for
+    # anything): health must be answered while every one of them is still held open.
+    server = serve(request_timeout_s=3600)
+    slow = open_slow_requests(server.port, 200)
     try:
+        wait_for(lambda: len(server.server.connections) == 200, timeout=60, what="200 slow connections admitted")
+        for _ in range(7):
+            assert_healthy(server.port)
+        wait_for(lambda: len(server.server.connections) == 200, what="only the slow connections to be open")
+    finally:
         for sock in slow:
-            sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
-        wait_for(lambda: len(server.server.connections) >= 200, what="200 slow connections admitted")
-        latencies = sorted(timed_health(server.port) for _ in range(7))
-        assert latencies[3] < 0.1, latencies
-        assert latencies[-1] < 1.0, latencies
+            sock.close()
 
+
+def test_slowloris_connections_are_closed_at_the_request_deadline(serve):
+    server = serve(request_timeout_s=1.0)
+    slow = open_slow_requests(server.port, 200)
+    try:
         # Dribble a byte every 0.2 s: each recv is quick, but the whole request is not.
         closed = set()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while len(closed) < len(slow) and time.monotonic() < deadline:
             for i, sock in enumerate(slow):
                 if i in closed:
@@ -843,15 +862,26 @@ def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
     # must still be established by the kernel's backlog, not dropped and retried after 1 s.
     server = od.ObserverServer(make_config(tmp_path), od.open_store(make_config(tmp_path)))
     port = server.server_address[1]
-    started = time.monotonic()
     burst = []
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     try:
-        for _ in range(150):
-            burst.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-        assert time.monotonic() - started < 2.0
+        # A SYN that finds the accept queue full is dropped, so with a shallow backlog the rest
+        # of the burst never connects while nothing accepts. 100 stays under an old somaxconn.
+        for _ in range(100):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            burst.append(sock)
+
+        def all_connected():
+            _, writable, _ = select.select([], burst, [], 0)
+            return len(writable) == len(burst)
+
+        wait_for(all_connected, timeout=60, what="every connection of the burst to be established")
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for sock in burst)
         thread.start()
         for sock in burst[:3] + burst[-3:]:
+            sock.settimeout(30)
             sock.sendall(b"GET /observer/health HTTP/1.1\r\n\r\n")
             assert parse_response(sock.recv(65536))[0] == 200
     finally:
@@ -866,7 +896,7 @@ def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
 def test_connections_past_the_cap_get_503_and_are_closed(serve):
     server = serve(max_connections=4)
     threads_before = threading.active_count()
-    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
     wait_for(lambda: len(server.server.connections) == 4, what="4 connections admitted")
     for _ in range(20):
         raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
@@ -912,7 +942,7 @@ def test_malformed_requests_get_a_4xx_json_error(serve, name):
     status, body = parse_response(raw)
     assert 400 <= status < 500, (status, body)
     assert isinstance(body["error"], str) and body["error"]
-    assert timed_health(server.port) < 5
+    assert_healthy(server.port)
     assert server.store.stats()["total"] == 0
 
 
@@ -952,7 +982,7 @@ def test_fuzzed_requests_never_kill_the_daemon_and_stats_match_the_200s(tmp_path
     rng = random.Random(20261124)
     accepted = 0
     for i in range(3000):
-        raw = raw_exchange(daemon.port, fuzz_request(rng, i), timeout=5)
+        raw = raw_exchange(daemon.port, fuzz_request(rng, i))
         if not raw:
             continue
         status, body = parse_response(raw)
@@ -1008,9 +1038,11 @@ def test_the_token_never_appears_in_logs_or_error_bodies(tmp_path, daemons):
 
 
 class FsyncSpy:
-    """Wraps os.fsync for the log file: counts calls, can slow them or fail chosen ones."""
+    """Wraps os.fsync for the log file: counts calls, can slow them, hold the first one
+    until an Event is set, or fail chosen ones."""
 
-    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=()):
+    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=(),
+                 hold_first: threading.Event | None = None):
         self.calls = 0
         self.delay = delay
         self.fail_calls = set(fail_calls)
@@ -1024,7 +1056,9 @@ class FsyncSpy:
             with self.lock:
                 self.calls += 1
                 call = self.calls
-            time.sleep(self.delay if call == 1 else 0)
+            if call == 1 and hold_first is not None:
+                hold_first.wait(60)
+            time.sleep(self.delay)
             if call in self.fail_calls:
                 raise OSError(5, "Input/output error")
             return real(fd)
@@ -1034,7 +1068,8 @@ class FsyncSpy:
 
 def test_concurrent_posts_share_fsyncs_and_keep_file_order(serve, monkeypatch):
     server = serve()
-    spy = FsyncSpy(monkeypatch, delay=0.2)
+    # A slow disk: while one batch is fsynced, the other writers' next ops queue behind it.
+    spy = FsyncSpy(monkeypatch, delay=0.02)
     statuses = []
 
     def post_many(n):
@@ -1063,9 +1098,10 @@ def test_a_lone_post_is_one_write_and_one_fsync(serve, monkeypatch):
 
 def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
     server = serve()
-    # Call 1 (the first writer) is slow so B, C and D queue behind it; call 2, their shared
-    # batch, fails; call 3 (E) succeeds.
-    spy = FsyncSpy(monkeypatch, delay=0.5, fail_calls={2})
+    # Call 1 (the first writer) is held until B, C and D queue behind it; call 2, their
+    # shared batch, fails; call 3 (E) succeeds.
+    release_first = threading.Event()
+    spy = FsyncSpy(monkeypatch, fail_calls={2}, hold_first=release_first)
     results = {}
 
     def post(name):
@@ -1077,9 +1113,10 @@ def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
     queued = [threading.Thread(target=post, args=(name,)) for name in "BCD"]
     for t in queued:
         t.start()
-    wait_for(lambda: len(server.store._queue) == 3, what="B, C and D to queue")
+    wait_for(lambda: len(server.store._queue) == 3, timeout=60, what="B, C and D to queue")
+    release_first.set()
     for t in [first, *queued]:
-        t.join(10)
+        t.join(60)
     post("E")
     assert results == {"A": 200, "B": 503, "C": 503, "D": 503, "E": 200}
     assert spy.calls == 4  # A, the failed batch, the fsync of its rollback, E
@@ -1788,17 +1825,24 @@ def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
 
 def test_tls_serves_https_and_a_plain_http_client_fails_cleanly(tmp_path, daemons):
     cert, key = make_self_signed_cert(tmp_path)
-    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem")
+    # A plain-HTTP client left hanging would be cut only at request_timeout_s, long after we give up.
+    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem",
+                                  request_timeout_s=3600)
     context = ssl.create_default_context(cafile=str(cert)) if shutil.which("openssl") else ssl._create_unverified_context()
-    https = http.client.HTTPSConnection("127.0.0.1", daemon.port, context=context, timeout=5)
+    https = http.client.HTTPSConnection("127.0.0.1", daemon.port, context=context, timeout=30)
     https.request("POST", "/observer/event", body=json.dumps({"endpoint": "/tls"}))
     response = https.getresponse()
     assert (response.status, json.loads(response.read())["accepted"]) == (200, True)
     for _ in range(5):
-        started = time.monotonic()
-        raw = raw_exchange(daemon.port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+            sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                raw = b"".join(iter(lambda: sock.recv(65536), b""))
+            except ConnectionResetError:
+                raw = b""
+            except socket.timeout:
+                raise AssertionError("a plain-HTTP client was left hanging") from None
         assert b"200" not in raw
-        assert time.monotonic() - started < 2, "a plain-HTTP client was left hanging"
     https.request("GET", "/observer/stats")
     assert json.loads(https.getresponse().read())["total"] == 1
     assert "Traceback" not in daemon.log
@@ -1889,11 +1933,12 @@ def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_pat
     for t in threads:
         t.start()
     live, rotated = tmp_path / "ops.jsonl", tmp_path / "ops.jsonl.1"
-    wait_for(lambda: len(acked) > 200, what="load")
+    wait_for(lambda: len(acked) > 200, timeout=120, what="load")
     os.rename(live, rotated)  # what logrotate does before signalling, with `create`
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, what="the reopen")
-    wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, what="ops in the new file")
+    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
+    wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, timeout=120, interval=0.1,
+             what="ops in the new file")
     stop.set()
     for t in threads:
         t.join(10)
@@ -1925,31 +1970,47 @@ def read_responses(sock, count: int) -> list[tuple[int, dict]]:
 
 def test_pipelined_requests_are_answered_in_order(serve, monkeypatch):
     server = serve()
-    FsyncSpy(monkeypatch, delay=0.3)  # the first answer is still owed when the rest arrive
+    FsyncSpy(monkeypatch, delay=0.1)  # the first answer is still owed when the rest arrive
     requests = b""
     for i in range(3):
         body = json.dumps({"endpoint": f"/p{i}"}).encode()
         requests += b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     requests += b"GET /observer/stats HTTP/1.1\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(requests)
         answers = read_responses(sock, 4)
     assert [a for a in answers[:3]] == [(200, {"accepted": True, "ring_size": n}) for n in (1, 2, 3)]
     assert answers[3][0] == 200 and answers[3][1]["total"] == 3
 
 
-def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(serve):
-    server = serve()
+def send_until_refused(sock: socket.socket, data: bytes) -> None:
+    """sendall that stops quietly when the peer closes or resets the connection."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(serve, capsys):
+    # A committer that waited for this client would hold every commit for request_timeout_s.
+    server = serve(request_timeout_s=3600)
+    # Small kernel buffers at both ends (accepted sockets inherit the listener's), so a few dozen
+    # unread answers fill them, whatever the disk's speed or the machine's TCP autotuning.
+    server.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     body = json.dumps({"endpoint": "/flood"}).encode()
-    # More answers than a socket's send buffer can hold (it autotunes up to 4 MB here).
-    flood = (b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body) * 40000
+    request = b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     with socket.socket() as greedy:
         greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         greedy.connect(("127.0.0.1", server.port))
-        greedy.sendall(flood)  # lands in observerd's receive buffer; the answers are never read
-        # A committer that waited on this client would hold every other commit for 10 s.
-        wait_for(lambda: len(server.server.connections) == 0, timeout=5, what="the greedy client to be dropped")
-        polite = server.client(timeout=3)
-        for i in range(20):
-            assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
+        # Far more answers than both buffers hold; the answers are never read.
+        flood = threading.Thread(target=send_until_refused, args=(greedy, request * 2000), daemon=True)
+        flood.start()
+        wait_for(lambda: len(server.store) and not len(server.server.connections), timeout=60,
+                 what="the greedy client to be dropped")
+        flood.join(60)
+    assert len(server.store) < 2000
+    assert "client not reading answers" in capsys.readouterr().err
+    polite = server.client()
+    for i in range(20):
+        assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
