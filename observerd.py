@@ -121,12 +121,27 @@ def _format_number(value: float) -> str:
 
 
 class Metric:
-    """One metric family: a counter or gauge, with values per label set."""
+    """One metric family: a counter or gauge, with values per label set.
+
+    A family without labels starts at 0; one with labels starts at 0 for each label set
+    declared, so that increase() sees the first event instead of a series appearing at 1.
+    """
 
     def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = ()):
         self.name, self.kind, self.help_text, self.labels = name, kind, help_text, labels
-        self.values: dict[tuple[str, ...], float] = {}
+        self.values: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
+        if not labels:
+            self.declare([()])
+
+    def _zero(self) -> object:
+        return 0
+
+    def declare(self, label_sets) -> None:
+        """Export each of these label value tuples from 0 (those already counted stay)."""
+        with self._lock:
+            for label_values in label_sets:
+                self.values.setdefault(tuple(label_values), self._zero())
 
     def inc(self, *label_values: str, amount: float = 1) -> None:
         with self._lock:
@@ -147,15 +162,18 @@ class Histogram(Metric):
 
     def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
                  buckets: tuple[float, ...] = SECONDS_BUCKETS):
-        super().__init__(name, "histogram", help_text, labels)
         self.buckets = buckets
+        super().__init__(name, "histogram", help_text, labels)
+
+    def _zero(self) -> list:
+        # Per-bucket counts, the last slot for values above every bound; sum; count.
+        return [[0] * (len(self.buckets) + 1), 0.0, 0]
 
     def observe(self, value: float, *label_values: str) -> None:
         with self._lock:
             state = self.values.get(label_values)
             if state is None:
-                # Per-bucket counts, the last slot for values above every bound; sum; count.
-                state = self.values[label_values] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+                state = self.values[label_values] = self._zero()
             state[0][bisect.bisect_left(self.buckets, value)] += 1
             state[1] += value
             state[2] += 1
@@ -175,9 +193,13 @@ class Histogram(Metric):
 
 
 class Metrics:
-    """Every metric observerd exports, rendered for GET /metrics."""
+    """Every metric observerd exports, rendered for GET /metrics.
 
-    def __init__(self):
+    sources and rejection_reasons are the label values known at startup (declared where they
+    are defined, further down): each combination is exported from 0.
+    """
+
+    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
@@ -196,6 +218,8 @@ class Metrics:
                                  "Always 1; the labels say what is running.", ("version", "python"))
         self.start_time.set(time.time())
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
+        self.events.declare((source, success) for source in sources for success in ("true", "false"))
+        self.rejected.declare((reason,) for reason in rejection_reasons)
 
     def render(self) -> str:
         lines = []
@@ -1372,6 +1396,7 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
 
+_OVERLOADED_REASON = "too_many_connections"
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Content-Length: 32\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -1536,7 +1561,7 @@ class ObserverServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
-            self.metrics.rejected.inc("too_many_connections")
+            self.metrics.rejected.inc(_OVERLOADED_REASON)
             _refuse_overloaded(request)
             self.shutdown_request(request)
             return
@@ -1659,6 +1684,8 @@ ROUTES = {
 }
 _REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required", 413: "too_large",
                       415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
+# Every reason observerd_rejected_total counts: the answers above, and connections refused at the cap.
+REJECTION_REASONS = (*dict.fromkeys(_REJECTION_REASONS.values()), _OVERLOADED_REASON)
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 # json.dumps with any option builds a new encoder per call; responses reuse this one.
 _RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False)
@@ -2329,7 +2356,7 @@ def print_stats(args: argparse.Namespace) -> int:
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the log, then restore the ring from its tail."""
     ring = RingStats(config.ring_size, config.recent_scenarios)
-    metrics = Metrics()
+    metrics = Metrics(SOURCES, REJECTION_REASONS)
     log_file = None
     if config.persist_path is not None:
         log_file = JsonlLog(config.persist_path, config.max_file_bytes, config.keep_files, metrics)

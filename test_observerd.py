@@ -2014,3 +2014,25 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
     for i in range(20):
         assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
+
+
+# -----------------------------------------------------------------------------
+# --- issue 9: operator surface (check, old Pythons, metrics from 0, [auth], early signals) ---
+# -----------------------------------------------------------------------------
+
+
+KNOWN_REJECTION_REASONS = ("invalid", "unauthorized", "length_required", "too_large", "unsupported_encoding",
+                           "persist_failed", "too_many_connections")
+
+
+def test_every_counter_is_exported_from_0_at_startup(serve):
+    client = serve().client()
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    assert sample(families, "observerd_persist_errors_total") == 0
+    assert sample(families, "observerd_fsync_seconds", "observerd_fsync_seconds_count") == 0
+    for reason in KNOWN_REJECTION_REASONS:
+        assert sample(families, "observerd_rejected_total", reason=reason) == 0, reason
+    for source in ("mcp", "scenario", "langfuse", "overseer_correction"):
+        for success in ("true", "false"):
+            assert sample(families, "observerd_events_total", source=source, success=success) == 0
