@@ -17,6 +17,13 @@ background loops -> CLI/main.
 
 from __future__ import annotations
 
+import sys
+
+# Before anything that needs 3.11 (tomllib, dataclass slots) runs: one line, not a traceback.
+if sys.version_info < (3, 11):
+    sys.stderr.write("observerd needs Python 3.11 or newer; this is %d.%d.%d\n" % tuple(sys.version_info[:3]))
+    sys.exit(2)
+
 import argparse
 import bisect
 import hmac
@@ -29,7 +36,6 @@ import signal
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
 import tomllib

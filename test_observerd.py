@@ -2021,6 +2021,49 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
 # -----------------------------------------------------------------------------
 
 
+def older_pythons() -> list[str]:
+    """Interpreters older than 3.11 on PATH that really run (a pyenv shim may not)."""
+    found = []
+    for minor in (8, 9, 10):
+        path = shutil.which(f"python3.{minor}")
+        if path is None:
+            continue
+        probe = subprocess.run([path, "-c", "import sys; print(sys.version_info < (3, 11))"],
+                               capture_output=True, text=True, timeout=60)
+        if probe.stdout.strip() == "True":
+            found.append(path)
+    return found
+
+
+SUBCOMMANDS = [[], ["serve"], ["check"], ["stats", "ops.jsonl"], ["--version"], ["--help"]]
+
+
+@pytest.mark.parametrize("args", SUBCOMMANDS)
+def test_an_older_python_is_named_in_one_line_and_exit_2(tmp_path, args):
+    # As Python 3.10.12 would run the file: version_info is all the check may look at.
+    runner = ("import runpy, sys; sys.version_info = (3, 10, 12, 'final', 0); "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", runner, str(DAEMON), *args], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (
+        2, "observerd needs Python 3.11 or newer; this is 3.10.12\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_older_python_is_named_in_one_line_and_exit_2(tmp_path):
+    interpreters = older_pythons()
+    if not interpreters:
+        pytest.skip("no python3.8, 3.9 or 3.10 on PATH")
+    for python in interpreters:
+        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+        for args in SUBCOMMANDS:
+            result = subprocess.run([python, str(DAEMON), *args], capture_output=True, text=True,
+                                    timeout=60, cwd=tmp_path)
+            expected = f"observerd needs Python 3.11 or newer; this is {version}\n"
+            assert (result.returncode, result.stderr) == (2, expected), (python, args)
+
+
 KNOWN_REJECTION_REASONS = ("invalid", "unauthorized", "length_required", "too_large", "unsupported_encoding",
                            "persist_failed", "too_many_connections")
 
