@@ -36,6 +36,7 @@ import signal
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import tomllib
@@ -318,6 +319,7 @@ class Config:
     access_log: bool
     token: str
     source: str
+    warnings: tuple[str, ...] = ()  # what serve logs as WARN and check prints, without refusing
 
     @property
     def bind(self) -> str:
@@ -362,8 +364,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_table(name: str, table: object, spec: dict, problems: list[str]) -> dict:
-    """Type-check one TOML table against its spec; unknown keys are problems."""
+def _check_table(name: str, table: object, spec: dict, problems: list[str], unknown: list[str]) -> dict:
+    """Type-check one TOML table against its spec; unknown keys go to the unknown list."""
     values = {key: default for key, (_, default, _) in spec.items()}
     if table is None:
         return values
@@ -372,7 +374,7 @@ def _check_table(name: str, table: object, spec: dict, problems: list[str]) -> d
         return values
     for key, value in table.items():
         if key not in spec:
-            problems.append(f"unknown key {key!r} in [{name}]")
+            unknown.append(f"unknown key {key!r} in [{name}]")
             continue
         kind, _, minimum = spec[key]
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
@@ -403,6 +405,7 @@ def load_config(
     source = path or DEFAULT_CONFIG_PATH
     document: dict = {}
     base_dir = Path.cwd()
+    warnings: list[str] = []
     try:
         with open(source, "rb") as f:
             document = tomllib.load(f)
@@ -410,15 +413,16 @@ def load_config(
     except FileNotFoundError:
         if path is not None:
             raise ConfigError(source, ["file not found"]) from None
-        log("WARN", "config file not found, using defaults", file=source)
+        warnings.append("config file not found, using defaults")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
     problems: list[str] = []
-    values = _check_table("observerd", document.get("observerd"), OBSERVERD_KEYS, problems)
-    auth = _check_table("auth", document.get("auth"), AUTH_KEYS, problems)
+    values = _check_table("observerd", document.get("observerd"), OBSERVERD_KEYS, problems, problems)
+    # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
+    auth = _check_table("auth", document.get("auth"), AUTH_KEYS, problems, warnings)
     if bind is not None:
         values["bind"] = bind
     host, port = "127.0.0.1", 0
@@ -479,6 +483,7 @@ def load_config(
         access_log=values["access_log"],
         token=token,
         source=source,
+        warnings=tuple(warnings),
     )
 
 
@@ -1522,12 +1527,9 @@ class StartupError(Exception):
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
-    """The server's TLS context from tls_cert and tls_key; raises StartupError naming the file."""
+    """The server's TLS context from tls_cert and tls_key; raises StartupError naming them."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    for name, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
-        if not path.is_file():
-            raise StartupError(f"{name} {path}: file not found")
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except (ssl.SSLError, OSError) as exc:
@@ -2305,18 +2307,54 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _creation_problem(folder: Path) -> str | None:
+    """Why a file could not be created in folder (its missing parents made first), or None.
+
+    Tries it, with a scratch file in the nearest existing folder that is removed at once:
+    access() says yes to root in /proc, on some read-only mounts and through ACLs.
+    """
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=".observerd-check-", dir=existing)
+    except OSError as exc:
+        return f"cannot create files in {existing}: {exc.strerror or exc}"
+    os.close(fd)
+    os.unlink(scratch)
+    return None
+
+
 def usability_problems(config: Config) -> list[str]:
-    """What would stop this config at startup beyond its syntax: files, folders, TLS."""
+    """Every reason startup would fail beyond the config's syntax: files, folders, TLS.
+
+    serve refuses to start on any of them and check lists them all, so the two agree. The
+    checks change nothing on disk. The port is not tried: a running daemon holds it.
+    """
     problems = []
-    for name, path in (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path)):
+    paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path))
+    for name, path in paths:
         if path is None:
             continue
-        existing = _nearest_existing(path.parent)
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            problems.append(f"{name} {path}: {existing} is not a writable folder")
-        elif path.exists() and not os.access(path, os.W_OK):
-            problems.append(f"{name} {path}: not writable")
-    if config.tls_cert is not None:
+        try:
+            if path.is_dir():
+                problem = "is a folder"
+            elif name == "persist_path" and path.exists():
+                # Opened like JsonlLog does: appended to, and read back for repair and restore.
+                os.close(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC))
+                problem = _creation_problem(path.parent)  # rotation and the corrections sidecar
+            else:
+                problem = _creation_problem(path.parent)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem:
+            problems.append(f"{name} {path}: {problem}")
+    missing_tls = False
+    for name, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
+        if path is not None and not path.is_file():
+            problems.append(f"{name} {path}: file not found")
+            missing_tls = True
+    if config.tls_cert is not None and not missing_tls:
         try:
             tls_context(config)
         except StartupError as exc:
@@ -2325,13 +2363,15 @@ def usability_problems(config: Config) -> list[str]:
 
 
 def check(args: argparse.Namespace) -> int:
-    """`check`: print every problem (exit 2), or the effective settings (exit 0)."""
+    """`check`: print every problem (exit 2), or warnings and the effective settings (exit 0)."""
     try:
         config = load_config(args.config, args.bind, args.persist_path)
         problems = usability_problems(config)
     except ConfigError as exc:
         config, problems = None, exc.problems
     source = args.config or DEFAULT_CONFIG_PATH
+    for warning in config.warnings if config is not None else ():
+        print(f"{source}: warning: {warning}", file=sys.stderr)
     if problems:
         for problem in problems:
             print(f"{source}: {problem}", file=sys.stderr)
@@ -2378,13 +2418,32 @@ def open_store(config: Config) -> OpStore:
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
+    # on once the daemon runs (SIGHUP reopens the log just opened; SIGTERM stops cleanly).
+    # They only note the signal; the main thread acts on it outside signal context.
+    received: deque[int] = deque()
+    wake = threading.Event()
+
+    def note_signal(signum, _frame):
+        received.append(signum)
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note_signal)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
+    for warning in config.warnings:
+        log("WARN", warning, file=config.source)
+    problems = usability_problems(config)
+    if problems:
+        log("ERROR", "invalid config", file=config.source, problem="; ".join(problems))
+        return 2
     try:
+        if config.playbooks_path is not None:
+            make_dirs_durably(config.playbooks_path.parent)
         store = open_store(config)
-    except OSError as exc:
-        log("ERROR", "persist_path is not usable", path=config.persist_path,
-            error=exc.strerror or exc)
+    except OSError as exc:  # the checks passed: the disk failed or changed under us
+        log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
         return 2
     insights = Insights()
     try:
@@ -2399,17 +2458,6 @@ def serve(config: Config) -> int:
         return 2
     host, port = server.server_address[:2]
     log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
-
-    # Handlers only note the signal; the main thread acts on it outside signal context.
-    received: deque[int] = deque()
-    wake = threading.Event()
-
-    def note_signal(signum, _frame):
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note_signal)
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
     housekeeping.start()

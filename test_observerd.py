@@ -6,10 +6,12 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import http.client
 import json
 import os
+import platform
 import random
 import re
 import resource
@@ -482,7 +484,7 @@ def test_unwritable_persist_path_exits_2(tmp_path, daemons):
     daemon = daemons(tmp_path, args=["--bind", "127.0.0.1:0",
                                      "--persist-path", str(tmp_path / "a-file" / "ops.jsonl")])
     assert daemon.exit_status() == 2
-    assert "persist_path is not usable" in daemon.log and "Traceback" not in daemon.log
+    assert "a-file is not a folder" in daemon.log and "Traceback" not in daemon.log
 
 
 def test_missing_default_config_runs_on_defaults_with_a_warning(tmp_path, daemons):
@@ -2021,6 +2023,47 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
 # -----------------------------------------------------------------------------
 
 
+def logged_problems(log_text: str) -> list[str]:
+    """The problems of the daemon's one `invalid config` line, as check prints them."""
+    line = next(ln for ln in log_text.splitlines() if 'msg="invalid config"' in ln)
+    return json.loads(line.split(" problem=", 1)[1]).split("; ")
+
+
+def test_check_reports_every_startup_problem_at_once_and_serve_refuses_the_same(tmp_path, daemons):
+    # /proc refuses new entries even to root, whom access() would let through.
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "/proc/nope/ops.jsonl",
+                                     "tls_cert": "missing.pem", "tls_key": "missing.key"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 2
+    printed = [line.split(": ", 1)[1] for line in result.stderr.splitlines()[:-1]]
+    assert len(printed) == 3, result.stderr
+    assert printed[0].startswith("persist_path /proc/nope/ops.jsonl: ")
+    assert printed[1] == f"tls_cert {tmp_path / 'missing.pem'}: file not found"
+    assert printed[2] == f"tls_key {tmp_path / 'missing.key'}: file not found"
+    daemon = daemons(tmp_path, config=config)
+    assert daemon.exit_status() == 2
+    assert logged_problems(daemon.log) == printed
+    assert "msg=listening" not in daemon.log and "Traceback" not in daemon.log
+
+
+def test_check_names_a_persist_path_that_is_a_folder(tmp_path):
+    (tmp_path / "ops.jsonl").mkdir()
+    result = run_cli("check", "--config", str(write_config(tmp_path, {"persist_path": "ops.jsonl"})))
+    assert result.returncode == 2 and f"persist_path {tmp_path / 'ops.jsonl'}: is a folder" in result.stderr
+
+
+def test_a_playbooks_path_in_a_missing_folder_is_created_at_startup(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                     "playbooks_path": "shared/today/playbooks.json",
+                                     "consolidate_interval_s": 0.05})
+    assert run_cli("check", "--config", str(config)).returncode == 0
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    written = tmp_path / "shared" / "today" / "playbooks.json"
+    wait_for(written.exists, what="the playbooks file")
+    assert json.loads(written.read_text())["playbooks"] == []
+    assert "background task failed" not in daemon.log
+
+
 def older_pythons() -> list[str]:
     """Interpreters older than 3.11 on PATH that really run (a pyenv shim may not)."""
     found = []
@@ -2079,3 +2122,102 @@ def test_every_counter_is_exported_from_0_at_startup(serve):
     for source in ("mcp", "scenario", "langfuse", "overseer_correction"):
         for success in ("true", "false"):
             assert sample(families, "observerd_events_total", source=source, success=success) == 0
+
+
+def test_an_unknown_auth_key_is_a_warning_naming_it_not_a_refusal(tmp_path, daemons):
+    # Another lakehouse daemon's setting, in the [auth] table they share.
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"},
+                          {"token": "t0ken", "issuer": "lakehouse"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "warning: unknown key 'issuer' in [auth]" in result.stderr and "ok" in result.stdout
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    warning = [line for line in daemon.log.splitlines() if "level=WARN" in line]
+    assert len(warning) == 1 and "unknown key 'issuer' in [auth]" in warning[0]
+    assert daemon.client(token="t0ken").get("/observer/stats")[0] == 200
+    # [observerd] is observerd's own: a typo there still stops it.
+    config = write_config(tmp_path, {"persist_path": "ops.jsonl", "ring_sise": 5}, {"issuer": "lakehouse"})
+    assert run_cli("check", "--config", str(config)).returncode == 2
+
+
+WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}
+
+
+class StartupHeldDaemon(Daemon):
+    """observerd whose stderr pipe is full before it starts, so it blocks in its first log
+    write until release(): a signal sent meanwhile arrives during startup, on any machine."""
+
+    def __init__(self, folder: Path, config: Path):
+        if platform.machine() not in WRITE_SYSCALL:
+            pytest.skip(f"no write syscall number known for {platform.machine()}")
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        self._filler = b"#" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        os.write(write_end, self._filler)
+        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder)
+        os.close(write_end)
+        self._stderr = os.fdopen(read_end, "rb")
+        self._lines: list[str] = []
+        self._released = threading.Event()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.port = None
+        wait_for(self._blocked_writing_stderr, what="the daemon to block in its first log line")
+
+    def _blocked_writing_stderr(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {self.proc.returncode} before its first log line")
+        fields = Path(f"/proc/{self.proc.pid}/syscall").read_text().split()
+        return fields[:2] == [WRITE_SYSCALL[platform.machine()], "0x2"]
+
+    def _collect(self):
+        self._released.wait()
+        assert self._stderr.read(len(self._filler)) == self._filler
+        for line in self._stderr:
+            self._lines.append(line.decode(errors="replace"))
+
+    def release(self) -> None:
+        self._released.set()
+
+    def stop(self):
+        self.release()
+        super().stop()
+
+
+@pytest.fixture
+def held_daemon(tmp_path):
+    started = []
+
+    def start(**settings) -> StartupHeldDaemon:
+        settings.setdefault("bind", "127.0.0.1:0")
+        settings.setdefault("persist_path", "ops.jsonl")
+        daemon = StartupHeldDaemon(tmp_path, write_config(tmp_path, settings))
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def test_sighup_during_startup_is_not_fatal_and_reopens_the_log(held_daemon, tmp_path):
+    daemon = held_daemon()
+    for _ in range(3):
+        daemon.proc.send_signal(signal.SIGHUP)
+    daemon.release()
+    daemon.wait_listening()
+    wait_for(lambda: "reopened log" in daemon.log, what="the reopen the SIGHUP asked for")
+    assert daemon.client().post("/observer/event", {"endpoint": "/after-early-hup"})[0] == 200
+    assert replay_forward(tmp_path / "ops.jsonl")[-1]["endpoint"] == "/after-early-hup"
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
+    daemon = held_daemon()
+    daemon.proc.send_signal(signum)
+    daemon.release()
+    assert daemon.exit_status() == 0
+    assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
