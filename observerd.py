@@ -17,6 +17,13 @@ background loops -> CLI/main.
 
 from __future__ import annotations
 
+import sys
+
+# Before anything that needs 3.11 (tomllib, dataclass slots) runs: one line, not a traceback.
+if sys.version_info < (3, 11):
+    sys.stderr.write("observerd needs Python 3.11 or newer; this is %d.%d.%d\n" % tuple(sys.version_info[:3]))
+    sys.exit(2)
+
 import argparse
 import bisect
 import hmac
@@ -30,7 +37,7 @@ import signal
 import socket
 import ssl
 import struct
-import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -120,12 +127,27 @@ def _format_number(value: float) -> str:
 
 
 class Metric:
-    """One metric family: a counter or gauge, with values per label set."""
+    """One metric family: a counter or gauge, with values per label set.
+
+    A family without labels starts at 0; one with labels starts at 0 for each label set
+    declared, so that increase() sees the first event instead of a series appearing at 1.
+    """
 
     def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = ()):
         self.name, self.kind, self.help_text, self.labels = name, kind, help_text, labels
-        self.values: dict[tuple[str, ...], float] = {}
+        self.values: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
+        if not labels:
+            self.declare([()])
+
+    def _zero(self) -> object:
+        return 0
+
+    def declare(self, label_sets) -> None:
+        """Export each of these label value tuples from 0 (those already counted stay)."""
+        with self._lock:
+            for label_values in label_sets:
+                self.values.setdefault(tuple(label_values), self._zero())
 
     def inc(self, *label_values: str, amount: float = 1) -> None:
         with self._lock:
@@ -146,15 +168,18 @@ class Histogram(Metric):
 
     def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
                  buckets: tuple[float, ...] = SECONDS_BUCKETS):
-        super().__init__(name, "histogram", help_text, labels)
         self.buckets = buckets
+        super().__init__(name, "histogram", help_text, labels)
+
+    def _zero(self) -> list:
+        # Per-bucket counts, the last slot for values above every bound; sum; count.
+        return [[0] * (len(self.buckets) + 1), 0.0, 0]
 
     def observe(self, value: float, *label_values: str) -> None:
         with self._lock:
             state = self.values.get(label_values)
             if state is None:
-                # Per-bucket counts, the last slot for values above every bound; sum; count.
-                state = self.values[label_values] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+                state = self.values[label_values] = self._zero()
             state[0][bisect.bisect_left(self.buckets, value)] += 1
             state[1] += value
             state[2] += 1
@@ -174,9 +199,13 @@ class Histogram(Metric):
 
 
 class Metrics:
-    """Every metric observerd exports, rendered for GET /metrics."""
+    """Every metric observerd exports, rendered for GET /metrics.
 
-    def __init__(self):
+    sources and rejection_reasons are the label values known at startup (declared where they
+    are defined, further down): each combination is exported from 0.
+    """
+
+    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
@@ -197,6 +226,8 @@ class Metrics:
                                  "Always 1; the labels say what is running.", ("version", "python"))
         self.start_time.set(time.time())
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
+        self.events.declare((source, success) for source in sources for success in ("true", "false"))
+        self.rejected.declare((reason,) for reason in rejection_reasons)
 
     def render(self) -> str:
         lines = []
@@ -291,6 +322,7 @@ class Config:
     access_log: bool
     token: str
     source: str
+    warnings: tuple[str, ...] = ()  # what serve logs as WARN and check prints, without refusing
 
     @property
     def bind(self) -> str:
@@ -335,8 +367,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_table(name: str, table: object, spec: dict, problems: list[str]) -> dict:
-    """Type-check one TOML table against its spec; unknown keys are problems."""
+def _check_table(name: str, table: object, spec: dict, problems: list[str], unknown: list[str]) -> dict:
+    """Type-check one TOML table against its spec; unknown keys go to the unknown list."""
     values = {key: default for key, (_, default, _) in spec.items()}
     if table is None:
         return values
@@ -345,7 +377,7 @@ def _check_table(name: str, table: object, spec: dict, problems: list[str]) -> d
         return values
     for key, value in table.items():
         if key not in spec:
-            problems.append(f"unknown key {key!r} in [{name}]")
+            unknown.append(f"unknown key {key!r} in [{name}]")
             continue
         kind, _, minimum = spec[key]
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
@@ -376,6 +408,7 @@ def load_config(
     source = path or DEFAULT_CONFIG_PATH
     document: dict = {}
     base_dir = Path.cwd()
+    warnings: list[str] = []
     try:
         with open(source, "rb") as f:
             document = tomllib.load(f)
@@ -383,15 +416,16 @@ def load_config(
     except FileNotFoundError:
         if path is not None:
             raise ConfigError(source, ["file not found"]) from None
-        log("WARN", "config file not found, using defaults", file=source)
+        warnings.append("config file not found, using defaults")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
     problems: list[str] = []
-    values = _check_table("observerd", document.get("observerd"), OBSERVERD_KEYS, problems)
-    auth = _check_table("auth", document.get("auth"), AUTH_KEYS, problems)
+    values = _check_table("observerd", document.get("observerd"), OBSERVERD_KEYS, problems, problems)
+    # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
+    auth = _check_table("auth", document.get("auth"), AUTH_KEYS, problems, warnings)
     if bind is not None:
         values["bind"] = bind
     host, port = "127.0.0.1", 0
@@ -453,6 +487,7 @@ def load_config(
         access_log=values["access_log"],
         token=token,
         source=source,
+        warnings=tuple(warnings),
     )
 
 
@@ -1568,6 +1603,7 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
 
+_OVERLOADED_REASON = "too_many_connections"
 _OVERLOADED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Content-Length: 32\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -1752,12 +1788,9 @@ class StartupError(Exception):
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
-    """The server's TLS context from tls_cert and tls_key; raises StartupError naming the file."""
+    """The server's TLS context from tls_cert and tls_key; raises StartupError naming them."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    for name, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
-        if not path.is_file():
-            raise StartupError(f"{name} {path}: file not found")
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key)
     except (ssl.SSLError, OSError) as exc:
@@ -1797,7 +1830,7 @@ class ObserverServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
-            self.metrics.rejected.inc("too_many_connections")
+            self.metrics.rejected.inc(_OVERLOADED_REASON)
             _refuse_overloaded(request)
             self.shutdown_request(request)
             return
@@ -1920,6 +1953,8 @@ ROUTES = {
 }
 _REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required", 413: "too_large",
                       415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
+# Every reason observerd_rejected_total counts: the answers above, and connections refused at the cap.
+REJECTION_REASONS = (*dict.fromkeys(_REJECTION_REASONS.values()), _OVERLOADED_REASON)
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _date_cache: tuple[int, str] = (-1, "")
 
@@ -2622,18 +2657,54 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _creation_problem(folder: Path) -> str | None:
+    """Why a file could not be created in folder (its missing parents made first), or None.
+
+    Tries it, with a scratch file in the nearest existing folder that is removed at once:
+    access() says yes to root in /proc, on some read-only mounts and through ACLs.
+    """
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=".observerd-check-", dir=existing)
+    except OSError as exc:
+        return f"cannot create files in {existing}: {exc.strerror or exc}"
+    os.close(fd)
+    os.unlink(scratch)
+    return None
+
+
 def usability_problems(config: Config) -> list[str]:
-    """What would stop this config at startup beyond its syntax: files, folders, TLS."""
+    """Every reason startup would fail beyond the config's syntax: files, folders, TLS.
+
+    serve refuses to start on any of them and check lists them all, so the two agree. The
+    checks change nothing on disk. The port is not tried: a running daemon holds it.
+    """
     problems = []
-    for name, path in (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path)):
+    paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path))
+    for name, path in paths:
         if path is None:
             continue
-        existing = _nearest_existing(path.parent)
-        if not existing.is_dir() or not os.access(existing, os.W_OK):
-            problems.append(f"{name} {path}: {existing} is not a writable folder")
-        elif path.exists() and not os.access(path, os.W_OK):
-            problems.append(f"{name} {path}: not writable")
-    if config.tls_cert is not None:
+        try:
+            if path.is_dir():
+                problem = "is a folder"
+            elif name == "persist_path" and path.exists():
+                # Opened like JsonlLog does: appended to, and read back for repair and restore.
+                os.close(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC))
+                problem = _creation_problem(path.parent)  # rotation and the corrections sidecar
+            else:
+                problem = _creation_problem(path.parent)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        if problem:
+            problems.append(f"{name} {path}: {problem}")
+    missing_tls = False
+    for name, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
+        if path is not None and not path.is_file():
+            problems.append(f"{name} {path}: file not found")
+            missing_tls = True
+    if config.tls_cert is not None and not missing_tls:
         try:
             tls_context(config)
         except StartupError as exc:
@@ -2642,13 +2713,15 @@ def usability_problems(config: Config) -> list[str]:
 
 
 def check(args: argparse.Namespace) -> int:
-    """`check`: print every problem (exit 2), or the effective settings (exit 0)."""
+    """`check`: print every problem (exit 2), or warnings and the effective settings (exit 0)."""
     try:
         config = load_config(args.config, args.bind, args.persist_path)
         problems = usability_problems(config)
     except ConfigError as exc:
         config, problems = None, exc.problems
     source = args.config or DEFAULT_CONFIG_PATH
+    for warning in config.warnings if config is not None else ():
+        print(f"{source}: warning: {warning}", file=sys.stderr)
     if problems:
         for problem in problems:
             print(f"{source}: {problem}", file=sys.stderr)
@@ -2681,7 +2754,7 @@ def print_stats(args: argparse.Namespace) -> int:
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the log, then restore the ring from its tail."""
     ring = RingStats(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    metrics = Metrics()
+    metrics = Metrics(SOURCES, REJECTION_REASONS)
     log_file = None
     if config.persist_path is not None:
         log_file = JsonlLog(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
@@ -2698,13 +2771,32 @@ def open_store(config: Config) -> OpStore:
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
+    # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
+    # on once the daemon runs (SIGHUP reopens the log just opened; SIGTERM stops cleanly).
+    # They only note the signal; the main thread acts on it outside signal context.
+    received: deque[int] = deque()
+    wake = threading.Event()
+
+    def note_signal(signum, _frame):
+        received.append(signum)
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, note_signal)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
+    for warning in config.warnings:
+        log("WARN", warning, file=config.source)
+    problems = usability_problems(config)
+    if problems:
+        log("ERROR", "invalid config", file=config.source, problem="; ".join(problems))
+        return 2
     try:
+        if config.playbooks_path is not None:
+            make_dirs_durably(config.playbooks_path.parent)
         store = open_store(config)
-    except OSError as exc:
-        log("ERROR", "persist_path is not usable", path=config.persist_path,
-            error=exc.strerror or exc)
+    except OSError as exc:  # the checks passed: the disk failed or changed under us
+        log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
         return 2
     insights = Insights()
     try:
@@ -2719,17 +2811,6 @@ def serve(config: Config) -> int:
         return 2
     host, port = server.server_address[:2]
     log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
-
-    # Handlers only note the signal; the main thread acts on it outside signal context.
-    received: deque[int] = deque()
-    wake = threading.Event()
-
-    def note_signal(signum, _frame):
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note_signal)
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
     housekeeping.start()

@@ -6,13 +6,16 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import http.client
 import json
 import os
+import platform
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -38,8 +41,12 @@ DAEMON = HERE / "observerd.py"
 # -----------------------------------------------------------------------------
 
 
-def wait_for(predicate, timeout=5.0, interval=0.01, what="condition"):
-    """Poll predicate until it returns truthy; fail the test after timeout seconds."""
+def wait_for(predicate, timeout=30.0, interval=0.01, what="condition"):
+    """Poll predicate until it returns truthy; fail the test after timeout seconds.
+
+    The deadline only bounds how long a broken build hangs: it is never what a test measures,
+    so it is generous for a slow disk and a busy CPU.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -74,7 +81,7 @@ def make_config(tmp_path: Path, **settings) -> od.Config:
 class Client:
     """A keep-alive JSON client for one server."""
 
-    def __init__(self, port: int, token: str | None = None, timeout: float = 10):
+    def __init__(self, port: int, token: str | None = None, timeout: float = 30):
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         self.token = token
 
@@ -170,7 +177,7 @@ class Daemon:
     def log(self) -> str:
         return "".join(self._lines)
 
-    def wait_listening(self, timeout=10.0) -> "Daemon":
+    def wait_listening(self, timeout=60.0) -> "Daemon":
         def listening():
             for line in list(self._lines):
                 if "msg=listening" in line:
@@ -185,7 +192,7 @@ class Daemon:
     def client(self, **kw) -> Client:
         return Client(self.port, **kw)
 
-    def exit_status(self, timeout=10.0) -> int:
+    def exit_status(self, timeout=60.0) -> int:
         status = self.proc.wait(timeout)
         self._reader.join(timeout)
         return status
@@ -219,7 +226,7 @@ def start_durable_daemon(daemons, folder: Path, **settings) -> Daemon:
     return daemons(folder, config=config).wait_listening()
 
 
-def raw_exchange(port: int, data: bytes, timeout=5.0) -> bytes:
+def raw_exchange(port: int, data: bytes, timeout=30.0) -> bytes:
     """Send raw bytes on a fresh connection and read until the server closes or times out."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
@@ -465,7 +472,7 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, content, needle):
     if content is not None:
         path.write_text(content)
     proc = subprocess.run([sys.executable, str(DAEMON), "--config", str(path)],
-                          capture_output=True, text=True, timeout=10)
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -487,7 +494,7 @@ def test_unwritable_persist_path_exits_2(tmp_path, daemons):
     daemon = daemons(tmp_path, args=["--bind", "127.0.0.1:0",
                                      "--persist-path", str(tmp_path / "a-file" / "ops.jsonl")])
     assert daemon.exit_status() == 2
-    assert "persist_path is not usable" in daemon.log and "Traceback" not in daemon.log
+    assert "a-file is not a folder" in daemon.log and "Traceback" not in daemon.log
 
 
 def test_missing_default_config_runs_on_defaults_with_a_warning(tmp_path, daemons):
@@ -601,7 +608,7 @@ def test_env_token_overrides_the_file_in_the_daemon(tmp_path, daemons):
 
 def test_body_over_the_cap_is_413_before_reading_it(serve):
     server = serve(max_body_bytes=100)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         # Announce 10 MB but send none of it: the answer must come from the header alone.
         sock.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
         status, body = parse_response(sock.recv(65536))
@@ -646,7 +653,7 @@ def test_keep_alive_serves_two_requests_on_one_connection(serve):
 
 def test_each_response_is_sent_in_one_write(serve):
     server = serve()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
         first = sock.recv(65536)
     status, body = parse_response(first)
@@ -670,17 +677,17 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
     idle = daemon.client()
     assert idle.get("/observer/health")[0] == 200  # an idle keep-alive connection stays open
     body = json.dumps({"endpoint": "/in-flight"}).encode()
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
         sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
         wait_for(lambda: daemon.client().get("/observer/health")[0] == 200)
-        started = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in daemon.log, what="shutdown to begin")
         sock.sendall(body[5:])
         status, answer = parse_response(sock.recv(65536))
         assert (status, answer["accepted"]) == (200, True)
-    assert daemon.exit_status(timeout=3) == 0
-    assert time.monotonic() - started < 2.0
+    assert daemon.exit_status() == 0
+    # The idle connection was closed at once, not left to the grace period.
+    assert "abandoned_connections=0" in daemon.log
     assert json.loads((tmp_path / "ops.jsonl").read_text())["endpoint"] == "/in-flight"
 
 
@@ -734,7 +741,7 @@ def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemon
     stop = threading.Event()
 
     def writer(n):
-        client = daemon.client(timeout=5)
+        client = daemon.client()
         i = 0
         while not stop.is_set():
             endpoint = f"/w{n}/{i}"
@@ -749,7 +756,7 @@ def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemon
     threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
     for t in threads:
         t.start()
-    wait_for(lambda: len(acked) >= 400, timeout=20, what="400 acknowledged ops")
+    wait_for(lambda: len(acked) >= 400, timeout=120, what="400 acknowledged ops")
     daemon.proc.kill()
     daemon.exit_status()
     stop.set()
@@ -805,27 +812,41 @@ def test_full_disk_is_503_with_ring_and_file_clean_then_recovers(tmp_path, daemo
 # -----------------------------------------------------------------------------
 
 
-def timed_health(port) -> float:
-    started = time.monotonic()
+def assert_healthy(port) -> None:
     status, _ = parse_response(raw_exchange(port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert status == 200
-    return time.monotonic() - started
 
 
-def test_slowloris_connections_are_closed_and_never_block_health(serve):
-    server = serve(request_timeout_s=1.0)
-    slow = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]
+def open_slow_requests(port: int, count: int) -> list[socket.socket]:
+    """Connections that each send the start of a request and then stall."""
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
+    for sock in slow:
+        sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
+    return slow
+
+
+def test_slowloris_connections_never_block_health(serve):
+    # Stalled requests may take all of request_timeout_s (longer than the test waits for
+    # anything): health must be answered while every one of them is still held open.
+    server = serve(request_timeout_s=3600)
+    slow = open_slow_requests(server.port, 200)
     try:
+        wait_for(lambda: len(server.server.connections) == 200, timeout=60, what="200 slow connections admitted")
+        for _ in range(7):
+            assert_healthy(server.port)
+        wait_for(lambda: len(server.server.connections) == 200, what="only the slow connections to be open")
+    finally:
         for sock in slow:
-            sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
-        wait_for(lambda: len(server.server.connections) >= 200, what="200 slow connections admitted")
-        latencies = sorted(timed_health(server.port) for _ in range(7))
-        assert latencies[3] < 0.1, latencies
-        assert latencies[-1] < 1.0, latencies
+            sock.close()
 
+
+def test_slowloris_connections_are_closed_at_the_request_deadline(serve):
+    server = serve(request_timeout_s=1.0)
+    slow = open_slow_requests(server.port, 200)
+    try:
         # Dribble a byte every 0.2 s: each recv is quick, but the whole request is not.
         closed = set()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while len(closed) < len(slow) and time.monotonic() < deadline:
             for i, sock in enumerate(slow):
                 if i in closed:
@@ -853,15 +874,26 @@ def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
     # must still be established by the kernel's backlog, not dropped and retried after 1 s.
     server = od.ObserverServer(make_config(tmp_path), od.open_store(make_config(tmp_path)))
     port = server.server_address[1]
-    started = time.monotonic()
     burst = []
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     try:
-        for _ in range(150):
-            burst.append(socket.create_connection(("127.0.0.1", port), timeout=2))
-        assert time.monotonic() - started < 2.0
+        # A SYN that finds the accept queue full is dropped, so with a shallow backlog the rest
+        # of the burst never connects while nothing accepts. 100 stays under an old somaxconn.
+        for _ in range(100):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            burst.append(sock)
+
+        def all_connected():
+            _, writable, _ = select.select([], burst, [], 0)
+            return len(writable) == len(burst)
+
+        wait_for(all_connected, timeout=60, what="every connection of the burst to be established")
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for sock in burst)
         thread.start()
         for sock in burst[:3] + burst[-3:]:
+            sock.settimeout(30)
             sock.sendall(b"GET /observer/health HTTP/1.1\r\n\r\n")
             assert parse_response(sock.recv(65536))[0] == 200
     finally:
@@ -876,7 +908,7 @@ def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
 def test_connections_past_the_cap_get_503_and_are_closed(serve):
     server = serve(max_connections=4)
     threads_before = threading.active_count()
-    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
     wait_for(lambda: len(server.server.connections) == 4, what="4 connections admitted")
     for _ in range(20):
         raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
@@ -922,7 +954,7 @@ def test_malformed_requests_get_a_4xx_json_error(serve, name):
     status, body = parse_response(raw)
     assert 400 <= status < 500, (status, body)
     assert isinstance(body["error"], str) and body["error"]
-    assert timed_health(server.port) < 5
+    assert_healthy(server.port)
     assert server.store.stats()["total"] == 0
 
 
@@ -962,7 +994,7 @@ def test_fuzzed_requests_never_kill_the_daemon_and_stats_match_the_200s(tmp_path
     rng = random.Random(20261124)
     accepted = 0
     for i in range(3000):
-        raw = raw_exchange(daemon.port, fuzz_request(rng, i), timeout=5)
+        raw = raw_exchange(daemon.port, fuzz_request(rng, i))
         if not raw:
             continue
         status, body = parse_response(raw)
@@ -1018,9 +1050,11 @@ def test_the_token_never_appears_in_logs_or_error_bodies(tmp_path, daemons):
 
 
 class FsyncSpy:
-    """Wraps os.fsync for the log file: counts calls, can slow them or fail chosen ones."""
+    """Wraps os.fsync for the log file: counts calls, can slow them, hold the first one
+    until an Event is set, or fail chosen ones."""
 
-    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=()):
+    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=(),
+                 hold_first: threading.Event | None = None):
         self.calls = 0
         self.delay = delay
         self.fail_calls = set(fail_calls)
@@ -1034,7 +1068,9 @@ class FsyncSpy:
             with self.lock:
                 self.calls += 1
                 call = self.calls
-            time.sleep(self.delay if call == 1 else 0)
+            if call == 1 and hold_first is not None:
+                hold_first.wait(60)
+            time.sleep(self.delay)
             if call in self.fail_calls:
                 raise OSError(5, "Input/output error")
             return real(fd)
@@ -1044,7 +1080,8 @@ class FsyncSpy:
 
 def test_concurrent_posts_share_fsyncs_and_keep_file_order(serve, monkeypatch):
     server = serve()
-    spy = FsyncSpy(monkeypatch, delay=0.2)
+    # A slow disk: while one batch is fsynced, the other writers' next ops queue behind it.
+    spy = FsyncSpy(monkeypatch, delay=0.02)
     statuses = []
 
     def post_many(n):
@@ -1073,9 +1110,10 @@ def test_a_lone_post_is_one_write_and_one_fsync(serve, monkeypatch):
 
 def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
     server = serve()
-    # Call 1 (the first writer) is slow so B, C and D queue behind it; call 2, their shared
-    # batch, fails; call 3 (E) succeeds.
-    spy = FsyncSpy(monkeypatch, delay=0.5, fail_calls={2})
+    # Call 1 (the first writer) is held until B, C and D queue behind it; call 2, their
+    # shared batch, fails; call 3 (E) succeeds.
+    release_first = threading.Event()
+    spy = FsyncSpy(monkeypatch, fail_calls={2}, hold_first=release_first)
     results = {}
 
     def post(name):
@@ -1087,9 +1125,10 @@ def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
     queued = [threading.Thread(target=post, args=(name,)) for name in "BCD"]
     for t in queued:
         t.start()
-    wait_for(lambda: len(server.store._queue) == 3, what="B, C and D to queue")
+    wait_for(lambda: len(server.store._queue) == 3, timeout=60, what="B, C and D to queue")
+    release_first.set()
     for t in [first, *queued]:
-        t.join(10)
+        t.join(60)
     post("E")
     assert results == {"A": 200, "B": 503, "C": 503, "D": 503, "E": 200}
     assert spy.calls == 4  # A, the failed batch, the fsync of its rollback, E
@@ -1798,17 +1837,24 @@ def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
 
 def test_tls_serves_https_and_a_plain_http_client_fails_cleanly(tmp_path, daemons):
     cert, key = make_self_signed_cert(tmp_path)
-    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem")
+    # A plain-HTTP client left hanging would be cut only at request_timeout_s, long after we give up.
+    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem",
+                                  request_timeout_s=3600)
     context = ssl.create_default_context(cafile=str(cert)) if shutil.which("openssl") else ssl._create_unverified_context()
-    https = http.client.HTTPSConnection("127.0.0.1", daemon.port, context=context, timeout=5)
+    https = http.client.HTTPSConnection("127.0.0.1", daemon.port, context=context, timeout=30)
     https.request("POST", "/observer/event", body=json.dumps({"endpoint": "/tls"}))
     response = https.getresponse()
     assert (response.status, json.loads(response.read())["accepted"]) == (200, True)
     for _ in range(5):
-        started = time.monotonic()
-        raw = raw_exchange(daemon.port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+            sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                raw = b"".join(iter(lambda: sock.recv(65536), b""))
+            except ConnectionResetError:
+                raw = b""
+            except socket.timeout:
+                raise AssertionError("a plain-HTTP client was left hanging") from None
         assert b"200" not in raw
-        assert time.monotonic() - started < 2, "a plain-HTTP client was left hanging"
     https.request("GET", "/observer/stats")
     assert json.loads(https.getresponse().read())["total"] == 1
     assert "Traceback" not in daemon.log
@@ -1899,11 +1945,12 @@ def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_pat
     for t in threads:
         t.start()
     live, rotated = tmp_path / "ops.jsonl", tmp_path / "ops.jsonl.1"
-    wait_for(lambda: len(acked) > 200, what="load")
+    wait_for(lambda: len(acked) > 200, timeout=120, what="load")
     os.rename(live, rotated)  # what logrotate does before signalling, with `create`
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, what="the reopen")
-    wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, what="ops in the new file")
+    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
+    wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, timeout=120, interval=0.1,
+             what="ops in the new file")
     stop.set()
     for t in threads:
         t.join(10)
@@ -1935,33 +1982,49 @@ def read_responses(sock, count: int) -> list[tuple[int, dict]]:
 
 def test_pipelined_requests_are_answered_in_order(serve, monkeypatch):
     server = serve()
-    FsyncSpy(monkeypatch, delay=0.3)  # the first answer is still owed when the rest arrive
+    FsyncSpy(monkeypatch, delay=0.1)  # the first answer is still owed when the rest arrive
     requests = b""
     for i in range(3):
         body = json.dumps({"endpoint": f"/p{i}"}).encode()
         requests += b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     requests += b"GET /observer/stats HTTP/1.1\r\n\r\n"
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(requests)
         answers = read_responses(sock, 4)
     assert [a for a in answers[:3]] == [(200, {"accepted": True, "ring_size": n}) for n in (1, 2, 3)]
     assert answers[3][0] == 200 and answers[3][1]["total"] == 3
 
 
-def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(serve):
-    server = serve()
+def send_until_refused(sock: socket.socket, data: bytes) -> None:
+    """sendall that stops quietly when the peer closes or resets the connection."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(serve, capsys):
+    # A committer that waited for this client would hold every commit for request_timeout_s.
+    server = serve(request_timeout_s=3600)
+    # Small kernel buffers at both ends (accepted sockets inherit the listener's), so a few dozen
+    # unread answers fill them, whatever the disk's speed or the machine's TCP autotuning.
+    server.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     body = json.dumps({"endpoint": "/flood"}).encode()
-    # More answers than a socket's send buffer can hold (it autotunes up to 4 MB here).
-    flood = (b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body) * 40000
+    request = b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     with socket.socket() as greedy:
         greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         greedy.connect(("127.0.0.1", server.port))
-        greedy.sendall(flood)  # lands in observerd's receive buffer; the answers are never read
-        # A committer that waited on this client would hold every other commit for 10 s.
-        wait_for(lambda: len(server.server.connections) == 0, timeout=5, what="the greedy client to be dropped")
-        polite = server.client(timeout=3)
-        for i in range(20):
-            assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
+        # Far more answers than both buffers hold; the answers are never read.
+        flood = threading.Thread(target=send_until_refused, args=(greedy, request * 2000), daemon=True)
+        flood.start()
+        wait_for(lambda: len(server.store) and not len(server.server.connections), timeout=60,
+                 what="the greedy client to be dropped")
+        flood.join(60)
+    assert len(server.store) < 2000
+    assert "client not reading answers" in capsys.readouterr().err
+    polite = server.client()
+    for i in range(20):
+        assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
 
 
@@ -2594,3 +2657,208 @@ def test_a_restart_skips_stored_lines_that_would_break_a_read(tmp_path, daemons)
     assert daemon.log.count("skipped invalid log line") == len(bad)
     cli = run_cli("stats", str(path))
     assert cli.returncode == 0 and json.loads(cli.stdout)["total"] == 2
+
+
+# -----------------------------------------------------------------------------
+# issue 9: operator surface (check, old Pythons, metrics from 0, [auth], early signals)
+# -----------------------------------------------------------------------------
+
+
+def logged_problems(log_text: str) -> list[str]:
+    """The problems of the daemon's one `invalid config` line, as check prints them."""
+    line = next(ln for ln in log_text.splitlines() if 'msg="invalid config"' in ln)
+    return json.loads(line.split(" problem=", 1)[1]).split("; ")
+
+
+def test_check_reports_every_startup_problem_at_once_and_serve_refuses_the_same(tmp_path, daemons):
+    # /proc refuses new entries even to root, whom access() would let through.
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "/proc/nope/ops.jsonl",
+                                     "tls_cert": "missing.pem", "tls_key": "missing.key"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 2
+    printed = [line.split(": ", 1)[1] for line in result.stderr.splitlines()[:-1]]
+    assert len(printed) == 3, result.stderr
+    assert printed[0].startswith("persist_path /proc/nope/ops.jsonl: ")
+    assert printed[1] == f"tls_cert {tmp_path / 'missing.pem'}: file not found"
+    assert printed[2] == f"tls_key {tmp_path / 'missing.key'}: file not found"
+    daemon = daemons(tmp_path, config=config)
+    assert daemon.exit_status() == 2
+    assert logged_problems(daemon.log) == printed
+    assert "msg=listening" not in daemon.log and "Traceback" not in daemon.log
+
+
+def test_check_names_a_persist_path_that_is_a_folder(tmp_path):
+    (tmp_path / "ops.jsonl").mkdir()
+    result = run_cli("check", "--config", str(write_config(tmp_path, {"persist_path": "ops.jsonl"})))
+    assert result.returncode == 2 and f"persist_path {tmp_path / 'ops.jsonl'}: is a folder" in result.stderr
+
+
+def test_a_playbooks_path_in_a_missing_folder_is_created_at_startup(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                     "playbooks_path": "shared/today/playbooks.json",
+                                     "consolidate_interval_s": 0.05})
+    assert run_cli("check", "--config", str(config)).returncode == 0
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    written = tmp_path / "shared" / "today" / "playbooks.json"
+    wait_for(written.exists, what="the playbooks file")
+    assert json.loads(written.read_text())["playbooks"] == []
+    assert "background task failed" not in daemon.log
+
+
+def older_pythons() -> list[str]:
+    """Interpreters older than 3.11 on PATH that really run (a pyenv shim may not)."""
+    found = []
+    for minor in (8, 9, 10):
+        path = shutil.which(f"python3.{minor}")
+        if path is None:
+            continue
+        probe = subprocess.run([path, "-c", "import sys; print(sys.version_info < (3, 11))"],
+                               capture_output=True, text=True, timeout=60)
+        if probe.stdout.strip() == "True":
+            found.append(path)
+    return found
+
+
+SUBCOMMANDS = [[], ["serve"], ["check"], ["stats", "ops.jsonl"], ["--version"], ["--help"]]
+
+
+@pytest.mark.parametrize("args", SUBCOMMANDS)
+def test_an_older_python_is_named_in_one_line_and_exit_2(tmp_path, args):
+    # As Python 3.10.12 would run the file: version_info is all the check may look at.
+    runner = ("import runpy, sys; sys.version_info = (3, 10, 12, 'final', 0); "
+              "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", runner, str(DAEMON), *args], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (
+        2, "observerd needs Python 3.11 or newer; this is 3.10.12\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_older_python_is_named_in_one_line_and_exit_2(tmp_path):
+    interpreters = older_pythons()
+    if not interpreters:
+        pytest.skip("no python3.8, 3.9 or 3.10 on PATH")
+    for python in interpreters:
+        version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                                 capture_output=True, text=True, timeout=60).stdout.strip()
+        for args in SUBCOMMANDS:
+            result = subprocess.run([python, str(DAEMON), *args], capture_output=True, text=True,
+                                    timeout=60, cwd=tmp_path)
+            expected = f"observerd needs Python 3.11 or newer; this is {version}\n"
+            assert (result.returncode, result.stderr) == (2, expected), (python, args)
+
+
+KNOWN_REJECTION_REASONS = ("invalid", "unauthorized", "length_required", "too_large", "unsupported_encoding",
+                           "persist_failed", "too_many_connections")
+
+
+def test_every_counter_is_exported_from_0_at_startup(serve):
+    client = serve().client()
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    assert sample(families, "observerd_persist_errors_total") == 0
+    assert sample(families, "observerd_fsync_seconds", "observerd_fsync_seconds_count") == 0
+    for reason in KNOWN_REJECTION_REASONS:
+        assert sample(families, "observerd_rejected_total", reason=reason) == 0, reason
+    for source in ("mcp", "scenario", "langfuse", "overseer_correction"):
+        for success in ("true", "false"):
+            assert sample(families, "observerd_events_total", source=source, success=success) == 0
+
+
+def test_an_unknown_auth_key_is_a_warning_naming_it_not_a_refusal(tmp_path, daemons):
+    # Another lakehouse daemon's setting, in the [auth] table they share.
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"},
+                          {"token": "t0ken", "issuer": "lakehouse"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "warning: unknown key 'issuer' in [auth]" in result.stderr and "ok" in result.stdout
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    warning = [line for line in daemon.log.splitlines() if "level=WARN" in line]
+    assert len(warning) == 1 and "unknown key 'issuer' in [auth]" in warning[0]
+    assert daemon.client(token="t0ken").get("/observer/stats")[0] == 200
+    # [observerd] is observerd's own: a typo there still stops it.
+    config = write_config(tmp_path, {"persist_path": "ops.jsonl", "ring_sise": 5}, {"issuer": "lakehouse"})
+    assert run_cli("check", "--config", str(config)).returncode == 2
+
+
+WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}
+
+
+class StartupHeldDaemon(Daemon):
+    """observerd whose stderr pipe is full before it starts, so it blocks in its first log
+    write until release(): a signal sent meanwhile arrives during startup, on any machine."""
+
+    def __init__(self, folder: Path, config: Path):
+        if platform.machine() not in WRITE_SYSCALL:
+            pytest.skip(f"no write syscall number known for {platform.machine()}")
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        self._filler = b"#" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        os.write(write_end, self._filler)
+        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder)
+        os.close(write_end)
+        self._stderr = os.fdopen(read_end, "rb")
+        self._lines: list[str] = []
+        self._released = threading.Event()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.port = None
+        wait_for(self._blocked_writing_stderr, what="the daemon to block in its first log line")
+
+    def _blocked_writing_stderr(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {self.proc.returncode} before its first log line")
+        fields = Path(f"/proc/{self.proc.pid}/syscall").read_text().split()
+        return fields[:2] == [WRITE_SYSCALL[platform.machine()], "0x2"]
+
+    def _collect(self):
+        self._released.wait()
+        assert self._stderr.read(len(self._filler)) == self._filler
+        for line in self._stderr:
+            self._lines.append(line.decode(errors="replace"))
+
+    def release(self) -> None:
+        self._released.set()
+
+    def stop(self):
+        self.release()
+        super().stop()
+
+
+@pytest.fixture
+def held_daemon(tmp_path):
+    started = []
+
+    def start(**settings) -> StartupHeldDaemon:
+        settings.setdefault("bind", "127.0.0.1:0")
+        settings.setdefault("persist_path", "ops.jsonl")
+        daemon = StartupHeldDaemon(tmp_path, write_config(tmp_path, settings))
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def test_sighup_during_startup_is_not_fatal_and_reopens_the_log(held_daemon, tmp_path):
+    daemon = held_daemon()
+    for _ in range(3):
+        daemon.proc.send_signal(signal.SIGHUP)
+    daemon.release()
+    daemon.wait_listening()
+    wait_for(lambda: "reopened log" in daemon.log, what="the reopen the SIGHUP asked for")
+    assert daemon.client().post("/observer/event", {"endpoint": "/after-early-hup"})[0] == 200
+    assert replay_forward(tmp_path / "ops.jsonl")[-1]["endpoint"] == "/after-early-hup"
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
+    daemon = held_daemon()
+    daemon.proc.send_signal(signum)
+    daemon.release()
+    assert daemon.exit_status() == 0
+    assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log

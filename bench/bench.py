@@ -5,7 +5,9 @@ ephemeral, (c) observerd durable (fsync per commit), and drives each with the sa
 keep-alive clients at 1, 16 and 64 connections posting single events, and 16 connections posting
 batches of 100. The load comes from wrk (Debian package `wrk`) when installed, else from a stdlib
 multi-process keep-alive generator. Then it times a restart over a 1,000,000-line log and a
-2,000-line log, and measures GET /observer/stats p99 while durable ingest runs flat out.
+2,000-line log, measures GET /observer/stats p99 while durable ingest runs flat out, and
+prints the README's targets with each result. Everything it writes lives in one temporary
+folder, removed at the end, on failure, on Ctrl-C and on SIGTERM.
 
     make bench                      # or: python3 bench/bench.py --duration 5
 """
@@ -19,6 +21,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -47,17 +50,21 @@ class Server:
         pipe = self.proc.stdout if stream == "stdout" else self.proc.stderr
         deadline = time.monotonic() + 60
         self.output: list[str] = []
-        while time.monotonic() < deadline:
-            line = pipe.readline().decode()
-            self.output.append(line)
-            match = re.search(pattern, line)
-            if match:
-                self.port = int(match.group(1))
-                break
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited at startup")
-        else:
-            raise RuntimeError(f"{name} did not start")
+        try:
+            while time.monotonic() < deadline:
+                line = pipe.readline().decode()
+                self.output.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    self.port = int(match.group(1))
+                    break
+                if not line and self.proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited at startup:\n{''.join(self.output)}")
+            else:
+                raise RuntimeError(f"{name} did not start")
+        except BaseException:
+            self.stop()
+            raise
         # Keep draining its output so a chatty server never blocks on a full pipe.
         threading.Thread(target=lambda: self.output.extend(l.decode() for l in pipe), daemon=True).start()
 
@@ -73,9 +80,8 @@ def start_noop() -> Server:
     return Server("no-op stdlib", [sys.executable, "bench/noop_server.py"], r"port=(\d+)", "stdout")
 
 
-def start_observerd(name: str, persist_path: str, ring_size: int = 2000) -> Server:
-    folder = Path(tempfile.mkdtemp(prefix="observerd-bench-"))
-    config = folder / "bench.toml"
+def start_observerd(name: str, work: Path, persist_path: str, ring_size: int = 2000) -> Server:
+    config = work / (re.sub(r"\W+", "-", name) + ".toml")
     config.write_text(f'[observerd]\nbind = "127.0.0.1:0"\npersist_path = {json.dumps(persist_path)}\n'
                       f"ring_size = {ring_size}\nmax_connections = 1024\n")
     return Server(name, [sys.executable, "observerd.py", "--config", str(config)],
@@ -148,9 +154,14 @@ def run_stdlib_load(port: int, path: str, body: bytes, connections: int, duratio
              for n in shares]
     for p in procs:
         p.start()
-    results = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
+    try:
+        results = [queue.get() for _ in procs]
+    finally:
+        for p in procs:
+            # Done ones are gone already; after a failure here, a worker blocked writing its
+            # results would keep this process from exiting.
+            p.terminate()
+            p.join()
     latencies = sorted(x for lat, _ in results for x in lat)
     return {"rps": len(latencies) / duration, "p50_ms": percentile(latencies, 50) * 1000,
             "p99_ms": percentile(latencies, 99) * 1000, "errors": sum(e for _, e in results)}
@@ -173,17 +184,19 @@ def write_log(path: Path, lines: int) -> None:
             f.write("".join(template % i for i in range(start, min(lines, start + 10000))))
 
 
-def time_restart(persist_path: Path, runs: int = 5) -> tuple[float, float]:
+def time_restart(work: Path, persist_path: Path, runs: int = 5) -> tuple[float, float]:
     """Median seconds from spawn to a health answer, and the daemon's own restore time (ms)."""
     spawn_to_ready, restore_ms = [], []
     for _ in range(runs):
         started = time.perf_counter()
-        server = start_observerd("restart", str(persist_path))
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: b\r\n\r\n")
-            sock.recv(4096)
-        spawn_to_ready.append(time.perf_counter() - started)
-        server.stop()
+        server = start_observerd("restart", work, str(persist_path))
+        try:
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: b\r\n\r\n")
+                sock.recv(4096)
+            spawn_to_ready.append(time.perf_counter() - started)
+        finally:
+            server.stop()
         time.sleep(0.05)
         match = re.search(r'msg="restored ops" count=\d+ .* ms=([\d.]+)', "".join(server.output))
         if match:
@@ -219,6 +232,28 @@ def stats_latency_under_load(port: int, duration: float, load) -> tuple[float, d
     return percentile(sorted(latencies), 99) * 1000, result
 
 
+# --- targets ---------------------------------------------------------------------------
+
+def targets(rows: list, big_lines: int, small_ready: float, big_ready: float, big_restore_ms: float,
+            stats_p99_ms: float) -> list[tuple[str, str, bool]]:
+    """The README's performance targets: (target, result, met)."""
+    ratio = {(kind, conns, name): r for kind, conns, name, _, _, r in rows}
+    events = {(kind, conns, name): result["rps"] * per for kind, conns, name, result, per, _ in rows}
+    ephemeral = ratio["single", 16, "observerd ephemeral"]
+    durable, durable_64 = ratio["single", 16, "observerd durable"], ratio["single", 64, "observerd durable"]
+    batch = events["batch100", 16, "observerd durable"]
+    return [
+        ("ephemeral single-event ≥ 0.8 × no-op at 16 connections", f"**{ephemeral:.2f}**", ephemeral >= 0.8),
+        ("durable single-event ≥ 0.6 × no-op at 16 connections",
+         f"**{durable:.2f}** ({durable_64:.2f} at 64 connections)", durable >= 0.6),
+        ("durable batch ingest ≥ 100,000 events/s, batches of 100", f"**{batch:,.0f}**", batch >= 100_000),
+        (f"restart with a {big_lines:,}-line file < 0.3 s, within 0.1 s of a 2,000-line file",
+         f"**{big_ready * 1000:.0f} ms vs {small_ready * 1000:.0f} ms** spawn to first answer "
+         f"(the restore itself: {big_restore_ms:.0f} ms)", big_ready < 0.3 and big_ready - small_ready < 0.1),
+        ("stats p99 < 5 ms while ingest runs flat out", f"**{stats_p99_ms:.1f} ms**", stats_p99_ms < 5),
+    ]
+
+
 # --- main ----------------------------------------------------------------------------------
 
 def main() -> int:
@@ -227,17 +262,29 @@ def main() -> int:
     parser.add_argument("--big-lines", type=int, default=1_000_000, help="lines in the big restart log")
     parser.add_argument("--stdlib-load", action="store_true", help="use the stdlib generator even if wrk exists")
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the folder removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with tempfile.TemporaryDirectory(prefix="observerd-bench-") as folder:
+            return run(args, Path(folder))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
     use_wrk = shutil.which("wrk") and not args.stdlib_load
     load = run_wrk if use_wrk else run_stdlib_load
     print(f"# observerd benchmark — {platform.node()}: {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {platform.platform()}, load from "
           f"{'wrk' if use_wrk else 'stdlib generator'}, {args.duration:g}s per run\n")
 
-    work = Path(tempfile.mkdtemp(prefix="observerd-bench-"))
-    servers = {"noop": start_noop(), "ephemeral": start_observerd("observerd ephemeral", ""),
-               "durable": start_observerd("observerd durable", str(work / "ops.jsonl"))}
+    servers: dict[str, Server] = {}
     rows = []
     try:
+        servers["noop"] = start_noop()
+        servers["ephemeral"] = start_observerd("observerd ephemeral", work, "")
+        servers["durable"] = start_observerd("observerd durable", work, str(work / "ops.jsonl"))
         cases = [("single", "/observer/event", SINGLE_BODY, 1, c) for c in CONNECTIONS]
         cases.append(("batch100", "/observer/events", BATCH_BODY, 100, 16))
         for kind, path, body, per_request, connections in cases:
@@ -261,15 +308,19 @@ def main() -> int:
     small, big = work / "small.jsonl", work / "big.jsonl"
     write_log(small, 2000)
     write_log(big, args.big_lines)
-    small_ready, small_restore = time_restart(small)
-    big_ready, big_restore = time_restart(big)
+    small_ready, small_restore = time_restart(work, small)
+    big_ready, big_restore = time_restart(work, big)
     print(f"\n| restart | log size | spawn → first answer | restore (logged) |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| 2,000 lines | {small.stat().st_size / 1e6:.1f} MB | {small_ready * 1000:.0f} ms | {small_restore:.1f} ms |")
     print(f"| {args.big_lines:,} lines | {big.stat().st_size / 1e6:.0f} MB | {big_ready * 1000:.0f} ms | {big_restore:.1f} ms |")
     print(f"\nGET /observer/stats p99 while durable single-event ingest runs at 16 connections "
           f"({during['rps']:,.0f} req/s): {stats_p99:.2f} ms")
-    shutil.rmtree(work, ignore_errors=True)
+
+    print("\n| target | result |")
+    print("| --- | --- |")
+    for target, result, met in targets(rows, args.big_lines, small_ready, big_ready, big_restore, stats_p99):
+        print(f"| {target} | {result} {'✔' if met else '✘'} |")
     return 0
 
 
