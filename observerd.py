@@ -459,6 +459,8 @@ def load_config(
 SOURCES = ("mcp", "scenario", "langfuse", "overseer_correction")
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
+MAX_JSON_DEPTH = 64  # arrays and objects nested in an op, the op itself included
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -540,9 +542,42 @@ def parse_json_strict(data: bytes | str, what: str = "body") -> object:
     except json.JSONDecodeError as exc:
         raise InvalidOp(what, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise InvalidOp(what, "is not valid JSON: nested too deeply") from None
+        raise InvalidOp(what, f"is nested more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep") from None
     except ValueError as exc:
         raise InvalidOp(what, f"is not valid JSON: {str(exc)[:120]}") from None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
+
+
+def _unstorable(container: dict | list, depth: int) -> tuple[list, str] | None:
+    """Where a decoded value cannot round-trip through the log: (path, reason), innermost first.
+
+    JSON can carry lone surrogates ("\\ud800") that UTF-8 cannot encode, and nesting that
+    recursive encoders and decoders cannot follow back; either would break every later read.
+    """
+    if depth > MAX_JSON_DEPTH:
+        return [], f"is nested more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep"
+    for key, item in container.items() if isinstance(container, dict) else enumerate(container):
+        if isinstance(key, str) and _has_lone_surrogate(key):  # a list index is an int
+            return [], "has a key with a lone surrogate, which UTF-8 cannot encode"
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                return [key], "contains a lone surrogate, which UTF-8 cannot encode"
+        elif isinstance(item, (dict, list)):
+            found = _unstorable(item, depth + 1)
+            if found is not None:
+                found[0].append(key)
+                return found
+    return None
+
+
+def _path_name(path: list) -> str:
+    """["extra", "spans", 3] as extra.spans[3], cut to a length an error message can carry."""
+    name = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path[:8])
+    name = name.removeprefix(".")[:200] + ("…" if len(path) > 8 else "")
+    return name or "body"
 
 
 def validate_op(raw: object) -> dict:
@@ -593,11 +628,19 @@ def validate_op(raw: object) -> dict:
         raise InvalidOp("duration_ms", f"must be a number, got {json_type(duration)}")
     elif duration < 0:
         raise InvalidOp("duration_ms", "must be >= 0")
+    elif duration > sys.float_info.max or not math.isfinite(duration):
+        # Reviews and playbooks compute with it as a float: 1e400 as an int would overflow there.
+        raise InvalidOp("duration_ms", f"must be finite and at most {sys.float_info.max:g}")
 
     for field in OPTIONAL_TEXT_FIELDS:
         value = raw.get(field)
         if value is not None and not isinstance(value, str):
             raise InvalidOp(field, f"must be a string, got {json_type(value)}")
+
+    found = _unstorable(raw, 1)
+    if found is not None:
+        path, reason = found
+        raise InvalidOp(_path_name(path[::-1]), reason)
 
     op = {
         "endpoint": endpoint,
@@ -613,31 +656,54 @@ def validate_op(raw: object) -> dict:
 
 
 class TooLarge(ValueError):
-    """A batch holds more ops than max_batch, or a body inflates past max_body_bytes."""
+    """A number, a batch or an inflated body is over its bound (max_batch, max_body_bytes, …)."""
+
+
+def bounded_int(text: str, maximum: int) -> int:
+    """A non-negative decimal integer from client text, at most maximum.
+
+    Raises ValueError for anything but ASCII digits and TooLarge above maximum, judged by the
+    number of digits first, so thousands of digits never reach int().
+    """
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"{text[:20]!r} is not a non-negative integer")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise TooLarge(f"{text[:20]} is more than {maximum}")
+    return int(digits)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Inflate a gzip body step by step, refusing to produce more than limit bytes.
+    """Inflate a gzip body, every member of it, refusing to produce more than limit bytes.
 
-    A gzip bomb (10 MB of zeros is 10 KB compressed) is stopped after limit + 1 bytes.
+    A gzip bomb (10 MB of zeros is 10 KB compressed) is stopped after limit + 1 bytes in
+    total. Members follow each other (`gzip -c a b`); anything else after one is refused.
     """
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     pieces, size, pending = [], 0, data
     try:
         while True:
-            piece = inflater.decompress(pending, limit + 1 - size)
-            size += len(piece)
-            if size > limit:
-                raise TooLarge(f"body inflates past max_body_bytes={limit}")
-            pieces.append(piece)
-            pending = inflater.unconsumed_tail
-            if inflater.eof or (not pending and not piece):
-                break
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            while True:
+                piece = inflater.decompress(pending, limit + 1 - size)
+                size += len(piece)
+                if size > limit:
+                    raise TooLarge(f"body inflates past max_body_bytes={limit}")
+                pieces.append(piece)
+                if inflater.eof:
+                    break
+                pending = inflater.unconsumed_tail
+                if not pending and not piece:
+                    raise InvalidOp("body", "is a truncated gzip stream")
+            pending = inflater.unused_data
+            if not pending:
+                return b"".join(pieces)
+            if not GZIP_MAGIC.startswith(pending[:2]):
+                raise InvalidOp("body", f"has trailing garbage after the gzip stream ({len(pending)} bytes)")
     except zlib.error as exc:
         raise InvalidOp("body", f"is not valid gzip: {exc}") from None
-    if not inflater.eof:
-        raise InvalidOp("body", "is a truncated gzip stream")
-    return b"".join(pieces)
 
 
 def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
@@ -1269,10 +1335,14 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
             since = parse_rfc3339(since)
         except ValueError as exc:
             raise InvalidOp("since", str(exc)) from None
-    limit_text = given.get("limit", str(min(DEFAULT_OPS_LIMIT, ring_size)))
-    if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= ring_size:
-        raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
-    limit = int(limit_text)
+    limit = min(DEFAULT_OPS_LIMIT, ring_size)
+    if "limit" in given:
+        try:
+            limit = bounded_int(given["limit"], ring_size)
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
     matched = []
     for op in reversed(ops):
         if ((source is None or op["source"] == source)
@@ -1659,7 +1729,6 @@ ROUTES = {
 }
 _REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required", 413: "too_large",
                       415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 # json.dumps with any option builds a new encoder per call; responses reuse this one.
 _RESPONSE_ENCODER = json.JSONEncoder(ensure_ascii=False)
 _date_cache: tuple[int, str] = (-1, "")
@@ -1827,11 +1896,12 @@ class ObserverHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, "conflicting Content-Length headers")
         text = lengths[0].strip()
         limit = self.server.config.max_body_bytes
-        if not text.isascii() or not text.isdigit():
-            raise HTTPError(400, "Content-Length must be a non-negative integer")
-        if not _CONTENT_LENGTH.fullmatch(text) or int(text) > limit:
-            raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}")
-        length = int(text)
+        try:
+            length = bounded_int(text, limit)
+        except TooLarge:
+            raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}") from None
+        except ValueError:
+            raise HTTPError(400, "Content-Length must be a non-negative integer") from None
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length)

@@ -1953,3 +1953,168 @@ def test_a_client_that_never_reads_answers_is_dropped_without_stalling_others(se
         for i in range(20):
             assert polite.post("/observer/event", {"endpoint": f"/polite{i}"})[0] == 200
     assert server.store.snapshot()[-1]["endpoint"] == "/polite19"
+
+
+# -----------------------------------------------------------------------------
+# --- issue 9: HTTP and model edges (gzip members, unstorable values, numbers, connections) ---
+# -----------------------------------------------------------------------------
+
+
+def read_until_closed(sock) -> bytes:
+    """Everything the server sends on sock until it closes the connection."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+# A: multi-member gzip, and the cap on the total inflated size
+
+
+def test_every_gzip_member_is_read_and_trailing_garbage_is_400(serve):
+    server = serve(max_body_bytes=400)
+    client = server.client()
+    ndjson = {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"}
+    first = gzip.compress(b'{"endpoint": "/m1"}\n{"endpoint": "/m2"}\n')
+    second = gzip.compress(b'{"endpoint": "/m3"}\n')
+    status, body, _ = client.post("/observer/events", first + second, headers=ndjson)  # = gzip -c a b
+    assert (status, body["accepted"]) == (200, 3)
+    # One op split across two members is still one op.
+    split = gzip.compress(b'{"endpoint": ') + gzip.compress(b'"/split"}')
+    assert client.post("/observer/event", split, headers={"Content-Encoding": "gzip"})[0] == 200
+    assert endpoints(server.store) == ["/m1", "/m2", "/m3", "/split"]
+    for garbage in (b"\x00\x00", b"trailing", first[:10]):
+        status, error, _ = client.post("/observer/events", first + garbage, headers=ndjson)
+        assert status == 400 and "gzip" in error["error"], garbage
+    # The cap is on the total: two members of 300 bytes each inflate to 600 > 400.
+    member = gzip.compress(b'{"endpoint": "/big", "pad": "' + b"x" * 270 + b'"}\n')
+    status, error, _ = client.post("/observer/events", member + member, headers=ndjson)
+    assert status == 413 and "max_body_bytes=400" in error["error"]
+    assert server.store.stats()["total"] == 4
+
+
+# B: strings JSON can carry but UTF-8 cannot
+
+
+LONE_SURROGATE_OPS = [
+    ('{"endpoint": "/e\\ud800"}', "endpoint"),
+    ('{"endpoint": "/e", "error": "bad \\udfff"}', "error"),
+    ('{"endpoint": "/e", "extra": {"spans": [1, "\\ud83d"]}}', "extra.spans[1]"),
+    ('{"endpoint": "/e", "extra": {"\\ud800": 1}}', "extra"),
+    ('{"endpoint": "/e", "\\udc00": 1}', "body"),
+]
+
+
+@pytest.mark.parametrize("persist", ["durable", "ephemeral"])
+def test_lone_surrogates_are_400_naming_the_field_and_every_read_still_works(serve, persist):
+    server = serve(**({"persist_path": ""} if persist == "ephemeral" else {}))
+    client = server.client()
+    assert client.post("/observer/event", '{"endpoint": "/pair \\ud83d\\ude00"}')[0] == 200  # a real pair is fine
+    for text, field in LONE_SURROGATE_OPS:
+        status, error, _ = client.post("/observer/event", text)
+        assert status == 400 and f"{field} " in error["error"] and "surrogate" in error["error"], (text, error)
+        batch = f'[{{"endpoint": "/ok"}}, {text}]'
+        status, error, _ = client.post("/observer/events", batch)
+        assert status == 400 and f"op 1 is invalid: {field} " in error["error"], (text, error)
+        ndjson = '{"endpoint": "/ok"}\n' + text + "\n"
+        status, error, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+        assert status == 400 and f"op 1 is invalid: {field} " in error["error"], (text, error)
+    assert client.get("/observer/ops")[1]["count"] == 1
+    assert client.get("/observer/stats")[1]["total"] == 1
+    if persist == "durable":
+        assert [o["endpoint"] for o in replay_forward(server.config.persist_path)] == ["/pair \U0001F600"]
+
+
+# C: nesting
+
+
+def test_nesting_past_max_json_depth_is_400_naming_the_limit(serve):
+    server = serve()
+    client = server.client()
+    assert od.MAX_JSON_DEPTH == 64
+    deepest = f'{{"endpoint": "/ok", "extra": {nested(od.MAX_JSON_DEPTH - 1)}}}'  # the op is level 1
+    assert client.post("/observer/event", deepest)[0] == 200
+    for levels in (od.MAX_JSON_DEPTH, 200, 980):
+        text = f'{{"endpoint": "/deep", "extra": {nested(levels)}}}'
+        status, error, _ = client.post("/observer/event", text)
+        assert status == 400 and "MAX_JSON_DEPTH=64" in error["error"], (levels, error)
+        status, error, _ = client.post("/observer/events", f'[{{"endpoint": "/ok"}}, {text}]')
+        assert status == 400 and "MAX_JSON_DEPTH=64" in error["error"]
+        # The op's index, unless the array is too deep for the parser itself to follow.
+        assert levels > 900 or "op 1 is invalid: extra" in error["error"], error
+    assert client.get("/observer/ops")[1]["count"] == 1
+    assert [o["endpoint"] for o in replay_forward(server.config.persist_path)] == ["/ok"]
+
+
+def test_restore_skips_log_lines_no_read_could_serve(tmp_path, capsys):
+    log_path = tmp_path / "ops.jsonl"
+    log_path.write_bytes(
+        b'{"endpoint": "/before"}\n'
+        + f'{{"endpoint": "/deep", "extra": {nested(200)}}}\n'.encode()
+        + b'{"endpoint": "/lone", "x": "\\ud800"}\n'
+        + b'{"endpoint": "/after"}\n')
+    server = InProcessServer(make_config(tmp_path, persist_path=str(log_path)))
+    try:
+        status, body, _ = server.client().get("/observer/ops")
+        assert status == 200 and [o["endpoint"] for o in body["ops"]] == ["/after", "/before"]
+        assert server.client().get("/observer/stats")[1]["total"] == 2
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert err.count("skipped invalid log line") == 2 and "MAX_JSON_DEPTH=64" in err and "surrogate" in err
+
+
+# D: numbers past what the code can compute with
+
+
+def test_numbers_out_of_range_are_400_at_the_edge(serve):
+    server = serve(ring_size=50)
+    client = server.client()
+    huge = '{"endpoint": "/slow", "duration_ms": 1' + "0" * 400 + "}"
+    status, error, _ = client.post("/observer/event", huge)
+    assert status == 400 and "duration_ms" in error["error"]
+    status, error, _ = client.post("/observer/events", f'[{{"endpoint": "/ok"}}, {huge}]')
+    assert status == 400 and "op 1 is invalid: duration_ms" in error["error"]
+    largest = '{"endpoint": "/slow", "duration_ms": 1' + "0" * 307 + "}"  # 1e307 still fits a float
+    assert client.post("/observer/event", largest)[0] == 200
+    status, result, _ = client.post("/observer/review", {})
+    assert status == 200 and result["reviews"][0]["p95_duration_ms"] == 10 ** 307
+    for limit in ("1" + "0" * 4300, "9" * 5000, "0" * 30 + "51"):
+        status, error, _ = client.get(f"/observer/ops?limit={limit}")
+        assert status == 400 and "limit" in error["error"]
+    assert client.get("/observer/ops?limit=" + "0" * 30 + "50")[1]["count"] == 1
+    request = b"POST /observer/event HTTP/1.1\r\nContent-Length: " + b"9" * 4301 + b"\r\n\r\n{}"
+    status, error = parse_response(raw_exchange(server.port, request))
+    assert status == 413 and "max_body_bytes" in error["error"]
+    assert server.store.stats()["total"] == 1
+
+
+# E: the corrections tailer
+
+
+def test_the_daemons_corrections_tailer_skips_unstorable_lines_and_goes_on(tmp_path, daemons):
+    corrections = tmp_path / "overseer.jsonl"
+    corrections.write_bytes(
+        correction(1)
+        + b'{"endpoint": "/fix/lone\\ud800"}\n'
+        + f'{{"endpoint": "/fix/deep", "x": {nested(980)}}}\n'.encode()
+        + correction(2))
+    daemon = start_durable_daemon(daemons, tmp_path, corrections_path="overseer.jsonl",
+                                  corrections_interval_s=0.05)
+    wait_for(lambda: daemon.client().get("/observer/stats")[1]["total"] == 2, timeout=10,
+             what="the lines around the bad ones to be recorded")
+    append_to(corrections, correction(3))
+    wait_for(lambda: daemon.client().get("/observer/stats")[1]["total"] == 3, timeout=10,
+             what="a line appended after the bad ones to be recorded")
+    ops = daemon.client().get("/observer/ops")[1]["ops"]
+    assert [o["endpoint"] for o in ops] == ["/fix/3", "/fix/2", "/fix/1"]
+    warnings = [ln for ln in daemon.log.splitlines() if "skipped invalid corrections line" in ln]
+    assert len(warnings) == 2 and "line=2" in warnings[0] and "line=3" in warnings[1]
+    assert "background task failed" not in daemon.log
