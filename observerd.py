@@ -412,6 +412,10 @@ def load_config(
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
     token = environ.get("OBSERVERD_TOKEN") or auth["token"]
+    if token and not (token.isascii() and token.isprintable() and token == token.strip()):
+        # It travels in an HTTP header: anything else could never match what a client sends.
+        where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
+        problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
     if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
             f"bind {values['bind']} is not loopback and [auth] token is empty: set a token "
@@ -1450,14 +1454,17 @@ _OVERLOADED = (
 
 
 class ConnectionTracker:
-    """Caps open connections and closes those that take too long to send a request.
+    """Caps open connections and cuts off those that take too long to send a request.
 
     A per-recv socket timeout alone lets a client dribble one byte at a time forever
     (slowloris), so each connection gets a deadline for its whole next request, which
-    close_expired() enforces by shutting the socket down under the blocked reader.
+    close_expired() enforces by shutting down the reading side under the blocked reader: it
+    sees the request end early, asks cut_reason() why, and answers 408 itself. At the cap, a
+    new connection takes the place of the one stalled the longest (idle, or mid-request) the
+    same way; only a cap full of connections being served refuses it.
     """
 
-    IDLE, READING, IN_FLIGHT = "idle", "reading", "in_flight"
+    IDLE, READING, IN_FLIGHT, ANSWERING = "idle", "reading", "in_flight", "answering"
 
     def __init__(self, limit: int, request_timeout_s: float):
         self.limit = limit
@@ -1467,21 +1474,37 @@ class ConnectionTracker:
         # Connections owed an answer that another thread will send (at most one each, as the
         # handler's turn lock ensures); such a connection is in flight.
         self._owed: set[socket.socket] = set()
+        # Connections whose reading side was shut down, and why; on their way out, so they
+        # no longer count against the cap.
+        self._cut: dict[socket.socket, str] = {}
+        self._timed_out = f"request not complete within request_timeout_s={request_timeout_s:g}"
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._closing = False
 
     def admit(self, sock: socket.socket) -> bool:
         with self._lock:
-            if len(self._open) >= self.limit or self._closing:
+            if self._closing:
                 return False
+            stalled = None
+            if len(self._open) - len(self._cut) >= self.limit:
+                waiting = [(deadline, s) for s, (phase, deadline) in self._open.items()
+                           if phase in (self.IDLE, self.READING) and s not in self._owed
+                           and s not in self._cut]
+                if not waiting:
+                    return False
+                stalled = min(waiting, key=lambda entry: entry[0])[1]
+                self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
             self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
-            return True
+        if stalled is not None:
+            _shutdown_quietly(stalled, socket.SHUT_RD)
+        return True
 
     def release(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.pop(sock, None)
             self._owed.discard(sock)
+            self._cut.pop(sock, None)
             self._drained.notify_all()
 
     def awaiting_request(self, sock: socket.socket) -> None:
@@ -1504,23 +1527,40 @@ class ConnectionTracker:
         if close_now:
             _shutdown_quietly(sock)
 
-    # The two transitions below only replace the value of a key that admit() added, which is
+    # The transitions below only replace the value of a key that admit() added, which is
     # atomic and never resizes the dict under an iterating reader, so they skip the lock.
     def headers_read(self, sock: socket.socket) -> None:
-        """A request has begun: shutdown waits for it; its deadline still runs."""
+        """A body follows the headers: shutdown waits for it; its deadline still runs."""
         self._open[sock] = (self.READING, self._open[sock][1])
 
     def request_read(self, sock: socket.socket) -> None:
-        """The body is read: the request is in flight and no longer has a deadline."""
+        """The whole request is read: it is in flight and no longer has a deadline."""
         self._open[sock] = (self.IN_FLIGHT, None)
 
+    def answering(self, sock: socket.socket) -> None:
+        """This thread writes the answer: the client must take it before a fresh deadline."""
+        self._open[sock] = (self.ANSWERING, time.monotonic() + self.request_timeout_s)
+
+    def cut_reason(self, sock: socket.socket) -> str | None:
+        """Why this connection's request could not be read whole in time; None if it could."""
+        with self._lock:
+            reason = self._cut.get(sock)
+            deadline = self._open.get(sock, (None, None))[1]
+        if reason is None and deadline is not None and deadline <= time.monotonic():
+            reason = self._timed_out
+        return reason
+
     def close_expired(self) -> None:
+        """Cut off requests past their deadline (their reader answers 408), and drop answers
+        the client does not take in time."""
         now = time.monotonic()
         with self._lock:
-            expired = [s for s, (_, d) in self._open.items()
-                       if d is not None and d < now and s not in self._owed]
-        for sock in expired:
-            _shutdown_quietly(sock)
+            expired = [(s, phase) for s, (phase, d) in self._open.items()
+                       if d is not None and d < now and s not in self._owed and s not in self._cut]
+            for sock, _ in expired:
+                self._cut[sock] = self._timed_out
+        for sock, phase in expired:
+            _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
     def close_idle_and_drain(self, timeout_s: float) -> int:
         """Refuse new connections, close idle ones, let requests in progress finish.
@@ -1547,11 +1587,11 @@ class ConnectionTracker:
         return len(self._open)
 
 
-def _shutdown_quietly(sock: socket.socket) -> None:
+def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     try:
         # The plain socket's shutdown, also for TLS: it wakes a reader blocked in recv
-        # without tearing down the TLS state that reader is using.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        # without tearing down the TLS state that reader (or a 408 after it) is using.
+        socket.socket.shutdown(sock, how)
     except OSError:
         pass
 
@@ -1660,8 +1700,11 @@ class RequestHeaders:
         self._values.setdefault(name.lower(), []).append(value)
 
     def get(self, name: str, default=None):
+        """Every value of the header, joined as one list: two fields are one comma-separated list."""
         values = self._values.get(name.lower())
-        return values[0] if values else default
+        if not values:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
 
     def get_all(self, name: str, default=None):
         return self._values.get(name.lower(), default)
@@ -1678,6 +1721,13 @@ class MalformedRequest(Exception):
         self.status = status
 
 
+class IncompleteRequest(MalformedRequest):
+    """The connection stopped delivering before the head was whole: the client's doing, or ours."""
+
+    def __init__(self, message: str):
+        super().__init__(400, message)
+
+
 def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, RequestHeaders]:
     """Parse an HTTP/1.x request line and its headers; raises MalformedRequest.
 
@@ -1685,6 +1735,8 @@ def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, Reques
     everything else observerd does; this parser keeps the stdlib's limits (64 KiB lines,
     100 headers) at a fraction of the cost.
     """
+    if not request_line.endswith(b"\n"):
+        raise IncompleteRequest("request line ended early")
     words = request_line.decode("iso-8859-1").rstrip("\r\n").split()
     if len(words) != 3:
         raise MalformedRequest(400, "malformed request line")
@@ -1698,8 +1750,10 @@ def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, Reques
         line = rfile.readline(MAX_LINE_BYTES + 1)
         if len(line) > MAX_LINE_BYTES:
             raise MalformedRequest(431, "header line too long")
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return method, target, version, headers
+        if not line.endswith(b"\n"):
+            raise IncompleteRequest("headers ended early")
         name, sep, value = line.decode("iso-8859-1").partition(":")
         if not sep or not name or name != name.strip() or " " in name:
             raise MalformedRequest(400, "malformed header line")
@@ -1819,6 +1873,10 @@ class ObserverHandler(BaseHTTPRequestHandler):
         try:
             self.command, self.path, self.request_version, self.headers = read_request_head(
                 self.raw_requestline, self.rfile)
+        except IncompleteRequest as exc:
+            error = self.cut_short(str(exc))
+            self.send_error(error.status, error.message)
+            return False
         except MalformedRequest as exc:
             self.send_error(exc.status, str(exc))
             return False
@@ -1841,11 +1899,14 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if self._dropped:
             self.close_connection = True
             return
-        self.server.connections.headers_read(self.connection)
         self._body_unread = bool(
             self.headers.get("Content-Length", "0").strip() not in ("", "0")
-            or self.headers.get("Transfer-Encoding")
+            or "Transfer-Encoding" in self.headers
         )
+        if self._body_unread:
+            self.server.connections.headers_read(self.connection)
+        else:
+            self.server.connections.request_read(self.connection)
         headers: dict[str, str] = {}
         try:
             path = urlsplit(self.path).path
@@ -1854,9 +1915,10 @@ class ObserverHandler(BaseHTTPRequestHandler):
                 self._route = "unmatched"
                 raise HTTPError(404, f"no route for {path[:200]}")
             self._route = path
-            name = route.methods.get(self.command)
+            # HEAD is GET without the body, which render_response leaves out.
+            name = route.methods.get("GET" if self.command == "HEAD" else self.command)
             if name is None:
-                allow = ", ".join(route.methods)
+                allow = ", ".join([*route.methods, "HEAD"] if "GET" in route.methods else route.methods)
                 raise HTTPError(405, f"method {self.command} not allowed; use {allow}", {"Allow": allow})
             if route.auth:
                 self.authorize()
@@ -1887,7 +1949,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
 
     def read_body(self) -> bytes:
         """The request body, bounded by max_body_bytes and checked before reading."""
-        if self.headers.get("Transfer-Encoding"):
+        if "Transfer-Encoding" in self.headers:
             raise HTTPError(411, "Content-Length required; Transfer-Encoding is not supported")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
@@ -1904,9 +1966,9 @@ class ObserverHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, "Content-Length must be a non-negative integer") from None
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(length)
+        body = self.rfile.read(length) or b""  # None: the kernel's receive timeout hit first
         if len(body) < length:
-            raise HTTPError(400, f"body ended after {len(body)} of {length} bytes")
+            raise self.cut_short(f"body ended after {len(body)} of {length} bytes")
         self._body_unread = False
         self.server.connections.request_read(self.connection)
         encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
@@ -1920,6 +1982,11 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if encoding != "identity":
             raise HTTPError(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip or none")
         return body
+
+    def cut_short(self, message: str) -> HTTPError:
+        """A request that ended early: 408 if we cut it off (too slow), else 400 (the client did)."""
+        reason = self.server.connections.cut_reason(self.connection)
+        return HTTPError(400, message) if reason is None else HTTPError(408, reason)
 
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
@@ -2062,6 +2129,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         exchange = self.exchange()
         data, size = self.render_response(exchange, status, body, headers, self.close_connection)
+        self.server.connections.answering(self.connection)
         self.wfile.write(data)
         self.account(exchange, status, size)
 

@@ -563,7 +563,7 @@ def test_unknown_path_is_404_and_wrong_method_405_with_allow(serve):
     status, body, _ = client.get("/observer/nope")
     assert status == 404 and "error" in body
     status, body, resp = client.request("DELETE", "/observer/stats")
-    assert status == 405 and resp.getheader("Allow") == "GET"
+    assert status == 405 and resp.getheader("Allow") == "GET, HEAD"
     status, body, resp = client.get("/observer/event")
     assert status == 405 and resp.getheader("Allow") == "POST"
 
@@ -823,7 +823,8 @@ def test_slowloris_connections_are_closed_and_never_block_health(serve):
                 try:
                     sock.sendall(b"a")
                     sock.setblocking(False)
-                    if sock.recv(1) == b"":
+                    answer = sock.recv(65536)
+                    if answer == b"" or answer.startswith(b"HTTP/1.1 408 "):  # 408, then closed
                         closed.add(i)
                 except BlockingIOError:
                     pass
@@ -861,23 +862,6 @@ def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
             server.shutdown()
         server.server_close()
         server.store.close()
-
-
-def test_connections_past_the_cap_get_503_and_are_closed(serve):
-    server = serve(max_connections=4)
-    threads_before = threading.active_count()
-    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(4)]
-    wait_for(lambda: len(server.server.connections) == 4, what="4 connections admitted")
-    for _ in range(20):
-        raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
-        status, body = parse_response(raw)
-        assert (status, body) == (503, {"error": "too many connections"})
-    assert threading.active_count() <= threads_before + 4
-    held.pop().close()
-    wait_for(lambda: len(server.server.connections) == 3, what="a slot to free up")
-    assert server.client().get("/observer/health")[0] == 200
-    for sock in held:
-        sock.close()
 
 
 HUGE_DIGITS = b'{"endpoint": "/e", "n": ' + b"9" * 10000 + b"}"
@@ -1971,6 +1955,31 @@ def read_until_closed(sock) -> bytes:
     return b"".join(chunks)
 
 
+def post_raw(port: int, path: str, body: bytes, headers: bytes = b"") -> tuple[int, dict | None]:
+    request = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), len(body), headers)
+    return parse_response(raw_exchange(port, request + body))
+
+
+class HeldFsync:
+    """os.fsync of the log blocks until release(): commits stay in flight as long as a test needs."""
+
+    def __init__(self, monkeypatch, log_name="ops.jsonl"):
+        self.entered = threading.Event()
+        self._released = threading.Event()
+        real = os.fsync
+
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(log_name):
+                self.entered.set()
+                self._released.wait(30)
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def release(self):
+        self._released.set()
+
+
 def nested(levels: int) -> str:
     return "[" * levels + "]" * levels
 
@@ -2118,3 +2127,215 @@ def test_the_daemons_corrections_tailer_skips_unstorable_lines_and_goes_on(tmp_p
     warnings = [ln for ln in daemon.log.splitlines() if "skipped invalid corrections line" in ln]
     assert len(warnings) == 2 and "line=2" in warnings[0] and "line=3" in warnings[1]
     assert "background task failed" not in daemon.log
+
+
+# F: stalled connections make room; a cap of requests in flight answers 503
+
+
+def served_keep_alive(server: InProcessServer) -> socket.socket:
+    """A connection that has had one request answered and whose handler waits for the next."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_responses(sock, 1)[0][0] == 200
+    client_end = sock.getsockname()
+
+    def waiting_for_next_request():
+        for server_end, (phase, _) in list(server.server.connections._open.items()):
+            try:
+                if server_end.getpeername() == client_end:
+                    return phase == od.ConnectionTracker.IDLE
+            except OSError:
+                pass
+        return False
+
+    wait_for(waiting_for_next_request, what="the handler to wait for the next request")
+    return sock
+
+
+def test_stalled_connections_make_room_for_new_ones_longest_stalled_first(serve):
+    server = serve(max_connections=4, request_timeout_s=60)  # the timeout never fires here
+    idle = served_keep_alive(server)
+    mid_line = served_keep_alive(server)
+    mid_line.sendall(b"GET /observer/sta")
+    mid_body = served_keep_alive(server)
+    mid_body.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"endp")
+    idle_too = served_keep_alive(server)
+    assert len(server.server.connections) == 4
+    # Each new connection takes the place of the one stalled the longest, never a newer one.
+    newer = [served_keep_alive(server) for _ in range(4)]
+    assert read_until_closed(idle) == b""  # between requests: just closed
+    for sock in (mid_line, mid_body):
+        status, error = parse_response(read_until_closed(sock))
+        assert status == 408 and "max_connections=4" in error["error"]
+    assert read_until_closed(idle_too) == b""
+    for sock in newer:
+        sock.sendall(b"GET /observer/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(sock, 1)[0][0] == 200
+    assert server.store.stats()["total"] == 0
+    for sock in (idle, mid_line, mid_body, idle_too, *newer):
+        sock.close()
+
+
+def test_a_cap_full_of_requests_in_flight_answers_503_and_serves_them_all(serve, monkeypatch):
+    server = serve(max_connections=2, request_timeout_s=60)
+    threads_before = threading.active_count()
+    held = HeldFsync(monkeypatch)
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    post = b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    in_flight = []
+    try:
+        for _ in range(2):  # the first commit holds the fsync, then the second queues behind it
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(post)
+            in_flight.append(sock)
+            wait_for(held.entered.is_set, what="the first commit to reach fsync")
+        wait_for(lambda: len(server.store._queue) == 1, what="the second to queue behind it")
+        for _ in range(10):
+            raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
+            assert parse_response(raw) == (503, {"error": "too many connections"})
+        assert threading.active_count() <= threads_before + 2
+    finally:
+        held.release()
+    for sock in in_flight:
+        assert read_responses(sock, 1)[0][0] == 200
+        sock.close()
+    wait_for(lambda: len(server.server.connections) == 0, what="the slots to free up")
+    assert server.client().get("/observer/health")[0] == 200
+    assert server.store.stats()["total"] == 2
+
+
+def test_a_request_in_flight_is_never_the_one_that_makes_room(serve, monkeypatch):
+    server = serve(max_connections=2, request_timeout_s=60)
+    held = HeldFsync(monkeypatch)
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    busy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        busy.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        wait_for(held.entered.is_set, what="the commit to reach fsync")
+        stalled = served_keep_alive(server)  # connected after `busy`, yet it makes room
+        assert parse_response(raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n"))[0] == 200
+        assert read_until_closed(stalled) == b""
+        # Now the cap holds only `busy`, in flight, and a served connection on its way out.
+    finally:
+        held.release()
+    assert read_responses(busy, 1)[0] == (200, {"accepted": True, "ring_size": 1})
+    busy.close()
+
+
+# G: a header given twice; a token that could never match
+
+
+def test_transfer_encoding_is_seen_whichever_of_its_fields_holds_it(serve):
+    server = serve()
+    body = b'{"endpoint":"/smuggled"}'
+    for fields in (b"Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n", b"Transfer-Encoding:\r\n"):
+        status, error = post_raw(server.port, "/observer/event", body, fields)
+        assert status == 411 and "Transfer-Encoding" in error["error"], fields
+    status, _ = post_raw(server.port, "/observer/event", body, b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n")
+    assert status == 415  # both values count, not just the first
+    assert server.store.stats()["total"] == 0
+
+
+@pytest.mark.parametrize("file_token, env_token, where", [
+    ("s3crét", None, "[auth] token"),
+    ("fine", "tok\u00e9n", "OBSERVERD_TOKEN"),
+    (" padded ", None, "[auth] token"),
+    ("tab\there", None, "[auth] token"),
+])
+def test_a_token_that_could_never_match_is_a_config_problem(tmp_path, daemons, file_token, env_token, where):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": ""}, {"token": file_token})
+    env = {"OBSERVERD_TOKEN": env_token} if env_token else {}
+    rule = f"{where} must be printable ASCII without leading or trailing spaces"
+    result = run_cli("check", "--config", str(config), env=env)
+    assert result.returncode == 2 and rule in result.stderr
+    daemon = daemons(tmp_path, config=config, env=env)
+    assert daemon.exit_status() == 2 and rule in daemon.log
+    for secret in filter(None, (file_token.strip(), env_token)):
+        assert secret not in result.stderr + daemon.log
+
+
+# H: 408 for a request cut off by request_timeout_s
+
+
+def test_a_request_stalled_past_the_timeout_is_answered_408_and_an_idle_one_just_closed(serve):
+    server = serve(request_timeout_s=0.5)
+    stalled = {
+        "request line": b"GET /observer/sta",
+        "headers": b"GET /observer/stats HTTP/1.1\r\nHost: x\r\n",
+        "body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"endpoint\":",
+    }
+    for part, data in stalled.items():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(data)
+            status, error = parse_response(read_until_closed(sock))
+        assert status == 408 and "request_timeout_s=0.5" in error["error"], part
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as never_spoke:
+        assert read_until_closed(never_spoke) == b""
+    kept_alive = served_keep_alive(server)
+    assert read_until_closed(kept_alive) == b""  # idle after a request: closed without a word
+    kept_alive.close()
+    assert server.store.stats()["total"] == 0
+
+
+def test_an_answer_the_client_takes_too_slowly_is_dropped(serve):
+    server = serve(request_timeout_s=0.5, ring_size=100)
+    client = server.client()
+    for i in range(2):
+        batch = [{"endpoint": f"/big/{i}/{n}", "pad": "x" * 190_000} for n in range(20)]
+        assert client.post("/observer/events", batch)[0] == 200
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", server.port))
+        slow.settimeout(10)
+        slow.sendall(b"GET /observer/ops?limit=40 HTTP/1.1\r\nHost: x\r\n\r\n")  # about 7.6 MB
+        # Take the answer a kilobyte at a time: each send of the server makes progress, but the
+        # whole answer would take an hour. The connection must be dropped long before.
+        received, dropped, deadline = 0, False, time.monotonic() + 30
+        while not dropped and time.monotonic() < deadline:
+            try:
+                chunk = slow.recv(1024)
+            except ConnectionResetError:
+                chunk = b""
+            received += len(chunk)
+            dropped = not chunk or len(server.server.connections) == 0
+            time.sleep(0.05)
+    assert dropped and received < 7_000_000
+
+
+# I: HEAD
+
+
+GET_ROUTES = ["/observer/health", "/observer/stats", "/observer/errors", "/observer/playbooks",
+              "/observer/escalations", "/observer/ops", "/metrics"]
+
+
+def read_head(stream) -> tuple[int, dict[str, str]]:
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def test_head_answers_every_get_route_with_headers_and_no_body(serve):
+    server = serve(token="t")
+    server.client(token="t").post("/observer/events", [{"endpoint": f"/h{i}"} for i in range(3)])
+    auth = b"Authorization: Bearer t\r\n"
+    for path in GET_ROUTES:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            # HEAD, then GET: if HEAD sent a body, the GET's status line would not come next.
+            sock.sendall(b"HEAD %s HTTP/1.1\r\n%s\r\nGET %s HTTP/1.1\r\n%s\r\n" % (path.encode(), auth, path.encode(), auth))
+            stream = sock.makefile("rb")
+            status, head = read_head(stream)
+            got_status, got = read_head(stream)
+            body = stream.read(int(got["content-length"]))
+        assert (status, got_status) == (200, 200), path
+        assert head["content-type"] == got["content-type"], path
+        if path != "/metrics":  # its counters move between the two requests
+            assert int(head["content-length"]) == len(body), path
+        else:
+            assert int(head["content-length"]) > 0
+    for path in ("/observer/event", "/observer/events", "/observer/review"):
+        status, _, resp = server.client(token="t").request("HEAD", path)
+        assert status == 405 and resp.getheader("Allow") == "POST", path
