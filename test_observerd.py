@@ -13,6 +13,7 @@ import os
 import random
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -2339,3 +2340,110 @@ def test_head_answers_every_get_route_with_headers_and_no_body(serve):
     for path in ("/observer/event", "/observer/events", "/observer/review"):
         status, _, resp = server.client(token="t").request("HEAD", path)
         assert status == 405 and resp.getheader("Allow") == "POST", path
+
+
+# J: promises of the README that nothing checked
+
+
+GUARDED_ROUTES = [
+    ("GET", "/observer/stats", None), ("POST", "/observer/event", {"endpoint": "/e"}),
+    ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/errors", None),
+    ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
+    ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
+    ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
+]
+
+
+def test_every_route_but_health_needs_the_token(serve):
+    server = serve(token="s3cret")
+    for token in (None, "s3cres", "S3CRET"):
+        client = server.client(token=token)
+        assert client.get("/observer/health")[0] == 200
+        for method, path, body in GUARDED_ROUTES:
+            status, _, resp = client.request(method, path, body)
+            assert status == 401 and resp.getheader("WWW-Authenticate").startswith("Bearer"), (token, path)
+    assert server.store.stats()["total"] == 0
+    assert server.config.persist_path.read_bytes() == b""
+    good = server.client(token="s3cret")
+    for method, path, body in GUARDED_ROUTES:
+        good.conn.request(method, path, body=None if body is None else json.dumps(body),
+                          headers={"Authorization": "Bearer s3cret"})
+        response = good.conn.getresponse()
+        response.read()
+        assert response.status == 200, path
+    assert server.store.stats()["total"] == 2
+
+
+def op_of_size(size: int) -> bytes:
+    """A valid op encoded in exactly size bytes."""
+    head = b'{"endpoint": "/sized", "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def test_a_body_of_exactly_max_body_bytes_is_accepted_and_one_byte_more_is_413(serve):
+    server = serve(max_body_bytes=300)
+    client = server.client()
+    assert client.post("/observer/event", op_of_size(300))[0] == 200
+    status, error, _ = client.post("/observer/event", op_of_size(301))
+    assert status == 413 and "max_body_bytes=300" in error["error"]
+    gz = {"Content-Encoding": "gzip"}
+    assert client.post("/observer/event", gzip.compress(op_of_size(300)), headers=gz)[0] == 200
+    status, error, _ = client.post("/observer/event", gzip.compress(op_of_size(301)), headers=gz)
+    assert status == 413 and "max_body_bytes=300" in error["error"]
+    assert server.store.stats()["total"] == 2
+
+
+def test_a_batch_of_exactly_max_batch_ops_is_accepted(serve):
+    server = serve(max_batch=10)
+    client = server.client()
+    assert client.post("/observer/events", [{"endpoint": f"/{i}"} for i in range(10)])[1]["accepted"] == 10
+    ndjson = "\n".join(json.dumps({"endpoint": f"/{i}"}) for i in range(10))
+    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert (status, body["accepted"]) == (200, 10)
+
+
+def test_the_ops_query_returns_100_by_default(serve):
+    server = serve(ring_size=300)
+    client = server.client()
+    client.post("/observer/events", [{"endpoint": f"/{i}"} for i in range(150)])
+    assert client.get("/observer/ops")[1]["count"] == 100
+    assert client.get("/observer/ops?limit=300")[1]["count"] == 150
+
+
+def test_headers_are_capped_at_exactly_100_lines_and_64_kib_each(serve):
+    server = serve()
+
+    def get_health(header_lines: bytes) -> int:
+        return parse_response(raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n" + header_lines + b"\r\n"))[0]
+
+    assert get_health(b"X-H: 1\r\n" * 100) == 200
+    assert get_health(b"X-H: 1\r\n" * 101) == 431
+    line = b"X-Big: " + b"b" * (65536 - len(b"X-Big: \r\n")) + b"\r\n"  # 64 KiB with its CRLF
+    assert get_health(line) == 200
+    assert get_health(b"X-Big: b" + line[7:]) == 431
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"GET /observer/health HTTP/2.0", 505), (b"GET /observer/health HTTP/0.9", 400),
+    (b"BREW /observer/health HTTP/1.1", 501),
+])
+def test_status_codes_the_readme_lists_for_bad_request_lines(serve, request_line, status):
+    server = serve()
+    got, error = parse_response(raw_exchange(server.port, request_line + b"\r\nHost: x\r\n\r\n"))
+    assert got == status and error["error"]
+
+
+def test_an_op_is_answered_only_after_its_fsync_returns(serve, monkeypatch):
+    server = serve()
+    held = HeldFsync(monkeypatch)
+    body = json.dumps({"endpoint": "/durable"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        try:
+            sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            wait_for(held.entered.is_set, what="the commit to reach fsync")
+            # An answer sent before the fsync would already be here; nothing may arrive while it runs.
+            assert select.select([sock], [], [], 0.5)[0] == []
+        finally:
+            held.release()
+        assert read_responses(sock, 1)[0] == (200, {"accepted": True, "ring_size": 1})
+
