@@ -678,6 +678,7 @@ def bounded_int(text: str, maximum: int) -> int:
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+GZIP_FEED_BYTES = 8192  # input given to zlib at a time: what it copies when a member ends
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
@@ -686,26 +687,26 @@ def gunzip_bounded(data: bytes, limit: int) -> bytes:
     A gzip bomb (10 MB of zeros is 10 KB compressed) is stopped after limit + 1 bytes in
     total. Members follow each other (`gzip -c a b`); anything else after one is refused.
     """
-    pieces, size, pending = [], 0, data
+    view = memoryview(data)
+    pieces, size, pos = [], 0, 0
     try:
         while True:
             inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-            while True:
-                piece = inflater.decompress(pending, limit + 1 - size)
+            while not inflater.eof:
+                if pos == len(view):
+                    raise InvalidOp("body", "is a truncated gzip stream")
+                chunk = view[pos:pos + GZIP_FEED_BYTES]
+                # Output stops short of the input only at limit + 1 bytes, which is refused.
+                piece = inflater.decompress(chunk, limit + 1 - size)
                 size += len(piece)
                 if size > limit:
                     raise TooLarge(f"body inflates past max_body_bytes={limit}")
                 pieces.append(piece)
-                if inflater.eof:
-                    break
-                pending = inflater.unconsumed_tail
-                if not pending and not piece:
-                    raise InvalidOp("body", "is a truncated gzip stream")
-            pending = inflater.unused_data
-            if not pending:
+                pos += len(chunk) - len(inflater.unused_data)
+            if pos == len(view):
                 return b"".join(pieces)
-            if not GZIP_MAGIC.startswith(pending[:2]):
-                raise InvalidOp("body", f"has trailing garbage after the gzip stream ({len(pending)} bytes)")
+            if not GZIP_MAGIC.startswith(view[pos:pos + 2]):
+                raise InvalidOp("body", f"has trailing garbage after the gzip stream ({len(view) - pos} bytes)")
     except zlib.error as exc:
         raise InvalidOp("body", f"is not valid gzip: {exc}") from None
 

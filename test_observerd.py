@@ -2010,6 +2010,17 @@ def test_every_gzip_member_is_read_and_trailing_garbage_is_400(serve):
     assert server.store.stats()["total"] == 4
 
 
+def test_a_body_of_many_gzip_members_costs_work_linear_in_its_size(serve):
+    server = serve()
+    # 200,000 empty members after one op: 4 MB. Copying the rest of the body at the end of
+    # each member would be 400 GB of copying; the answer must come well within a minute.
+    body = gzip.compress(b'{"endpoint": "/first"}\n') + gzip.compress(b"") * 200_000
+    client = server.client(timeout=60)
+    status, answer, _ = client.post("/observer/events", body, headers={
+        "Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"})
+    assert (status, answer["accepted"]) == (200, 1)
+
+
 # B: strings JSON can carry but UTF-8 cannot
 
 
