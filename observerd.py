@@ -1462,7 +1462,8 @@ class ConnectionTracker:
     close_expired() enforces by shutting down the reading side under the blocked reader: it
     sees the request end early, asks cut_reason() why, and answers 408 itself. At the cap, a
     new connection takes the place of the one stalled the longest (idle, or mid-request) the
-    same way; only a cap full of connections being served refuses it.
+    same way; only a cap full of connections being served refuses it. An answer the client
+    does not take before its own deadline is dropped (both sides shut down).
     """
 
     IDLE, READING, IN_FLIGHT, ANSWERING = "idle", "reading", "in_flight", "answering"
@@ -1470,7 +1471,8 @@ class ConnectionTracker:
     def __init__(self, limit: int, request_timeout_s: float):
         self.limit = limit
         self.request_timeout_s = request_timeout_s
-        # socket -> (phase, deadline); the deadline is None once the request is read.
+        # socket -> (phase, deadline): for the request to arrive whole (idle, reading), or for
+        # the client to take the answer this thread writes (answering); None while in flight.
         self._open: dict[socket.socket, tuple[str, float | None]] = {}
         # Connections owed an answer that another thread will send (at most one each, as the
         # handler's turn lock ensures); such a connection is in flight.
@@ -1478,7 +1480,7 @@ class ConnectionTracker:
         # Connections whose reading side was shut down, and why; on their way out, so they
         # no longer count against the cap.
         self._cut: dict[socket.socket, str] = {}
-        self._timed_out = f"request not complete within request_timeout_s={request_timeout_s:g}"
+        self._timeout_reason = f"request not complete within request_timeout_s={request_timeout_s:g}"
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._closing = False
@@ -1548,18 +1550,17 @@ class ConnectionTracker:
             reason = self._cut.get(sock)
             deadline = self._open.get(sock, (None, None))[1]
         if reason is None and deadline is not None and deadline <= time.monotonic():
-            reason = self._timed_out
+            reason = self._timeout_reason
         return reason
 
     def close_expired(self) -> None:
-        """Cut off requests past their deadline (their reader answers 408), and drop answers
-        the client does not take in time."""
+        """Cut off requests past their deadline (the reader answers 408) and untaken answers."""
         now = time.monotonic()
         with self._lock:
             expired = [(s, phase) for s, (phase, d) in self._open.items()
                        if d is not None and d < now and s not in self._owed and s not in self._cut]
             for sock, _ in expired:
-                self._cut[sock] = self._timed_out
+                self._cut[sock] = self._timeout_reason
         for sock, phase in expired:
             _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
