@@ -449,6 +449,10 @@ def load_config(
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
     token = environ.get("OBSERVERD_TOKEN") or auth["token"]
+    if token and not (token.isascii() and token.isprintable() and token == token.strip()):
+        # It travels in an HTTP header: anything else could never match what a client sends.
+        where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
+        problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
     if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
             f"bind {values['bind']} is not loopback and [auth] token is empty: set a token "
@@ -503,6 +507,8 @@ _CORRECTION_REF_KEY = f'"{CORRECTION_REF}":'.encode()
 SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
+MAX_JSON_DEPTH = 64  # arrays and objects nested in an op, the op itself included
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
 )
@@ -584,9 +590,42 @@ def parse_json_strict(data: bytes | str, what: str = "body") -> object:
     except json.JSONDecodeError as exc:
         raise InvalidOp(what, f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise InvalidOp(what, "is not valid JSON: nested too deeply") from None
+        raise InvalidOp(what, f"is nested more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep") from None
     except ValueError as exc:
         raise InvalidOp(what, f"is not valid JSON: {str(exc)[:120]}") from None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
+
+
+def _unstorable(container: dict | list, depth: int) -> tuple[list, str] | None:
+    """Where a decoded value cannot round-trip through the log: (path, reason), innermost first.
+
+    JSON can carry lone surrogates ("\\ud800") that UTF-8 cannot encode, and nesting that
+    recursive encoders and decoders cannot follow back; either would break every later read.
+    """
+    if depth > MAX_JSON_DEPTH:
+        return [], f"is nested more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep"
+    for key, item in container.items() if isinstance(container, dict) else enumerate(container):
+        if isinstance(key, str) and _has_lone_surrogate(key):  # a list index is an int
+            return [], "has a key with a lone surrogate, which UTF-8 cannot encode"
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                return [key], "contains a lone surrogate, which UTF-8 cannot encode"
+        elif isinstance(item, (dict, list)):
+            found = _unstorable(item, depth + 1)
+            if found is not None:
+                found[0].append(key)
+                return found
+    return None
+
+
+def _path_name(path: list) -> str:
+    """["extra", "spans", 3] as extra.spans[3], cut to a length an error message can carry."""
+    name = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path[:8])
+    name = name.removeprefix(".")[:200] + ("…" if len(path) > 8 else "")
+    return name or "body"
 
 
 def validate_op(raw: object) -> dict:
@@ -638,11 +677,19 @@ def validate_op(raw: object) -> dict:
         raise InvalidOp("duration_ms", f"must be a number, got {json_type(duration)}")
     elif duration < 0:
         raise InvalidOp("duration_ms", "must be >= 0")
+    elif duration > sys.float_info.max or not math.isfinite(duration):
+        # Reviews and playbooks compute with it as a float: 1e400 as an int would overflow there.
+        raise InvalidOp("duration_ms", f"must be finite and at most {sys.float_info.max:g}")
 
     for field in OPTIONAL_TEXT_FIELDS:
         value = raw.get(field)
         if value is not None and not isinstance(value, str):
             raise InvalidOp(field, f"must be a string, got {json_type(value)}")
+
+    found = _unstorable(raw, 1)
+    if found is not None:
+        path, reason = found
+        raise InvalidOp(_path_name(path[::-1]), reason)
 
     op = {
         "endpoint": endpoint,
@@ -666,31 +713,55 @@ def validate_posted_op(raw: object) -> dict:
 
 
 class TooLarge(ValueError):
-    """A batch holds more ops than max_batch, or a body inflates past max_body_bytes."""
+    """A number, a batch or an inflated body is over its bound (max_batch, max_body_bytes, …)."""
+
+
+def bounded_int(text: str, maximum: int) -> int:
+    """A non-negative decimal integer from client text, at most maximum.
+
+    Raises ValueError for anything but ASCII digits and TooLarge above maximum, judged by the
+    number of digits first, so thousands of digits never reach int().
+    """
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"{text[:20]!r} is not a non-negative integer")
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise TooLarge(f"{text[:20]} is more than {maximum}")
+    return int(digits)
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_FEED_BYTES = 8192  # input given to zlib at a time: what it copies when a member ends
 
 
 def gunzip_bounded(data: bytes, limit: int) -> bytes:
-    """Inflate a gzip body step by step, refusing to produce more than limit bytes.
+    """Inflate a gzip body, every member of it, refusing to produce more than limit bytes.
 
-    A gzip bomb (10 MB of zeros is 10 KB compressed) is stopped after limit + 1 bytes.
+    A gzip bomb (10 MB of zeros is 10 KB compressed) is stopped after limit + 1 bytes in
+    total. Members follow each other (`gzip -c a b`); anything else after one is refused.
     """
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    pieces, size, pending = [], 0, data
+    view = memoryview(data)
+    pieces, size, pos = [], 0, 0
     try:
         while True:
-            piece = inflater.decompress(pending, limit + 1 - size)
-            size += len(piece)
-            if size > limit:
-                raise TooLarge(f"body inflates past max_body_bytes={limit}")
-            pieces.append(piece)
-            pending = inflater.unconsumed_tail
-            if inflater.eof or (not pending and not piece):
-                break
+            inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            while not inflater.eof:
+                if pos == len(view):
+                    raise InvalidOp("body", "is a truncated gzip stream")
+                chunk = view[pos:pos + GZIP_FEED_BYTES]
+                # Output stops short of the input only at limit + 1 bytes, which is refused.
+                piece = inflater.decompress(chunk, limit + 1 - size)
+                size += len(piece)
+                if size > limit:
+                    raise TooLarge(f"body inflates past max_body_bytes={limit}")
+                pieces.append(piece)
+                pos += len(chunk) - len(inflater.unused_data)
+            if pos == len(view):
+                return b"".join(pieces)
+            if not GZIP_MAGIC.startswith(view[pos:pos + 2]):
+                raise InvalidOp("body", f"has trailing garbage after the gzip stream ({len(view) - pos} bytes)")
     except zlib.error as exc:
         raise InvalidOp("body", f"is not valid gzip: {exc}") from None
-    if not inflater.eof:
-        raise InvalidOp("body", "is a truncated gzip stream")
-    return b"".join(pieces)
 
 
 def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
@@ -1505,10 +1576,14 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
             since = parse_rfc3339(since)
         except ValueError as exc:
             raise InvalidOp("since", str(exc)) from None
-    limit_text = given.get("limit", str(min(DEFAULT_OPS_LIMIT, ring_size)))
-    if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= ring_size:
-        raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
-    limit = int(limit_text)
+    limit = min(DEFAULT_OPS_LIMIT, ring_size)
+    if "limit" in given:
+        try:
+            limit = bounded_int(given["limit"], ring_size)
+        except ValueError:
+            limit = 0
+        if limit < 1:
+            raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
     matched = []
     for op in reversed(ops):
         if ((source is None or op["source"] == source)
@@ -1612,38 +1687,59 @@ _OVERLOADED = (
 
 
 class ConnectionTracker:
-    """Caps open connections and closes those that take too long to send a request.
+    """Caps open connections and cuts off those that take too long to send a request.
 
     A per-recv socket timeout alone lets a client dribble one byte at a time forever
     (slowloris), so each connection gets a deadline for its whole next request, which
-    close_expired() enforces by shutting the socket down under the blocked reader.
+    close_expired() enforces by shutting down the reading side under the blocked reader: it
+    sees the request end early, asks cut_reason() why, and answers 408 itself. At the cap, a
+    new connection takes the place of the one stalled the longest (idle, or mid-request) the
+    same way; only a cap full of connections being served refuses it. An answer the client
+    does not take before its own deadline is dropped (both sides shut down).
     """
 
-    IDLE, READING, IN_FLIGHT = "idle", "reading", "in_flight"
+    IDLE, READING, IN_FLIGHT, ANSWERING = "idle", "reading", "in_flight", "answering"
 
     def __init__(self, limit: int, request_timeout_s: float):
         self.limit = limit
         self.request_timeout_s = request_timeout_s
-        # socket -> (phase, deadline); the deadline is None once the request is read.
+        # socket -> (phase, deadline): for the request to arrive whole (idle, reading), or for
+        # the client to take the answer this thread writes (answering); None while in flight.
         self._open: dict[socket.socket, tuple[str, float | None]] = {}
         # Connections owed an answer that another thread will send (at most one each, as the
         # handler's turn lock ensures); such a connection is in flight.
         self._owed: set[socket.socket] = set()
+        # Connections whose reading side was shut down, and why; on their way out, so they
+        # no longer count against the cap.
+        self._cut: dict[socket.socket, str] = {}
+        self._timeout_reason = f"request not complete within request_timeout_s={request_timeout_s:g}"
         self._lock = threading.Lock()
         self._drained = threading.Condition(self._lock)
         self._closing = False
 
     def admit(self, sock: socket.socket) -> bool:
         with self._lock:
-            if len(self._open) >= self.limit or self._closing:
+            if self._closing:
                 return False
+            stalled = None
+            if len(self._open) - len(self._cut) >= self.limit:
+                waiting = [(deadline, s) for s, (phase, deadline) in self._open.items()
+                           if phase in (self.IDLE, self.READING) and s not in self._owed
+                           and s not in self._cut]
+                if not waiting:
+                    return False
+                stalled = min(waiting, key=lambda entry: entry[0])[1]
+                self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
             self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
-            return True
+        if stalled is not None:
+            _shutdown_quietly(stalled, socket.SHUT_RD)
+        return True
 
     def release(self, sock: socket.socket) -> None:
         with self._lock:
             self._open.pop(sock, None)
             self._owed.discard(sock)
+            self._cut.pop(sock, None)
             self._drained.notify_all()
 
     def awaiting_request(self, sock: socket.socket) -> None:
@@ -1666,23 +1762,39 @@ class ConnectionTracker:
         if close_now:
             _shutdown_quietly(sock)
 
-    # The two transitions below only replace the value of a key that admit() added, which is
+    # The transitions below only replace the value of a key that admit() added, which is
     # atomic and never resizes the dict under an iterating reader, so they skip the lock.
     def headers_read(self, sock: socket.socket) -> None:
-        """A request has begun: shutdown waits for it; its deadline still runs."""
+        """A body follows the headers: shutdown waits for it; its deadline still runs."""
         self._open[sock] = (self.READING, self._open[sock][1])
 
     def request_read(self, sock: socket.socket) -> None:
-        """The body is read: the request is in flight and no longer has a deadline."""
+        """The whole request is read: it is in flight and no longer has a deadline."""
         self._open[sock] = (self.IN_FLIGHT, None)
 
+    def answering(self, sock: socket.socket) -> None:
+        """This thread writes the answer: the client must take it before a fresh deadline."""
+        self._open[sock] = (self.ANSWERING, time.monotonic() + self.request_timeout_s)
+
+    def cut_reason(self, sock: socket.socket) -> str | None:
+        """Why this connection's request could not be read whole in time; None if it could."""
+        with self._lock:
+            reason = self._cut.get(sock)
+            deadline = self._open.get(sock, (None, None))[1]
+        if reason is None and deadline is not None and deadline <= time.monotonic():
+            reason = self._timeout_reason
+        return reason
+
     def close_expired(self) -> None:
+        """Cut off requests past their deadline (the reader answers 408) and untaken answers."""
         now = time.monotonic()
         with self._lock:
-            expired = [s for s, (_, d) in self._open.items()
-                       if d is not None and d < now and s not in self._owed]
-        for sock in expired:
-            _shutdown_quietly(sock)
+            expired = [(s, phase) for s, (phase, d) in self._open.items()
+                       if d is not None and d < now and s not in self._owed and s not in self._cut]
+            for sock, _ in expired:
+                self._cut[sock] = self._timeout_reason
+        for sock, phase in expired:
+            _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
     def close_idle_and_drain(self, timeout_s: float) -> int:
         """Refuse new connections, close idle ones, let requests in progress finish.
@@ -1709,11 +1821,11 @@ class ConnectionTracker:
         return len(self._open)
 
 
-def _shutdown_quietly(sock: socket.socket) -> None:
+def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     try:
         # The plain socket's shutdown, also for TLS: it wakes a reader blocked in recv
-        # without tearing down the TLS state that reader is using.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        # without tearing down the TLS state that reader (or a 408 after it) is using.
+        socket.socket.shutdown(sock, how)
     except OSError:
         pass
 
@@ -1884,8 +1996,11 @@ class RequestHeaders:
         self._values.setdefault(name.lower(), []).append(value)
 
     def get(self, name: str, default=None):
+        """Every value of the header, joined as one list: two fields are one comma-separated list."""
         values = self._values.get(name.lower())
-        return values[0] if values else default
+        if not values:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
 
     def get_all(self, name: str, default=None):
         return self._values.get(name.lower(), default)
@@ -1902,6 +2017,13 @@ class MalformedRequest(Exception):
         self.status = status
 
 
+class IncompleteRequest(MalformedRequest):
+    """The connection stopped delivering before the head was whole: the client's doing, or ours."""
+
+    def __init__(self, message: str):
+        super().__init__(400, message)
+
+
 def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, RequestHeaders]:
     """Parse an HTTP/1.x request line and its headers; raises MalformedRequest.
 
@@ -1909,6 +2031,8 @@ def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, Reques
     everything else observerd does; this parser keeps the stdlib's limits (64 KiB lines,
     100 headers) at a fraction of the cost.
     """
+    if not request_line.endswith(b"\n"):
+        raise IncompleteRequest("request line ended early")
     words = request_line.decode("iso-8859-1").rstrip("\r\n").split()
     if len(words) != 3:
         raise MalformedRequest(400, "malformed request line")
@@ -1922,8 +2046,10 @@ def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, Reques
         line = rfile.readline(MAX_LINE_BYTES + 1)
         if len(line) > MAX_LINE_BYTES:
             raise MalformedRequest(431, "header line too long")
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return method, target, version, headers
+        if not line.endswith(b"\n"):
+            raise IncompleteRequest("headers ended early")
         name, sep, value = line.decode("iso-8859-1").partition(":")
         if not sep or not name or name != name.strip() or " " in name:
             raise MalformedRequest(400, "malformed header line")
@@ -1955,7 +2081,6 @@ _REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required
                       415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
 # Every reason observerd_rejected_total counts: the answers above, and connections refused at the cap.
 REJECTION_REASONS = (*dict.fromkeys(_REJECTION_REASONS.values()), _OVERLOADED_REASON)
-_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _date_cache: tuple[int, str] = (-1, "")
 
 
@@ -2044,6 +2169,10 @@ class ObserverHandler(BaseHTTPRequestHandler):
         try:
             self.command, self.path, self.request_version, self.headers = read_request_head(
                 self.raw_requestline, self.rfile)
+        except IncompleteRequest as exc:
+            error = self.cut_short(str(exc))
+            self.send_error(error.status, error.message)
+            return False
         except MalformedRequest as exc:
             self.send_error(exc.status, str(exc))
             return False
@@ -2066,11 +2195,14 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if self._dropped:
             self.close_connection = True
             return
-        self.server.connections.headers_read(self.connection)
         self._body_unread = bool(
             self.headers.get("Content-Length", "0").strip() not in ("", "0")
-            or self.headers.get("Transfer-Encoding")
+            or "Transfer-Encoding" in self.headers
         )
+        if self._body_unread:
+            self.server.connections.headers_read(self.connection)
+        else:
+            self.server.connections.request_read(self.connection)
         headers: dict[str, str] = {}
         try:
             path = urlsplit(self.path).path
@@ -2079,9 +2211,10 @@ class ObserverHandler(BaseHTTPRequestHandler):
                 self._route = "unmatched"
                 raise HTTPError(404, f"no route for {path[:200]}")
             self._route = path
-            name = route.methods.get(self.command)
+            # HEAD is GET without the body, which render_response leaves out.
+            name = route.methods.get("GET" if self.command == "HEAD" else self.command)
             if name is None:
-                allow = ", ".join(route.methods)
+                allow = ", ".join([*route.methods, "HEAD"] if "GET" in route.methods else route.methods)
                 raise HTTPError(405, f"method {self.command} not allowed; use {allow}", {"Allow": allow})
             if route.auth:
                 self.authorize()
@@ -2112,7 +2245,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
 
     def read_body(self) -> bytes:
         """The request body, bounded by max_body_bytes and checked before reading."""
-        if self.headers.get("Transfer-Encoding"):
+        if "Transfer-Encoding" in self.headers:
             raise HTTPError(411, "Content-Length required; Transfer-Encoding is not supported")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
@@ -2121,16 +2254,17 @@ class ObserverHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, "conflicting Content-Length headers")
         text = lengths[0].strip()
         limit = self.server.config.max_body_bytes
-        if not text.isascii() or not text.isdigit():
-            raise HTTPError(400, "Content-Length must be a non-negative integer")
-        if not _CONTENT_LENGTH.fullmatch(text) or int(text) > limit:
-            raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}")
-        length = int(text)
+        try:
+            length = bounded_int(text, limit)
+        except TooLarge:
+            raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}") from None
+        except ValueError:
+            raise HTTPError(400, "Content-Length must be a non-negative integer") from None
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(length)
+        body = self.rfile.read(length) or b""  # None: the kernel's receive timeout hit first
         if len(body) < length:
-            raise HTTPError(400, f"body ended after {len(body)} of {length} bytes")
+            raise self.cut_short(f"body ended after {len(body)} of {length} bytes")
         self._body_unread = False
         self.server.connections.request_read(self.connection)
         encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
@@ -2144,6 +2278,11 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if encoding != "identity":
             raise HTTPError(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip or none")
         return body
+
+    def cut_short(self, message: str) -> HTTPError:
+        """A request that ended early: 408 if we cut it off (too slow), else 400 (the client did)."""
+        reason = self.server.connections.cut_reason(self.connection)
+        return HTTPError(400, message) if reason is None else HTTPError(408, reason)
 
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
@@ -2289,6 +2428,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         exchange = self.exchange()
         data, size = self.render_response(exchange, status, body, headers, self.close_connection)
+        self.server.connections.answering(self.connection)
         self.wfile.write(data)
         self.account(exchange, status, size)
 

@@ -580,7 +580,7 @@ def test_unknown_path_is_404_and_wrong_method_405_with_allow(serve):
     status, body, _ = client.get("/observer/nope")
     assert status == 404 and "error" in body
     status, body, resp = client.request("DELETE", "/observer/stats")
-    assert status == 405 and resp.getheader("Allow") == "GET"
+    assert status == 405 and resp.getheader("Allow") == "GET, HEAD"
     status, body, resp = client.get("/observer/event")
     assert status == 405 and resp.getheader("Allow") == "POST"
 
@@ -854,7 +854,8 @@ def test_slowloris_connections_are_closed_at_the_request_deadline(serve):
                 try:
                     sock.sendall(b"a")
                     sock.setblocking(False)
-                    if sock.recv(1) == b"":
+                    answer = sock.recv(65536)
+                    if answer == b"" or answer.startswith(b"HTTP/1.1 408 "):  # 408, then closed
                         closed.add(i)
                 except BlockingIOError:
                     pass
@@ -903,23 +904,6 @@ def test_a_burst_of_connections_is_accepted_at_once(tmp_path):
             server.shutdown()
         server.server_close()
         server.store.close()
-
-
-def test_connections_past_the_cap_get_503_and_are_closed(serve):
-    server = serve(max_connections=4)
-    threads_before = threading.active_count()
-    held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
-    wait_for(lambda: len(server.server.connections) == 4, what="4 connections admitted")
-    for _ in range(20):
-        raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
-        status, body = parse_response(raw)
-        assert (status, body) == (503, {"error": "too many connections"})
-    assert threading.active_count() <= threads_before + 4
-    held.pop().close()
-    wait_for(lambda: len(server.server.connections) == 3, what="a slot to free up")
-    assert server.client().get("/observer/health")[0] == 200
-    for sock in held:
-        sock.close()
 
 
 HUGE_DIGITS = b'{"endpoint": "/e", "n": ' + b"9" * 10000 + b"}"
@@ -2862,3 +2846,523 @@ def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
     daemon.release()
     assert daemon.exit_status() == 0
     assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+# -----------------------------------------------------------------------------
+# issue 9: HTTP and model edges (gzip members, unstorable values, numbers, connections)
+# -----------------------------------------------------------------------------
+
+
+def read_until_closed(sock) -> bytes:
+    """Everything the server sends on sock until it closes the connection."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def post_raw(port: int, path: str, body: bytes, headers: bytes = b"") -> tuple[int, dict | None]:
+    request = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), len(body), headers)
+    return parse_response(raw_exchange(port, request + body))
+
+
+class HeldFsync:
+    """os.fsync of the log blocks until release(): commits stay in flight as long as a test needs."""
+
+    def __init__(self, monkeypatch, log_name="ops.jsonl"):
+        self.entered = threading.Event()
+        self._released = threading.Event()
+        real = os.fsync
+
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(log_name):
+                self.entered.set()
+                self._released.wait(30)
+            return real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+    def release(self):
+        self._released.set()
+
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+# A: multi-member gzip, and the cap on the total inflated size
+
+
+def test_every_gzip_member_is_read_and_trailing_garbage_is_400(serve):
+    server = serve(max_body_bytes=400)
+    client = server.client()
+    ndjson = {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"}
+    first = gzip.compress(b'{"endpoint": "/m1"}\n{"endpoint": "/m2"}\n')
+    second = gzip.compress(b'{"endpoint": "/m3"}\n')
+    status, body, _ = client.post("/observer/events", first + second, headers=ndjson)  # = gzip -c a b
+    assert (status, body["accepted"]) == (200, 3)
+    # One op split across two members is still one op.
+    split = gzip.compress(b'{"endpoint": ') + gzip.compress(b'"/split"}')
+    assert client.post("/observer/event", split, headers={"Content-Encoding": "gzip"})[0] == 200
+    assert endpoints(server.store) == ["/m1", "/m2", "/m3", "/split"]
+    for garbage in (b"\x00\x00", b"trailing", first[:10]):
+        status, error, _ = client.post("/observer/events", first + garbage, headers=ndjson)
+        assert status == 400 and "gzip" in error["error"], garbage
+    # The cap is on the total: two members of 300 bytes each inflate to 600 > 400.
+    member = gzip.compress(b'{"endpoint": "/big", "pad": "' + b"x" * 270 + b'"}\n')
+    status, error, _ = client.post("/observer/events", member + member, headers=ndjson)
+    assert status == 413 and "max_body_bytes=400" in error["error"]
+    assert server.store.stats()["total"] == 4
+
+
+def test_a_body_of_many_gzip_members_costs_work_linear_in_its_size(serve):
+    server = serve()
+    # 200,000 empty members after one op: 4 MB. Copying the rest of the body at the end of
+    # each member would be 400 GB of copying; the answer must come well within a minute.
+    body = gzip.compress(b'{"endpoint": "/first"}\n') + gzip.compress(b"") * 200_000
+    client = server.client(timeout=60)
+    status, answer, _ = client.post("/observer/events", body, headers={
+        "Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"})
+    assert (status, answer["accepted"]) == (200, 1)
+
+
+# B: strings JSON can carry but UTF-8 cannot
+
+
+LONE_SURROGATE_OPS = [
+    ('{"endpoint": "/e\\ud800"}', "endpoint"),
+    ('{"endpoint": "/e", "error": "bad \\udfff"}', "error"),
+    ('{"endpoint": "/e", "extra": {"spans": [1, "\\ud83d"]}}', "extra.spans[1]"),
+    ('{"endpoint": "/e", "extra": {"\\ud800": 1}}', "extra"),
+    ('{"endpoint": "/e", "\\udc00": 1}', "body"),
+]
+
+
+@pytest.mark.parametrize("persist", ["durable", "ephemeral"])
+def test_lone_surrogates_are_400_naming_the_field_and_every_read_still_works(serve, persist):
+    server = serve(**({"persist_path": ""} if persist == "ephemeral" else {}))
+    client = server.client()
+    assert client.post("/observer/event", '{"endpoint": "/pair \\ud83d\\ude00"}')[0] == 200  # a real pair is fine
+    for text, field in LONE_SURROGATE_OPS:
+        status, error, _ = client.post("/observer/event", text)
+        assert status == 400 and f"{field} " in error["error"] and "surrogate" in error["error"], (text, error)
+        batch = f'[{{"endpoint": "/ok"}}, {text}]'
+        status, error, _ = client.post("/observer/events", batch)
+        assert status == 400 and f"op 1 is invalid: {field} " in error["error"], (text, error)
+        ndjson = '{"endpoint": "/ok"}\n' + text + "\n"
+        status, error, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+        assert status == 400 and f"op 1 is invalid: {field} " in error["error"], (text, error)
+    assert client.get("/observer/ops")[1]["count"] == 1
+    assert client.get("/observer/stats")[1]["total"] == 1
+    if persist == "durable":
+        assert [o["endpoint"] for o in replay_forward(server.config.persist_path)] == ["/pair \U0001F600"]
+
+
+# C: nesting
+
+
+def test_nesting_past_max_json_depth_is_400_naming_the_limit(serve):
+    server = serve()
+    client = server.client()
+    assert od.MAX_JSON_DEPTH == 64
+    deepest = f'{{"endpoint": "/ok", "extra": {nested(od.MAX_JSON_DEPTH - 1)}}}'  # the op is level 1
+    assert client.post("/observer/event", deepest)[0] == 200
+    for levels in (od.MAX_JSON_DEPTH, 200, 980):
+        text = f'{{"endpoint": "/deep", "extra": {nested(levels)}}}'
+        status, error, _ = client.post("/observer/event", text)
+        assert status == 400 and "MAX_JSON_DEPTH=64" in error["error"], (levels, error)
+        status, error, _ = client.post("/observer/events", f'[{{"endpoint": "/ok"}}, {text}]')
+        assert status == 400 and "MAX_JSON_DEPTH=64" in error["error"]
+        # The op's index, unless the array is too deep for the parser itself to follow.
+        assert levels > 900 or "op 1 is invalid: extra" in error["error"], error
+    assert client.get("/observer/ops")[1]["count"] == 1
+    assert [o["endpoint"] for o in replay_forward(server.config.persist_path)] == ["/ok"]
+
+
+def test_restore_skips_log_lines_no_read_could_serve(tmp_path, capsys):
+    log_path = tmp_path / "ops.jsonl"
+    log_path.write_bytes(
+        b'{"endpoint": "/before"}\n'
+        + f'{{"endpoint": "/deep", "extra": {nested(200)}}}\n'.encode()
+        + b'{"endpoint": "/lone", "x": "\\ud800"}\n'
+        + b'{"endpoint": "/after"}\n')
+    server = InProcessServer(make_config(tmp_path, persist_path=str(log_path)))
+    try:
+        status, body, _ = server.client().get("/observer/ops")
+        assert status == 200 and [o["endpoint"] for o in body["ops"]] == ["/after", "/before"]
+        assert server.client().get("/observer/stats")[1]["total"] == 2
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert err.count("skipped invalid log line") == 2 and "MAX_JSON_DEPTH=64" in err and "surrogate" in err
+
+
+# D: numbers past what the code can compute with
+
+
+def test_numbers_out_of_range_are_400_at_the_edge(serve):
+    server = serve(ring_size=50)
+    client = server.client()
+    huge = '{"endpoint": "/slow", "duration_ms": 1' + "0" * 400 + "}"
+    status, error, _ = client.post("/observer/event", huge)
+    assert status == 400 and "duration_ms" in error["error"]
+    status, error, _ = client.post("/observer/events", f'[{{"endpoint": "/ok"}}, {huge}]')
+    assert status == 400 and "op 1 is invalid: duration_ms" in error["error"]
+    largest = '{"endpoint": "/slow", "duration_ms": 1' + "0" * 307 + "}"  # 1e307 still fits a float
+    assert client.post("/observer/event", largest)[0] == 200
+    status, result, _ = client.post("/observer/review", {})
+    assert status == 200 and result["reviews"][0]["p95_duration_ms"] == 10 ** 307
+    for limit in ("1" + "0" * 4300, "9" * 5000, "0" * 30 + "51"):
+        status, error, _ = client.get(f"/observer/ops?limit={limit}")
+        assert status == 400 and "limit" in error["error"]
+    assert client.get("/observer/ops?limit=" + "0" * 30 + "50")[1]["count"] == 1
+    request = b"POST /observer/event HTTP/1.1\r\nContent-Length: " + b"9" * 4301 + b"\r\n\r\n{}"
+    status, error = parse_response(raw_exchange(server.port, request))
+    assert status == 413 and "max_body_bytes" in error["error"]
+    assert server.store.stats()["total"] == 1
+
+
+# E: the corrections tailer
+
+
+def test_the_daemons_corrections_tailer_skips_unstorable_lines_and_goes_on(tmp_path, daemons):
+    corrections = tmp_path / "overseer.jsonl"
+    corrections.write_bytes(
+        correction(1)
+        + b'{"endpoint": "/fix/lone\\ud800"}\n'
+        + f'{{"endpoint": "/fix/deep", "x": {nested(980)}}}\n'.encode()
+        + correction(2))
+    daemon = start_durable_daemon(daemons, tmp_path, corrections_path="overseer.jsonl",
+                                  corrections_interval_s=0.05)
+    wait_for(lambda: daemon.client().get("/observer/stats")[1]["total"] == 2, timeout=10,
+             what="the lines around the bad ones to be recorded")
+    append_to(corrections, correction(3))
+    wait_for(lambda: daemon.client().get("/observer/stats")[1]["total"] == 3, timeout=10,
+             what="a line appended after the bad ones to be recorded")
+    ops = daemon.client().get("/observer/ops")[1]["ops"]
+    assert [o["endpoint"] for o in ops] == ["/fix/3", "/fix/2", "/fix/1"]
+    warnings = [ln for ln in daemon.log.splitlines() if "skipped invalid corrections line" in ln]
+    assert len(warnings) == 2 and "line=2" in warnings[0] and "line=3" in warnings[1]
+    assert "background task failed" not in daemon.log
+
+
+# F: stalled connections make room; a cap of requests in flight answers 503
+
+
+def served_keep_alive(server: InProcessServer) -> socket.socket:
+    """A connection that has had one request answered and whose handler waits for the next."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_responses(sock, 1)[0][0] == 200
+    client_end = sock.getsockname()
+
+    def waiting_for_next_request():
+        for server_end, (phase, _) in list(server.server.connections._open.items()):
+            try:
+                if server_end.getpeername() == client_end:
+                    return phase == od.ConnectionTracker.IDLE
+            except OSError:
+                pass
+        return False
+
+    wait_for(waiting_for_next_request, what="the handler to wait for the next request")
+    return sock
+
+
+def test_stalled_connections_make_room_for_new_ones_longest_stalled_first(serve):
+    server = serve(max_connections=4, request_timeout_s=60)  # the timeout never fires here
+    idle = served_keep_alive(server)
+    mid_line = served_keep_alive(server)
+    mid_line.sendall(b"GET /observer/sta")
+    mid_body = served_keep_alive(server)
+    mid_body.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: 50\r\n\r\n{\"endp")
+    idle_too = served_keep_alive(server)
+    assert len(server.server.connections) == 4
+    # Each new connection takes the place of the one stalled the longest, never a newer one.
+    newer = [served_keep_alive(server) for _ in range(4)]
+    assert read_until_closed(idle) == b""  # between requests: just closed
+    for sock in (mid_line, mid_body):
+        status, error = parse_response(read_until_closed(sock))
+        assert status == 408 and "max_connections=4" in error["error"]
+    assert read_until_closed(idle_too) == b""
+    for sock in newer:
+        sock.sendall(b"GET /observer/stats HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(sock, 1)[0][0] == 200
+    assert server.store.stats()["total"] == 0
+    for sock in (idle, mid_line, mid_body, idle_too, *newer):
+        sock.close()
+
+
+def test_a_cap_full_of_requests_in_flight_answers_503_and_serves_them_all(serve, monkeypatch):
+    server = serve(max_connections=2, request_timeout_s=60)
+    threads_before = threading.active_count()
+    held = HeldFsync(monkeypatch)
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    post = b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    in_flight = []
+    try:
+        for _ in range(2):  # the first commit holds the fsync, then the second queues behind it
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(post)
+            in_flight.append(sock)
+            wait_for(held.entered.is_set, what="the first commit to reach fsync")
+        wait_for(lambda: len(server.store._queue) == 1, what="the second to queue behind it")
+        for _ in range(10):
+            raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
+            assert parse_response(raw) == (503, {"error": "too many connections"})
+        assert threading.active_count() <= threads_before + 2
+    finally:
+        held.release()
+    for sock in in_flight:
+        assert read_responses(sock, 1)[0][0] == 200
+        sock.close()
+    wait_for(lambda: len(server.server.connections) == 0, what="the slots to free up")
+    assert server.client().get("/observer/health")[0] == 200
+    assert server.store.stats()["total"] == 2
+
+
+def test_a_request_in_flight_is_never_the_one_that_makes_room(serve, monkeypatch):
+    server = serve(max_connections=2, request_timeout_s=60)
+    held = HeldFsync(monkeypatch)
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    busy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    try:
+        busy.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        wait_for(held.entered.is_set, what="the commit to reach fsync")
+        stalled = served_keep_alive(server)  # connected after `busy`, yet it makes room
+        assert parse_response(raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n"))[0] == 200
+        assert read_until_closed(stalled) == b""
+        # Now the cap holds only `busy`, in flight, and a served connection on its way out.
+    finally:
+        held.release()
+    assert read_responses(busy, 1)[0] == (200, {"accepted": True, "ring_size": 1})
+    busy.close()
+
+
+# G: a header given twice; a token that could never match
+
+
+def test_transfer_encoding_is_seen_whichever_of_its_fields_holds_it(serve):
+    server = serve()
+    body = b'{"endpoint":"/smuggled"}'
+    for fields in (b"Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n", b"Transfer-Encoding:\r\n"):
+        status, error = post_raw(server.port, "/observer/event", body, fields)
+        assert status == 411 and "Transfer-Encoding" in error["error"], fields
+    status, _ = post_raw(server.port, "/observer/event", body, b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n")
+    assert status == 415  # both values count, not just the first
+    assert server.store.stats()["total"] == 0
+
+
+@pytest.mark.parametrize("file_token, env_token, where", [
+    ("s3crét", None, "[auth] token"),
+    ("fine", "tok\u00e9n", "OBSERVERD_TOKEN"),
+    (" padded ", None, "[auth] token"),
+    ("tab\there", None, "[auth] token"),
+])
+def test_a_token_that_could_never_match_is_a_config_problem(tmp_path, daemons, file_token, env_token, where):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": ""}, {"token": file_token})
+    env = {"OBSERVERD_TOKEN": env_token} if env_token else {}
+    rule = f"{where} must be printable ASCII without leading or trailing spaces"
+    result = run_cli("check", "--config", str(config), env=env)
+    assert result.returncode == 2 and rule in result.stderr
+    daemon = daemons(tmp_path, config=config, env=env)
+    assert daemon.exit_status() == 2 and rule in daemon.log
+    for secret in filter(None, (file_token.strip(), env_token)):
+        assert secret not in result.stderr + daemon.log
+
+
+# H: 408 for a request cut off by request_timeout_s
+
+
+def test_a_request_stalled_past_the_timeout_is_answered_408_and_an_idle_one_just_closed(serve):
+    server = serve(request_timeout_s=0.5)
+    stalled = {
+        "request line": b"GET /observer/sta",
+        "headers": b"GET /observer/stats HTTP/1.1\r\nHost: x\r\n",
+        "body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"endpoint\":",
+    }
+    for part, data in stalled.items():
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(data)
+            status, error = parse_response(read_until_closed(sock))
+        assert status == 408 and "request_timeout_s=0.5" in error["error"], part
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as never_spoke:
+        assert read_until_closed(never_spoke) == b""
+    kept_alive = served_keep_alive(server)
+    assert read_until_closed(kept_alive) == b""  # idle after a request: closed without a word
+    kept_alive.close()
+    assert server.store.stats()["total"] == 0
+
+
+def test_an_answer_the_client_takes_too_slowly_is_dropped(serve):
+    server = serve(request_timeout_s=0.5, ring_size=100)
+    client = server.client()
+    for i in range(2):
+        batch = [{"endpoint": f"/big/{i}/{n}", "pad": "x" * 190_000} for n in range(20)]
+        assert client.post("/observer/events", batch)[0] == 200
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", server.port))
+        slow.settimeout(10)
+        slow.sendall(b"GET /observer/ops?limit=40 HTTP/1.1\r\nHost: x\r\n\r\n")  # about 7.6 MB
+        # Take the answer a kilobyte at a time: each send of the server makes progress, but the
+        # whole answer would take an hour. The connection must be dropped long before.
+        received, dropped, deadline = 0, False, time.monotonic() + 30
+        while not dropped and time.monotonic() < deadline:
+            try:
+                chunk = slow.recv(1024)
+            except ConnectionResetError:
+                chunk = b""
+            received += len(chunk)
+            dropped = not chunk or len(server.server.connections) == 0
+            time.sleep(0.05)
+    assert dropped and received < 7_000_000
+
+
+# I: HEAD
+
+
+GET_ROUTES = ["/observer/health", "/observer/stats", "/observer/errors", "/observer/playbooks",
+              "/observer/escalations", "/observer/ops", "/metrics"]
+
+
+def read_head(stream) -> tuple[int, dict[str, str]]:
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def test_head_answers_every_get_route_with_headers_and_no_body(serve):
+    server = serve(token="t")
+    server.client(token="t").post("/observer/events", [{"endpoint": f"/h{i}"} for i in range(3)])
+    auth = b"Authorization: Bearer t\r\n"
+    for path in GET_ROUTES:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            # HEAD, then GET: if HEAD sent a body, the GET's status line would not come next.
+            sock.sendall(b"HEAD %s HTTP/1.1\r\n%s\r\nGET %s HTTP/1.1\r\n%s\r\n" % (path.encode(), auth, path.encode(), auth))
+            stream = sock.makefile("rb")
+            status, head = read_head(stream)
+            got_status, got = read_head(stream)
+            body = stream.read(int(got["content-length"]))
+        assert (status, got_status) == (200, 200), path
+        assert head["content-type"] == got["content-type"], path
+        if path != "/metrics":  # its counters move between the two requests
+            assert int(head["content-length"]) == len(body), path
+        else:
+            assert int(head["content-length"]) > 0
+    for path in ("/observer/event", "/observer/events", "/observer/review"):
+        status, _, resp = server.client(token="t").request("HEAD", path)
+        assert status == 405 and resp.getheader("Allow") == "POST", path
+
+
+# J: promises of the README that nothing checked
+
+
+GUARDED_ROUTES = [
+    ("GET", "/observer/stats", None), ("POST", "/observer/event", {"endpoint": "/e"}),
+    ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/errors", None),
+    ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
+    ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
+    ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
+]
+
+
+def test_every_route_but_health_needs_the_token(serve):
+    server = serve(token="s3cret")
+    for token in (None, "s3cres", "S3CRET"):
+        client = server.client(token=token)
+        assert client.get("/observer/health")[0] == 200
+        for method, path, body in GUARDED_ROUTES:
+            status, _, resp = client.request(method, path, body)
+            assert status == 401 and resp.getheader("WWW-Authenticate").startswith("Bearer"), (token, path)
+    assert server.store.stats()["total"] == 0
+    assert server.config.persist_path.read_bytes() == b""
+    good = server.client(token="s3cret")
+    for method, path, body in GUARDED_ROUTES:
+        good.conn.request(method, path, body=None if body is None else json.dumps(body),
+                          headers={"Authorization": "Bearer s3cret"})
+        response = good.conn.getresponse()
+        response.read()
+        assert response.status == 200, path
+    assert server.store.stats()["total"] == 2
+
+
+def op_of_size(size: int) -> bytes:
+    """A valid op encoded in exactly size bytes."""
+    head = b'{"endpoint": "/sized", "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def test_a_body_of_exactly_max_body_bytes_is_accepted_and_one_byte_more_is_413(serve):
+    server = serve(max_body_bytes=300)
+    client = server.client()
+    assert client.post("/observer/event", op_of_size(300))[0] == 200
+    status, error, _ = client.post("/observer/event", op_of_size(301))
+    assert status == 413 and "max_body_bytes=300" in error["error"]
+    gz = {"Content-Encoding": "gzip"}
+    assert client.post("/observer/event", gzip.compress(op_of_size(300)), headers=gz)[0] == 200
+    status, error, _ = client.post("/observer/event", gzip.compress(op_of_size(301)), headers=gz)
+    assert status == 413 and "max_body_bytes=300" in error["error"]
+    assert server.store.stats()["total"] == 2
+
+
+def test_a_batch_of_exactly_max_batch_ops_is_accepted(serve):
+    server = serve(max_batch=10)
+    client = server.client()
+    assert client.post("/observer/events", [{"endpoint": f"/{i}"} for i in range(10)])[1]["accepted"] == 10
+    ndjson = "\n".join(json.dumps({"endpoint": f"/{i}"}) for i in range(10))
+    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert (status, body["accepted"]) == (200, 10)
+
+
+def test_the_ops_query_returns_100_by_default(serve):
+    server = serve(ring_size=300)
+    client = server.client()
+    client.post("/observer/events", [{"endpoint": f"/{i}"} for i in range(150)])
+    assert client.get("/observer/ops")[1]["count"] == 100
+    assert client.get("/observer/ops?limit=300")[1]["count"] == 150
+
+
+def test_headers_are_capped_at_exactly_100_lines_and_64_kib_each(serve):
+    server = serve()
+
+    def get_health(header_lines: bytes) -> int:
+        return parse_response(raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n" + header_lines + b"\r\n"))[0]
+
+    assert get_health(b"X-H: 1\r\n" * 100) == 200
+    assert get_health(b"X-H: 1\r\n" * 101) == 431
+    line = b"X-Big: " + b"b" * (65536 - len(b"X-Big: \r\n")) + b"\r\n"  # 64 KiB with its CRLF
+    assert get_health(line) == 200
+    assert get_health(b"X-Big: b" + line[7:]) == 431
+
+
+@pytest.mark.parametrize("request_line, status", [
+    (b"GET /observer/health HTTP/2.0", 505), (b"GET /observer/health HTTP/0.9", 400),
+    (b"BREW /observer/health HTTP/1.1", 501),
+])
+def test_status_codes_the_readme_lists_for_bad_request_lines(serve, request_line, status):
+    server = serve()
+    got, error = parse_response(raw_exchange(server.port, request_line + b"\r\nHost: x\r\n\r\n"))
+    assert got == status and error["error"]
+
+
+def test_an_op_is_answered_only_after_its_fsync_returns(serve, monkeypatch):
+    server = serve()
+    held = HeldFsync(monkeypatch)
+    body = json.dumps({"endpoint": "/durable"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        try:
+            sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            wait_for(held.entered.is_set, what="the commit to reach fsync")
+            # An answer sent before the fsync would already be here; nothing may arrive while it runs.
+            assert select.select([sock], [], [], 0.5)[0] == []
+        finally:
+            held.release()
+        assert read_responses(sock, 1)[0] == (200, {"accepted": True, "ring_size": 1})
+
