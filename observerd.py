@@ -2077,8 +2077,8 @@ ROUTES = {
     "/observer/ops": Route({"GET": "get_ops"}),
     "/metrics": Route({"GET": "get_metrics"}),
 }
-_REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 411: "length_required", 413: "too_large",
-                      415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
+_REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 408: "timeout", 411: "length_required",
+                      413: "too_large", 415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
 # Every reason observerd_rejected_total counts: the answers above, and connections refused at the cap.
 REJECTION_REASONS = (*dict.fromkeys(_REJECTION_REASONS.values()), _OVERLOADED_REASON)
 _date_cache: tuple[int, str] = (-1, "")
@@ -2363,7 +2363,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
                                config.outbound_timeout_s)
             text = answer.get("response") if isinstance(answer, dict) else None
             # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
-            if not isinstance(text, str) or text != text.encode("utf-8", "replace").decode("utf-8"):
+            if not isinstance(text, str) or _has_lone_surrogate(text):
                 raise OutboundError("answer has no 'response' text in valid Unicode")
         except OutboundError as exc:
             result["llm_error"] = str(exc)

@@ -3189,6 +3189,7 @@ def test_a_request_stalled_past_the_timeout_is_answered_408_and_an_idle_one_just
             sock.sendall(data)
             status, error = parse_response(read_until_closed(sock))
         assert status == 408 and "request_timeout_s=0.5" in error["error"], part
+    assert server.store.metrics.rejected.values[("timeout",)] == 3
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as never_spoke:
         assert read_until_closed(never_spoke) == b""
     kept_alive = served_keep_alive(server)
