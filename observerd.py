@@ -596,7 +596,7 @@ def parse_json_strict(data: bytes | str, what: str = "body") -> object:
 
 
 def _has_lone_surrogate(text: str) -> bool:
-    return not text.isascii() and _LONE_SURROGATE.search(text) is not None
+    return _LONE_SURROGATE.search(text) is not None
 
 
 def _unstorable(container: dict | list, depth: int) -> tuple[list, str] | None:
@@ -608,10 +608,11 @@ def _unstorable(container: dict | list, depth: int) -> tuple[list, str] | None:
     if depth > MAX_JSON_DEPTH:
         return [], f"is nested more than MAX_JSON_DEPTH={MAX_JSON_DEPTH} levels deep"
     for key, item in container.items() if isinstance(container, dict) else enumerate(container):
-        if isinstance(key, str) and _has_lone_surrogate(key):  # a list index is an int
+        # A list index is an int; isascii() first, as nearly every string is ASCII.
+        if type(key) is str and not key.isascii() and _has_lone_surrogate(key):
             return [], "has a key with a lone surrogate, which UTF-8 cannot encode"
-        if isinstance(item, str):
-            if _has_lone_surrogate(item):
+        if type(item) is str:
+            if not item.isascii() and _has_lone_surrogate(item):
                 return [key], "contains a lone surrogate, which UTF-8 cannot encode"
         elif isinstance(item, (dict, list)):
             found = _unstorable(item, depth + 1)
@@ -719,15 +720,17 @@ class TooLarge(ValueError):
 def bounded_int(text: str, maximum: int) -> int:
     """A non-negative decimal integer from client text, at most maximum.
 
-    Raises ValueError for anything but ASCII digits and TooLarge above maximum, judged by the
-    number of digits first, so thousands of digits never reach int().
+    Raises ValueError for anything but ASCII digits and TooLarge above maximum (a bound below
+    10**18), judged by the number of digits first, so thousands of digits never reach int().
     """
     if not text.isascii() or not text.isdigit():
         raise ValueError(f"{text[:20]!r} is not a non-negative integer")
-    digits = text.lstrip("0") or "0"
-    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+    if len(text) > 18 and len(text.lstrip("0")) > 18:
+        raise TooLarge(f"{text[:20]}… is more than {maximum}")
+    value = int(text)
+    if value > maximum:
         raise TooLarge(f"{text[:20]} is more than {maximum}")
-    return int(digits)
+    return value
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -835,7 +838,8 @@ class RingOp:
         error = op.get("error")
         self.error = error[:ERROR_TEXT_KEPT_CHARS] if isinstance(error, str) else None
         # What this op costs in memory, as the ring's byte bound counts it.
-        self.size = sum(map(sys.getsizeof, (self, self.line, self.endpoint, self.timestamp, self.error)))
+        self.size = (sys.getsizeof(self) + sys.getsizeof(self.line) + sys.getsizeof(self.endpoint)
+                     + sys.getsizeof(self.timestamp) + sys.getsizeof(self.error))
 
     def __getitem__(self, key: str):
         if key not in self.FIELDS:
@@ -853,26 +857,40 @@ class RingOp:
         return f"RingOp({self.line[:80]!r})"
 
 
-_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)
+class _RingOpFound(Exception):
+    pass
+
+
+class _PlainJSONEncoder(json.JSONEncoder):
+    """The C encoder, giving up at the first RingOp (it calls default() only for those)."""
+
+    def default(self, o):
+        raise _RingOpFound
+
+
+_JSON_ENCODER = _PlainJSONEncoder(ensure_ascii=False)
 
 
 def encode_json(value: object) -> bytes:
     """JSON as UTF-8, writing each RingOp as its stored line instead of decoding it.
 
     Answers that carry ring ops (ops, stats, escalations) so cost their ops' length, never
-    their decoded size; anything without ring ops goes straight to the C encoder.
+    their decoded size; anything without ring ops goes through the C encoder alone.
     """
+    try:
+        return _JSON_ENCODER.encode(value).encode("utf-8")
+    except _RingOpFound:
+        return _encode_with_ring_ops(value)
+
+
+def _encode_with_ring_ops(value: object) -> bytes:
     if isinstance(value, RingOp):
         return value.line[:-1]
-    if isinstance(value, dict) and _may_hold_ring_ops(value.values()):
-        return b"{" + b", ".join(encode_json(k) + b": " + encode_json(v) for k, v in value.items()) + b"}"
-    if isinstance(value, list) and _may_hold_ring_ops(value):
-        return b"[" + b", ".join(map(encode_json, value)) + b"]"
-    return _JSON_ENCODER.encode(value).encode("utf-8")
-
-
-def _may_hold_ring_ops(values) -> bool:
-    return any(isinstance(v, (RingOp, dict, list)) for v in values)
+    if isinstance(value, dict):
+        return b"{" + b", ".join(encode_json(k) + b": " + _encode_with_ring_ops(v) for k, v in value.items()) + b"}"
+    if isinstance(value, list):
+        return b"[" + b", ".join(map(_encode_with_ring_ops, value)) + b"]"
+    return encode_json(value)
 
 
 def fsync_dir(path: Path) -> None:
