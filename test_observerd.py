@@ -1202,10 +1202,8 @@ def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
     assert dicts(od.restore_tail(path, 1000, keep_files=1)) == forward[-len(replay_forward(segments[0])) - len(replay_forward(segments[1])):]
 
 
-def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
-    path = tmp_path / "ops.jsonl"
-    line = od.encode_line(op("/big"))
-    path.write_bytes(line * 50000)
+def count_reads(monkeypatch) -> list[int]:
+    """The sizes of every read observerd makes from files it opens from now on."""
     reads = []
     real_open = open
 
@@ -1228,6 +1226,14 @@ def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
             self.f.close()
 
     monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
+    return reads
+
+
+def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
+    path = tmp_path / "ops.jsonl"
+    line = od.encode_line(op("/big"))
+    path.write_bytes(line * 50000)
+    reads = count_reads(monkeypatch)
     assert len(od.restore_tail(path, 100)) == 100
     assert sum(reads) < 2 * od.RESTORE_BLOCK_BYTES < path.stat().st_size / 10
 
@@ -2065,28 +2071,7 @@ def test_restore_honours_the_ring_byte_bound_and_reads_only_what_it_keeps(tmp_pa
     path = tmp_path / "ops.jsonl"
     lines = [od.encode_line(op(f"/{i}", extra="x" * 100_000)) for i in range(40)]
     path.write_bytes(b"".join(lines))
-    reads = []
-    real_open = open
-
-    class CountingFile:
-        def __init__(self, f):
-            self.f = f
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def read(self, n=-1):
-            data = self.f.read(n)
-            reads.append(len(data))
-            return data
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
+    reads = count_reads(monkeypatch)
     restored = od.restore_tail(path, 2000, max_bytes=500_000)
     assert [o.endpoint for o in restored] == ["/36", "/37", "/38", "/39"]
     assert sum(o.size for o in restored) <= 500_000
