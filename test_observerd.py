@@ -2502,32 +2502,9 @@ def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path,
     assert [o["endpoint"] for o in daemon.client().get("/observer/ops")[1]["ops"]] == ["/after-rmtree"]
 
 
-class ReadCountingFile:
-    """A file whose reads are counted."""
-
-    def __init__(self, f, reads: list[int]):
-        self.f, self.reads = f, reads
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def read(self, n=-1):
-        data = self.f.read(n)
-        self.reads.append(len(data))
-        return data
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def test_backward_reads_take_each_byte_once_and_hold_a_long_line_at_most_twice(tmp_path, monkeypatch):
     run = 8 * 1024 * 1024  # a run without a newline: NULs left by a crash, or a hostile line
-    reads = []
-    real_open = open
-    monkeypatch.setattr(od, "open", lambda *a, **k: ReadCountingFile(real_open(*a, **k), reads), raising=False)
+    reads = count_reads(monkeypatch)
     restored = tmp_path / "ops.jsonl"
     restored.write_bytes(od.encode_line(op("/first")) + b"\0" * run + b"\n" + od.encode_line(op("/last")))
     torn = tmp_path / "torn.jsonl"
