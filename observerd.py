@@ -44,7 +44,7 @@ import tomllib
 import traceback
 import zlib
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from http import HTTPStatus
@@ -244,39 +244,70 @@ class Metrics:
 
 DEFAULT_CONFIG_PATH = "lakehouse.toml"
 
-# key -> (type, default, minimum). Types are exact: a bool is not an int here.
-OBSERVERD_KEYS: dict[str, tuple[type, object, float | None]] = {
-    "bind": (str, "127.0.0.1:3219", None),
-    "persist_path": (str, "data/observer/ops.jsonl", None),
-    "ring_size": (int, 2000, 1),
-    "max_ring_bytes": (int, 64 * 1024 * 1024, 1),
-    "recent_scenarios": (int, 10, 0),
-    "max_body_bytes": (int, 4 * 1024 * 1024, 1),
-    "request_timeout_s": (float, 10.0, 0.001),
-    "max_connections": (int, 256, 1),
-    "allow_unauthenticated": (bool, False, None),
-    "max_batch": (int, 1000, 1),
-    "max_file_bytes": (int, 0, 0),
-    "keep_files": (int, 3, 0),
-    "analyze_interval_s": (float, 30.0, 0),
-    "corrections_path": (str, "", None),
-    "corrections_interval_s": (float, 5.0, 0),
-    "playbooks_path": (str, "", None),
-    "consolidate_interval_s": (float, 60.0, 0),
-    "escalate_url": (str, "", None),
-    "escalate_threshold": (int, 5, 1),
-    "escalate_window_s": (float, 300.0, 0.001),
-    "escalate_cooldown_s": (float, 1800.0, 0),
-    "review_llm_url": (str, "", None),
-    "review_llm_model": (str, "llama3", None),
-    "outbound_timeout_s": (float, 5.0, 0.001),
-    "tls_cert": (str, "", None),
-    "tls_key": (str, "", None),
-    "access_log": (bool, False, None),
-}
-AUTH_KEYS: dict[str, tuple[type, object, float | None]] = {
-    "token": (str, "", None),
-}
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One key observerd reads from lakehouse.toml: all the code and the README know of it."""
+
+    name: str
+    kind: type  # exact: a bool is not an int here; an int is taken where a float is wanted
+    default: object
+    doc: str
+    minimum: float | None = None
+    path: bool = False  # "" = none; relative to the folder it was given in (see load_config)
+    url: str = ""  # "endpoint": used as given; "base": paths are appended, so a trailing / goes
+    table: str = "observerd"
+    secret: bool = False  # masked in check's report
+
+    @property
+    def in_file(self) -> str:
+        """How problems name it when the file gave it."""
+        return f"[{self.table}] {self.name}"
+
+    @property
+    def label(self) -> str:
+        """How check's report names it."""
+        return self.name if self.table == "observerd" else self.in_file
+
+    @property
+    def flag(self) -> str:
+        """How the command line spells it, where it takes it."""
+        return "--" + self.name.replace("_", "-")
+
+
+# The one declaration of every setting, in the README's order (a test compares the two).
+SETTINGS = (
+    Setting("bind", str, "127.0.0.1:3219", "host:port to listen on ([v6]:port for IPv6)"),
+    Setting("persist_path", str, "data/observer/ops.jsonl", 'the JSONL journal; "" = ephemeral',
+            path=True),
+    Setting("ring_size", int, 2000, "ops kept in memory", minimum=1),
+    Setting("max_ring_bytes", int, 64 * 1024 * 1024, "memory bound of the ring's ops", minimum=1),
+    Setting("recent_scenarios", int, 10, "cap of recent_scenario_ops in stats", minimum=0),
+    Setting("max_body_bytes", int, 4 * 1024 * 1024, "request body cap", minimum=1),
+    Setting("request_timeout_s", float, 10.0, "time for a whole request or answer", minimum=0.001),
+    Setting("max_connections", int, 256, "open connections", minimum=1),
+    Setting("allow_unauthenticated", bool, False, "allow a non-loopback bind without a token"),
+    Setting("max_batch", int, 1000, "ops per POST /observer/events", minimum=1),
+    Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
+    Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0),
+    Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off", minimum=0),
+    Setting("corrections_path", str, "", 'the overseer\'s corrections JSONL; "" = off', path=True),
+    Setting("corrections_interval_s", float, 5.0, "corrections tailing period", minimum=0),
+    Setting("playbooks_path", str, "", 'where playbooks are written; "" = serve only', path=True),
+    Setting("consolidate_interval_s", float, 60.0, "playbook folding period; 0 = off", minimum=0),
+    Setting("escalate_url", str, "", 'the LLM team\'s /api/run; "" = never escalate', url="endpoint"),
+    Setting("escalate_threshold", int, 5, "failures of a cluster that escalate it", minimum=1),
+    Setting("escalate_window_s", float, 300.0, "the window those failures fall in", minimum=0.001),
+    Setting("escalate_cooldown_s", float, 1800.0, "quiet time after an escalation", minimum=0),
+    Setting("review_llm_url", str, "", "Ollama-compatible base URL for LLM review", url="base"),
+    Setting("review_llm_model", str, "llama3", "model name sent to it"),
+    Setting("outbound_timeout_s", float, 5.0, "total time of an outbound HTTP call", minimum=0.001),
+    Setting("tls_cert", str, "", "PEM certificate chain: serve HTTPS", path=True),
+    Setting("tls_key", str, "", "PEM private key of tls_cert", path=True),
+    Setting("access_log", bool, False, "log one line per request"),
+    Setting("token", str, "", "bearer token every route but health needs", table="auth", secret=True),
+)
+SETTING = {setting.name: setting for setting in SETTINGS}
 
 
 class ConfigError(Exception):
@@ -288,55 +319,35 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class Config:
-    """The effective settings, after file, CLI flags and environment."""
+class _ConfigBase:
+    """What Config derives from its fields: the bind address, check's report."""
 
-    host: str
-    port: int
-    persist_path: Path | None
-    ring_size: int
-    max_ring_bytes: int
-    recent_scenarios: int
-    max_body_bytes: int
-    request_timeout_s: float
-    max_connections: int
-    allow_unauthenticated: bool
-    max_batch: int
-    max_file_bytes: int
-    keep_files: int
-    analyze_interval_s: float
-    corrections_path: Path | None
-    corrections_interval_s: float
-    playbooks_path: Path | None
-    consolidate_interval_s: float
-    escalate_url: str
-    escalate_threshold: int
-    escalate_window_s: float
-    escalate_cooldown_s: float
-    review_llm_url: str
-    review_llm_model: str
-    outbound_timeout_s: float
-    tls_cert: Path | None
-    tls_key: Path | None
-    access_log: bool
-    token: str
-    source: str
-    warnings: tuple[str, ...] = ()  # what serve logs as WARN and check prints, without refusing
+    __slots__ = ()
 
     @property
     def bind(self) -> str:
         return format_hostport(self.host, self.port)
 
     def describe(self) -> dict[str, object]:
-        """The effective settings as TOML-style values, the token masked."""
-        settings = {"bind": self.bind}
-        for name in OBSERVERD_KEYS:
-            if name != "bind":
-                value = getattr(self, name)
-                settings[name] = "" if value is None else value
-        settings["[auth] token"] = "(set, masked)" if self.token else "(empty)"
+        """The effective settings as TOML-style values, secrets masked."""
+        settings = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if setting.secret:
+                value = "(set, masked)" if value else "(empty)"
+            settings[setting.label] = "" if value is None else value
         return settings
+
+
+Config = make_dataclass(
+    "Config",
+    [("host", str), ("port", int)]  # bind, parsed
+    + [(s.name, (Path | None) if s.path else s.kind) for s in SETTINGS if s.name != "bind"]
+    + [("source", str), ("warnings", tuple)],  # warnings: WARN in serve, printed by check
+    bases=(_ConfigBase,), frozen=True, slots=True,
+    namespace={"__module__": __name__, "__doc__": "The effective settings, after file, CLI flags "
+               "and environment: one attribute per setting."},
+)
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -367,52 +378,65 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _check_table(name: str, table: object, spec: dict, problems: list[str], unknown: list[str]) -> dict:
-    """Type-check one TOML table against its spec; unknown keys go to the unknown list."""
-    values = {key: default for key, (_, default, _) in spec.items()}
+@dataclass(frozen=True, slots=True)
+class GivenValue:
+    """A setting's value as given, and where: the name problems use and the folder paths join."""
+
+    value: object
+    where: str
+    folder: Path
+
+
+def _checked(setting: Setting, value: object, where: str, problems: list[str]) -> object | None:
+    """value if it has the setting's type and bounds, else None with the problem noted."""
+    kind = setting.kind
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        problems.append(f"{where} must be {kind.__name__}, got {type(value).__name__}")
+        return None
+    if setting.minimum is not None and value < setting.minimum:
+        problems.append(f"{where} must be >= {setting.minimum}, got {value}")
+        return None
+    return value
+
+
+def _read_table(name: str, table: object, folder: Path, given: dict[str, GivenValue],
+                problems: list[str], unknown: list[str]) -> None:
+    """Check one TOML table against the settings; unknown keys go to the unknown list."""
     if table is None:
-        return values
+        return
     if not isinstance(table, dict):
         problems.append(f"[{name}] must be a table")
-        return values
+        return
     for key, value in table.items():
-        if key not in spec:
+        setting = SETTING.get(key)
+        if setting is None or setting.table != name:
             unknown.append(f"unknown key {key!r} in [{name}]")
             continue
-        kind, _, minimum = spec[key]
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            problems.append(f"[{name}] {key} must be {kind.__name__}, got {type(value).__name__}")
-            continue
-        if minimum is not None and value < minimum:
-            problems.append(f"[{name}] {key} must be >= {minimum}, got {value}")
-            continue
-        values[key] = value
-    return values
+        value = _checked(setting, value, setting.in_file, problems)
+        if value is not None:
+            given[key] = GivenValue(value, setting.in_file, folder)
 
 
-def load_config(
-    path: str | None,
-    bind: str | None = None,
-    persist_path: str | None = None,
-    environ: dict[str, str] | None = None,
-) -> Config:
+def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
     """Read the config file (path None = the default file, optional), then apply overrides.
 
-    Precedence: CLI flags (bind, persist_path) > OBSERVERD_TOKEN env var > file > defaults.
-    Raises ConfigError listing every problem found.
+    flags are settings given on the command line by name (None = not given), e.g. bind="…".
+    Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
+    relative to the folder it was given in: the config file's for file values (and defaults),
+    the working directory for CLI flags. Raises ConfigError listing every problem found.
     """
     environ = os.environ if environ is None else environ
     source = path or DEFAULT_CONFIG_PATH
     document: dict = {}
-    base_dir = Path.cwd()
+    file_folder = Path.cwd()
     warnings: list[str] = []
     try:
         with open(source, "rb") as f:
             document = tomllib.load(f)
-        base_dir = Path(source).resolve().parent
+        file_folder = Path(source).resolve().parent
     except FileNotFoundError:
         if path is not None:
             raise ConfigError(source, ["file not found"]) from None
@@ -423,76 +447,51 @@ def load_config(
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
     problems: list[str] = []
-    values = _check_table("observerd", document.get("observerd"), OBSERVERD_KEYS, problems, problems)
+    given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
+    _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
     # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
-    auth = _check_table("auth", document.get("auth"), AUTH_KEYS, problems, warnings)
-    if bind is not None:
-        values["bind"] = bind
+    _read_table("auth", document.get("auth"), file_folder, given, problems, warnings)
+    for name, value in flags.items():
+        setting = SETTING[name]
+        if value is not None:
+            value = _checked(setting, value, setting.flag, problems)
+        if value is not None:
+            given[name] = GivenValue(value, setting.flag, Path.cwd())
+
     host, port = "127.0.0.1", 0
     try:
-        host, port = parse_bind(values["bind"])
+        host, port = parse_bind(given["bind"].value)
     except ValueError as exc:
         problems.append(str(exc))
+    values = {}
+    for setting in SETTINGS:
+        value = given[setting.name].value
+        if setting.path:
+            value = given[setting.name].folder / value if value else None
+        elif setting.url and value:
+            if not value.startswith(("http://", "https://")):
+                problems.append(f"{given[setting.name].where} must be an http:// or https:// URL")
+            if setting.url == "base":
+                value = value.rstrip("/")
+        values[setting.name] = value
 
-    if persist_path is not None:
-        resolved = Path(persist_path).resolve() if persist_path else None
-    elif values["persist_path"]:
-        resolved = base_dir / values["persist_path"]
-    else:
-        resolved = None
-
-    for key in ("escalate_url", "review_llm_url"):
-        if values[key] and not values[key].startswith(("http://", "https://")):
-            problems.append(f"[observerd] {key} must be an http:// or https:// URL")
-
-    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
-    token = environ.get("OBSERVERD_TOKEN") or auth["token"]
+    token = values["token"] = environ.get("OBSERVERD_TOKEN") or values["token"]
     if token and not (token.isascii() and token.isprintable() and token == token.strip()):
         # It travels in an HTTP header: anything else could never match what a client sends.
         where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
         problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
     if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
-            f"bind {values['bind']} is not loopback and [auth] token is empty: set a token "
+            f"bind {given['bind'].value} is not loopback and [auth] token is empty: set a token "
             "(or OBSERVERD_TOKEN), or set allow_unauthenticated = true in [observerd]"
         )
     if problems:
         raise ConfigError(source, problems)
-    return Config(
-        host=host,
-        port=port,
-        persist_path=resolved,
-        ring_size=values["ring_size"],
-        max_ring_bytes=values["max_ring_bytes"],
-        recent_scenarios=values["recent_scenarios"],
-        max_body_bytes=values["max_body_bytes"],
-        request_timeout_s=values["request_timeout_s"],
-        max_connections=values["max_connections"],
-        allow_unauthenticated=values["allow_unauthenticated"],
-        max_batch=values["max_batch"],
-        max_file_bytes=values["max_file_bytes"],
-        keep_files=values["keep_files"],
-        analyze_interval_s=values["analyze_interval_s"],
-        corrections_path=base_dir / values["corrections_path"] if values["corrections_path"] else None,
-        corrections_interval_s=values["corrections_interval_s"],
-        playbooks_path=base_dir / values["playbooks_path"] if values["playbooks_path"] else None,
-        consolidate_interval_s=values["consolidate_interval_s"],
-        escalate_url=values["escalate_url"],
-        escalate_threshold=values["escalate_threshold"],
-        escalate_window_s=values["escalate_window_s"],
-        escalate_cooldown_s=values["escalate_cooldown_s"],
-        review_llm_url=values["review_llm_url"].rstrip("/"),
-        review_llm_model=values["review_llm_model"],
-        outbound_timeout_s=values["outbound_timeout_s"],
-        tls_cert=base_dir / values["tls_cert"] if values["tls_cert"] else None,
-        tls_key=base_dir / values["tls_key"] if values["tls_key"] else None,
-        access_log=values["access_log"],
-        token=token,
-        source=source,
-        warnings=tuple(warnings),
-    )
+    del values["bind"]
+    return Config(host=host, port=port, **values, source=source, warnings=tuple(warnings))
 
 
 # =============================================================================
@@ -2781,13 +2780,22 @@ EXAMPLES = """examples:
 """
 
 
+def add_setting_flag(parser: argparse.ArgumentParser, name: str, default=None) -> None:
+    """--name-with-dashes: the setting given on the command line, over the file's value."""
+    setting = SETTING[name]
+    parser.add_argument(setting.flag, type=setting.kind, default=default,
+                        help=f"{setting.doc}; overrides {setting.in_file} (default: {setting.default!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    def add_serve_flags(parser: argparse.ArgumentParser, default=None) -> None:
+    def add_config_flag(parser: argparse.ArgumentParser, default=None) -> None:
         parser.add_argument("--config", default=default,
                             help=f"TOML config file (default: {DEFAULT_CONFIG_PATH}, optional)")
-        parser.add_argument("--bind", default=default, help="host:port; overrides [observerd] bind")
-        parser.add_argument("--persist-path", default=default,
-                            help='JSONL log path; "" = ephemeral; overrides the file')
+
+    def add_serve_flags(parser: argparse.ArgumentParser, default=None) -> None:
+        add_config_flag(parser, default)
+        add_setting_flag(parser, "bind", default)
+        add_setting_flag(parser, "persist_path", default)
 
     parser = argparse.ArgumentParser(
         prog="observerd.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -2802,10 +2810,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(check, argparse.SUPPRESS)
     stats = commands.add_parser("stats", help="print the stats a restart from a JSONL log would serve")
     stats.add_argument("file", help="the JSONL log (rotated segments beside it are read too)")
-    stats.add_argument("--ring-size", type=int, default=OBSERVERD_KEYS["ring_size"][1],
-                       help="ring size to restore (default: %(default)s)")
-    stats.add_argument("--recent-scenarios", type=int, default=OBSERVERD_KEYS["recent_scenarios"][1],
-                       help="cap of recent_scenario_ops (default: %(default)s)")
+    add_config_flag(stats, argparse.SUPPRESS)
+    add_setting_flag(stats, "ring_size")
+    add_setting_flag(stats, "recent_scenarios")
     return parser
 
 
@@ -2873,7 +2880,7 @@ def usability_problems(config: Config) -> list[str]:
 def check(args: argparse.Namespace) -> int:
     """`check`: print every problem (exit 2), or warnings and the effective settings (exit 0)."""
     try:
-        config = load_config(args.config, args.bind, args.persist_path)
+        config = load_config(args.config, bind=args.bind, persist_path=args.persist_path)
         problems = usability_problems(config)
     except ConfigError as exc:
         config, problems = None, exc.problems
@@ -2892,17 +2899,24 @@ def check(args: argparse.Namespace) -> int:
 
 
 def print_stats(args: argparse.Namespace) -> int:
-    """`stats`: the JSON GET /observer/stats would serve after restoring from the file."""
+    """`stats`: the JSON GET /observer/stats would serve after restoring from the file.
+
+    The ring's settings come from the config, as serve reads it, and the flags over it.
+    """
     path = Path(args.file)
     if not path.exists():
         print(f"{path}: file not found", file=sys.stderr)
         return 2
-    if args.ring_size < 1 or args.recent_scenarios < 0:
-        print("--ring-size must be >= 1 and --recent-scenarios >= 0", file=sys.stderr)
+    try:
+        # stats listens nowhere: the file's bind, and the token it may require, are not its concern.
+        config = load_config(args.config, bind="127.0.0.1:0", ring_size=args.ring_size,
+                             recent_scenarios=args.recent_scenarios)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
         return 2
-    max_bytes = OBSERVERD_KEYS["max_ring_bytes"][1]
-    ring = RingStats(args.ring_size, args.recent_scenarios, max_bytes)
-    ring_ops = restore_tail(path, args.ring_size, OBSERVERD_KEYS["keep_files"][1], max_bytes)
+    ring = RingStats(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
+    ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
     for op in ring_ops:
         ring.apply(op)
     print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
@@ -3007,7 +3021,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         return print_stats(args)
     try:
-        config = load_config(args.config, args.bind, args.persist_path)
+        config = load_config(args.config, bind=args.bind, persist_path=args.persist_path)
     except ConfigError as exc:
         log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
         return 2

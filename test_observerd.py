@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -3329,3 +3330,88 @@ def test_an_op_is_answered_only_after_its_fsync_returns(serve, monkeypatch):
             held.release()
         assert read_responses(sock, 1)[0] == (200, {"accepted": True, "ring_size": 1})
 
+
+
+# -----------------------------------------------------------------------------
+# issue 10: each setting declared once (SETTINGS -> Config, check, stats, README)
+# -----------------------------------------------------------------------------
+
+
+def readme_settings_table() -> list[tuple[str, object, object]]:
+    """(key, default, minimum) for each key of README.md's Configuration table, as TOML values."""
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("## Configuration"):]
+    section = section[:section.index("\n## ", 1)]
+
+    def toml_value(cell):
+        literal = cell.strip().strip("`")
+        return tomllib.loads(f"v = {literal}")["v"] if literal else None
+
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            keys, default, minimum = line.split(" | ")[:3]
+            for key in re.findall(r"`([^`]+)`", keys):
+                rows.append((key, toml_value(default), toml_value(minimum)))
+    return rows
+
+
+def test_the_readme_settings_table_is_the_declaration():
+    def typed(value, kind):
+        return float(value) if kind is float and type(value) is int else value
+
+    declared = [(s.label, type(s.default), s.default, s.minimum) for s in od.SETTINGS]
+    documented = [(key, type(typed(default, od.SETTING[key.split()[-1]].kind)), default, minimum)
+                  for key, default, minimum in readme_settings_table()]
+    assert documented == declared
+
+
+def test_check_reports_every_declared_setting_once(tmp_path):
+    result = run_cli("check", "--config", str(write_config(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    reported = [line.split(" = ")[0] for line in result.stdout.splitlines()[1:]]
+    assert reported == [s.label for s in od.SETTINGS]
+
+
+def test_a_relative_path_is_relative_to_the_folder_it_was_given_in(tmp_path):
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "cwd").mkdir()
+    config = write_config(tmp_path / "conf", {"playbooks_path": "pb.json", "corrections_path": "c.jsonl"})
+    result = run_cli("check", "--config", str(config), "--persist-path", "flag/ops.jsonl",
+                     cwd=tmp_path / "cwd")
+    assert result.returncode == 0, result.stderr
+    assert f'persist_path = "{tmp_path / "cwd/flag/ops.jsonl"}"' in result.stdout
+    assert f'playbooks_path = "{tmp_path / "conf/pb.json"}"' in result.stdout
+    assert f'corrections_path = "{tmp_path / "conf/c.jsonl"}"' in result.stdout
+
+
+def write_rotated_journal(path: Path, counts: list[int]) -> None:
+    """The live file and its rotated segments, newest first, holding counts[i] ops each."""
+    for n, (segment, count) in enumerate(zip(od.segment_paths(path, len(counts) - 1), counts)):
+        segment.write_bytes(b"".join(od.encode_line(op(f"/segment{n}/{i}")) + b"\n" for i in range(count)))
+
+
+@pytest.mark.parametrize("settings, flags, total", [
+    ({}, [], 2 + 3 + 4),
+    ({"keep_files": 1}, [], 2 + 3),
+    ({"keep_files": 0}, [], 2),
+    ({"ring_size": 4}, [], 4),
+    ({"ring_size": 4}, ["--ring-size", "6"], 6),
+])
+def test_cli_stats_restores_with_the_configs_ring_settings(tmp_path, settings, flags, total):
+    write_rotated_journal(tmp_path / "ops.jsonl", [2, 3, 4])
+    # A bind beyond loopback without a token: serve would refuse it, stats listens nowhere.
+    config = write_config(tmp_path, {"bind": "0.0.0.0:1", **settings})
+    result = run_cli("stats", str(tmp_path / "ops.jsonl"), "--config", str(config), *flags)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["total"] == total
+
+
+def test_cli_stats_names_a_bad_setting_and_exits_2(tmp_path):
+    write_rotated_journal(tmp_path / "ops.jsonl", [1])
+    journal = str(tmp_path / "ops.jsonl")
+    bad_file = run_cli("stats", journal, "--config", str(write_config(tmp_path, {"keep_files": -1})))
+    assert bad_file.returncode == 2 and "[observerd] keep_files must be >= 0, got -1" in bad_file.stderr
+    (tmp_path / "no-config").mkdir()
+    bad_flag = run_cli("stats", journal, "--recent-scenarios", "-1", cwd=tmp_path / "no-config")
+    assert bad_flag.returncode == 2 and "--recent-scenarios must be >= 0, got -1" in bad_flag.stderr
