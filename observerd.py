@@ -396,6 +396,9 @@ def _checked(setting: Setting, value: object, where: str, problems: list[str]) -
     if not ok:
         problems.append(f"{where} must be {kind.__name__}, got {type(value).__name__}")
         return None
+    if kind is float and not math.isfinite(value):  # TOML has nan and inf; no timer takes them
+        problems.append(f"{where} must be a finite number, got {value}")
+        return None
     if setting.minimum is not None and value < setting.minimum:
         problems.append(f"{where} must be >= {setting.minimum}, got {value}")
         return None

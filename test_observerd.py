@@ -450,6 +450,16 @@ def test_cli_flags_and_env_override_the_file(tmp_path):
     assert (config.port, config.persist_path, config.token) == (0, None, "env")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_timeout_that_no_timer_takes_is_a_config_problem(tmp_path, value):
+    path = tmp_path / "lakehouse.toml"
+    path.write_text(f"[observerd]\nrequest_timeout_s = {value}\noutbound_timeout_s = {value}\n")
+    with pytest.raises(od.ConfigError) as exc:
+        od.load_config(str(path), environ={})
+    assert exc.value.problems == [f"[observerd] {key} must be a finite number, got {float(value)}"
+                                  for key in ("request_timeout_s", "outbound_timeout_s")]
+
+
 @pytest.mark.parametrize("table, needle", [
     ({"ring_sise": 5}, "unknown key 'ring_sise'"),
     ({"ring_size": "big"}, "ring_size must be int"),
