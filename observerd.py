@@ -629,21 +629,15 @@ def _path_name(path: list) -> str:
     return name or "body"
 
 
-def check_object(value: object, field: str) -> dict:
-    if type(value) is not dict:
-        raise InvalidOp(field, f"must be a JSON object, got {json_type(value)}")
-    return value
+# Field checkers, each rule written once for ops, query parameters and review bodies: each
+# returns the value it was given or raises InvalidOp naming the field.
+_JSON_KINDS = {dict: "a JSON object", str: "a string", bool: "a boolean"}
 
 
-def check_string(value: object, field: str) -> str:
-    if type(value) is not str:
-        raise InvalidOp(field, f"must be a string, got {json_type(value)}")
-    return value
-
-
-def check_bool(value: object, field: str) -> bool:
-    if type(value) is not bool:
-        raise InvalidOp(field, f"must be a boolean, got {json_type(value)}")
+def check_type(value: object, kind: type, field: str):
+    """value itself if it is of kind (dict, str or bool) exactly, as JSON decodes them."""
+    if type(value) is not kind:
+        raise InvalidOp(field, f"must be {_JSON_KINDS[kind]}, got {json_type(value)}")
     return value
 
 
@@ -682,12 +676,12 @@ def validate_op(raw: object) -> dict:
     The known fields come first in a fixed order, then unknown keys verbatim in the order
     given, so records round-trip with the other lakehouse services. Raises InvalidOp.
     """
-    check_object(raw, "body")
+    check_type(raw, dict, "body")
 
     endpoint = raw.get("endpoint")
     if endpoint is None:
         raise InvalidOp("endpoint", "is required")
-    if not check_string(endpoint, "endpoint").strip():
+    if not check_type(endpoint, str, "endpoint").strip():
         raise InvalidOp("endpoint", "must not be blank")
 
     source = raw.get("source")
@@ -700,14 +694,14 @@ def validate_op(raw: object) -> dict:
     if timestamp is None or timestamp == "":
         timestamp = utc_now_rfc3339()
     else:
-        check_time(check_string(timestamp, "timestamp"), "timestamp")
+        check_time(check_type(timestamp, str, "timestamp"), "timestamp")
 
     success = raw.get("success")
     if success is None:
         # A correction records a fix the overseer made: unless it says it failed, it did not.
         success = source == CORRECTION_SOURCE
     else:
-        check_bool(success, "success")
+        check_type(success, bool, "success")
 
     duration = raw.get("duration_ms")
     if duration is None:
@@ -723,7 +717,7 @@ def validate_op(raw: object) -> dict:
     for field in OPTIONAL_TEXT_FIELDS:
         value = raw.get(field)
         if value is not None:
-            check_string(value, field)
+            check_type(value, str, field)
 
     found = _unstorable(raw, 1)
     if found is not None:
@@ -1652,16 +1646,16 @@ REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
 
 def parse_review_query(query: object) -> tuple[str | None, str | None, int | None, bool]:
     """Check a POST /observer/review body: endpoint, source, last_n, llm (all optional)."""
-    reject_unknown(check_object(query, "body"), REVIEW_OPTIONS, "review option")
+    reject_unknown(check_type(query, dict, "body"), REVIEW_OPTIONS, "review option")
     endpoint, source = query.get("endpoint"), query.get("source")
     last_n, use_llm = query.get("last_n"), query.get("llm", False)
     if endpoint is not None:
-        check_string(endpoint, "endpoint")
+        check_type(endpoint, str, "endpoint")
     if source is not None:
         check_source(source, "source")
     if last_n is not None:
         check_positive_int(last_n, "last_n")
-    return endpoint, source, last_n, check_bool(use_llm, "llm")
+    return endpoint, source, last_n, check_type(use_llm, bool, "llm")
 
 
 class Insights:
