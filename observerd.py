@@ -631,52 +631,84 @@ def _path_name(path: list) -> str:
     return name or "body"
 
 
+# Field checkers, each rule written once for ops, query parameters and review bodies: each
+# returns the value it was given or raises InvalidOp naming the field.
+_JSON_KINDS = {dict: "a JSON object", str: "a string", bool: "a boolean"}
+
+
+def check_type(value: object, kind: type, field: str):
+    """value itself if it is of kind (dict, str or bool) exactly, as JSON decodes them."""
+    if type(value) is not kind:
+        raise InvalidOp(field, f"must be {_JSON_KINDS[kind]}, got {json_type(value)}")
+    return value
+
+
+def check_positive_int(value: object, field: str, maximum: int | None = None) -> int:
+    """An integer from 1 to maximum; a boolean is not one, though Python counts it as an int."""
+    if type(value) is not int or value < 1 or (maximum is not None and value > maximum):
+        raise InvalidOp(field, "must be a positive integer" if maximum is None
+                        else f"must be an integer from 1 to {maximum}")
+    return value
+
+
+def check_source(value: object, field: str) -> str:
+    if value not in SOURCES:
+        shown = repr(value) if isinstance(value, str) else json_type(value)
+        raise InvalidOp(field, f"must be one of {', '.join(SOURCES)}, got {shown[:80]}")
+    return value
+
+
+def check_time(value: str, field: str) -> datetime:
+    try:
+        return parse_rfc3339(value)
+    except ValueError as exc:
+        raise InvalidOp(field, str(exc)) from None
+
+
+def reject_unknown(keys, allowed: tuple[str, ...], what: str) -> None:
+    """Raise InvalidOp naming the first key not in allowed, as not a `what`."""
+    for key in keys:
+        if key not in allowed:
+            raise InvalidOp(key, f"is not a {what} (use {', '.join(allowed)})")
+
+
 def validate_op(raw: object) -> dict:
     """Check one decoded ObservedOp and return it as stored: defaults filled, extras kept.
 
     The known fields come first in a fixed order, then unknown keys verbatim in the order
     given, so records round-trip with the other lakehouse services. Raises InvalidOp.
     """
-    if not isinstance(raw, dict):
-        raise InvalidOp("body", f"must be a JSON object, got {json_type(raw)}")
+    check_type(raw, dict, "body")
 
     endpoint = raw.get("endpoint")
     if endpoint is None:
         raise InvalidOp("endpoint", "is required")
-    if not isinstance(endpoint, str):
-        raise InvalidOp("endpoint", f"must be a string, got {json_type(endpoint)}")
-    if not endpoint.strip():
+    if not check_type(endpoint, str, "endpoint").strip():
         raise InvalidOp("endpoint", "must not be blank")
 
     source = raw.get("source")
     if source is None or source == "":
         source = DEFAULT_SOURCE
-    elif source not in SOURCES:
-        shown = repr(source) if isinstance(source, str) else json_type(source)
-        raise InvalidOp("source", f"must be one of {', '.join(SOURCES)}, got {shown[:80]}")
+    else:
+        check_source(source, "source")
 
     timestamp = raw.get("timestamp")
     if timestamp is None or timestamp == "":
         timestamp = utc_now_rfc3339()
-    elif not isinstance(timestamp, str):
-        raise InvalidOp("timestamp", f"must be a string, got {json_type(timestamp)}")
     else:
-        try:
-            parse_rfc3339(timestamp)
-        except ValueError as exc:
-            raise InvalidOp("timestamp", str(exc)) from None
+        check_time(check_type(timestamp, str, "timestamp"), "timestamp")
 
     success = raw.get("success")
     if success is None:
         # A correction records a fix the overseer made: unless it says it failed, it did not.
         success = source == CORRECTION_SOURCE
-    elif not isinstance(success, bool):
-        raise InvalidOp("success", f"must be a boolean, got {json_type(success)}")
+    else:
+        check_type(success, bool, "success")
 
     duration = raw.get("duration_ms")
     if duration is None:
         duration = 0
-    elif isinstance(duration, bool) or not isinstance(duration, (int, float)):
+    elif type(duration) is not int and type(duration) is not float:  # a boolean is neither
         raise InvalidOp("duration_ms", f"must be a number, got {json_type(duration)}")
     elif duration < 0:
         raise InvalidOp("duration_ms", "must be >= 0")
@@ -686,8 +718,8 @@ def validate_op(raw: object) -> dict:
 
     for field in OPTIONAL_TEXT_FIELDS:
         value = raw.get(field)
-        if value is not None and not isinstance(value, str):
-            raise InvalidOp(field, f"must be a string, got {json_type(value)}")
+        if value is not None:
+            check_type(value, str, field)
 
     found = _unstorable(raw, 1)
     if found is not None:
@@ -1576,15 +1608,14 @@ DEFAULT_OPS_LIMIT = 100
 
 def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> list[dict]:
     """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
+    reject_unknown(params, OPS_QUERY_PARAMS, "query parameter")
     for name, values in params.items():
-        if name not in OPS_QUERY_PARAMS:
-            raise InvalidOp(name, f"is not a query parameter (use {', '.join(OPS_QUERY_PARAMS)})")
         if len(values) > 1:
             raise InvalidOp(name, "is given more than once")
     given = {name: values[0] for name, values in params.items()}
     source, endpoint = given.get("source"), given.get("endpoint")
-    if source is not None and source not in SOURCES:
-        raise InvalidOp("source", f"must be one of {', '.join(SOURCES)}")
+    if source is not None:
+        check_source(source, "source")
     success = given.get("success")
     if success is not None:
         if success not in ("true", "false"):
@@ -1592,18 +1623,14 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
         success = success == "true"
     since = given.get("since")
     if since is not None:
-        try:
-            since = parse_rfc3339(since)
-        except ValueError as exc:
-            raise InvalidOp("since", str(exc)) from None
+        since = check_time(since, "since")
     limit = min(DEFAULT_OPS_LIMIT, ring_size)
     if "limit" in given:
         try:
             limit = bounded_int(given["limit"], ring_size)
         except ValueError:
             limit = 0
-        if limit < 1:
-            raise InvalidOp("limit", f"must be an integer from 1 to {ring_size}")
+        check_positive_int(limit, "limit", ring_size)
     matched = []
     for op in reversed(ops):
         if ((source is None or op["source"] == source)
@@ -1621,22 +1648,16 @@ REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
 
 def parse_review_query(query: object) -> tuple[str | None, str | None, int | None, bool]:
     """Check a POST /observer/review body: endpoint, source, last_n, llm (all optional)."""
-    if not isinstance(query, dict):
-        raise InvalidOp("body", f"must be a JSON object, got {json_type(query)}")
-    for key in query:
-        if key not in REVIEW_OPTIONS:
-            raise InvalidOp(key, f"is not a review option (use {', '.join(REVIEW_OPTIONS)})")
+    reject_unknown(check_type(query, dict, "body"), REVIEW_OPTIONS, "review option")
     endpoint, source = query.get("endpoint"), query.get("source")
     last_n, use_llm = query.get("last_n"), query.get("llm", False)
-    if endpoint is not None and not isinstance(endpoint, str):
-        raise InvalidOp("endpoint", f"must be a string, got {json_type(endpoint)}")
-    if source is not None and source not in SOURCES:
-        raise InvalidOp("source", f"must be one of {', '.join(SOURCES)}")
-    if last_n is not None and (isinstance(last_n, bool) or not isinstance(last_n, int) or last_n < 1):
-        raise InvalidOp("last_n", "must be a positive integer")
-    if not isinstance(use_llm, bool):
-        raise InvalidOp("llm", f"must be a boolean, got {json_type(use_llm)}")
-    return endpoint, source, last_n, use_llm
+    if endpoint is not None:
+        check_type(endpoint, str, "endpoint")
+    if source is not None:
+        check_source(source, "source")
+    if last_n is not None:
+        check_positive_int(last_n, "last_n")
+    return endpoint, source, last_n, check_type(use_llm, bool, "llm")
 
 
 class Insights:
@@ -1688,22 +1709,86 @@ class Insights:
 # =============================================================================
 
 
-class HTTPError(Exception):
-    """An error answer: status, message for the JSON body, and extra headers."""
+MAX_HEADERS = 100
+MAX_LINE_BYTES = 65536
+SERVER_NAME = f"{SERVICE}/{VERSION}"
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+# What observerd_rejected_total counts refusals under; RequestError.reason is one of them.
+REJECTION_REASONS = ("invalid", "unauthorized", "timeout", "length_required", "too_large",
+                     "unsupported_encoding", "persist_failed", "too_many_connections")
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+
+class RequestError(Exception):
+    """Answer this request with status and {"error": message}, plus headers.
+
+    reason is what observerd_rejected_total counts it under (one of REJECTION_REASONS), or
+    None for an answer that is not a refusal of the client's input (404, 405, 500, ...).
+    """
+
+    def __init__(self, status: int, message: str, reason: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason
         self.headers = headers or {}
 
 
-_OVERLOADED_REASON = "too_many_connections"
-_OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 32\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-    b'{"error":"too many connections"}'
-)
+INTERNAL_ERROR = RequestError(500, "internal error")
+OVERLOADED = RequestError(503, "too many connections", "too_many_connections", {"Retry-After": "1"})
+
+
+def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
+    """The answer a failure below HTTP gets: the one place such errors become statuses.
+
+    parsed names what the request carried, for an InvalidOp ("op" gives "invalid op: ...").
+    """
+    if isinstance(exc, InvalidOp):
+        return RequestError(400, f"invalid {parsed}: {exc}" if parsed else str(exc), "invalid")
+    if isinstance(exc, TooLarge):
+        return RequestError(413, str(exc), "too_large")
+    if isinstance(exc, PersistError):
+        return RequestError(503, f"op not persisted: {exc}", "persist_failed")
+    return INTERNAL_ERROR
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def http_date() -> str:
+    """The Date header value, formatted once per second."""
+    global _date_cache
+    second = int(time.time())
+    if _date_cache[0] != second:
+        _date_cache = (second, formatdate(second, usegmt=True))
+    return _date_cache[1]
+
+
+def render_answer(status: int, body: object, close: bool, head_only: bool = False) -> tuple[bytes, int]:
+    """Status line, headers and body as one buffer, and the body's size: every answer's bytes.
+
+    body is JSON, Prometheus text (a str), or a RequestError: {"error": message} and its headers.
+    """
+    headers = None
+    if isinstance(body, str):
+        payload, content_type = body.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+    else:
+        if type(body) is RequestError:
+            body, headers = {"error": body.message}, body.headers
+        payload, content_type = encode_json(body), "application/json"
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
+        f"Server: {SERVER_NAME}",
+        f"Date: {http_date()}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(payload)}",
+    ]
+    if headers:
+        lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return (head if head_only else head + payload), len(payload)
 
 
 class ConnectionTracker:
@@ -1962,7 +2047,7 @@ class ObserverServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
-            self.metrics.rejected.inc(_OVERLOADED_REASON)
+            self.metrics.rejected.inc(OVERLOADED.reason)
             _refuse_overloaded(request)
             self.shutdown_request(request)
             return
@@ -1993,15 +2078,11 @@ def _refuse_overloaded(sock: socket.socket) -> None:
         return  # no handshake yet, so nothing can be said in TLS: just close
     try:
         sock.setblocking(False)
-        sock.send(_OVERLOADED)
+        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
         sock.recv(65536)
     except OSError:
         pass
 
-
-MAX_HEADERS = 100
-MAX_LINE_BYTES = 65536
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 class RequestHeaders:
@@ -2029,23 +2110,12 @@ class RequestHeaders:
         return name.lower() in self._values
 
 
-class MalformedRequest(Exception):
-    """The request line or headers cannot be parsed; carries the status to answer."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class IncompleteRequest(MalformedRequest):
+class IncompleteRequest(Exception):
     """The connection stopped delivering before the head was whole: the client's doing, or ours."""
-
-    def __init__(self, message: str):
-        super().__init__(400, message)
 
 
 def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, RequestHeaders]:
-    """Parse an HTTP/1.x request line and its headers; raises MalformedRequest.
+    """Parse an HTTP/1.x request line and its headers; raises RequestError or IncompleteRequest.
 
     The stdlib parses headers with the email package, which costs more per request than
     everything else observerd does; this parser keeps the stdlib's limits (64 KiB lines,
@@ -2055,71 +2125,58 @@ def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, Reques
         raise IncompleteRequest("request line ended early")
     words = request_line.decode("iso-8859-1").rstrip("\r\n").split()
     if len(words) != 3:
-        raise MalformedRequest(400, "malformed request line")
+        raise RequestError(400, "malformed request line", "invalid")
     method, target, version = words
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         if version.startswith("HTTP/") and version[5:6].isdigit() and version[5:6] != "0":
-            raise MalformedRequest(505, f"HTTP version {version[5:][:10]} not supported")
-        raise MalformedRequest(400, "malformed HTTP version in request line")
+            raise RequestError(505, f"HTTP version {version[5:][:10]} not supported")
+        raise RequestError(400, "malformed HTTP version in request line", "invalid")
     headers = RequestHeaders()
     for _ in range(MAX_HEADERS + 1):
         line = rfile.readline(MAX_LINE_BYTES + 1)
         if len(line) > MAX_LINE_BYTES:
-            raise MalformedRequest(431, "header line too long")
+            raise RequestError(431, "header line too long", "invalid")
         if line in (b"\r\n", b"\n"):
             return method, target, version, headers
         if not line.endswith(b"\n"):
             raise IncompleteRequest("headers ended early")
         name, sep, value = line.decode("iso-8859-1").partition(":")
         if not sep or not name or name != name.strip() or " " in name:
-            raise MalformedRequest(400, "malformed header line")
+            raise RequestError(400, "malformed header line", "invalid")
         headers.add(name, value.strip())
-    raise MalformedRequest(431, f"more than {MAX_HEADERS} headers")
+    raise RequestError(431, f"more than {MAX_HEADERS} headers", "invalid")
 
 
 @dataclass(frozen=True)
 class Route:
-    """A path's handlers by method, and whether it needs the bearer token."""
+    """A path's handlers by method, whether it needs the bearer token, and what its body or
+    query holds, as its 400s name it ("invalid op: ...")."""
 
     methods: dict[str, str]
     auth: bool = True
+    parses: str | None = None
 
 
 ROUTES = {
     "/observer/health": Route({"GET": "get_health"}, auth=False),
     "/observer/stats": Route({"GET": "get_stats"}),
-    "/observer/event": Route({"POST": "post_event"}),
-    "/observer/events": Route({"POST": "post_events"}),
+    "/observer/event": Route({"POST": "post_event"}, parses="op"),
+    "/observer/events": Route({"POST": "post_events"}, parses="batch"),
     "/observer/errors": Route({"GET": "get_errors"}),
     "/observer/playbooks": Route({"GET": "get_playbooks"}),
     "/observer/escalations": Route({"GET": "get_escalations"}),
-    "/observer/review": Route({"POST": "post_review"}),
-    "/observer/ops": Route({"GET": "get_ops"}),
+    "/observer/review": Route({"POST": "post_review"}, parses="review request"),
+    "/observer/ops": Route({"GET": "get_ops"}, parses="query"),
     "/metrics": Route({"GET": "get_metrics"}),
 }
-_REJECTION_REASONS = {400: "invalid", 401: "unauthorized", 408: "timeout", 411: "length_required",
-                      413: "too_large", 415: "unsupported_encoding", 431: "invalid", 503: "persist_failed"}
-# Every reason observerd_rejected_total counts: the answers above, and connections refused at the cap.
-REJECTION_REASONS = (*dict.fromkeys(_REJECTION_REASONS.values()), _OVERLOADED_REASON)
-_date_cache: tuple[int, str] = (-1, "")
-
-
-def http_date() -> str:
-    """The Date header value, formatted once per second."""
-    global _date_cache
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache = (second, formatdate(second, usegmt=True))
-    return _date_cache[1]
-
-
 DEFERRED = object()  # a handler's status when the committer thread will send the answer
 
 
-def persist_failed(exc: PersistError, op_count: int) -> HTTPError:
-    """A failed commit as the 503 its callers get; logged once per caller."""
-    log("ERROR", "op not persisted", ops=op_count, error=exc)
-    return HTTPError(503, f"op not persisted: {exc}")
+def commit_failure(error: Exception, op_count: int) -> RequestError:
+    """A failed commit as the answer its caller gets; logged once per caller."""
+    if isinstance(error, PersistError):
+        log("ERROR", "op not persisted", ops=op_count, error=error)
+    return request_error(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2142,10 +2199,10 @@ def _send_without_blocking(sock: socket.socket, data: bytes) -> bool:
 
 
 class ObserverHandler(BaseHTTPRequestHandler):
-    """Routes requests, turns every HTTPError into one JSON answer, written in one send."""
+    """Routes requests and writes each answer, a RequestError's too, in one send."""
 
     protocol_version = "HTTP/1.1"
-    server_version = f"{SERVICE}/{VERSION}"
+    server_version = SERVER_NAME
     sys_version = ""
     disable_nagle_algorithm = True
     server: ObserverServer
@@ -2190,11 +2247,10 @@ class ObserverHandler(BaseHTTPRequestHandler):
             self.command, self.path, self.request_version, self.headers = read_request_head(
                 self.raw_requestline, self.rfile)
         except IncompleteRequest as exc:
-            error = self.cut_short(str(exc))
-            self.send_error(error.status, error.message)
+            self.refuse(self.cut_short(str(exc)))
             return False
-        except MalformedRequest as exc:
-            self.send_error(exc.status, str(exc))
+        except RequestError as exc:
+            self.refuse(exc)
             return False
         connection = self.headers.get("Connection", "").lower()
         if self.request_version == "HTTP/1.1":
@@ -2223,33 +2279,36 @@ class ObserverHandler(BaseHTTPRequestHandler):
             self.server.connections.headers_read(self.connection)
         else:
             self.server.connections.request_read(self.connection)
-        headers: dict[str, str] = {}
         try:
             path = urlsplit(self.path).path
             route = ROUTES.get(path)
             if route is None:
                 self._route = "unmatched"
-                raise HTTPError(404, f"no route for {path[:200]}")
+                raise RequestError(404, f"no route for {path[:200]}")
             self._route = path
-            # HEAD is GET without the body, which render_response leaves out.
+            # HEAD is GET without the body, which render_answer leaves out.
             name = route.methods.get("GET" if self.command == "HEAD" else self.command)
             if name is None:
                 allow = ", ".join([*route.methods, "HEAD"] if "GET" in route.methods else route.methods)
-                raise HTTPError(405, f"method {self.command} not allowed; use {allow}", {"Allow": allow})
+                raise RequestError(405, f"method {self.command} not allowed; use {allow}",
+                                   headers={"Allow": allow})
             if route.auth:
                 self.authorize()
             status, body = getattr(self, name)()
             if status is DEFERRED:
                 return
-        except HTTPError as exc:
-            status, body, headers = exc.status, {"error": exc.message}, exc.headers
+        except RequestError as exc:
+            status, body = exc.status, exc
+        except (InvalidOp, TooLarge) as exc:
+            body = request_error(exc, route.parses)
+            status = body.status
         except Exception as exc:
             log("ERROR", "handler failed", path=self.path[:200], error=repr(exc),
                 traceback=traceback.format_exc())
-            status, body = 500, {"error": "internal error"}
+            status, body = INTERNAL_ERROR.status, INTERNAL_ERROR
         if self._body_unread:
             self.close_connection = True
-        self.send_json(status, body, headers)
+        self.send_json(status, body)
 
     def authorize(self) -> None:
         token = self.server.config.token
@@ -2260,26 +2319,27 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             credential.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
         ):
-            raise HTTPError(401, "missing or invalid bearer token",
-                            {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+            raise RequestError(401, "missing or invalid bearer token", "unauthorized",
+                               {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
 
     def read_body(self) -> bytes:
         """The request body, bounded by max_body_bytes and checked before reading."""
         if "Transfer-Encoding" in self.headers:
-            raise HTTPError(411, "Content-Length required; Transfer-Encoding is not supported")
+            raise RequestError(411, "Content-Length required; Transfer-Encoding is not supported",
+                               "length_required")
         lengths = self.headers.get_all("Content-Length") or []
         if not lengths:
-            raise HTTPError(411, "Content-Length required")
+            raise RequestError(411, "Content-Length required", "length_required")
         if len({value.strip() for value in lengths}) != 1:
-            raise HTTPError(400, "conflicting Content-Length headers")
+            raise RequestError(400, "conflicting Content-Length headers", "invalid")
         text = lengths[0].strip()
         limit = self.server.config.max_body_bytes
         try:
             length = bounded_int(text, limit)
         except TooLarge:
-            raise HTTPError(413, f"body of {text[:20]} bytes exceeds max_body_bytes={limit}") from None
+            raise TooLarge(f"body of {text[:20]} bytes exceeds max_body_bytes={limit}") from None
         except ValueError:
-            raise HTTPError(400, "Content-Length must be a non-negative integer") from None
+            raise RequestError(400, "Content-Length must be a non-negative integer", "invalid") from None
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = self.rfile.read(length) or b""  # None: the kernel's receive timeout hit first
@@ -2291,18 +2351,17 @@ class ObserverHandler(BaseHTTPRequestHandler):
         if encoding == "gzip":
             try:
                 return gunzip_bounded(body, limit)
-            except InvalidOp as exc:
-                raise HTTPError(400, str(exc)) from None
-            except TooLarge as exc:
-                raise HTTPError(413, str(exc)) from None
+            except InvalidOp as exc:  # about the encoding, not what the route parses from it
+                raise request_error(exc) from None
         if encoding != "identity":
-            raise HTTPError(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip or none")
+            raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip or none",
+                               "unsupported_encoding")
         return body
 
-    def cut_short(self, message: str) -> HTTPError:
+    def cut_short(self, message: str) -> RequestError:
         """A request that ended early: 408 if we cut it off (too slow), else 400 (the client did)."""
-        reason = self.server.connections.cut_reason(self.connection)
-        return HTTPError(400, message) if reason is None else HTTPError(408, reason)
+        why = self.server.connections.cut_reason(self.connection)
+        return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
@@ -2311,31 +2370,20 @@ class ObserverHandler(BaseHTTPRequestHandler):
         return 200, self.server.store.stats()
 
     def post_event(self):
-        try:
-            op = validate_posted_op(parse_json_strict(self.read_body()))
-        except InvalidOp as exc:
-            raise HTTPError(400, f"invalid op: {exc}") from None
+        op = validate_posted_op(parse_json_strict(self.read_body()))
         return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
 
     def post_events(self):
         body = self.read_body()
         media_type = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
-        try:
-            ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
-        except InvalidOp as exc:
-            raise HTTPError(400, f"invalid batch: {exc}") from None
-        except TooLarge as exc:
-            raise HTTPError(413, str(exc)) from None
+        ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
         if not ops:
             return 200, {"accepted": 0, "ring_size": len(self.server.store)}
         return self.commit(ops, lambda ring_len: {"accepted": len(ops), "ring_size": ring_len})
 
     def get_ops(self):
         params = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
-        try:
-            ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
-        except InvalidOp as exc:
-            raise HTTPError(400, f"invalid query: {exc}") from None
+        ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
         return 200, {"ops": ops, "count": len(ops)}
 
     def get_metrics(self):
@@ -2354,12 +2402,8 @@ class ObserverHandler(BaseHTTPRequestHandler):
         return 200, {"escalations": self.server.insights.escalations()}
 
     def post_review(self):
-        body = self.read_body() if "Content-Length" in self.headers else b""
-        try:
-            query = parse_json_strict(body) if body.strip() else {}
-            endpoint, source, last_n, use_llm = parse_review_query(query)
-        except InvalidOp as exc:
-            raise HTTPError(400, f"invalid review request: {exc}") from None
+        body = self.read_body()  # empty (Content-Length: 0): no options
+        endpoint, source, last_n, use_llm = parse_review_query(parse_json_strict(body) if body.strip() else {})
         ops = [op for op in self.server.store.snapshot()
                if (endpoint is None or op["endpoint"] == endpoint) and (source is None or op["source"] == source)]
         ops = ops[-last_n:] if last_n else ops
@@ -2393,7 +2437,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
         result["llm_review"] = text
 
     def commit(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(ring_len), or 503.
+        """Store ops durably, then answer 200 with make_body(ring_len), or commit_failure's.
 
         On a plain TCP connection the committer thread sends the answer itself as soon as the
         batch is fsynced, so this thread goes straight back to reading the next request: one
@@ -2406,7 +2450,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
             try:
                 return 200, make_body(store.record(ops))
             except PersistError as exc:
-                raise persist_failed(exc, len(ops)) from None
+                raise commit_failure(exc, len(ops)) from None
         exchange, close, sock = self.exchange(), self.close_connection, self.connection
         connections = self.server.connections
         self._turn.acquire()  # free: dispatch waited for it
@@ -2416,17 +2460,15 @@ class ObserverHandler(BaseHTTPRequestHandler):
             try:
                 if error is None:
                     status, body = 200, make_body(ring_len)
-                elif isinstance(error, PersistError):
-                    failure = persist_failed(error, len(ops))
-                    status, body = failure.status, {"error": failure.message}
                 else:
-                    status, body = 500, {"error": "internal error"}
-                data, size = self.render_response(exchange, status, body, None, close or connections.closing)
+                    body = commit_failure(error, len(ops))
+                    status = body.status
+                data, size = render_answer(status, body, close or connections.closing, exchange.command == "HEAD")
                 if not self._dropped and not _send_without_blocking(sock, data):
                     self._dropped = True
                     log("INFO", "connection dropped", remote=exchange.remote, error="client not reading answers")
                     _shutdown_quietly(sock)
-                self.account(exchange, status, size)
+                self.account(exchange, status, body, size)
             finally:
                 connections.answer_sent(sock)
                 self._turn.release()
@@ -2442,56 +2484,37 @@ class ObserverHandler(BaseHTTPRequestHandler):
         return Exchange(self.command or "-", self.path or "-", self._route, self._started,
                         self.client_address[0])
 
-    def send_json(self, status: int, body: object, headers: dict[str, str] | None = None) -> None:
+    def send_json(self, status: int, body: object) -> None:
         """Answer from this thread, in a single write so keep-alive never stalls."""
         if self.server.connections.closing:
             self.close_connection = True
         exchange = self.exchange()
-        data, size = self.render_response(exchange, status, body, headers, self.close_connection)
+        data, size = render_answer(status, body, self.close_connection, exchange.command == "HEAD")
         self.server.connections.answering(self.connection)
         self.wfile.write(data)
-        self.account(exchange, status, size)
+        self.account(exchange, status, body, size)
 
-    def render_response(self, exchange: Exchange, status: int, body: object,
-                        headers: dict[str, str] | None, close: bool) -> tuple[bytes, int]:
-        """Status line, headers and body as one buffer, and the body's size.
-
-        A str body is sent as Prometheus text; anything else as JSON.
-        """
-        if isinstance(body, str):
-            payload, content_type = body.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
-        else:
-            payload, content_type = encode_json(body), "application/json"
-        lines = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
-            f"Server: {self.server_version}",
-            f"Date: {http_date()}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(payload)}",
-        ]
-        lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
-        if close:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return (head if exchange.command == "HEAD" else head + payload), len(payload)
-
-    def account(self, exchange: Exchange, status: int, sent_bytes: int) -> None:
+    def account(self, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
         """Every answer passes here: counted, timed and (with access_log) logged."""
         metrics = self.server.metrics
         seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
         metrics.http_requests.inc(exchange.route, str(status))
         metrics.http_seconds.observe(seconds, exchange.route)
-        if status in _REJECTION_REASONS:
-            metrics.rejected.inc(_REJECTION_REASONS[status])
+        if type(body) is RequestError and body.reason is not None:
+            metrics.rejected.inc(body.reason)
         if self.server.config.access_log:
             log("INFO", "request", method=exchange.command, path=exchange.path[:200], status=status,
                 bytes=sent_bytes, duration_ms=round(seconds * 1000, 3), remote=exchange.remote)
 
-    def send_error(self, code, message=None, explain=None):
-        """The stdlib's own errors (request line too long, unknown method) as JSON too."""
+    def refuse(self, error: RequestError) -> None:
+        """Answer a request that cannot be read, and close the connection."""
         self.close_connection = True
         self.wait_for_turn()
-        self.send_json(code, {"error": message or _REASONS.get(code, "error")})
+        self.send_json(error.status, error)
+
+    def send_error(self, code, message=None, explain=None):
+        """The stdlib's own errors (request line too long, unknown method) as JSON too."""
+        self.refuse(RequestError(code, message or _REASONS.get(code, "error")))
 
     def log_message(self, format, *args):
         log("WARN", format % args, remote=self.client_address[0])

@@ -3425,3 +3425,115 @@ def test_cli_stats_names_a_bad_setting_and_exits_2(tmp_path):
     (tmp_path / "no-config").mkdir()
     bad_flag = run_cli("stats", journal, "--recent-scenarios", "-1", cwd=tmp_path / "no-config")
     assert bad_flag.returncode == 2 and "--recent-scenarios must be >= 0, got -1" in bad_flag.stderr
+
+
+# -----------------------------------------------------------------------------
+# issue 10: one error path
+# -----------------------------------------------------------------------------
+
+
+def rejections(server: InProcessServer, token: str | None = None) -> dict[str, float]:
+    """observerd_rejected_total by reason, as GET /metrics exports it."""
+    client = server.client(token=token)
+    try:
+        client.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
+        families = parse_exposition(client.conn.getresponse().read().decode())
+    finally:
+        client.close()
+    return {labels["reason"]: value for _, labels, value in families["observerd_rejected_total"]["samples"]}
+
+
+def raw_post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
+
+
+def fail_reviews(monkeypatch):
+    def review_ops(ops):
+        raise RuntimeError("a bug in a handler")
+    monkeypatch.setattr(od, "review_ops", review_ops)
+
+
+# (settings, request, status, reason it is counted under or None, fault to inject)
+ERROR_ANSWERS = {
+    "invalid op": ({}, raw_post(b"/observer/event", b'{"endpoint": ""}'), 400, "invalid", None),
+    "invalid query": ({}, b"GET /observer/ops?limit=0 HTTP/1.1\r\n\r\n", 400, "invalid", None),
+    "malformed request line": ({}, b"GET /observer/health\r\n\r\n", 400, "invalid", None),
+    "request line ended early": ({}, b"GET /observer/hea", 400, "invalid", None),
+    "conflicting lengths": ({}, b"POST /observer/event HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}",
+                            400, "invalid", None),
+    "bad gzip": ({}, raw_post(b"/observer/event", b"\x1f\x8bnot gzip", b"Content-Encoding: gzip\r\n"),
+                 400, "invalid", None),
+    "no token": ({"token": "t0ken"}, b"GET /observer/stats HTTP/1.1\r\n\r\n", 401, "unauthorized", None),
+    "no route": ({}, b"GET /nowhere HTTP/1.1\r\n\r\n", 404, None, None),
+    "wrong method": ({}, b"DELETE /observer/event HTTP/1.1\r\n\r\n", 405, None, None),
+    "no length": ({}, b"POST /observer/review HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length_required", None),
+    "body over the cap": ({"max_body_bytes": 100}, raw_post(b"/observer/event", b"{}" * 60), 413, "too_large", None),
+    "batch over the cap": ({"max_batch": 1}, raw_post(b"/observer/events", b'[{"endpoint": "/a"}, {"endpoint": "/b"}]'),
+                           413, "too_large", None),
+    "unknown encoding": ({}, raw_post(b"/observer/event", b"{}", b"Content-Encoding: br\r\n"),
+                         415, "unsupported_encoding", None),
+    "too many headers": ({}, b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 101 + b"\r\n", 431, "invalid", None),
+    "handler bug": ({}, raw_post(b"/observer/review", b"{}"), 500, None, fail_reviews),
+    "unknown method": ({}, b"BREW /observer/health HTTP/1.1\r\n\r\n", 501, None, None),
+    "disk full": ({"persist_path": "/dev/full"}, raw_post(b"/observer/event", b'{"endpoint": "/e"}'),
+                  503, "persist_failed", None),
+    "HTTP/2": ({}, b"GET /observer/health HTTP/2.0\r\n\r\n", 505, None, None),
+    "request line too long": ({}, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414, None, None),
+}
+
+
+@pytest.mark.parametrize("case", ERROR_ANSWERS)
+def test_each_error_answer_is_counted_under_its_reason(serve, monkeypatch, case):
+    settings, request, status, reason, fault = ERROR_ANSWERS[case]
+    server = serve(**settings)
+    token = settings.get("token")
+    if fault is not None:
+        fault(monkeypatch)
+    before = rejections(server, token)
+    assert parse_response(raw_exchange(server.port, request))[0] == status
+    expected = {**before, reason: before[reason] + 1} if reason else before
+    assert rejections(server, token) == expected
+
+
+def test_a_request_cut_off_by_the_timeout_is_counted_as_timeout(serve):
+    server = serve(request_timeout_s=0.5)
+    before = rejections(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /observer/review HTTP/1.1\r\nContent-Length: 10\r\n\r\n{")
+        assert parse_response(read_until_closed(sock))[0] == 408
+    assert rejections(server) == {**before, "timeout": before["timeout"] + 1}
+
+
+def test_a_connection_refused_at_the_cap_is_counted_and_told_to_retry(serve, monkeypatch):
+    server = serve(max_connections=1, request_timeout_s=60)
+    before = rejections(server)
+    held = HeldFsync(monkeypatch)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as in_flight:
+        try:
+            in_flight.sendall(raw_post(b"/observer/event", b'{"endpoint": "/held"}'))
+            wait_for(held.entered.is_set, what="the commit to reach fsync")
+            raw = raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n")
+        finally:
+            held.release()
+        assert read_responses(in_flight, 1)[0][0] == 200
+    head = raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert parse_response(raw) == (503, {"error": "too many connections"})
+    assert b"Retry-After: 1" in head and b"Connection: close" in head
+    wait_for(lambda: len(server.server.connections) == 0, what="the slot to free up")
+    assert rejections(server) == {**before, "too_many_connections": 1}
+
+
+@pytest.mark.parametrize("head, body, status", [
+    (b"", b"", 411),
+    (b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n", 411),
+    (b"Content-Length: 0\r\n", b"", 200),  # an empty body: no options
+])
+def test_review_needs_a_content_length_like_every_route_with_a_body(serve, head, body, status):
+    server = serve()
+    server.client().post("/observer/event", {"endpoint": "/reviewed"})
+    answer = parse_response(raw_exchange(server.port, b"POST /observer/review HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n" + body))
+    assert answer[0] == status
+    if status == 200:
+        assert answer[1]["ops_considered"] == 1
+    else:
+        assert "Content-Length required" in answer[1]["error"]
