@@ -44,6 +44,7 @@ import tomllib
 import traceback
 import zlib
 from collections import Counter, deque
+from contextlib import nullcontext
 from dataclasses import dataclass, make_dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
@@ -219,7 +220,7 @@ class Metrics:
         self.http_requests = Metric("observerd_http_requests_total", "counter",
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
-                                      "Time from request line to response sent, by route.", ("route",))
+                                      "Time from request line to response ready to send, by route.", ("route",))
         self.start_time = Metric("observerd_start_time_seconds", "gauge",
                                  "Start time of the process, in seconds since the Unix epoch.")
         self.build_info = Metric("observerd_build_info", "gauge",
@@ -759,8 +760,11 @@ def bounded_int(text: str, maximum: int) -> int:
     """
     if not text.isascii() or not text.isdigit():
         raise ValueError(f"{text[:20]!r} is not a non-negative integer")
-    if len(text) > 18 and len(text.lstrip("0")) > 18:
-        raise TooLarge(f"{text[:20]}… is more than {maximum}")
+    if len(text) > 18:  # leading zeros are allowed, and thousands of digits must not reach int()
+        significant = text.lstrip("0") or "0"
+        if len(significant) > 18:
+            raise TooLarge(f"{significant[:20]}… is more than {maximum}")
+        text = significant
     value = int(text)
     if value > maximum:
         raise TooLarge(f"{text[:20]} is more than {maximum}")
@@ -859,8 +863,10 @@ class RingOp:
     the whole op.
     """
 
-    __slots__ = ("line", "endpoint", "source", "timestamp", "success", "duration_ms", "error", "size")
-    FIELDS = frozenset(__slots__[1:-1])
+    __slots__ = ("line", "endpoint", "source", "timestamp", "success", "duration_ms", "error", "size",
+                 "signature")
+    FIELDS = frozenset(__slots__[1:-2])
+    SIGNATURE_BYTES = 250  # what a cached signature holds: at most 200 characters
 
     def __init__(self, op: dict):
         self.line = encode_line(op)
@@ -871,9 +877,11 @@ class RingOp:
         self.duration_ms = op["duration_ms"]
         error = op.get("error")
         self.error = error[:ERROR_TEXT_KEPT_CHARS] if isinstance(error, str) else None
+        self.signature: str | None = None  # a failure's error signature, once analysis computed it
         # What this op costs in memory, as the ring's byte bound counts it.
         self.size = (sys.getsizeof(self) + sys.getsizeof(self.line) + sys.getsizeof(self.endpoint)
-                     + sys.getsizeof(self.timestamp) + sys.getsizeof(self.error))
+                     + sys.getsizeof(self.timestamp) + sys.getsizeof(self.error)
+                     + (self.SIGNATURE_BYTES if self.success is not True else 0))
 
     def __getitem__(self, key: str):
         if key not in self.FIELDS:
@@ -1465,6 +1473,15 @@ def error_signature(text: str | None) -> str:
     return signature.strip()[:SIGNATURE_MAX_CHARS] or NO_ERROR_SIGNATURE
 
 
+def signature_of(op) -> str:
+    """An op's error signature; a RingOp's is computed once, as analysis runs every interval."""
+    if not isinstance(op, RingOp):
+        return error_signature(op.get("error"))
+    if op.signature is None:
+        op.signature = error_signature(op.error)
+    return op.signature
+
+
 def op_time(op: dict) -> datetime:
     return parse_rfc3339(op["timestamp"])
 
@@ -1486,14 +1503,14 @@ def group_failures(ops: list[dict]) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for op in ops:
         if op["success"] is not True and op["source"] != CORRECTION_SOURCE:
-            key = (op["endpoint"], error_signature(op.get("error")))
+            key = (op["endpoint"], signature_of(op))
             groups.setdefault(key, []).append(op)
     return groups
 
 
 def count_signatures(failures: list[dict]) -> Counter[str]:
     """How often each error signature occurs; most_common() breaks ties by first seen."""
-    return Counter(error_signature(op.get("error")) for op in failures)
+    return Counter(signature_of(op) for op in failures)
 
 
 def describe_cluster(key: tuple[str, str], members: list[dict]) -> dict:
@@ -1828,16 +1845,17 @@ class ConnectionTracker:
                 return False
             stalled = None
             if len(self._open) - len(self._cut) >= self.limit:
-                waiting = [(deadline, s) for s, (phase, deadline) in self._open.items()
-                           if phase in (self.IDLE, self.READING) and s not in self._owed
-                           and s not in self._cut]
+                # Waiting on its client: for a request to arrive, or for it to take an answer.
+                # The earliest deadline is the one that has waited the longest.
+                waiting = [(deadline, s, phase) for s, (phase, deadline) in self._open.items()
+                           if phase != self.IN_FLIGHT and s not in self._owed and s not in self._cut]
                 if not waiting:
                     return False
-                stalled = min(waiting, key=lambda entry: entry[0])[1]
+                _, stalled, phase = min(waiting, key=lambda entry: entry[0])
                 self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
             self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
         if stalled is not None:
-            _shutdown_quietly(stalled, socket.SHUT_RD)
+            self._cut_off(stalled, phase)
         return True
 
     def release(self, sock: socket.socket) -> None:
@@ -1899,7 +1917,11 @@ class ConnectionTracker:
             for sock, _ in expired:
                 self._cut[sock] = self._timeout_reason
         for sock, phase in expired:
-            _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
+            self._cut_off(sock, phase)
+
+    def _cut_off(self, sock: socket.socket, phase: str) -> None:
+        """Shut the reading side, so the reader answers 408; an untaken answer is dropped whole."""
+        _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
     def close_idle_and_drain(self, timeout_s: float) -> int:
         """Refuse new connections, close idle ones, let requests in progress finish.
@@ -2016,6 +2038,13 @@ def tls_context(config: Config) -> ssl.SSLContext:
     return context
 
 
+# Decoding a body can cost ~25x its size ([{},{},…] is 3 bytes an object, ~100 in memory).
+# Bodies from this size on are decoded at most LARGE_BODY_PARSES at a time, which bounds that
+# memory for any number of connections, at no cost in throughput: decoding holds the GIL.
+LARGE_BODY_BYTES = 16 * 1024
+LARGE_BODY_PARSES = 2
+
+
 class ObserverServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a deep accept backlog, a connection cap and the store."""
 
@@ -2030,6 +2059,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.store = store
         self.insights = insights or Insights()
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
+        self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), ObserverHandler)
@@ -2280,7 +2310,11 @@ class ObserverHandler(BaseHTTPRequestHandler):
         else:
             self.server.connections.request_read(self.connection)
         try:
-            path = urlsplit(self.path).path
+            try:
+                self.target = urlsplit(self.path)
+            except ValueError:  # e.g. "//[": an unclosed IPv6 literal
+                raise RequestError(400, "malformed request target", "invalid") from None
+            path = self.target.path
             route = ROUTES.get(path)
             if route is None:
                 self._route = "unmatched"
@@ -2348,7 +2382,7 @@ class ObserverHandler(BaseHTTPRequestHandler):
         self._body_unread = False
         self.server.connections.request_read(self.connection)
         encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
-        if encoding == "gzip":
+        if encoding in ("gzip", "x-gzip"):  # RFC 9110 8.4.1.3: x-gzip is gzip
             try:
                 return gunzip_bounded(body, limit)
             except InvalidOp as exc:  # about the encoding, not what the route parses from it
@@ -2369,20 +2403,28 @@ class ObserverHandler(BaseHTTPRequestHandler):
     def get_stats(self):
         return 200, self.server.store.stats()
 
+    def decoding(self, body: bytes):
+        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
+        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
+
     def post_event(self):
-        op = validate_posted_op(parse_json_strict(self.read_body()))
-        return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
+        body = self.read_body()
+        with self.decoding(body):
+            op = validate_posted_op(parse_json_strict(body))
+            return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
 
     def post_events(self):
         body = self.read_body()
         media_type = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
-        ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
-        if not ops:
-            return 200, {"accepted": 0, "ring_size": len(self.server.store)}
-        return self.commit(ops, lambda ring_len: {"accepted": len(ops), "ring_size": ring_len})
+        with self.decoding(body):
+            ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
+            if not ops:
+                return 200, {"accepted": 0, "ring_size": len(self.server.store)}
+            accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
+            return self.commit(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
 
     def get_ops(self):
-        params = parse_qs(urlsplit(self.path).query, keep_blank_values=True)
+        params = parse_qs(self.target.query, keep_blank_values=True)
         ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
         return 200, {"ops": ops, "count": len(ops)}
 
@@ -2403,7 +2445,8 @@ class ObserverHandler(BaseHTTPRequestHandler):
 
     def post_review(self):
         body = self.read_body()  # empty (Content-Length: 0): no options
-        endpoint, source, last_n, use_llm = parse_review_query(parse_json_strict(body) if body.strip() else {})
+        with self.decoding(body):
+            endpoint, source, last_n, use_llm = parse_review_query(parse_json_strict(body) if body.strip() else {})
         ops = [op for op in self.server.store.snapshot()
                if (endpoint is None or op["endpoint"] == endpoint) and (source is None or op["source"] == source)]
         ops = ops[-last_n:] if last_n else ops
@@ -2445,12 +2488,12 @@ class ObserverHandler(BaseHTTPRequestHandler):
         connections (an SSL object must not be written by one thread while another reads
         it) and the ephemeral store answer from this thread.
         """
-        store = self.server.store
+        store, op_count = self.server.store, len(ops)
         if store.log_file is None or isinstance(self.request, ssl.SSLSocket):
             try:
                 return 200, make_body(store.record(ops))
             except PersistError as exc:
-                raise commit_failure(exc, len(ops)) from None
+                raise commit_failure(exc, op_count) from None
         exchange, close, sock = self.exchange(), self.close_connection, self.connection
         connections = self.server.connections
         self._turn.acquire()  # free: dispatch waited for it
@@ -2461,14 +2504,14 @@ class ObserverHandler(BaseHTTPRequestHandler):
                 if error is None:
                     status, body = 200, make_body(ring_len)
                 else:
-                    body = commit_failure(error, len(ops))
+                    body = commit_failure(error, op_count)
                     status = body.status
                 data, size = render_answer(status, body, close or connections.closing, exchange.command == "HEAD")
+                self.account(exchange, status, body, size)
                 if not self._dropped and not _send_without_blocking(sock, data):
                     self._dropped = True
                     log("INFO", "connection dropped", remote=exchange.remote, error="client not reading answers")
                     _shutdown_quietly(sock)
-                self.account(exchange, status, body, size)
             finally:
                 connections.answer_sent(sock)
                 self._turn.release()
@@ -2490,12 +2533,13 @@ class ObserverHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         exchange = self.exchange()
         data, size = render_answer(status, body, self.close_connection, exchange.command == "HEAD")
+        self.account(exchange, status, body, size)
         self.server.connections.answering(self.connection)
         self.wfile.write(data)
-        self.account(exchange, status, body, size)
 
     def account(self, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
-        """Every answer passes here: counted, timed and (with access_log) logged."""
+        """Every answer passes here, before it is sent: counted, timed and (with access_log)
+        logged, so a client that has its answer sees it counted."""
         metrics = self.server.metrics
         seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
         metrics.http_requests.inc(exchange.route, str(status))
@@ -2738,10 +2782,14 @@ class Escalator:
             not_before, failures = self._held.get(key, (now, 0))
             if now < not_before:
                 continue
-            self._escalate(key, describe_cluster(key, recent), recent[-5:], failures)
+            if not self._escalate(key, describe_cluster(key, recent), recent[-5:], failures):
+                # The target is down or slow: the other clusters wait for the next analysis
+                # rather than hold the loop thread for outbound_timeout_s each.
+                return
 
     def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict],
-                  failures: int) -> None:
+                  failures: int) -> bool:
+        """Deliver one cluster; returns whether it was delivered."""
         payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
                    "recent_failures": recent_failures}
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
@@ -2760,6 +2808,7 @@ class Escalator:
             attempt["outcome"] = "sent"
             log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
         self.insights.record_escalation(attempt)
+        return attempt["outcome"] == "sent"
 
 
 def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> Scheduler:

@@ -3115,6 +3115,84 @@ def test_a_request_in_flight_is_never_the_one_that_makes_room(serve, monkeypatch
     busy.close()
 
 
+def test_clients_that_never_take_their_answers_make_room_too(serve):
+    server = serve(max_connections=3, request_timeout_s=3600, ring_size=100)
+    # Small kernel buffers on both ends: a few hundred KB of answer fills them, on any machine.
+    server.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = server.client()
+    batch = [{"endpoint": f"/big/{n}", "pad": "x" * 100_000} for n in range(10)]
+    assert client.post("/observer/events", batch)[0] == 200
+    client.close()
+    hogs = []
+    try:
+        for _ in range(3):
+            hog = socket.socket()
+            hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.connect(("127.0.0.1", server.port))
+            hog.sendall(b"GET /observer/ops?limit=10 HTTP/1.1\r\nHost: x\r\n\r\n")  # about 1 MB
+            hogs.append(hog)
+
+        def all_answering():
+            phases = [phase for phase, _ in list(server.server.connections._open.values())]
+            return phases.count(od.ConnectionTracker.ANSWERING) == 3
+
+        wait_for(all_answering, timeout=60, what="three answers stuck in unread buffers")
+        for _ in range(3):  # each new client takes the place of the hog that has waited longest
+            assert parse_response(raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n"))[0] == 200
+    finally:
+        for hog in hogs:
+            hog.close()
+
+
+def test_large_bodies_are_decoded_a_few_at_a_time_whatever_the_connections(serve, monkeypatch):
+    server = serve()
+    release, entered = threading.Event(), []
+    real_parse = od.parse_json_strict
+
+    def held_parse(data, *args, **kwargs):
+        if len(data) >= od.LARGE_BODY_BYTES:
+            entered.append(len(data))
+            release.wait(60)
+        return real_parse(data, *args, **kwargs)
+
+    class CountedPermits:
+        """The server's permits, counting who asked for one."""
+
+        def __init__(self, permits):
+            self.permits, self.asked = permits, 0
+
+        def __enter__(self):
+            self.asked += 1
+            self.permits.acquire()
+
+        def __exit__(self, *exc):
+            self.permits.release()
+
+    permits = CountedPermits(server.server.large_parses)
+    server.server.large_parses = permits
+    monkeypatch.setattr(od, "parse_json_strict", held_parse)
+    big = json.dumps({"endpoint": "/big", "pad": "x" * od.LARGE_BODY_BYTES})
+    routes = ["/observer/event", "/observer/event", "/observer/event", "/observer/events"]
+    bodies = [big, big, big, "[" + big + "]"]
+    answers = []
+
+    def post(path, body):
+        answers.append(server.client(timeout=60).post(path, body)[0])
+
+    posters = [threading.Thread(target=post, args=pair) for pair in zip(routes, bodies)]
+    for poster in posters:
+        poster.start()
+    try:
+        wait_for(lambda: permits.asked == 4, timeout=60, what="every large body to ask for a permit")
+        assert len(entered) == od.LARGE_BODY_PARSES  # the others wait, holding no decoded body
+    finally:
+        release.set()
+        for poster in posters:
+            poster.join(60)
+    assert answers == [200] * 4 and len(entered) == 4
+    assert server.client().post("/observer/event", {"endpoint": "/small"})[0] == 200  # no permit needed
+
+
 # G: a header given twice; a token that could never match
 
 
@@ -3537,3 +3615,54 @@ def test_review_needs_a_content_length_like_every_route_with_a_body(serve, head,
         assert answer[1]["ops_considered"] == 1
     else:
         assert "Content-Length required" in answer[1]["error"]
+
+
+# -----------------------------------------------------------------------------
+# issue 9: probe findings (request target, answers never taken, decode memory, analysis cost)
+# -----------------------------------------------------------------------------
+
+
+def test_each_failure_is_signed_once_however_often_analysis_runs(monkeypatch):
+    calls = []
+    real = od.error_signature
+    monkeypatch.setattr(od, "error_signature", lambda text: calls.append(text) or real(text))
+    ring = [od.RingOp(op(f"/{i % 3}", error=f"timeout after {i}s " + "x" * 4000)) for i in range(50)]
+    ring += [od.RingOp(op("/ok", success=True))]
+    first = od.rank_clusters(od.group_failures(ring))
+    assert len(calls) == 50  # successes are never signed
+    calls.clear()
+    assert od.rank_clusters(od.group_failures(ring)) == first
+    assert od.review_ops(ring)[0]["top_error_signatures"][0]["count"] == 17
+    assert calls == []
+
+
+def test_a_target_that_fails_ends_the_round_instead_of_holding_the_loop(tmp_path, fake_service):
+    down = fake_service(status=503)
+    config = make_config(tmp_path, escalate_url=down.url, escalate_threshold=1, escalate_cooldown_s=3600)
+    escalator = od.Escalator(config, od.Insights())
+    groups = od.group_failures([od.RingOp(op(f"/{i}", error="boom")) for i in range(5)])
+    escalator.check(groups)
+    assert len(down.received) == 1  # not five: each would cost up to outbound_timeout_s
+    escalator.check(groups)
+    assert len(down.received) == 2  # the next analysis tries a cluster not yet held back
+
+
+def test_a_malformed_request_target_is_400_not_500(serve):
+    server = serve()
+    for target in (b"//[", b"http://[::1", b"/observer/ops?x=%zz&limit=[1"):
+        status, error = parse_response(raw_exchange(server.port, b"GET " + target + b" HTTP/1.1\r\n\r\n"))
+        assert 400 <= status < 500 and "error" in error, target
+
+
+def test_leading_zeros_and_x_gzip_are_taken_as_the_rfcs_say(serve):
+    server = serve(ring_size=50)
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/a"})[0] == 200
+    assert client.get("/observer/ops?limit=" + "0" * 5000 + "1")[1]["count"] == 1
+    body = json.dumps({"endpoint": "/zeros"}).encode()
+    request = b"POST /observer/event HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"%d\r\n\r\n" % len(body)
+    assert parse_response(raw_exchange(server.port, request + body))[0] == 200
+    status, _, _ = client.post("/observer/event", gzip.compress(b'{"endpoint": "/x-gzip"}'),
+                               headers={"Content-Encoding": "x-gzip"})
+    assert status == 200
+    assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/x-gzip", "/zeros", "/a"]
