@@ -11,8 +11,8 @@ Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and noth
 ``python observerd.py --help`` lists the subcommands (serve, check, stats).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> persistence -> store -> analysis -> HTTP ->
-background loops -> CLI/main.
+logging -> metrics -> config -> model -> persistence -> store -> analysis -> insights ->
+outbound -> HTTP protocol -> API -> background loops -> CLI/main.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import tomllib
 import traceback
 import zlib
 from collections import Counter, deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, make_dataclass
 from datetime import datetime, timedelta, timezone
@@ -1447,7 +1448,7 @@ class OpStore:
 
 
 # =============================================================================
-# Analysis: failure signatures, clusters, playbooks, reviews (pure, over ring snapshots)
+# Analysis: failure signatures, clusters, playbooks, reviews (pure functions over ring ops)
 # =============================================================================
 
 SIGNATURE_MAX_CHARS = 200
@@ -1619,62 +1620,9 @@ def review_ops(ops: list[dict]) -> list[dict]:
     return reviews
 
 
-OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
-DEFAULT_OPS_LIMIT = 100
-
-
-def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> list[dict]:
-    """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
-    reject_unknown(params, OPS_QUERY_PARAMS, "query parameter")
-    for name, values in params.items():
-        if len(values) > 1:
-            raise InvalidOp(name, "is given more than once")
-    given = {name: values[0] for name, values in params.items()}
-    source, endpoint = given.get("source"), given.get("endpoint")
-    if source is not None:
-        check_source(source, "source")
-    success = given.get("success")
-    if success is not None:
-        if success not in ("true", "false"):
-            raise InvalidOp("success", "must be true or false")
-        success = success == "true"
-    since = given.get("since")
-    if since is not None:
-        since = check_time(since, "since")
-    limit = min(DEFAULT_OPS_LIMIT, ring_size)
-    if "limit" in given:
-        try:
-            limit = bounded_int(given["limit"], ring_size)
-        except ValueError:
-            limit = 0
-        check_positive_int(limit, "limit", ring_size)
-    matched = []
-    for op in reversed(ops):
-        if ((source is None or op["source"] == source)
-                and (endpoint is None or op["endpoint"] == endpoint)
-                and (success is None or (op["success"] is True) == success)
-                and (since is None or op_time(op) >= since)):
-            matched.append(op)
-            if len(matched) == limit:
-                break
-    return matched
-
-
-REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
-
-
-def parse_review_query(query: object) -> tuple[str | None, str | None, int | None, bool]:
-    """Check a POST /observer/review body: endpoint, source, last_n, llm (all optional)."""
-    reject_unknown(check_type(query, dict, "body"), REVIEW_OPTIONS, "review option")
-    endpoint, source = query.get("endpoint"), query.get("source")
-    last_n, use_llm = query.get("last_n"), query.get("llm", False)
-    if endpoint is not None:
-        check_type(endpoint, str, "endpoint")
-    if source is not None:
-        check_source(source, "source")
-    if last_n is not None:
-        check_positive_int(last_n, "last_n")
-    return endpoint, source, last_n, check_type(use_llm, bool, "llm")
+# =============================================================================
+# Insights: what the background loops found last, read by the API
+# =============================================================================
 
 
 class Insights:
@@ -1722,7 +1670,86 @@ class Insights:
 
 
 # =============================================================================
-# HTTP: routing, handlers, one error path, connection limits and deadlines, outbound calls
+# Outbound: HTTP calls to other services (escalation, LLM review), each within a deadline
+# =============================================================================
+
+
+def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    try:
+        # The plain socket's shutdown, also for TLS: it wakes a reader blocked in recv
+        # without tearing down the TLS state that reader (or a 408 after it) is using.
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+class OutboundError(Exception):
+    """An outbound call failed or ran out of time; the message says how, briefly."""
+
+
+def post_json(url: str, payload: object, timeout_s: float) -> object:
+    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
+
+    A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
+    a time would hold the caller (a review, or the one loop thread) for as long as it likes.
+    So at the deadline a timer shuts the socket down under the blocked reader, as
+    close_expired() does for clients. Whatever the HTTP client raises is an OutboundError.
+    """
+    connection: http.client.HTTPConnection | None = None
+    connected = False
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        if connection is not None and connection.sock is not None:
+            _shutdown_quietly(connection.sock)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        parts = urlsplit(url)
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+        connection.connect()
+        connected = True
+        if expired.is_set():
+            raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
+        connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                           body=encode_json(payload),
+                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
+        response = connection.getresponse()
+        body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
+        if expired.is_set():
+            raise TimeoutError  # the shutdown may have ended the answer early
+        if response.length and len(body) <= OUTBOUND_MAX_ANSWER_BYTES:
+            # read(amt) hands back a short body quietly when the server hangs up early.
+            raise http.client.IncompleteRead(body, response.length)
+    except Exception as exc:
+        if expired.is_set() or isinstance(exc, TimeoutError):
+            raise OutboundError("timed out") from None
+        if not connected and isinstance(exc, OSError):
+            raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
+        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    finally:
+        timer.cancel()
+        if connection is not None:
+            connection.close()
+    if not 200 <= response.status < 300:
+        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
+    if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
+        raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
+    try:
+        return parse_json_strict(body, "answer") if body.strip() else None
+    except InvalidOp as exc:
+        raise OutboundError(str(exc)) from None
+
+
+# =============================================================================
+# HTTP protocol: one error path, request parsing, connection limits and deadlines, answers
 # =============================================================================
 
 
@@ -1948,80 +1975,6 @@ class ConnectionTracker:
         return len(self._open)
 
 
-def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
-    try:
-        # The plain socket's shutdown, also for TLS: it wakes a reader blocked in recv
-        # without tearing down the TLS state that reader (or a 408 after it) is using.
-        socket.socket.shutdown(sock, how)
-    except OSError:
-        pass
-
-
-OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
-
-
-class OutboundError(Exception):
-    """An outbound call failed or ran out of time; the message says how, briefly."""
-
-
-def post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
-
-    A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
-    a time would hold the caller (a review, or the one loop thread) for as long as it likes.
-    So at the deadline a timer shuts the socket down under the blocked reader, as
-    close_expired() does for clients. Whatever the HTTP client raises is an OutboundError.
-    """
-    connection: http.client.HTTPConnection | None = None
-    connected = False
-    expired = threading.Event()
-
-    def expire():
-        expired.set()
-        if connection is not None and connection.sock is not None:
-            _shutdown_quietly(connection.sock)
-
-    timer = threading.Timer(timeout_s, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        parts = urlsplit(url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=timeout_s)
-        connection.connect()
-        connected = True
-        if expired.is_set():
-            raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
-        connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                           body=encode_json(payload),
-                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
-        response = connection.getresponse()
-        body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
-        if expired.is_set():
-            raise TimeoutError  # the shutdown may have ended the answer early
-        if response.length and len(body) <= OUTBOUND_MAX_ANSWER_BYTES:
-            # read(amt) hands back a short body quietly when the server hangs up early.
-            raise http.client.IncompleteRead(body, response.length)
-    except Exception as exc:
-        if expired.is_set() or isinstance(exc, TimeoutError):
-            raise OutboundError("timed out") from None
-        if not connected and isinstance(exc, OSError):
-            raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
-        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    finally:
-        timer.cancel()
-        if connection is not None:
-            connection.close()
-    if not 200 <= response.status < 300:
-        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
-    if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
-        raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
-    try:
-        return parse_json_strict(body, "answer") if body.strip() else None
-    except InvalidOp as exc:
-        raise OutboundError(str(exc)) from None
-
-
 class StartupError(Exception):
     """A setting that loaded fine cannot be used (a TLS file, say); names it."""
 
@@ -2043,76 +1996,6 @@ def tls_context(config: Config) -> ssl.SSLContext:
 # memory for any number of connections, at no cost in throughput: decoding holds the GIL.
 LARGE_BODY_BYTES = 16 * 1024
 LARGE_BODY_PARSES = 2
-
-
-class ObserverServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a deep accept backlog, a connection cap and the store."""
-
-    # The stdlib's backlog of 5 makes the kernel drop SYNs during a burst of connections,
-    # and clients then wait whole seconds for retransmits.
-    request_queue_size = 1024
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, config: Config, store: OpStore, insights: Insights | None = None):
-        self.config = config
-        self.store = store
-        self.insights = insights or Insights()
-        self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
-        self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), ObserverHandler)
-        if config.tls_cert is not None:
-            try:
-                self.socket = tls_context(config).wrap_socket(
-                    self.socket, server_side=True, do_handshake_on_connect=False)
-            except BaseException:
-                self.server_close()
-                raise
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.store.metrics
-
-    def process_request(self, request, client_address):
-        if not self.connections.admit(request):
-            self.metrics.rejected.inc(OVERLOADED.reason)
-            _refuse_overloaded(request)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.connections.release(request)
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.release(request)
-
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            log("INFO", "connection dropped", remote=client_address[0], error=type(exc).__name__)
-        else:
-            log("ERROR", "unhandled error in connection", remote=client_address[0],
-                error=repr(exc), traceback="".join(traceback.format_exc()))
-
-
-def _refuse_overloaded(sock: socket.socket) -> None:
-    """Answer 503 without a thread; drain what the client sent so close is not a reset."""
-    if isinstance(sock, ssl.SSLSocket):
-        return  # no handshake yet, so nothing can be said in TLS: just close
-    try:
-        sock.setblocking(False)
-        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
-        sock.recv(65536)
-    except OSError:
-        pass
-
 
 
 class RequestHeaders:
@@ -2182,23 +2065,11 @@ class Route:
     """A path's handlers by method, whether it needs the bearer token, and what its body or
     query holds, as its 400s name it ("invalid op: ...")."""
 
-    methods: dict[str, str]
+    methods: dict[str, Callable]  # HTTP method -> the handler's method answering it
     auth: bool = True
     parses: str | None = None
 
 
-ROUTES = {
-    "/observer/health": Route({"GET": "get_health"}, auth=False),
-    "/observer/stats": Route({"GET": "get_stats"}),
-    "/observer/event": Route({"POST": "post_event"}, parses="op"),
-    "/observer/events": Route({"POST": "post_events"}, parses="batch"),
-    "/observer/errors": Route({"GET": "get_errors"}),
-    "/observer/playbooks": Route({"GET": "get_playbooks"}),
-    "/observer/escalations": Route({"GET": "get_escalations"}),
-    "/observer/review": Route({"POST": "post_review"}, parses="review request"),
-    "/observer/ops": Route({"GET": "get_ops"}, parses="query"),
-    "/metrics": Route({"GET": "get_metrics"}),
-}
 DEFERRED = object()  # a handler's status when the committer thread will send the answer
 
 
@@ -2228,15 +2099,17 @@ def _send_without_blocking(sock: socket.socket, data: bytes) -> bool:
         return False
 
 
-class ObserverHandler(BaseHTTPRequestHandler):
-    """Routes requests and writes each answer, a RequestError's too, in one send."""
+class HTTPHandler(BaseHTTPRequestHandler):
+    """Reads requests, routes them through ROUTES, and writes each answer, a RequestError's
+    too, in one send. The API below says what the routes are."""
+
+    ROUTES: dict[str, Route] = {}
 
     protocol_version = "HTTP/1.1"
     server_version = SERVER_NAME
     sys_version = ""
     disable_nagle_algorithm = True
     server: ObserverServer
-
     def setup(self):
         # Kernel-side timeouts instead of a Python socket timeout, which would poll() before
         # every recv and send; the whole-request deadline is ConnectionTracker's job.
@@ -2315,20 +2188,20 @@ class ObserverHandler(BaseHTTPRequestHandler):
             except ValueError:  # e.g. "//[": an unclosed IPv6 literal
                 raise RequestError(400, "malformed request target", "invalid") from None
             path = self.target.path
-            route = ROUTES.get(path)
+            route = self.ROUTES.get(path)
             if route is None:
                 self._route = "unmatched"
                 raise RequestError(404, f"no route for {path[:200]}")
             self._route = path
             # HEAD is GET without the body, which render_answer leaves out.
-            name = route.methods.get("GET" if self.command == "HEAD" else self.command)
-            if name is None:
+            handler = route.methods.get("GET" if self.command == "HEAD" else self.command)
+            if handler is None:
                 allow = ", ".join([*route.methods, "HEAD"] if "GET" in route.methods else route.methods)
                 raise RequestError(405, f"method {self.command} not allowed; use {allow}",
                                    headers={"Allow": allow})
             if route.auth:
                 self.authorize()
-            status, body = getattr(self, name)()
+            status, body = handler(self)
             if status is DEFERRED:
                 return
         except RequestError as exc:
@@ -2396,88 +2269,6 @@ class ObserverHandler(BaseHTTPRequestHandler):
         """A request that ended early: 408 if we cut it off (too slow), else 400 (the client did)."""
         why = self.server.connections.cut_reason(self.connection)
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
-
-    def get_health(self):
-        return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
-
-    def get_stats(self):
-        return 200, self.server.store.stats()
-
-    def decoding(self, body: bytes):
-        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
-        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
-
-    def post_event(self):
-        body = self.read_body()
-        with self.decoding(body):
-            op = validate_posted_op(parse_json_strict(body))
-            return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
-
-    def post_events(self):
-        body = self.read_body()
-        media_type = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
-        with self.decoding(body):
-            ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
-            if not ops:
-                return 200, {"accepted": 0, "ring_size": len(self.server.store)}
-            accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
-            return self.commit(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
-
-    def get_ops(self):
-        params = parse_qs(self.target.query, keep_blank_values=True)
-        ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
-        return 200, {"ops": ops, "count": len(ops)}
-
-    def get_metrics(self):
-        metrics = self.server.metrics
-        metrics.ring_ops.set(len(self.server.store))
-        metrics.ring_bytes.set(self.server.store.ring.bytes)
-        return 200, metrics.render()
-
-    def get_errors(self):
-        return 200, self.server.insights.errors
-
-    def get_playbooks(self):
-        return 200, self.server.insights.playbooks
-
-    def get_escalations(self):
-        return 200, {"escalations": self.server.insights.escalations()}
-
-    def post_review(self):
-        body = self.read_body()  # empty (Content-Length: 0): no options
-        with self.decoding(body):
-            endpoint, source, last_n, use_llm = parse_review_query(parse_json_strict(body) if body.strip() else {})
-        ops = [op for op in self.server.store.snapshot()
-               if (endpoint is None or op["endpoint"] == endpoint) and (source is None or op["source"] == source)]
-        ops = ops[-last_n:] if last_n else ops
-        result = {"method": "heuristic", "ops_considered": len(ops), "reviews": review_ops(ops)}
-        if use_llm:
-            self.add_llm_review(result)
-        return 200, result
-
-    def add_llm_review(self, result: dict) -> None:
-        """Ask the configured Ollama-compatible model; a failure is reported, not raised."""
-        config = self.server.config
-        if not config.review_llm_url:
-            result["llm_error"] = "review_llm_url is not configured"
-            return
-        prompt = ("You review the health of services observed by the lakehouse. Given these "
-                  "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
-                  "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
-        try:
-            answer = post_json(f"{config.review_llm_url}/api/generate",
-                               {"model": config.review_llm_model, "prompt": prompt, "stream": False},
-                               config.outbound_timeout_s)
-            text = answer.get("response") if isinstance(answer, dict) else None
-            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
-            if not isinstance(text, str) or _has_lone_surrogate(text):
-                raise OutboundError("answer has no 'response' text in valid Unicode")
-        except OutboundError as exc:
-            result["llm_error"] = str(exc)
-            log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
-            return
-        result["method"] = "heuristic+llm"
-        result["llm_review"] = text
 
     def commit(self, ops: list[dict], make_body):
         """Store ops durably, then answer 200 with make_body(ring_len), or commit_failure's.
@@ -2562,10 +2353,241 @@ class ObserverHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log("WARN", format % args, remote=self.client_address[0])
+    def decoding(self, body: bytes):
+        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
+        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
+
 
 
 # =============================================================================
-# Background loops: one scheduler thread per concern, stopped by an Event
+# API: the routes, what they parse, and the server that serves them
+# =============================================================================
+
+
+OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
+DEFAULT_OPS_LIMIT = 100
+
+
+def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> list[dict]:
+    """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
+    reject_unknown(params, OPS_QUERY_PARAMS, "query parameter")
+    for name, values in params.items():
+        if len(values) > 1:
+            raise InvalidOp(name, "is given more than once")
+    given = {name: values[0] for name, values in params.items()}
+    source, endpoint = given.get("source"), given.get("endpoint")
+    if source is not None:
+        check_source(source, "source")
+    success = given.get("success")
+    if success is not None:
+        if success not in ("true", "false"):
+            raise InvalidOp("success", "must be true or false")
+        success = success == "true"
+    since = given.get("since")
+    if since is not None:
+        since = check_time(since, "since")
+    limit = min(DEFAULT_OPS_LIMIT, ring_size)
+    if "limit" in given:
+        try:
+            limit = bounded_int(given["limit"], ring_size)
+        except ValueError:
+            limit = 0
+        check_positive_int(limit, "limit", ring_size)
+    matched = []
+    for op in reversed(ops):
+        if ((source is None or op["source"] == source)
+                and (endpoint is None or op["endpoint"] == endpoint)
+                and (success is None or (op["success"] is True) == success)
+                and (since is None or op_time(op) >= since)):
+            matched.append(op)
+            if len(matched) == limit:
+                break
+    return matched
+
+
+REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
+
+
+def parse_review_query(query: object) -> tuple[str | None, str | None, int | None, bool]:
+    """Check a POST /observer/review body: endpoint, source, last_n, llm (all optional)."""
+    reject_unknown(check_type(query, dict, "body"), REVIEW_OPTIONS, "review option")
+    endpoint, source = query.get("endpoint"), query.get("source")
+    last_n, use_llm = query.get("last_n"), query.get("llm", False)
+    if endpoint is not None:
+        check_type(endpoint, str, "endpoint")
+    if source is not None:
+        check_source(source, "source")
+    if last_n is not None:
+        check_positive_int(last_n, "last_n")
+    return endpoint, source, last_n, check_type(use_llm, bool, "llm")
+
+
+class ObserverHandler(HTTPHandler):
+    """The API: one method per route, and the table that routes to them."""
+
+    def get_health(self):
+        return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
+
+    def get_stats(self):
+        return 200, self.server.store.stats()
+
+    def post_event(self):
+        body = self.read_body()
+        with self.decoding(body):
+            op = validate_posted_op(parse_json_strict(body))
+            return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
+
+    def post_events(self):
+        body = self.read_body()
+        media_type = (self.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+        with self.decoding(body):
+            ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
+            if not ops:
+                return 200, {"accepted": 0, "ring_size": len(self.server.store)}
+            accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
+            return self.commit(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
+
+    def get_ops(self):
+        params = parse_qs(self.target.query, keep_blank_values=True)
+        ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
+        return 200, {"ops": ops, "count": len(ops)}
+
+    def get_metrics(self):
+        metrics = self.server.metrics
+        metrics.ring_ops.set(len(self.server.store))
+        metrics.ring_bytes.set(self.server.store.ring.bytes)
+        return 200, metrics.render()
+
+    def get_errors(self):
+        return 200, self.server.insights.errors
+
+    def get_playbooks(self):
+        return 200, self.server.insights.playbooks
+
+    def get_escalations(self):
+        return 200, {"escalations": self.server.insights.escalations()}
+
+    def post_review(self):
+        body = self.read_body()  # empty (Content-Length: 0): no options
+        with self.decoding(body):
+            endpoint, source, last_n, use_llm = parse_review_query(parse_json_strict(body) if body.strip() else {})
+        ops = [op for op in self.server.store.snapshot()
+               if (endpoint is None or op["endpoint"] == endpoint) and (source is None or op["source"] == source)]
+        ops = ops[-last_n:] if last_n else ops
+        result = {"method": "heuristic", "ops_considered": len(ops), "reviews": review_ops(ops)}
+        if use_llm:
+            self.add_llm_review(result)
+        return 200, result
+
+    def add_llm_review(self, result: dict) -> None:
+        """Ask the configured Ollama-compatible model; a failure is reported, not raised."""
+        config = self.server.config
+        if not config.review_llm_url:
+            result["llm_error"] = "review_llm_url is not configured"
+            return
+        prompt = ("You review the health of services observed by the lakehouse. Given these "
+                  "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
+                  "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
+        try:
+            answer = post_json(f"{config.review_llm_url}/api/generate",
+                               {"model": config.review_llm_model, "prompt": prompt, "stream": False},
+                               config.outbound_timeout_s)
+            text = answer.get("response") if isinstance(answer, dict) else None
+            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
+            if not isinstance(text, str) or _has_lone_surrogate(text):
+                raise OutboundError("answer has no 'response' text in valid Unicode")
+        except OutboundError as exc:
+            result["llm_error"] = str(exc)
+            log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
+            return
+        result["method"] = "heuristic+llm"
+        result["llm_review"] = text
+
+    ROUTES = {
+        "/observer/health": Route({"GET": get_health}, auth=False),
+        "/observer/stats": Route({"GET": get_stats}),
+        "/observer/event": Route({"POST": post_event}, parses="op"),
+        "/observer/events": Route({"POST": post_events}, parses="batch"),
+        "/observer/errors": Route({"GET": get_errors}),
+        "/observer/playbooks": Route({"GET": get_playbooks}),
+        "/observer/escalations": Route({"GET": get_escalations}),
+        "/observer/review": Route({"POST": post_review}, parses="review request"),
+        "/observer/ops": Route({"GET": get_ops}, parses="query"),
+        "/metrics": Route({"GET": get_metrics}),
+    }
+
+
+class ObserverServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a deep accept backlog, a connection cap and the store."""
+
+    # The stdlib's backlog of 5 makes the kernel drop SYNs during a burst of connections,
+    # and clients then wait whole seconds for retransmits.
+    request_queue_size = 1024
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, config: Config, store: OpStore, insights: Insights | None = None):
+        self.config = config
+        self.store = store
+        self.insights = insights or Insights()
+        self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
+        self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), ObserverHandler)
+        if config.tls_cert is not None:
+            try:
+                self.socket = tls_context(config).wrap_socket(
+                    self.socket, server_side=True, do_handshake_on_connect=False)
+            except BaseException:
+                self.server_close()
+                raise
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.store.metrics
+
+    def process_request(self, request, client_address):
+        if not self.connections.admit(request):
+            self.metrics.rejected.inc(OVERLOADED.reason)
+            _refuse_overloaded(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release(request)
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(request)
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log("INFO", "connection dropped", remote=client_address[0], error=type(exc).__name__)
+        else:
+            log("ERROR", "unhandled error in connection", remote=client_address[0],
+                error=repr(exc), traceback="".join(traceback.format_exc()))
+
+
+def _refuse_overloaded(sock: socket.socket) -> None:
+    """Answer 503 without a thread; drain what the client sent so close is not a reset."""
+    if isinstance(sock, ssl.SSLSocket):
+        return  # no handshake yet, so nothing can be said in TLS: just close
+    try:
+        sock.setblocking(False)
+        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
+        sock.recv(65536)
+    except OSError:
+        pass
+
+
+# =============================================================================
+# Background loops: clusters, corrections, playbooks, escalation, on one scheduler thread
 # =============================================================================
 
 
