@@ -47,6 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, make_dataclass
+from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
 from http import HTTPStatus
@@ -165,6 +166,17 @@ class Metric:
             yield f"{self.name}{_format_labels(self.labels, label_values)} {_format_number(value)}"
 
 
+class _Distribution:
+    """One label set's histogram: a count per bucket (the last above every bound), sum, count."""
+
+    __slots__ = ("buckets", "sum", "count")
+
+    def __init__(self, bucket_count: int):
+        self.buckets = [0] * bucket_count
+        self.sum = 0.0
+        self.count = 0
+
+
 class Histogram(Metric):
     """A histogram with fixed buckets, per label set."""
 
@@ -173,22 +185,21 @@ class Histogram(Metric):
         self.buckets = buckets
         super().__init__(name, "histogram", help_text, labels)
 
-    def _zero(self) -> list:
-        # Per-bucket counts, the last slot for values above every bound; sum; count.
-        return [[0] * (len(self.buckets) + 1), 0.0, 0]
+    def _zero(self) -> _Distribution:
+        return _Distribution(len(self.buckets) + 1)
 
     def observe(self, value: float, *label_values: str) -> None:
         with self._lock:
             state = self.values.get(label_values)
             if state is None:
                 state = self.values[label_values] = self._zero()
-            state[0][bisect.bisect_left(self.buckets, value)] += 1
-            state[1] += value
-            state[2] += 1
+            state.buckets[bisect.bisect_left(self.buckets, value)] += 1
+            state.sum += value
+            state.count += 1
 
     def samples(self):
         with self._lock:
-            items = sorted((k, (list(v[0]), v[1], v[2])) for k, v in self.values.items())
+            items = sorted((k, (list(v.buckets), v.sum, v.count)) for k, v in self.values.items())
         names = self.labels + ("le",)
         for label_values, (counts, total, count) in items:
             cumulative = 0
@@ -1253,7 +1264,7 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
 # =============================================================================
 
 
-class RingStats:
+class Ring:
     """The newest ops, bounded by count and by bytes, with counters kept current.
 
     Past max_bytes the oldest ops leave early (the newest always stays, however large), so
@@ -1325,7 +1336,7 @@ class OpStore:
     are applied and their callback run in the caller's thread.
     """
 
-    def __init__(self, ring: RingStats, log_file: JsonlLog | None, metrics: Metrics | None = None):
+    def __init__(self, ring: Ring, log_file: JsonlLog | None, metrics: Metrics | None = None):
         self.ring = ring
         self.log_file = log_file
         self.metrics = metrics or Metrics()
@@ -1632,7 +1643,7 @@ class Insights:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.errors: dict = {"analyzed_at": None, "clusters": []}
+        self.clusters: dict = {"analyzed_at": None, "clusters": []}
         self.playbooks: dict = {"consolidated_at": None, "playbooks": []}
         # Escalation attempts as (sequence, attempt), each collection oldest first. Kept apart
         # so that a target that keeps failing never pushes the delivered ones out of sight.
@@ -1640,8 +1651,8 @@ class Insights:
         self._delivered: dict[tuple[str, str], tuple[int, dict]] = {}
         self._failed: deque[tuple[int, dict]] = deque(maxlen=self.MAX_ESCALATIONS)
 
-    def publish_errors(self, clusters: list[dict]) -> None:
-        self.errors = {"analyzed_at": utc_now_rfc3339(), "clusters": clusters}
+    def publish_clusters(self, clusters: list[dict]) -> None:
+        self.clusters = {"analyzed_at": utc_now_rfc3339(), "clusters": clusters}
 
     def publish_playbooks(self, playbooks: list[dict]) -> dict:
         self.playbooks = {"consolidated_at": utc_now_rfc3339(), "playbooks": playbooks}
@@ -1835,6 +1846,13 @@ def render_answer(status: int, body: object, close: bool, head_only: bool = Fals
     return (head if head_only else head + payload), len(payload)
 
 
+class Phase(NamedTuple):
+    """Where a connection is: its phase, and the deadline it must leave it by (None in flight)."""
+
+    name: str
+    deadline: float | None
+
+
 class ConnectionTracker:
     """Caps open connections and cuts off those that take too long to send a request.
 
@@ -1854,7 +1872,7 @@ class ConnectionTracker:
         self.request_timeout_s = request_timeout_s
         # socket -> (phase, deadline): for the request to arrive whole (idle, reading), or for
         # the client to take the answer this thread writes (answering); None while in flight.
-        self._open: dict[socket.socket, tuple[str, float | None]] = {}
+        self._open: dict[socket.socket, Phase] = {}
         # Connections owed an answer that another thread will send (at most one each, as the
         # handler's turn lock ensures); such a connection is in flight.
         self._owed: set[socket.socket] = set()
@@ -1880,7 +1898,7 @@ class ConnectionTracker:
                     return False
                 _, stalled, phase = min(waiting, key=lambda entry: entry[0])
                 self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
-            self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
+            self._open[sock] = Phase(self.IDLE, time.monotonic() + self.request_timeout_s)
         if stalled is not None:
             self._cut_off(stalled, phase)
         return True
@@ -1895,7 +1913,7 @@ class ConnectionTracker:
     def awaiting_request(self, sock: socket.socket) -> None:
         """Between requests: the next one must arrive, whole, before a fresh deadline."""
         with self._lock:
-            self._open[sock] = (self.IDLE, time.monotonic() + self.request_timeout_s)
+            self._open[sock] = Phase(self.IDLE, time.monotonic() + self.request_timeout_s)
             close_now = self._closing and sock not in self._owed
         if close_now:
             _shutdown_quietly(sock)
@@ -1908,7 +1926,7 @@ class ConnectionTracker:
     def answer_sent(self, sock: socket.socket) -> None:
         with self._lock:
             self._owed.discard(sock)
-            close_now = self._closing and self._open.get(sock, (None,))[0] == self.IDLE
+            close_now = self._closing and sock in self._open and self._open[sock].name == self.IDLE
         if close_now:
             _shutdown_quietly(sock)
 
@@ -1916,21 +1934,21 @@ class ConnectionTracker:
     # atomic and never resizes the dict under an iterating reader, so they skip the lock.
     def headers_read(self, sock: socket.socket) -> None:
         """A body follows the headers: shutdown waits for it; its deadline still runs."""
-        self._open[sock] = (self.READING, self._open[sock][1])
+        self._open[sock] = Phase(self.READING, self._open[sock].deadline)
 
     def request_read(self, sock: socket.socket) -> None:
         """The whole request is read: it is in flight and no longer has a deadline."""
-        self._open[sock] = (self.IN_FLIGHT, None)
+        self._open[sock] = Phase(self.IN_FLIGHT, None)
 
     def answering(self, sock: socket.socket) -> None:
         """This thread writes the answer: the client must take it before a fresh deadline."""
-        self._open[sock] = (self.ANSWERING, time.monotonic() + self.request_timeout_s)
+        self._open[sock] = Phase(self.ANSWERING, time.monotonic() + self.request_timeout_s)
 
     def cut_reason(self, sock: socket.socket) -> str | None:
         """Why this connection's request could not be read whole in time; None if it could."""
         with self._lock:
             reason = self._cut.get(sock)
-            deadline = self._open.get(sock, (None, None))[1]
+            deadline = self._open[sock].deadline if sock in self._open else None
         if reason is None and deadline is not None and deadline <= time.monotonic():
             reason = self._timeout_reason
         return reason
@@ -2459,7 +2477,7 @@ class ObserverHandler(HTTPHandler):
         return 200, metrics.render()
 
     def get_errors(self):
-        return 200, self.server.insights.errors
+        return 200, self.server.insights.clusters
 
     def get_playbooks(self):
         return 200, self.server.insights.playbooks
@@ -2778,6 +2796,13 @@ def escalation_retry_delay(failures: int, interval_s: float, cooldown_s: float) 
     return min(cooldown_s, interval_s * 2.0 ** min(failures - 1, 64))
 
 
+class EscalationHold(NamedTuple):
+    """A cluster not to be sent before until (monotonic), after failures failed deliveries."""
+
+    until: float
+    failures: int
+
+
 class Escalator:
     """Posts a failure cluster to the LLM team once it crosses the threshold in the window.
 
@@ -2789,20 +2814,19 @@ class Escalator:
     def __init__(self, config: Config, insights: Insights):
         self.config = config
         self.insights = insights
-        # cluster -> (monotonic time before which it is not tried, failed deliveries in a row)
-        self._held: dict[tuple[str, str], tuple[float, int]] = {}
+        self._held: dict[tuple[str, str], EscalationHold] = {}
 
     def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
         now = time.monotonic()
         # Forget the clusters that are gone and free to go, or this would grow for ever.
-        self._held = {key: held for key, held in self._held.items() if key in groups or held[0] > now}
+        self._held = {key: hold for key, hold in self._held.items() if key in groups or hold.until > now}
         window_start = datetime.now(timezone.utc) - timedelta(seconds=self.config.escalate_window_s)
         for key, members in groups.items():
             recent = [op for op in members if op_time(op) >= window_start]
             if len(recent) < self.config.escalate_threshold:
                 continue
-            not_before, failures = self._held.get(key, (now, 0))
-            if now < not_before:
+            until, failures = self._held.get(key, EscalationHold(now, 0))
+            if now < until:
                 continue
             if not self._escalate(key, describe_cluster(key, recent), recent[-5:], failures):
                 # The target is down or slow: the other clusters wait for the next analysis
@@ -2822,11 +2846,11 @@ class Escalator:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
                                            self.config.escalate_cooldown_s)
-            self._held[key] = (time.monotonic() + delay, failures)
+            self._held[key] = EscalationHold(time.monotonic() + delay, failures)
             attempt.update(outcome="failed", error=str(exc))
             log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"], retry_in_s=delay)
         else:
-            self._held[key] = (time.monotonic() + self.config.escalate_cooldown_s, 0)
+            self._held[key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
             attempt["outcome"] = "sent"
             log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
         self.insights.record_escalation(attempt)
@@ -2840,7 +2864,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
     def analyze_errors() -> None:
         groups = group_failures(store.snapshot())
-        insights.publish_errors(rank_clusters(groups))
+        insights.publish_clusters(rank_clusters(groups))
         if escalator is not None:
             escalator.check(groups)
 
@@ -3012,7 +3036,7 @@ def print_stats(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"{exc.source}: {problem}", file=sys.stderr)
         return 2
-    ring = RingStats(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
+    ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
     for op in ring_ops:
         ring.apply(op)
@@ -3022,7 +3046,7 @@ def print_stats(args: argparse.Namespace) -> int:
 
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the log, then restore the ring from its tail."""
-    ring = RingStats(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
+    ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics(SOURCES, REJECTION_REASONS)
     log_file = None
     if config.persist_path is not None:

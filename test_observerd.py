@@ -284,7 +284,7 @@ def dicts(ring_ops) -> list[dict]:
 
 
 def stats_of(ops, ring_size=2000, recent=10) -> dict:
-    ring = od.RingStats(ring_size, recent)
+    ring = od.Ring(ring_size, recent)
     for o in ops:
         ring.apply(od.RingOp(o))
     return plain(ring.stats())
@@ -380,7 +380,7 @@ def test_ring_rolls_over_at_its_cap_and_counters_follow():
 
 def test_counters_match_a_full_recount_under_random_traffic():
     rng = random.Random(7)
-    ring = od.RingStats(50, 5)
+    ring = od.Ring(50, 5)
     applied = []
     for i in range(2000):
         o = op(f"/{i}", source=rng.choice(od.SOURCES), success=rng.random() < 0.5)
@@ -2053,7 +2053,7 @@ HOSTILE_SHAPES = {
 def test_ring_memory_is_proportional_to_encoded_size_for_any_shape(shape):
     import tracemalloc
     hostile = HOSTILE_SHAPES[shape](64 * 1024)
-    ring = od.RingStats(2000, 10, max_bytes=MIB // 2)
+    ring = od.Ring(2000, 10, max_bytes=MIB // 2)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -2070,7 +2070,7 @@ def test_ring_memory_is_proportional_to_encoded_size_for_any_shape(shape):
 
 
 def test_the_newest_op_stays_in_the_ring_however_large():
-    ring = od.RingStats(2000, 10, max_bytes=1000)
+    ring = od.Ring(2000, 10, max_bytes=1000)
     for i in range(3):
         ring.apply(od.RingOp(op(f"/{i}", source="scenario", extra="x" * 5000)))
     assert [o.endpoint for o in ring.ops] == ["/2"]
