@@ -27,6 +27,7 @@ if sys.version_info < (3, 11):
 import argparse
 import bisect
 import hmac
+import itertools
 import http.client
 import ipaddress
 import json
@@ -36,6 +37,7 @@ import re
 import signal
 import socket
 import ssl
+import stat
 import struct
 import tempfile
 import threading
@@ -267,6 +269,7 @@ class Setting:
     default: object
     doc: str
     minimum: float | None = None
+    maximum: float | None = None
     path: bool = False  # "" = none; relative to the folder it was given in (see load_config)
     url: str = ""  # "endpoint": used as given; "base": paths are appended, so a trailing / goes
     table: str = "observerd"
@@ -302,7 +305,7 @@ SETTINGS = (
     Setting("allow_unauthenticated", bool, False, "allow a non-loopback bind without a token"),
     Setting("max_batch", int, 1000, "ops per POST /observer/events", minimum=1),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
-    Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0),
+    Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off", minimum=0),
     Setting("corrections_path", str, "", 'the overseer\'s corrections JSONL; "" = off', path=True),
     Setting("corrections_interval_s", float, 5.0, "corrections tailing period", minimum=0),
@@ -414,6 +417,9 @@ def _checked(setting: Setting, value: object, where: str, problems: list[str]) -
         return None
     if setting.minimum is not None and value < setting.minimum:
         problems.append(f"{where} must be >= {setting.minimum}, got {value}")
+        return None
+    if setting.maximum is not None and value > setting.maximum:
+        problems.append(f"{where} must be <= {setting.maximum}, got {value}")
         return None
     return value
 
@@ -967,9 +973,14 @@ def make_dirs_durably(folder: Path) -> None:
         fsync_dir(created.parent)
 
 
+def scratch_path(path: Path) -> Path:
+    """The hidden name write_file_atomically writes path's new contents under first."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def write_file_atomically(path: Path, data: bytes) -> None:
     """Replace path with data so readers see the old file or the new one, never a mix."""
-    temp = path.with_name(f".{path.name}.tmp")
+    temp = scratch_path(path)
     with open(temp, "wb") as f:
         f.write(data)
         f.flush()
@@ -1030,9 +1041,21 @@ def repair_torn_tail(path: Path) -> int:
         return size - end
 
 
-def segment_paths(path: Path, keep_files: int) -> list[Path]:
-    """The live file and its rotated segments, newest first: ops.jsonl, ops.jsonl.1, …"""
-    return [path] + [path.with_name(f"{path.name}.{n}") for n in range(1, keep_files + 1)]
+def segment_paths(path: Path, keep_files: int):
+    """The live file and its rotated segments, newest first: ops.jsonl, ops.jsonl.1, …
+
+    Named one at a time, as readers stop early: restore once the ring is full, rotation at
+    the first gap.
+    """
+    yield path
+    for n in range(1, keep_files + 1):
+        yield path.with_name(f"{path.name}.{n}")
+
+
+def rotation_scratch_paths(path: Path) -> tuple[Path, Path]:
+    """The hidden names a rotation uses: the new live file until it is renamed into place,
+    and the oldest segment, set aside until the rotation can no longer fail."""
+    return path.with_name(f".{path.name}.next"), path.with_name(f".{path.name}.dropped")
 
 
 # Read and write: an append checks the file's last byte before writing.
@@ -1093,14 +1116,25 @@ class JsonlLog:
     def _append(self, data: bytes) -> None:
         if self._rollback_to is not None:
             self._roll_back()
-        # One fstat per group commit, the cost of asking the file rather than remembering.
+        # An fstat and a stat per group commit (a few µs beside the fsync): an op is acked
+        # only into the file persist_path names, whatever became of the one we hold.
         status = os.fstat(self._fd)
-        if status.st_nlink == 0:
-            # Deleted under us (rm, rm -r of its folder, another file renamed over it): what
-            # we append to the orphaned inode would vanish at restart. A rename away (logrotate) keeps the
-            # link and waits for SIGHUP, as documented. An rm racing this very append
-            # takes it along, as it would had the append come a moment earlier.
-            log("WARN", "log file was deleted; reopening its path", path=self.path)
+        named = self._file_at_path()
+        if named != (status.st_dev, status.st_ino):
+            # Another file there: logrotate's `create`, or a restore from backup; reopening
+            # before logrotate's SIGHUP is what the SIGHUP will do. Nothing there: rm, mv of
+            # the file or its folder, or an rm of a hard link's other name; appends to the
+            # file we hold would be missing from the path at restart, so the path is made
+            # again. The price is logrotate's moment between its rename and its `create`:
+            # that opens with O_EXCL, so if an append falls in it, logrotate renames our new
+            # file to ops.jsonl-YYYYMMDDHH.backup (logging "destination … already exists"),
+            # creates its own, and the next append follows; those ops are in the .backup.
+            # An rm racing this very append takes it along, as it would a moment earlier.
+            if named is None:
+                log("WARN", "log file is gone from its path; making the path again", path=self.path,
+                    links_left=status.st_nlink)
+            else:
+                log("INFO", "log path names another file; reopening it", path=self.path)
             self._reopen()
             status = os.fstat(self._fd)
         size = status.st_size
@@ -1133,6 +1167,14 @@ class JsonlLog:
             raise
         self._rollback_to = None
 
+    def _file_at_path(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file the path names now, None if it names none."""
+        try:
+            status = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return status.st_dev, status.st_ino
+
     def _roll_back(self) -> None:
         """Cut the file back to where the failed append's bytes begin, so no partial line stays.
 
@@ -1158,11 +1200,10 @@ class JsonlLog:
         while every rename can still be undone, and the oldest segment is only set aside
         until the end: a rotation that fails leaves the folder as it was and loses nothing.
         """
-        dropped = self.path.with_name(f".{self.path.name}.dropped")
-        fresh = self.path.with_name(f".{self.path.name}.next")
-        chain = segment_paths(self.path, self.keep_files) + [dropped]
+        fresh, dropped = rotation_scratch_paths(self.path)
         moves = []
-        for source, target in zip(chain, chain[1:]):
+        for source, target in itertools.pairwise(
+                itertools.chain(segment_paths(self.path, self.keep_files), [dropped])):
             if not source.exists():
                 break  # a gap: the segments after it keep their names
             moves.append((source, target))
@@ -2646,19 +2687,29 @@ class Scheduler:
             self._stop.wait(max(0.0, next_due - time.monotonic()))
 
 
+def corrections_position_path(persist_path: Path) -> Path:
+    """The sidecar file where the corrections tailer keeps its read position."""
+    return persist_path.with_name(persist_path.name + ".corrections-position")
+
+
 class CorrectionsTailer:
     """Records each new complete line of the overseer's corrections JSONL as an op.
 
-    The read position (inode, byte offset, line number) is kept in a sidecar file next to
-    persist_path, written atomically after each batch is stored. Each recorded op also
-    carries its position, so a crash between storing a batch and saving the sidecar is
-    repaired at start from the log itself: lines are neither skipped nor repeated.
+    A backlog is read and stored in chunks no bigger than one POST may be (max_ops lines,
+    max_bytes bytes), so its size costs time, never memory; a line longer than max_bytes
+    could not be one op and is skipped unread. The read position (inode, byte offset, line
+    number) is kept in a sidecar file next to persist_path, written atomically after each
+    chunk is stored. Each recorded op also carries its position, so a crash between storing
+    a chunk and saving the sidecar is repaired at start from the log itself: lines are
+    neither skipped nor repeated.
     """
 
-    def __init__(self, path: Path, store: OpStore, sidecar: Path | None):
+    def __init__(self, path: Path, store: OpStore, sidecar: Path | None, max_ops: int, max_bytes: int):
         self.path = path
         self.store = store
         self.sidecar = sidecar
+        self.max_ops = max_ops
+        self.max_bytes = max_bytes
         self.inode, self.offset, self.line = self._read_sidecar()
         self._repair_position()
 
@@ -2698,8 +2749,7 @@ class CorrectionsTailer:
         with f:
             try:
                 inode = os.fstat(f.fileno()).st_ino
-                base_offset, base_line = (self.offset, self.line) if inode == self.inode else (0, 0)
-                unread = None
+                base = (self.offset, self.line) if inode == self.inode else (0, 0)
                 for ring_op in reversed(self.store.snapshot()):
                     # Only ops this tailer wrote hold the key: decode nothing else.
                     if ring_op.source != CORRECTION_SOURCE or _CORRECTION_REF_KEY not in ring_op.line:
@@ -2711,12 +2761,9 @@ class CorrectionsTailer:
                         continue
                     if position[0] != inode:
                         continue  # recorded from a file since replaced
-                    if position[1] <= base_offset:
+                    if position[1] <= base[0]:
                         break  # the sidecar is at least this far
-                    if unread is None:
-                        f.seek(base_offset)
-                        unread = f.read()
-                    if self._recorded_from(unread, base_offset, base_line, position, op):
+                    if self._recorded_from(f, base, position, op):
                         self.inode, self.offset, self.line = position
                         break
                     ignored += 1
@@ -2726,21 +2773,35 @@ class CorrectionsTailer:
             log("WARN", "ignored correction refs that match no line of the corrections file",
                 path=self.path, count=ignored)
 
-    def _recorded_from(self, unread: bytes, base_offset: int, base_line: int,
-                       position: tuple[int, int, int], op: dict) -> bool:
-        """Whether op is what poll() records for the line at position, unread starting at base."""
+    def _recorded_from(self, f, base: tuple[int, int], position: tuple[int, int, int], op: dict) -> bool:
+        """Whether op is what poll() records for the line ending at position, reading f from
+        base (offset, line) in blocks: memory stays bounded however far the ref is."""
         inode, offset, line = position
-        end = offset - base_offset
-        if end > len(unread) or unread[end - 1] != ord("\n"):
+        f.seek(offset - 1)
+        if f.read(1) != b"\n":
             return False
-        raw = unread[unread.rfind(b"\n", 0, end - 1) + 1:end - 1]
+        # The line itself: the bytes before its newline, back to the one before it.
+        pieces, size = [], 0
+        for _, block in _blocks_backward(f, offset - 1):
+            newline = block.rfind(b"\n")
+            pieces.append(block[newline + 1:])
+            size += len(pieces[-1])
+            if newline >= 0 or size > self.max_bytes:
+                break
+        if size > self.max_bytes:
+            return False  # longer than any line poll() records
         try:
-            expected = self._as_op(raw, {"inode": inode, "offset": offset, "line": line})
+            expected = self._as_op(b"".join(reversed(pieces)), {"inode": inode, "offset": offset, "line": line})
         except InvalidOp:
             return False
         # A line without a timestamp was stamped when it was recorded.
-        return ({**expected, "timestamp": op["timestamp"]} == op
-                and unread.count(b"\n", 0, end) == line - base_line)
+        if {**expected, "timestamp": op["timestamp"]} != op:
+            return False
+        f.seek(base[0])
+        newlines = 0
+        for block in iter(lambda: f.read(min(RESTORE_BLOCK_BYTES, offset - f.tell())), b""):
+            newlines += block.count(b"\n")
+        return newlines == line - base[1]
 
     @staticmethod
     def _as_op(raw: bytes, ref: dict) -> dict:
@@ -2756,11 +2817,13 @@ class CorrectionsTailer:
             write_file_atomically(self.sidecar, json.dumps(position).encode())
 
     def poll(self) -> int:
-        """Store the complete lines appended since the last poll; returns how many ops."""
+        """Store the complete lines appended since the last poll, chunk by chunk; returns how
+        many ops. Lines appended while it runs wait for the next poll."""
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
             return 0
+        stored = 0
         with f:
             status = os.fstat(f.fileno())
             if status.st_ino != self.inode or status.st_size < self.offset:
@@ -2768,14 +2831,39 @@ class CorrectionsTailer:
                     log("INFO", "corrections file replaced or truncated; reading from its start",
                         path=self.path)
                 self.inode, self.offset, self.line = status.st_ino, 0, 0
-            f.seek(self.offset)
-            chunk = f.read(status.st_size - self.offset)
-        complete = chunk[:chunk.rfind(b"\n") + 1]
-        if not complete:
-            return 0
-        ops, offset, line_no = [], self.offset, self.line
-        for raw in complete.split(b"\n")[:-1]:
-            offset += len(raw) + 1
+            while self.offset < status.st_size:
+                f.seek(self.offset)
+                ops, offset, line_no = self._read_chunk(f)
+                if offset == self.offset:
+                    break  # only a partial line left: it waits until it is complete
+                if ops:
+                    self.store.record(ops)
+                    stored += len(ops)
+                self.offset, self.line = offset, line_no
+                self._save_position()
+        return stored
+
+    def _read_chunk(self, f) -> tuple[list[dict], int, int]:
+        """The ops of the next complete lines of f, at most max_ops of them and max_bytes of
+        lines (or one line, if it alone is larger), and where they end: (ops, offset, line)."""
+        ops, offset, line_no, taken = [], self.offset, self.line, 0
+        while len(ops) < self.max_ops:
+            raw = f.readline(self.max_bytes + 1)
+            if not raw.endswith(b"\n"):
+                if len(raw) <= self.max_bytes:
+                    break  # the end of the file, maybe inside a line still being written
+                skipped = self._skip_line(f, len(raw))
+                if skipped is None:
+                    break  # its end is not written yet
+                offset += skipped
+                line_no += 1
+                log("WARN", "skipped invalid corrections line", path=self.path, line=line_no,
+                    reason=f"line is longer than max_body_bytes={self.max_bytes}")
+                continue
+            if taken and taken + len(raw) > self.max_bytes:
+                break  # it starts the next chunk
+            taken += len(raw)
+            offset += len(raw)
             line_no += 1
             if not raw.strip():
                 continue
@@ -2783,11 +2871,18 @@ class CorrectionsTailer:
                 ops.append(self._as_op(raw, {"inode": self.inode, "offset": offset, "line": line_no}))
             except InvalidOp as exc:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no, reason=exc)
-        if ops:
-            self.store.record(ops)
-        self.offset, self.line = offset, line_no
-        self._save_position()
-        return len(ops)
+        return ops, offset, line_no
+
+    def _skip_line(self, f, read: int) -> int | None:
+        """Read past the rest of an overlong line, keeping none of it: its length, newline
+        included, or None if the file ends first."""
+        while True:
+            piece = f.readline(RESTORE_BLOCK_BYTES)
+            if not piece:
+                return None
+            read += len(piece)
+            if piece.endswith(b"\n"):
+                return read
 
 
 def escalation_retry_delay(failures: int, interval_s: float, cooldown_s: float) -> float:
@@ -2880,8 +2975,9 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
     if config.corrections_path is not None and config.corrections_interval_s:
         sidecar = None
         if config.persist_path is not None:
-            sidecar = config.persist_path.with_name(config.persist_path.name + ".corrections-position")
-        tailer = CorrectionsTailer(config.corrections_path, store, sidecar)
+            sidecar = corrections_position_path(config.persist_path)
+        tailer = CorrectionsTailer(config.corrections_path, store, sidecar, config.max_batch,
+                                   config.max_body_bytes)
         loops.every(config.corrections_interval_s, tailer.poll)
     loops.start()
     return loops
@@ -2961,20 +3057,77 @@ def _creation_problem(folder: Path) -> str | None:
     return None
 
 
+def files_of_settings(config: Config):
+    """(setting, what, path) for every file a path setting names, and those observerd keeps
+    beside them: the journal's rotated segments, scratch names and corrections position."""
+    if config.persist_path is not None:
+        journal = config.persist_path
+        yield "persist_path", "persist_path", journal
+        for segment in itertools.islice(segment_paths(journal, config.keep_files), 1, None):
+            yield "persist_path", "persist_path's rotated segment", segment
+        for scratch in rotation_scratch_paths(journal):
+            yield "persist_path", "persist_path's rotation scratch file", scratch
+        position = corrections_position_path(journal)
+        yield "persist_path", "persist_path's corrections position", position
+        yield "persist_path", "persist_path's scratch file", scratch_path(position)
+    if config.playbooks_path is not None:
+        yield "playbooks_path", "playbooks_path", config.playbooks_path
+        yield "playbooks_path", "playbooks_path's scratch file", scratch_path(config.playbooks_path)
+    for name in ("corrections_path", "tls_cert", "tls_key"):
+        if getattr(config, name) is not None:
+            yield name, name, getattr(config, name)
+
+
+def _file_problems(config: Config) -> list[str]:
+    """Files that are not regular files, and two settings that name the same file.
+
+    One file written as two (the journal as playbooks, its own corrections input) loses
+    data or feeds itself for ever. Names are compared resolved, and files that exist by
+    device and inode too, so neither a symlink nor a hard link hides a collision.
+    """
+    problems, first_named, reported = [], {}, set()
+    for setting, what, path in files_of_settings(config):
+        try:
+            keys = [path.resolve()]
+        except (OSError, RuntimeError):  # a symlink loop: the name alone
+            keys = [path]
+        try:
+            status = os.stat(path)
+        except OSError:
+            status = None  # a missing file; any other reason is checked below, where it matters
+        if status is not None:
+            keys.append((status.st_dev, status.st_ino))
+            if not stat.S_ISREG(status.st_mode) and not setting.startswith("tls_"):
+                kind = "is a folder" if stat.S_ISDIR(status.st_mode) else "is not a regular file"
+                problems.append(f"{what} {path}: {kind}")
+        for key in keys:
+            other_setting, other_what, other_path = first_named.setdefault(key, (setting, what, path))
+            pair = frozenset((setting, other_setting))
+            # A combined PEM file holding both the certificate and its key is one file, rightly.
+            if len(pair) == 2 and pair != {"tls_cert", "tls_key"} and pair not in reported:
+                reported.add(pair)
+                problems.append(f"{what} {path} is the same file as {other_what} {other_path}")
+    return problems
+
+
 def usability_problems(config: Config) -> list[str]:
     """Every reason startup would fail beyond the config's syntax: files, folders, TLS.
 
     serve refuses to start on any of them and check lists them all, so the two agree. The
     checks change nothing on disk. The port is not tried: a running daemon holds it.
     """
-    problems = []
-    paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path))
+    problems = _file_problems(config)
+    paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path),
+             ("corrections_path", config.corrections_path))
     for name, path in paths:
-        if path is None:
-            continue
+        if path is None or (path.exists() and not path.is_file()):
+            continue  # nothing to check, or not a regular file: named above
         try:
-            if path.is_dir():
-                problem = "is a folder"
+            if name == "corrections_path":
+                # Only read; a missing one is read once it exists.
+                problem = None
+                if path.exists():
+                    os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             elif name == "persist_path" and path.exists():
                 # Opened like JsonlLog does: appended to, and read back for repair and restore.
                 os.close(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC))

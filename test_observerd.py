@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -1204,7 +1205,7 @@ def test_tail_restore_equals_a_full_forward_replay(tmp_path, monkeypatch, seed):
 def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
     rng = random.Random(3)
     path = tmp_path / "ops.jsonl"
-    segments = od.segment_paths(path, 3)
+    segments = list(od.segment_paths(path, 3))
     for segment in reversed(segments):  # oldest first, as rotation would have written them
         segment.write_bytes(messy_log(rng, 30).rsplit(b"\n", 1)[0] + b"\n")
     forward = [o for segment in reversed(segments) for o in replay_forward(segment)]
@@ -1430,7 +1431,7 @@ def make_tailer(tmp_path, corrections: Path):
     config = make_config(tmp_path)
     store = od.open_store(config)
     sidecar = tmp_path / "ops.jsonl.corrections-position"
-    return od.CorrectionsTailer(corrections, store, sidecar), store
+    return od.CorrectionsTailer(corrections, store, sidecar, config.max_batch, config.max_body_bytes), store
 
 
 def correction(n) -> bytes:
@@ -2479,7 +2480,7 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
         sock.close()
     wait_for(lambda: len(open_fds(pid)) == len(in_use), timeout=30, what="the idle connections to close")
     assert post(i) == 200
-    segments = od.segment_paths(path, 3)
+    segments = list(od.segment_paths(path, 3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
     assert [e for segment in reversed(segments) if segment.exists() for e in endpoints_in(segment)] == acked
     assert endpoints_in(path) == [acked[-1]]
@@ -2497,7 +2498,7 @@ def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path,
     assert post("/before-rm") == 200
     path.unlink()  # an operator's rm
     assert post("/after-rm") == 200
-    assert "log file was deleted" in daemon.log
+    assert "log file is gone from its path" in daemon.log
     assert endpoints_in(path) == ["/after-rm"]
     # Another file renamed over the path (a restore from backup): appends follow the path.
     replacement = folder / "from-backup.jsonl"
@@ -3425,8 +3426,8 @@ def test_an_op_is_answered_only_after_its_fsync_returns(serve, monkeypatch):
 # -----------------------------------------------------------------------------
 
 
-def readme_settings_table() -> list[tuple[str, object, object]]:
-    """(key, default, minimum) for each key of README.md's Configuration table, as TOML values."""
+def readme_settings_table() -> list[tuple[str, object, object, object]]:
+    """(key, default, minimum, maximum) for each key of README.md's Configuration table, as TOML values."""
     text = (HERE / "README.md").read_text()
     section = text[text.index("## Configuration"):]
     section = section[:section.index("\n## ", 1)]
@@ -3438,9 +3439,9 @@ def readme_settings_table() -> list[tuple[str, object, object]]:
     rows = []
     for line in section.splitlines():
         if line.startswith("| `"):
-            keys, default, minimum = line.split(" | ")[:3]
+            keys, default, minimum, maximum = line.split(" | ")[:4]
             for key in re.findall(r"`([^`]+)`", keys):
-                rows.append((key, toml_value(default), toml_value(minimum)))
+                rows.append((key, toml_value(default), toml_value(minimum), toml_value(maximum)))
     return rows
 
 
@@ -3448,9 +3449,9 @@ def test_the_readme_settings_table_is_the_declaration():
     def typed(value, kind):
         return float(value) if kind is float and type(value) is int else value
 
-    declared = [(s.label, type(s.default), s.default, s.minimum) for s in od.SETTINGS]
-    documented = [(key, type(typed(default, od.SETTING[key.split()[-1]].kind)), default, minimum)
-                  for key, default, minimum in readme_settings_table()]
+    declared = [(s.label, type(s.default), s.default, s.minimum, s.maximum) for s in od.SETTINGS]
+    documented = [(key, type(typed(default, od.SETTING[key.split()[-1]].kind)), default, minimum, maximum)
+                  for key, default, minimum, maximum in readme_settings_table()]
     assert documented == declared
 
 
@@ -3666,3 +3667,236 @@ def test_leading_zeros_and_x_gzip_are_taken_as_the_rfcs_say(serve):
                                headers={"Content-Encoding": "x-gzip"})
     assert status == 200
     assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/x-gzip", "/zeros", "/a"]
+
+
+# -----------------------------------------------------------------------------
+# issue 9: probe findings (paths, journal identity, tailer chunks)
+# -----------------------------------------------------------------------------
+
+
+def check_and_serve_refuse(folder: Path, settings: dict, daemons) -> list[str]:
+    """The problems check prints for these settings; serve must refuse with the same ones."""
+    config = write_config(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl", **settings})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    printed = [line.split(": ", 1)[1] for line in result.stderr.splitlines()[:-1]]
+    daemon = daemons(folder, config=config)
+    assert daemon.exit_status() == 2
+    assert logged_problems(daemon.log) == printed
+    assert "msg=listening" not in daemon.log and "Traceback" not in daemon.log
+    return printed
+
+
+def link_to_journal(kind: str):
+    def make(folder: Path) -> None:
+        (folder / "ops.jsonl").write_bytes(od.encode_line(op("/acked")))
+        (os.symlink if kind == "symlink" else os.link)(folder / "ops.jsonl", folder / "other.jsonl")
+    return make
+
+
+@pytest.mark.parametrize("settings, prepare, problem", [
+    ({"playbooks_path": "ops.jsonl"}, None,
+     "playbooks_path {d}/ops.jsonl is the same file as persist_path {d}/ops.jsonl"),
+    ({"corrections_path": "ops.jsonl"}, None,
+     "corrections_path {d}/ops.jsonl is the same file as persist_path {d}/ops.jsonl"),
+    ({"corrections_path": "ops.jsonl.3"}, None,
+     "corrections_path {d}/ops.jsonl.3 is the same file as persist_path's rotated segment {d}/ops.jsonl.3"),
+    ({"playbooks_path": "ops.jsonl.corrections-position"}, None,
+     "playbooks_path {d}/ops.jsonl.corrections-position is the same file as persist_path's corrections "
+     "position {d}/ops.jsonl.corrections-position"),
+    ({"playbooks_path": ".ops.jsonl.next"}, None,
+     "playbooks_path {d}/.ops.jsonl.next is the same file as persist_path's rotation scratch file "
+     "{d}/.ops.jsonl.next"),
+    ({"corrections_path": "other.jsonl"}, link_to_journal("symlink"),
+     "corrections_path {d}/other.jsonl is the same file as persist_path {d}/ops.jsonl"),
+    ({"playbooks_path": "other.jsonl"}, link_to_journal("hardlink"),
+     "playbooks_path {d}/other.jsonl is the same file as persist_path {d}/ops.jsonl"),
+])
+def test_two_settings_naming_one_file_are_refused_by_check_and_serve(tmp_path, daemons, settings,
+                                                                      prepare, problem):
+    if prepare is not None:
+        prepare(tmp_path)
+    before = folder_contents(tmp_path)
+    assert check_and_serve_refuse(tmp_path, settings, daemons) == [problem.format(d=tmp_path)]
+    after = folder_contents(tmp_path)
+    del after["lakehouse.toml"]
+    assert after == before  # nothing was written over the journal
+
+
+def test_a_combined_pem_may_be_both_tls_cert_and_tls_key(tmp_path):
+    cert, key = make_self_signed_cert(tmp_path)
+    combined = tmp_path / "combined.pem"
+    combined.write_bytes(cert.read_bytes() + key.read_bytes())
+    config = write_config(tmp_path, {"persist_path": "ops.jsonl", "tls_cert": "combined.pem",
+                                     "tls_key": "combined.pem"})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+
+
+def make_fifo(name):
+    return lambda folder: os.mkfifo(folder / name)
+
+
+def make_folder(name):
+    return lambda folder: (folder / name).mkdir()
+
+
+@pytest.mark.parametrize("settings, prepare, problem", [
+    ({"persist_path": "ops.fifo"}, make_fifo("ops.fifo"), "persist_path {d}/ops.fifo: is not a regular file"),
+    ({"persist_path": "/dev/null"}, None, "persist_path /dev/null: is not a regular file"),
+    ({"corrections_path": "overseer"}, make_folder("overseer"), "corrections_path {d}/overseer: is a folder"),
+    ({"playbooks_path": "pb.fifo"}, make_fifo("pb.fifo"), "playbooks_path {d}/pb.fifo: is not a regular file"),
+    ({"playbooks_path": "/dev/null"}, None, "playbooks_path /dev/null: is not a regular file"),
+    ({}, make_folder("ops.jsonl.2"), "persist_path's rotated segment {d}/ops.jsonl.2: is a folder"),
+])
+def test_paths_that_are_not_regular_files_are_refused_by_check_and_serve(tmp_path, daemons, settings,
+                                                                         prepare, problem):
+    if prepare is not None:
+        prepare(tmp_path)
+    assert check_and_serve_refuse(tmp_path, settings, daemons) == [problem.format(d=tmp_path)]
+    assert Path("/dev/null").is_char_device()
+
+
+def test_keep_files_is_bounded_by_check_and_serve(tmp_path, daemons):
+    assert check_and_serve_refuse(tmp_path, {"keep_files": 100_000_000}, daemons) == [
+        "[observerd] keep_files must be <= 1000, got 100000000"]
+    daemon = start_durable_daemon(daemons, tmp_path, keep_files=1000, max_file_bytes=300)
+    client = daemon.client()
+    for i in range(6):
+        assert client.post("/observer/event", {"endpoint": f"/kept/{i}"})[0] == 200
+    assert (tmp_path / "ops.jsonl.2").exists()
+    daemon.stop()
+    daemon = start_durable_daemon(daemons, tmp_path, keep_files=1000, max_file_bytes=300)
+    assert [o["endpoint"] for o in daemon.client().get("/observer/ops")[1]["ops"]] == [
+        f"/kept/{i}" for i in reversed(range(6))]
+
+
+def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    client = daemon.client()
+    folder = tmp_path / "data"
+    path = folder / "ops.jsonl"
+
+    def post(endpoint):
+        return client.post("/observer/event", {"endpoint": endpoint})[0]
+
+    assert post("/a") == 200
+    os.link(path, tmp_path / "backup.jsonl")  # a hard link keeps the file alive after the rm
+    path.unlink()
+    assert post("/b") == 200
+    assert endpoints_in(path) == ["/b"]
+    assert endpoints_in(tmp_path / "backup.jsonl") == ["/a"]
+    assert "log file is gone from its path" in daemon.log
+    folder.rename(tmp_path / "data.old")  # the folder moved away, file and all
+    assert post("/c") == 200
+    assert endpoints_in(path) == ["/c"]
+    assert endpoints_in(tmp_path / "data.old" / "ops.jsonl") == ["/b"]
+    # logrotate with create: rename, a new file at the path, then (later) SIGHUP.
+    path.rename(folder / "ops.jsonl.1")
+    path.touch()
+    assert post("/d") == 200
+    assert endpoints_in(path) == ["/d"]
+    assert "log path names another file" in daemon.log
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reopened log" in daemon.log, what="the SIGHUP reopen")
+    assert post("/e") == 200
+    assert endpoints_in(path) == ["/d", "/e"]
+    assert endpoints_in(folder / "ops.jsonl.1") == ["/c"]
+    daemon.stop()  # SIGKILL: a restart serves what persist_path and its segments hold
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    assert [o["endpoint"] for o in daemon.client().get("/observer/ops")[1]["ops"]] == ["/e", "/d", "/c"]
+
+
+def padded_correction(n: int, pad: int) -> bytes:
+    return json.dumps({"endpoint": f"/fix/{n}", "note": "n" * pad}).encode() + b"\n"
+
+
+def position_line(sidecar: Path) -> int | None:
+    """The line number the corrections tailer saved, None before it saved one."""
+    return json.loads(sidecar.read_bytes())["line"] if sidecar.exists() else None
+
+
+def record_commits(server: InProcessServer) -> list[int]:
+    """How many lines each durable append of the server's journal holds, from now on."""
+    commits = []
+    log_file = server.store.log_file
+    append = log_file.append_durably
+
+    def recording(data):
+        commits.append(data.count(b"\n"))
+        append(data)
+
+    log_file.append_durably = recording
+    return commits
+
+
+def test_a_corrections_backlog_is_stored_in_chunks_no_bigger_than_a_post(serve, tmp_path):
+    corrections = tmp_path / "overseer.jsonl"
+    server = serve(corrections_path=str(corrections), corrections_interval_s=0.05, max_batch=50,
+                   max_body_bytes=8192, ring_size=10)
+    commits = record_commits(server)
+    lines = [padded_correction(n, 300) for n in range(3000)]  # ~1 MB
+    backlog = b"".join(lines)
+    sidecar = od.corrections_position_path(server.config.persist_path)
+    tracemalloc.start()
+    try:
+        corrections.write_bytes(backlog)
+        wait_for(lambda: position_line(sidecar) == len(lines), timeout=300, what="the backlog to be recorded")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 512 * 1024, f"tailing a 1 MB backlog peaked at {peak} bytes"
+    sizes = commits
+    assert sum(sizes) == len(lines) and max(sizes) <= 50
+    # A commit holds at most max_body_bytes of corrections lines.
+    assert all(sum(len(lines[n]) for n in range(first, first + size)) <= 8192
+               for first, size in zip(itertools.accumulate([0] + sizes), sizes))
+    assert [o["endpoint"] for o in replay_forward(server.config.persist_path)] == [
+        f"/fix/{n}" for n in range(len(lines))]
+
+
+def test_a_corrections_line_longer_than_max_body_bytes_is_skipped_unread(serve, tmp_path, capsys):
+    corrections = tmp_path / "overseer.jsonl"
+    server = serve(corrections_path=str(corrections), corrections_interval_s=0.05, max_body_bytes=4096)
+    sidecar = od.corrections_position_path(server.config.persist_path)
+    huge = padded_correction(2, 2 * 1024 * 1024)
+    written, rest = padded_correction(1, 10) + huge[:1024 * 1024], huge[1024 * 1024:] + padded_correction(3, 10)
+    tracemalloc.start()
+    try:
+        corrections.write_bytes(written)  # the long line is still being written
+        wait_for(lambda: endpoints(server.store) == ["/fix/1"], what="the first correction")
+        append_to(corrections, rest)
+        wait_for(lambda: endpoints(server.store) == ["/fix/1", "/fix/3"], what="the line after it")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 512 * 1024, f"skipping a 2 MB line peaked at {peak} bytes"
+    wait_for(lambda: position_line(sidecar) == 3, what="the position past line 3")
+    err = capsys.readouterr().err
+    assert "skipped invalid corrections line" in err and "line=2" in err
+    assert "longer than max_body_bytes=4096" in err
+
+
+def test_a_lost_corrections_position_is_repaired_reading_the_file_in_blocks(serve, tmp_path):
+    corrections = tmp_path / "overseer.jsonl"
+    journal = tmp_path / "ops.jsonl"
+    settings = dict(persist_path=str(journal), corrections_path=str(corrections),
+                    corrections_interval_s=0.05, ring_size=5)
+    first = serve(**settings)
+    corrections.write_bytes(b"".join(padded_correction(n, 1000) for n in range(2000)))  # ~2 MB
+    sidecar = od.corrections_position_path(journal)
+    wait_for(lambda: position_line(sidecar) == 2000, timeout=300, what="the corrections to be recorded")
+    first.close()
+    sidecar.unlink()  # lost: the newest correction_ref in the journal must restore the position
+    tracemalloc.start()
+    try:
+        second = serve(**settings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, f"repairing the position peaked at {peak} bytes"
+    append_to(corrections, padded_correction(2000, 10))
+    wait_for(lambda: position_line(sidecar) == 2001, what="the next correction")
+    recorded = [o["endpoint"] for o in replay_forward(journal)]
+    assert recorded == [f"/fix/{n}" for n in range(2001)]  # nothing repeated, nothing skipped
+    second.close()
