@@ -291,6 +291,9 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+# A year: every duration setting stays below it, where the platform's timers still work.
+MAX_SECONDS = 365 * 24 * 3600
+
 # The one declaration of every setting, in the README's order (a test compares the two).
 SETTINGS = (
     Setting("bind", str, "127.0.0.1:3219", "host:port to listen on ([v6]:port for IPv6)"),
@@ -300,24 +303,31 @@ SETTINGS = (
     Setting("max_ring_bytes", int, 64 * 1024 * 1024, "memory bound of the ring's ops", minimum=1),
     Setting("recent_scenarios", int, 10, "cap of recent_scenario_ops in stats", minimum=0),
     Setting("max_body_bytes", int, 4 * 1024 * 1024, "request body cap", minimum=1),
-    Setting("request_timeout_s", float, 10.0, "time for a whole request or answer", minimum=0.001),
+    Setting("request_timeout_s", float, 10.0, "time for a whole request or answer",
+            minimum=0.001, maximum=MAX_SECONDS),
     Setting("max_connections", int, 256, "open connections", minimum=1),
     Setting("allow_unauthenticated", bool, False, "allow a non-loopback bind without a token"),
     Setting("max_batch", int, 1000, "ops per POST /observer/events", minimum=1),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
-    Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off", minimum=0),
+    Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
+            minimum=0, maximum=MAX_SECONDS),
     Setting("corrections_path", str, "", 'the overseer\'s corrections JSONL; "" = off', path=True),
-    Setting("corrections_interval_s", float, 5.0, "corrections tailing period", minimum=0),
+    Setting("corrections_interval_s", float, 5.0, "corrections tailing period",
+            minimum=0, maximum=MAX_SECONDS),
     Setting("playbooks_path", str, "", 'where playbooks are written; "" = serve only', path=True),
-    Setting("consolidate_interval_s", float, 60.0, "playbook folding period; 0 = off", minimum=0),
+    Setting("consolidate_interval_s", float, 60.0, "playbook folding period; 0 = off",
+            minimum=0, maximum=MAX_SECONDS),
     Setting("escalate_url", str, "", 'the LLM team\'s /api/run; "" = never escalate', url="endpoint"),
     Setting("escalate_threshold", int, 5, "failures of a cluster that escalate it", minimum=1),
-    Setting("escalate_window_s", float, 300.0, "the window those failures fall in", minimum=0.001),
-    Setting("escalate_cooldown_s", float, 1800.0, "quiet time after an escalation", minimum=0),
+    Setting("escalate_window_s", float, 300.0, "the window those failures fall in",
+            minimum=0.001, maximum=MAX_SECONDS),
+    Setting("escalate_cooldown_s", float, 1800.0, "quiet time after an escalation",
+            minimum=0, maximum=MAX_SECONDS),
     Setting("review_llm_url", str, "", "Ollama-compatible base URL for LLM review", url="base"),
     Setting("review_llm_model", str, "llama3", "model name sent to it"),
-    Setting("outbound_timeout_s", float, 5.0, "total time of an outbound HTTP call", minimum=0.001),
+    Setting("outbound_timeout_s", float, 5.0, "total time of an outbound HTTP call",
+            minimum=0.001, maximum=MAX_SECONDS),
     Setting("tls_cert", str, "", "PEM certificate chain: serve HTTPS", path=True),
     Setting("tls_key", str, "", "PEM private key of tls_cert", path=True),
     Setting("access_log", bool, False, "log one line per request"),

@@ -451,14 +451,16 @@ def test_cli_flags_and_env_override_the_file(tmp_path):
     assert (config.port, config.persist_path, config.token) == (0, None, "env")
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_a_timeout_that_no_timer_takes_is_a_config_problem(tmp_path, value):
+@pytest.mark.parametrize("value, problem", [("nan", "must be a finite number, got nan"),
+                                            ("inf", "must be a finite number, got inf"),
+                                            ("1e20", "must be <= 31536000, got 1e+20")])
+def test_a_duration_that_no_timer_takes_is_a_config_problem(tmp_path, value, problem):
+    durations = [s.name for s in od.SETTINGS if s.kind is float]
     path = tmp_path / "lakehouse.toml"
-    path.write_text(f"[observerd]\nrequest_timeout_s = {value}\noutbound_timeout_s = {value}\n")
+    path.write_text("[observerd]\n" + "".join(f"{key} = {value}\n" for key in durations))
     with pytest.raises(od.ConfigError) as exc:
         od.load_config(str(path), environ={})
-    assert exc.value.problems == [f"[observerd] {key} must be a finite number, got {float(value)}"
-                                  for key in ("request_timeout_s", "outbound_timeout_s")]
+    assert exc.value.problems == [f"[observerd] {key} {problem}" for key in durations]
 
 
 @pytest.mark.parametrize("table, needle", [
