@@ -3,15 +3,15 @@
 
 Every operation the lakehouse's autonomous work performs (MCP tools, scenario runners,
 Langfuse traces, overseer corrections) is POSTed here as an ObservedOp. observerd appends
-each op to a JSONL log and fsyncs it *before* the op enters memory or is acknowledged, keeps
-the newest ``ring_size`` ops in a ring for live statistics, restores that ring from the log's
-tail on restart, and watches what it records: failure clusters, playbooks, escalations.
+each op to a JSONL journal and fsyncs it *before* the op enters memory or is acknowledged,
+keeps the newest ``ring_size`` ops in a ring for live statistics, restores that ring from the
+journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
 ``python observerd.py --help`` lists the subcommands (serve, check, stats).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> persistence -> store -> analysis -> insights ->
+logging -> metrics -> config -> model -> journal -> store -> analysis -> insights ->
 outbound -> HTTP protocol -> API -> background loops -> CLI/main.
 """
 
@@ -229,8 +229,8 @@ class Metrics:
         self.rejected = Metric("observerd_rejected_total", "counter",
                                "Requests refused, by reason.", ("reason",))
         self.persist_errors = Metric("observerd_persist_errors_total", "counter",
-                                     "Appends to the JSONL log that failed and were rolled back.")
-        self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL log.")
+                                     "Appends to the JSONL journal that failed and were rolled back.")
+        self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL journal.")
         self.http_requests = Metric("observerd_http_requests_total", "counter",
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
@@ -631,7 +631,7 @@ def _has_lone_surrogate(text: str) -> bool:
 
 
 def _unstorable(container: dict | list, depth: int) -> tuple[list, str] | None:
-    """Where a decoded value cannot round-trip through the log: (path, reason), innermost first.
+    """Where a decoded value cannot round-trip through the journal: (path, reason), innermost first.
 
     JSON can carry lone surrogates ("\\ud800") that UTF-8 cannot encode, and nesting that
     recursive encoders and decoders cannot follow back; either would break every later read.
@@ -860,7 +860,7 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 
 
 # =============================================================================
-# Persistence: the JSONL log (durable appends, torn-tail repair, tail restore)
+# Journal: the durable JSONL file (ring ops, appends, rotation, torn-tail repair, tail restore)
 # =============================================================================
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -868,7 +868,7 @@ RESTORE_BLOCK_BYTES = 64 * 1024
 
 
 class PersistError(Exception):
-    """An append could not be made durable; the log was rolled back to before it."""
+    """An append could not be made durable; the journal was rolled back to before it."""
 
 
 def encode_line(op: dict) -> bytes:
@@ -1072,7 +1072,7 @@ def rotation_scratch_paths(path: Path) -> tuple[Path, Path]:
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
-class JsonlLog:
+class Journal:
     """The append-only JSONL file: every append is written and fsynced, or rolled back.
 
     Other writers may append to the file too, so where it ends is asked of the file itself
@@ -1115,7 +1115,7 @@ class JsonlLog:
         return fd
 
     def append_durably(self, data: bytes) -> None:
-        """Write data and fsync it; on any failure leave the log as it was and raise PersistError."""
+        """Write data and fsync it; on any failure leave the journal as it was and raise PersistError."""
         with self._lock:
             try:
                 self._append(data)
@@ -1274,7 +1274,7 @@ class JsonlLog:
 
 def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
                  max_bytes: float = math.inf) -> list[RingOp]:
-    """The newest valid ops of the log and its segments that fit the ring, oldest first.
+    """The newest valid ops of the journal and its segments that fit the ring, oldest first.
 
     Reads backwards from the end of the live file, then of each older segment, until
     ring_size ops or max_bytes of them are held (always at least the newest, as the ring
@@ -1387,16 +1387,16 @@ class OpStore:
     are applied and their callback run in the caller's thread.
     """
 
-    def __init__(self, ring: Ring, log_file: JsonlLog | None, metrics: Metrics | None = None):
+    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None):
         self.ring = ring
-        self.log_file = log_file
+        self.journal = journal
         self.metrics = metrics or Metrics()
         self._ring_lock = threading.Lock()
         self._queue: list[_PendingCommit] = []
         self._queue_cond = threading.Condition()
         self._closing = False
         self._committer = None
-        if log_file is not None:
+        if journal is not None:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
@@ -1412,7 +1412,7 @@ class OpStore:
         The ops are kept as RingOps from here on; the dicts are the caller's to drop.
         """
         ring_ops = [RingOp(op) for op in ops]
-        if self.log_file is None:
+        if self.journal is None:
             with self._ring_lock:
                 for op in ring_ops:
                     self.ring.apply(op)
@@ -1428,7 +1428,7 @@ class OpStore:
                 return
         on_done(0, PersistError("observerd is shutting down"))
 
-    def record(self, ops: list[dict]) -> int:
+    def submit_and_wait(self, ops: list[dict]) -> int:
         """submit() and wait: returns the ring length, or raises PersistError."""
         result: list = []
         done = threading.Lock()
@@ -1453,12 +1453,12 @@ class OpStore:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            self._commit(batch)
+            self._write_batch(batch)
 
-    def _commit(self, batch: list[_PendingCommit]) -> None:
+    def _write_batch(self, batch: list[_PendingCommit]) -> None:
         ring_len, error = 0, None
         try:
-            self.log_file.append_durably(b"".join(p.data for p in batch))
+            self.journal.append_durably(b"".join(p.data for p in batch))
             with self._ring_lock:
                 for pending in batch:
                     for op in pending.ops:
@@ -1493,20 +1493,20 @@ class OpStore:
     def __len__(self) -> int:
         return len(self.ring.ops)
 
-    def reopen_log(self) -> None:
-        if self.log_file is not None:
-            self.log_file.reopen()
-            log("INFO", "reopened log", path=self.log_file.path)
+    def reopen_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.reopen()
+            log("INFO", "reopened log", path=self.journal.path)
 
     def close(self) -> None:
-        """Commit what is queued, stop the committer, close the log."""
+        """Commit what is queued, stop the committer, close the journal."""
         with self._queue_cond:
             self._closing = True
             self._queue_cond.notify()
         if self._committer is not None:
             self._committer.join()
-        if self.log_file is not None:
-            self.log_file.close()
+        if self.journal is not None:
+            self.journal.close()
 
 
 # =============================================================================
@@ -2142,7 +2142,7 @@ class Route:
 DEFERRED = object()  # a handler's status when the committer thread will send the answer
 
 
-def commit_failure(error: Exception, op_count: int) -> RequestError:
+def store_failure(error: Exception, op_count: int) -> RequestError:
     """A failed commit as the answer its caller gets; logged once per caller."""
     if isinstance(error, PersistError):
         log("ERROR", "op not persisted", ops=op_count, error=error)
@@ -2339,8 +2339,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
         why = self.server.connections.cut_reason(self.connection)
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
-    def commit(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(ring_len), or commit_failure's.
+    def store_and_answer(self, ops: list[dict], make_body):
+        """Store ops durably, then answer 200 with make_body(ring_len), or store_failure's.
 
         On a plain TCP connection the committer thread sends the answer itself as soon as the
         batch is fsynced, so this thread goes straight back to reading the next request: one
@@ -2349,11 +2349,11 @@ class HTTPHandler(BaseHTTPRequestHandler):
         it) and the ephemeral store answer from this thread.
         """
         store, op_count = self.server.store, len(ops)
-        if store.log_file is None or isinstance(self.request, ssl.SSLSocket):
+        if store.journal is None or isinstance(self.request, ssl.SSLSocket):
             try:
-                return 200, make_body(store.record(ops))
+                return 200, make_body(store.submit_and_wait(ops))
             except PersistError as exc:
-                raise commit_failure(exc, op_count) from None
+                raise store_failure(exc, op_count) from None
         exchange, close, sock = self.exchange(), self.close_connection, self.connection
         connections = self.server.connections
         self._turn.acquire()  # free: dispatch waited for it
@@ -2364,7 +2364,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
                 if error is None:
                     status, body = 200, make_body(ring_len)
                 else:
-                    body = commit_failure(error, op_count)
+                    body = store_failure(error, op_count)
                     status = body.status
                 data, size = render_answer(status, body, close or connections.closing, exchange.command == "HEAD")
                 self.account(exchange, status, body, size)
@@ -2504,7 +2504,7 @@ class ObserverHandler(HTTPHandler):
         body = self.read_body()
         with self.decoding(body):
             op = validate_posted_op(parse_json_strict(body))
-            return self.commit([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
+            return self.store_and_answer([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
 
     def post_events(self):
         body = self.read_body()
@@ -2514,7 +2514,7 @@ class ObserverHandler(HTTPHandler):
             if not ops:
                 return 200, {"accepted": 0, "ring_size": len(self.server.store)}
             accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
-            return self.commit(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
+            return self.store_and_answer(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
 
     def get_ops(self):
         params = parse_qs(self.target.query, keep_blank_values=True)
@@ -2710,7 +2710,7 @@ class CorrectionsTailer:
     could not be one op and is skipped unread. The read position (inode, byte offset, line
     number) is kept in a sidecar file next to persist_path, written atomically after each
     chunk is stored. Each recorded op also carries its position, so a crash between storing
-    a chunk and saving the sidecar is repaired at start from the log itself: lines are
+    a chunk and saving the sidecar is repaired at start from the journal itself: lines are
     neither skipped nor repeated.
     """
 
@@ -2847,7 +2847,7 @@ class CorrectionsTailer:
                 if offset == self.offset:
                     break  # only a partial line left: it waits until it is complete
                 if ops:
-                    self.store.record(ops)
+                    self.store.submit_and_wait(ops)
                     stored += len(ops)
                 self.offset, self.line = offset, line_no
                 self._save_position()
@@ -3035,8 +3035,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)"), argparse.SUPPRESS)
     check = commands.add_parser("check", help="validate the config like nginx -t; exit 0 or 2")
     add_serve_flags(check, argparse.SUPPRESS)
-    stats = commands.add_parser("stats", help="print the stats a restart from a JSONL log would serve")
-    stats.add_argument("file", help="the JSONL log (rotated segments beside it are read too)")
+    stats = commands.add_parser("stats", help="print the stats a restart from a JSONL journal would serve")
+    stats.add_argument("file", help="the JSONL journal (rotated segments beside it are read too)")
     add_config_flag(stats, argparse.SUPPRESS)
     add_setting_flag(stats, "ring_size")
     add_setting_flag(stats, "recent_scenarios")
@@ -3139,7 +3139,7 @@ def usability_problems(config: Config) -> list[str]:
                 if path.exists():
                     os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             elif name == "persist_path" and path.exists():
-                # Opened like JsonlLog does: appended to, and read back for repair and restore.
+                # Opened like Journal does: appended to, and read back for repair and restore.
                 os.close(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC))
                 problem = _creation_problem(path.parent)  # rotation and the corrections sidecar
             else:
@@ -3208,14 +3208,14 @@ def print_stats(args: argparse.Namespace) -> int:
 
 
 def open_store(config: Config) -> OpStore:
-    """Open (and repair) the log, then restore the ring from its tail."""
+    """Open (and repair) the journal, then restore the ring from its tail."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics(SOURCES, REJECTION_REASONS)
-    log_file = None
+    journal = None
     if config.persist_path is not None:
-        log_file = JsonlLog(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
-        log_file.open()
-    store = OpStore(ring, log_file, metrics)
+        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
+        journal.open()
+    store = OpStore(ring, journal, metrics)
     if config.persist_path is not None:
         started = time.perf_counter()
         store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files,
@@ -3228,7 +3228,7 @@ def open_store(config: Config) -> OpStore:
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
     # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
-    # on once the daemon runs (SIGHUP reopens the log just opened; SIGTERM stops cleanly).
+    # on once the daemon runs (SIGHUP reopens the journal just opened; SIGTERM stops cleanly).
     # They only note the signal; the main thread acts on it outside signal context.
     received: deque[int] = deque()
     wake = threading.Event()
@@ -3281,7 +3281,7 @@ def serve(config: Config) -> int:
         while received:
             if received.popleft() == signal.SIGHUP:
                 try:
-                    store.reopen_log()
+                    store.reopen_journal()
                 except OSError as exc:
                     log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
             else:

@@ -404,7 +404,7 @@ def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
     store = od.open_store(config)
     ops = [op(f"/{i}", source=od.SOURCES[i % 4], success=i % 2 == 0, extra={"i": i}) for i in range(25)]
     for o in ops:
-        store.record([o])
+        store.submit_and_wait([o])
     before = plain(store.stats())
     store.close()
     lines = config.persist_path.read_text().splitlines()
@@ -714,12 +714,12 @@ def test_torn_tail_is_cut_back_before_the_first_append(tmp_path, capsys):
     path = tmp_path / "ops.jsonl"
     whole = od.encode_line(op("/whole"))
     path.write_bytes(whole + b'{"endpoint":"/torn","sour')
-    log_file = od.JsonlLog(path)
-    log_file.open()
+    journal = od.Journal(path)
+    journal.open()
     assert path.read_bytes() == whole
     assert "dropped_bytes=25" in capsys.readouterr().err
-    log_file.append_durably(od.encode_line(op("/next")))
-    log_file.close()
+    journal.append_durably(od.encode_line(op("/next")))
+    journal.close()
     assert [o["endpoint"] for o in replay_forward(path)] == ["/whole", "/next"]
 
 
@@ -727,9 +727,9 @@ def test_a_clean_file_is_not_touched_at_open(tmp_path, capsys):
     path = tmp_path / "ops.jsonl"
     path.write_bytes(od.encode_line(op("/a")) + od.encode_line(op("/b")))
     os.utime(path, ns=(1, 1))
-    log_file = od.JsonlLog(path)
-    log_file.open()
-    log_file.close()
+    journal = od.Journal(path)
+    journal.open()
+    journal.close()
     assert path.stat().st_mtime_ns == 1
     assert "torn" not in capsys.readouterr().err
 
@@ -743,9 +743,9 @@ def test_creating_the_log_fsyncs_every_folder_that_gained_an_entry(tmp_path, mon
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
-    log_file = od.JsonlLog(tmp_path / "a" / "b" / "ops.jsonl")
-    log_file.open()
-    log_file.close()
+    journal = od.Journal(tmp_path / "a" / "b" / "ops.jsonl")
+    journal.open()
+    journal.close()
     assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
 
 
@@ -2577,14 +2577,14 @@ def test_rotation_and_a_reopened_path_fsync_the_folder_before_the_next_op(tmp_pa
     monkeypatch.setattr(os, "replace", renaming(real_replace))
     path = tmp_path / "ops.jsonl"
     line = od.encode_line(op("/f"))
-    log_file = od.JsonlLog(path, max_file_bytes=2 * len(line), keep_files=2)
-    log_file.open()
+    journal = od.Journal(path, max_file_bytes=2 * len(line), keep_files=2)
+    journal.open()
     for _ in range(7):  # three rotations
-        log_file.append_durably(line)
+        journal.append_durably(line)
     assert (tmp_path / "ops.jsonl.2").exists()
     path.unlink()
-    log_file.append_durably(line)  # reopens the deleted path
-    log_file.close()
+    journal.append_durably(line)  # reopens the deleted path
+    journal.close()
     # Every new directory entry (rename, create) is made durable before an op goes into it.
     folder, unsynced = str(tmp_path), True  # open() created the file
     for kind, target in events:
@@ -3821,14 +3821,14 @@ def position_line(sidecar: Path) -> int | None:
 def record_commits(server: InProcessServer) -> list[int]:
     """How many lines each durable append of the server's journal holds, from now on."""
     commits = []
-    log_file = server.store.log_file
-    append = log_file.append_durably
+    journal = server.store.journal
+    append = journal.append_durably
 
     def recording(data):
         commits.append(data.count(b"\n"))
         append(data)
 
-    log_file.append_durably = recording
+    journal.append_durably = recording
     return commits
 
 
