@@ -2660,17 +2660,26 @@ def _refuse_overloaded(sock: socket.socket) -> None:
 # =============================================================================
 
 
+@dataclass(slots=True)
+class PeriodicTask:
+    """A task the scheduler runs every interval_s, next at due (monotonic)."""
+
+    interval_s: float
+    due: float
+    run: Callable[[], object]
+
+
 class Scheduler:
     """Runs periodic tasks on one thread; stop() wakes it at once."""
 
     def __init__(self, name: str):
         self.name = name
-        self._tasks: list[list] = []
+        self._tasks: list[PeriodicTask] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def every(self, interval_s: float, task) -> None:
-        self._tasks.append([interval_s, time.monotonic() + interval_s, task])
+    def every(self, interval_s: float, task: Callable[[], object]) -> None:
+        self._tasks.append(PeriodicTask(interval_s, time.monotonic() + interval_s, task))
 
     def start(self) -> None:
         if self._tasks:
@@ -2684,16 +2693,15 @@ class Scheduler:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            for entry in self._tasks:
-                interval, due, task = entry
-                if due <= now:
-                    entry[1] = now + interval
+            for task in self._tasks:
+                if task.due <= now:
+                    task.due = now + task.interval_s
                     try:
-                        task()
+                        task.run()
                     except Exception as exc:
                         log("ERROR", "background task failed", loop=self.name,
-                            task=getattr(task, "__name__", repr(task)), error=repr(exc))
-            next_due = min(entry[1] for entry in self._tasks)
+                            task=getattr(task.run, "__name__", repr(task.run)), error=repr(exc))
+            next_due = min(task.due for task in self._tasks)
             self._stop.wait(max(0.0, next_due - time.monotonic()))
 
 
