@@ -1510,7 +1510,7 @@ class OpStore:
 
 
 # =============================================================================
-# Analysis: failure signatures, clusters, playbooks, reviews (pure functions over ring ops)
+# Analysis: failure signatures, clusters, playbooks, reviews (pure, but for cached signatures)
 # =============================================================================
 
 SIGNATURE_MAX_CHARS = 200
