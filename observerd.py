@@ -345,6 +345,10 @@ class ConfigError(Exception):
         self.problems = problems
 
 
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class _ConfigBase:
     """What Config derives from its fields: the bind address, check's report."""
 
@@ -374,10 +378,6 @@ Config = make_dataclass(
     namespace={"__module__": __name__, "__doc__": "The effective settings, after file, CLI flags "
                "and environment: one attribute per setting."},
 )
-
-
-def format_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -527,7 +527,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
 
 
 # =============================================================================
-# Model: ObservedOp, its validation and defaults, and strict JSON input
+# Model: ObservedOp, its validation and defaults, strict JSON, gzip and batch bodies
 # =============================================================================
 
 CORRECTION_SOURCE = "overseer_correction"
@@ -860,7 +860,8 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 
 
 # =============================================================================
-# Journal: the durable JSONL file (ring ops, appends, rotation, torn-tail repair, tail restore)
+# Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
+# torn-tail repair, tail restore) and the atomic file writes the loops use too
 # =============================================================================
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -880,6 +881,7 @@ def encode_line(op: dict) -> bytes:
 # signature: the rules cost ~0.7 s per MB, and past a few KiB the 200 normalised characters
 # a signature keeps are long since settled.
 ERROR_TEXT_KEPT_CHARS = 4096
+SIGNATURE_MAX_CHARS = 200  # what an error signature keeps of the normalised text
 
 
 class RingOp:
@@ -893,8 +895,8 @@ class RingOp:
 
     __slots__ = ("line", "endpoint", "source", "timestamp", "success", "duration_ms", "error", "size",
                  "signature")
-    FIELDS = frozenset(__slots__[1:-2])
-    SIGNATURE_BYTES = 250  # what a cached signature holds: at most 200 characters
+    FIELDS = frozenset(("endpoint", "source", "timestamp", "success", "duration_ms", "error"))
+    SIGNATURE_BYTES = 50 + SIGNATURE_MAX_CHARS  # what a cached signature costs, as a str
 
     def __init__(self, op: dict):
         self.line = encode_line(op)
@@ -1381,9 +1383,9 @@ class OpStore:
 
     Group commit: callers queue their ops with a completion callback; one committer thread
     takes everything queued so far, appends it in one write, fsyncs once, applies the ops to
-    the ring in file order, then runs the callbacks (for HTTP, they send the 200s). It wakes
+    the ring in file order, then runs the callbacks (for HTTP, they send the answers, 200 or 503). It wakes
     on the first op queued, so a lone op is written at once: there is no timer. A failed
-    write fails exactly that batch and applies none of it. Without a log (ephemeral), ops
+    write fails exactly that batch and applies none of it. Without a journal (ephemeral), ops
     are applied and their callback run in the caller's thread.
     """
 
@@ -1429,7 +1431,7 @@ class OpStore:
         on_done(0, PersistError("observerd is shutting down"))
 
     def submit_and_wait(self, ops: list[dict]) -> int:
-        """submit() and wait: returns the ring length, or raises PersistError."""
+        """submit() and wait: returns the ring length, or raises the commit's error."""
         result: list = []
         done = threading.Lock()
         done.acquire()
@@ -1513,7 +1515,6 @@ class OpStore:
 # Analysis: failure signatures, clusters, playbooks, reviews (pure, but for cached signatures)
 # =============================================================================
 
-SIGNATURE_MAX_CHARS = 200
 _SIGNATURE_RULES = [
     (re.compile(r"\"[^\"]*\"|'[^']*'"), "<str>"),
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<uuid>"),
@@ -1811,7 +1812,8 @@ def post_json(url: str, payload: object, timeout_s: float) -> object:
 
 
 # =============================================================================
-# HTTP protocol: one error path, request parsing, connection limits and deadlines, answers
+# HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS, and
+# the handler every route runs in (storing ops and answering, from this thread or the committer)
 # =============================================================================
 
 
@@ -1911,7 +1913,7 @@ class ConnectionTracker:
     (slowloris), so each connection gets a deadline for its whole next request, which
     close_expired() enforces by shutting down the reading side under the blocked reader: it
     sees the request end early, asks cut_reason() why, and answers 408 itself. At the cap, a
-    new connection takes the place of the one stalled the longest (idle, or mid-request) the
+    new connection takes the place of the one stalled the longest (idle, mid-request, or not taking its answer) the
     same way; only a cap full of connections being served refuses it. An answer the client
     does not take before its own deadline is dropped (both sides shut down).
     """
@@ -2251,6 +2253,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
             self.server.connections.headers_read(self.connection)
         else:
             self.server.connections.request_read(self.connection)
+        route = None
         try:
             try:
                 self.target = urlsplit(self.path)
@@ -2275,16 +2278,15 @@ class HTTPHandler(BaseHTTPRequestHandler):
                 return
         except RequestError as exc:
             status, body = exc.status, exc
-        except (InvalidOp, TooLarge) as exc:
-            body = request_error(exc, route.parses)
-            status = body.status
         except Exception as exc:
-            log("ERROR", "handler failed", path=self.path[:200], error=repr(exc),
-                traceback=traceback.format_exc())
-            status, body = INTERNAL_ERROR.status, INTERNAL_ERROR
+            body = request_error(exc, route and route.parses)
+            if body is INTERNAL_ERROR:
+                log("ERROR", "handler failed", path=self.path[:200], error=repr(exc),
+                    traceback=traceback.format_exc())
+            status = body.status
         if self._body_unread:
             self.close_connection = True
-        self.send_json(status, body)
+        self.send_answer(status, body)
 
     def authorize(self) -> None:
         token = self.server.config.token
@@ -2387,7 +2389,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         return Exchange(self.command or "-", self.path or "-", self._route, self._started,
                         self.client_address[0])
 
-    def send_json(self, status: int, body: object) -> None:
+    def send_answer(self, status: int, body: object) -> None:
         """Answer from this thread, in a single write so keep-alive never stalls."""
         if self.server.connections.closing:
             self.close_connection = True
@@ -2414,7 +2416,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         """Answer a request that cannot be read, and close the connection."""
         self.close_connection = True
         self.wait_for_turn()
-        self.send_json(error.status, error)
+        self.send_answer(error.status, error)
 
     def send_error(self, code, message=None, explain=None):
         """The stdlib's own errors (request line too long, unknown method) as JSON too."""
@@ -2477,7 +2479,7 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
 REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
 
 
-def parse_review_query(query: object) -> tuple[str | None, str | None, int | None, bool]:
+def parse_review_request(query: object) -> tuple[str | None, str | None, int | None, bool]:
     """Check a POST /observer/review body: endpoint, source, last_n, llm (all optional)."""
     reject_unknown(check_type(query, dict, "body"), REVIEW_OPTIONS, "review option")
     endpoint, source = query.get("endpoint"), query.get("source")
@@ -2539,7 +2541,7 @@ class ObserverHandler(HTTPHandler):
     def post_review(self):
         body = self.read_body()  # empty (Content-Length: 0): no options
         with self.decoding(body):
-            endpoint, source, last_n, use_llm = parse_review_query(parse_json_strict(body) if body.strip() else {})
+            endpoint, source, last_n, use_llm = parse_review_request(parse_json_strict(body) if body.strip() else {})
         ops = [op for op in self.server.store.snapshot()
                if (endpoint is None or op["endpoint"] == endpoint) and (source is None or op["source"] == source)]
         ops = ops[-last_n:] if last_n else ops
@@ -2584,6 +2586,18 @@ class ObserverHandler(HTTPHandler):
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
         "/metrics": Route({"GET": get_metrics}),
     }
+
+
+def _refuse_overloaded(sock: socket.socket) -> None:
+    """Answer 503 without a thread; drain what the client sent so close is not a reset."""
+    if isinstance(sock, ssl.SSLSocket):
+        return  # no handshake yet, so nothing can be said in TLS: just close
+    try:
+        sock.setblocking(False)
+        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
+        sock.recv(65536)
+    except OSError:
+        pass
 
 
 class ObserverServer(ThreadingHTTPServer):
@@ -2640,23 +2654,12 @@ class ObserverServer(ThreadingHTTPServer):
             log("INFO", "connection dropped", remote=client_address[0], error=type(exc).__name__)
         else:
             log("ERROR", "unhandled error in connection", remote=client_address[0],
-                error=repr(exc), traceback="".join(traceback.format_exc()))
-
-
-def _refuse_overloaded(sock: socket.socket) -> None:
-    """Answer 503 without a thread; drain what the client sent so close is not a reset."""
-    if isinstance(sock, ssl.SSLSocket):
-        return  # no handshake yet, so nothing can be said in TLS: just close
-    try:
-        sock.setblocking(False)
-        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
-        sock.recv(65536)
-    except OSError:
-        pass
+                error=repr(exc), traceback=traceback.format_exc())
 
 
 # =============================================================================
-# Background loops: clusters, corrections, playbooks, escalation, on one scheduler thread
+# Background loops: clusters, corrections, playbooks, escalation (one scheduler thread; serve
+# runs the connection reaper on another)
 # =============================================================================
 
 
