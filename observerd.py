@@ -3025,6 +3025,11 @@ def add_setting_flag(parser: argparse.ArgumentParser, name: str, default=None) -
                         help=f"{setting.doc}; overrides {setting.in_file} (default: {setting.default!r})")
 
 
+def setting_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The settings given as flags on the command line, by name, for load_config."""
+    return {name: value for name, value in vars(args).items() if name in SETTING}
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_config_flag(parser: argparse.ArgumentParser, default=None) -> None:
         parser.add_argument("--config", default=default,
@@ -3175,7 +3180,7 @@ def usability_problems(config: Config) -> list[str]:
 def check(args: argparse.Namespace) -> int:
     """`check`: print every problem (exit 2), or warnings and the effective settings (exit 0)."""
     try:
-        config = load_config(args.config, bind=args.bind, persist_path=args.persist_path)
+        config = load_config(args.config, **setting_flags(args))
         problems = usability_problems(config)
     except ConfigError as exc:
         config, problems = None, exc.problems
@@ -3204,8 +3209,7 @@ def print_stats(args: argparse.Namespace) -> int:
         return 2
     try:
         # stats listens nowhere: the file's bind, and the token it may require, are not its concern.
-        config = load_config(args.config, bind="127.0.0.1:0", ring_size=args.ring_size,
-                             recent_scenarios=args.recent_scenarios)
+        config = load_config(args.config, **{**setting_flags(args), "bind": "127.0.0.1:0"})
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.source}: {problem}", file=sys.stderr)
@@ -3316,7 +3320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stats":
         return print_stats(args)
     try:
-        config = load_config(args.config, bind=args.bind, persist_path=args.persist_path)
+        config = load_config(args.config, **setting_flags(args))
     except ConfigError as exc:
         log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
         return 2
