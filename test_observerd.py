@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import http.client
+import io
 import itertools
 import json
 import os
@@ -72,12 +73,18 @@ def write_config(folder: Path, observerd: dict | None = None, auth: dict | None 
     return path
 
 
+def write_settings(folder: Path, settings: dict) -> Path:
+    """A lakehouse.toml holding settings; `token` goes to the [auth] table."""
+    settings = dict(settings)
+    auth = {"token": settings.pop("token")} if "token" in settings else None
+    return write_config(folder, settings, auth)
+
+
 def make_config(tmp_path: Path, **settings) -> od.Config:
     """Load a Config the way the daemon does, from a file holding settings."""
-    auth = {"token": settings.pop("token")} if "token" in settings else None
     settings.setdefault("bind", "127.0.0.1:0")
     settings.setdefault("persist_path", str(tmp_path / "ops.jsonl"))
-    return od.load_config(str(write_config(tmp_path, settings, auth)), environ={})
+    return od.load_config(str(write_settings(tmp_path, settings)), environ={})
 
 
 class Client:
@@ -223,39 +230,90 @@ def daemons():
 def start_durable_daemon(daemons, folder: Path, **settings) -> Daemon:
     settings.setdefault("bind", "127.0.0.1:0")
     settings.setdefault("persist_path", "ops.jsonl")
-    auth = {"token": settings.pop("token")} if "token" in settings else None
-    config = write_config(folder, settings, auth)
-    return daemons(folder, config=config).wait_listening()
+    return daemons(folder, config=write_settings(folder, settings)).wait_listening()
 
 
 def raw_exchange(port: int, data: bytes, timeout=30.0) -> bytes:
-    """Send raw bytes on a fresh connection and read until the server closes or times out."""
+    """Send raw bytes on a fresh connection and read until the server closes it (nothing if it
+    holds the connection open past timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        chunks = []
         try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (ConnectionResetError, socket.timeout):
-            pass
+            return read_until_closed(sock)
+        except socket.timeout:
+            return b""
+
+
+def read_until_closed(sock) -> bytes:
+    """Everything the server sends on sock until it closes the connection."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
     return b"".join(chunks)
+
+
+def read_head(stream) -> tuple[int, dict[str, str]]:
+    """Status and headers (names in lower case) of the next response on a binary stream."""
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
 
 
 def parse_response(raw: bytes) -> tuple[int, dict | None]:
     """Status and JSON body of the first HTTP response in raw bytes."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    body = rest[:length]
+    stream = io.BytesIO(raw)
+    status, headers = read_head(stream)
+    body = stream.read(int(headers.get("content-length", 0)))
     return status, (json.loads(body) if body else None)
+
+
+def in_threads(target, count: int, timeout=60.0) -> None:
+    """Run target(0) ... target(count - 1) on threads at once and wait for them all."""
+    threads = [threading.Thread(target=target, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+
+
+class Writers:
+    """`count` threads, each posting its own numbered ops on its own connection until stop();
+    `acked` holds the endpoints answered 200. A writer whose connection fails stops."""
+
+    def __init__(self, port: int, count: int, event=lambda n, i: {"endpoint": f"/w{n}/{i}"}):
+        self.acked: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._write, args=(port, n, event)) for n in range(count)]
+        for t in self._threads:
+            t.start()
+
+    def _write(self, port, n, event):
+        client = Client(port)
+        i = 0
+        while not self._stop.is_set():
+            body = event(n, i)
+            try:
+                status, _, _ = client.post("/observer/event", body)
+            except (OSError, http.client.HTTPException):
+                return
+            if status == 200:
+                self.acked.append(body["endpoint"])
+            i += 1
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
 
 
 def replay_forward(path: Path) -> list[dict]:
@@ -288,12 +346,16 @@ def stats_of(ops, ring_size=2000, recent=10) -> dict:
 
 
 class FsyncSpy:
-    """Wraps os.fsync for the log file: counts calls, can slow them, hold the first one
-    until an Event is set, or fail chosen ones."""
+    """Wraps os.fsync for the journal: counts calls, can slow them, fail chosen ones, or (held)
+    hold every one until release(), so that commits stay in flight as long as a test needs;
+    `entered` is set once a call has begun."""
 
-    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=(),
-                 hold_first: threading.Event | None = None):
+    def __init__(self, monkeypatch, log_name="ops.jsonl", delay=0.0, fail_calls=(), held=False):
         self.calls = 0
+        self.entered = threading.Event()
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
         self.delay = delay
         self.fail_calls = set(fail_calls)
         self.log_name = log_name
@@ -306,14 +368,17 @@ class FsyncSpy:
             with self.lock:
                 self.calls += 1
                 call = self.calls
-            if call == 1 and hold_first is not None:
-                hold_first.wait(60)
+            self.entered.set()
+            self._released.wait(60)
             time.sleep(self.delay)
             if call in self.fail_calls:
                 raise OSError(5, "Input/output error")
             return real(fd)
 
         monkeypatch.setattr(os, "fsync", fsync)
+
+    def release(self):
+        self._released.set()
 
 
 class FakeService:
@@ -447,12 +512,8 @@ def read_responses(sock, count: int) -> list[tuple[int, dict]]:
     stream = sock.makefile("rb")
     answers = []
     for _ in range(count):
-        status = int(stream.readline().split()[1])
-        length = 0
-        while (line := stream.readline()) not in (b"\r\n", b""):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        answers.append((status, json.loads(stream.read(length))))
+        status, headers = read_head(stream)
+        answers.append((status, json.loads(stream.read(int(headers.get("content-length", 0))))))
     return answers
 
 
@@ -467,26 +528,6 @@ def logged_problems(log_text: str) -> list[str]:
     """The problems of the daemon's one `invalid config` line, as check prints them."""
     line = next(ln for ln in log_text.splitlines() if 'msg="invalid config"' in ln)
     return json.loads(line.split(" problem=", 1)[1]).split("; ")
-
-
-class HeldFsync:
-    """os.fsync of the log blocks until release(): commits stay in flight as long as a test needs."""
-
-    def __init__(self, monkeypatch, log_name="ops.jsonl"):
-        self.entered = threading.Event()
-        self._released = threading.Event()
-        real = os.fsync
-
-        def fsync(fd):
-            if os.readlink(f"/proc/self/fd/{fd}").endswith(log_name):
-                self.entered.set()
-                self._released.wait(30)
-            return real(fd)
-
-        monkeypatch.setattr(os, "fsync", fsync)
-
-    def release(self):
-        self._released.set()
 
 
 def nested(levels: int) -> str:
@@ -682,8 +723,7 @@ def test_env_token_overrides_the_file_in_the_daemon(tmp_path, daemons):
     ({"bind": "127.0.0.1:0"}, True),
 ])
 def test_non_loopback_bind_needs_a_token_or_explicit_opt_out(tmp_path, daemons, settings, starts):
-    auth = {"token": settings.pop("token")} if "token" in settings else None
-    config = write_config(tmp_path, {"persist_path": "", **settings}, auth)
+    config = write_settings(tmp_path, {"persist_path": "", **settings})
     daemon = daemons(tmp_path, config=config)
     if starts:
         daemon.wait_listening()
@@ -1133,6 +1173,17 @@ def limit_cpu_seconds(seconds):
     return apply
 
 
+def start_journaling_in_a_folder(daemons, tmp_path: Path):
+    """A daemon whose journal is data/ops.jsonl, that path, and post(endpoint) -> status."""
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    client = daemon.client()
+
+    def post(endpoint):
+        return client.post("/observer/event", {"endpoint": endpoint})[0]
+
+    return daemon, tmp_path / "data" / "ops.jsonl", post
+
+
 def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
     config = make_config(tmp_path)
     store = od.open_store(config)
@@ -1266,11 +1317,7 @@ def test_rotation_under_concurrent_load_loses_nothing_and_splits_no_line(serve):
             elif client.post("/observer/event", {"endpoint": f"/r{n}/{i}"})[0] == 200:
                 acked.append(f"/r{n}/{i}")
 
-    threads = [threading.Thread(target=post_many, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    in_threads(post_many, 8)
     path = server.config.persist_path
     segments = [p for p in od.segment_paths(path, 1000) if p.exists()]
     assert len(segments) > 5
@@ -1392,14 +1439,8 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
 
 
 def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
-    client = daemon.client()
-    folder = tmp_path / "data"
-    path = folder / "ops.jsonl"
-
-    def post(endpoint):
-        return client.post("/observer/event", {"endpoint": endpoint})[0]
-
+    daemon, path, post = start_journaling_in_a_folder(daemons, tmp_path)
+    folder = path.parent
     assert post("/before-rm") == 200
     path.unlink()  # an operator's rm
     assert post("/after-rm") == 200
@@ -1534,14 +1575,8 @@ def test_restore_skips_log_lines_no_read_could_serve(tmp_path, capsys):
 
 
 def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
-    client = daemon.client()
-    folder = tmp_path / "data"
-    path = folder / "ops.jsonl"
-
-    def post(endpoint):
-        return client.post("/observer/event", {"endpoint": endpoint})[0]
-
+    daemon, path, post = start_journaling_in_a_folder(daemons, tmp_path)
+    folder = path.parent
     assert post("/a") == 200
     os.link(path, tmp_path / "backup.jsonl")  # a hard link keeps the file alive after the rm
     path.unlink()
@@ -1658,11 +1693,7 @@ def test_concurrent_posts_share_fsyncs_and_keep_file_order(serve, monkeypatch):
         for i in range(10):
             statuses.append(client.post("/observer/event", {"endpoint": f"/t{n}/{i}"})[0])
 
-    threads = [threading.Thread(target=post_many, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    in_threads(post_many, 16)
     assert statuses == [200] * 160
     assert spy.calls < 160 / 2, f"{spy.calls} fsyncs for 160 ops: no group commit"
     in_file = [o["endpoint"] for o in replay_forward(server.config.persist_path)]
@@ -1681,8 +1712,7 @@ def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
     server = serve()
     # Call 1 (the first writer) is held until B, C and D queue behind it; call 2, their
     # shared batch, fails; call 3 (E) succeeds.
-    release_first = threading.Event()
-    spy = FsyncSpy(monkeypatch, fail_calls={2}, hold_first=release_first)
+    spy = FsyncSpy(monkeypatch, fail_calls={2}, held=True)
     results = {}
 
     def post(name):
@@ -1695,7 +1725,7 @@ def test_a_failed_group_commit_fails_exactly_its_batch(serve, monkeypatch):
     for t in queued:
         t.start()
     wait_for(lambda: len(server.store._queue) == 3, timeout=60, what="B, C and D to queue")
-    release_first.set()
+    spy.release()
     for t in [first, *queued]:
         t.join(60)
     post("E")
@@ -1736,7 +1766,7 @@ def test_the_newest_op_stays_in_the_ring_however_large():
 
 def test_an_op_is_answered_only_after_its_fsync_returns(serve, monkeypatch):
     server = serve()
-    held = HeldFsync(monkeypatch)
+    held = FsyncSpy(monkeypatch, held=True)
     body = json.dumps({"endpoint": "/durable"}).encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         try:
@@ -2008,6 +2038,10 @@ def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalatio
 # -----------------------------------------------------------------------------
 
 
+def raw_post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
+
+
 def assert_healthy(port) -> None:
     status, _ = parse_response(raw_exchange(port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n"))
     assert status == 200
@@ -2056,22 +2090,6 @@ def send_until_refused(sock: socket.socket, data: bytes) -> None:
         pass
 
 
-def read_until_closed(sock) -> bytes:
-    """Everything the server sends on sock until it closes the connection."""
-    chunks = []
-    try:
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    except ConnectionResetError:
-        pass
-    return b"".join(chunks)
-
-
-def post_raw(port: int, path: str, body: bytes, headers: bytes = b"") -> tuple[int, dict | None]:
-    request = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), len(body), headers)
-    return parse_response(raw_exchange(port, request + body))
-
-
 def served_keep_alive(server: InProcessServer) -> socket.socket:
     """A connection that has had one request answered and whose handler waits for the next."""
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
@@ -2096,15 +2114,6 @@ GET_ROUTES = ["/observer/health", "/observer/stats", "/observer/errors", "/obser
               "/observer/escalations", "/observer/ops", "/metrics"]
 
 
-def read_head(stream) -> tuple[int, dict[str, str]]:
-    status = int(stream.readline().split()[1])
-    headers = {}
-    while (line := stream.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers
-
-
 def op_of_size(size: int) -> bytes:
     """A valid op encoded in exactly size bytes."""
     head = b'{"endpoint": "/sized", "pad": "'
@@ -2120,10 +2129,6 @@ def rejections(server: InProcessServer, token: str | None = None) -> dict[str, f
     finally:
         client.close()
     return {labels["reason"]: value for _, labels, value in families["observerd_rejected_total"]["samples"]}
-
-
-def raw_post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
 
 
 def fail_reviews(monkeypatch):
@@ -2305,13 +2310,14 @@ def test_malformed_requests_get_a_4xx_json_error(serve, name):
     assert server.store.stats()["total"] == 0
 
 
-def test_access_log_is_off_by_default_and_one_line_per_request_when_on(tmp_path, daemons):
-    (tmp_path / "quiet").mkdir()
-    quiet = start_durable_daemon(daemons, tmp_path / "quiet")
+def test_access_log_is_off_by_default(tmp_path, daemons):
+    quiet = start_durable_daemon(daemons, tmp_path)
     quiet.client().get("/observer/health")
     assert "msg=request" not in quiet.log
-    (tmp_path / "loud").mkdir()
-    loud = start_durable_daemon(daemons, tmp_path / "loud", access_log=True)
+
+
+def test_access_log_writes_one_line_per_request_when_on(tmp_path, daemons):
+    loud = start_durable_daemon(daemons, tmp_path, access_log=True)
     loud.client().post("/observer/event", {"endpoint": "/a"})
     loud.client().get("/observer/nope")
     line = wait_for(lambda: [ln for ln in loud.log.splitlines() if "path=/observer/nope" in ln], what="access line")[0]
@@ -2386,7 +2392,7 @@ def test_stalled_connections_make_room_for_new_ones_longest_stalled_first(serve)
 def test_a_cap_full_of_requests_in_flight_answers_503_and_serves_them_all(serve, monkeypatch):
     server = serve(max_connections=2, request_timeout_s=60)
     threads_before = threading.active_count()
-    held = HeldFsync(monkeypatch)
+    held = FsyncSpy(monkeypatch, held=True)
     body = json.dumps({"endpoint": "/in-flight"}).encode()
     post = b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
     in_flight = []
@@ -2413,7 +2419,7 @@ def test_a_cap_full_of_requests_in_flight_answers_503_and_serves_them_all(serve,
 
 def test_a_request_in_flight_is_never_the_one_that_makes_room(serve, monkeypatch):
     server = serve(max_connections=2, request_timeout_s=60)
-    held = HeldFsync(monkeypatch)
+    held = FsyncSpy(monkeypatch, held=True)
     body = json.dumps({"endpoint": "/in-flight"}).encode()
     busy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     try:
@@ -2511,9 +2517,9 @@ def test_transfer_encoding_is_seen_whichever_of_its_fields_holds_it(serve):
     server = serve()
     body = b'{"endpoint":"/smuggled"}'
     for fields in (b"Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n", b"Transfer-Encoding:\r\n"):
-        status, error = post_raw(server.port, "/observer/event", body, fields)
+        status, error = parse_response(raw_exchange(server.port, raw_post(b"/observer/event", body, fields)))
         assert status == 411 and "Transfer-Encoding" in error["error"], fields
-    status, _ = post_raw(server.port, "/observer/event", body, b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n")
+    status, _ = parse_response(raw_exchange(server.port, raw_post(b"/observer/event", body, b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n")))
     assert status == 415  # both values count, not just the first
     assert server.store.stats()["total"] == 0
 
@@ -2648,7 +2654,7 @@ def test_a_request_cut_off_by_the_timeout_is_counted_as_timeout(serve):
 def test_a_connection_refused_at_the_cap_is_counted_and_told_to_retry(serve, monkeypatch):
     server = serve(max_connections=1, request_timeout_s=60)
     before = rejections(server)
-    held = HeldFsync(monkeypatch)
+    held = FsyncSpy(monkeypatch, held=True)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as in_flight:
         try:
             in_flight.sendall(raw_post(b"/observer/event", b'{"endpoint": "/held"}'))
@@ -2732,10 +2738,14 @@ def test_bad_op_is_400_naming_the_field_and_changes_nothing(serve, body, needle)
     assert server.config.persist_path.read_bytes() == b""
 
 
-def test_unknown_path_is_404_and_wrong_method_405_with_allow(serve):
+def test_an_unknown_path_is_404(serve):
     client = serve().client()
     status, body, _ = client.get("/observer/nope")
     assert status == 404 and "error" in body
+
+
+def test_a_wrong_method_is_405_naming_the_allowed_ones(serve):
+    client = serve().client()
     status, body, resp = client.request("DELETE", "/observer/stats")
     assert status == 405 and resp.getheader("Allow") == "GET, HEAD"
     status, body, resp = client.get("/observer/event")
@@ -3480,10 +3490,13 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
     assert json.loads((tmp_path / "ops.jsonl").read_text())["endpoint"] == "/in-flight"
 
 
-def test_cli_help_and_version():
+def test_cli_help_shows_examples():
     help_text = run_cli("--help")
     assert help_text.returncode == 0
     assert "examples:" in help_text.stdout and "check --config" in help_text.stdout
+
+
+def test_cli_version():
     version = run_cli("--version")
     assert (version.returncode, version.stdout.strip()) == (0, f"observerd {od.VERSION}")
 
@@ -3565,19 +3578,8 @@ def test_bad_tls_files_stop_startup_naming_them(tmp_path, daemons, files, needle
 
 def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_path, daemons):
     daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
-    acked, stop = [], threading.Event()
-
-    def writer(n):
-        client = daemon.client()
-        i = 0
-        while not stop.is_set():
-            if client.post("/observer/event", {"endpoint": f"/h{n}/{i}"})[0] == 200:
-                acked.append(f"/h{n}/{i}")
-            i += 1
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
+    writers = Writers(daemon.port, 6, lambda n, i: {"endpoint": f"/h{n}/{i}"})
+    acked = writers.acked
     live, rotated = tmp_path / "ops.jsonl", tmp_path / "ops.jsonl.1"
     wait_for(lambda: len(acked) > 200, timeout=120, what="load")
     os.rename(live, rotated)  # what logrotate does before signalling, with `create`
@@ -3585,9 +3587,7 @@ def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_pat
     wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
     wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, timeout=120, interval=0.1,
              what="ops in the new file")
-    stop.set()
-    for t in threads:
-        t.join(10)
+    writers.stop()
     in_old = [o["endpoint"] for o in replay_forward(rotated)]
     in_new = [o["endpoint"] for o in replay_forward(live)]
     assert sorted(in_old + in_new) == sorted(acked), "lost or duplicated ops across the reopen"
@@ -3771,31 +3771,12 @@ def test_unknown_fields_round_trip_through_file_stats_and_restart(tmp_path, daem
 
 def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemons):
     daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
-    acked: list[str] = []
-    stop = threading.Event()
-
-    def writer(n):
-        client = daemon.client()
-        i = 0
-        while not stop.is_set():
-            endpoint = f"/w{n}/{i}"
-            try:
-                status, _, _ = client.post("/observer/event", {"endpoint": endpoint, "success": i % 3 == 0})
-            except (OSError, http.client.HTTPException):
-                return
-            if status == 200:
-                acked.append(endpoint)
-            i += 1
-
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
+    writers = Writers(daemon.port, 8, lambda n, i: {"endpoint": f"/w{n}/{i}", "success": i % 3 == 0})
+    acked = writers.acked
     wait_for(lambda: len(acked) >= 400, timeout=120, what="400 acknowledged ops")
     daemon.proc.kill()
     daemon.exit_status()
-    stop.set()
-    for t in threads:
-        t.join(10)
+    writers.stop()
 
     lines = (tmp_path / "ops.jsonl").read_bytes().split(b"\n")
     assert lines[-1] == b"", "file must end with a complete line"
