@@ -142,22 +142,32 @@ class InProcessServer:
         self.store.close()
 
 
+def started_by_test(make, stop):
+    """A fixture's body: yields make(...) to the test, and stops all it made at teardown."""
+    started = []
+
+    def start(*args, **kw):
+        thing = make(*args, **kw)
+        started.append(thing)
+        return thing
+
+    yield start
+    for thing in started:
+        stop(thing)
+
+
 @pytest.fixture
 def serve(tmp_path):
     """Start an in-process server with the given settings; all are stopped at teardown."""
-    started = []
+    numbers = itertools.count()
 
-    def start(**settings) -> InProcessServer:
-        folder = tmp_path / f"server{len(started)}"
+    def make(**settings) -> InProcessServer:
+        folder = tmp_path / f"server{next(numbers)}"
         folder.mkdir()
         settings.setdefault("persist_path", str(folder / "ops.jsonl"))
-        server = InProcessServer(make_config(folder, **settings))
-        started.append(server)
-        return server
+        return InProcessServer(make_config(folder, **settings))
 
-    yield start
-    for server in started:
-        server.close()
+    yield from started_by_test(make, InProcessServer.close)
 
 
 class Daemon:
@@ -215,16 +225,7 @@ class Daemon:
 @pytest.fixture
 def daemons():
     """Start subprocess daemons; any still running at teardown are killed."""
-    started = []
-
-    def start(folder, **kw) -> Daemon:
-        daemon = Daemon(folder, **kw)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
+    yield from started_by_test(Daemon, Daemon.stop)
 
 
 def start_durable_daemon(daemons, folder: Path, **settings) -> Daemon:
@@ -418,16 +419,7 @@ class FakeService:
 
 @pytest.fixture
 def fake_service():
-    started = []
-
-    def start(**kw) -> FakeService:
-        service = FakeService(**kw)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.close()
+    yield from started_by_test(FakeService, FakeService.close)
 
 
 def correction(n) -> bytes:
@@ -1962,16 +1954,7 @@ class RawService:
 
 @pytest.fixture
 def raw_service():
-    started = []
-
-    def start(response: bytes, **kw) -> RawService:
-        service = RawService(response, **kw)
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.close()
+    yield from started_by_test(RawService, RawService.close)
 
 
 def http_answer(body: bytes, content_length: int | None = None) -> bytes:
