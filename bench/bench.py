@@ -310,7 +310,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     write_log(big, args.big_lines)
     small_ready, small_restore = time_restart(work, small)
     big_ready, big_restore = time_restart(work, big)
-    print(f"\n| restart | log size | spawn → first answer | restore (logged) |")
+    print("\n| restart | log size | spawn → first answer | restore (logged) |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| 2,000 lines | {small.stat().st_size / 1e6:.1f} MB | {small_ready * 1000:.0f} ms | {small_restore:.1f} ms |")
     print(f"| {args.big_lines:,} lines | {big.stat().st_size / 1e6:.0f} MB | {big_ready * 1000:.0f} ms | {big_restore:.1f} ms |")

@@ -4,7 +4,6 @@ It does the least any Python stdlib HTTP sink can do (keep-alive, Nagle off, one
 response), so observerd's throughput is reported as a ratio to it, measured in the same run.
 """
 
-import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 BODY = b'{"accepted": true}'
