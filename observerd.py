@@ -2301,28 +2301,12 @@ class HTTPHandler(BaseHTTPRequestHandler):
                                {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
 
     def read_body(self) -> bytes:
-        """The request body, bounded by max_body_bytes and checked before reading."""
-        if "Transfer-Encoding" in self.headers:
-            raise RequestError(411, "Content-Length required; Transfer-Encoding is not supported",
-                               "length_required")
-        lengths = self.headers.get_all("Content-Length") or []
-        if not lengths:
-            raise RequestError(411, "Content-Length required", "length_required")
-        if len({value.strip() for value in lengths}) != 1:
-            raise RequestError(400, "conflicting Content-Length headers", "invalid")
-        text = lengths[0].strip()
+        """The request body, sized or chunked, bounded by max_body_bytes while it is read."""
         limit = self.server.config.max_body_bytes
-        try:
-            length = bounded_int(text, limit)
-        except TooLarge:
-            raise TooLarge(f"body of {text[:20]} bytes exceeds max_body_bytes={limit}") from None
-        except ValueError:
-            raise RequestError(400, "Content-Length must be a non-negative integer", "invalid") from None
-        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body = self.rfile.read(length) or b""  # None: the kernel's receive timeout hit first
-        if len(body) < length:
-            raise self.cut_short(f"body ended after {len(body)} of {length} bytes")
+        if "Transfer-Encoding" in self.headers:
+            body = self.read_chunked_body(limit)
+        else:
+            body = self.read_sized_body(limit)
         self._body_unread = False
         self.server.connections.request_read(self.connection)
         encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
@@ -2335,6 +2319,73 @@ class HTTPHandler(BaseHTTPRequestHandler):
             raise RequestError(415, f"Content-Encoding {encoding[:40]!r} is not supported; use gzip or none",
                                "unsupported_encoding")
         return body
+
+    def read_sized_body(self, limit: int) -> bytes:
+        """A body of Content-Length bytes, its length checked before a byte is read."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise RequestError(411, "Content-Length required", "length_required")
+        if len({value.strip() for value in lengths}) != 1:
+            raise RequestError(400, "conflicting Content-Length headers", "invalid")
+        text = lengths[0].strip()
+        try:
+            length = bounded_int(text, limit)
+        except TooLarge:
+            raise TooLarge(f"body of {text[:20]} bytes exceeds max_body_bytes={limit}") from None
+        except ValueError:
+            raise RequestError(400, "Content-Length must be a non-negative integer", "invalid") from None
+        self.continue_if_expected()
+        body = self.rfile.read(length) or b""  # None: the kernel's receive timeout hit first
+        if len(body) < length:
+            raise self.cut_short(f"body ended after {len(body)} of {length} bytes")
+        return body
+
+    def read_chunked_body(self, limit: int) -> bytes:
+        """A chunked body (RFC 9112 7.1): extensions and trailers read and ignored, and 413 as
+        soon as the chunks pass limit, before the rest is read."""
+        if "Content-Length" in self.headers:  # which one frames the body? a smuggler's question
+            raise RequestError(400, "Content-Length and Transfer-Encoding must not be sent together",
+                               "invalid")
+        codings = self.headers.get("Transfer-Encoding")
+        if [coding.strip().lower() for coding in codings.split(",")] != ["chunked"]:
+            raise RequestError(501, f"Transfer-Encoding {codings[:40]!r} is not supported; "
+                               "use chunked, or Content-Length")
+        self.continue_if_expected()
+        chunks, size = [], 0
+        while True:
+            line = self.read_protocol_line("chunk size line")
+            size_text = line.partition(b";")[0].strip()
+            if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+                raise RequestError(400, "malformed chunk size", "invalid")
+            chunk_size = int(size_text, 16) if len(size_text) <= 16 else limit + 1
+            if chunk_size == 0:
+                break
+            size += chunk_size
+            if size > limit:
+                raise TooLarge(f"chunked body exceeds max_body_bytes={limit}")
+            chunk = self.rfile.read(chunk_size) or b""
+            if len(chunk) < chunk_size:
+                raise self.cut_short(f"chunk ended after {len(chunk)} of {chunk_size} bytes")
+            if self.read_protocol_line("chunk end").strip(b"\r\n"):
+                raise RequestError(400, "chunk data is not followed by CRLF", "invalid")
+            chunks.append(chunk)
+        for _ in range(MAX_HEADERS + 1):
+            if self.read_protocol_line("trailer field") in (b"\r\n", b"\n"):
+                return b"".join(chunks)
+        raise RequestError(431, f"more than {MAX_HEADERS} trailer fields", "invalid")
+
+    def read_protocol_line(self, what: str) -> bytes:
+        """One CRLF-ended line of the body's framing, at most MAX_LINE_BYTES."""
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if len(line) > MAX_LINE_BYTES:
+            raise RequestError(431 if what == "trailer field" else 400, f"{what} too long", "invalid")
+        if not line.endswith(b"\n"):
+            raise self.cut_short(f"body ended in a {what}")
+        return line
+
+    def continue_if_expected(self) -> None:
+        if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def cut_short(self, message: str) -> RequestError:
         """A request that ended early: 408 if we cut it off (too slow), else 400 (the client did)."""

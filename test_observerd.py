@@ -2161,13 +2161,10 @@ def test_body_over_the_cap_is_413_before_reading_it(serve):
     assert client.post("/observer/event", {"endpoint": "/small"})[0] == 200
 
 
-def test_body_without_content_length_is_411(serve):
+def test_body_without_content_length_or_chunks_is_411(serve):
     server = serve()
     raw = raw_exchange(server.port, b"POST /observer/event HTTP/1.1\r\nHost: x\r\n\r\n")
     assert parse_response(raw)[0] == 411
-    chunked = (b"POST /observer/event HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"5\r\n{\"a\":\r\n0\r\n\r\n")
-    assert parse_response(raw_exchange(server.port, chunked))[0] == 411
     assert server.store.stats()["total"] == 0
 
 
@@ -2501,7 +2498,7 @@ def test_transfer_encoding_is_seen_whichever_of_its_fields_holds_it(serve):
     body = b'{"endpoint":"/smuggled"}'
     for fields in (b"Transfer-Encoding: \r\nTransfer-Encoding: chunked\r\n", b"Transfer-Encoding:\r\n"):
         status, error = parse_response(raw_exchange(server.port, raw_post(b"/observer/event", body, fields)))
-        assert status == 411 and "Transfer-Encoding" in error["error"], fields
+        assert status == 400 and "Transfer-Encoding" in error["error"], fields  # with Content-Length
     status, _ = parse_response(raw_exchange(server.port, raw_post(b"/observer/event", body, b"Content-Encoding: identity\r\nContent-Encoding: gzip\r\n")))
     assert status == 415  # both values count, not just the first
     assert server.store.stats()["total"] == 0
@@ -2672,6 +2669,65 @@ def test_leading_zeros_and_x_gzip_are_taken_as_the_rfcs_say(serve):
                                headers={"Content-Encoding": "x-gzip"})
     assert status == 200
     assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/x-gzip", "/zeros", "/a"]
+
+
+def chunked(body: bytes, sizes=(7,), extension=b"", trailers=b"") -> bytes:
+    """body in chunks of the given sizes (the last repeated), then the last chunk and trailers."""
+    out, at, sizes = [], 0, list(sizes)
+    while at < len(body):
+        size = sizes.pop(0) if len(sizes) > 1 else sizes[0]
+        piece = body[at:at + size]
+        out.append(b"%x%s\r\n%s\r\n" % (len(piece), extension, piece))
+        at += size
+    return b"".join(out) + b"0\r\n" + trailers + b"\r\n"
+
+
+def post_chunked(port: int, path: bytes, framed: bytes, headers: bytes = b"") -> tuple[int, dict | None]:
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n%s\r\n" % (path, headers)
+    return parse_response(raw_exchange(port, head + framed))
+
+
+def test_chunked_bodies_are_read_on_every_post_route(serve):
+    server = serve()
+    op_body = json.dumps({"endpoint": "/chunked", "pad": "x" * 300}).encode()
+    assert post_chunked(server.port, b"/observer/event", chunked(op_body, (1, 2, 3, 5, 8, 13, 100)))[0] == 200
+    assert post_chunked(server.port, b"/observer/event",
+                        chunked(op_body, (64,), extension=b';name="v" ;x', trailers=b"X-Sum: 1\r\nX-T: 2\r\n"))[0] == 200
+    batch = b"".join(json.dumps({"endpoint": f"/n{i}"}).encode() + b"\n" for i in range(3))
+    status, answer = post_chunked(server.port, b"/observer/events", chunked(gzip.compress(batch), (10,)),
+                                  b"Content-Type: application/x-ndjson\r\nContent-Encoding: gzip\r\n")
+    assert (status, answer["accepted"]) == (200, 3)
+    assert post_chunked(server.port, b"/observer/review", chunked(b'{"endpoint": "/chunked"}'))[1]["ops_considered"] == 2
+    assert [o["endpoint"] for o in server.store.snapshot()] == ["/chunked", "/chunked", "/n0", "/n1", "/n2"]
+
+
+@pytest.mark.parametrize("framed, headers, status, needle", [
+    (b"zz\r\n{}\r\n0\r\n\r\n", b"", 400, "malformed chunk size"),
+    (b"\r\n0\r\n\r\n", b"", 400, "malformed chunk size"),
+    (b"2\r\n{}}\r\n0\r\n\r\n", b"", 400, "not followed by CRLF"),
+    (b"ffffffffffffffffff\r\n", b"", 413, "max_body_bytes"),
+    (b"2\r\n{}\r\n0\r\n\r\n", b"Content-Length: 2\r\n", 400, "must not be sent together"),
+    (b"2\r\n{}\r\n0\r\n\r\n", b"Transfer-Encoding: gzip\r\n", 501, "not supported"),
+])
+def test_malformed_chunked_bodies_are_refused_naming_why(serve, framed, headers, status, needle):
+    server = serve()
+    got, error = post_chunked(server.port, b"/observer/event", framed, headers)
+    assert got == status and needle in error["error"]
+    assert server.store.stats()["total"] == 0
+
+
+def test_a_chunked_body_past_the_cap_is_413_before_the_rest_is_read(serve):
+    server = serve(max_body_bytes=1000)
+    body = json.dumps({"endpoint": "/big", "pad": "x" * 2000}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        # The chunks past the cap are never sent: the answer must not wait for them.
+        sock.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + chunked(body, (600,))[:1300])
+        status, error = parse_response(read_until_closed(sock))
+    assert status == 413 and "max_body_bytes=1000" in error["error"]
+    exact = json.dumps({"endpoint": "/e", "pad": "y" * 950}).encode()
+    exact += b" " * (1000 - len(exact))
+    assert post_chunked(server.port, b"/observer/event", chunked(exact, (333,)))[0] == 200
 
 
 # -----------------------------------------------------------------------------
@@ -2861,8 +2917,8 @@ def test_the_ops_query_returns_100_by_default(serve):
 
 @pytest.mark.parametrize("head, body, status", [
     (b"", b"", 411),
-    (b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n", 411),
-    (b"Content-Length: 0\r\n", b"", 200),  # an empty body: no options
+    (b"Transfer-Encoding: chunked\r\n", b"0\r\n\r\n", 200),  # an empty body: no options
+    (b"Content-Length: 0\r\n", b"", 200),
 ])
 def test_review_needs_a_content_length_like_every_route_with_a_body(serve, head, body, status):
     server = serve()
