@@ -1856,7 +1856,7 @@ def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
     if isinstance(exc, TooLarge):
         return RequestError(413, str(exc), "too_large")
     if isinstance(exc, PersistError):
-        return RequestError(503, f"op not persisted: {exc}", "persist_failed")
+        return RequestError(503, f"op not persisted: {exc}", "persist_failed", {"Retry-After": "1"})
     return INTERNAL_ERROR
 
 

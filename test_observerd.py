@@ -1660,14 +1660,15 @@ def test_counters_match_a_full_recount_under_random_traffic():
             assert plain(ring.stats()) == expected
 
 
-def test_persist_failure_is_503_and_memory_untouched(tmp_path):
+def test_persist_failure_is_503_with_retry_after_and_memory_untouched(tmp_path):
     # /dev/full fails every write with ENOSPC: a real fault, no mock.
     config = make_config(tmp_path, persist_path="/dev/full")
     server = InProcessServer(config)
     try:
         client = server.client()
-        status, body, _ = client.post("/observer/event", {"endpoint": "/e"})
+        status, body, response = client.post("/observer/event", {"endpoint": "/e"})
         assert status == 503 and "not persisted" in body["error"]
+        assert response.getheader("Retry-After") == "1"
         assert client.get("/observer/stats")[1]["total"] == 0
         assert client.get("/observer/health")[0] == 200
     finally:
