@@ -2115,20 +2115,25 @@ def read_request_head(request_line: bytes, rfile) -> tuple[str, str, str, Reques
         if version.startswith("HTTP/") and version[5:6].isdigit() and version[5:6] != "0":
             raise RequestError(505, f"HTTP version {version[5:][:10]} not supported")
         raise RequestError(400, "malformed HTTP version in request line", "invalid")
-    headers = RequestHeaders()
+    return method, target, version, read_fields(rfile, "header")
+
+
+def read_fields(rfile, what: str) -> RequestHeaders:
+    """Field lines up to the empty line: a request's headers, or a chunked body's trailers."""
+    fields = RequestHeaders()
     for _ in range(MAX_HEADERS + 1):
         line = rfile.readline(MAX_LINE_BYTES + 1)
         if len(line) > MAX_LINE_BYTES:
-            raise RequestError(431, "header line too long", "invalid")
+            raise RequestError(431, f"{what} line too long", "invalid")
         if line in (b"\r\n", b"\n"):
-            return method, target, version, headers
+            return fields
         if not line.endswith(b"\n"):
-            raise IncompleteRequest("headers ended early")
+            raise IncompleteRequest(f"{what}s ended early")
         name, sep, value = line.decode("iso-8859-1").partition(":")
         if not sep or not name or name != name.strip() or " " in name:
-            raise RequestError(400, "malformed header line", "invalid")
-        headers.add(name, value.strip())
-    raise RequestError(431, f"more than {MAX_HEADERS} headers", "invalid")
+            raise RequestError(400, f"malformed {what} line", "invalid")
+        fields.add(name, value.strip())
+    raise RequestError(431, f"more than {MAX_HEADERS} {what}s", "invalid")
 
 
 @dataclass(frozen=True)
@@ -2369,16 +2374,17 @@ class HTTPHandler(BaseHTTPRequestHandler):
             if self.read_protocol_line("chunk end").strip(b"\r\n"):
                 raise RequestError(400, "chunk data is not followed by CRLF", "invalid")
             chunks.append(chunk)
-        for _ in range(MAX_HEADERS + 1):
-            if self.read_protocol_line("trailer field") in (b"\r\n", b"\n"):
-                return b"".join(chunks)
-        raise RequestError(431, f"more than {MAX_HEADERS} trailer fields", "invalid")
+        try:
+            read_fields(self.rfile, "trailer")  # read to the end of the body, and ignored
+        except IncompleteRequest as exc:
+            raise self.cut_short(str(exc)) from None
+        return b"".join(chunks)
 
     def read_protocol_line(self, what: str) -> bytes:
         """One CRLF-ended line of the body's framing, at most MAX_LINE_BYTES."""
         line = self.rfile.readline(MAX_LINE_BYTES + 1)
         if len(line) > MAX_LINE_BYTES:
-            raise RequestError(431 if what == "trailer field" else 400, f"{what} too long", "invalid")
+            raise RequestError(400, f"{what} too long", "invalid")
         if not line.endswith(b"\n"):
             raise self.cut_short(f"body ended in a {what}")
         return line
