@@ -1539,6 +1539,9 @@ SINCE_RUN_BYTES = 1024 * 1024
 _RELATIVE_TIME = re.compile(r"(\d{1,12})([smhd])")
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _REGEX_SYNTAX = re.compile(r"[.^$*+?{}\[\]\\|()]")
+# What makes a regex depend on the text around a match (anchors, word edges, lookaround):
+# without any, a pattern that matches a field's text matches a line holding it verbatim.
+_REGEX_CONTEXT = re.compile(r"[\^$]|\\[AZbB]|\(\?<?[=!]")
 # The first fields of an op as observerd writes it (validate_op's order, encode_line's
 # spelling, no value left to a default): a line that starts so holds exactly these values,
 # read without decoding it.
@@ -1583,8 +1586,8 @@ class OpFilter:
     A line is judged in up to three steps, each dearer than the one before and each sure
     when it rules a line out: a needle (bytes the line must hold: the filter value likely
     rarest; a line with any backslash always goes on, as an escape may spell it otherwise),
-    the canonical head (endpoint, source, timestamp, success read off the line's start),
-    then the decoded, validated op.
+    the raw line (its canonical head: endpoint, source, timestamp, success read off its
+    start; and the grep over its text), then the decoded, validated op.
     """
 
     def __init__(self, given: dict[str, str], now: float):
@@ -1626,6 +1629,7 @@ class OpFilter:
                 raise InvalidOp("grep", f"is not a valid regular expression: {exc}") from None
             if given["grep"] and not _REGEX_SYNTAX.search(given["grep"]):
                 needles.append(_escaped(given["grep"]))  # plain text: the line holds it
+        self.greps_raw = self.grep is not None and not _REGEX_CONTEXT.search(given["grep"])
         if self.endpoint_glob is not None and glob_literal:
             needles.append(_escaped(glob_literal))
         self.source = None
@@ -1648,6 +1652,7 @@ class OpFilter:
         self._source = None if self.source is None else self.source.encode()
         self._judges_head = self._timed or any(
             value is not None for value in (self.endpoint, self.endpoint_glob, self.source, self.success))
+        self.judges_raw = self._judges_head or self.greps_raw
 
     def _endpoint_ok(self, endpoint: str) -> bool:
         if self.endpoint is not None:
@@ -1657,11 +1662,12 @@ class OpFilter:
     def _time_ok(self, seconds: float) -> bool:
         return (self.since is None or seconds >= self.since) and (self.until is None or seconds <= self.until)
 
-    def head_rejects(self, line: bytes) -> bool:
-        """Whether the line's canonical head rules it out; False if it has none, or passes."""
-        if not self._judges_head:
-            return False
-        head = _CANONICAL_HEAD.match(line)
+    def rules_out(self, line: bytes) -> bool:
+        """Whether the line is ruled out before it is decoded: by its canonical head, or by a
+        grep that finds nothing in its text (where no escape can hide what the fields say)."""
+        if self.greps_raw and b"\\" not in line and not self.grep.search(line.decode("utf-8", "replace")):
+            return True
+        head = _CANONICAL_HEAD.match(line) if self._judges_head else None
         if head is None:
             return False
         endpoint, source, timestamp, success = head.groups()
@@ -1857,12 +1863,14 @@ class _WholeLinesBackward:
 def candidate_lines(chunk: bytes, op_filter: OpFilter):
     """(index, line) of the chunk's lines the filter's needle lets through, newest first.
 
-    Those holding the needle or a backslash (an escape may spell it otherwise), and with a
-    needle only a canonical head spells, those without one: found by bytes.find and one
-    regex in C, so a line passed over costs no Python work.
+    Those holding the needle, or with a grep to judge raw text and no needle, those its
+    pattern touches; and any with a backslash (an escape may spell it otherwise); with a
+    needle only a canonical head spells, any without one. Found by bytes.find and regexes
+    over the whole chunk, so a line passed over costs no Python work.
     """
     needle = op_filter.needle
-    if needle is None:
+    ascii_text = op_filter.greps_raw and needle is None and chunk.isascii()
+    if needle is None and not ascii_text:
         pos = len(chunk) - 1  # the newline ending the newest line
         while pos >= 0:
             start = chunk.rfind(b"\n", 0, pos) + 1
@@ -1870,7 +1878,15 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
             pos = start - 1
         return
     starts = set()
-    for wanted in (needle, b"\\"):
+    if ascii_text:  # character offsets are byte offsets
+        text = chunk.decode("ascii")
+        for match in op_filter.grep.finditer(text):
+            starts.add(text.rfind("\n", 0, match.start()) + 1)
+            newline = text.find("\n", match.start(), match.end() - 1)
+            while newline >= 0:  # a match running on into the lines after
+                starts.add(newline + 1)
+                newline = text.find("\n", newline + 1, match.end() - 1)
+    for wanted in (needle, b"\\") if needle is not None else (b"\\",):
         hit = chunk.find(wanted)
         while hit >= 0:
             starts.add(chunk.rfind(b"\n", 0, hit) + 1)
@@ -1911,7 +1927,7 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
         while (chunk := reader.next_chunk()) is not None:
             offset, lines = chunk
             for start, line in candidate_lines(lines, op_filter):
-                if not line.strip() or op_filter.head_rejects(line):
+                if not line.strip() or (op_filter.judges_raw and op_filter.rules_out(line)):
                     continue
                 op = skipped.decode(line, segment.path, offset + start)
                 if op is None:
@@ -2027,7 +2043,7 @@ class JournalFollower:
             cut = data.rfind(b"\n") + 1
             followed.partial = data[cut:]
             for line in data[:cut].split(b"\n")[:-1]:
-                if line.strip() and not self.op_filter.head_rejects(line):
+                if line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
                     op = self.skipped.decode(line, followed.path, line_at)
                     if op is not None and self.op_filter.accepts(op):
                         kept.append(RingOp(op))

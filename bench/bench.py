@@ -6,10 +6,13 @@ keep-alive clients at 1, 16 and 64 connections posting single events, and 16 con
 batches of 100. The load comes from wrk (Debian package `wrk`) when installed, else from a stdlib
 multi-process keep-alive generator. Then it times a restart over a 1,000,000-line log and a
 2,000-line log, measures GET /observer/stats p99 while durable ingest runs flat out, and
-prints the README's targets with each result. Everything it writes lives in one temporary
-folder, removed at the end, on failure, on Ctrl-C and on SIGTERM.
+prints the README's targets with each result. Last, it times `observerd.py ops` over a
+generated 1,000,000-line journal: a --since 1h query whose window holds the newest ~10,000 ops,
+and full-history filtered scans. Everything it writes lives in one temporary folder, removed at
+the end, on failure, on Ctrl-C and on SIGTERM.
 
     make bench                      # or: python3 bench/bench.py --duration 5
+    python3 bench/bench.py --history-only   # just the journal queries
 """
 
 from __future__ import annotations
@@ -232,6 +235,73 @@ def stats_latency_under_load(port: int, duration: float, load) -> tuple[float, d
     return percentile(sorted(latencies), 99) * 1000, result
 
 
+# --- journal queries (observerd.py ops) ---------------------------------------------------
+
+def write_history(path: Path, lines: int, recent: int = 10_000) -> None:
+    """A journal of `lines` ops over the last week, the newest `recent` of them in the last hour
+    (3,500 s), 30 endpoints, 5% failures, each op with a trace id, timestamps in file order."""
+    now = time.time()
+    old = lines - recent
+    template = ('{"endpoint":"/mcp/tool%d","source":"mcp","timestamp":"%s.%06dZ","success":%s,'
+                '"duration_ms":%d.5,"input_summary":"query=lakehouse things","output_summary":"3 hits",'
+                '%s"trace_id":"%032x"}\n')
+    with open(path, "w") as f:
+        for start in range(0, lines, 10000):
+            chunk = []
+            for i in range(start, min(lines, start + 10000)):
+                at = now - 3500 + (i - old) * 3500 / recent if i >= old else now - 3600 - 7 * 86400 * (old - i) / old
+                failed = i % 20 == 7
+                chunk.append(template % (i % 30, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)),
+                                         int(at % 1 * 1e6), "false" if failed else "true", i % 100,
+                                         '"error":"Timeout after 30s calling 10.0.0.12:8080",' if failed else "",
+                                         i * 2654435761 % 2 ** 128))
+            f.write("".join(chunk))
+
+
+def time_ops(path: Path, *args: str, runs: int = 5) -> tuple[float, int]:
+    """Median seconds of `observerd.py ops FILE args -o ndjson` to /dev/null, and ops printed."""
+    seconds, printed = [], 0
+    for _ in range(runs):
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "observerd.py", "ops", str(path), "-o", "ndjson", *args],
+                             cwd=ROOT, capture_output=True, check=True).stdout
+        seconds.append(time.perf_counter() - started)
+        printed = out.count(b"\n")
+    return statistics.median(seconds), printed
+
+
+def history_bench(work: Path, lines: int) -> list[tuple[str, str, bool]]:
+    path = work / "history.jsonl"
+    write_history(path, lines)
+    size = path.stat().st_size
+    startup, _ = time_ops(path, "-n", "1")
+    print(f"\n| `observerd.py ops` over a {lines:,}-line journal ({size / 1e6:.0f} MB) | ops printed | seconds | MB/s |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| `-n 1` (Python start, imports, one op) | 1 | {startup:.2f} | |")
+    results = {}
+    for name, args, scan in [
+            ("--since 1h (the newest 50)", ("--since", "1h"), False),
+            ("--since 1h -n 100000 (all of the window)", ("--since", "1h", "-n", "100000"), False),
+            ("--endpoint /mcp/tool7 --failed, whole history", ("--endpoint", "/mcp/tool7", "--failed", "-n", "10000000"), True),
+            ("--grep 'connection refused', whole history", ("--grep", "connection refused"), True),
+            ("--grep '(?i)refused after \\d+s', whole history", ("--grep", r"(?i)refused after \d+s"), True),
+            ("--field trace_id=… (one op), whole history", ("--field", "trace_id=%032x" % (12345 * 2654435761)), True),
+            ("--failed, whole history (50,000 printed)", ("--failed", "-n", "10000000"), True)]:
+        seconds, printed = time_ops(path, *args)
+        results[name] = (seconds, printed)
+        print(f"| `{name}` | {printed:,} | {seconds:.2f} | {f'{size / 1e6 / seconds:,.0f}' if scan else ''} |")
+    window, _ = results["--since 1h -n 100000 (all of the window)"]
+    newest, _ = results["--since 1h (the newest 50)"]
+    scan_seconds, _ = results["--endpoint /mcp/tool7 --failed, whole history"]
+    return [
+        (f"`ops --since 1h` over {lines:,} lines, ~10,000 in the window, < 0.5 s",
+         f"**{window:.2f} s** printing all of the window, {newest:.2f} s the newest 50 "
+         f"(of which {startup:.2f} s starting Python)", window < 0.5),
+        ("full-history filtered scan ≥ 150 MB/s", f"**{size / 1e6 / scan_seconds:,.0f} MB/s** "
+         "(--endpoint --failed, Python's start included)", size / 1e6 / scan_seconds >= 150),
+    ]
+
+
 # --- targets ---------------------------------------------------------------------------
 
 def targets(rows: list, big_lines: int, small_ready: float, big_ready: float, big_restore_ms: float,
@@ -261,6 +331,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
     parser.add_argument("--big-lines", type=int, default=1_000_000, help="lines in the big restart log")
     parser.add_argument("--stdlib-load", action="store_true", help="use the stdlib generator even if wrk exists")
+    parser.add_argument("--history-only", action="store_true", help="time only the journal queries (ops)")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the folder removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -273,6 +344,9 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, work: Path) -> int:
+    if args.history_only:
+        print_targets(history_bench(work, args.big_lines))
+        return 0
     use_wrk = shutil.which("wrk") and not args.stdlib_load
     load = run_wrk if use_wrk else run_stdlib_load
     print(f"# observerd benchmark — {platform.node()}: {os.cpu_count()} cores, Python "
@@ -317,11 +391,16 @@ def run(args: argparse.Namespace, work: Path) -> int:
     print(f"\nGET /observer/stats p99 while durable single-event ingest runs at 16 connections "
           f"({during['rps']:,.0f} req/s): {stats_p99:.2f} ms")
 
+    met = targets(rows, args.big_lines, small_ready, big_ready, big_restore, stats_p99)
+    print_targets(met + history_bench(work, args.big_lines))
+    return 0
+
+
+def print_targets(met: list[tuple[str, str, bool]]) -> None:
     print("\n| target | result |")
     print("| --- | --- |")
-    for target, result, met in targets(rows, args.big_lines, small_ready, big_ready, big_restore, stats_p99):
-        print(f"| {target} | {result} {'✔' if met else '✘'} |")
-    return 0
+    for target, result, ok in met:
+        print(f"| {target} | {result} {'✔' if ok else '✘'} |")
 
 
 if __name__ == "__main__":
