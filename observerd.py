@@ -1819,11 +1819,8 @@ class JournalFiles:
         except ValueError:
             raise InvalidOp("cursor", "is malformed: pass back the cursor of an answer as it was") from None
         for index, segment in enumerate(self.segments):
-            if segment.ino == ino:
-                if (os.pread(segment.fd, 1, offset - 1) == b"\n"
-                        and self.cursor(index, offset).endswith("." + crc)):
-                    return index, offset
-                break
+            if segment.ino == ino and offset <= segment.end and self.cursor(index, offset).endswith("." + crc):
+                return index, offset
         raise RotatedAway("the ops at this cursor were rotated away (segments beyond keep_files are "
                           "deleted); start again without a cursor")
 

@@ -3963,7 +3963,8 @@ HISTORY_FILTER_CHOICES = {
     "endpoint": HISTORY_ENDPOINTS + ["/mcp/*", "*é", "/scenario/?/*", "/mcp/[[]x]", "/nothing"],
     "source": list(od.SOURCES),
     "success": ["true", "false"],
-    "grep": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke"],
+    "grep": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
+             "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
     "field": ["trace=t3", "n=3", "flag=true", 'obj={"a":1}', "n=", "seq=7"],
 }
 
@@ -4004,6 +4005,25 @@ def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(t
         assert page.cursor is None and not page.truncated
 
 
+def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    lines = [od.encode_line(op("/a", input_summary="plain", seq=1)),
+             od.encode_line(op("/b", input_summary="q=timeout", seq=2)),
+             od.encode_line(op("/c", input_summary="q=timeout", seq=3)),
+             # Left to its default, the timestamp is the reading's "now": within any since.
+             b'{"endpoint":"/d","source":"mcp","timestamp":"","success":true,"seq":4}\n']
+    path.write_bytes(b"".join(lines))
+    now = time.time()
+
+    def kept(given):
+        with od.JournalFiles(path, 0) as files:
+            return seqs(plain(od.read_history(files, od.OpFilter(given, now), 100).ops))
+
+    # Searched over the whole chunk, this pattern's first match runs from /a's line into /c's.
+    assert kept({"grep": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
+    assert kept({"since": "1m", "success": "true"}) == [4]
+
+
 def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run_of_older_ones(
         tmp_path, monkeypatch):
     monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", 512)
@@ -4025,6 +4045,14 @@ def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run
     path.write_bytes(b"".join(map(od.encode_line, old + recent[:1] + old + recent[1:])))
     with od.JournalFiles(path, 0) as files:
         assert seqs(plain(od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9).ops)) == [2001]
+    # A filter few recent ops pass still reads the whole window: it knows where it is in time
+    # from a line of each block, not only from the ops it keeps.
+    rare = history_op(3000, 3000, endpoint="/rare")
+    busy = [history_op(4000 + i, 2000 - i) for i in range(200)]  # about 30 KiB after it
+    path.write_bytes(b"".join(map(od.encode_line, old + [rare] + busy)))
+    with od.JournalFiles(path, 0) as files:
+        page = od.read_history(files, od.OpFilter({"since": "1h", "endpoint": "/rare"}, now), 10 ** 9)
+    assert seqs(plain(page.ops)) == [3000]
 
 
 def write_rotated_journal(folder: Path, now: float) -> list[dict]:
@@ -4287,6 +4315,22 @@ def test_ops_follow_into_a_pipe_that_closes_ends_quietly(tmp_path, daemons):
     assert first == list(range(first[0], first[0] + 3))  # the backlog's two, and the next
 
 
+def test_ops_follow_reads_a_file_truncated_in_place_from_its_start(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(history_op(i, 10)) for i in range(3)))
+    with od.JournalFiles(path, 0) as files:
+        follower = od.JournalFollower(path, 0, od.OpFilter({}, time.time()), od.SkippedLines(), files.segments[0])
+    try:
+        append_to(path, od.encode_line(history_op(3, 5)))
+        assert seqs(plain(follower.poll())) == [3]
+        with open(path, "r+b") as f:  # logrotate's copytruncate
+            f.truncate(0)
+        append_to(path, od.encode_line(history_op(4, 1)))
+        assert seqs(plain(follower.poll())) == [4]
+    finally:
+        follower.close()
+
+
 def history_page(client, query: str = "", expect: int = 200):
     status, body, _ = client.get(f"/observer/history{'?' if query else ''}{query}")
     assert status == expect, body
@@ -4361,6 +4405,11 @@ def test_a_cursor_into_a_rotated_away_segment_is_410(serve):
     post_seqs(client, range(6, 30))  # the file the cursor names is deleted beyond keep_files
     body = history_page(client, f"cursor={cursor}", expect=410)
     assert "rotated away" in body["error"]
+    # A cursor whose file now holds other bytes (its inode reused) is as gone.
+    current = history_page(client, "limit=1")["cursor"]
+    ino, offset, crc = current.split(".")
+    assert history_page(client, f"cursor={ino}.{offset}.{int(crc, 16) ^ 1:08x}", expect=410)
+    assert history_page(client, f"cursor={ino}.{10 ** 15}.{crc}", expect=410)
 
 
 @pytest.mark.parametrize("query, param", [
