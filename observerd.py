@@ -8,10 +8,10 @@ keeps the newest ``ring_size`` ops in a ring for live statistics, restores that 
 journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
-``python observerd.py --help`` lists the subcommands (serve, check, stats).
+``python observerd.py --help`` lists the subcommands (serve, check, stats, ops).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> journal -> store -> analysis -> insights ->
+logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
 outbound -> HTTP protocol -> API -> background loops -> CLI/main.
 """
 

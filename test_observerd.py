@@ -7,6 +7,7 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import gzip
 import http.client
 import io
@@ -18,6 +19,7 @@ import random
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -3933,7 +3935,7 @@ def random_history_op(rng, i: int, now: float) -> dict:
 def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
     """The filters as the README states them, written out plainly: the reference."""
     endpoint = given.get("endpoint")
-    if endpoint is not None and not (fnmatch_case(o["endpoint"], endpoint) if any(c in endpoint for c in "*?[")
+    if endpoint is not None and not (fnmatch.fnmatchcase(o["endpoint"], endpoint) if any(c in endpoint for c in "*?[")
                                      else o["endpoint"] == endpoint):
         return False
     if "source" in given and o["source"] != given["source"]:
@@ -3952,11 +3954,6 @@ def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
         text = o[key] if isinstance(o[key], str) else json.dumps(o[key], separators=(",", ":"), ensure_ascii=False)
         return text == value
     return True
-
-
-def fnmatch_case(name: str, pattern: str) -> bool:
-    import fnmatch
-    return fnmatch.fnmatchcase(name, pattern)
 
 
 HISTORY_FILTER_CHOICES = {
@@ -4055,7 +4052,7 @@ def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run
     assert seqs(plain(page.ops)) == [3000]
 
 
-def write_rotated_journal(folder: Path, now: float) -> list[dict]:
+def write_history_segments(folder: Path, now: float) -> list[dict]:
     """ops.jsonl.2, .1 and the live file, with corrupt lines and out-of-order timestamps;
     returns the valid ops, oldest first in file order."""
     ops, n = [], 0
@@ -4078,7 +4075,7 @@ def write_rotated_journal(folder: Path, now: float) -> list[dict]:
 
 def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     now = time.time()
-    ops = write_rotated_journal(tmp_path, now)
+    ops = write_history_segments(tmp_path, now)
     newest_first = ops[::-1]
     journal = str(tmp_path / "ops.jsonl")
 
@@ -4114,7 +4111,7 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
 
 
 def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
-    ops = write_rotated_journal(tmp_path, time.time())
+    ops = write_history_segments(tmp_path, time.time())
     config = write_settings(tmp_path, {"persist_path": "ops.jsonl", "keep_files": 1})
     result = run_ops("--config", str(config), "-n", "1000", "-o", "ndjson", cwd="/")
     assert result.returncode == 0, result.stderr
@@ -4191,16 +4188,11 @@ def test_ops_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
     path = tmp_path / "ops.jsonl"
     # Far more than a pipe holds, so the writer is still writing when head exits.
     path.write_bytes(b"".join(od.encode_line(history_op(i, 100, extra="x" * 200)) for i in range(5000)))
-    result = subprocess.run(f"{shlex_quote(sys.executable)} {shlex_quote(str(DAEMON))} ops "
-                            f"{shlex_quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops "
+                            f"{shlex.quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
                             shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
     assert json.loads(result.stdout)["seq"] == 4999
-
-
-def shlex_quote(text: str) -> str:
-    import shlex
-    return shlex.quote(text)
 
 
 class OpsFollower:
@@ -4299,8 +4291,8 @@ def test_ops_follow_into_a_pipe_that_closes_ends_quietly(tmp_path, daemons):
     daemon = start_durable_daemon(daemons, tmp_path)
     client = daemon.client()
     post_seqs(client, range(2))
-    pipeline = subprocess.Popen(f"{shlex_quote(sys.executable)} {shlex_quote(str(DAEMON))} ops -f -n 2 "
-                                f"{shlex_quote(str(tmp_path / 'ops.jsonl'))} | head -n 3; exit ${{PIPESTATUS[0]}}",
+    pipeline = subprocess.Popen(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops -f -n 2 "
+                                f"{shlex.quote(str(tmp_path / 'ops.jsonl'))} | head -n 3; exit ${{PIPESTATUS[0]}}",
                                 shell=True, executable="/bin/bash", stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     i = 2
