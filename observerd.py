@@ -1763,33 +1763,61 @@ def _open_for_reading(path: Path) -> int | None:
 
 
 class JournalFiles:
-    """The journal's files that exist, newest first, each opened once and read through that
-    descriptor: a rotation or deletion meanwhile changes nothing of what is read.
+    """The journal's files as they were when listed, newest first, each opened when it is first
+    read and read through that descriptor: a rotation or deletion meanwhile changes nothing
+    of what is read, and only the files in hand hold descriptors.
 
-    A rotation running while they are opened can show one file under two names (files only
-    ever move to older names): it is kept once, under the newer.
+    Files only ever move to older names, so one is looked for under the name it was listed
+    by and the older ones; a rotation while they are listed can show one file under two
+    names: it is listed once, under the newer.
     """
 
     def __init__(self, path: Path, keep_files: int):
-        self.segments: list[Segment] = []
-        try:
-            for name in segment_paths(path, keep_files):
+        self.path, self.keep_files = path, keep_files
+        self.listed: list[tuple[int, int]] = []  # (its place in segment_paths, inode)
+        self._opened: dict[int, Segment] = {}
+        for place, name in enumerate(segment_paths(path, keep_files)):
+            try:
+                status = os.stat(name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(status.st_mode) and all(ino != status.st_ino for _, ino in self.listed):
+                self.listed.append((place, status.st_ino))
+        # Opened now: where the live file ends now is where a query starts, and a follow goes on.
+        self._live = self.segment(0) if self.listed and self.listed[0][0] == 0 else None
+
+    def live(self) -> Segment | None:
+        """The file the path named when listed, if it named one."""
+        return self._live
+
+    def __len__(self) -> int:
+        return len(self.listed)
+
+    def segment(self, index: int) -> Segment | None:
+        """The index-th file listed, opened; None if it is gone."""
+        if index not in self._opened:
+            place, ino = self.listed[index]
+            for name in itertools.islice(segment_paths(self.path, self.keep_files), place, None):
                 fd = _open_for_reading(name)
                 if fd is None:
                     continue
                 status = os.fstat(fd)
-                if any(segment.ino == status.st_ino for segment in self.segments):
-                    os.close(fd)
-                    continue
-                self.segments.append(Segment(name, fd, status.st_ino, _complete_end(fd, status.st_size)))
-        except BaseException:
-            self.close()
-            raise
+                if status.st_ino == ino:
+                    self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size))
+                    break
+                os.close(fd)
+            else:
+                return None
+        return self._opened[index]
+
+    def release(self, index: int) -> None:
+        segment = self._opened.pop(index, None)
+        if segment is not None:
+            os.close(segment.fd)
 
     def close(self) -> None:
-        for segment in self.segments:
-            os.close(segment.fd)
-        self.segments = []
+        for index in list(self._opened):
+            self.release(index)
 
     def __enter__(self) -> "JournalFiles":
         return self
@@ -1798,19 +1826,20 @@ class JournalFiles:
         self.close()
 
     def cursor(self, index: int, offset: int) -> str | None:
-        """The cursor of the ops before offset in segments[index], None if none older is kept:
-        inode.offset.crc, the crc of the segment's first bytes telling a reused inode apart."""
-        while offset == 0:
+        """The cursor of the ops before offset in the index-th file, None if none older is kept:
+        inode.offset.crc, the crc of the file's first bytes telling a reused inode apart."""
+        segment = self.segment(index)
+        while offset == 0 or segment is None:
             index += 1
-            if index == len(self.segments):
+            if index == len(self.listed):
                 return None
-            offset = self.segments[index].end
-        segment = self.segments[index]
+            segment = self.segment(index)
+            offset = segment.end if segment is not None else 0
         return f"{segment.ino}.{offset}.{zlib.crc32(os.pread(segment.fd, min(offset, 4096), 0)):08x}"
 
     def resume(self, cursor: str) -> tuple[int, int]:
-        """The (segment index, offset) a cursor names. Raises InvalidOp if it is malformed,
-        RotatedAway if its segment is no longer kept (or no longer holds what it did)."""
+        """The (file index, offset) a cursor names. Raises InvalidOp if it is malformed,
+        RotatedAway if its file is no longer kept (or no longer holds what it did)."""
         try:
             ino_text, offset_text, crc = cursor.split(".")
             ino, offset = bounded_int(ino_text, 2 ** 64), bounded_int(offset_text, 2 ** 63)
@@ -1818,8 +1847,9 @@ class JournalFiles:
                 raise ValueError
         except ValueError:
             raise InvalidOp("cursor", "is malformed: pass back the cursor of an answer as it was") from None
-        for index, segment in enumerate(self.segments):
-            if segment.ino == ino and offset <= segment.end and self.cursor(index, offset).endswith("." + crc):
+        for index, (_, listed_ino) in enumerate(self.listed):
+            segment = self.segment(index) if listed_ino == ino else None
+            if segment is not None and offset <= segment.end and self.cursor(index, offset).endswith("." + crc):
                 return index, offset
         raise RotatedAway("the ops at this cursor were rotated away (segments beyond keep_files are "
                           "deleted); start again without a cursor")
@@ -1917,8 +1947,10 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
     first, resume_at = files.resume(cursor) if cursor is not None else (0, None)
     scanned = behind = 0  # behind: bytes back from the start of the scan to the segment in hand
     recent_at = 0  # bytes back from the start to the last op seen at or after since
-    for index in range(first, len(files.segments)):
-        segment = files.segments[index]
+    for index in range(first, len(files)):
+        segment = files.segment(index)
+        if segment is None:
+            break  # deleted while this read ran, and everything older with it
         top = resume_at if index == first and resume_at is not None else segment.end
         reader = _WholeLinesBackward(segment.fd, top)
         while (chunk := reader.next_chunk()) is not None:
@@ -1942,10 +1974,11 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
                     recent_at = behind + top - offset
                 if behind + top - offset - recent_at >= SINCE_RUN_BYTES:
                     return HistoryPage(ops, None, read, False)
-            if read >= max_scan_bytes and (offset or index + 1 < len(files.segments)):
+            if read >= max_scan_bytes and (offset or index + 1 < len(files)):
                 return HistoryPage(ops, files.cursor(index, offset), read, True)
         scanned += reader.read_bytes
         behind += top
+        files.release(index)
     return HistoryPage(ops, None, scanned, False)
 
 
@@ -1973,14 +2006,14 @@ class JournalFollower:
 
     def __init__(self, path: Path, keep_files: int, op_filter: OpFilter, skipped: SkippedLines,
                  live: Segment | None):
-        """live: the live file as JournalFiles opened it (followed from its end), if it was."""
+        """live: the live file as JournalFiles listed it (followed from its end), if it was."""
         self.path, self.keep_files = path, keep_files
         self.op_filter = op_filter
         self.skipped = skipped
         self._files: list[_FollowedFile] = []  # in the order they are read: oldest first
         self._current: _FollowedFile | None = None  # the one the path named when last looked at
-        if live is not None and live.path == path:
-            self._current = _FollowedFile(path, os.dup(live.fd), live.end)
+        if live is not None:
+            self._current = _FollowedFile(live.path, os.dup(live.fd), live.end)
             self._files.append(self._current)
 
     def poll(self) -> list[RingOp]:
@@ -2009,17 +2042,17 @@ class JournalFollower:
         if self._current is not None:
             self._current.retire_at = retire_at
         with JournalFiles(self.path, self.keep_files) as files:
-            inodes = [segment.ino for segment in files.segments]
-            newer = files.segments
+            inodes = [ino for _, ino in files.listed]
             if self._current is not None and self._current.ino in inodes:
-                newer = newer[:inodes.index(self._current.ino)]
-            elif newer and newer[0].path == self.path:
-                newer = newer[:1]  # moved to another name, or deleted: only the new live file
-            else:
-                newer = []
+                newer = inodes.index(self._current.ino)
+            else:  # moved to another name, or deleted: only the new live file
+                newer = 1 if files.live() is not None else 0
             self._current = None
-            for segment in reversed(newer):
-                live = segment.path == self.path
+            for index in reversed(range(newer)):
+                segment = files.segment(index)
+                if segment is None:
+                    continue
+                live = segment is files.live()
                 followed = _FollowedFile(segment.path, os.dup(segment.fd), 0, None if live else retire_at)
                 self._files.append(followed)
                 self._read(followed, kept)
@@ -3037,6 +3070,9 @@ OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
 DEFAULT_OPS_LIMIT = 100
 HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
 MAX_HISTORY_LIMIT = 1000
+# History calls reading at once; others wait their turn. Each holds up to about max_scan_bytes
+# of ops, and one decoded line, so this bounds their memory whatever the connections.
+HISTORY_READS = 2
 
 
 def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
@@ -3143,7 +3179,7 @@ class ObserverHandler(HTTPHandler):
         if config.persist_path is None:
             raise RequestError(409, "no journal: observerd runs ephemeral")
         try:
-            with JournalFiles(config.persist_path, config.keep_files) as files:
+            with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
                 page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes)
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
@@ -3246,6 +3282,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.insights = insights or Insights()
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
+        self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), ObserverHandler)
@@ -3977,12 +4014,11 @@ def print_ops(args: argparse.Namespace) -> int:
     skipped, follower = SkippedLines(), None
     try:
         with JournalFiles(path, keep_files) as files:
-            if not files.segments and not args.follow:
+            if not files.listed and not args.follow:
                 return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
+            if args.follow:  # first: the read below lets go of each file it has read
+                follower = JournalFollower(path, keep_files, op_filter, skipped, files.live())
             ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []
-            if args.follow:
-                follower = JournalFollower(path, keep_files, op_filter, skipped,
-                                           files.segments[0] if files.segments else None)
         if args.reverse or args.follow:
             ops.reverse()
         writer.write(ops)

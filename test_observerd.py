@@ -4311,7 +4311,7 @@ def test_ops_follow_reads_a_file_truncated_in_place_from_its_start(tmp_path):
     path = tmp_path / "ops.jsonl"
     path.write_bytes(b"".join(od.encode_line(history_op(i, 10)) for i in range(3)))
     with od.JournalFiles(path, 0) as files:
-        follower = od.JournalFollower(path, 0, od.OpFilter({}, time.time()), od.SkippedLines(), files.segments[0])
+        follower = od.JournalFollower(path, 0, od.OpFilter({}, time.time()), od.SkippedLines(), files.live())
     try:
         append_to(path, od.encode_line(history_op(3, 5)))
         assert seqs(plain(follower.poll())) == [3]
@@ -4443,3 +4443,56 @@ def test_history_never_holds_up_ingest_while_it_reads(serve, monkeypatch):
     release.set()
     reader.join(60)
     assert seqs(answers[0]["ops"]) == [4, 3, 2, 1, 0]
+
+
+def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=300, keep_files=1000)
+    client = daemon.client()
+    post_seqs(client, range(150))
+    assert len(list(tmp_path.glob("ops.jsonl.*"))) > 50
+    pid = daemon.proc.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds(pid)) + 6, hard))
+    seen, cursor = [], None
+    while True:
+        body = history_page(client, "limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        seen.extend(seqs(body["ops"]))
+        if (cursor := body["cursor"]) is None:
+            break
+    assert seen == list(range(149, -1, -1))
+    post_seqs(client, range(150, 160))  # rotations still find the descriptors they need
+    # The command line reads them all under a low limit too.
+    result = subprocess.run([sys.executable, str(DAEMON), "ops", str(tmp_path / "ops.jsonl"), "-n", "1000"],
+                            capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard)))
+    assert result.returncode == 0, result.stderr
+    assert seqs(ndjson(result.stdout)) == list(range(159, -1, -1))
+
+
+def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
+    server = serve()
+    post_seqs(server.client(), range(5))
+    reading, release = threading.Semaphore(0), threading.Event()
+    real_pread = os.pread
+
+    def held_pread(fd, size, offset):
+        if threading.current_thread().name != "committer" and size > 1:
+            reading.release()
+            release.wait(60)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", held_pread)
+    answers = []
+    readers = [threading.Thread(target=lambda: answers.append(history_page(server.client()))) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for _ in readers:
+        assert reading.acquire(timeout=30)
+    # Both turns are taken: a third call would wait for one (each holds up to max_scan_bytes).
+    assert not server.server.history_reads.acquire(blocking=False)
+    release.set()
+    for reader in readers:
+        reader.join(60)
+    assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
+    assert server.server.history_reads.acquire(blocking=False)
+    server.server.history_reads.release()
