@@ -1888,12 +1888,13 @@ class _WholeLinesBackward:
 
 
 def candidate_lines(chunk: bytes, op_filter: OpFilter):
-    """(index, line) of the chunk's lines the filter's needle lets through, newest first.
+    """(index, line) of the chunk's lines that may pass the filter, newest first.
 
-    Those holding the needle, or with a grep to judge raw text and no needle, those its
-    pattern touches; and any with a backslash (an escape may spell it otherwise); with a
-    needle only a canonical head spells, any without one. Found by bytes.find and regexes
-    over the whole chunk, so a line passed over costs no Python work.
+    With a needle, those holding it; with none but a grep to try on raw text (and an ASCII
+    chunk), those its matches touch; either way, any holding a backslash (an escape may spell
+    a value otherwise), and for a needle only a canonical head spells, any without one. They
+    are found by bytes.find and regexes over the whole chunk, so a line passed over costs no
+    Python work. Otherwise, every line.
     """
     needle = op_filter.needle
     ascii_text = op_filter.greps_raw and needle is None and chunk.isascii()
@@ -1927,6 +1928,8 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
 
 
 class HistoryPage(NamedTuple):
+    """What read_history found, and where it stopped."""
+
     ops: list[RingOp]  # newest first
     cursor: str | None  # where the next page starts; None: nothing older is kept, or wanted
     scanned_bytes: int
@@ -4014,8 +4017,10 @@ def print_ops(args: argparse.Namespace) -> int:
     skipped, follower = SkippedLines(), None
     try:
         with JournalFiles(path, keep_files) as files:
-            if not files.listed and not args.follow:
-                return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
+            if not files.listed:
+                if not args.follow:
+                    return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
+                fail(f"{path}: no journal there yet; following it once it is", 0)
             if args.follow:  # first: the read below lets go of each file it has read
                 follower = JournalFollower(path, keep_files, op_filter, skipped, files.live())
             ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []
