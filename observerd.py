@@ -1568,6 +1568,16 @@ def _seconds(timestamp: str) -> float:
     return parse_rfc3339(timestamp).timestamp()
 
 
+def _utc_second(seconds: float) -> bytes | None:
+    """The UTC second a time falls in, as RFC 3339 spells it (YYYY-MM-DDTHH:MM:SS); None if the
+    year has not four digits, where spellings stop sorting as times do."""
+    try:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(seconds)))
+    except (OverflowError, OSError, ValueError):
+        return None
+    return text.encode() if len(text) == 19 else None
+
+
 def parse_time_bound(text: str, name: str, now: float) -> float:
     """since or until: RFC 3339, or 90s, 15m, 2h, 7d before now; as seconds since the epoch."""
     relative = _RELATIVE_TIME.fullmatch(text)
@@ -1649,6 +1659,11 @@ class OpFilter:
             needles.append(b'"success":false')
         self.needle = needles[0] if needles else None
         self._timed = self.since is not None or self.until is not None
+        # The seconds since and until fall in, to judge most UTC timestamps without parsing them.
+        self._since_second, self._until_second = (
+            None if bound is None else _utc_second(bound) for bound in (self.since, self.until))
+        self._seconds_judge = ((self.since is None or self._since_second is not None)
+                               and (self.until is None or self._until_second is not None))
         self._source = None if self.source is None else self.source.encode()
         self._judges_head = self._timed or any(
             value is not None for value in (self.endpoint, self.endpoint_glob, self.source, self.success))
@@ -1675,14 +1690,29 @@ class OpFilter:
                 or (self._source is not None and source != self._source)):
             return True
         try:
-            if self._timed and not self._time_ok(_seconds(timestamp.decode("ascii"))):
-                return True
+            if self._timed:
+                in_window = self._second_in_window(timestamp)
+                if not (self._time_ok(_seconds(timestamp.decode("ascii"))) if in_window is None else in_window):
+                    return True
             if self.endpoint is None and self.endpoint_glob is None:
                 return False
             return not self._endpoint_ok(endpoint.decode("utf-8") if b"\\" not in endpoint
                                          else json.loads(b'"' + endpoint + b'"'))
         except ValueError:
             return True  # a line no read serves (decoding it fails too)
+
+    def _second_in_window(self, timestamp: bytes) -> bool | None:
+        """Whether a UTC timestamp (…Z) is within since and until, by the second it falls in:
+        spelled alike, seconds sort as their text does. None when that cannot tell."""
+        if (not self._seconds_judge or len(timestamp) < 20 or timestamp[10:11] != b"T"
+                or timestamp[-1:] != b"Z" or timestamp[19:20] not in (b".", b"Z")):
+            return None
+        second = timestamp[:19]
+        if self._since_second is not None and second <= self._since_second:
+            return None if second == self._since_second else False
+        if self._until_second is not None and second >= self._until_second:
+            return None if second == self._until_second else False
+        return True
 
     def accepts(self, op: dict) -> bool:
         """The final word, on the decoded and validated op."""

@@ -3929,7 +3929,12 @@ def random_history_op(rng, i: int, now: float) -> dict:
     fields.update(rng.choice([{}, {"trace": f"t{i % 5}"}, {"n": i % 4}, {"flag": i % 2 == 0},
                               {"obj": {"a": i % 2}}, {"n": "3"}]))
     # Out of order: each op up to a minute either side of its place.
-    return history_op(i, 3600 - i + rng.uniform(-60, 60), now, **fields)
+    o = history_op(i, 3600 - i + rng.uniform(-60, 60), now, **fields)
+    if rng.random() < 0.2:  # the same instant an hour east, or spelled partly in lower case
+        at = od.parse_rfc3339(o["timestamp"]).astimezone(od.timezone(od.timedelta(hours=1)))
+        o["timestamp"] = rng.choice([at.isoformat(), o["timestamp"].lower(),
+                                     o["timestamp"][:10] + "t" + o["timestamp"][11:]])
+    return o
 
 
 def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
@@ -3943,6 +3948,8 @@ def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
     if "success" in given and o["success"] != (given["success"] == "true"):
         return False
     if "until" in given and od.parse_rfc3339(o["timestamp"]) > od.parse_rfc3339(given["until"]):
+        return False
+    if "since" in given and od.parse_rfc3339(o["timestamp"]) < od.parse_rfc3339(given["since"]):
         return False
     if "grep" in given and not any(isinstance(o.get(k), str) and re.search(given["grep"], o[k])
                                    for k in ("error", "input_summary", "output_summary")):
@@ -3994,8 +4001,10 @@ def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(t
     assert seqs(stored) == seqs(expected_order)
     for _ in range(40):
         given = {name: rng.choice(values) for name, values in HISTORY_FILTER_CHOICES.items() if rng.random() < 0.4}
-        if rng.random() < 0.3:
-            given["until"] = history_op(0, 3600 - rng.randrange(450), now)["timestamp"]
+        for bound in ("since", "until"):  # an op's own stamp, or a second next to one
+            if rng.random() < 0.3:
+                stamp = rng.choice(stored)["timestamp"]
+                given[bound] = stamp if rng.random() < 0.5 else od.parse_rfc3339(stamp).astimezone(od.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S') + rng.choice(["Z", ".999999Z"])
         with od.JournalFiles(path, 2) as files:
             page = od.read_history(files, od.OpFilter(given, now), 10 ** 9)
         assert [plain(o) for o in page.ops] == [o for o in reversed(stored) if brute_force_keeps(o, given)], given
