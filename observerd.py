@@ -48,7 +48,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass, field as dataclass_field, make_dataclass
 from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
@@ -216,11 +216,14 @@ class Histogram(Metric):
 class Metrics:
     """Every metric observerd exports, rendered for GET /metrics.
 
-    sources and rejection_reasons are the label values known at startup (declared where they
-    are defined, further down): each combination is exported from 0.
+    sources, rejection_reasons and llm_backends are the label values known at startup (declared
+    where they are defined, further down): each combination is exported from 0.
     """
 
-    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = ()):
+    LLM_OUTCOMES = ("answered", "failed")
+
+    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = (),
+                 llm_backends: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
@@ -235,6 +238,9 @@ class Metrics:
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
                                       "Time from request line to response ready to send, by route.", ("route",))
+        self.llm_requests = Metric("observerd_llm_requests_total", "counter",
+                                   "Calls of the review to its LLM backends, by backend and outcome.",
+                                   ("backend", "outcome"))
         self.start_time = Metric("observerd_start_time_seconds", "gauge",
                                  "Start time of the process, in seconds since the Unix epoch.")
         self.build_info = Metric("observerd_build_info", "gauge",
@@ -243,6 +249,7 @@ class Metrics:
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
         self.events.declare((source, success) for source in sources for success in ("true", "false"))
         self.rejected.declare((reason,) for reason in rejection_reasons)
+        self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
 
     def render(self) -> str:
         lines = []
@@ -274,6 +281,8 @@ class Setting:
     url: str = ""  # "endpoint": used as given; "base": paths are appended, so a trailing / goes
     table: str = "observerd"
     secret: bool = False  # masked in check's report
+    choices: tuple[str, ...] = ()  # the values it may take, if it is one of a few
+    env: bool = False  # names an environment variable whose value, a secret, is read at load
 
     @property
     def in_file(self) -> str:
@@ -290,9 +299,18 @@ class Setting:
         """How the command line spells it, where it takes it."""
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def env_value(self) -> str:
+        """The Config attribute holding the value of the variable an env setting names."""
+        return self.name.removesuffix("_env")
+
 
 # A year: every duration setting stays below it, where the platform's timers still work.
 MAX_SECONDS = 365 * 24 * 3600
+# How an LLM backend is spoken to (see ask_llm): Ollama's /api/generate, or the OpenAI-compatible
+# /v1/chat/completions that hosted APIs (and Ollama, vLLM, llama.cpp) serve.
+LLM_APIS = ("ollama", "openai")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # The one declaration of every setting, in the README's order (a test compares the two).
 SETTINGS = (
@@ -324,8 +342,17 @@ SETTINGS = (
             minimum=0.001, maximum=MAX_SECONDS),
     Setting("escalate_cooldown_s", float, 1800.0, "quiet time after an escalation",
             minimum=0, maximum=MAX_SECONDS),
-    Setting("review_llm_url", str, "", "Ollama-compatible base URL for LLM review", url="base"),
+    Setting("escalate_token_env", str, "", "environment variable holding escalate_url's bearer token",
+            env=True),
+    Setting("review_llm_url", str, "", "base URL of the first LLM backend of the review", url="base"),
     Setting("review_llm_model", str, "llama3", "model name sent to it"),
+    Setting("review_llm_api", str, "ollama", "how it is spoken to", choices=LLM_APIS),
+    Setting("review_llm_key_env", str, "", "environment variable holding its bearer key", env=True),
+    Setting("review_fallback_url", str, "", "base URL of the LLM backend asked when the first fails",
+            url="base"),
+    Setting("review_fallback_model", str, "", "model name sent to it"),
+    Setting("review_fallback_api", str, "openai", "how it is spoken to", choices=LLM_APIS),
+    Setting("review_fallback_key_env", str, "", "environment variable holding its bearer key", env=True),
     Setting("outbound_timeout_s", float, 5.0, "total time of an outbound HTTP call",
             minimum=0.001, maximum=MAX_SECONDS),
     Setting("tls_cert", str, "", "PEM certificate chain: serve HTTPS", path=True),
@@ -365,6 +392,8 @@ class _ConfigBase:
             value = getattr(self, setting.name)
             if setting.secret:
                 value = "(set, masked)" if value else "(empty)"
+            elif setting.env and value:  # whether the variable is set, never what it holds
+                value = f"{value} ({'set' if getattr(self, setting.env_value) else 'not set'})"
             settings[setting.label] = "" if value is None else value
         return settings
 
@@ -372,7 +401,9 @@ class _ConfigBase:
 Config = make_dataclass(
     "Config",
     [("host", str), ("port", int)]  # bind, parsed
-    + [(s.name, (Path | None) if s.path else s.kind) for s in SETTINGS if s.name != "bind"]
+    + [(s.name, (Path | None) if s.path else s.kind, dataclass_field(repr=not s.secret)) for s in SETTINGS
+       if s.name != "bind"]
+    + [(s.env_value, str, dataclass_field(repr=False)) for s in SETTINGS if s.env]  # "" = none
     + [("source", str), ("warnings", tuple)],  # warnings: WARN in serve, printed by check
     bases=(_ConfigBase,), frozen=True, slots=True,
     namespace={"__module__": __name__, "__doc__": "The effective settings, after file, CLI flags "
@@ -393,6 +424,11 @@ def parse_bind(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"bind {text!r}: host is empty (use 0.0.0.0 for all interfaces)")
     return host, port
+
+
+def fits_a_header(secret: str) -> bool:
+    """Whether a token or key can be sent in an HTTP header as it is."""
+    return secret.isascii() and secret.isprintable() and secret == secret.strip()
 
 
 def is_loopback(host: str) -> bool:
@@ -458,7 +494,8 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
     flags are settings given on the command line by name (None = not given), e.g. bind="…".
     Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
     relative to the folder it was given in: the config file's for file values (and defaults),
-    the working directory for CLI flags. Raises ConfigError listing every problem found.
+    the working directory for CLI flags. The keys of the *_env settings come only from the
+    variables they name, in environ. Raises ConfigError listing every problem found.
     """
     environ = os.environ if environ is None else environ
     source = path or DEFAULT_CONFIG_PATH
@@ -505,13 +542,34 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
                 problems.append(f"{given[setting.name].where} must be an http:// or https:// URL")
             if setting.url == "base":
                 value = value.rstrip("/")
+        elif setting.choices and value not in setting.choices:
+            problems.append(f"{given[setting.name].where} must be one of {', '.join(setting.choices)}, "
+                            f"got {value[:40]!r}")
+        elif setting.env and value and not _ENV_NAME.fullmatch(value):
+            # Not shown: a key pasted here by mistake must not reach the log.
+            problems.append(f"{given[setting.name].where} must be the name of an environment variable "
+                            "(letters, digits and _, not starting with a digit)")
         values[setting.name] = value
+
+    for setting in (s for s in SETTINGS if s.env):
+        # A key is read from the variable its setting names, never from the file.
+        name, where = values[setting.name], given[setting.name].where
+        named = _ENV_NAME.fullmatch(name) is not None  # not "", nor a bad name (a problem above)
+        key = environ.get(name, "") if named else ""
+        if named and not key:
+            warnings.append(f"{where} names {name}, which is not set: calls go without a key")
+        elif not fits_a_header(key):
+            problems.append(f"{where}: {name} must hold printable ASCII without leading or trailing spaces")
+        values[setting.env_value] = key
+    for backend in ("review_llm", "review_fallback"):
+        if values[f"{backend}_url"] and not values[f"{backend}_model"]:
+            problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
 
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
     token = values["token"] = environ.get("OBSERVERD_TOKEN") or values["token"]
-    if token and not (token.isascii() and token.isprintable() and token == token.strip()):
+    if token and not fits_a_header(token):
         # It travels in an HTTP header: anything else could never match what a client sends.
         where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
         problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
@@ -1683,6 +1741,40 @@ def review_ops(ops: list[dict]) -> list[dict]:
     return reviews
 
 
+# What an LLM review sends, whatever the ring holds: a ring of a thousand endpoints failing
+# with 4 KB errors must not become a prompt of megabytes. Documented in the README.
+LLM_PROMPT_MAX_BYTES = 16 * 1024
+LLM_PROMPT_TEXT_CHARS = 200  # each endpoint, signature and reason is cut to this
+LLM_PROMPT = ("You review the health of services observed by the lakehouse. Given these heuristic "
+              "findings as JSON (the {shown} worst of {total} endpoints, worst first), say what is "
+              "wrong, what is likely causing it, and what to check first. Be brief.\n\n")
+
+
+def _cut_for_prompt(text: str) -> str:
+    return text if len(text) <= LLM_PROMPT_TEXT_CHARS else text[:LLM_PROMPT_TEXT_CHARS] + "…"
+
+
+def llm_prompt(reviews: list[dict]) -> str:
+    """The prompt of an LLM review: the reviews worst first, each text cut, as many as fit in
+    LLM_PROMPT_MAX_BYTES of UTF-8."""
+    total = len(reviews)
+    budget = LLM_PROMPT_MAX_BYTES - len(LLM_PROMPT.format(shown=total, total=total).encode()) - len("[]")
+    shown = []
+    for review in reviews:
+        part = json.dumps({
+            **review,
+            "endpoint": _cut_for_prompt(review["endpoint"]),
+            "top_error_signatures": [{**top, "signature": _cut_for_prompt(top["signature"])}
+                                     for top in review["top_error_signatures"]],
+            "reasons": [_cut_for_prompt(reason) for reason in review["reasons"]],
+        }, ensure_ascii=False)
+        budget -= len(part.encode()) + len(",")
+        if budget < 0:
+            break
+        shown.append(part)
+    return LLM_PROMPT.format(shown=len(shown), total=total) + "[" + ",".join(shown) + "]"
+
+
 # =============================================================================
 # Insights: what the background loops found last, read by the API
 # =============================================================================
@@ -1747,14 +1839,29 @@ def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
 
 
 OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+OUTBOUND_ERROR_CHARS = 300  # of an OutboundError's one line
 
 
 class OutboundError(Exception):
     """An outbound call failed or ran out of time; the message says how, briefly."""
 
 
-def post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
+def post_json(url: str, payload: object, timeout_s: float, key: str = "") -> object:
+    """POST JSON, with key as its bearer token if any, and decode the JSON answer, all within
+    timeout_s; raises OutboundError, whose message is one short line and never holds key."""
+    try:
+        return _post_json(url, payload, timeout_s, key)
+    except OutboundError as exc:
+        # Errors reach logs and answers, and a peer's words (a reason phrase, a JSON key) may
+        # echo the key: it is taken out before the message is cut, so no part of it is left.
+        message = " ".join(str(exc).split())
+        if key:
+            message = message.replace(key, "(key)")
+        raise OutboundError(message[:OUTBOUND_ERROR_CHARS]) from None
+
+
+def _post_json(url: str, payload: object, timeout_s: float, key: str) -> object:
+    """post_json's exchange.
 
     A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
     a time would hold the caller (a review, or the one loop thread) for as long as it likes.
@@ -1781,9 +1888,11 @@ def post_json(url: str, payload: object, timeout_s: float) -> object:
         connected = True
         if expired.is_set():
             raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
+        headers = {"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                           body=encode_json(payload),
-                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
+                           body=encode_json(payload), headers=headers)
         response = connection.getresponse()
         body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
         if expired.is_set():
@@ -1796,19 +1905,69 @@ def post_json(url: str, payload: object, timeout_s: float) -> object:
             raise OutboundError("timed out") from None
         if not connected and isinstance(exc, OSError):
             raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
-        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        raise OutboundError(f"{type(exc).__name__}: {exc}") from None
     finally:
         timer.cancel()
         if connection is not None:
             connection.close()
     if not 200 <= response.status < 300:
-        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
+        raise OutboundError(f"HTTP {response.status} {response.reason}")
     if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
         raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
     try:
         return parse_json_strict(body, "answer") if body.strip() else None
     except InvalidOp as exc:
         raise OutboundError(str(exc)) from None
+
+
+# The review's chain of LLM backends, in the order it asks them; each a label value of
+# observerd_llm_requests_total.
+LLM_BACKENDS = ("primary", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMBackend:
+    """One model the review may ask: its place in the chain, how it is spoken to, its key."""
+
+    name: str  # one of LLM_BACKENDS
+    api: str  # one of LLM_APIS
+    url: str
+    model: str
+    key: str = dataclass_field(repr=False)  # "" = none
+
+
+def llm_backends(config: Config) -> list[LLMBackend]:
+    """The backends configured (those with a URL), in the order the review asks them."""
+    chain = [
+        LLMBackend("primary", config.review_llm_api, config.review_llm_url, config.review_llm_model,
+                   config.review_llm_key),
+        LLMBackend("fallback", config.review_fallback_api, config.review_fallback_url,
+                   config.review_fallback_model, config.review_fallback_key),
+    ]
+    return [backend for backend in chain if backend.url]
+
+
+def ask_llm(backend: LLMBackend, prompt: str, timeout_s: float) -> str:
+    """The backend's answer to prompt, within timeout_s; raises OutboundError, also when the
+    answer holds no text."""
+    if backend.api == "ollama":
+        answer = post_json(f"{backend.url}/api/generate",
+                           {"model": backend.model, "prompt": prompt, "stream": False}, timeout_s, backend.key)
+        where = "response"
+        text = answer.get(where) if isinstance(answer, dict) else None
+    else:
+        answer = post_json(f"{backend.url}/v1/chat/completions",
+                           {"model": backend.model, "messages": [{"role": "user", "content": prompt}]},
+                           timeout_s, backend.key)
+        where = "choices[0].message.content"
+        try:
+            text = answer["choices"][0]["message"]["content"]
+        except (TypeError, KeyError, IndexError):
+            text = None
+    # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
+    if not isinstance(text, str) or not text.strip() or _has_lone_surrogate(text):
+        raise OutboundError(f"answer has no '{where}' text in valid Unicode")
+    return text
 
 
 # =============================================================================
@@ -2608,28 +2767,31 @@ class ObserverHandler(HTTPHandler):
         return 200, result
 
     def add_llm_review(self, result: dict) -> None:
-        """Ask the configured Ollama-compatible model; a failure is reported, not raised."""
-        config = self.server.config
-        if not config.review_llm_url:
-            result["llm_error"] = "review_llm_url is not configured"
+        """Ask the LLM backends in order until one answers; each failure is listed, not raised.
+
+        Each call has its own outbound_timeout_s: a slow first backend still leaves the fall-back
+        its full time, and the chain ends within that times the number of backends.
+        """
+        config, metrics = self.server.config, self.server.metrics
+        errors = result["llm_errors"] = []
+        backends = llm_backends(config)
+        if not backends:
+            errors.append({"backend": LLM_BACKENDS[0], "error": "no LLM backend is configured "
+                           "(review_llm_url, review_fallback_url)"})
             return
-        prompt = ("You review the health of services observed by the lakehouse. Given these "
-                  "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
-                  "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
-        try:
-            answer = post_json(f"{config.review_llm_url}/api/generate",
-                               {"model": config.review_llm_model, "prompt": prompt, "stream": False},
-                               config.outbound_timeout_s)
-            text = answer.get("response") if isinstance(answer, dict) else None
-            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
-            if not isinstance(text, str) or _has_lone_surrogate(text):
-                raise OutboundError("answer has no 'response' text in valid Unicode")
-        except OutboundError as exc:
-            result["llm_error"] = str(exc)
-            log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
+        prompt = llm_prompt(result["reviews"])
+        for backend in backends:
+            try:
+                text = ask_llm(backend, prompt, config.outbound_timeout_s)
+            except OutboundError as exc:
+                metrics.llm_requests.inc(backend.name, "failed")
+                errors.append({"backend": backend.name, "error": str(exc)})
+                log("WARN", "llm review failed", backend=backend.name, url=backend.url, error=exc)
+                continue
+            metrics.llm_requests.inc(backend.name, "answered")
+            result.update(method="heuristic+llm", llm_backend=backend.name, llm_model=backend.model,
+                          llm_review=text)
             return
-        result["method"] = "heuristic+llm"
-        result["llm_review"] = text
 
     ROUTES = {
         "/observer/health": Route({"GET": get_health}, auth=False),
@@ -3014,7 +3176,8 @@ class Escalator:
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
         try:
-            post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
+            post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s,
+                      self.config.escalate_token)
         except OutboundError as exc:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
@@ -3282,7 +3445,7 @@ def print_stats(args: argparse.Namespace) -> int:
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the journal, then restore the ring from its tail."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    metrics = Metrics(SOURCES, REJECTION_REASONS)
+    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
         journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)

@@ -1975,7 +1975,7 @@ def test_an_llm_that_dribbles_its_answer_is_cut_off_at_the_deadline(serve, raw_s
     server.client().post("/observer/events", failures("/x", 6))
     status, result, _ = server.client(timeout=20).post("/observer/review", {"llm": True})
     assert status == 200
-    assert (result["method"], result["llm_error"]) == ("heuristic", "timed out")
+    assert (result["method"], result["llm_errors"]) == ("heuristic", [{"backend": "primary", "error": "timed out"}])
     assert result["reviews"][0]["verdict"] == "failing"
 
 
@@ -2011,7 +2011,8 @@ def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalatio
     client.post("/observer/events", failures("/x", 6))
     status, result, _ = client.post("/observer/review", {"llm": True})
     assert status == 200, result
-    assert result["method"] == "heuristic" and needle in result["llm_error"]
+    [error] = result["llm_errors"]
+    assert result["method"] == "heuristic" and needle in error["error"]
     attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="an attempt")[0]
     # An escalation ignores what the answer says, but not a broken or oversized one.
     assert attempt["outcome"] == ("sent" if needle == "valid Unicode" else "failed")
@@ -2848,7 +2849,7 @@ def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
     server = serve(review_llm_url=broken.url)
     server.client().post("/observer/events", failures("/x", 6))
     result = review(server, llm=True)
-    assert result["method"] == "heuristic" and "HTTP 500" in result["llm_error"]
+    assert result["method"] == "heuristic" and "HTTP 500" in result["llm_errors"][0]["error"]
     assert result["reviews"][0]["verdict"] == "failing"
 
     release = threading.Event()
@@ -2856,10 +2857,10 @@ def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
     server = serve(review_llm_url=hung.url, outbound_timeout_s=0.3)
     try:
         result = review(server, llm=True)
-        assert result["method"] == "heuristic" and result["llm_error"] == "timed out"
+        assert result["method"] == "heuristic" and result["llm_errors"] == [{"backend": "primary", "error": "timed out"}]
     finally:
         release.set()
-    assert "llm_error" in review(serve(), llm=True)  # no review_llm_url configured
+    assert "configured" in review(serve(), llm=True)["llm_errors"][0]["error"]  # no backend configured
 
 
 def test_ops_query_filters_newest_first(serve):
@@ -3869,3 +3870,310 @@ def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemon
     assert len((tmp_path / "ops.jsonl").read_bytes().splitlines()) == 10
     ops = client.get(f"/observer/ops?limit={stats['total']}")[1]
     assert ops["count"] == stats["total"] and ops["ops"][0] == stats["recent_scenario_ops"][-1]
+
+
+# --- issue 13: LLM review chain ---
+
+
+class FakeBackend:
+    """A loopback service recording each POST as (path, headers with lower-cased names, JSON
+    body, body bytes). It answers `reply` on `path` (404 elsewhere) with `status` and `reason`;
+    held, it holds every request until close(), which runs at teardown."""
+
+    def __init__(self, path: str, reply: dict, status: int = 200, reason: str | None = None,
+                 held: bool = False):
+        self.requests: list[tuple[str, dict, dict, int]] = []
+        self.released = threading.Event()
+        if not held:
+            self.released.set()
+        fake = self
+
+        class Handler(od.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                fake.requests.append((self.path, headers, json.loads(raw), len(raw)))
+                fake.released.wait(120)
+                code, payload = (status, json.dumps(reply).encode()) if self.path == path else (404, b"{}")
+                try:
+                    self.send_response(code, reason)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass  # observerd gave up on it
+
+            def log_message(self, *args):
+                pass
+
+        self.server = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def openai_reply(text: str) -> dict:
+    return {"id": "c1", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+LLM_PATHS = {"ollama": "/api/generate", "openai": "/v1/chat/completions"}
+
+
+def llm_reply(api: str, text: str) -> dict:
+    return {"model": "m", "response": text, "done": True} if api == "ollama" else openai_reply(text)
+
+
+@pytest.fixture
+def backend():
+    """backend(api, text=…, status=…, reason=…, held=…): a fake LLM speaking api, or with
+    api=None the LLM team's /api/run."""
+    def make(api: str | None, text: str = "an answer", **kw) -> FakeBackend:
+        if api is None:
+            return FakeBackend("/api/run", {"ok": True}, **kw)
+        return FakeBackend(LLM_PATHS[api], llm_reply(api, text), **kw)
+    yield from started_by_test(make, FakeBackend.close)
+
+
+def chain(primary, fallback, primary_api="ollama", fallback_api="openai", **settings) -> dict:
+    """The settings of a review chain over these backends (each a FakeBackend, a RawService or a URL)."""
+    primary_url, fallback_url = (b if isinstance(b, str) else b.url for b in (primary, fallback))
+    return {"review_llm_url": primary_url, "review_llm_model": "local-test", "review_llm_api": primary_api,
+            "review_fallback_url": fallback_url, "review_fallback_model": "hosted-test",
+            "review_fallback_api": fallback_api, **settings}
+
+
+def llm_counts(port: int) -> dict[tuple[str, str], float]:
+    client = Client(port)
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    client.close()
+    return {(labels["backend"], labels["outcome"]): value
+            for _, labels, value in families["observerd_llm_requests_total"]["samples"]}
+
+
+def no_port_url() -> str:
+    return closed_port_url().removesuffix("/api/run")
+
+
+def test_llm_request_counters_exist_from_0(serve):
+    assert llm_counts(serve().port) == {("primary", "answered"): 0, ("primary", "failed"): 0,
+                                        ("fallback", "answered"): 0, ("fallback", "failed"): 0}
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_the_primary_answers_the_review_in_its_api(serve, backend, api):
+    primary, fallback = backend(api, "The /x endpoint is failing: check the DB."), backend("openai")
+    server = serve(**chain(primary, fallback, primary_api=api))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert (result["method"], result["llm_backend"], result["llm_model"]) == ("heuristic+llm", "primary", "local-test")
+    assert result["llm_review"] == "The /x endpoint is failing: check the DB." and result["llm_errors"] == []
+    assert result["reviews"][0]["verdict"] == "failing"
+    [(path, headers, sent, _)] = primary.requests
+    assert path == LLM_PATHS[api] and sent["model"] == "local-test"
+    prompt = sent["prompt"] if api == "ollama" else sent["messages"][0]["content"]
+    if api == "ollama":
+        assert sent["stream"] is False
+    else:
+        assert [m["role"] for m in sent["messages"]] == ["user"]
+    assert "/x" in prompt and "the 1 worst of 1 endpoints" in prompt
+    assert "authorization" not in headers  # no key configured, none sent
+    assert fallback.requests == []
+    assert llm_counts(server.port)[("primary", "answered")] == 1
+
+
+def test_a_failing_primary_hands_the_review_to_the_fallback(serve, backend):
+    primary, fallback = backend("ollama", status=500), backend("openai", "hosted says: roll back")
+    server = serve(**chain(primary, fallback))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert (result["method"], result["llm_backend"], result["llm_model"]) == ("heuristic+llm", "fallback", "hosted-test")
+    assert result["llm_review"] == "hosted says: roll back"
+    assert result["llm_errors"] == [{"backend": "primary", "error": "HTTP 500 Internal Server Error"}]
+    [(path, _, sent, _)] = fallback.requests
+    assert path == "/v1/chat/completions" and sent["model"] == "hosted-test"
+    assert sent["messages"] == [{"role": "user", "content": primary.requests[0][2]["prompt"]}]
+    counts = llm_counts(server.port)
+    assert (counts[("primary", "failed")], counts[("fallback", "answered")]) == (1, 1)
+
+
+def test_a_slow_primary_is_given_up_at_its_deadline_and_the_fallback_answers(serve, backend):
+    # The primary holds the request until teardown: the review can only end by giving it up.
+    primary, fallback = backend("ollama", held=True), backend("openai", "hosted says: hi")
+    server = serve(**chain(primary, fallback, outbound_timeout_s=2))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = server.client(timeout=120).post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
+    assert result["llm_errors"] == [{"backend": "primary", "error": "timed out"}]
+    assert len(primary.requests) == 1 and not primary.released.is_set()
+
+
+def test_when_every_backend_fails_the_review_is_the_heuristic_one_with_both_errors(serve, backend):
+    server = serve(**chain(backend("ollama", status=503), no_port_url()))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert result["method"] == "heuristic" and result["reviews"][0]["verdict"] == "failing"
+    assert not {"llm_review", "llm_backend", "llm_model"} & result.keys()
+    [primary, fallback] = result["llm_errors"]
+    assert primary == {"backend": "primary", "error": "HTTP 503 Service Unavailable"}
+    assert fallback["backend"] == "fallback" and fallback["error"].startswith("unreachable: ")
+    counts = llm_counts(server.port)
+    assert (counts[("primary", "failed")], counts[("fallback", "failed")]) == (1, 1)
+
+
+def test_the_prompt_stays_under_its_cap_with_a_ring_of_large_errors(serve, backend):
+    primary, fallback = backend("ollama", status=500), backend("openai")
+    server = serve(ring_size=1000, **chain(primary, fallback))
+    client = server.client(timeout=120)
+    for batch in range(4):  # 1000 endpoints of 1 KB names, failing with distinct 4 KB errors
+        ops = [{"endpoint": f"/{'e' * 1000}/{batch}/{i}", "error": f"{batch}-{i} " + "boom " * 800}
+               for i in range(250)]
+        assert client.post("/observer/events", ops)[0] == 200
+    result = client.post("/observer/review", {"llm": True})[1]
+    assert result["llm_backend"] == "fallback" and len(result["reviews"]) == 1000
+    for prompt, body_bytes in [(primary.requests[0][2]["prompt"], primary.requests[0][3]),
+                               (fallback.requests[0][2]["messages"][0]["content"], fallback.requests[0][3])]:
+        assert len(prompt.encode()) <= od.LLM_PROMPT_MAX_BYTES
+        assert body_bytes <= 2 * od.LLM_PROMPT_MAX_BYTES  # even with every quote escaped again
+        shown = int(re.search(r"the (\d+) worst of 1000 endpoints", prompt).group(1))
+        assert shown >= 1 and prompt.count('"verdict"') == shown
+        assert "/" + "e" * (od.LLM_PROMPT_TEXT_CHARS - 1) + "…" in prompt
+
+
+def chunked_answer(body: bytes) -> bytes:
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+
+
+HUGE_ANSWER = b'{"response": "' + b"x" * od.OUTBOUND_MAX_ANSWER_BYTES + b'"}'
+
+
+@pytest.mark.parametrize("api, answer, error", [
+    ("ollama", http_answer(HUGE_ANSWER), f"answer is larger than {od.OUTBOUND_MAX_ANSWER_BYTES} bytes"),
+    ("ollama", chunked_answer(HUGE_ANSWER), f"answer is larger than {od.OUTBOUND_MAX_ANSWER_BYTES} bytes"),
+    ("openai", http_answer(b"<html>502 Bad Gateway</html>"),
+     "answer is not valid JSON: Expecting value at line 1 column 1"),
+    ("ollama", http_answer(json.dumps(openai_reply("hi")).encode()), "answer has no 'response' text in valid Unicode"),
+    ("ollama", http_answer(b'{"response": 42}'), "answer has no 'response' text in valid Unicode"),
+    ("ollama", http_answer(b'{"response": "  \\n"}'), "answer has no 'response' text in valid Unicode"),
+    ("openai", http_answer(b'{"response": "hi"}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b'{"choices": []}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b'{"choices": "hi"}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b"[1, 2]"), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b""), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("ollama", b"garbage\r\n\r\n", "BadStatusLine: garbage"),  # the status line's CRLF is not kept
+], ids=["huge", "huge chunked", "not json", "openai shape to ollama", "number", "blank",
+        "ollama shape to openai", "no choices", "choices a string", "array", "empty", "bad status"])
+def test_a_huge_or_malformed_answer_is_that_backends_error(serve, backend, raw_service, api, answer, error):
+    primary, fallback = raw_service(answer), backend("ollama" if api == "openai" else "openai", "fine")
+    server = serve(**chain(primary, fallback, primary_api=api,
+                           fallback_api="ollama" if api == "openai" else "openai"))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = server.client(timeout=60).post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "fine")
+    [failed] = result["llm_errors"]
+    assert failed["backend"] == "primary" and failed["error"].startswith(error), failed
+    assert "\n" not in failed["error"] and "\r" not in failed["error"]
+
+
+KEY_VARS = {"primary": "OBSERVERD_TEST_PRIMARY_KEY", "fallback": "OBSERVERD_TEST_FALLBACK_KEY",
+            "escalation": "OBSERVERD_TEST_ESCALATE_TOKEN"}
+
+
+def test_backend_keys_come_from_the_environment_and_show_nowhere(tmp_path, daemons, backend):
+    keys = {name: f"{name[:2]}-{os.urandom(16).hex()}" for name in KEY_VARS}
+    env = {KEY_VARS[name]: key for name, key in keys.items()}
+    # The primary refuses, echoing the key in its reason phrase: the error must not carry it on.
+    primary = backend("ollama", status=401, reason=f"invalid key {keys['primary']} for this model")
+    fallback, team = backend("openai", "hosted says: hi"), backend(None)
+    config = write_settings(tmp_path, {
+        "bind": "127.0.0.1:0", "persist_path": "ops.jsonl", "access_log": True, "token": "t0ken",
+        "analyze_interval_s": 0.05, "escalate_url": team.url + "/api/run", "escalate_threshold": 1,
+        "escalate_token_env": KEY_VARS["escalation"], "review_llm_key_env": KEY_VARS["primary"],
+        "review_fallback_key_env": KEY_VARS["fallback"], **chain(primary, fallback)})
+    checked = run_cli("check", "--config", str(config), env=env)
+    assert checked.returncode == 0, checked.stderr
+    for setting, name in [("review_llm_key_env", "primary"), ("review_fallback_key_env", "fallback"),
+                          ("escalate_token_env", "escalation")]:
+        assert f'{setting} = "{KEY_VARS[name]} (set)"' in checked.stdout
+    daemon = daemons(tmp_path, config=config, env=env).wait_listening()
+    client = daemon.client(token="t0ken")
+    client.post("/observer/events", failures("/x", 6))
+    result = client.post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
+    assert result["llm_errors"] == [{"backend": "primary", "error": "HTTP 401 invalid key (key) for this model"}]
+    assert primary.requests[0][1]["authorization"] == f"Bearer {keys['primary']}"
+    assert fallback.requests[0][1]["authorization"] == f"Bearer {keys['fallback']}"
+    wait_for(lambda: team.requests, what="the escalation")
+    assert team.requests[0][1]["authorization"] == f"Bearer {keys['escalation']}"
+    escalations = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="it listed")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    assert 'msg="llm review failed" backend=primary' in daemon.log and "msg=request" in daemon.log
+    shown = json.dumps([result, escalations]) + checked.stdout + checked.stderr + daemon.log + config.read_text()
+    for key in keys.values():
+        assert key not in shown
+
+
+def test_the_escalation_carries_its_token_from_the_environment(tmp_path, backend):
+    team = backend(None)
+    config = od.load_config(str(write_settings(tmp_path, {
+        "bind": "127.0.0.1:0", "persist_path": "ops.jsonl", "analyze_interval_s": 0.05,
+        "escalate_url": team.url + "/api/run", "escalate_threshold": 1, "escalate_token_env": "TEAM_TOKEN"})),
+        environ={"TEAM_TOKEN": "team-s3cret"})
+    server = InProcessServer(config)
+    try:
+        server.client().post("/observer/event", {"endpoint": "/x", "error": "boom"})
+        wait_for(lambda: team.requests, what="the escalation")
+        path, headers, sent, _ = team.requests[0]
+        assert (path, headers["authorization"], sent["mode"]) == ("/api/run", "Bearer team-s3cret", "code_review")
+    finally:
+        server.close()
+
+
+def test_the_llm_settings_are_checked_at_startup(tmp_path, daemons):
+    printed = check_and_serve_refuse(tmp_path, {
+        "escalate_token_env": "1TOKEN", "review_llm_api": "gpt", "review_llm_key_env": "sk-live-abc123",
+        "review_fallback_url": "ftp://models.example", "review_fallback_api": ""}, daemons)
+    env_name = "must be the name of an environment variable (letters, digits and _, not starting with a digit)"
+    assert printed == [
+        f"[observerd] escalate_token_env {env_name}",
+        "[observerd] review_llm_api must be one of ollama, openai, got 'gpt'",
+        f"[observerd] review_llm_key_env {env_name}",
+        "[observerd] review_fallback_url must be an http:// or https:// URL",
+        "[observerd] review_fallback_api must be one of ollama, openai, got ''",
+        "[observerd] review_fallback_model must be set when review_fallback_url is",
+    ]
+
+
+def test_a_key_variable_that_is_unset_warns_and_one_no_header_can_carry_stops_startup(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                     "review_fallback_key_env": "OBSERVERD_TEST_UNSET_KEY"})
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    warning = ("[observerd] review_fallback_key_env names OBSERVERD_TEST_UNSET_KEY, which is not set: "
+               "calls go without a key")
+    assert f"warning: {warning}" in checked.stderr
+    assert 'review_fallback_key_env = "OBSERVERD_TEST_UNSET_KEY (not set)"' in checked.stdout
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    assert any("level=WARN" in line and warning in line for line in daemon.log.splitlines())
+    daemon.stop()
+
+    env = {"OBSERVERD_TEST_UNSET_KEY": "sk-one\nsk-two"}
+    checked = run_cli("check", "--config", str(config), env=env)
+    problem = ("[observerd] review_fallback_key_env: OBSERVERD_TEST_UNSET_KEY must hold printable ASCII "
+               "without leading or trailing spaces")
+    assert checked.returncode == 2 and problem in checked.stderr
+    refused = daemons(tmp_path, config=config, env=env)
+    assert refused.exit_status() == 2 and problem in refused.log
+    assert "sk-one" not in checked.stderr + checked.stdout + refused.log
