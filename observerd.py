@@ -3669,26 +3669,39 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
 def show_top(args: argparse.Namespace) -> int:
     """`top`: the full-screen view, or one plain-text snapshot (--once, or stdout not a terminal)."""
     token = args.token or os.environ.get("OBSERVERD_TOKEN", "")
-    if args.once or not sys.stdout.isatty():
-        try:
-            timeline = fetch_timeline(args.url, token)
-        except OutboundError as exc:
-            print(showable(f"observerd.py top: {args.url}: {exc}"), file=sys.stderr)
-            return 1
-        try:
-            width = os.get_terminal_size().columns
-        except OSError:
-            width = TOP_PLAIN_WIDTH
-        print("\n".join(top_lines(timeline, args.url, width, 0)))
-        return 0
+    try:
+        if args.once or not sys.stdout.isatty():
+            return print_top_snapshot(args.url, token)
+        return run_top_screen(args.url, token, args.interval)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C quits, like q
+
+
+def print_top_snapshot(url: str, token: str) -> int:
+    try:
+        timeline = fetch_timeline(url, token)
+    except OutboundError as exc:
+        print(showable(f"observerd.py top: {url}: {exc}"), file=sys.stderr)
+        return 1
+    try:
+        width = os.get_terminal_size().columns
+    except OSError:
+        width = TOP_PLAIN_WIDTH
+    print("\n".join(top_lines(timeline, url, width, 0)))
+    return 0
+
+
+def run_top_screen(url: str, token: str, interval: float) -> int:
     try:
         import curses  # here, not above: a Python built without curses still runs the daemon
-        curses.wrapper(top_screen, args.url, token, args.interval)
-    except (ImportError, curses.error) as exc:  # no curses, or a terminal it cannot drive
+    except ImportError as exc:
+        print(f"observerd.py top: this Python has no curses ({exc}); use --once", file=sys.stderr)
+        return 1
+    try:
+        curses.wrapper(top_screen, url, token, interval)
+    except curses.error as exc:  # a terminal curses cannot drive: TERM unset or unknown
         print(f"observerd.py top: cannot draw on this terminal ({exc}); use --once", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass  # Ctrl-C quits, like q
     return 0
 
 
