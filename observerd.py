@@ -3560,8 +3560,11 @@ ENDPOINT_SORTS = (
 def fetch_timeline(url: str, token: str) -> dict:
     """The daemon's GET /observer/timeline for top; raises OutboundError."""
     answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, token=token)
-    if not isinstance(answer, dict) or answer.get("service") != SERVICE:
-        raise OutboundError("the answer is not an observerd timeline")
+    try:
+        top_lines(answer, url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
+        # Another service at that URL, or an observerd of another version: say so, and retry.
+        raise OutboundError("the answer is not a timeline this top can show") from None
     return answer
 
 

@@ -4242,3 +4242,32 @@ def test_top_shows_what_clients_sent_without_letting_it_drive_the_terminal(serve
     assert "/evil\\u001b]2;owned\\u0007\\u001b[2J\\r\\n\\u202egnp.exe\\u009b" in result.stdout
     assert "\\u001b[<n>mred boom" in result.stdout  # the cluster's signature
     assert not od._UNSHOWABLE.search(result.stdout.replace("\n", ""))
+
+
+@pytest.mark.parametrize("answer", [
+    {"service": "observerd"},  # an observerd of another version
+    {"service": "observerd", "version": "9", "uptime_s": "soon", "seconds": 60},
+    [1, 2, 3],  # another service
+])
+def test_top_says_when_the_answer_is_not_a_timeline_it_can_show(answer):
+    class Handler(od.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        result = run_cli("top", "--once", "--url", url)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"observerd.py top: {url}: the answer is not a timeline this top can show\n"
