@@ -3723,7 +3723,7 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
         if time.monotonic() >= next_fetch:
             try:
                 timeline, problem = fetch_timeline(url, token), None
-                answered_at = time.strftime("%H:%M:%S")
+                answered_at = time.strftime("%H:%M:%SZ", time.gmtime())
             except OutboundError as exc:
                 problem = str(exc)
             next_fetch = time.monotonic() + interval
