@@ -3299,18 +3299,12 @@ def open_store(config: Config) -> OpStore:
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
-    # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
-    # on once the daemon runs (SIGHUP reopens the journal just opened; SIGTERM stops cleanly).
-    # They only note the signal; the main thread acts on it outside signal context.
-    received: deque[int] = deque()
-    wake = threading.Event()
-
-    def note_signal(signum, _frame):
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note_signal)
+    # Blocked first, in this thread and so in every thread it starts, then taken by sigwait
+    # once the daemon runs: a signal during startup waits for it (SIGHUP reopens the journal
+    # just opened; SIGTERM stops cleanly), and no handler ever runs in the middle of the code
+    # it interrupts (one that took a lock that code held would hang the daemon for good).
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
     for warning in config.warnings:
@@ -3346,18 +3340,11 @@ def serve(config: Config) -> int:
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
-    stopping = False
-    while not stopping:
-        wake.wait()
-        wake.clear()
-        while received:
-            if received.popleft() == signal.SIGHUP:
-                try:
-                    store.reopen_journal()
-                except OSError as exc:
-                    log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
-            else:
-                stopping = True
+    while signal.sigwait(signals) == signal.SIGHUP:
+        try:
+            store.reopen_journal()
+        except OSError as exc:
+            log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
 
     log("INFO", "shutting down", open_connections=len(server.connections))
     server.shutdown()
