@@ -1135,6 +1135,11 @@ def rotation_scratch_paths(path: Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.next"), path.with_name(f".{path.name}.dropped")
 
 
+def probe_scratch_path(path: Path) -> Path:
+    """The hidden name Journal.probe() writes its test byte under, beside the journal."""
+    return path.with_name(f".{path.name}.probe")
+
+
 # Read and write: an append checks the file's last byte before writing.
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -1156,6 +1161,10 @@ class Journal:
         self._fd = -1
         # Where the bytes of an append that is not yet durable begin; set while one is.
         self._rollback_to: int | None = None
+        # Why the last append failed, while none has succeeded since (and no probe() did):
+        # observerd is not ready. And that append's length, which probe() makes room for.
+        self.failure: str | None = None
+        self._failed_bytes = 0
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -1165,6 +1174,7 @@ class Journal:
             if dropped:
                 log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
         self._fd = self._open_for_append()
+        probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
 
     def _open_for_append(self) -> int:
         """Open the path, creating it and its folders if need be, and fsync its folder.
@@ -1188,7 +1198,49 @@ class Journal:
                 self._append(data)
             except OSError as exc:
                 self.metrics.persist_errors.inc()
-                raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
+                if self.failure is None:
+                    log("WARN", "log not writable; not ready until a write succeeds", path=self.path,
+                        error=exc.strerror or exc)
+                self.failure, self._failed_bytes = f"{exc.strerror or exc} ({self.path})", len(data)
+                raise PersistError(self.failure) from exc
+            self._writable("append")
+
+    def probe(self) -> None:
+        """While appends fail: would the failed one succeed now? If so, clear the failure.
+
+        The journal is never touched, so no probe can leave a byte in it or truncate another
+        writer's line away: one byte goes to a scratch file beside it, at the offset where
+        that append would end in the file the path names now (sparse: one block), is fsynced,
+        and the file removed. So it meets what the append met: the file size limit, a full
+        disk or quota (a block of its own, where a byte appended could fit in the last
+        block's slack), a failing device, no free descriptors. A fault of the file alone
+        (chattr +i) it cannot see: a commit that succeeds clears the failure then. Under the
+        append lock, so never beside a commit, a rotation or a reopen.
+        """
+        with self._lock:
+            if self.failure is None:
+                return
+            try:
+                try:
+                    end = os.stat(self.path).st_size
+                except FileNotFoundError:
+                    end = 0  # the next append makes the path again
+                scratch = probe_scratch_path(self.path)
+                fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(scratch)
+            except OSError:
+                return  # still failing: the failure keeps the append's own reason
+            self._writable("probe")
+
+    def _writable(self, found_by: str) -> None:
+        if self.failure is not None:
+            self.failure = None
+            log("INFO", "log writable again", path=self.path, found_by=found_by)
 
     def _append(self, data: bytes) -> None:
         if self._rollback_to is not None:
@@ -1512,6 +1564,11 @@ class _PendingCommit:
         self.on_done = on_done
 
 
+# Why observerd would not take a write now, besides a journal that cannot be written.
+RESTORING = "observerd is restoring its ring from the journal"
+SHUTTING_DOWN = "observerd is shutting down"
+
+
 class OpStore:
     """Persist-then-apply: ops reach the ring only after their lines are fsynced.
 
@@ -1521,6 +1578,9 @@ class OpStore:
     on the first op queued, so a lone op is written at once: there is no timer. A failed
     write fails exactly that batch and applies none of it. Without a journal (ephemeral), ops
     are applied and their callback run in the caller's thread.
+
+    A store with a journal takes no op until restore() has filled the ring from it: an op
+    applied before then would be restored again, and older ops would follow it.
     """
 
     def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None):
@@ -1528,6 +1588,7 @@ class OpStore:
         self.journal = journal
         self.metrics = metrics or Metrics()
         self.arrivals = ArrivalCounts()
+        self.restored = journal is None
         self._ring_lock = threading.Lock()
         self._queue: list[_PendingCommit] = []
         self._queue_cond = threading.Condition()
@@ -1537,10 +1598,26 @@ class OpStore:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
-    def restore(self, ops: list[RingOp]) -> None:
-        with self._ring_lock:
-            for op in ops:
-                self.ring.apply(op)
+    def restore(self) -> None:
+        """Fill the ring from the journal's tail, and log it; raises OSError if unreadable."""
+        if self.journal is not None:
+            started = time.perf_counter()
+            ops = restore_tail(self.journal.path, self.ring.ring_size, self.journal.keep_files,
+                               self.ring.max_bytes)
+            with self._ring_lock:
+                for op in ops:
+                    self.ring.apply(op)
+            self.restored = True
+            log("INFO", "restored ops", count=len(self), path=self.journal.path,
+                ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def unready_reason(self) -> str | None:
+        """Why a write would not be taken now (restoring, or the journal failing), or None."""
+        if not self.restored:
+            return RESTORING
+        if self.journal is not None and self.journal.failure is not None:
+            return f"journal cannot be written: {self.journal.failure}"
+        return None
 
     def submit(self, ops: list[dict], on_done) -> None:
         """Make ops durable, apply them, then call on_done(ring_len, error).
@@ -1563,7 +1640,7 @@ class OpStore:
                 self._queue.append(pending)
                 self._queue_cond.notify()
                 return
-        on_done(0, PersistError("observerd is shutting down"))
+        on_done(0, PersistError(SHUTTING_DOWN))
 
     def submit_and_wait(self, ops: list[dict]) -> int:
         """submit() and wait: returns the ring length, or raises the commit's error."""
@@ -2088,7 +2165,9 @@ SERVER_NAME = f"{SERVICE}/{VERSION}"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 # What observerd_rejected_total counts refusals under; RequestError.reason is one of them.
 REJECTION_REASONS = ("invalid", "unauthorized", "timeout", "length_required", "too_large",
-                     "unsupported_encoding", "persist_failed", "too_many_connections")
+                     "unsupported_encoding", "persist_failed", "too_many_connections", "not_ready")
+# Every 503 carries it: the seconds a client waits before sending the same request again.
+RETRY_AFTER_S = 1
 
 
 class RequestError(Exception):
@@ -2108,7 +2187,7 @@ class RequestError(Exception):
 
 
 INTERNAL_ERROR = RequestError(500, "internal error")
-OVERLOADED = RequestError(503, "too many connections", "too_many_connections", {"Retry-After": "1"})
+OVERLOADED = RequestError(503, "too many connections", "too_many_connections")
 
 
 def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
@@ -2121,7 +2200,7 @@ def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
     if isinstance(exc, TooLarge):
         return RequestError(413, str(exc), "too_large")
     if isinstance(exc, PersistError):
-        return RequestError(503, f"op not persisted: {exc}", "persist_failed", {"Retry-After": "1"})
+        return RequestError(503, f"op not persisted: {exc}", "persist_failed")
     return INTERNAL_ERROR
 
 
@@ -2141,6 +2220,7 @@ def render_answer(status: int, body: object, close: bool, head_only: bool = Fals
     """Status line, headers and body as one buffer, and the body's size: every answer's bytes.
 
     body is JSON, Prometheus text (a str), or a RequestError: {"error": message} and its headers.
+    A 503 always says when to retry.
     """
     headers = None
     if isinstance(body, str):
@@ -2158,6 +2238,8 @@ def render_answer(status: int, body: object, close: bool, head_only: bool = Fals
     ]
     if headers:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if status == 503:
+        lines.append(f"Retry-After: {RETRY_AFTER_S}")
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -2204,15 +2286,13 @@ class ConnectionTracker:
 
     def admit(self, sock: socket.socket) -> bool:
         with self._lock:
-            if self._closing:
-                return False
             stalled = None
             if len(self._open) - len(self._cut) >= self.limit:
                 # Waiting on its client: for a request to arrive, or for it to take an answer.
                 # The earliest deadline is the one that has waited the longest.
                 waiting = [(deadline, s, phase) for s, (phase, deadline) in self._open.items()
                            if phase != self.IN_FLIGHT and s not in self._owed and s not in self._cut]
-                if not waiting:
+                if not waiting or self._closing:  # the drain waits for those requests: keep them
                     return False
                 _, stalled, phase = min(waiting, key=lambda entry: entry[0])
                 self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
@@ -2228,11 +2308,12 @@ class ConnectionTracker:
             self._cut.pop(sock, None)
             self._drained.notify_all()
 
-    def awaiting_request(self, sock: socket.socket) -> None:
-        """Between requests: the next one must arrive, whole, before a fresh deadline."""
+    def awaiting_request(self, sock: socket.socket, again: bool) -> None:
+        """Before each request: it must arrive, whole, before a fresh deadline. Once closing,
+        a connection is kept alive for no further request (again), but its first is answered."""
         with self._lock:
             self._open[sock] = Phase(self.IDLE, time.monotonic() + self.request_timeout_s)
-            close_now = self._closing and sock not in self._owed
+            close_now = again and self._closing and sock not in self._owed
         if close_now:
             _shutdown_quietly(sock)
 
@@ -2287,7 +2368,9 @@ class ConnectionTracker:
         _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
     def close_idle_and_drain(self, timeout_s: float) -> int:
-        """Refuse new connections, close idle ones, let requests in progress finish.
+        """Keep no connection alive past its request from now on, close idle ones, and let
+        requests in progress finish. Connections accepted meanwhile get one request
+        answered (GET /observer/ready says shutting down, writes are refused).
 
         Returns how many connections were still open when the wait ran out.
         """
@@ -2403,12 +2486,14 @@ def read_fields(rfile, what: str) -> RequestHeaders:
 
 @dataclass(frozen=True)
 class Route:
-    """A path's handlers by method, whether it needs the bearer token, and what its body or
-    query holds, as its 400s name it ("invalid op: ...")."""
+    """A path's handlers by method, whether it needs the bearer token, what its body or
+    query holds, as its 400s name it ("invalid op: ..."), and when it answers 503."""
 
     methods: dict[str, Callable]  # HTTP method -> the handler's method answering it
     auth: bool = True
     parses: str | None = None
+    probe: bool = False  # answers in every state; the others serve ops: 503 until restored
+    stores: bool = False  # stores ops: 503 once shutting down, too
 
 
 DEFERRED = object()  # a handler's status when the committer thread will send the answer
@@ -2465,6 +2550,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         # Held while an answer is owed on this connection, so answers leave in request order.
         self._turn = threading.Lock()
         self._dropped = False  # the committer could not deliver an answer: stop serving
+        self._kept_alive = False  # from its second request on, the connection was kept alive
         super().setup()
 
     def finish(self):
@@ -2478,7 +2564,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self._started, self._route, self.command, self.path = None, "unparsed", "", ""
-        self.server.connections.awaiting_request(self.connection)
+        self.server.connections.awaiting_request(self.connection, self._kept_alive)
+        self._kept_alive = True
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -2543,6 +2630,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
                                    headers={"Allow": allow})
             if route.auth:
                 self.authorize()
+            if not route.probe:
+                self.check_available(route.stores)
             status, body = handler(self)
             if status is DEFERRED:
                 return
@@ -2569,6 +2658,14 @@ class HTTPHandler(BaseHTTPRequestHandler):
         ):
             raise RequestError(401, "missing or invalid bearer token", "unauthorized",
                                {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+
+    def check_available(self, stores: bool) -> None:
+        """503 while the ring is being restored, and for a write once shutting down (one whose
+        request was dispatched before still completes: that is what the drain waits for)."""
+        if not self.server.store.restored:
+            raise RequestError(503, RESTORING, "not_ready")
+        if stores and self.server.connections.closing:
+            raise RequestError(503, SHUTTING_DOWN, "not_ready")
 
     def read_body(self) -> bytes:
         """The request body, sized or chunked, bounded by max_body_bytes while it is read."""
@@ -2846,6 +2943,10 @@ class ObserverHandler(HTTPHandler):
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
 
+    def get_ready(self):
+        reason = self.server.unready_reason()
+        return (200, {"ready": True}) if reason is None else (503, {"ready": False, "reason": reason})
+
     def get_stats(self):
         return 200, self.server.store.stats()
 
@@ -2881,7 +2982,7 @@ class ObserverHandler(HTTPHandler):
             "service": SERVICE,
             "version": VERSION,
             "uptime_s": round(time.monotonic() - server.started, 1),
-            "ready": True,  # until GET /observer/ready (issue 11) lands: then the store's readiness
+            "ready": server.unready_reason() is None,  # as GET /observer/ready says
             "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
             "seconds": seconds,
             "sources": sources,
@@ -2949,17 +3050,19 @@ class ObserverHandler(HTTPHandler):
             return
 
     ROUTES = {
-        "/observer/health": Route({"GET": get_health}, auth=False),
+        "/observer/health": Route({"GET": get_health}, auth=False, probe=True),
+        "/observer/ready": Route({"GET": get_ready}, probe=True),
         "/observer/stats": Route({"GET": get_stats}),
-        "/observer/event": Route({"POST": post_event}, parses="op"),
-        "/observer/events": Route({"POST": post_events}, parses="batch"),
+        "/observer/event": Route({"POST": post_event}, parses="op", stores=True),
+        "/observer/events": Route({"POST": post_events}, parses="batch", stores=True),
         "/observer/errors": Route({"GET": get_errors}),
         "/observer/playbooks": Route({"GET": get_playbooks}),
         "/observer/escalations": Route({"GET": get_escalations}),
         "/observer/review": Route({"POST": post_review}, parses="review request"),
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
-        "/observer/timeline": Route({"GET": get_timeline}, parses="query"),
-        "/metrics": Route({"GET": get_metrics}),
+        # What top and the page show, "restoring" included, so it answers before the ring is whole.
+        "/observer/timeline": Route({"GET": get_timeline}, parses="query", probe=True),
+        "/metrics": Route({"GET": get_metrics}, probe=True),
     }
 
 
@@ -3005,6 +3108,12 @@ class ObserverServer(ThreadingHTTPServer):
     @property
     def metrics(self) -> Metrics:
         return self.store.metrics
+
+    def unready_reason(self) -> str | None:
+        """Why a write would not be accepted now, or None: what GET /observer/ready says."""
+        if self.connections.closing:
+            return SHUTTING_DOWN
+        return self.store.unready_reason()
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
@@ -3386,6 +3495,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
+JOURNAL_PROBE_INTERVAL_S = 1.0  # how often a journal that cannot be written is tried again
 EXIT_STATUS = """
 exit status: 0 ok; 1 runtime error (a file cannot be read, the daemon cannot be reached);
   2 usage or config error (a bad flag or setting, or anything that keeps the daemon from starting)
@@ -3550,6 +3660,7 @@ def files_of_settings(config: Config):
             yield "persist_path", "persist_path's rotated segment", segment
         for scratch in rotation_scratch_paths(journal):
             yield "persist_path", "persist_path's rotation scratch file", scratch
+        yield "persist_path", "persist_path's probe scratch file", probe_scratch_path(journal)
         position = corrections_position_path(journal)
         yield "persist_path", "persist_path's corrections position", position
         yield "persist_path", "persist_path's scratch file", scratch_path(position)
@@ -3918,37 +4029,24 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
 
 
 def open_store(config: Config) -> OpStore:
-    """Open (and repair) the journal, then restore the ring from its tail."""
+    """Open (and repair) the journal; the ring stays empty until the store's restore()."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
         journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
         journal.open()
-    store = OpStore(ring, journal, metrics)
-    if config.persist_path is not None:
-        started = time.perf_counter()
-        store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files,
-                                   config.max_ring_bytes))
-        log("INFO", "restored ops", count=len(store), path=config.persist_path,
-            ms=round((time.perf_counter() - started) * 1000, 1))
-    return store
+    return OpStore(ring, journal, metrics)
 
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
-    # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
-    # on once the daemon runs (SIGHUP reopens the journal just opened; SIGTERM stops cleanly).
-    # They only note the signal; the main thread acts on it outside signal context.
-    received: deque[int] = deque()
-    wake = threading.Event()
-
-    def note_signal(signum, _frame):
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note_signal)
+    # Blocked first, in this thread and so in every thread it starts, then taken by sigwait
+    # once the daemon runs: a signal during startup waits for it (SIGHUP reopens the journal
+    # just opened; SIGTERM stops cleanly), and no handler ever runs in the middle of the code
+    # it interrupts (one that took a lock that code held would hang the daemon for good).
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
     for warning in config.warnings:
@@ -3979,33 +4077,40 @@ def serve(config: Config) -> int:
     log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
+    if store.journal is not None:
+        housekeeping.every(JOURNAL_PROBE_INTERVAL_S, store.journal.probe)
     housekeeping.start()
-    loops = start_observer_loops(config, store, insights)
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
-    stopping = False
-    while not stopping:
-        wake.wait()
-        wake.clear()
-        while received:
-            if received.popleft() == signal.SIGHUP:
-                try:
-                    store.reopen_journal()
-                except OSError as exc:
-                    log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
-            else:
-                stopping = True
+    # Answering before restoring: health and ready answer at once, however long the restore
+    # takes; the routes that serve or store ops answer 503 until it is done.
+    status, loops = 0, None
+    try:
+        store.restore()
+    except OSError as exc:
+        log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
+        status = 2
+    else:
+        loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+        while signal.sigwait(signals) == signal.SIGHUP:
+            try:
+                store.reopen_journal()
+            except OSError as exc:
+                log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
 
     log("INFO", "shutting down", open_connections=len(server.connections))
-    server.shutdown()
-    loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+    # Closing comes first, and the listener keeps answering while the drain runs: ready
+    # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
+    if loops is not None:
+        loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+    server.shutdown()
     housekeeping.stop()
     server.server_close()
     store.close()
     log("INFO", "stopped", ops=len(store), abandoned_connections=left)
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,17 @@ start_daemon() {
   pid=$!
   for _ in $(seq 100); do
     addr=$(sed -n 's/.*msg=listening addr=\([^ ]*\).*/\1/p' "$work/daemon.log")
-    [ -n "$addr" ] && { base="http://$addr"; return; }
+    [ -n "$addr" ] && { base="http://$addr"; break; }
     kill -0 "$pid" 2>/dev/null || fail "daemon exited at startup"
     sleep 0.05
   done
-  fail "daemon did not log its address within 5 s"
+  [ -n "$addr" ] || fail "daemon did not log its address within 5 s"
+  # It answers at once and takes ops once its ring is restored: GET /observer/ready says when.
+  for _ in $(seq 100); do
+    [ "$(curl -sS -o /dev/null -w '%{http_code}' "$base/observer/ready")" = 200 ] && return
+    sleep 0.05
+  done
+  fail "daemon not ready within 5 s"
 }
 
 # expect_json DESCRIPTION JSON PYTHON-EXPR: evaluates EXPR with the parsed JSON bound to j.
@@ -36,7 +42,7 @@ post() { curl -sS -o "$work/body" -w '%{http_code}' -X POST -H 'Content-Type: ap
   --data "$1" "$base/observer/event"; }
 
 start_daemon
-pass "daemon listening on $base"
+pass "daemon listening on $base, and ready"
 
 i=0
 for event in \
@@ -73,6 +79,7 @@ grep -q '^observerd_events_total{source="scenario",success="true"} 2$' <<<"$metr
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 pass "daemon killed with SIGKILL"
 start_daemon
+for _ in $(seq 20); do grep -q 'msg="restored ops"' "$work/daemon.log" && break; sleep 0.05; done
 grep -q 'msg="restored ops" count=5' "$work/daemon.log" && pass "restart restored 5 ops" \
   || fail "restart did not log count=5"
 stats=$(curl -sS "$base/observer/stats")

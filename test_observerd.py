@@ -121,6 +121,7 @@ class InProcessServer:
     def __init__(self, config: od.Config):
         self.config = config
         self.store = od.open_store(config)
+        self.store.restore()
         self.server = od.ObserverServer(config, self.store)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -196,10 +197,14 @@ class Daemon:
     def log(self) -> str:
         return "".join(self._lines)
 
-    def wait_listening(self, timeout=60.0) -> "Daemon":
+    def wait_listening(self, timeout=60.0, restored=True) -> "Daemon":
+        """Until it listens and (restored) has restored its ring: it answers before that, but
+        serves and stores no ops."""
         def listening():
+            log = self.log
+            done = not restored or 'msg="restored ops"' in log or "persist_path=(ephemeral)" in log
             for line in list(self._lines):
-                if "msg=listening" in line:
+                if "msg=listening" in line and done:
                     return line.split("addr=")[1].split()[0]
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
@@ -1187,6 +1192,7 @@ def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
     lines = config.persist_path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == ops
     restored = od.open_store(config)
+    restored.restore()
     assert plain(restored.stats()) == before
     assert dicts(restored.ring.ops) == ops
     restored.close()
@@ -2745,6 +2751,7 @@ GUARDED_ROUTES = [
     ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
     ("GET", "/observer/timeline", None),
     ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
+    ("GET", "/observer/ready", None), ("HEAD", "/observer/ready", None),
 ]
 
 
@@ -2949,6 +2956,7 @@ def closed_port_url() -> str:
 def make_tailer(tmp_path, corrections: Path):
     config = make_config(tmp_path)
     store = od.open_store(config)
+    store.restore()
     sidecar = tmp_path / "ops.jsonl.corrections-position"
     return od.CorrectionsTailer(corrections, store, sidecar, config.max_batch, config.max_body_bytes), store
 
@@ -3520,8 +3528,10 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
     assert idle.get("/observer/health")[0] == 200  # an idle keep-alive connection stays open
     body = json.dumps({"endpoint": "/in-flight"}).encode()
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
-        wait_for(lambda: daemon.client().get("/observer/health")[0] == 200)
+        sock.sendall(b"POST /observer/event HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body[:5])
+        # 100 Continue comes once the request is dispatched and its body awaited: in progress.
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in daemon.log, what="shutdown to begin")
         sock.sendall(body[5:])
@@ -4584,3 +4594,203 @@ def test_top_says_when_the_answer_is_not_a_timeline_it_can_show(answer):
         other.server_close()
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"observerd.py top: {url}: the answer is not a timeline this top can show\n"
+
+
+# --- issue 11: readiness ---
+
+
+HOOKED_DAEMON = """\
+import sys
+sys.path.insert(0, {here!r})
+import observerd
+{hook}
+sys.exit(observerd.main(sys.argv[1:]))
+"""
+
+
+def hooked_daemon_script(folder: Path, hook: str) -> Path:
+    """observerd.py's main run after hook, Python that patches the observerd module: a way to
+    hold the real daemon at a chosen point for as long as a test needs."""
+    script = folder / "hooked_observerd.py"
+    script.write_text(HOOKED_DAEMON.format(here=str(HERE), hook=hook))
+    return script
+
+
+def get_fresh(port: int, path: str, method: str = "GET", body=None) -> tuple[int, dict | None, object]:
+    """One request on a connection of its own, closed after the answer."""
+    client = Client(port)
+    try:
+        return client.request(method, path, body)
+    finally:
+        client.close()
+
+
+def io_write_calls(pid: int) -> int:
+    """write(2)-family calls the process has made, failed ones too (proc(5): syscw)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/pid/io")
+
+
+def test_ready_is_200_when_a_write_would_be_accepted_ephemeral_too(serve):
+    for server in (serve(), serve(persist_path="")):
+        client = server.client()
+        status, body, resp = client.get("/observer/ready")
+        assert (status, body, resp.getheader("Retry-After")) == (200, {"ready": True}, None)
+        assert client.request("HEAD", "/observer/ready")[:2] == (200, None)
+
+
+def test_a_failed_commit_makes_observerd_unready_and_the_next_good_commit_ready(serve, monkeypatch):
+    server = serve()
+    FsyncSpy(monkeypatch, fail_calls={1})  # a real EIO from the disk, as fsync reports it
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body["ready"], resp.getheader("Retry-After")) == (503, False, "1")
+    assert body["reason"] == f"journal cannot be written: Input/output error ({server.config.persist_path})"
+    assert client.get("/observer/health")[0] == 200
+    assert client.post("/observer/event", {"endpoint": "/kept"})[0] == 200  # writes are still tried
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+
+
+def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_without_traffic(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+    accepted, status = 0, 200
+    while status == 200:
+        status, _, _ = client.post("/observer/event", {"endpoint": f"/fill/{accepted}", "pad": "x" * 40})
+        accepted += status == 200
+    assert status == 503
+    path = tmp_path / "ops.jsonl"
+    journal = path.read_bytes()
+    reason = f"journal cannot be written: File too large ({path.resolve()})"
+    unready = (503, {"ready": False, "reason": reason}, "1")
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == unready
+    # The probe runs every second and fails while the limit stands: a byte appended at the
+    # end would fit, the op that failed would not. Two write calls with nothing else to
+    # write are two probes: the answer must not have changed.
+    calls = io_write_calls(daemon.proc.pid)
+    wait_for(lambda: io_write_calls(daemon.proc.pid) >= calls + 2, what="two probes")
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == unready
+    assert client.get("/observer/health")[0] == 200
+
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
+    assert client.get("/observer/ready")[1] == {"ready": True}
+    assert "found_by=probe" in daemon.log
+    assert path.read_bytes() == journal, "the probe must leave the journal as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl"]
+    assert client.post("/observer/event", {"endpoint": "/after"})[0] == 200
+    assert len(replay_forward(path)) == accepted + 1
+
+
+def test_it_answers_before_restoring_and_serves_no_ops_until_restored(tmp_path, daemons):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(op(f"/before/{i}")) for i in range(3)))
+    gate = tmp_path / "restore-gate"
+    os.mkfifo(gate)
+    # Restore reads the journal once the test opens the FIFO: till then it is held, as a
+    # slow disk would hold it, on any machine.
+    script = hooked_daemon_script(tmp_path, f"""
+restore_tail = observerd.restore_tail
+def held_restore_tail(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_tail(*args, **kwargs)
+observerd.restore_tail = held_restore_tail
+""")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, script=script).wait_listening(restored=False)
+    status, body, resp = get_fresh(daemon.port, "/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == (503, {"ready": False, "reason": od.RESTORING}, "1")
+    assert get_fresh(daemon.port, "/observer/health")[:2] == (200, {"status": "ok", "service": "observerd",
+                                                                     "ring_size": 0})
+    refused = [("POST", "/observer/event", {"endpoint": "/early"}),
+               ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/stats", None),
+               ("GET", "/observer/ops", None), ("GET", "/observer/errors", None),
+               ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
+               ("POST", "/observer/review", {})]
+    for method, route, body in refused:
+        status, answer, resp = get_fresh(daemon.port, route, method, body)
+        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.RESTORING}, "1"), route
+    metrics = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    metrics.request("GET", "/metrics")
+    response = metrics.getresponse()
+    assert response.status == 200
+    refusals = sample(parse_exposition(response.read().decode()), "observerd_rejected_total", reason="not_ready")
+    assert refusals == len(refused)
+    metrics.close()
+    assert 'msg="restored ops"' not in daemon.log
+
+    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
+    wait_for(lambda: get_fresh(daemon.port, "/observer/ready")[0] == 200, what="the restore to finish")
+    wait_for(lambda: 'msg="restored ops" count=3' in daemon.log, what="the restore's log line")
+    client = daemon.client()
+    assert client.get("/observer/stats")[1]["total"] == 3
+    assert client.post("/observer/event", {"endpoint": "/after"})[1] == {"accepted": True, "ring_size": 4}
+    assert endpoints_in(path) == ["/before/0", "/before/1", "/before/2", "/after"]
+
+
+def test_from_sigterm_to_exit_ready_says_shutting_down_and_health_still_answers(tmp_path, daemons):
+    # The drain waits for the request held below as long as the test needs, on any machine.
+    script = hooked_daemon_script(tmp_path, "observerd.SHUTDOWN_GRACE_S = 600")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                       "request_timeout_s": 600.0})
+    daemon = daemons(tmp_path, config=config, script=script).wait_listening()
+    assert get_fresh(daemon.port, "/observer/ready")[0] == 200
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as held:
+        # 100 Continue comes once the request is dispatched and its body awaited: in progress.
+        held.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert held.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        daemon.proc.send_signal(signal.SIGTERM)
+
+        def ready_status():
+            try:
+                return get_fresh(daemon.port, "/observer/ready")[0]
+            except (OSError, http.client.HTTPException):
+                return None  # a connection accepted just as closing began is closed unanswered
+        wait_for(lambda: ready_status() == 503, what="ready to say 503")
+        status, answer, resp = get_fresh(daemon.port, "/observer/ready")
+        assert (status, answer) == (503, {"ready": False, "reason": od.SHUTTING_DOWN})
+        assert (resp.getheader("Retry-After"), resp.getheader("Connection")) == ("1", "close")
+        assert get_fresh(daemon.port, "/observer/health")[0] == 200
+        assert get_fresh(daemon.port, "/observer/stats")[0] == 200
+        status, answer, resp = get_fresh(daemon.port, "/observer/event", "POST", {"endpoint": "/late"})
+        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.SHUTTING_DOWN}, "1")
+        assert daemon.proc.poll() is None, "the drain waits for the request in progress"
+        held.sendall(body)
+        assert parse_response(read_until_closed(held)) == (200, {"accepted": True, "ring_size": 1})
+    assert daemon.exit_status() == 0
+    assert "abandoned_connections=0" in daemon.log
+    assert endpoints_in(tmp_path / "ops.jsonl") == ["/in-flight"]
+
+
+def test_while_draining_a_new_connection_never_takes_the_place_of_a_request_in_progress():
+    tracker = od.ConnectionTracker(limit=1, request_timeout_s=600)
+    in_progress, peer = socket.socketpair()
+    newcomer, newcomer_peer = socket.socketpair()
+    try:
+        assert tracker.admit(in_progress)
+        tracker.headers_read(in_progress)  # its body is on the way
+        assert tracker.close_idle_and_drain(0) == 1
+        assert not tracker.admit(newcomer)  # answered 503 "too many connections" instead
+        assert tracker.cut_reason(in_progress) is None
+    finally:
+        for sock in (in_progress, peer, newcomer, newcomer_peer):
+            sock.close()
+
+
+def test_a_probe_file_left_by_a_crash_mid_probe_is_removed_at_start(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    od.probe_scratch_path(path).write_bytes(b"\n")
+    journal = od.Journal(path)
+    journal.open()
+    journal.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.jsonl"]
