@@ -1607,7 +1607,7 @@ class OpStore:
         apply them to the ring and remember their ids. Returns (ring length, error)."""
         try:
             if self.window is None:
-                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, ()
+                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, Counter()
             else:
                 with self._ring_lock:
                     fresh, entries, conflicts = self._admit(batch)
@@ -1631,16 +1631,17 @@ class OpStore:
         duplicates = sum(pending.duplicates for pending in batch)
         if duplicates:
             self.metrics.duplicates.inc(amount=duplicates)
-        for op_id in conflicts:
+        # One line per op_id, not per duplicate: a batch of a thousand is still one line.
+        for op_id, count in conflicts.items():
             log("WARN", "duplicate op_id with different content; the first stored version is kept",
-                op_id=op_id)
+                duplicates=count, op_id=op_id)
         return ring_len, None
 
-    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, list[str]]:
-        """The batch's ops to store, in order, with their window entries, and the op_ids of
-        duplicates whose content differs from the stored op's. A duplicate (its op_id in the
+    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, Counter[str]]:
+        """The batch's ops to store, in order, with their window entries, and how many
+        duplicates of each op_id differ from the stored op. A duplicate (its op_id in the
         window, or on an earlier op of the batch) is left out and counted on its pending."""
-        fresh, entries, conflicts = [], [], []
+        fresh, entries, conflicts = [], [], Counter()
         claimed: dict[str, int] = {}  # op_id -> content digest, of this batch's ops
         for pending in batch:
             if pending.ids is None:
@@ -1656,7 +1657,7 @@ class OpStore:
                     if first is not None:
                         pending.duplicates += 1
                         if first != digest:
-                            conflicts.append(op_id)
+                            conflicts[op_id] += 1
                         continue
                     claimed[op_id] = digest
                 fresh.append(ring_op)

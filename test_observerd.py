@@ -4118,11 +4118,12 @@ def test_a_duplicate_with_different_content_logs_one_warn_and_the_first_version_
     assert client.post("/observer/event", {**first, "source": "mcp", "success": False})[1]["duplicate"] is True
     assert "level=WARN" not in capsys.readouterr().err
     assert client.post("/observer/event", {**first, "duration_ms": 6})[1]["duplicate"] is True
-    assert client.post("/observer/events", [{**first, "op_id": "r-2"}, {**first, "op_id": "r-2", "error": "x"}])[1] == \
-        {"accepted": 1, "duplicates": 1, "ring_size": 2}
+    # A batch of differing duplicates: one line for their op_id, however many they are.
+    batch = [{**first, "op_id": "r-2"}, *({**first, "op_id": "r-2", "error": f"e{i}"} for i in range(500))]
+    assert client.post("/observer/events", batch)[1] == {"accepted": 1, "duplicates": 500, "ring_size": 2}
     warnings = [line for line in capsys.readouterr().err.splitlines() if "level=WARN" in line]
     assert len(warnings) == 2, warnings
-    assert "op_id=r-1" in warnings[0] and "op_id=r-2" in warnings[1]
+    assert warnings[0].endswith("duplicates=1 op_id=r-1") and warnings[1].endswith("duplicates=500 op_id=r-2")
     ops = client.get("/observer/ops")[1]["ops"]
     assert [(o["op_id"], o["duration_ms"], "error" in o) for o in ops] == [("r-2", 5, False), ("r-1", 5, False)]
 
