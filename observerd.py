@@ -1465,19 +1465,21 @@ class OpIdWindow:
         """The content digest of the stored op holding op_id, None if no op in the window does."""
         return self._digests.get(op_id)
 
-    def remember(self, entries) -> None:
-        """Take the slots of newly stored ops, oldest first: (op_id, digest) or None each."""
-        for entry in entries:
-            if entry is None:
-                self._slots.append(None)
-            else:
-                op_id, digest = entry
-                self._digests[op_id] = digest
-                self._slots.append(op_id)
-            if len(self._slots) > self.size:
-                oldest = self._slots.popleft()
-                if oldest is not None:
-                    del self._digests[oldest]
+    def remember(self, entries: list[tuple[str, int] | None]) -> None:
+        """Take the slots of newly stored ops, oldest first: (op_id, digest) or None each.
+
+        The oldest slots are given up first, so no more than `size` ids are ever held.
+        """
+        entries = entries[max(0, len(entries) - self.size):]
+        for _ in range(len(self._slots) + len(entries) - self.size):
+            oldest = self._slots.popleft()
+            if oldest is not None:
+                del self._digests[oldest]
+        if any(entries):
+            self._slots.extend(entry and entry[0] for entry in entries)
+            self._digests.update(entry for entry in entries if entry is not None)
+        else:  # most commits: no op_id at all
+            self._slots.extend(entries)
 
     def restore(self, older: list[tuple[str, int] | None]) -> None:
         """Put the entries of ops stored before this process started before any stored since."""
@@ -1607,7 +1609,7 @@ class OpStore:
         apply them to the ring and remember their ids. Returns (ring length, error)."""
         try:
             if self.window is None:
-                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, Counter()
+                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, {}
             else:
                 with self._ring_lock:
                     fresh, entries, conflicts = self._admit(batch)
@@ -1637,16 +1639,16 @@ class OpStore:
                 duplicates=count, op_id=op_id)
         return ring_len, None
 
-    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, Counter[str]]:
+    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, dict[str, int]]:
         """The batch's ops to store, in order, with their window entries, and how many
         duplicates of each op_id differ from the stored op. A duplicate (its op_id in the
         window, or on an earlier op of the batch) is left out and counted on its pending."""
-        fresh, entries, conflicts = [], [], Counter()
+        fresh, entries, conflicts = [], [], {}
         claimed: dict[str, int] = {}  # op_id -> content digest, of this batch's ops
         for pending in batch:
             if pending.ids is None:
                 fresh.extend(pending.ops)
-                entries.extend(itertools.repeat(None, len(pending.ops)))
+                entries += [None] * len(pending.ops)
                 continue
             for ring_op, entry in zip(pending.ops, pending.ids):
                 if entry is not None:
@@ -1657,7 +1659,7 @@ class OpStore:
                     if first is not None:
                         pending.duplicates += 1
                         if first != digest:
-                            conflicts[op_id] += 1
+                            conflicts[op_id] = conflicts.get(op_id, 0) + 1
                         continue
                     claimed[op_id] = digest
                 fresh.append(ring_op)

@@ -211,12 +211,13 @@ def time_restart(work: Path, persist_path: Path, runs: int = 5) -> tuple[float, 
 
 
 def op_id_window_bytes(make_id, size: int = 100_000) -> float:
-    """Bytes per op an OpIdWindow of `size` holds once turned over, each op with an op_id."""
+    """Bytes per op an OpIdWindow of `size` holds once turned over twice, 100 ops a commit,
+    each op with an op_id."""
     tracemalloc.start()
     try:
         window = observerd.OpIdWindow(size)
-        for turn in range(2):
-            window.remember((make_id(turn * size + i), hash((turn, i))) for i in range(size))
+        for start in range(0, 3 * size, 100):
+            window.remember([(make_id(i), hash(i)) for i in range(start, start + 100)])
         return tracemalloc.get_traced_memory()[0] / size
     finally:
         tracemalloc.stop()
@@ -268,6 +269,8 @@ def targets(rows: list, big_lines: int, small_ready: float, big_ready: float, bi
         (f"restart with a {big_lines:,}-line file < 0.3 s, within 0.1 s of a 2,000-line file",
          f"**{big_ready * 1000:.0f} ms vs {small_ready * 1000:.0f} ms** spawn to first answer "
          f"(the restore itself: {big_restore_ms:.0f} ms)", big_ready < 0.3 and big_ready - small_ready < 0.1),
+        (f"restart with a {big_lines:,}-line file and a full op_id window (dedupe_window 100,000) < 1 s",
+         f"**{big_ready * 1000:.0f} ms**", big_ready < 1),
         ("stats p99 < 5 ms while ingest runs flat out", f"**{stats_p99_ms:.1f} ms**", stats_p99_ms < 5),
     ]
 
