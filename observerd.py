@@ -245,6 +245,8 @@ class Metrics:
                  llm_backends: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
+        self.duplicates = Metric("observerd_duplicates_total", "counter",
+                                 "Ops acknowledged but not stored again: their op_id was already stored.")
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
         self.ring_bytes = Metric("observerd_ring_bytes", "gauge",
                                  "Memory held by the ring's ops, as max_ring_bytes counts it.")
@@ -345,6 +347,7 @@ SETTINGS = (
     Setting("max_connections", int, 256, "open connections", minimum=1),
     Setting("allow_unauthenticated", bool, False, "allow a non-loopback bind without a token"),
     Setting("max_batch", int, 1000, "ops per POST /observer/events", minimum=1),
+    Setting("dedupe_window", int, 100_000, "stored ops whose op_ids are remembered; 0 = off", minimum=0),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
@@ -603,6 +606,8 @@ _CORRECTION_REF_KEY = f'"{CORRECTION_REF}":'.encode()
 SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
+OP_ID = "op_id"
+MAX_OP_ID_CHARS = 128
 MAX_JSON_DEPTH = 64  # arrays and objects nested in an op, the op itself included
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _RFC3339 = re.compile(
@@ -759,6 +764,13 @@ def check_time(value: str, field: str) -> datetime:
         raise InvalidOp(field, str(exc)) from None
 
 
+def check_op_id(value: object, field: str) -> str:
+    """A client's idempotency key: 1 to MAX_OP_ID_CHARS printable characters."""
+    if not 1 <= len(check_type(value, str, field)) <= MAX_OP_ID_CHARS or not value.isprintable():
+        raise InvalidOp(field, f"must be 1 to {MAX_OP_ID_CHARS} printable characters")
+    return value
+
+
 def reject_unknown(keys, allowed: tuple[str, ...], what: str) -> None:
     """Raise InvalidOp naming the first key not in allowed, as not a `what`."""
     for key in keys:
@@ -770,9 +782,11 @@ def validate_op(raw: object) -> dict:
     """Check one decoded ObservedOp and return it as stored: defaults filled, extras kept.
 
     The known fields come first in a fixed order, then unknown keys verbatim in the order
-    given, so records round-trip with the other lakehouse services. Raises InvalidOp.
+    given, so records round-trip with the other lakehouse services. An op_id comes first of
+    all, so a restart finds it at the start of the line (see window_entry). Raises InvalidOp.
     """
     check_type(raw, dict, "body")
+    op_id = check_op_id(raw[OP_ID], OP_ID) if OP_ID in raw else None
 
     endpoint = raw.get("endpoint")
     if endpoint is None:
@@ -827,6 +841,8 @@ def validate_op(raw: object) -> dict:
         "success": success,
         "duration_ms": duration,
     }
+    if op_id is not None:
+        op = {OP_ID: op_id, **op}
     for key, value in raw.items():
         if key not in op:
             op[key] = value
@@ -940,6 +956,37 @@ class PersistError(Exception):
 def encode_line(op: dict) -> bytes:
     """One op as one JSONL line, UTF-8, newline-terminated."""
     return (_LINE_ENCODER.encode(op) + "\n").encode("utf-8")
+
+
+# validate_op puts an op_id first, so encode_line starts its line with this: the top-level
+# key for sure, as nothing precedes it. An id is at most 4 UTF-8 bytes a character (the
+# encoder escapes only quotes and backslashes among printable ones), plus its closing quote.
+_OP_ID_START = f'{{"{OP_ID}":"'.encode()
+_OP_ID_SPAN_BYTES = len(_OP_ID_START) + 4 * MAX_OP_ID_CHARS + 1
+# How the timestamp key reads in a line: a bare quote cannot occur inside an encoded string,
+# so its first occurrence is the key, after op_id, endpoint and source.
+_TIMESTAMP_KEY = b',"timestamp":"'
+
+
+def window_entry(line: bytes) -> tuple[str, int] | None:
+    """(op_id, content digest) of a journal line as encode_line writes it, found without
+    decoding the line; None if it does not start with an op_id.
+
+    The digest is what a duplicate is compared with: a hash of the line without its
+    timestamp, which the server fills when a client leaves it out, and a client may restamp
+    at each attempt.
+    """
+    if not line.startswith(_OP_ID_START):
+        return None
+    try:
+        op_id = json.decoder.scanstring(line[:_OP_ID_SPAN_BYTES].decode("utf-8", "replace"),
+                                        len(_OP_ID_START))[0]
+    except ValueError:  # not closed within an op_id's length: not a line observerd wrote
+        return None
+    start = line.find(_TIMESTAMP_KEY)
+    end = line.find(b'"', start + len(_TIMESTAMP_KEY)) if start >= 0 else -1
+    stop = len(line) - line.endswith(b"\n")
+    return op_id, hash(line[:stop] if end < 0 else line[:start] + line[end:stop])
 
 
 # Error text beyond this many characters is not kept in the ring, and not normalised into a
@@ -1436,6 +1483,37 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
     return newest_first[::-1]
 
 
+def restore_op_ids(path: Path, window: int, keep_files: int = 0) -> list[tuple[str, int] | None]:
+    """window_entry() of each of the newest `window` ops of the journal and its
+    segments, None for one without an op_id (or whose id a newer op holds), oldest first.
+
+    No line is decoded (see window_entry), so the cost is reading `window` lines backwards,
+    whatever the history's length.
+    """
+    newest_first: list[tuple[str, int] | None] = []
+    seen: set[str] = set()
+    for segment in segment_paths(path, keep_files):
+        if len(newest_first) >= window:
+            break
+        try:
+            f = open(segment, "rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            for _, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+                if not line or line.isspace():
+                    continue
+                entry = window_entry(line)
+                if entry is None or entry[0] in seen:
+                    newest_first.append(None)
+                else:
+                    seen.add(entry[0])
+                    newest_first.append(entry)
+                if len(newest_first) >= window:
+                    break
+    return newest_first[::-1]
+
+
 # =============================================================================
 # Store: the ring with live counters, fed through group commit
 # =============================================================================
@@ -1553,15 +1631,71 @@ class ArrivalCounts:
         return dict(sorted(sources.items())), totals
 
 
+class OpIdWindow:
+    """The op_ids of the last `size` ops stored, each with its content digest (window_entry).
+
+    Every stored op takes a slot, with an op_id or without (None), so the window covers the
+    same ops a restart reads back (restore_op_ids). An id is held once: a duplicate is never
+    stored. Memory: `size` slots of 8 bytes, plus each id held (see README).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._slots: deque[str | None] = deque()
+        self._digests: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def digest(self, op_id: str) -> int | None:
+        """The content digest of the stored op holding op_id, None if no op in the window does."""
+        return self._digests.get(op_id)
+
+    def remember(self, entries: list[tuple[str, int] | None]) -> None:
+        """Take the slots of newly stored ops, oldest first: (op_id, digest) or None each.
+
+        The oldest slots are given up first, so no more than `size` ids are ever held.
+        """
+        entries = entries[max(0, len(entries) - self.size):]
+        for _ in range(len(self._slots) + len(entries) - self.size):
+            oldest = self._slots.popleft()
+            if oldest is not None:
+                del self._digests[oldest]
+        if any(entries):
+            self._slots.extend(entry and entry[0] for entry in entries)
+            self._digests.update(entry for entry in entries if entry is not None)
+        else:  # most commits: no op_id at all
+            self._slots.extend(entries)
+
+    def restore(self, older: list[tuple[str, int] | None]) -> None:
+        """Put the entries of ops stored before this process started before any stored since."""
+        since = [None if op_id is None else (op_id, self._digests[op_id]) for op_id in self._slots]
+        entries = [None if entry is not None and entry[0] in self._digests else entry
+                   for entry in older] + since
+        entries = entries[max(0, len(entries) - self.size):]
+        self._slots = deque(entry and entry[0] for entry in entries)
+        self._digests = dict(entry for entry in entries if entry is not None)
+
+
+class Stored(NamedTuple):
+    """What a commit did for one caller: the ring's length after it, and how many of the
+    caller's ops were duplicates, acknowledged without being stored again."""
+
+    ring_size: int
+    duplicates: int
+
+
 class _PendingCommit:
     """One caller's ops in the commit queue, and what to call once they are durable."""
 
-    __slots__ = ("ops", "data", "on_done")
+    __slots__ = ("ops", "ids", "data", "on_done", "duplicates")
 
-    def __init__(self, ops: list[RingOp], on_done):
+    def __init__(self, ops: list[RingOp], ids: list[tuple[str, int] | None] | None, on_done):
         self.ops = ops
+        self.ids = ids  # (op_id, content digest) or None per op; None when no op has an op_id
         self.data = b"".join(op.line for op in ops)
         self.on_done = on_done
+        self.duplicates = 0
 
 
 # Why observerd would not take a write now, besides a journal that cannot be written.
@@ -1577,19 +1711,29 @@ class OpStore:
     the ring in file order, then runs the callbacks (for HTTP, they send the answers, 200 or 503). It wakes
     on the first op queued, so a lone op is written at once: there is no timer. A failed
     write fails exactly that batch and applies none of it. Without a journal (ephemeral), ops
-    are applied and their callback run in the caller's thread.
+    are committed and their callback run in the caller's thread, one caller at a time.
 
-    A store with a journal takes no op until restore() has filled the ring from it: an op
-    applied before then would be restored again, and older ops would follow it.
+    A store with a journal takes no op until restore() has filled the ring and the op_id window
+    from it: an op applied before then would be restored again, older ops would follow it, and a
+    retry of an op stored before the restart would be stored twice.
+
+    Exactly once per op_id: commits run one at a time, and an op whose op_id the window holds,
+    or an earlier op of the same commit holds, is a duplicate and is not written. An id enters
+    the window only once its op is durable, so a duplicate of an op still in flight waits for
+    that commit's outcome (it is in a later one): stored, it is a duplicate; failed, the id
+    was never held and the duplicate is stored.
     """
 
-    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None):
+    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None,
+                 window: OpIdWindow | None = None):
         self.ring = ring
         self.journal = journal
         self.metrics = metrics or Metrics()
+        self.window = window  # None: deduplication off
         self.arrivals = ArrivalCounts()
         self.restored = journal is None
         self._ring_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # ephemeral: the callers' turn to commit
         self._queue: list[_PendingCommit] = []
         self._queue_cond = threading.Condition()
         self._closing = False
@@ -1599,16 +1743,20 @@ class OpStore:
             self._committer.start()
 
     def restore(self) -> None:
-        """Fill the ring from the journal's tail, and log it; raises OSError if unreadable."""
+        """Fill the ring and the op_id window from the journal's tail, and log it; raises
+        OSError if unreadable."""
         if self.journal is not None:
             started = time.perf_counter()
-            ops = restore_tail(self.journal.path, self.ring.ring_size, self.journal.keep_files,
-                               self.ring.max_bytes)
+            path, keep_files = self.journal.path, self.journal.keep_files
+            ops = restore_tail(path, self.ring.ring_size, keep_files, self.ring.max_bytes)
+            op_ids = [] if self.window is None else restore_op_ids(path, self.window.size, keep_files)
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
+                if self.window is not None:
+                    self.window.restore(op_ids)
             self.restored = True
-            log("INFO", "restored ops", count=len(self), path=self.journal.path,
+            log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
                 ms=round((time.perf_counter() - started) * 1000, 1))
 
     def unready_reason(self) -> str | None:
@@ -1620,44 +1768,45 @@ class OpStore:
         return None
 
     def submit(self, ops: list[dict], on_done) -> None:
-        """Make ops durable, apply them, then call on_done(ring_len, error).
+        """Make ops durable, apply them, then call on_done(stored, error).
 
-        error is None, a PersistError (nothing was applied), or an unexpected exception.
-        The ops are kept as RingOps from here on; the dicts are the caller's to drop.
+        stored is a Stored, or None with error a PersistError (nothing was applied) or an
+        unexpected exception. The ops are kept as RingOps from here on; the dicts are the
+        caller's to drop.
         """
         ring_ops = [RingOp(op) for op in ops]
+        ids = None
+        if self.window is not None and any(OP_ID in op for op in ops):
+            ids = [window_entry(ring_op.line) for ring_op in ring_ops]
+        pending = _PendingCommit(ring_ops, ids, on_done)
         if self.journal is None:
-            with self._ring_lock:
-                for op in ring_ops:
-                    self.ring.apply(op)
-                ring_len = len(self.ring.ops)
-            self._count(ring_ops)
-            on_done(ring_len, None)
+            with self._commit_lock:
+                ring_len, error = self._commit([pending])
+            self._answer([pending], ring_len, error)
             return
-        pending = _PendingCommit(ring_ops, on_done)
         with self._queue_cond:
             if not self._closing:
                 self._queue.append(pending)
                 self._queue_cond.notify()
                 return
-        on_done(0, PersistError(SHUTTING_DOWN))
+        on_done(None, PersistError(SHUTTING_DOWN))
 
-    def submit_and_wait(self, ops: list[dict]) -> int:
-        """submit() and wait: returns the ring length, or raises the commit's error."""
+    def submit_and_wait(self, ops: list[dict]) -> Stored:
+        """submit() and wait: returns what was stored, or raises the commit's error."""
         result: list = []
         done = threading.Lock()
         done.acquire()
 
-        def on_done(ring_len, error):
-            result.extend((ring_len, error))
+        def on_done(stored, error):
+            result.extend((stored, error))
             done.release()
 
         self.submit(ops, on_done)
         done.acquire()
-        ring_len, error = result
+        stored, error = result
         if error is not None:
             raise error
-        return ring_len
+        return stored
 
     def _run_committer(self) -> None:
         while True:
@@ -1667,26 +1816,74 @@ class OpStore:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            self._write_batch(batch)
+            self._answer(batch, *self._commit(batch))
 
-    def _write_batch(self, batch: list[_PendingCommit]) -> None:
-        ring_len, error = 0, None
+    def _commit(self, batch: list[_PendingCommit]) -> tuple[int, Exception | None]:
+        """Store the batch's ops but duplicates: write and fsync them (with a journal), then
+        apply them to the ring and remember their ids. Returns (ring length, error)."""
         try:
-            self.journal.append_durably(b"".join(p.data for p in batch))
+            if self.window is None:
+                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, {}
+            else:
+                with self._ring_lock:
+                    fresh, entries, conflicts = self._admit(batch)
+            if self.journal is not None and fresh:
+                # Each caller joined its lines in its own thread; duplicates undo that.
+                deduplicated = any(pending.duplicates for pending in batch)
+                self.journal.append_durably(b"".join(op.line for op in fresh) if deduplicated
+                                            else b"".join(pending.data for pending in batch))
             with self._ring_lock:
-                for pending in batch:
-                    for op in pending.ops:
-                        self.ring.apply(op)
+                for op in fresh:
+                    self.ring.apply(op)
+                if entries is not None:
+                    self.window.remember(entries)
                 ring_len = len(self.ring.ops)
-            self._count(op for pending in batch for op in pending.ops)
         except PersistError as exc:
-            error = exc
+            return 0, exc
         except Exception as exc:
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            error = exc
+            return 0, exc
+        self._count(fresh)
+        duplicates = sum(pending.duplicates for pending in batch)
+        if duplicates:
+            self.metrics.duplicates.inc(amount=duplicates)
+        # One line per op_id, not per duplicate: a batch of a thousand is still one line.
+        for op_id, count in conflicts.items():
+            log("WARN", "duplicate op_id with different content; the first stored version is kept",
+                duplicates=count, op_id=op_id)
+        return ring_len, None
+
+    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, dict[str, int]]:
+        """The batch's ops to store, in order, with their window entries, and how many
+        duplicates of each op_id differ from the stored op. A duplicate (its op_id in the
+        window, or on an earlier op of the batch) is left out and counted on its pending."""
+        fresh, entries, conflicts = [], [], {}
+        claimed: dict[str, int] = {}  # op_id -> content digest, of this batch's ops
+        for pending in batch:
+            if pending.ids is None:
+                fresh.extend(pending.ops)
+                entries += [None] * len(pending.ops)
+                continue
+            for ring_op, entry in zip(pending.ops, pending.ids):
+                if entry is not None:
+                    op_id, digest = entry
+                    first = claimed.get(op_id)
+                    if first is None:
+                        first = self.window.digest(op_id)
+                    if first is not None:
+                        pending.duplicates += 1
+                        if first != digest:
+                            conflicts[op_id] = conflicts.get(op_id, 0) + 1
+                        continue
+                    claimed[op_id] = digest
+                fresh.append(ring_op)
+                entries.append(entry)
+        return fresh, entries, conflicts
+
+    def _answer(self, batch: list[_PendingCommit], ring_len: int, error: Exception | None) -> None:
         for pending in batch:
             try:
-                pending.on_done(ring_len, error)
+                pending.on_done(None if error else Stored(ring_len, pending.duplicates), error)
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
@@ -2761,7 +2958,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
     def store_and_answer(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(ring_len), or store_failure's.
+        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
 
         On a plain TCP connection the committer thread sends the answer itself as soon as the
         batch is fsynced, so this thread goes straight back to reading the next request: one
@@ -2780,10 +2977,10 @@ class HTTPHandler(BaseHTTPRequestHandler):
         self._turn.acquire()  # free: dispatch waited for it
         connections.answer_deferred(sock)
 
-        def answer(ring_len: int, error: BaseException | None) -> None:
+        def answer(stored: Stored | None, error: BaseException | None) -> None:
             try:
                 if error is None:
-                    status, body = 200, make_body(ring_len)
+                    status, body = 200, make_body(stored)
                 else:
                     body = store_failure(error, op_count)
                     status = body.status
@@ -2801,7 +2998,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
             store.submit(ops, answer)
         except Exception as exc:  # never leave the turn held: the connection would hang
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            answer(0, exc)
+            answer(None, exc)
         return DEFERRED, None
 
     def exchange(self) -> Exchange:
@@ -2954,7 +3151,10 @@ class ObserverHandler(HTTPHandler):
         body = self.read_body()
         with self.decoding(body):
             op = validate_posted_op(parse_json_strict(body))
-            return self.store_and_answer([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
+            if OP_ID not in op:  # the answer clients of the Go service compare, byte for byte
+                return self.store_and_answer([op], lambda stored: {"accepted": True, "ring_size": stored.ring_size})
+            return self.store_and_answer([op], lambda stored: {
+                "accepted": True, "duplicate": stored.duplicates == 1, "ring_size": stored.ring_size})
 
     def post_events(self):
         body = self.read_body()
@@ -2963,8 +3163,12 @@ class ObserverHandler(HTTPHandler):
             ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
             if not ops:
                 return 200, {"accepted": 0, "ring_size": len(self.server.store)}
-            accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
-            return self.store_and_answer(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
+            count = len(ops)  # the answer must not keep the decoded ops alive until it is sent
+            if not any(OP_ID in op for op in ops):
+                return self.store_and_answer(ops, lambda stored: {"accepted": count, "ring_size": stored.ring_size})
+            return self.store_and_answer(ops, lambda stored: {
+                "accepted": count - stored.duplicates, "duplicates": stored.duplicates,
+                "ring_size": stored.ring_size})
 
     def get_ops(self):
         params = query_params(self.target.query, OPS_QUERY_PARAMS)
@@ -3343,8 +3547,7 @@ class CorrectionsTailer:
                 if offset == self.offset:
                     break  # only a partial line left: it waits until it is complete
                 if ops:
-                    self.store.submit_and_wait(ops)
-                    stored += len(ops)
+                    stored += len(ops) - self.store.submit_and_wait(ops).duplicates
                 self.offset, self.line = offset, line_no
                 self._save_position()
         return stored
@@ -4029,14 +4232,16 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
 
 
 def open_store(config: Config) -> OpStore:
-    """Open (and repair) the journal; the ring stays empty until the store's restore()."""
+    """Open (and repair) the journal; the ring and the op_id window stay empty until the
+    store's restore()."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
         journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
         journal.open()
-    return OpStore(ring, journal, metrics)
+    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
+    return OpStore(ring, journal, metrics, window)
 
 
 def serve(config: Config) -> int:

@@ -86,6 +86,20 @@ stats=$(curl -sS "$base/observer/stats")
 expect_json "after restart: 5 total, 3 ok, 2 failed" "$stats" "(j['total'], j['successes'], j['failures']) == (5, 3, 2)"
 expect_json "after restart: by_source unchanged" "$stats" "j['by_source'] == {'mcp': 2, 'scenario': 3}"
 
+retried='{"endpoint":"/mcp/search","op_id":"smoke-retry-1","success":true,"duration_ms":9}'
+code=$(post "$retried")
+[ "$code" = 200 ] || fail "op with an op_id: status $code: $(cat "$work/body")"
+expect_json "op with an op_id is stored" "$(cat "$work/body")" "j == {'accepted': True, 'duplicate': False, 'ring_size': 6}"
+before=$(curl -sS "$base/observer/stats")
+code=$(post "$retried")
+[ "$code" = 200 ] || fail "duplicate op_id: status $code: $(cat "$work/body")"
+expect_json "the same op_id again is acknowledged as a duplicate" "$(cat "$work/body")" \
+  "j == {'accepted': True, 'duplicate': True, 'ring_size': 6}"
+[ "$(curl -sS "$base/observer/stats")" = "$before" ] && pass "a duplicate POST leaves stats unchanged" \
+  || fail "stats changed after a duplicate POST"
+copies=$(grep -c '"op_id":"smoke-retry-1"' "$work/ops.jsonl")
+[ "$copies" -eq 1 ] && pass "ops.jsonl holds the op_id once" || fail "ops.jsonl holds it $copies times"
+
 kill -TERM "$pid"
 for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
 kill -0 "$pid" 2>/dev/null && fail "daemon still running 2 s after SIGTERM"

@@ -4794,3 +4794,291 @@ def test_a_probe_file_left_by_a_crash_mid_probe_is_removed_at_start(tmp_path):
     journal.open()
     journal.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.jsonl"]
+
+
+# --- issue 11: op_id deduplication ---
+
+
+def scrape(client: Client) -> dict[str, dict]:
+    client.conn.request("GET", "/metrics")
+    return parse_exposition(client.conn.getresponse().read().decode())
+
+
+def journal_op_ids(path: Path, keep_files: int = 0) -> list[str | None]:
+    """The op_id of every line of a journal and its segments, oldest first."""
+    segments = reversed([p for p in od.segment_paths(path, keep_files) if p.exists()])
+    return [json.loads(line).get("op_id") for p in segments for line in p.read_bytes().splitlines()]
+
+
+def answer_body(raw: bytes) -> bytes:
+    return raw.partition(b"\r\n\r\n")[2]
+
+
+def test_answers_say_whether_an_op_was_a_duplicate_and_stay_byte_identical_without_op_id(serve):
+    server = serve()
+    port = server.port
+    # Without an op_id, the original answers, byte for byte.
+    assert answer_body(raw_exchange(port, raw_post(b"/observer/event", b'{"endpoint":"/plain"}'))) == \
+        b'{"accepted": true, "ring_size": 1}'
+    assert answer_body(raw_exchange(port, raw_post(b"/observer/events", b'[{"endpoint":"/a"},{"endpoint":"/b"}]'))) == \
+        b'{"accepted": 2, "ring_size": 3}'
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
+        (200, {"accepted": True, "duplicate": False, "ring_size": 4})
+    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
+        (200, {"accepted": True, "duplicate": True, "ring_size": 4})
+    # Two of one op_id in a batch: the second is the duplicate; ops without one are stored.
+    status, body, _ = client.post("/observer/events", [
+        {"endpoint": "/x", "op_id": "x"}, {"endpoint": "/y", "op_id": "y"}, {"endpoint": "/y", "op_id": "y"},
+        {"endpoint": "/no-id"}])
+    assert (status, list(body.items())) == (200, [("accepted", 2), ("duplicates", 2), ("ring_size", 6)])
+    assert journal_op_ids(server.config.persist_path) == [None, None, None, "x", "y", None]
+    assert [o.endpoint for o in server.store.ring.ops][-3:] == ["/x", "/y", "/no-id"]
+
+
+@pytest.mark.parametrize("client_gives_up", ["after the fsync", "before the fsync"])
+def test_a_retry_after_a_dropped_answer_is_stored_once(serve, monkeypatch, client_gives_up):
+    server = serve()
+    spy = FsyncSpy(monkeypatch, held=client_gives_up == "before the fsync")
+    body = json.dumps({"endpoint": "/pay", "op_id": "pay-1", "duration_ms": 7}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(raw_post(b"/observer/event", body))
+        if client_gives_up == "after the fsync":
+            wait_for(lambda: b"pay-1" in server.config.persist_path.read_bytes(), what="the op to be durable")
+        else:
+            wait_for(spy.entered.is_set, what="the commit to reach fsync")
+    # The connection is closed without its answer having been read; the commit goes on.
+    spy.release()
+    client = server.client()
+    assert client.post("/observer/event", body)[:2] == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
+    assert journal_op_ids(server.config.persist_path) == ["pay-1"]
+    assert [o.endpoint for o in server.store.ring.ops] == ["/pay"]
+
+
+@pytest.mark.parametrize("persist", ["durable", "ephemeral"])
+def test_eight_threads_posting_the_same_500_op_ids_store_each_once(serve, persist):
+    server = serve(**({"persist_path": ""} if persist == "ephemeral" else {}))
+    answers: list[tuple[int, str, object]] = []
+
+    def post_all(n):
+        client = server.client()
+        for op_id in (f"op-{i}" for i in range(500)):  # in step: every id is contended
+            status, body, _ = client.post("/observer/event", {"endpoint": f"/e/{op_id}", "op_id": op_id})
+            answers.append((status, op_id, body and body.get("duplicate")))
+
+    in_threads(post_all, 8, timeout=600)
+    assert len(answers) == 8 * 500 and all(status == 200 for status, _, _ in answers)
+    stored = Counter(op_id for _, op_id, duplicate in answers if duplicate is False)
+    assert stored == Counter({f"op-{i}": 1 for i in range(500)})
+    assert sorted(o.endpoint for o in server.store.ring.ops) == sorted(f"/e/op-{i}" for i in range(500))
+    if persist == "durable":
+        assert sorted(journal_op_ids(server.config.persist_path)) == sorted(f"op-{i}" for i in range(500))
+    families = scrape(server.client())
+    assert sample(families, "observerd_duplicates_total") == 7 * 500
+    assert sample(families, "observerd_events_total", source="mcp", success="false") == 500
+
+
+def test_overlapping_batches_count_exactly(serve):
+    server = serve()
+    client = server.client()
+    batch = lambda ids: [{"endpoint": f"/b/{i}", "op_id": f"b-{i}"} for i in ids]
+    assert client.post("/observer/events", batch(range(0, 100)))[1] == {"accepted": 100, "duplicates": 0, "ring_size": 100}
+    assert client.post("/observer/events", batch(range(50, 150)))[1] == {"accepted": 50, "duplicates": 50, "ring_size": 150}
+    ndjson = b"".join(json.dumps(o).encode() + b"\n" for o in batch([149, 150, 150]))
+    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert body == {"accepted": 1, "duplicates": 2, "ring_size": 151}
+    # Concurrent shippers re-sending overlapping windows of the same stream.
+    totals = []
+
+    def ship(n):
+        own = server.client()
+        for k in range(5):
+            start = 151 + (n * 5 + k) * 20
+            status, body, _ = own.post("/observer/events", batch(range(start, start + 60)))
+            assert status == 200
+            totals.append((body["accepted"], body["duplicates"]))
+
+    in_threads(ship, 6, timeout=300)
+    distinct = set(range(151, 151 + (5 * 5 + 4) * 20 + 60))
+    assert sum(accepted for accepted, _ in totals) == len(distinct)
+    assert sum(duplicates for _, duplicates in totals) == 30 * 60 - len(distinct)
+    in_file = journal_op_ids(server.config.persist_path)
+    assert len(in_file) == len(set(in_file)) == 151 + len(distinct)
+    assert len(server.store.ring.ops) == len(in_file)
+
+
+@pytest.mark.parametrize("outcome", ["stored", "failed"])
+def test_a_duplicate_of_an_op_in_flight_waits_for_its_commit_and_is_never_lost(serve, monkeypatch, outcome):
+    server = serve()
+    # The first commit is held in its fsync, which then succeeds or fails.
+    spy = FsyncSpy(monkeypatch, held=True, fail_calls={1} if outcome == "failed" else ())
+    body = {"endpoint": "/charge", "op_id": "charge-7"}
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(answer=server.client().post("/observer/event", body)[:2]))
+    thread.start()
+    wait_for(spy.entered.is_set, what="the first commit to reach fsync")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw_post(b"/observer/event", json.dumps(body).encode()))
+        wait_for(lambda: len(server.store._queue) == 1, what="the duplicate to queue")
+        # Not answered while the op it duplicates is not yet durable.
+        assert select.select([sock], [], [], 0.3)[0] == []
+        spy.release()
+        thread.join(60)
+        second = read_responses(sock, 1)[0]
+    if outcome == "stored":
+        assert first["answer"] == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
+        assert second == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
+    else:
+        assert first["answer"][0] == 503
+        assert second == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
+    assert journal_op_ids(server.config.persist_path) == ["charge-7"]
+    assert [o.endpoint for o in server.store.ring.ops] == ["/charge"]
+    # And the first client's retry, whatever it was told, is now a duplicate.
+    assert server.client().post("/observer/event", body)[1]["duplicate"] is True
+
+
+def test_a_failed_commit_forgets_its_op_ids_so_the_retry_stores_them_once(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    n, status = 0, 200
+    while status == 200:
+        n += 1
+        status, body, _ = client.post("/observer/event", {"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40})
+    assert status == 503, body
+    batch = [{"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40}, {"endpoint": "/g", "op_id": "g"},
+             {"endpoint": "/g", "op_id": "g"}]
+    assert client.post("/observer/events", batch)[0] == 503
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert client.post("/observer/events", batch)[1] == {"accepted": 2, "duplicates": 1, "ring_size": n + 1}
+    assert client.post("/observer/event", batch[0])[1] == {"accepted": True, "duplicate": True, "ring_size": n + 1}
+    assert journal_op_ids(tmp_path / "ops.jsonl") == [f"fill-{i}" for i in range(1, n + 1)] + ["g"]
+    assert client.get("/observer/stats")[1]["total"] == n + 1
+
+
+ODD_OP_IDS = ['q"uo\\te', "é" * 128, "😀" * 128, " spaced ", "x" * 128, "{\"op_id\":\"nested\"}"]
+
+
+def test_after_sigkill_and_restart_a_retry_is_a_duplicate(tmp_path, daemons):
+    # Small files: the ids are spread over the live file and rotated segments.
+    settings = {"max_file_bytes": 700, "keep_files": 50}
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    client = daemon.client()
+    ops = [{"endpoint": f"/k/{i}", "op_id": op_id, "timestamp": "2026-11-24T19:56:56Z"}
+           for i, op_id in enumerate([*ODD_OP_IDS, *(f"k-{i}" for i in range(20))])]
+    # A nested "op_id" is not the op's: this op has none, and must be stored every time.
+    ops.append({"endpoint": "/nested", "extra": {"op_id": "k-1"}})
+    for i, o in enumerate(ops[:-1]):
+        assert client.post("/observer/event", o)[1] == {"accepted": True, "duplicate": False, "ring_size": i + 1}
+    assert client.post("/observer/event", ops[-1])[0] == 200
+    stats = client.get("/observer/stats")[1]
+    daemon.proc.kill()
+    daemon.exit_status()
+    assert (tmp_path / "ops.jsonl.2").exists()
+
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    client = daemon.client()
+    assert f"op_ids={len(ops) - 1} " in daemon.log
+    assert client.get("/observer/stats")[1] == stats
+    for o in ops[:-1]:
+        assert client.post("/observer/event", o)[1]["duplicate"] is True, o["op_id"]
+    assert client.post("/observer/event", ops[-1])[1] == {"accepted": True, "ring_size": len(ops) + 1}
+    # Content is compared as the journal held it: restamped is the same op, changed is not.
+    assert client.post("/observer/event", {**ops[2], "timestamp": "2027-01-01T00:00:00Z"})[1]["duplicate"] is True
+    assert client.post("/observer/event", {**ops[2], "success": True})[1]["duplicate"] is True
+    # Logged before the answer is sent; read from the daemon's stderr by another thread.
+    warned = lambda: [line for line in daemon.log.splitlines() if "level=WARN" in line and "op_id" in line]
+    warnings = wait_for(warned, what="the WARN")
+    assert len(warnings) == 1 and warnings[0].endswith(f"op_id={od._logfmt_value(ops[2]['op_id'])}"), daemon.log
+    assert journal_op_ids(tmp_path / "ops.jsonl", 50) == [o.get("op_id") for o in ops] + [None]
+
+
+def test_an_op_id_older_than_the_window_is_stored_again_also_after_a_restart(serve, tmp_path):
+    path = tmp_path / "window.jsonl"
+    server = serve(persist_path=str(path), dedupe_window=3)
+    client = server.client()
+    post = lambda op_id, endpoint="/w": client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id})[1]["duplicate"]
+    assert [post("X"), post("a"), post("b"), post("X")] == [False, False, False, True]
+    assert client.post("/observer/event", {"endpoint": "/no-id"})[0] == 200  # takes a slot too
+    assert post("X") is False  # the last three stored: a, b, /no-id
+    assert journal_op_ids(path) == ["X", "a", "b", None, "X"]
+    server.close()
+    restarted = serve(persist_path=str(path), dedupe_window=3)
+    client = restarted.client()
+    # The window rebuilt from the journal: b, /no-id, X.
+    assert [post("X"), post("b"), post("a")] == [True, True, False]
+    assert journal_op_ids(path) == ["X", "a", "b", None, "X", "a"]
+
+
+@pytest.mark.parametrize("op_id", ["", "x" * 129, "😀" * 129, 5, None, True, ["a"], {"a": 1}, "line\nbreak",
+                                   "tab\there", "\u2028", "\x7f", "\ud800"])
+def test_an_op_id_that_is_not_1_to_128_printable_characters_is_400_naming_it(serve, op_id):
+    server = serve()
+    client = server.client()
+    status, body, _ = client.post("/observer/event", {"endpoint": "/e", "op_id": op_id})
+    assert status == 400 and body["error"].startswith("invalid op: op_id must be"), body
+    status, body, _ = client.post("/observer/events", [{"endpoint": "/e", "op_id": "ok"}, {"endpoint": "/e", "op_id": op_id}])
+    assert status == 400 and body["error"].startswith("invalid batch: op 1 is invalid: op_id must be"), body
+    assert server.config.persist_path.read_bytes() == b""
+    assert client.post("/observer/event", {"endpoint": "/e", "op_id": "ok"})[1]["duplicate"] is False
+
+
+def test_a_duplicate_with_different_content_logs_one_warn_and_the_first_version_wins(serve, capsys):
+    server = serve()
+    client = server.client()
+    first = {"endpoint": "/refund", "op_id": "r-1", "duration_ms": 5, "trace": {"id": "t"}}
+    client.post("/observer/event", first)  # the server stamps it
+    capsys.readouterr()
+    # The same op again, unstamped or restamped by the client: the same content.
+    assert client.post("/observer/event", first)[1]["duplicate"] is True
+    assert client.post("/observer/event", {**first, "timestamp": "2026-01-01T00:00:00Z"})[1]["duplicate"] is True
+    assert client.post("/observer/event", {**first, "source": "mcp", "success": False})[1]["duplicate"] is True
+    assert "level=WARN" not in capsys.readouterr().err
+    assert client.post("/observer/event", {**first, "duration_ms": 6})[1]["duplicate"] is True
+    # A batch of differing duplicates: one line for their op_id, however many they are.
+    batch = [{**first, "op_id": "r-2"}, *({**first, "op_id": "r-2", "error": f"e{i}"} for i in range(500))]
+    assert client.post("/observer/events", batch)[1] == {"accepted": 1, "duplicates": 500, "ring_size": 2}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "level=WARN" in line]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].endswith("duplicates=1 op_id=r-1") and warnings[1].endswith("duplicates=500 op_id=r-2")
+    ops = client.get("/observer/ops")[1]["ops"]
+    assert [(o["op_id"], o["duration_ms"], "error" in o) for o in ops] == [("r-2", 5, False), ("r-1", 5, False)]
+
+
+def test_duplicates_are_counted_apart_from_events_from_0(serve):
+    server = serve()
+    client = server.client()
+    assert sample(scrape(client), "observerd_duplicates_total") == 0
+    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
+    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
+    client.post("/observer/events", [{"endpoint": "/m", "op_id": "m", "success": True}] * 3)
+    families = scrape(client)
+    assert sample(families, "observerd_duplicates_total") == 4
+    assert sample(families, "observerd_events_total", source="mcp", success="true") == 1
+    assert client.get("/observer/stats")[1]["total"] == 1
+
+
+def test_a_dedupe_window_of_0_stores_every_op(serve):
+    server = serve(dedupe_window=0)
+    client = server.client()
+    for ring_size in (1, 2):
+        assert client.post("/observer/event", {"endpoint": "/e", "op_id": "same"})[1] == \
+            {"accepted": True, "duplicate": False, "ring_size": ring_size}
+    assert journal_op_ids(server.config.persist_path) == ["same", "same"]
+
+
+def test_the_op_id_window_holds_its_size_in_memory_whatever_the_ids():
+    window = od.OpIdWindow(10_000)
+    tracemalloc.start()
+    try:
+        for turn in range(3):  # filled, then turned over twice, 100 ops a commit
+            for start in range(0, 10_000, 100):
+                window.remember([(f"{turn}-{i}-" + "😀" * 120, hash((turn, i))) for i in range(start, start + 100)])
+            window.remember([None] * 5_000)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(window) == 5_000 and window.digest(f"2-{9_999}-" + "😀" * 120) is not None
+    assert window.digest(f"2-{4_999}-" + "😀" * 120) is None
+    # The README's bound for the longest ids: ~710 bytes each, 8 a slot.
+    assert held < 5_000 * 720 + 10_000 * 8 + 64 * 1024, held
