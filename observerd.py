@@ -8,7 +8,7 @@ keeps the newest ``ring_size`` ops in a ring for live statistics, restores that 
 journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
-``python observerd.py --help`` lists the subcommands (serve, check, stats, ops).
+``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops).
 
 The file reads top to bottom, each section depending only on those above it:
 logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
@@ -51,7 +51,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass, field as dataclass_field, make_dataclass
 from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
@@ -202,6 +202,25 @@ class Histogram(Metric):
             state.sum += value
             state.count += 1
 
+    def quantile(self, q: float, *label_values: str) -> float | None:
+        """An estimate of the q-quantile (0 < q <= 1) of everything observed; None before any.
+
+        As Prometheus's histogram_quantile() estimates it: linear within the bucket the rank
+        falls in, so it is off by at most that bucket's width; past the last bound, that bound.
+        """
+        with self._lock:
+            state = self.values.get(label_values)
+            if state is None or not state.count:
+                return None
+            counts = list(state.buckets)
+            rank = q * state.count
+        below, lower = 0, 0.0
+        for upper, count in zip(self.buckets, counts):
+            if below + count >= rank:
+                return lower + (upper - lower) * (rank - below) / count
+            below, lower = below + count, upper
+        return float(self.buckets[-1])
+
     def samples(self):
         with self._lock:
             items = sorted((k, (list(v.buckets), v.sum, v.count)) for k, v in self.values.items())
@@ -219,13 +238,18 @@ class Histogram(Metric):
 class Metrics:
     """Every metric observerd exports, rendered for GET /metrics.
 
-    sources and rejection_reasons are the label values known at startup (declared where they
-    are defined, further down): each combination is exported from 0.
+    sources, rejection_reasons and llm_backends are the label values known at startup (declared
+    where they are defined, further down): each combination is exported from 0.
     """
 
-    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = ()):
+    LLM_OUTCOMES = ("answered", "failed")
+
+    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = (),
+                 llm_backends: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
+        self.duplicates = Metric("observerd_duplicates_total", "counter",
+                                 "Ops acknowledged but not stored again: their op_id was already stored.")
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
         self.ring_bytes = Metric("observerd_ring_bytes", "gauge",
                                  "Memory held by the ring's ops, as max_ring_bytes counts it.")
@@ -238,6 +262,9 @@ class Metrics:
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
                                       "Time from request line to response ready to send, by route.", ("route",))
+        self.llm_requests = Metric("observerd_llm_requests_total", "counter",
+                                   "Calls of the review to its LLM backends, by backend and outcome.",
+                                   ("backend", "outcome"))
         self.start_time = Metric("observerd_start_time_seconds", "gauge",
                                  "Start time of the process, in seconds since the Unix epoch.")
         self.build_info = Metric("observerd_build_info", "gauge",
@@ -246,6 +273,7 @@ class Metrics:
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
         self.events.declare((source, success) for source in sources for success in ("true", "false"))
         self.rejected.declare((reason,) for reason in rejection_reasons)
+        self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
 
     def render(self) -> str:
         lines = []
@@ -276,7 +304,9 @@ class Setting:
     path: bool = False  # "" = none; relative to the folder it was given in (see load_config)
     url: str = ""  # "endpoint": used as given; "base": paths are appended, so a trailing / goes
     table: str = "observerd"
-    secret: bool = False  # masked in check's report
+    secret: bool = False  # never shown: check says only whether it is set
+    choices: tuple[str, ...] = ()  # the values it may take, if it is one of a few
+    env: bool = False  # names an environment variable whose value, a secret, is read at load
 
     @property
     def in_file(self) -> str:
@@ -285,7 +315,7 @@ class Setting:
 
     @property
     def label(self) -> str:
-        """How check's report names it."""
+        """How the README's settings table names it."""
         return self.name if self.table == "observerd" else self.in_file
 
     @property
@@ -293,9 +323,18 @@ class Setting:
         """How the command line spells it, where it takes it."""
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def env_value(self) -> str:
+        """The Config attribute holding the value of the variable an env setting names."""
+        return self.name.removesuffix("_env")
+
 
 # A year: every duration setting stays below it, where the platform's timers still work.
 MAX_SECONDS = 365 * 24 * 3600
+# How an LLM backend is spoken to (see ask_llm): Ollama's /api/generate, or the OpenAI-compatible
+# /v1/chat/completions that hosted APIs (and Ollama, vLLM, llama.cpp) serve.
+LLM_APIS = ("ollama", "openai")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # The one declaration of every setting, in the README's order (a test compares the two).
 SETTINGS = (
@@ -311,6 +350,7 @@ SETTINGS = (
     Setting("max_connections", int, 256, "open connections", minimum=1),
     Setting("allow_unauthenticated", bool, False, "allow a non-loopback bind without a token"),
     Setting("max_batch", int, 1000, "ops per POST /observer/events", minimum=1),
+    Setting("dedupe_window", int, 100_000, "stored ops whose op_ids are remembered; 0 = off", minimum=0),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
     Setting("max_scan_bytes", int, 64 * 1024 * 1024, "journal bytes one GET /observer/history reads",
@@ -329,8 +369,17 @@ SETTINGS = (
             minimum=0.001, maximum=MAX_SECONDS),
     Setting("escalate_cooldown_s", float, 1800.0, "quiet time after an escalation",
             minimum=0, maximum=MAX_SECONDS),
-    Setting("review_llm_url", str, "", "Ollama-compatible base URL for LLM review", url="base"),
+    Setting("escalate_token_env", str, "", "environment variable holding escalate_url's bearer token",
+            env=True),
+    Setting("review_llm_url", str, "", "base URL of the first LLM backend of the review", url="base"),
     Setting("review_llm_model", str, "llama3", "model name sent to it"),
+    Setting("review_llm_api", str, "ollama", "how it is spoken to", choices=LLM_APIS),
+    Setting("review_llm_key_env", str, "", "environment variable holding its bearer key", env=True),
+    Setting("review_fallback_url", str, "", "base URL of the LLM backend asked when the first fails",
+            url="base"),
+    Setting("review_fallback_model", str, "", "model name sent to it"),
+    Setting("review_fallback_api", str, "openai", "how it is spoken to", choices=LLM_APIS),
+    Setting("review_fallback_key_env", str, "", "environment variable holding its bearer key", env=True),
     Setting("outbound_timeout_s", float, 5.0, "total time of an outbound HTTP call",
             minimum=0.001, maximum=MAX_SECONDS),
     Setting("tls_cert", str, "", "PEM certificate chain: serve HTTPS", path=True),
@@ -355,7 +404,7 @@ def format_hostport(host: str, port: int) -> str:
 
 
 class _ConfigBase:
-    """What Config derives from its fields: the bind address, check's report."""
+    """What Config derives from its fields: the bind address."""
 
     __slots__ = ()
 
@@ -363,21 +412,13 @@ class _ConfigBase:
     def bind(self) -> str:
         return format_hostport(self.host, self.port)
 
-    def describe(self) -> dict[str, object]:
-        """The effective settings as TOML-style values, secrets masked."""
-        settings = {}
-        for setting in SETTINGS:
-            value = getattr(self, setting.name)
-            if setting.secret:
-                value = "(set, masked)" if value else "(empty)"
-            settings[setting.label] = "" if value is None else value
-        return settings
-
 
 Config = make_dataclass(
     "Config",
     [("host", str), ("port", int)]  # bind, parsed
-    + [(s.name, (Path | None) if s.path else s.kind) for s in SETTINGS if s.name != "bind"]
+    + [(s.name, (Path | None) if s.path else s.kind, dataclass_field(repr=not s.secret)) for s in SETTINGS
+       if s.name != "bind"]
+    + [(s.env_value, str, dataclass_field(repr=False)) for s in SETTINGS if s.env]  # "" = none
     + [("source", str), ("warnings", tuple)],  # warnings: WARN in serve, printed by check
     bases=(_ConfigBase,), frozen=True, slots=True,
     namespace={"__module__": __name__, "__doc__": "The effective settings, after file, CLI flags "
@@ -398,6 +439,11 @@ def parse_bind(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"bind {text!r}: host is empty (use 0.0.0.0 for all interfaces)")
     return host, port
+
+
+def fits_a_header(secret: str) -> bool:
+    """Whether a token or key can be sent in an HTTP header as it is."""
+    return secret.isascii() and secret.isprintable() and secret == secret.strip()
 
 
 def is_loopback(host: str) -> bool:
@@ -463,7 +509,8 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
     flags are settings given on the command line by name (None = not given), e.g. bind="…".
     Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
     relative to the folder it was given in: the config file's for file values (and defaults),
-    the working directory for CLI flags. Raises ConfigError listing every problem found.
+    the working directory for CLI flags. The keys of the *_env settings come only from the
+    variables they name, in environ. Raises ConfigError listing every problem found.
     """
     environ = os.environ if environ is None else environ
     source = path or DEFAULT_CONFIG_PATH
@@ -510,13 +557,34 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
                 problems.append(f"{given[setting.name].where} must be an http:// or https:// URL")
             if setting.url == "base":
                 value = value.rstrip("/")
+        elif setting.choices and value not in setting.choices:
+            problems.append(f"{given[setting.name].where} must be one of {', '.join(setting.choices)}, "
+                            f"got {value[:40]!r}")
+        elif setting.env and value and not _ENV_NAME.fullmatch(value):
+            # Not shown: a key pasted here by mistake must not reach the log.
+            problems.append(f"{given[setting.name].where} must be the name of an environment variable "
+                            "(letters, digits and _, not starting with a digit)")
         values[setting.name] = value
+
+    for setting in (s for s in SETTINGS if s.env):
+        # A key is read from the variable its setting names, never from the file.
+        name, where = values[setting.name], given[setting.name].where
+        named = _ENV_NAME.fullmatch(name) is not None  # not "", nor a bad name (a problem above)
+        key = environ.get(name, "") if named else ""
+        if named and not key:
+            warnings.append(f"{where} names {name}, which is not set: calls go without a key")
+        elif not fits_a_header(key):
+            problems.append(f"{where}: {name} must hold printable ASCII without leading or trailing spaces")
+        values[setting.env_value] = key
+    for backend in ("review_llm", "review_fallback"):
+        if values[f"{backend}_url"] and not values[f"{backend}_model"]:
+            problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
 
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
     token = values["token"] = environ.get("OBSERVERD_TOKEN") or values["token"]
-    if token and not (token.isascii() and token.isprintable() and token == token.strip()):
+    if token and not fits_a_header(token):
         # It travels in an HTTP header: anything else could never match what a client sends.
         where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
         problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
@@ -543,6 +611,8 @@ _CORRECTION_REF_KEY = f'"{CORRECTION_REF}":'.encode()
 SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
+OP_ID = "op_id"
+MAX_OP_ID_CHARS = 128
 MAX_JSON_DEPTH = 64  # arrays and objects nested in an op, the op itself included
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _RFC3339 = re.compile(
@@ -699,6 +769,13 @@ def check_time(value: str, field: str) -> datetime:
         raise InvalidOp(field, str(exc)) from None
 
 
+def check_op_id(value: object, field: str) -> str:
+    """A client's idempotency key: 1 to MAX_OP_ID_CHARS printable characters."""
+    if not 1 <= len(check_type(value, str, field)) <= MAX_OP_ID_CHARS or not value.isprintable():
+        raise InvalidOp(field, f"must be 1 to {MAX_OP_ID_CHARS} printable characters")
+    return value
+
+
 def reject_unknown(keys, allowed: tuple[str, ...], what: str) -> None:
     """Raise InvalidOp naming the first key not in allowed, as not a `what`."""
     for key in keys:
@@ -710,9 +787,11 @@ def validate_op(raw: object) -> dict:
     """Check one decoded ObservedOp and return it as stored: defaults filled, extras kept.
 
     The known fields come first in a fixed order, then unknown keys verbatim in the order
-    given, so records round-trip with the other lakehouse services. Raises InvalidOp.
+    given, so records round-trip with the other lakehouse services. An op_id comes first of
+    all, so a restart finds it at the start of the line (see window_entry). Raises InvalidOp.
     """
     check_type(raw, dict, "body")
+    op_id = check_op_id(raw[OP_ID], OP_ID) if OP_ID in raw else None
 
     endpoint = raw.get("endpoint")
     if endpoint is None:
@@ -767,6 +846,8 @@ def validate_op(raw: object) -> dict:
         "success": success,
         "duration_ms": duration,
     }
+    if op_id is not None:
+        op = {OP_ID: op_id, **op}
     for key, value in raw.items():
         if key not in op:
             op[key] = value
@@ -880,6 +961,37 @@ class PersistError(Exception):
 def encode_line(op: dict) -> bytes:
     """One op as one JSONL line, UTF-8, newline-terminated."""
     return (_LINE_ENCODER.encode(op) + "\n").encode("utf-8")
+
+
+# validate_op puts an op_id first, so encode_line starts its line with this: the top-level
+# key for sure, as nothing precedes it. An id is at most 4 UTF-8 bytes a character (the
+# encoder escapes only quotes and backslashes among printable ones), plus its closing quote.
+_OP_ID_START = f'{{"{OP_ID}":"'.encode()
+_OP_ID_SPAN_BYTES = len(_OP_ID_START) + 4 * MAX_OP_ID_CHARS + 1
+# How the timestamp key reads in a line: a bare quote cannot occur inside an encoded string,
+# so its first occurrence is the key, after op_id, endpoint and source.
+_TIMESTAMP_KEY = b',"timestamp":"'
+
+
+def window_entry(line: bytes) -> tuple[str, int] | None:
+    """(op_id, content digest) of a journal line as encode_line writes it, found without
+    decoding the line; None if it does not start with an op_id.
+
+    The digest is what a duplicate is compared with: a hash of the line without its
+    timestamp, which the server fills when a client leaves it out, and a client may restamp
+    at each attempt.
+    """
+    if not line.startswith(_OP_ID_START):
+        return None
+    try:
+        op_id = json.decoder.scanstring(line[:_OP_ID_SPAN_BYTES].decode("utf-8", "replace"),
+                                        len(_OP_ID_START))[0]
+    except ValueError:  # not closed within an op_id's length: not a line observerd wrote
+        return None
+    start = line.find(_TIMESTAMP_KEY)
+    end = line.find(b'"', start + len(_TIMESTAMP_KEY)) if start >= 0 else -1
+    stop = len(line) - line.endswith(b"\n")
+    return op_id, hash(line[:stop] if end < 0 else line[:start] + line[end:stop])
 
 
 # Error text beyond this many characters is not kept in the ring, and not normalised into a
@@ -1075,6 +1187,11 @@ def rotation_scratch_paths(path: Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.next"), path.with_name(f".{path.name}.dropped")
 
 
+def probe_scratch_path(path: Path) -> Path:
+    """The hidden name Journal.probe() writes its test byte under, beside the journal."""
+    return path.with_name(f".{path.name}.probe")
+
+
 # Read and write: an append checks the file's last byte before writing.
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -1096,6 +1213,10 @@ class Journal:
         self._fd = -1
         # Where the bytes of an append that is not yet durable begin; set while one is.
         self._rollback_to: int | None = None
+        # Why the last append failed, while none has succeeded since (and no probe() did):
+        # observerd is not ready. And that append's length, which probe() makes room for.
+        self.failure: str | None = None
+        self._failed_bytes = 0
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -1105,6 +1226,7 @@ class Journal:
             if dropped:
                 log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
         self._fd = self._open_for_append()
+        probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
 
     def _open_for_append(self) -> int:
         """Open the path, creating it and its folders if need be, and fsync its folder.
@@ -1128,7 +1250,49 @@ class Journal:
                 self._append(data)
             except OSError as exc:
                 self.metrics.persist_errors.inc()
-                raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
+                if self.failure is None:
+                    log("WARN", "log not writable; not ready until a write succeeds", path=self.path,
+                        error=exc.strerror or exc)
+                self.failure, self._failed_bytes = f"{exc.strerror or exc} ({self.path})", len(data)
+                raise PersistError(self.failure) from exc
+            self._writable("append")
+
+    def probe(self) -> None:
+        """While appends fail: would the failed one succeed now? If so, clear the failure.
+
+        The journal is never touched, so no probe can leave a byte in it or truncate another
+        writer's line away: one byte goes to a scratch file beside it, at the offset where
+        that append would end in the file the path names now (sparse: one block), is fsynced,
+        and the file removed. So it meets what the append met: the file size limit, a full
+        disk or quota (a block of its own, where a byte appended could fit in the last
+        block's slack), a failing device, no free descriptors. A fault of the file alone
+        (chattr +i) it cannot see: a commit that succeeds clears the failure then. Under the
+        append lock, so never beside a commit, a rotation or a reopen.
+        """
+        with self._lock:
+            if self.failure is None:
+                return
+            try:
+                try:
+                    end = os.stat(self.path).st_size
+                except FileNotFoundError:
+                    end = 0  # the next append makes the path again
+                scratch = probe_scratch_path(self.path)
+                fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(scratch)
+            except OSError:
+                return  # still failing: the failure keeps the append's own reason
+            self._writable("probe")
+
+    def _writable(self, found_by: str) -> None:
+        if self.failure is not None:
+            self.failure = None
+            log("INFO", "log writable again", path=self.path, found_by=found_by)
 
     def _append(self, data: bytes) -> None:
         if self._rollback_to is not None:
@@ -1256,6 +1420,13 @@ class Journal:
                 pass  # replaced by the next rotation's oldest segment
         log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
 
+    def size(self) -> int:
+        """Bytes of the file the path names now; 0 while it names none."""
+        try:
+            return os.stat(self.path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file away (SIGHUP).
 
@@ -1326,6 +1497,37 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
     return newest_first[::-1]
 
 
+def restore_op_ids(path: Path, window: int, keep_files: int = 0) -> list[tuple[str, int] | None]:
+    """window_entry() of each of the newest `window` ops of the journal and its
+    segments, None for one without an op_id (or whose id a newer op holds), oldest first.
+
+    No line is decoded (see window_entry), so the cost is reading `window` lines backwards,
+    whatever the history's length.
+    """
+    newest_first: list[tuple[str, int] | None] = []
+    seen: set[str] = set()
+    for segment in segment_paths(path, keep_files):
+        if len(newest_first) >= window:
+            break
+        try:
+            f = open(segment, "rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            for _, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+                if not line or line.isspace():
+                    continue
+                entry = window_entry(line)
+                if entry is None or entry[0] in seen:
+                    newest_first.append(None)
+                else:
+                    seen.add(entry[0])
+                    newest_first.append(entry)
+                if len(newest_first) >= window:
+                    break
+    return newest_first[::-1]
+
+
 # =============================================================================
 # Store: the ring with live counters, fed through group commit
 # =============================================================================
@@ -1381,15 +1583,138 @@ class Ring:
         }
 
 
+TIMELINE_SECONDS = 300  # how far back GET /observer/timeline reaches
+TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_SOURCES
+OTHER_SOURCES = "(other)"
+
+
+class ArrivalCounts:
+    """Ops by the second they were stored (server clock), for the last TIMELINE_SECONDS.
+
+    One bucket per second in a ring of slots, each a dict source -> [ok, failed] of at most
+    TIMELINE_SOURCES + 1 keys: memory stays the same however many ops arrive or however long
+    observerd runs. Counting by arrival, not by the ops' own timestamps, keeps a client whose
+    clock is off (or a batch of old ops) from landing outside the window. One slot more than
+    the window holds the second still running, which the window never shows.
+    """
+
+    SLOTS = TIMELINE_SECONDS + 1
+
+    def __init__(self):
+        self._seconds = [-1] * self.SLOTS  # the second each slot counts, -1 = none yet
+        self._buckets: list[dict[str, list[int]]] = [{} for _ in range(self.SLOTS)]
+        self._lock = threading.Lock()
+
+    def add(self, tally: dict[tuple[str, bool], int]) -> None:
+        """Count (source, success) -> ops that arrived now."""
+        second = int(time.time())
+        slot = second % self.SLOTS
+        with self._lock:
+            bucket = self._buckets[slot]
+            if self._seconds[slot] != second:
+                self._seconds[slot] = second
+                bucket.clear()
+            for (source, ok), count in tally.items():
+                counts = bucket.get(source)
+                if counts is None:
+                    if len(bucket) >= TIMELINE_SOURCES:
+                        source = OTHER_SOURCES
+                    counts = bucket.setdefault(source, [0, 0])
+                counts[not ok] += count
+
+    def series(self, seconds: int, newest: int) -> tuple[dict[str, dict[str, list[int]]], dict[str, list[int]]]:
+        """Per-second counts from newest - seconds + 1 to newest, oldest first: per source (only
+        those with ops then) and in total, each {"ok": [...], "failed": [...]}."""
+        first = newest - seconds + 1
+        with self._lock:
+            held = [(self._seconds[s % self.SLOTS], dict(self._buckets[s % self.SLOTS]))
+                    for s in range(first, newest + 1)]
+        totals = {"ok": [0] * seconds, "failed": [0] * seconds}
+        sources: dict[str, dict[str, list[int]]] = {}
+        for index, (second, bucket) in enumerate(held):
+            if second != first + index:
+                continue  # a slot not written since that second: nothing arrived then
+            for source, (ok, failed) in bucket.items():
+                row = sources.get(source)
+                if row is None:
+                    row = sources[source] = {"ok": [0] * seconds, "failed": [0] * seconds}
+                row["ok"][index] = ok
+                row["failed"][index] = failed
+                totals["ok"][index] += ok
+                totals["failed"][index] += failed
+        return dict(sorted(sources.items())), totals
+
+
+class OpIdWindow:
+    """The op_ids of the last `size` ops stored, each with its content digest (window_entry).
+
+    Every stored op takes a slot, with an op_id or without (None), so the window covers the
+    same ops a restart reads back (restore_op_ids). An id is held once: a duplicate is never
+    stored. Memory: `size` slots of 8 bytes, plus each id held (see README).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._slots: deque[str | None] = deque()
+        self._digests: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def digest(self, op_id: str) -> int | None:
+        """The content digest of the stored op holding op_id, None if no op in the window does."""
+        return self._digests.get(op_id)
+
+    def remember(self, entries: list[tuple[str, int] | None]) -> None:
+        """Take the slots of newly stored ops, oldest first: (op_id, digest) or None each.
+
+        The oldest slots are given up first, so no more than `size` ids are ever held.
+        """
+        entries = entries[max(0, len(entries) - self.size):]
+        for _ in range(len(self._slots) + len(entries) - self.size):
+            oldest = self._slots.popleft()
+            if oldest is not None:
+                del self._digests[oldest]
+        if any(entries):
+            self._slots.extend(entry and entry[0] for entry in entries)
+            self._digests.update(entry for entry in entries if entry is not None)
+        else:  # most commits: no op_id at all
+            self._slots.extend(entries)
+
+    def restore(self, older: list[tuple[str, int] | None]) -> None:
+        """Put the entries of ops stored before this process started before any stored since."""
+        since = [None if op_id is None else (op_id, self._digests[op_id]) for op_id in self._slots]
+        entries = [None if entry is not None and entry[0] in self._digests else entry
+                   for entry in older] + since
+        entries = entries[max(0, len(entries) - self.size):]
+        self._slots = deque(entry and entry[0] for entry in entries)
+        self._digests = dict(entry for entry in entries if entry is not None)
+
+
+class Stored(NamedTuple):
+    """What a commit did for one caller: the ring's length after it, and how many of the
+    caller's ops were duplicates, acknowledged without being stored again."""
+
+    ring_size: int
+    duplicates: int
+
+
 class _PendingCommit:
     """One caller's ops in the commit queue, and what to call once they are durable."""
 
-    __slots__ = ("ops", "data", "on_done")
+    __slots__ = ("ops", "ids", "data", "on_done", "duplicates")
 
-    def __init__(self, ops: list[RingOp], on_done):
+    def __init__(self, ops: list[RingOp], ids: list[tuple[str, int] | None] | None, on_done):
         self.ops = ops
+        self.ids = ids  # (op_id, content digest) or None per op; None when no op has an op_id
         self.data = b"".join(op.line for op in ops)
         self.on_done = on_done
+        self.duplicates = 0
+
+
+# Why observerd would not take a write now, besides a journal that cannot be written.
+RESTORING = "observerd is restoring its ring from the journal"
+SHUTTING_DOWN = "observerd is shutting down"
 
 
 class OpStore:
@@ -1400,14 +1725,29 @@ class OpStore:
     the ring in file order, then runs the callbacks (for HTTP, they send the answers, 200 or 503). It wakes
     on the first op queued, so a lone op is written at once: there is no timer. A failed
     write fails exactly that batch and applies none of it. Without a journal (ephemeral), ops
-    are applied and their callback run in the caller's thread.
+    are committed and their callback run in the caller's thread, one caller at a time.
+
+    A store with a journal takes no op until restore() has filled the ring and the op_id window
+    from it: an op applied before then would be restored again, older ops would follow it, and a
+    retry of an op stored before the restart would be stored twice.
+
+    Exactly once per op_id: commits run one at a time, and an op whose op_id the window holds,
+    or an earlier op of the same commit holds, is a duplicate and is not written. An id enters
+    the window only once its op is durable, so a duplicate of an op still in flight waits for
+    that commit's outcome (it is in a later one): stored, it is a duplicate; failed, the id
+    was never held and the duplicate is stored.
     """
 
-    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None):
+    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None,
+                 window: OpIdWindow | None = None):
         self.ring = ring
         self.journal = journal
         self.metrics = metrics or Metrics()
+        self.window = window  # None: deduplication off
+        self.arrivals = ArrivalCounts()
+        self.restored = journal is None
         self._ring_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # ephemeral: the callers' turn to commit
         self._queue: list[_PendingCommit] = []
         self._queue_cond = threading.Condition()
         self._closing = False
@@ -1416,50 +1756,71 @@ class OpStore:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
-    def restore(self, ops: list[RingOp]) -> None:
-        with self._ring_lock:
-            for op in ops:
-                self.ring.apply(op)
+    def restore(self) -> None:
+        """Fill the ring and the op_id window from the journal's tail, and log it; raises
+        OSError if unreadable."""
+        if self.journal is not None:
+            started = time.perf_counter()
+            path, keep_files = self.journal.path, self.journal.keep_files
+            ops = restore_tail(path, self.ring.ring_size, keep_files, self.ring.max_bytes)
+            op_ids = [] if self.window is None else restore_op_ids(path, self.window.size, keep_files)
+            with self._ring_lock:
+                for op in ops:
+                    self.ring.apply(op)
+                if self.window is not None:
+                    self.window.restore(op_ids)
+            self.restored = True
+            log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
+                ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def unready_reason(self) -> str | None:
+        """Why a write would not be taken now (restoring, or the journal failing), or None."""
+        if not self.restored:
+            return RESTORING
+        if self.journal is not None and self.journal.failure is not None:
+            return f"journal cannot be written: {self.journal.failure}"
+        return None
 
     def submit(self, ops: list[dict], on_done) -> None:
-        """Make ops durable, apply them, then call on_done(ring_len, error).
+        """Make ops durable, apply them, then call on_done(stored, error).
 
-        error is None, a PersistError (nothing was applied), or an unexpected exception.
-        The ops are kept as RingOps from here on; the dicts are the caller's to drop.
+        stored is a Stored, or None with error a PersistError (nothing was applied) or an
+        unexpected exception. The ops are kept as RingOps from here on; the dicts are the
+        caller's to drop.
         """
         ring_ops = [RingOp(op) for op in ops]
+        ids = None
+        if self.window is not None and any(OP_ID in op for op in ops):
+            ids = [window_entry(ring_op.line) for ring_op in ring_ops]
+        pending = _PendingCommit(ring_ops, ids, on_done)
         if self.journal is None:
-            with self._ring_lock:
-                for op in ring_ops:
-                    self.ring.apply(op)
-                ring_len = len(self.ring.ops)
-            self._count(ring_ops)
-            on_done(ring_len, None)
+            with self._commit_lock:
+                ring_len, error = self._commit([pending])
+            self._answer([pending], ring_len, error)
             return
-        pending = _PendingCommit(ring_ops, on_done)
         with self._queue_cond:
             if not self._closing:
                 self._queue.append(pending)
                 self._queue_cond.notify()
                 return
-        on_done(0, PersistError("observerd is shutting down"))
+        on_done(None, PersistError(SHUTTING_DOWN))
 
-    def submit_and_wait(self, ops: list[dict]) -> int:
-        """submit() and wait: returns the ring length, or raises the commit's error."""
+    def submit_and_wait(self, ops: list[dict]) -> Stored:
+        """submit() and wait: returns what was stored, or raises the commit's error."""
         result: list = []
         done = threading.Lock()
         done.acquire()
 
-        def on_done(ring_len, error):
-            result.extend((ring_len, error))
+        def on_done(stored, error):
+            result.extend((stored, error))
             done.release()
 
         self.submit(ops, on_done)
         done.acquire()
-        ring_len, error = result
+        stored, error = result
         if error is not None:
             raise error
-        return ring_len
+        return stored
 
     def _run_committer(self) -> None:
         while True:
@@ -1469,33 +1830,86 @@ class OpStore:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            self._write_batch(batch)
+            self._answer(batch, *self._commit(batch))
 
-    def _write_batch(self, batch: list[_PendingCommit]) -> None:
-        ring_len, error = 0, None
+    def _commit(self, batch: list[_PendingCommit]) -> tuple[int, Exception | None]:
+        """Store the batch's ops but duplicates: write and fsync them (with a journal), then
+        apply them to the ring and remember their ids. Returns (ring length, error)."""
         try:
-            self.journal.append_durably(b"".join(p.data for p in batch))
+            if self.window is None:
+                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, {}
+            else:
+                with self._ring_lock:
+                    fresh, entries, conflicts = self._admit(batch)
+            if self.journal is not None and fresh:
+                # Each caller joined its lines in its own thread; duplicates undo that.
+                deduplicated = any(pending.duplicates for pending in batch)
+                self.journal.append_durably(b"".join(op.line for op in fresh) if deduplicated
+                                            else b"".join(pending.data for pending in batch))
             with self._ring_lock:
-                for pending in batch:
-                    for op in pending.ops:
-                        self.ring.apply(op)
+                for op in fresh:
+                    self.ring.apply(op)
+                if entries is not None:
+                    self.window.remember(entries)
                 ring_len = len(self.ring.ops)
-            for pending in batch:
-                self._count(pending.ops)
         except PersistError as exc:
-            error = exc
+            return 0, exc
         except Exception as exc:
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            error = exc
+            return 0, exc
+        self._count(fresh)
+        duplicates = sum(pending.duplicates for pending in batch)
+        if duplicates:
+            self.metrics.duplicates.inc(amount=duplicates)
+        # One line per op_id, not per duplicate: a batch of a thousand is still one line.
+        for op_id, count in conflicts.items():
+            log("WARN", "duplicate op_id with different content; the first stored version is kept",
+                duplicates=count, op_id=op_id)
+        return ring_len, None
+
+    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, dict[str, int]]:
+        """The batch's ops to store, in order, with their window entries, and how many
+        duplicates of each op_id differ from the stored op. A duplicate (its op_id in the
+        window, or on an earlier op of the batch) is left out and counted on its pending."""
+        fresh, entries, conflicts = [], [], {}
+        claimed: dict[str, int] = {}  # op_id -> content digest, of this batch's ops
+        for pending in batch:
+            if pending.ids is None:
+                fresh.extend(pending.ops)
+                entries += [None] * len(pending.ops)
+                continue
+            for ring_op, entry in zip(pending.ops, pending.ids):
+                if entry is not None:
+                    op_id, digest = entry
+                    first = claimed.get(op_id)
+                    if first is None:
+                        first = self.window.digest(op_id)
+                    if first is not None:
+                        pending.duplicates += 1
+                        if first != digest:
+                            conflicts[op_id] = conflicts.get(op_id, 0) + 1
+                        continue
+                    claimed[op_id] = digest
+                fresh.append(ring_op)
+                entries.append(entry)
+        return fresh, entries, conflicts
+
+    def _answer(self, batch: list[_PendingCommit], ring_len: int, error: Exception | None) -> None:
         for pending in batch:
             try:
-                pending.on_done(ring_len, error)
+                pending.on_done(None if error else Stored(ring_len, pending.duplicates), error)
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
-    def _count(self, ops: list[RingOp]) -> None:
+    def _count(self, ops) -> None:
+        """Count stored ops in the metrics and by arrival second, once per (source, success)."""
+        tally: dict[tuple[str, bool], int] = {}
         for op in ops:
-            self.metrics.events.inc(op.source, "true" if op.success is True else "false")
+            key = (op.source, op.success is True)
+            tally[key] = tally.get(key, 0) + 1
+        for (source, ok), count in tally.items():
+            self.metrics.events.inc(source, "true" if ok else "false", amount=count)
+        self.arrivals.add(tally)
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -1542,10 +1956,11 @@ _REGEX_SYNTAX = re.compile(r"[.^$*+?{}\[\]\\|()]")
 # What makes a regex depend on the text around a match (anchors, word edges, lookaround):
 # without any, a pattern that matches a field's text matches a line holding it verbatim.
 _REGEX_CONTEXT = re.compile(r"[\^$]|\\[AZbB]|\(\?<?[=!]")
-# The first fields of an op as observerd writes it (validate_op's order, encode_line's
-# spelling, no value left to a default): a line that starts so holds exactly these values,
-# read without decoding it.
-_HEAD_FIELDS = (rb'\{"endpoint":"([^"\\]*(?:\\.[^"\\]*)*)","source":"([^"\\]+)",'
+# The first fields of an op as observerd writes it (validate_op's order, an op_id first if
+# any, encode_line's spelling, no value left to a default): a line that starts so holds
+# exactly these values, read without decoding it.
+_HEAD_FIELDS = (rb'\{(?:"' + OP_ID.encode() + rb'":"[^"\\]*(?:\\.[^"\\]*)*",)?'
+                rb'"endpoint":"([^"\\]*(?:\\.[^"\\]*)*)","source":"([^"\\]+)",'
                 rb'"timestamp":"([^"\\]+)","success":([tf])')
 _CANONICAL_HEAD = re.compile(_HEAD_FIELDS)
 # The newline before a line that does not start so (another writer's spelling).
@@ -2279,6 +2694,25 @@ def review_endpoint(endpoint: str, ops: list[dict]) -> dict:
     }
 
 
+def rank_endpoints(ops: list[dict], limit: int) -> list[dict]:
+    """The first limit endpoints by most failures, then most ops, then name: each with its ops,
+    failures, failure rate and p50/p95 duration."""
+    durations: dict[str, list[float]] = {}
+    failed: Counter[str] = Counter()
+    for op in ops:
+        endpoint = op["endpoint"]
+        durations.setdefault(endpoint, []).append(op["duration_ms"])
+        if op["success"] is not True:
+            failed[endpoint] += 1
+    ranked = []
+    for endpoint in sorted(durations, key=lambda e: (-failed[e], -len(durations[e]), e))[:limit]:
+        values = sorted(durations[endpoint])
+        ranked.append({"endpoint": endpoint, "ops": len(values), "failures": failed[endpoint],
+                       "failure_rate": round(failed[endpoint] / len(values), 4),
+                       "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95)})
+    return ranked
+
+
 def review_ops(ops: list[dict]) -> list[dict]:
     """Reviews per endpoint, worst verdict first."""
     by_endpoint: dict[str, list[dict]] = {}
@@ -2288,6 +2722,40 @@ def review_ops(ops: list[dict]) -> list[dict]:
     reviews = [review_endpoint(endpoint, members) for endpoint, members in by_endpoint.items()]
     reviews.sort(key=lambda r: (rank[r["verdict"]], r["endpoint"]))
     return reviews
+
+
+# What an LLM review sends, whatever the ring holds: a ring of a thousand endpoints failing
+# with 4 KB errors must not become a prompt of megabytes. Documented in the README.
+LLM_PROMPT_MAX_BYTES = 16 * 1024
+LLM_PROMPT_TEXT_CHARS = 200  # each endpoint, signature and reason is cut to this
+LLM_PROMPT = ("You review the health of services observed by the lakehouse. Given these heuristic "
+              "findings as JSON (the {shown} worst of {total} endpoints, worst first), say what is "
+              "wrong, what is likely causing it, and what to check first. Be brief.\n\n")
+
+
+def _cut_for_prompt(text: str) -> str:
+    return text if len(text) <= LLM_PROMPT_TEXT_CHARS else text[:LLM_PROMPT_TEXT_CHARS] + "…"
+
+
+def llm_prompt(reviews: list[dict]) -> str:
+    """The prompt of an LLM review: the reviews worst first, each text cut, as many as fit in
+    LLM_PROMPT_MAX_BYTES of UTF-8."""
+    total = len(reviews)
+    budget = LLM_PROMPT_MAX_BYTES - len(LLM_PROMPT.format(shown=total, total=total).encode()) - len("[]")
+    shown = []
+    for review in reviews:
+        part = json.dumps({
+            **review,
+            "endpoint": _cut_for_prompt(review["endpoint"]),
+            "top_error_signatures": [{**top, "signature": _cut_for_prompt(top["signature"])}
+                                     for top in review["top_error_signatures"]],
+            "reasons": [_cut_for_prompt(reason) for reason in review["reasons"]],
+        }, ensure_ascii=False)
+        budget -= len(part.encode()) + len(",")
+        if budget < 0:
+            break
+        shown.append(part)
+    return LLM_PROMPT.format(shown=len(shown), total=total) + "[" + ",".join(shown) + "]"
 
 
 # =============================================================================
@@ -2340,7 +2808,8 @@ class Insights:
 
 
 # =============================================================================
-# Outbound: HTTP calls to other services (escalation, LLM review), each within a deadline
+# Outbound: HTTP calls to other services (escalation, LLM review; top to the daemon), each
+# within a deadline
 # =============================================================================
 
 
@@ -2354,14 +2823,30 @@ def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
 
 
 OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+OUTBOUND_ERROR_CHARS = 300  # of an OutboundError's one line
 
 
 class OutboundError(Exception):
     """An outbound call failed or ran out of time; the message says how, briefly."""
 
 
-def post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
+def call_json(url: str, timeout_s: float, payload: object = None, key: str = "") -> object:
+    """GET url (POST payload as JSON, when given), with key as its bearer token if any, and
+    decode the JSON answer, all within timeout_s; raises OutboundError, whose message is one
+    short line and never holds key."""
+    try:
+        return _call_json(url, timeout_s, payload, key)
+    except OutboundError as exc:
+        # Errors reach logs and answers, and a peer's words (a reason phrase, a JSON key) may
+        # echo the key: it is taken out before the message is cut, so no part of it is left.
+        message = " ".join(str(exc).split())
+        if key:
+            message = message.replace(key, "(key)")
+        raise OutboundError(message[:OUTBOUND_ERROR_CHARS]) from None
+
+
+def _call_json(url: str, timeout_s: float, payload: object, key: str) -> object:
+    """call_json's exchange.
 
     A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
     a time would hold the caller (a review, or the one loop thread) for as long as it likes.
@@ -2388,9 +2873,14 @@ def post_json(url: str, payload: object, timeout_s: float) -> object:
         connected = True
         if expired.is_set():
             raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
-        connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                           body=encode_json(payload),
-                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
+        headers = {"User-Agent": f"{SERVICE}/{VERSION}"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        connection.request("GET" if payload is None else "POST",
+                           urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                           body=None if payload is None else encode_json(payload), headers=headers)
         response = connection.getresponse()
         body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
         if expired.is_set():
@@ -2403,19 +2893,69 @@ def post_json(url: str, payload: object, timeout_s: float) -> object:
             raise OutboundError("timed out") from None
         if not connected and isinstance(exc, OSError):
             raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
-        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        raise OutboundError(f"{type(exc).__name__}: {exc}") from None
     finally:
         timer.cancel()
         if connection is not None:
             connection.close()
     if not 200 <= response.status < 300:
-        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
+        raise OutboundError(f"HTTP {response.status} {response.reason}")
     if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
         raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
     try:
         return parse_json_strict(body, "answer") if body.strip() else None
     except InvalidOp as exc:
         raise OutboundError(str(exc)) from None
+
+
+# The review's chain of LLM backends, in the order it asks them; each a label value of
+# observerd_llm_requests_total.
+LLM_BACKENDS = ("primary", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMBackend:
+    """One model the review may ask: its place in the chain, how it is spoken to, its key."""
+
+    name: str  # one of LLM_BACKENDS
+    api: str  # one of LLM_APIS
+    url: str
+    model: str
+    key: str = dataclass_field(repr=False)  # "" = none
+
+
+def llm_backends(config: Config) -> list[LLMBackend]:
+    """The backends configured (those with a URL), in the order the review asks them."""
+    chain = [
+        LLMBackend("primary", config.review_llm_api, config.review_llm_url, config.review_llm_model,
+                   config.review_llm_key),
+        LLMBackend("fallback", config.review_fallback_api, config.review_fallback_url,
+                   config.review_fallback_model, config.review_fallback_key),
+    ]
+    return [backend for backend in chain if backend.url]
+
+
+def ask_llm(backend: LLMBackend, prompt: str, timeout_s: float) -> str:
+    """The backend's answer to prompt, within timeout_s; raises OutboundError, also when the
+    answer holds no text."""
+    if backend.api == "ollama":
+        answer = call_json(f"{backend.url}/api/generate", timeout_s,
+                           {"model": backend.model, "prompt": prompt, "stream": False}, backend.key)
+        where = "response"
+        text = answer.get(where) if isinstance(answer, dict) else None
+    else:
+        answer = call_json(f"{backend.url}/v1/chat/completions", timeout_s,
+                           {"model": backend.model, "messages": [{"role": "user", "content": prompt}]},
+                           backend.key)
+        where = "choices[0].message.content"
+        try:
+            text = answer["choices"][0]["message"]["content"]
+        except (TypeError, KeyError, IndexError):
+            text = None
+    # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
+    if not isinstance(text, str) or not text.strip() or _has_lone_surrogate(text):
+        raise OutboundError(f"answer has no '{where}' text in valid Unicode")
+    return text
 
 
 # =============================================================================
@@ -2430,7 +2970,9 @@ SERVER_NAME = f"{SERVICE}/{VERSION}"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 # What observerd_rejected_total counts refusals under; RequestError.reason is one of them.
 REJECTION_REASONS = ("invalid", "unauthorized", "timeout", "length_required", "too_large",
-                     "unsupported_encoding", "persist_failed", "too_many_connections")
+                     "unsupported_encoding", "persist_failed", "too_many_connections", "not_ready")
+# Every 503 carries it: the seconds a client waits before sending the same request again.
+RETRY_AFTER_S = 1
 
 
 class RequestError(Exception):
@@ -2450,7 +2992,7 @@ class RequestError(Exception):
 
 
 INTERNAL_ERROR = RequestError(500, "internal error")
-OVERLOADED = RequestError(503, "too many connections", "too_many_connections", {"Retry-After": "1"})
+OVERLOADED = RequestError(503, "too many connections", "too_many_connections")
 
 
 def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
@@ -2463,7 +3005,7 @@ def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
     if isinstance(exc, TooLarge):
         return RequestError(413, str(exc), "too_large")
     if isinstance(exc, PersistError):
-        return RequestError(503, f"op not persisted: {exc}", "persist_failed", {"Retry-After": "1"})
+        return RequestError(503, f"op not persisted: {exc}", "persist_failed")
     return INTERNAL_ERROR
 
 
@@ -2483,6 +3025,7 @@ def render_answer(status: int, body: object, close: bool, head_only: bool = Fals
     """Status line, headers and body as one buffer, and the body's size: every answer's bytes.
 
     body is JSON, Prometheus text (a str), or a RequestError: {"error": message} and its headers.
+    A 503 always says when to retry.
     """
     headers = None
     if isinstance(body, str):
@@ -2500,6 +3043,8 @@ def render_answer(status: int, body: object, close: bool, head_only: bool = Fals
     ]
     if headers:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if status == 503:
+        lines.append(f"Retry-After: {RETRY_AFTER_S}")
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -2546,15 +3091,13 @@ class ConnectionTracker:
 
     def admit(self, sock: socket.socket) -> bool:
         with self._lock:
-            if self._closing:
-                return False
             stalled = None
             if len(self._open) - len(self._cut) >= self.limit:
                 # Waiting on its client: for a request to arrive, or for it to take an answer.
                 # The earliest deadline is the one that has waited the longest.
                 waiting = [(deadline, s, phase) for s, (phase, deadline) in self._open.items()
                            if phase != self.IN_FLIGHT and s not in self._owed and s not in self._cut]
-                if not waiting:
+                if not waiting or self._closing:  # the drain waits for those requests: keep them
                     return False
                 _, stalled, phase = min(waiting, key=lambda entry: entry[0])
                 self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
@@ -2570,11 +3113,12 @@ class ConnectionTracker:
             self._cut.pop(sock, None)
             self._drained.notify_all()
 
-    def awaiting_request(self, sock: socket.socket) -> None:
-        """Between requests: the next one must arrive, whole, before a fresh deadline."""
+    def awaiting_request(self, sock: socket.socket, again: bool) -> None:
+        """Before each request: it must arrive, whole, before a fresh deadline. Once closing,
+        a connection is kept alive for no further request (again), but its first is answered."""
         with self._lock:
             self._open[sock] = Phase(self.IDLE, time.monotonic() + self.request_timeout_s)
-            close_now = self._closing and sock not in self._owed
+            close_now = again and self._closing and sock not in self._owed
         if close_now:
             _shutdown_quietly(sock)
 
@@ -2629,7 +3173,9 @@ class ConnectionTracker:
         _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
     def close_idle_and_drain(self, timeout_s: float) -> int:
-        """Refuse new connections, close idle ones, let requests in progress finish.
+        """Keep no connection alive past its request from now on, close idle ones, and let
+        requests in progress finish. Connections accepted meanwhile get one request
+        answered (GET /observer/ready says shutting down, writes are refused).
 
         Returns how many connections were still open when the wait ran out.
         """
@@ -2745,12 +3291,14 @@ def read_fields(rfile, what: str) -> RequestHeaders:
 
 @dataclass(frozen=True)
 class Route:
-    """A path's handlers by method, whether it needs the bearer token, and what its body or
-    query holds, as its 400s name it ("invalid op: ...")."""
+    """A path's handlers by method, whether it needs the bearer token, what its body or
+    query holds, as its 400s name it ("invalid op: ..."), and when it answers 503."""
 
     methods: dict[str, Callable]  # HTTP method -> the handler's method answering it
     auth: bool = True
     parses: str | None = None
+    probe: bool = False  # answers in every state; the others serve ops: 503 until restored
+    stores: bool = False  # stores ops: 503 once shutting down, too
 
 
 DEFERRED = object()  # a handler's status when the committer thread will send the answer
@@ -2807,6 +3355,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         # Held while an answer is owed on this connection, so answers leave in request order.
         self._turn = threading.Lock()
         self._dropped = False  # the committer could not deliver an answer: stop serving
+        self._kept_alive = False  # from its second request on, the connection was kept alive
         super().setup()
 
     def finish(self):
@@ -2820,7 +3369,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self._started, self._route, self.command, self.path = None, "unparsed", "", ""
-        self.server.connections.awaiting_request(self.connection)
+        self.server.connections.awaiting_request(self.connection, self._kept_alive)
+        self._kept_alive = True
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -2885,6 +3435,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
                                    headers={"Allow": allow})
             if route.auth:
                 self.authorize()
+            if not route.probe:
+                self.check_available(route.stores)
             status, body = handler(self)
             if status is DEFERRED:
                 return
@@ -2911,6 +3463,14 @@ class HTTPHandler(BaseHTTPRequestHandler):
         ):
             raise RequestError(401, "missing or invalid bearer token", "unauthorized",
                                {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+
+    def check_available(self, stores: bool) -> None:
+        """503 while the ring is being restored, and for a write once shutting down (one whose
+        request was dispatched before still completes: that is what the drain waits for)."""
+        if not self.server.store.restored:
+            raise RequestError(503, RESTORING, "not_ready")
+        if stores and self.server.connections.closing:
+            raise RequestError(503, SHUTTING_DOWN, "not_ready")
 
     def read_body(self) -> bytes:
         """The request body, sized or chunked, bounded by max_body_bytes while it is read."""
@@ -3006,7 +3566,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
     def store_and_answer(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(ring_len), or store_failure's.
+        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
 
         On a plain TCP connection the committer thread sends the answer itself as soon as the
         batch is fsynced, so this thread goes straight back to reading the next request: one
@@ -3025,10 +3585,10 @@ class HTTPHandler(BaseHTTPRequestHandler):
         self._turn.acquire()  # free: dispatch waited for it
         connections.answer_deferred(sock)
 
-        def answer(ring_len: int, error: BaseException | None) -> None:
+        def answer(stored: Stored | None, error: BaseException | None) -> None:
             try:
                 if error is None:
-                    status, body = 200, make_body(ring_len)
+                    status, body = 200, make_body(stored)
                 else:
                     body = store_failure(error, op_count)
                     status = body.status
@@ -3046,7 +3606,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
             store.submit(ops, answer)
         except Exception as exc:  # never leave the turn held: the connection would hang
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            answer(0, exc)
+            answer(None, exc)
         return DEFERRED, None
 
     def exchange(self) -> Exchange:
@@ -3109,7 +3669,7 @@ HISTORY_READS = 2
 
 
 def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    """A query string's parameters, each allowed and given once; raises InvalidOp naming one."""
+    """A query string's parameters, each one of allowed and given at most once; raises InvalidOp."""
     params = parse_qs(query, keep_blank_values=True)
     reject_unknown(params, allowed, "query parameter")
     for name, values in params.items():
@@ -3118,14 +3678,13 @@ def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
     return {name: values[0] for name, values in params.items()}
 
 
-def parse_limit(given: dict[str, str], default: int, maximum: int) -> int:
-    if "limit" not in given:
-        return default
+def count_param(text: str, name: str, maximum: int) -> int:
+    """A query parameter that must be an integer from 1 to maximum; raises InvalidOp naming it."""
     try:
-        limit = bounded_int(given["limit"], maximum)
-    except ValueError:
-        limit = 0
-    return check_positive_int(limit, "limit", maximum)
+        value = bounded_int(text, maximum)
+    except ValueError:  # not digits, or too large: the same message either way
+        value = 0
+    return check_positive_int(value, name, maximum)
 
 
 def query_ops(ops: list[dict], given: dict[str, str], ring_size: int) -> list[dict]:
@@ -3141,7 +3700,9 @@ def query_ops(ops: list[dict], given: dict[str, str], ring_size: int) -> list[di
     since = given.get("since")
     if since is not None:
         since = check_time(since, "since")
-    limit = parse_limit(given, min(DEFAULT_OPS_LIMIT, ring_size), ring_size)
+    limit = min(DEFAULT_OPS_LIMIT, ring_size)
+    if "limit" in given:
+        limit = count_param(given["limit"], "limit", ring_size)
     matched = []
     for op in reversed(ops):
         if ((source is None or op["source"] == source)
@@ -3152,6 +3713,21 @@ def query_ops(ops: list[dict], given: dict[str, str], ring_size: int) -> list[di
             if len(matched) == limit:
                 break
     return matched
+
+
+TIMELINE_PARAMS = ("seconds",)
+DEFAULT_TIMELINE_SECONDS = 60
+TIMELINE_ENDPOINTS = 20
+TIMELINE_CLUSTERS = 10
+TIMELINE_ESCALATIONS = 10
+
+
+def timeline_seconds(query: str) -> int:
+    """The window GET /observer/timeline is asked for; raises InvalidOp."""
+    given = query_params(query, TIMELINE_PARAMS)
+    if "seconds" not in given:
+        return DEFAULT_TIMELINE_SECONDS
+    return count_param(given["seconds"], "seconds", TIMELINE_SECONDS)
 
 
 REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
@@ -3177,6 +3753,10 @@ class ObserverHandler(HTTPHandler):
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
 
+    def get_ready(self):
+        reason = self.server.unready_reason()
+        return (200, {"ready": True}) if reason is None else (503, {"ready": False, "reason": reason})
+
     def get_stats(self):
         return 200, self.server.store.stats()
 
@@ -3184,7 +3764,10 @@ class ObserverHandler(HTTPHandler):
         body = self.read_body()
         with self.decoding(body):
             op = validate_posted_op(parse_json_strict(body))
-            return self.store_and_answer([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
+            if OP_ID not in op:  # the answer clients of the Go service compare, byte for byte
+                return self.store_and_answer([op], lambda stored: {"accepted": True, "ring_size": stored.ring_size})
+            return self.store_and_answer([op], lambda stored: {
+                "accepted": True, "duplicate": stored.duplicates == 1, "ring_size": stored.ring_size})
 
     def post_events(self):
         body = self.read_body()
@@ -3193,19 +3776,47 @@ class ObserverHandler(HTTPHandler):
             ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
             if not ops:
                 return 200, {"accepted": 0, "ring_size": len(self.server.store)}
-            accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
-            return self.store_and_answer(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
+            count = len(ops)  # the answer must not keep the decoded ops alive until it is sent
+            if not any(OP_ID in op for op in ops):
+                return self.store_and_answer(ops, lambda stored: {"accepted": count, "ring_size": stored.ring_size})
+            return self.store_and_answer(ops, lambda stored: {
+                "accepted": count - stored.duplicates, "duplicates": stored.duplicates,
+                "ring_size": stored.ring_size})
 
     def get_ops(self):
-        given = query_params(self.target.query, OPS_QUERY_PARAMS)
-        ops = query_ops(self.server.store.snapshot(), given, self.server.config.ring_size)
+        params = query_params(self.target.query, OPS_QUERY_PARAMS)
+        ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
         return 200, {"ops": ops, "count": len(ops)}
+
+    def get_timeline(self):
+        seconds = timeline_seconds(self.target.query)
+        server, store = self.server, self.server.store
+        newest = int(time.time()) - 1  # the second still running is not whole yet
+        sources, totals = store.arrivals.series(seconds, newest)
+        fsync_p99 = store.metrics.fsync_seconds.quantile(0.99)
+        journal = store.journal
+        return 200, {
+            "service": SERVICE,
+            "version": VERSION,
+            "uptime_s": round(time.monotonic() - server.started, 1),
+            "ready": server.unready_reason() is None,  # as GET /observer/ready says
+            "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
+            "seconds": seconds,
+            "sources": sources,
+            "totals": totals,
+            "ring": {"ops": len(store), "capacity": server.config.ring_size, "bytes": store.ring.bytes},
+            "journal": None if journal is None else {"path": str(journal.path), "bytes": journal.size()},
+            "fsync_p99_ms": None if fsync_p99 is None else round(fsync_p99 * 1000, 3),
+            "endpoints": rank_endpoints(store.snapshot(), TIMELINE_ENDPOINTS),
+            "clusters": server.insights.clusters["clusters"][:TIMELINE_CLUSTERS],
+            "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
+        }
 
     def get_history(self):
         """The journal on disk, read through this thread's own descriptors: no lock is taken,
         so ingest goes on meanwhile; max_scan_bytes bounds the work of one call."""
         given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
-        limit = parse_limit(given, DEFAULT_OPS_LIMIT, MAX_HISTORY_LIMIT)
+        limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_OPS_LIMIT
         cursor = given.get("cursor")
         op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time())
         config = self.server.config
@@ -3250,41 +3861,47 @@ class ObserverHandler(HTTPHandler):
         return 200, result
 
     def add_llm_review(self, result: dict) -> None:
-        """Ask the configured Ollama-compatible model; a failure is reported, not raised."""
-        config = self.server.config
-        if not config.review_llm_url:
-            result["llm_error"] = "review_llm_url is not configured"
+        """Ask the LLM backends in order until one answers; each failure is listed, not raised.
+
+        Each call has its own outbound_timeout_s: a slow first backend still leaves the fall-back
+        its full time, and the chain ends within that times the number of backends.
+        """
+        config, metrics = self.server.config, self.server.metrics
+        errors = result["llm_errors"] = []
+        backends = llm_backends(config)
+        if not backends:
+            errors.append({"backend": LLM_BACKENDS[0], "error": "no LLM backend is configured "
+                           "(review_llm_url, review_fallback_url)"})
             return
-        prompt = ("You review the health of services observed by the lakehouse. Given these "
-                  "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
-                  "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
-        try:
-            answer = post_json(f"{config.review_llm_url}/api/generate",
-                               {"model": config.review_llm_model, "prompt": prompt, "stream": False},
-                               config.outbound_timeout_s)
-            text = answer.get("response") if isinstance(answer, dict) else None
-            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
-            if not isinstance(text, str) or _has_lone_surrogate(text):
-                raise OutboundError("answer has no 'response' text in valid Unicode")
-        except OutboundError as exc:
-            result["llm_error"] = str(exc)
-            log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
+        prompt = llm_prompt(result["reviews"])
+        for backend in backends:
+            try:
+                text = ask_llm(backend, prompt, config.outbound_timeout_s)
+            except OutboundError as exc:
+                metrics.llm_requests.inc(backend.name, "failed")
+                errors.append({"backend": backend.name, "error": str(exc)})
+                log("WARN", "llm review failed", backend=backend.name, url=backend.url, error=exc)
+                continue
+            metrics.llm_requests.inc(backend.name, "answered")
+            result.update(method="heuristic+llm", llm_backend=backend.name, llm_model=backend.model,
+                          llm_review=text)
             return
-        result["method"] = "heuristic+llm"
-        result["llm_review"] = text
 
     ROUTES = {
-        "/observer/health": Route({"GET": get_health}, auth=False),
+        "/observer/health": Route({"GET": get_health}, auth=False, probe=True),
+        "/observer/ready": Route({"GET": get_ready}, probe=True),
         "/observer/stats": Route({"GET": get_stats}),
-        "/observer/event": Route({"POST": post_event}, parses="op"),
-        "/observer/events": Route({"POST": post_events}, parses="batch"),
+        "/observer/event": Route({"POST": post_event}, parses="op", stores=True),
+        "/observer/events": Route({"POST": post_events}, parses="batch", stores=True),
         "/observer/errors": Route({"GET": get_errors}),
         "/observer/playbooks": Route({"GET": get_playbooks}),
         "/observer/escalations": Route({"GET": get_escalations}),
         "/observer/review": Route({"POST": post_review}, parses="review request"),
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
         "/observer/history": Route({"GET": get_history}, parses="query"),
-        "/metrics": Route({"GET": get_metrics}),
+        # What top and the page show, "restoring" included, so it answers before the ring is whole.
+        "/observer/timeline": Route({"GET": get_timeline}, parses="query", probe=True),
+        "/metrics": Route({"GET": get_metrics}, probe=True),
     }
 
 
@@ -3313,6 +3930,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.config = config
         self.store = store
         self.insights = insights or Insights()
+        self.started = time.monotonic()
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
@@ -3330,6 +3948,12 @@ class ObserverServer(ThreadingHTTPServer):
     @property
     def metrics(self) -> Metrics:
         return self.store.metrics
+
+    def unready_reason(self) -> str | None:
+        """Why a write would not be accepted now, or None: what GET /observer/ready says."""
+        if self.connections.closing:
+            return SHUTTING_DOWN
+        return self.store.unready_reason()
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
@@ -3559,8 +4183,7 @@ class CorrectionsTailer:
                 if offset == self.offset:
                     break  # only a partial line left: it waits until it is complete
                 if ops:
-                    self.store.submit_and_wait(ops)
-                    stored += len(ops)
+                    stored += len(ops) - self.store.submit_and_wait(ops).duplicates
                 self.offset, self.line = offset, line_no
                 self._save_position()
         return stored
@@ -3658,7 +4281,8 @@ class Escalator:
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
         try:
-            post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
+            call_json(self.config.escalate_url, self.config.outbound_timeout_s, payload,
+                      self.config.escalate_token)
         except OutboundError as exc:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
@@ -3706,30 +4330,66 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# CLI and main: serve, check, stats, ops
+# CLI and main: serve, check, stats, top, ops
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
+JOURNAL_PROBE_INTERVAL_S = 1.0  # how often a journal that cannot be written is tried again
+EXIT_STATUS = """
+exit status: 0 ok; 1 runtime error (a file cannot be read, the daemon cannot be reached);
+  2 usage or config error (a bad flag or setting, or anything that keeps the daemon from starting)
+"""
 EXAMPLES = """examples:
   python observerd.py --config lakehouse.toml        run the daemon (same as: serve --config ...)
   python observerd.py serve --bind 0.0.0.0:3219      override the bind address of the file
   python observerd.py check --config lakehouse.toml  validate the config, print the effective settings
   python observerd.py stats data/observer/ops.jsonl  the stats a restart from that file would serve
+  python observerd.py top                            a live view of the daemon on 127.0.0.1:3219
   python observerd.py ops --since 1h --failed        the last hour's failures, from the journal on disk
   OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
 """
+SERVE_EXAMPLES = """examples:
+  python observerd.py serve --config /etc/lakehouse/lakehouse.toml
+  python observerd.py serve --bind 127.0.0.1:0 --persist-path ""   ephemeral, on a free port
+"""
+CHECK_EXAMPLES = """examples:
+  python observerd.py check --config /etc/lakehouse/lakehouse.toml
+  python observerd.py check --config lakehouse.toml > effective.toml   the settings, as TOML
+"""
+STATS_EXAMPLES = """examples:
+  python observerd.py stats /var/lib/observerd/ops.jsonl --config /etc/lakehouse/lakehouse.toml
+  python observerd.py stats ops.jsonl --ring-size 100 | jq .by_source
+"""
+TOP_EXAMPLES = """examples:
+  OBSERVERD_TOKEN=s3cret python observerd.py top          the token from the environment, not ps
+  python observerd.py top --url https://host-a:3219 --interval 2
+  python observerd.py top --once | tee incident.txt       one plain-text snapshot
 
-
+keys: q quits; s cycles the endpoints' sort (failures, failure rate, p95, ops)
+"""
 OPS_EXAMPLES = """examples:
   python observerd.py ops --config lakehouse.toml --since 1h --failed   the last hour's failures
   python observerd.py ops --endpoint '/mcp/*' --failed -f              follow failures live (Ctrl-C ends)
-  python observerd.py ops --since 2026-11-24T19:00:00Z --until 2026-11-24T20:00:00Z -n 1000 -o ndjson | jq .error
+  python observerd.py ops --since 2026-11-24T19:00:00Z --until 2026-11-24T20:00:00Z -n 1000 | jq .error
   python observerd.py ops data/observer/ops.jsonl --field trace_id=4bf92f35 -o json
 
-exit status: 0 done (also when Ctrl-C ends -f, or the reader of a pipe stops reading);
-1 the journal cannot be read; 2 bad arguments or config
+Ctrl-C ending -f, and a pipe's reader that stops reading (| head), are exit 0.
 """
 FOLLOW_POLL_S = 0.2
+TOP_DEFAULT_URL = "http://127.0.0.1:3219"
+TOP_MIN_INTERVAL_S, TOP_MAX_INTERVAL_S = 0.1, 3600.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with examples and the exit statuses in every --help, and a usage error in one
+    line naming the problem (exit 2) instead of the usage text and then the problem."""
+
+    def __init__(self, *args, examples: str = "", **kwargs):
+        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=examples + EXIT_STATUS, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def add_setting_flag(parser: argparse.ArgumentParser, name: str, default=None) -> None:
@@ -3744,6 +4404,30 @@ def setting_flags(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in vars(args).items() if name in SETTING}
 
 
+def daemon_url(text: str) -> str:
+    """--url: an http:// or https:// base URL, without a trailing slash."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL like http://127.0.0.1:3219")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text.rstrip("/")
+
+
+def refresh_interval(text: str) -> float:
+    """--interval: seconds between refreshes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not TOP_MIN_INTERVAL_S <= value <= TOP_MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from {TOP_MIN_INTERVAL_S:g} to {TOP_MAX_INTERVAL_S:g}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_config_flag(parser: argparse.ArgumentParser, default=None) -> None:
         parser.add_argument("--config", default=default,
@@ -3754,22 +4438,40 @@ def build_parser() -> argparse.ArgumentParser:
         add_setting_flag(parser, "bind", default)
         add_setting_flag(parser, "persist_path", default)
 
-    parser = argparse.ArgumentParser(
-        prog="observerd.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="observerd: the lakehouse's witness. Records ObservedOps durably to JSONL "
+    parser = Parser(
+        prog="observerd.py", examples=EXAMPLES,
+        description="observerd: the lakehouse's witness. Records ObservedOps durably to JSONL\n"
                     "and serves live stats over HTTP.")
     parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
     add_serve_flags(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,ops}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top,ops}")
     # SUPPRESS: flags given before the subcommand are not reset by its own defaults.
-    add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)"), argparse.SUPPRESS)
-    check = commands.add_parser("check", help="validate the config like nginx -t; exit 0 or 2")
+    add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)", examples=SERVE_EXAMPLES,
+                                        description="Run the daemon until SIGTERM or SIGINT."),
+                    argparse.SUPPRESS)
+    check = commands.add_parser(
+        "check", help="validate the config like nginx -t; exit 0 or 2", examples=CHECK_EXAMPLES,
+        description="Run every check startup runs and list every problem (exit 2), or print the\n"
+                    "effective settings as TOML (exit 0); the token only as set or not.")
     add_serve_flags(check, argparse.SUPPRESS)
-    stats = commands.add_parser("stats", help="print the stats a restart from a JSONL journal would serve")
+    stats = commands.add_parser(
+        "stats", help="print the stats a restart from a JSONL journal would serve", examples=STATS_EXAMPLES,
+        description="Print the JSON GET /observer/stats would serve after a restart from FILE, with\n"
+                    "the config's ring_size, max_ring_bytes and keep_files, and the flags over them.")
     stats.add_argument("file", help="the JSONL journal (rotated segments beside it are read too)")
     add_config_flag(stats, argparse.SUPPRESS)
     add_setting_flag(stats, "ring_size")
     add_setting_flag(stats, "recent_scenarios")
+    top = commands.add_parser(
+        "top", help="a live view of a running daemon, like htop", examples=TOP_EXAMPLES,
+        description="A running daemon's events/s per source, failures, the endpoints failing most,\n"
+                    "failure clusters, fsync p99, ring fill and escalations, from GET /observer/timeline,\n"
+                    "full-screen. With --once, or when stdout is not a terminal: one plain-text snapshot.")
+    top.add_argument("--url", type=daemon_url, default=TOP_DEFAULT_URL,
+                     help=f"the daemon's base URL (default: {TOP_DEFAULT_URL})")
+    top.add_argument("--token", help="its bearer token (default: $OBSERVERD_TOKEN, which ps does not show)")
+    top.add_argument("--interval", type=refresh_interval, default=1.0, help="seconds between refreshes (default: 1)")
+    top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
     add_ops_parser(commands, add_config_flag)
     return parser
 
@@ -3783,8 +4485,8 @@ def non_negative_int(text: str) -> int:
 def add_ops_parser(commands, add_config_flag) -> None:
     ops = commands.add_parser(
         "ops", help="query the journal on disk (the daemon running or not); -f follows it",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=OPS_EXAMPLES,
-        description="The ops of the JSONL journal and its rotated segments that pass every filter "
+        examples=OPS_EXAMPLES,
+        description="The ops of the JSONL journal and its rotated segments that pass every filter\n"
                     "given, newest first; --since reads only about that much of the file.")
     ops.add_argument("file", nargs="?", help="the JSONL journal; every rotated segment beside it (.1, .2, …) "
                      "is read too, up to keep_files with --config (default: the config's persist_path)")
@@ -3842,6 +4544,7 @@ def files_of_settings(config: Config):
             yield "persist_path", "persist_path's rotated segment", segment
         for scratch in rotation_scratch_paths(journal):
             yield "persist_path", "persist_path's rotation scratch file", scratch
+        yield "persist_path", "persist_path's probe scratch file", probe_scratch_path(journal)
         position = corrections_position_path(journal)
         yield "persist_path", "persist_path's corrections position", position
         yield "persist_path", "persist_path's scratch file", scratch_path(position)
@@ -3941,10 +4644,31 @@ def check(args: argparse.Namespace) -> int:
             print(f"{source}: {problem}", file=sys.stderr)
         print(f"{source}: {len(problems)} problem(s); observerd would not start", file=sys.stderr)
         return 2
-    print(f"{source}: ok")
-    for name, value in config.describe().items():
-        print(f"{name} = {json.dumps(value, default=str)}")
+    # Valid TOML, to diff or to start from; the comments say what is not a setting's value.
+    print(f"# {source}: ok; the effective settings, flags and environment applied")
+    table = None
+    for setting in SETTINGS:
+        if setting.table != table:
+            print(f"[{setting.table}]" if table is None else f"\n[{setting.table}]")
+            table = setting.table
+        value = getattr(config, setting.name)
+        if setting.secret:
+            print(f"# {setting.name} is {'set' if value else 'not set'} (never shown)")
+        elif setting.env and value:  # whether the variable holds a key, never the key
+            state = "set" if getattr(config, setting.env_value) else "not set"
+            print(f"{setting.name} = {toml_value(value)}  # {value} is {state}")
+        else:
+            print(f"{setting.name} = {toml_value(value)}")
     return 0
+
+
+def toml_value(value: object) -> str:
+    """A setting's value in TOML, whose strings, numbers and booleans JSON writes alike, but
+    for DEL, which TOML wants escaped; None (a path setting left empty) is ""."""
+    text = json.dumps("" if value is None else str(value) if isinstance(value, Path) else value,
+                      ensure_ascii=False).replace("\x7f", "\\u007f")
+    # A path's undecodable byte (from a flag) is a lone surrogate: no TOML holds it, nor UTF-8.
+    return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
 
 
 def print_stats(args: argparse.Namespace) -> int:
@@ -3953,8 +4677,8 @@ def print_stats(args: argparse.Namespace) -> int:
     The ring's settings come from the config, as serve reads it, and the flags over it.
     """
     path = Path(args.file)
-    if not path.exists():
-        print(f"{path}: file not found", file=sys.stderr)
+    if not path.is_file():
+        print(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", file=sys.stderr)
         return 2
     try:
         # stats listens nowhere: the file's bind, and the token it may require, are not its concern.
@@ -3964,15 +4688,230 @@ def print_stats(args: argparse.Namespace) -> int:
             print(f"{exc.source}: {problem}", file=sys.stderr)
         return 2
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
+    try:
+        ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
+    except OSError as exc:
+        print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for op in ring_ops:
         ring.apply(op)
     print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
     return 0
 
 
-# Control characters in a field would drive the terminal a table is printed on.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+TOP_SECONDS = 60  # of per-second counts top asks for: one sparkline's worth
+TOP_TIMEOUT_S = 3.0  # for one answer: past it the daemon counts as gone, and top retries
+TOP_PLAIN_WIDTH = 120  # of a snapshot not written to a terminal: a whole sparkline fits
+TOP_KEY_POLL_MS = 100  # how soon top sees a key or a resize
+SPARKS = "▁▂▃▄▅▆▇█"
+# What a terminal would act on rather than show: C0 and C1 controls (escape sequences, newlines),
+# DEL, and the invisible marks that reorder or hide text (bidi overrides, zero-width characters).
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+ENDPOINT_SORTS = (
+    ("failures", lambda e: (-e["failures"], -e["ops"], e["endpoint"])),
+    ("failure rate", lambda e: (-e["failure_rate"], -e["failures"], e["endpoint"])),
+    ("p95", lambda e: (-(e["p95_ms"] or 0), e["endpoint"])),
+    ("ops", lambda e: (-e["ops"], e["endpoint"])),
+)
+
+
+def fetch_timeline(url: str, token: str) -> dict:
+    """The daemon's GET /observer/timeline for top; raises OutboundError."""
+    answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, key=token)
+    try:
+        top_lines(answer, url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
+        # Another service at that URL, or an observerd of another version: say so, and retry.
+        raise OutboundError("the answer is not a timeline this top can show") from None
+    return answer
+
+
+def showable(text: str) -> str:
+    """text with what a client sent (an endpoint, an error) shown to a terminal, never obeyed
+    by it: each control as its JSON escape, like \\u001b."""
+    return _UNSHOWABLE.sub(lambda match: json.dumps(match[0])[1:-1], text)
+
+
+def screen_line(text: str, width: int) -> str:
+    """A line as top shows it: showable, in at most width characters, an ellipsis marking a cut."""
+    text = showable(text).rstrip()
+    if len(text) <= width:
+        return text
+    return text[:width - 1] + "…" if width > 0 else ""
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            break
+        count /= 1024
+    return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+
+
+def format_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 1e6 else f"{value:.2g}"
+
+
+def percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def clock(timestamp: str) -> str:
+    """HH:MM:SS of an RFC 3339 timestamp, in the offset it was written with."""
+    return timestamp[11:19]
+
+
+def sparkline(values: list[int]) -> str:
+    """One character per value, ▁ to █ as a share of the largest; a space for none."""
+    peak = max(values, default=0)
+    return "".join(SPARKS[(value * len(SPARKS) - 1) // peak] if value else " " for value in values)
+
+
+def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
+    """What top shows, as lines of at most width characters: the same on its screen and in a
+    --once snapshot. sort indexes ENDPOINT_SORTS."""
+    seconds, ring, journal, totals = timeline["seconds"], timeline["ring"], timeline["journal"], timeline["totals"]
+    ok, failed = sum(totals["ok"]), sum(totals["failed"])
+    fsync_p99 = timeline["fsync_p99_ms"]
+    lines = [
+        f"observerd {timeline['version']} at {url} · up {format_duration(timeline['uptime_s'])} · "
+        f"{'ready' if timeline['ready'] else 'NOT READY'} · {timeline['now']}",
+        f"ring {ring['ops']:,}/{ring['capacity']:,} ops ({percent(ring['ops'], ring['capacity'])}, "
+        f"{format_bytes(ring['bytes'])}) · journal "
+        f"{format_bytes(journal['bytes']) if journal else 'none (ephemeral)'} · fsync p99 "
+        f"{'-' if fsync_p99 is None else f'{fsync_p99:.2f} ms'}",
+        f"last {seconds} s: {ok + failed:,} ops, {ok:,} ok, {failed:,} failed ({percent(failed, ok + failed)})",
+        "",
+    ]
+    head = f"{'SOURCE':<20} {'EV/S':>6} {'OK':>8} {'FAILED':>8} {'FAIL%':>6}  "
+    spark_width = max(0, min(seconds, width - len(head)))
+    lines.append(head + (f"LAST {spark_width} S" if spark_width else ""))
+    for name, counts in [*timeline["sources"].items(), ("all", totals)]:
+        per_second = [a + b for a, b in zip(counts["ok"], counts["failed"])]
+        source_ok, source_failed = sum(counts["ok"]), sum(counts["failed"])
+        lines.append(f"{name[:20]:<20} {per_second[-1]:>6,} {source_ok:>8,} {source_failed:>8,} "
+                     f"{percent(source_failed, source_ok + source_failed):>6}  "
+                     + (sparkline(per_second[-spark_width:]) if spark_width else ""))
+    sort_name, sort_key = ENDPOINT_SORTS[sort]
+    lines += ["", f"ENDPOINTS IN THE RING, by {sort_name}",
+              f"{'OPS':>7} {'FAILED':>7} {'FAIL%':>6} {'P50 MS':>8} {'P95 MS':>8}  ENDPOINT"]
+    for e in sorted(timeline["endpoints"], key=sort_key):
+        lines.append(f"{e['ops']:>7,} {e['failures']:>7,} {percent(e['failures'], e['ops']):>6} "
+                     f"{format_ms(e['p50_ms']):>8} {format_ms(e['p95_ms']):>8}  {e['endpoint']}")
+    if not timeline["endpoints"]:
+        lines.append("(no ops in the ring)")
+    lines += ["", "FAILURE CLUSTERS, largest first", f"{'COUNT':>7} {'LAST':>8}  ENDPOINT: SIGNATURE"]
+    for c in timeline["clusters"]:
+        lines.append(f"{c['count']:>7,} {clock(c['last_seen']):>8}  {c['endpoint']}: {c['signature']}")
+    if not timeline["clusters"]:
+        lines.append("(none found by the last analysis)")
+    lines += ["", "ESCALATIONS, newest first"]
+    for e in timeline["escalations"]:
+        lines.append(f"{clock(e['at'])} {e['outcome']:<6} {e['count']:>5,}  {e['endpoint']}: {e['signature']}"
+                     + (f"  ({e['error']})" if e.get("error") else ""))
+    if not timeline["escalations"]:
+        lines.append("(none)")
+    return [screen_line(line, width) for line in lines]
+
+
+def show_top(args: argparse.Namespace) -> int:
+    """`top`: the full-screen view, or one plain-text snapshot (--once, or stdout not a terminal)."""
+    token = args.token or os.environ.get("OBSERVERD_TOKEN", "")
+    try:
+        if args.once or not sys.stdout.isatty():
+            return print_top_snapshot(args.url, token)
+        return run_top_screen(args.url, token, args.interval)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C quits, like q
+
+
+def print_top_snapshot(url: str, token: str) -> int:
+    try:
+        timeline = fetch_timeline(url, token)
+    except OutboundError as exc:
+        print(showable(f"observerd.py top: {url}: {exc}"), file=sys.stderr)
+        return 1
+    try:
+        width = os.get_terminal_size().columns
+    except OSError:
+        width = TOP_PLAIN_WIDTH
+    print("\n".join(top_lines(timeline, url, width, 0)))
+    return 0
+
+
+def run_top_screen(url: str, token: str, interval: float) -> int:
+    try:
+        import curses  # here, not above: a Python built without curses still runs the daemon
+    except ImportError as exc:
+        print(f"observerd.py top: this Python has no curses ({exc}); use --once", file=sys.stderr)
+        return 1
+    try:
+        curses.wrapper(top_screen, url, token, interval)
+    except curses.error as exc:  # a terminal curses cannot drive: TERM unset or unknown
+        print(f"observerd.py top: cannot draw on this terminal ({exc}); use --once", file=sys.stderr)
+        return 1
+    return 0
+
+
+def top_screen(screen, url: str, token: str, interval: float) -> None:
+    """top's screen, inside curses.wrapper: asks the daemon every interval, redraws on an
+    answer, a key or a resize, and shows why while the daemon does not answer."""
+    import curses
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass  # a terminal that cannot hide its cursor shows it
+    screen.timeout(TOP_KEY_POLL_MS)
+    sort, timeline, problem, answered_at = 0, None, None, None
+    next_fetch, redraw = 0.0, True
+    while True:
+        if time.monotonic() >= next_fetch:
+            try:
+                timeline, problem = fetch_timeline(url, token), None
+                answered_at = time.strftime("%H:%M:%SZ", time.gmtime())
+            except OutboundError as exc:
+                problem = str(exc)
+            next_fetch = time.monotonic() + interval
+            redraw = True
+        if redraw:
+            rows, cols = screen.getmaxyx()
+            if problem is None:
+                lines = top_lines(timeline, url, cols - 1, sort) + ["", "q quits · s sorts the endpoints"]
+            else:
+                lines = [screen_line(line, cols - 1) for line in (
+                    f"observerd top · {url}", f"disconnected, retrying every {interval:g} s: {problem}",
+                    f"last answer at {answered_at}" if answered_at else "no answer yet")]
+            screen.erase()
+            for y, line in enumerate(lines[:rows]):
+                try:
+                    screen.addnstr(y, 0, line, cols - 1, curses.A_REVERSE if y == 0 else curses.A_NORMAL)
+                except curses.error:
+                    pass  # a terminal too small for this line: what fits is drawn
+            screen.refresh()
+            redraw = False
+        key = screen.getch()
+        if key in (ord("q"), ord("Q")):
+            return
+        if key in (ord("s"), ord("S")):
+            sort = (sort + 1) % len(ENDPOINT_SORTS)
+            redraw = True
+        elif key == curses.KEY_RESIZE:
+            redraw = True
+
+
 TABLE_ENDPOINT_WIDTH = 60
 
 
@@ -4001,11 +4940,11 @@ class OpsWriter:
 
     @staticmethod
     def _cells(op: RingOp) -> tuple[str, ...]:
-        endpoint = _CONTROL_CHARACTERS.sub(" ", op.endpoint)
+        endpoint = showable(op.endpoint)
         if len(endpoint) > TABLE_ENDPOINT_WIDTH:
             endpoint = endpoint[:TABLE_ENDPOINT_WIDTH - 1] + "…"
         return (op.timestamp, op.source, endpoint, "ok" if op.success else "FAIL",
-                f"{op.duration_ms:.6g}ms", _CONTROL_CHARACTERS.sub(" ", op.error or ""))
+                f"{op.duration_ms:.6g}ms", showable(op.error or ""))
 
     def _write_row(self, row: tuple[str, ...]) -> None:
         *cells, duration, error = row
@@ -4020,7 +4959,7 @@ class OpsWriter:
 def print_ops(args: argparse.Namespace) -> int:
     """`ops`: the journal's ops passing the filters, newest first; with -f, then those appended."""
     def fail(problem: str, status: int) -> int:
-        print(f"observerd.py ops: {problem}", file=sys.stderr)
+        print(problem, file=sys.stderr)
         return status
 
     if args.file is not None and args.config is None:
@@ -4039,10 +4978,11 @@ def print_ops(args: argparse.Namespace) -> int:
     try:
         op_filter = OpFilter(given, time.time())
     except InvalidOp as exc:
-        return fail(f"--{exc.field} {exc.reason}", 2)
+        return fail(f"observerd.py ops: --{exc.field} {exc.reason} (see observerd.py ops --help)", 2)
     output = args.output or ("table" if sys.stdout.isatty() else "ndjson")
     if args.follow and output == "json":
-        return fail("-o json is one array, which following never closes: use -o ndjson or table", 2)
+        return fail("observerd.py ops: -o json is one array, which following never closes: use -o ndjson "
+                    "or table (see observerd.py ops --help)", 2)
     writer = OpsWriter(output, sys.stdout.buffer, shutil.get_terminal_size((0, 0)).columns)
     skipped, follower = SkippedLines(), None
     try:
@@ -4050,7 +4990,7 @@ def print_ops(args: argparse.Namespace) -> int:
             if not files.listed:
                 if not args.follow:
                     return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
-                fail(f"{path}: no journal there yet; following it once it is", 0)
+                fail(f"{path}: no journal there yet; following it once there is", 0)
             if args.follow:  # first: the read below lets go of each file it has read
                 follower = JournalFollower(path, keep_files, op_filter, skipped, files.live())
             ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []
@@ -4065,12 +5005,9 @@ def print_ops(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # how a follow ends
         return 0 if args.follow else 130
     except BrokenPipeError:
-        # The reader of the pipe is done (| head): so are we. Output still buffered goes
-        # nowhere, so that flushing it at exit raises nothing either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        raise  # the reader of the pipe is done (| head): main() ends quietly
     except OSError as exc:
-        return fail(f"cannot read {exc.filename or path}: {exc.strerror or exc}", 1)
+        return fail(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", 1)
     finally:
         if follower is not None:
             follower.close()
@@ -4082,37 +5019,26 @@ def print_ops(args: argparse.Namespace) -> int:
 
 
 def open_store(config: Config) -> OpStore:
-    """Open (and repair) the journal, then restore the ring from its tail."""
+    """Open (and repair) the journal; the ring and the op_id window stay empty until the
+    store's restore()."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    metrics = Metrics(SOURCES, REJECTION_REASONS)
+    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
         journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
         journal.open()
-    store = OpStore(ring, journal, metrics)
-    if config.persist_path is not None:
-        started = time.perf_counter()
-        store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files,
-                                   config.max_ring_bytes))
-        log("INFO", "restored ops", count=len(store), path=config.persist_path,
-            ms=round((time.perf_counter() - started) * 1000, 1))
-    return store
+    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
+    return OpStore(ring, journal, metrics, window)
 
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
-    # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
-    # on once the daemon runs (SIGHUP reopens the journal just opened; SIGTERM stops cleanly).
-    # They only note the signal; the main thread acts on it outside signal context.
-    received: deque[int] = deque()
-    wake = threading.Event()
-
-    def note_signal(signum, _frame):
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note_signal)
+    # Blocked first, in this thread and so in every thread it starts, then taken by sigwait
+    # once the daemon runs: a signal during startup waits for it (SIGHUP reopens the journal
+    # just opened; SIGTERM stops cleanly), and no handler ever runs in the middle of the code
+    # it interrupts (one that took a lock that code held would hang the daemon for good).
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
     for warning in config.warnings:
@@ -4143,49 +5069,60 @@ def serve(config: Config) -> int:
     log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
+    if store.journal is not None:
+        housekeeping.every(JOURNAL_PROBE_INTERVAL_S, store.journal.probe)
     housekeeping.start()
-    loops = start_observer_loops(config, store, insights)
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
-    stopping = False
-    while not stopping:
-        wake.wait()
-        wake.clear()
-        while received:
-            if received.popleft() == signal.SIGHUP:
-                try:
-                    store.reopen_journal()
-                except OSError as exc:
-                    log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
-            else:
-                stopping = True
+    # Answering before restoring: health and ready answer at once, however long the restore
+    # takes; the routes that serve or store ops answer 503 until it is done.
+    status, loops = 0, None
+    try:
+        store.restore()
+    except OSError as exc:
+        log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
+        status = 2
+    else:
+        loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+        while signal.sigwait(signals) == signal.SIGHUP:
+            try:
+                store.reopen_journal()
+            except OSError as exc:
+                log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
 
     log("INFO", "shutting down", open_connections=len(server.connections))
-    server.shutdown()
-    loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+    # Closing comes first, and the listener keeps answering while the drain runs: ready
+    # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
+    if loops is not None:
+        loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+    server.shutdown()
     housekeeping.stop()
     server.server_close()
     store.close()
     log("INFO", "stopped", ops=len(store), abandoned_connections=left)
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "check":
-        return check(args)
-    if args.command == "stats":
-        return print_stats(args)
-    if args.command == "ops":
-        return print_ops(args)
+    command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops}.get(args.command)
+    if command is None:
+        try:
+            config = load_config(args.config, **setting_flags(args))
+        except ConfigError as exc:
+            log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
+            return 2
+        return serve(config)
     try:
-        config = load_config(args.config, **setting_flags(args))
-    except ConfigError as exc:
-        log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
-        return 2
-    return serve(config)
+        status = command(args)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not in the flush at exit
+    except BrokenPipeError:
+        # It took what it wanted: the rest goes nowhere, quietly, as with any Unix tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return status
 
 
 if __name__ == "__main__":
