@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -257,6 +258,9 @@ class Metrics:
                                "Requests refused, by reason.", ("reason",))
         self.persist_errors = Metric("observerd_persist_errors_total", "counter",
                                      "Appends to the JSONL journal that failed and were rolled back.")
+        self.journal_probes = Metric("observerd_journal_probes_total", "counter",
+                                     "Checks of a journal that could not be written, by what they found.",
+                                     ("found",))
         self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL journal.")
         self.http_requests = Metric("observerd_http_requests_total", "counter",
                                     "HTTP responses, by route and status code.", ("route", "code"))
@@ -273,6 +277,7 @@ class Metrics:
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
         self.events.declare((source, success) for source in sources for success in ("true", "false"))
         self.rejected.declare((reason,) for reason in rejection_reasons)
+        self.journal_probes.declare([("failing",), ("writable",)])
         self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
 
     def render(self) -> str:
@@ -971,26 +976,35 @@ _OP_ID_SPAN_BYTES = len(_OP_ID_START) + 4 * MAX_OP_ID_CHARS + 1
 # How the timestamp key reads in a line: a bare quote cannot occur inside an encoded string,
 # so its first occurrence is the key, after op_id, endpoint and source.
 _TIMESTAMP_KEY = b',"timestamp":"'
+_ENDPOINT_NEXT = ',"endpoint":"'  # validate_op's order: op_id, then endpoint
 
 
 def window_entry(line: bytes) -> tuple[str, int] | None:
     """(op_id, content digest) of a journal line as encode_line writes it, found without
-    decoding the line; None if it does not start with an op_id.
+    decoding the line; None if it does not read as such a line: an op_id first, endpoint
+    next, a closing brace last.
+
+    Restore trusts these marks instead of validating each of up to dedupe_window lines (a
+    second per 100,000 here): every line observerd writes has them, and a foreign line
+    that imitates them is taken at its word (see README, Idempotent ops). A byte that is
+    not UTF-8 becomes a lone surrogate, which no op_id a client sends can hold.
 
     The digest is what a duplicate is compared with: a hash of the line without its
     timestamp, which the server fills when a client leaves it out, and a client may restamp
     at each attempt.
     """
-    if not line.startswith(_OP_ID_START):
+    stop = len(line) - line.endswith(b"\n")
+    if not line.startswith(_OP_ID_START) or not line[:stop].endswith(b"}"):
         return None
+    head = line[:_OP_ID_SPAN_BYTES + len(_ENDPOINT_NEXT)].decode("utf-8", "surrogateescape")
     try:
-        op_id = json.decoder.scanstring(line[:_OP_ID_SPAN_BYTES].decode("utf-8", "replace"),
-                                        len(_OP_ID_START))[0]
+        op_id, after = json.decoder.scanstring(head, len(_OP_ID_START))
     except ValueError:  # not closed within an op_id's length: not a line observerd wrote
+        return None
+    if not head.startswith(_ENDPOINT_NEXT, after):
         return None
     start = line.find(_TIMESTAMP_KEY)
     end = line.find(b'"', start + len(_TIMESTAMP_KEY)) if start >= 0 else -1
-    stop = len(line) - line.endswith(b"\n")
     return op_id, hash(line[:stop] if end < 0 else line[:start] + line[end:stop])
 
 
@@ -1261,13 +1275,16 @@ class Journal:
         """While appends fail: would the failed one succeed now? If so, clear the failure.
 
         The journal is never touched, so no probe can leave a byte in it or truncate another
-        writer's line away: one byte goes to a scratch file beside it, at the offset where
-        that append would end in the file the path names now (sparse: one block), is fsynced,
-        and the file removed. So it meets what the append met: the file size limit, a full
-        disk or quota (a block of its own, where a byte appended could fit in the last
-        block's slack), a failing device, no free descriptors. A fault of the file alone
-        (chattr +i) it cannot see: a commit that succeeds clears the failure then. Under the
-        append lock, so never beside a commit, a rotation or a reopen.
+        writer's line away. First the limits an append meets, asked without writing: room on
+        the disk for the whole failed append, and the file size limit. Then one byte goes to a
+        scratch file beside the journal, at the offset where that append would end in the file
+        the path names now (sparse: one block), is fsynced, and the file removed: that meets a
+        failing device, a quota, no free descriptors. Whatever is at the scratch name is
+        unlinked first and the file made anew (O_EXCL, O_NOFOLLOW), so a symlink planted
+        there is never followed; a folder observerd may not create files in leaves the limits
+        as the answer. A fault of the file alone (chattr +i) it cannot see: a commit that
+        succeeds clears the failure then. Under the append lock, so never beside a commit, a
+        rotation or a reopen.
         """
         with self._lock:
             if self.failure is None:
@@ -1277,17 +1294,36 @@ class Journal:
                     end = os.stat(self.path).st_size
                 except FileNotFoundError:
                     end = 0  # the next append makes the path again
+                if not self._room_for(end + self._failed_bytes, self._failed_bytes):
+                    raise OSError("no room for the failed append")
                 scratch = probe_scratch_path(self.path)
-                fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                scratch.unlink(missing_ok=True)
                 try:
-                    os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                    os.unlink(scratch)
+                    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600)
+                except PermissionError:
+                    fd = -1  # a folder observerd may read but not create in: the limits decide
+                if fd >= 0:
+                    try:
+                        os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                        os.unlink(scratch)
             except OSError:
+                self.metrics.journal_probes.inc("failing")
                 return  # still failing: the failure keeps the append's own reason
+            self.metrics.journal_probes.inc("writable")
             self._writable("probe")
+
+    def _room_for(self, file_end: int, appended: int) -> bool:
+        """Whether the file may grow to file_end (RLIMIT_FSIZE) and the disk has appended bytes free."""
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and file_end > limit:
+            return False
+        disk = os.statvfs(self.path.parent)
+        free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
+        return free_blocks * disk.f_frsize >= appended
 
     def _writable(self, found_by: str) -> None:
         if self.failure is not None:
@@ -3529,7 +3565,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
             size_text = line.partition(b";")[0].strip()
             if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
                 raise RequestError(400, "malformed chunk size", "invalid")
-            chunk_size = int(size_text, 16) if len(size_text) <= 16 else limit + 1
+            digits = size_text.lstrip(b"0")  # leading zeros are allowed, however many
+            chunk_size = int(digits or b"0", 16) if len(digits) <= 16 else limit + 1
             if chunk_size == 0:
                 break
             size += chunk_size
