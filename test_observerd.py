@@ -4736,6 +4736,9 @@ observerd.restore_tail = held_restore_tail
     for method, route, body in refused:
         status, answer, resp = get_fresh(daemon.port, route, method, body)
         assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.RESTORING}, "1"), route
+    # What reads the files on disk, not the ring, is whole already.
+    status, history, _ = get_fresh(daemon.port, "/observer/history")
+    assert status == 200 and [o["endpoint"] for o in history["ops"]] == ["/before/2", "/before/1", "/before/0"]
     metrics = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
     metrics.request("GET", "/metrics")
     response = metrics.getresponse()
