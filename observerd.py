@@ -2666,11 +2666,11 @@ function setConn(text, cls) {
   document.body.classList.toggle("stale", cls !== "ok");
 }
 
-function askToken() {
+function askToken(why) {
   needToken = true;
-  $("auth-msg").textContent = token
+  $("auth-msg").textContent = why || (token
     ? "The token was refused (401 Unauthorized). Enter the right one."
-    : "This observerd needs its bearer token to show data.";
+    : "This observerd needs its bearer token to show data.");
   $("auth").hidden = false;
   $("token").focus();
   setConn("waiting for a token", "warn");
@@ -2678,8 +2678,11 @@ function askToken() {
 
 $("auth").addEventListener("submit", (ev) => {
   ev.preventDefault();
-  token = $("token").value.trim();
+  const given = $("token").value.trim();
   $("token").value = "";
+  /* observerd's tokens are printable ASCII; fetch could not even send another. */
+  if (!/^[\x20-\x7e]+$/.test(given)) return askToken("That cannot be the token: tokens are printable ASCII.");
+  token = given;
   sessionStorage.setItem(TOKEN_KEY, token);
   $("auth").hidden = true;
   needToken = false;

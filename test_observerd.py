@@ -4134,7 +4134,7 @@ in_chromium = pytest.mark.skipif(os.environ.get("OBSERVERD_BROWSER") != "1",
 
 
 def screenshot_folder(tmp_path: Path) -> Path:
-    """Where make test-browser keeps the screenshots (bench/, for the README), else tmp_path."""
+    """Where make test-browser keeps the README's screenshots (bench/), else tmp_path."""
     return Path(os.environ.get("OBSERVERD_SCREENSHOTS") or tmp_path)
 
 
@@ -4271,8 +4271,17 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
 
         for width, height, dark in ((1280, 800, True), (390, 844, False), (390, 844, True)):
             tab.view(width, height, dark)
-            tab.wait(f"document.getElementById('chart').viewBox.baseVal.width === Math.max(300, document.getElementById('chart').clientWidth)", "the chart redrawn")
-            tab.screenshot(shots / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
+            tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
+                     "the chart redrawn")
+            tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
+
+        # New data redraws the table under a keyboard user's focus, which stays where it was.
+        tab.js('[...document.querySelectorAll("#ops-body button")].find((b) => b.textContent === "/q1").focus()')
+        assert client.post("/observer/event", {"endpoint": "/new"})[0] == 200
+        tab.wait(f"{PAGE_STATE}.ops[0][2] === '/new'", "the new op listed")
+        assert tab.js("document.activeElement.textContent") == "/q1"
+        assert tab.js("document.getElementById('ops-body').contains(document.activeElement)")
+        stats = client.get("/observer/stats")[1]
 
         # Hidden, the page stops asking; shown again, it starts at once.
         tab.js("(real => { window.fetches = 0; window.fetch = (...a) => (window.fetches++, real(...a)); })(window.fetch)")
@@ -4296,7 +4305,7 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
         assert tab.problems() == []
     finally:
         browser.close()
-    print(f"screenshots in {shots}")
+    print(f"screenshots: {shots}/ui-1280x800.png, {shots}/ui-390x844.png; dark ones in {tmp_path}")
 
 
 @in_chromium
@@ -4312,13 +4321,15 @@ def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons
         tab.go(url)
         state = tab.wait(f"(s => !s.authHidden && s)({PAGE_STATE})", "the token form")
         assert "needs its bearer token" in state["authMessage"] and state["total"] == "…"
+        tab.js('document.getElementById("token").value = "é"; document.getElementById("auth").requestSubmit()')
+        tab.wait(f"{PAGE_STATE}.authMessage.includes('printable ASCII')", "a token fetch could not send, refused")
         submit = ('document.getElementById("token").value = {}; '
                   'document.getElementById("auth").requestSubmit()')
         tab.js(submit.format(json.dumps("s3cres")))
         state = tab.wait(f"(s => !s.authHidden && s.authMessage.includes('refused') && s)({PAGE_STATE})",
                          "the wrong token refused")
         assert "401" in state["authMessage"] and state["total"] == "…"
-        tab.screenshot(screenshot_folder(tmp_path) / "ui-token-refused.png")
+        print(f"screenshot: {tab.screenshot(tmp_path / 'ui-token-refused.png')}")
         tab.js(submit.format(json.dumps("s3cret")))
         state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "data with the right token")
         assert state["authHidden"] and number_in(state["total"]) == stats["total"]
