@@ -4271,6 +4271,7 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
 
         for width, height, dark in ((1280, 800, True), (390, 844, False), (390, 844, True)):
             tab.view(width, height, dark)
+            tab.js("document.activeElement.blur(); window.scrollTo(0, 0)")
             tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
                      "the chart redrawn")
             tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
