@@ -8,7 +8,7 @@ keeps the newest ``ring_size`` ops in a ring for live statistics, restores that 
 journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
-``python observerd.py --help`` lists the subcommands (serve, check, stats).
+``python observerd.py --help`` lists the subcommands (serve, check, stats, top).
 
 The file reads top to bottom, each section depending only on those above it:
 logging -> metrics -> config -> model -> journal -> store -> analysis -> insights ->
@@ -201,6 +201,25 @@ class Histogram(Metric):
             state.sum += value
             state.count += 1
 
+    def quantile(self, q: float, *label_values: str) -> float | None:
+        """An estimate of the q-quantile (0 < q <= 1) of everything observed; None before any.
+
+        As Prometheus's histogram_quantile() estimates it: linear within the bucket the rank
+        falls in, so it is off by at most that bucket's width; past the last bound, that bound.
+        """
+        with self._lock:
+            state = self.values.get(label_values)
+            if state is None or not state.count:
+                return None
+            counts = list(state.buckets)
+            rank = q * state.count
+        below, lower = 0, 0.0
+        for upper, count in zip(self.buckets, counts):
+            if below + count >= rank:
+                return lower + (upper - lower) * (rank - below) / count
+            below, lower = below + count, upper
+        return float(self.buckets[-1])
+
     def samples(self):
         with self._lock:
             items = sorted((k, (list(v.buckets), v.sum, v.count)) for k, v in self.values.items())
@@ -275,7 +294,7 @@ class Setting:
     path: bool = False  # "" = none; relative to the folder it was given in (see load_config)
     url: str = ""  # "endpoint": used as given; "base": paths are appended, so a trailing / goes
     table: str = "observerd"
-    secret: bool = False  # masked in check's report
+    secret: bool = False  # never shown: check says only whether it is set
 
     @property
     def in_file(self) -> str:
@@ -284,7 +303,7 @@ class Setting:
 
     @property
     def label(self) -> str:
-        """How check's report names it."""
+        """How the README's settings table names it."""
         return self.name if self.table == "observerd" else self.in_file
 
     @property
@@ -352,23 +371,13 @@ def format_hostport(host: str, port: int) -> str:
 
 
 class _ConfigBase:
-    """What Config derives from its fields: the bind address, check's report."""
+    """What Config derives from its fields: the bind address."""
 
     __slots__ = ()
 
     @property
     def bind(self) -> str:
         return format_hostport(self.host, self.port)
-
-    def describe(self) -> dict[str, object]:
-        """The effective settings as TOML-style values, secrets masked."""
-        settings = {}
-        for setting in SETTINGS:
-            value = getattr(self, setting.name)
-            if setting.secret:
-                value = "(set, masked)" if value else "(empty)"
-            settings[setting.label] = "" if value is None else value
-        return settings
 
 
 Config = make_dataclass(
@@ -1253,6 +1262,13 @@ class Journal:
                 pass  # replaced by the next rotation's oldest segment
         log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
 
+    def size(self) -> int:
+        """Bytes of the file the path names now; 0 while it names none."""
+        try:
+            return os.stat(self.path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
+
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file away (SIGHUP).
 
@@ -1369,6 +1385,68 @@ class Ring:
         }
 
 
+TIMELINE_SECONDS = 300  # how far back GET /observer/timeline reaches
+TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_SOURCES
+OTHER_SOURCES = "(other)"
+
+
+class ArrivalCounts:
+    """Ops by the second they were stored (server clock), for the last TIMELINE_SECONDS.
+
+    One bucket per second in a ring of slots, each a dict source -> [ok, failed] of at most
+    TIMELINE_SOURCES + 1 keys: memory stays the same however many ops arrive or however long
+    observerd runs. Counting by arrival, not by the ops' own timestamps, keeps a client whose
+    clock is off (or a batch of old ops) from landing outside the window. One slot more than
+    the window holds the second still running, which the window never shows.
+    """
+
+    SLOTS = TIMELINE_SECONDS + 1
+
+    def __init__(self):
+        self._seconds = [-1] * self.SLOTS  # the second each slot counts, -1 = none yet
+        self._buckets: list[dict[str, list[int]]] = [{} for _ in range(self.SLOTS)]
+        self._lock = threading.Lock()
+
+    def add(self, tally: dict[tuple[str, bool], int]) -> None:
+        """Count (source, success) -> ops that arrived now."""
+        second = int(time.time())
+        slot = second % self.SLOTS
+        with self._lock:
+            bucket = self._buckets[slot]
+            if self._seconds[slot] != second:
+                self._seconds[slot] = second
+                bucket.clear()
+            for (source, ok), count in tally.items():
+                counts = bucket.get(source)
+                if counts is None:
+                    if len(bucket) >= TIMELINE_SOURCES:
+                        source = OTHER_SOURCES
+                    counts = bucket.setdefault(source, [0, 0])
+                counts[not ok] += count
+
+    def series(self, seconds: int, newest: int) -> tuple[dict[str, dict[str, list[int]]], dict[str, list[int]]]:
+        """Per-second counts from newest - seconds + 1 to newest, oldest first: per source (only
+        those with ops then) and in total, each {"ok": [...], "failed": [...]}."""
+        first = newest - seconds + 1
+        with self._lock:
+            held = [(self._seconds[s % self.SLOTS], dict(self._buckets[s % self.SLOTS]))
+                    for s in range(first, newest + 1)]
+        totals = {"ok": [0] * seconds, "failed": [0] * seconds}
+        sources: dict[str, dict[str, list[int]]] = {}
+        for index, (second, bucket) in enumerate(held):
+            if second != first + index:
+                continue  # a slot not written since that second: nothing arrived then
+            for source, (ok, failed) in bucket.items():
+                row = sources.get(source)
+                if row is None:
+                    row = sources[source] = {"ok": [0] * seconds, "failed": [0] * seconds}
+                row["ok"][index] = ok
+                row["failed"][index] = failed
+                totals["ok"][index] += ok
+                totals["failed"][index] += failed
+        return dict(sorted(sources.items())), totals
+
+
 class _PendingCommit:
     """One caller's ops in the commit queue, and what to call once they are durable."""
 
@@ -1395,6 +1473,7 @@ class OpStore:
         self.ring = ring
         self.journal = journal
         self.metrics = metrics or Metrics()
+        self.arrivals = ArrivalCounts()
         self._ring_lock = threading.Lock()
         self._queue: list[_PendingCommit] = []
         self._queue_cond = threading.Condition()
@@ -1468,8 +1547,7 @@ class OpStore:
                     for op in pending.ops:
                         self.ring.apply(op)
                 ring_len = len(self.ring.ops)
-            for pending in batch:
-                self._count(pending.ops)
+            self._count(op for pending in batch for op in pending.ops)
         except PersistError as exc:
             error = exc
         except Exception as exc:
@@ -1481,9 +1559,15 @@ class OpStore:
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
-    def _count(self, ops: list[RingOp]) -> None:
+    def _count(self, ops) -> None:
+        """Count stored ops in the metrics and by arrival second, once per (source, success)."""
+        tally: dict[tuple[str, bool], int] = {}
         for op in ops:
-            self.metrics.events.inc(op.source, "true" if op.success is True else "false")
+            key = (op.source, op.success is True)
+            tally[key] = tally.get(key, 0) + 1
+        for (source, ok), count in tally.items():
+            self.metrics.events.inc(source, "true" if ok else "false", amount=count)
+        self.arrivals.add(tally)
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -1674,6 +1758,25 @@ def review_endpoint(endpoint: str, ops: list[dict]) -> dict:
     }
 
 
+def rank_endpoints(ops: list[dict], limit: int) -> list[dict]:
+    """The first limit endpoints by most failures, then most ops, then name: each with its ops,
+    failures, failure rate and p50/p95 duration."""
+    durations: dict[str, list[float]] = {}
+    failed: Counter[str] = Counter()
+    for op in ops:
+        endpoint = op["endpoint"]
+        durations.setdefault(endpoint, []).append(op["duration_ms"])
+        if op["success"] is not True:
+            failed[endpoint] += 1
+    ranked = []
+    for endpoint in sorted(durations, key=lambda e: (-failed[e], -len(durations[e]), e))[:limit]:
+        values = sorted(durations[endpoint])
+        ranked.append({"endpoint": endpoint, "ops": len(values), "failures": failed[endpoint],
+                       "failure_rate": round(failed[endpoint] / len(values), 4),
+                       "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95)})
+    return ranked
+
+
 def review_ops(ops: list[dict]) -> list[dict]:
     """Reviews per endpoint, worst verdict first."""
     by_endpoint: dict[str, list[dict]] = {}
@@ -1735,7 +1838,8 @@ class Insights:
 
 
 # =============================================================================
-# Outbound: HTTP calls to other services (escalation, LLM review), each within a deadline
+# Outbound: HTTP calls to other services (escalation, LLM review; top to the daemon), each
+# within a deadline
 # =============================================================================
 
 
@@ -1755,8 +1859,9 @@ class OutboundError(Exception):
     """An outbound call failed or ran out of time; the message says how, briefly."""
 
 
-def post_json(url: str, payload: object, timeout_s: float) -> object:
-    """POST JSON and decode the JSON answer, all within timeout_s; raises OutboundError.
+def call_json(url: str, timeout_s: float, payload: object = None, token: str = "") -> object:
+    """GET url (POST payload as JSON, when given) and decode the JSON answer, all within
+    timeout_s; with a token, as its bearer. Raises OutboundError.
 
     A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
     a time would hold the caller (a review, or the one loop thread) for as long as it likes.
@@ -1783,9 +1888,14 @@ def post_json(url: str, payload: object, timeout_s: float) -> object:
         connected = True
         if expired.is_set():
             raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
-        connection.request("POST", urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                           body=encode_json(payload),
-                           headers={"Content-Type": "application/json", "User-Agent": f"{SERVICE}/{VERSION}"})
+        headers = {"User-Agent": f"{SERVICE}/{VERSION}"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        connection.request("GET" if payload is None else "POST",
+                           urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                           body=None if payload is None else encode_json(payload), headers=headers)
         response = connection.getresponse()
         body = response.read(OUTBOUND_MAX_ANSWER_BYTES + 1)
         if expired.is_set():
@@ -3075,13 +3185,27 @@ OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
 DEFAULT_OPS_LIMIT = 100
 
 
-def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> list[dict]:
-    """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
-    reject_unknown(params, OPS_QUERY_PARAMS, "query parameter")
+def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """A query string's parameters, each one of allowed and given at most once; raises InvalidOp."""
+    params = parse_qs(query, keep_blank_values=True)
+    reject_unknown(params, allowed, "query parameter")
     for name, values in params.items():
         if len(values) > 1:
             raise InvalidOp(name, "is given more than once")
-    given = {name: values[0] for name, values in params.items()}
+    return {name: values[0] for name, values in params.items()}
+
+
+def count_param(text: str, name: str, maximum: int) -> int:
+    """A query parameter that must be an integer from 1 to maximum; raises InvalidOp naming it."""
+    try:
+        value = bounded_int(text, maximum)
+    except ValueError:  # not digits, or too large: the same message either way
+        value = 0
+    return check_positive_int(value, name, maximum)
+
+
+def query_ops(ops: list[dict], given: dict[str, str], ring_size: int) -> list[dict]:
+    """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
     source, endpoint = given.get("source"), given.get("endpoint")
     if source is not None:
         check_source(source, "source")
@@ -3095,11 +3219,7 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
         since = check_time(since, "since")
     limit = min(DEFAULT_OPS_LIMIT, ring_size)
     if "limit" in given:
-        try:
-            limit = bounded_int(given["limit"], ring_size)
-        except ValueError:
-            limit = 0
-        check_positive_int(limit, "limit", ring_size)
+        limit = count_param(given["limit"], "limit", ring_size)
     matched = []
     for op in reversed(ops):
         if ((source is None or op["source"] == source)
@@ -3110,6 +3230,21 @@ def query_ops(ops: list[dict], params: dict[str, list[str]], ring_size: int) -> 
             if len(matched) == limit:
                 break
     return matched
+
+
+TIMELINE_PARAMS = ("seconds",)
+DEFAULT_TIMELINE_SECONDS = 60
+TIMELINE_ENDPOINTS = 20
+TIMELINE_CLUSTERS = 10
+TIMELINE_ESCALATIONS = 10
+
+
+def timeline_seconds(query: str) -> int:
+    """The window GET /observer/timeline is asked for; raises InvalidOp."""
+    given = query_params(query, TIMELINE_PARAMS)
+    if "seconds" not in given:
+        return DEFAULT_TIMELINE_SECONDS
+    return count_param(given["seconds"], "seconds", TIMELINE_SECONDS)
 
 
 REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
@@ -3159,9 +3294,33 @@ class ObserverHandler(HTTPHandler):
             return self.store_and_answer(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
 
     def get_ops(self):
-        params = parse_qs(self.target.query, keep_blank_values=True)
+        params = query_params(self.target.query, OPS_QUERY_PARAMS)
         ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
         return 200, {"ops": ops, "count": len(ops)}
+
+    def get_timeline(self):
+        seconds = timeline_seconds(self.target.query)
+        server, store = self.server, self.server.store
+        newest = int(time.time()) - 1  # the second still running is not whole yet
+        sources, totals = store.arrivals.series(seconds, newest)
+        fsync_p99 = store.metrics.fsync_seconds.quantile(0.99)
+        journal = store.journal
+        return 200, {
+            "service": SERVICE,
+            "version": VERSION,
+            "uptime_s": round(time.monotonic() - server.started, 1),
+            "ready": True,  # until GET /observer/ready (issue 11) lands: then the store's readiness
+            "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
+            "seconds": seconds,
+            "sources": sources,
+            "totals": totals,
+            "ring": {"ops": len(store), "capacity": server.config.ring_size, "bytes": store.ring.bytes},
+            "journal": None if journal is None else {"path": str(journal.path), "bytes": journal.size()},
+            "fsync_p99_ms": None if fsync_p99 is None else round(fsync_p99 * 1000, 3),
+            "endpoints": rank_endpoints(store.snapshot(), TIMELINE_ENDPOINTS),
+            "clusters": server.insights.clusters["clusters"][:TIMELINE_CLUSTERS],
+            "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
+        }
 
     def get_metrics(self):
         metrics = self.server.metrics
@@ -3200,9 +3359,8 @@ class ObserverHandler(HTTPHandler):
                   "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
                   "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
         try:
-            answer = post_json(f"{config.review_llm_url}/api/generate",
-                               {"model": config.review_llm_model, "prompt": prompt, "stream": False},
-                               config.outbound_timeout_s)
+            answer = call_json(f"{config.review_llm_url}/api/generate", config.outbound_timeout_s,
+                               {"model": config.review_llm_model, "prompt": prompt, "stream": False})
             text = answer.get("response") if isinstance(answer, dict) else None
             # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
             if not isinstance(text, str) or _has_lone_surrogate(text):
@@ -3225,6 +3383,7 @@ class ObserverHandler(HTTPHandler):
         "/observer/escalations": Route({"GET": get_escalations}),
         "/observer/review": Route({"POST": post_review}, parses="review request"),
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
+        "/observer/timeline": Route({"GET": get_timeline}, parses="query"),
         "/metrics": Route({"GET": get_metrics}),
     }
 
@@ -3254,6 +3413,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.config = config
         self.store = store
         self.insights = insights or Insights()
+        self.started = time.monotonic()
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         if ":" in config.host:
@@ -3598,7 +3758,7 @@ class Escalator:
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
         try:
-            post_json(self.config.escalate_url, payload, self.config.outbound_timeout_s)
+            call_json(self.config.escalate_url, self.config.outbound_timeout_s, payload)
         except OutboundError as exc:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
@@ -3646,17 +3806,55 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# CLI and main: serve, check, stats
+# CLI and main: serve, check, stats, top
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
+EXIT_STATUS = """
+exit status: 0 ok; 1 runtime error (a file cannot be read, the daemon cannot be reached);
+  2 usage or config error (a bad flag or setting, or anything that keeps the daemon from starting)
+"""
 EXAMPLES = """examples:
   python observerd.py --config lakehouse.toml        run the daemon (same as: serve --config ...)
   python observerd.py serve --bind 0.0.0.0:3219      override the bind address of the file
   python observerd.py check --config lakehouse.toml  validate the config, print the effective settings
   python observerd.py stats data/observer/ops.jsonl  the stats a restart from that file would serve
+  python observerd.py top                            a live view of the daemon on 127.0.0.1:3219
   OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
 """
+SERVE_EXAMPLES = """examples:
+  python observerd.py serve --config /etc/lakehouse/lakehouse.toml
+  python observerd.py serve --bind 127.0.0.1:0 --persist-path ""   ephemeral, on a free port
+"""
+CHECK_EXAMPLES = """examples:
+  python observerd.py check --config /etc/lakehouse/lakehouse.toml
+  python observerd.py check --config lakehouse.toml > effective.toml   the settings, as TOML
+"""
+STATS_EXAMPLES = """examples:
+  python observerd.py stats /var/lib/observerd/ops.jsonl --config /etc/lakehouse/lakehouse.toml
+  python observerd.py stats ops.jsonl --ring-size 100 | jq .by_source
+"""
+TOP_EXAMPLES = """examples:
+  OBSERVERD_TOKEN=s3cret python observerd.py top          the token from the environment, not ps
+  python observerd.py top --url https://host-a:3219 --interval 2
+  python observerd.py top --once | tee incident.txt       one plain-text snapshot
+
+keys: q quits; s cycles the endpoints' sort (failures, failure rate, p95, ops)
+"""
+TOP_DEFAULT_URL = "http://127.0.0.1:3219"
+TOP_MIN_INTERVAL_S, TOP_MAX_INTERVAL_S = 0.1, 3600.0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with examples and the exit statuses in every --help, and a usage error in one
+    line naming the problem (exit 2) instead of the usage text and then the problem."""
+
+    def __init__(self, *args, examples: str = "", **kwargs):
+        super().__init__(*args, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=examples + EXIT_STATUS, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def add_setting_flag(parser: argparse.ArgumentParser, name: str, default=None) -> None:
@@ -3671,6 +3869,30 @@ def setting_flags(args: argparse.Namespace) -> dict[str, object]:
     return {name: value for name, value in vars(args).items() if name in SETTING}
 
 
+def daemon_url(text: str) -> str:
+    """--url: an http:// or https:// base URL, without a trailing slash."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL like http://127.0.0.1:3219")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    return text.rstrip("/")
+
+
+def refresh_interval(text: str) -> float:
+    """--interval: seconds between refreshes."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not TOP_MIN_INTERVAL_S <= value <= TOP_MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds from {TOP_MIN_INTERVAL_S:g} to {TOP_MAX_INTERVAL_S:g}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     def add_config_flag(parser: argparse.ArgumentParser, default=None) -> None:
         parser.add_argument("--config", default=default,
@@ -3681,22 +3903,40 @@ def build_parser() -> argparse.ArgumentParser:
         add_setting_flag(parser, "bind", default)
         add_setting_flag(parser, "persist_path", default)
 
-    parser = argparse.ArgumentParser(
-        prog="observerd.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="observerd: the lakehouse's witness. Records ObservedOps durably to JSONL "
+    parser = Parser(
+        prog="observerd.py", examples=EXAMPLES,
+        description="observerd: the lakehouse's witness. Records ObservedOps durably to JSONL\n"
                     "and serves live stats over HTTP.")
     parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
     add_serve_flags(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top}")
     # SUPPRESS: flags given before the subcommand are not reset by its own defaults.
-    add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)"), argparse.SUPPRESS)
-    check = commands.add_parser("check", help="validate the config like nginx -t; exit 0 or 2")
+    add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)", examples=SERVE_EXAMPLES,
+                                        description="Run the daemon until SIGTERM or SIGINT."),
+                    argparse.SUPPRESS)
+    check = commands.add_parser(
+        "check", help="validate the config like nginx -t; exit 0 or 2", examples=CHECK_EXAMPLES,
+        description="Run every check startup runs and list every problem (exit 2), or print the\n"
+                    "effective settings as TOML (exit 0); the token only as set or not.")
     add_serve_flags(check, argparse.SUPPRESS)
-    stats = commands.add_parser("stats", help="print the stats a restart from a JSONL journal would serve")
+    stats = commands.add_parser(
+        "stats", help="print the stats a restart from a JSONL journal would serve", examples=STATS_EXAMPLES,
+        description="Print the JSON GET /observer/stats would serve after a restart from FILE, with\n"
+                    "the config's ring_size, max_ring_bytes and keep_files, and the flags over them.")
     stats.add_argument("file", help="the JSONL journal (rotated segments beside it are read too)")
     add_config_flag(stats, argparse.SUPPRESS)
     add_setting_flag(stats, "ring_size")
     add_setting_flag(stats, "recent_scenarios")
+    top = commands.add_parser(
+        "top", help="a live view of a running daemon, like htop", examples=TOP_EXAMPLES,
+        description="A running daemon's events/s per source, failures, the endpoints failing most,\n"
+                    "failure clusters, fsync p99, ring fill and escalations, from GET /observer/timeline,\n"
+                    "full-screen. With --once, or when stdout is not a terminal: one plain-text snapshot.")
+    top.add_argument("--url", type=daemon_url, default=TOP_DEFAULT_URL,
+                     help=f"the daemon's base URL (default: {TOP_DEFAULT_URL})")
+    top.add_argument("--token", help="its bearer token (default: $OBSERVERD_TOKEN, which ps does not show)")
+    top.add_argument("--interval", type=refresh_interval, default=1.0, help="seconds between refreshes (default: 1)")
+    top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
     return parser
 
 
@@ -3833,10 +4073,28 @@ def check(args: argparse.Namespace) -> int:
             print(f"{source}: {problem}", file=sys.stderr)
         print(f"{source}: {len(problems)} problem(s); observerd would not start", file=sys.stderr)
         return 2
-    print(f"{source}: ok")
-    for name, value in config.describe().items():
-        print(f"{name} = {json.dumps(value, default=str)}")
+    # Valid TOML, to diff or to start from; the comments say what is not a setting's value.
+    print(f"# {source}: ok; the effective settings, flags and environment applied")
+    table = None
+    for setting in SETTINGS:
+        if setting.table != table:
+            print(f"[{setting.table}]" if table is None else f"\n[{setting.table}]")
+            table = setting.table
+        value = getattr(config, setting.name)
+        if setting.secret:
+            print(f"# {setting.name} is {'set' if value else 'not set'} (never shown)")
+        else:
+            print(f"{setting.name} = {toml_value(value)}")
     return 0
+
+
+def toml_value(value: object) -> str:
+    """A setting's value in TOML, whose strings, numbers and booleans JSON writes alike, but
+    for DEL, which TOML wants escaped; None (a path setting left empty) is ""."""
+    text = json.dumps("" if value is None else str(value) if isinstance(value, Path) else value,
+                      ensure_ascii=False).replace("\x7f", "\\u007f")
+    # A path's undecodable byte (from a flag) is a lone surrogate: no TOML holds it, nor UTF-8.
+    return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
 
 
 def print_stats(args: argparse.Namespace) -> int:
@@ -3845,8 +4103,8 @@ def print_stats(args: argparse.Namespace) -> int:
     The ring's settings come from the config, as serve reads it, and the flags over it.
     """
     path = Path(args.file)
-    if not path.exists():
-        print(f"{path}: file not found", file=sys.stderr)
+    if not path.is_file():
+        print(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", file=sys.stderr)
         return 2
     try:
         # stats listens nowhere: the file's bind, and the token it may require, are not its concern.
@@ -3856,11 +4114,212 @@ def print_stats(args: argparse.Namespace) -> int:
             print(f"{exc.source}: {problem}", file=sys.stderr)
         return 2
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
+    try:
+        ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
+    except OSError as exc:
+        print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     for op in ring_ops:
         ring.apply(op)
     print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
     return 0
+
+
+TOP_SECONDS = 60  # of per-second counts top asks for: one sparkline's worth
+TOP_TIMEOUT_S = 3.0  # for one answer: past it the daemon counts as gone, and top retries
+TOP_PLAIN_WIDTH = 120  # of a snapshot not written to a terminal: a whole sparkline fits
+TOP_KEY_POLL_MS = 100  # how soon top sees a key or a resize
+SPARKS = "▁▂▃▄▅▆▇█"
+# What a terminal would act on rather than show: C0 and C1 controls (escape sequences, newlines),
+# DEL, and the invisible marks that reorder or hide text (bidi overrides, zero-width characters).
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+ENDPOINT_SORTS = (
+    ("failures", lambda e: (-e["failures"], -e["ops"], e["endpoint"])),
+    ("failure rate", lambda e: (-e["failure_rate"], -e["failures"], e["endpoint"])),
+    ("p95", lambda e: (-(e["p95_ms"] or 0), e["endpoint"])),
+    ("ops", lambda e: (-e["ops"], e["endpoint"])),
+)
+
+
+def fetch_timeline(url: str, token: str) -> dict:
+    """The daemon's GET /observer/timeline for top; raises OutboundError."""
+    answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, token=token)
+    if not isinstance(answer, dict) or answer.get("service") != SERVICE:
+        raise OutboundError("the answer is not an observerd timeline")
+    return answer
+
+
+def showable(text: str) -> str:
+    """text with what a client sent (an endpoint, an error) shown to a terminal, never obeyed
+    by it: each control as its JSON escape, like \\u001b."""
+    return _UNSHOWABLE.sub(lambda match: json.dumps(match[0])[1:-1], text)
+
+
+def screen_line(text: str, width: int) -> str:
+    """A line as top shows it: showable, in at most width characters, an ellipsis marking a cut."""
+    text = showable(text).rstrip()
+    if len(text) <= width:
+        return text
+    return text[:width - 1] + "…" if width > 0 else ""
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            break
+        count /= 1024
+    return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+
+
+def format_ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 1e6 else f"{value:.2g}"
+
+
+def percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def clock(timestamp: str) -> str:
+    """HH:MM:SS of an RFC 3339 timestamp, in the offset it was written with."""
+    return timestamp[11:19]
+
+
+def sparkline(values: list[int]) -> str:
+    """One character per value, ▁ to █ as a share of the largest; a space for none."""
+    peak = max(values, default=0)
+    return "".join(SPARKS[(value * len(SPARKS) - 1) // peak] if value else " " for value in values)
+
+
+def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
+    """What top shows, as lines of at most width characters: the same on its screen and in a
+    --once snapshot. sort indexes ENDPOINT_SORTS."""
+    seconds, ring, journal, totals = timeline["seconds"], timeline["ring"], timeline["journal"], timeline["totals"]
+    ok, failed = sum(totals["ok"]), sum(totals["failed"])
+    fsync_p99 = timeline["fsync_p99_ms"]
+    lines = [
+        f"observerd {timeline['version']} at {url} · up {format_duration(timeline['uptime_s'])} · "
+        f"{'ready' if timeline['ready'] else 'NOT READY'} · {timeline['now']}",
+        f"ring {ring['ops']:,}/{ring['capacity']:,} ops ({percent(ring['ops'], ring['capacity'])}, "
+        f"{format_bytes(ring['bytes'])}) · journal "
+        f"{format_bytes(journal['bytes']) if journal else 'none (ephemeral)'} · fsync p99 "
+        f"{'-' if fsync_p99 is None else f'{fsync_p99:.2f} ms'}",
+        f"last {seconds} s: {ok + failed:,} ops, {ok:,} ok, {failed:,} failed ({percent(failed, ok + failed)})",
+        "",
+    ]
+    head = f"{'SOURCE':<20} {'EV/S':>6} {'OK':>8} {'FAILED':>8} {'FAIL%':>6}  "
+    spark_width = max(0, min(seconds, width - len(head)))
+    lines.append(head + (f"LAST {spark_width} S" if spark_width else ""))
+    for name, counts in [*timeline["sources"].items(), ("all", totals)]:
+        per_second = [a + b for a, b in zip(counts["ok"], counts["failed"])]
+        source_ok, source_failed = sum(counts["ok"]), sum(counts["failed"])
+        lines.append(f"{name[:20]:<20} {per_second[-1]:>6,} {source_ok:>8,} {source_failed:>8,} "
+                     f"{percent(source_failed, source_ok + source_failed):>6}  "
+                     + (sparkline(per_second[-spark_width:]) if spark_width else ""))
+    sort_name, sort_key = ENDPOINT_SORTS[sort]
+    lines += ["", f"ENDPOINTS IN THE RING, by {sort_name}",
+              f"{'OPS':>7} {'FAILED':>7} {'FAIL%':>6} {'P50 MS':>8} {'P95 MS':>8}  ENDPOINT"]
+    for e in sorted(timeline["endpoints"], key=sort_key):
+        lines.append(f"{e['ops']:>7,} {e['failures']:>7,} {percent(e['failures'], e['ops']):>6} "
+                     f"{format_ms(e['p50_ms']):>8} {format_ms(e['p95_ms']):>8}  {e['endpoint']}")
+    if not timeline["endpoints"]:
+        lines.append("(no ops in the ring)")
+    lines += ["", "FAILURE CLUSTERS, largest first", f"{'COUNT':>7} {'LAST':>8}  ENDPOINT: SIGNATURE"]
+    for c in timeline["clusters"]:
+        lines.append(f"{c['count']:>7,} {clock(c['last_seen']):>8}  {c['endpoint']}: {c['signature']}")
+    if not timeline["clusters"]:
+        lines.append("(none found by the last analysis)")
+    lines += ["", "ESCALATIONS, newest first"]
+    for e in timeline["escalations"]:
+        lines.append(f"{clock(e['at'])} {e['outcome']:<6} {e['count']:>5,}  {e['endpoint']}: {e['signature']}"
+                     + (f"  ({e['error']})" if e.get("error") else ""))
+    if not timeline["escalations"]:
+        lines.append("(none)")
+    return [screen_line(line, width) for line in lines]
+
+
+def show_top(args: argparse.Namespace) -> int:
+    """`top`: the full-screen view, or one plain-text snapshot (--once, or stdout not a terminal)."""
+    token = args.token or os.environ.get("OBSERVERD_TOKEN", "")
+    if args.once or not sys.stdout.isatty():
+        try:
+            timeline = fetch_timeline(args.url, token)
+        except OutboundError as exc:
+            print(showable(f"observerd.py top: {args.url}: {exc}"), file=sys.stderr)
+            return 1
+        try:
+            width = os.get_terminal_size().columns
+        except OSError:
+            width = TOP_PLAIN_WIDTH
+        print("\n".join(top_lines(timeline, args.url, width, 0)))
+        return 0
+    try:
+        import curses  # here, not above: a Python built without curses still runs the daemon
+        curses.wrapper(top_screen, args.url, token, args.interval)
+    except (ImportError, curses.error) as exc:  # no curses, or a terminal it cannot drive
+        print(f"observerd.py top: cannot draw on this terminal ({exc}); use --once", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass  # Ctrl-C quits, like q
+    return 0
+
+
+def top_screen(screen, url: str, token: str, interval: float) -> None:
+    """top's screen, inside curses.wrapper: asks the daemon every interval, redraws on an
+    answer, a key or a resize, and shows why while the daemon does not answer."""
+    import curses
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass  # a terminal that cannot hide its cursor shows it
+    screen.timeout(TOP_KEY_POLL_MS)
+    sort, timeline, problem, answered_at = 0, None, None, None
+    next_fetch, redraw = 0.0, True
+    while True:
+        if time.monotonic() >= next_fetch:
+            try:
+                timeline, problem = fetch_timeline(url, token), None
+                answered_at = time.strftime("%H:%M:%S")
+            except OutboundError as exc:
+                problem = str(exc)
+            next_fetch = time.monotonic() + interval
+            redraw = True
+        if redraw:
+            rows, cols = screen.getmaxyx()
+            if problem is None:
+                lines = top_lines(timeline, url, cols - 1, sort) + ["", "q quits · s sorts the endpoints"]
+            else:
+                lines = [screen_line(line, cols - 1) for line in (
+                    f"observerd top · {url}", f"disconnected, retrying every {interval:g} s: {problem}",
+                    f"last answer at {answered_at}" if answered_at else "no answer yet")]
+            screen.erase()
+            for y, line in enumerate(lines[:rows]):
+                try:
+                    screen.addnstr(y, 0, line, cols - 1, curses.A_REVERSE if y == 0 else curses.A_NORMAL)
+                except curses.error:
+                    pass  # a terminal too small for this line: what fits is drawn
+            screen.refresh()
+            redraw = False
+        key = screen.getch()
+        if key in (ord("q"), ord("Q")):
+            return
+        if key in (ord("s"), ord("S")):
+            sort = (sort + 1) % len(ENDPOINT_SORTS)
+            redraw = True
+        elif key == curses.KEY_RESIZE:
+            redraw = True
 
 
 def open_store(config: Config) -> OpStore:
@@ -3956,16 +4415,22 @@ def serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "check":
-        return check(args)
-    if args.command == "stats":
-        return print_stats(args)
+    command = {"check": check, "stats": print_stats, "top": show_top}.get(args.command)
+    if command is None:
+        try:
+            config = load_config(args.config, **setting_flags(args))
+        except ConfigError as exc:
+            log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
+            return 2
+        return serve(config)
     try:
-        config = load_config(args.config, **setting_flags(args))
-    except ConfigError as exc:
-        log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
-        return 2
-    return serve(config)
+        status = command(args)
+        sys.stdout.flush()  # a reader that left (`| head`) shows here, not in the flush at exit
+    except BrokenPipeError:
+        # It took what it wanted: the rest goes nowhere, quietly, as with any Unix tool.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return status
 
 
 if __name__ == "__main__":

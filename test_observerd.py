@@ -2741,6 +2741,7 @@ GUARDED_ROUTES = [
     ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/errors", None),
     ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
     ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
+    ("GET", "/observer/timeline", None),
     ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
 ]
 
@@ -3547,7 +3548,7 @@ def test_cli_check_prints_effective_settings_with_the_token_masked(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ring_size = 500" in result.stdout
     assert f'persist_path = "{tmp_path / "x/ops.jsonl"}"' in result.stdout
-    assert "hunter2" not in result.stdout + result.stderr and "masked" in result.stdout
+    assert "hunter2" not in result.stdout + result.stderr and "# token is set" in result.stdout
 
 
 def test_cli_check_lists_every_problem_and_exits_2(tmp_path):
@@ -3721,8 +3722,10 @@ def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
 def test_check_reports_every_declared_setting_once(tmp_path):
     result = run_cli("check", "--config", str(write_config(tmp_path)))
     assert result.returncode == 0, result.stderr
-    reported = [line.split(" = ")[0] for line in result.stdout.splitlines()[1:]]
-    assert reported == [s.label for s in od.SETTINGS]
+    document = tomllib.loads(result.stdout)
+    reported = [key if table == "observerd" else f"[{table}] {key}"
+                for table, settings in document.items() for key in settings]
+    assert reported == [s.label for s in od.SETTINGS if not s.secret]
 
 
 @pytest.mark.parametrize("settings, flags, total", [
@@ -3869,6 +3872,376 @@ def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemon
     assert len((tmp_path / "ops.jsonl").read_bytes().splitlines()) == 10
     ops = client.get(f"/observer/ops?limit={stats['total']}")[1]
     assert ops["count"] == stats["total"] and ops["ops"][0] == stats["recent_scenario_ops"][-1]
+
+
+# --- issue 12: timeline and top ---
+
+import pty  # noqa: E402  (stdlib; only this block drives a terminal)
+import struct  # noqa: E402
+import termios  # noqa: E402
+
+TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "now", "seconds", "sources", "totals", "ring",
+                 "journal", "fsync_p99_ms", "endpoints", "clusters", "escalations"}
+KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
+    [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
+     ("scenario", "/scenario/checkout", True, 100, 4), ("langfuse", "/langfuse/trace", False, 5, 1)])
+
+
+def known_traffic() -> list[dict]:
+    return [{"endpoint": endpoint, "source": source, "success": success, "duration_ms": duration,
+             **({} if success else {"error": f"upstream 502 for job {i}"})}
+            for source, endpoint, success, duration, count in KNOWN_TRAFFIC for i in range(count)]
+
+
+def timeline_once_whole(client, count: int, query: str = "") -> dict:
+    """GET /observer/timeline once the second the last of count ops arrived in is whole."""
+    def answered():
+        status, body, _ = client.get(f"/observer/timeline{query}")
+        assert status == 200, body
+        return body if sum(body["totals"]["ok"]) + sum(body["totals"]["failed"]) == count else None
+    return wait_for(answered, what="the ops' second to be whole")
+
+
+def test_timeline_counts_known_traffic_by_source_and_second(serve):
+    server = serve(ring_size=50)
+    client = server.client()
+    assert client.post("/observer/events", known_traffic())[0] == 200
+    timeline = timeline_once_whole(client, 10)
+    assert set(timeline) == TIMELINE_KEYS
+    assert (timeline["service"], timeline["version"], timeline["ready"], timeline["seconds"]) == (
+        "observerd", od.VERSION, True, 60)
+    assert 0 <= timeline["uptime_s"] < 3600
+    now = od.parse_rfc3339(timeline["now"])
+    assert timeline["now"].endswith("Z") and now.timestamp() <= time.time() - 1
+    # One second holds them all: the arrival second, whichever of the 60 it is.
+    [second] = [i for i, n in enumerate(timeline["totals"]["ok"]) if n]
+    assert timeline["sources"] == {
+        "langfuse": {"ok": [0] * 60, "failed": [1 if i == second else 0 for i in range(60)]},
+        "mcp": {"ok": [3 if i == second else 0 for i in range(60)], "failed": [2 if i == second else 0 for i in range(60)]},
+        "scenario": {"ok": [4 if i == second else 0 for i in range(60)], "failed": [0] * 60},
+    }
+    assert timeline["totals"] == {"ok": [7 if i == second else 0 for i in range(60)],
+                                  "failed": [3 if i == second else 0 for i in range(60)]}
+    assert timeline["ring"] == {"ops": 10, "capacity": 50, "bytes": server.store.ring.bytes}
+    assert timeline["journal"] == {"path": str(server.config.persist_path),
+                                   "bytes": server.config.persist_path.stat().st_size}
+    assert timeline["fsync_p99_ms"] > 0
+    assert timeline["endpoints"] == [
+        {"endpoint": "/mcp/search", "ops": 5, "failures": 2, "failure_rate": 0.4, "p50_ms": 10, "p95_ms": 30},
+        {"endpoint": "/langfuse/trace", "ops": 1, "failures": 1, "failure_rate": 1.0, "p50_ms": 5, "p95_ms": 5},
+        {"endpoint": "/scenario/checkout", "ops": 4, "failures": 0, "failure_rate": 0.0, "p50_ms": 100,
+         "p95_ms": 100},
+    ]
+    short = client.get("/observer/timeline?seconds=5")[1]
+    assert short["seconds"] == 5 and all(len(row) == 5 for row in short["totals"].values())
+    assert len(client.get("/observer/timeline?seconds=300")[1]["totals"]["ok"]) == 300
+
+
+def test_timeline_of_an_ephemeral_daemon_has_no_journal_and_no_fsync(serve):
+    server = serve(persist_path="")
+    assert server.client().post("/observer/event", {"endpoint": "/e"})[0] == 200
+    timeline = timeline_once_whole(server.client(), 1, "?seconds=1")
+    assert (timeline["journal"], timeline["fsync_p99_ms"]) == (None, None)
+    assert timeline["sources"] == {"mcp": {"ok": [0], "failed": [1]}}
+
+
+def test_timeline_carries_the_first_clusters_and_the_newest_escalations(serve, fake_service):
+    target = fake_service()
+    server = serve(analyze_interval_s=0.05, escalate_url=target.url, escalate_threshold=1)
+    client = server.client()
+    client.post("/observer/events", [{"endpoint": f"/failing/{n}", "error": "boom"} for n in range(12)]
+                + [{"endpoint": "/failing/0", "error": "boom"}])
+    wait_for(lambda: len(client.get("/observer/escalations")[1]["escalations"]) == 12, what="12 escalations")
+    timeline = client.get("/observer/timeline")[1]
+    clusters = client.get("/observer/errors")[1]["clusters"]
+    assert len(clusters) == 12 and timeline["clusters"] == clusters[:10]
+    assert timeline["clusters"][0]["endpoint"] == "/failing/0"
+    assert timeline["escalations"] == client.get("/observer/escalations")[1]["escalations"][:10]
+
+
+@pytest.mark.parametrize("query, param", [
+    ("seconds=0", "seconds"), ("seconds=301", "seconds"), ("seconds=abc", "seconds"), ("seconds=", "seconds"),
+    ("seconds=-1", "seconds"), ("seconds=1e2", "seconds"), ("seconds=99999999999999999999999", "seconds"),
+    ("seconds=1&seconds=2", "seconds"), ("second=5", "second"), ("seconds=5&limit=1", "limit"),
+])
+def test_a_bad_timeline_query_is_400_naming_the_param(serve, query, param):
+    status, body, _ = serve().client().get(f"/observer/timeline?{query}")
+    assert status == 400 and body["error"].startswith(f"invalid query: {param} ")
+
+
+def test_arrival_counts_keep_32_sources_a_second_and_forget_seconds_past_the_window(monkeypatch):
+    clock = [1_000_000.5]
+    monkeypatch.setattr(od.time, "time", lambda: clock[0])
+    counts = od.ArrivalCounts()
+    counts.add({(f"s{n:02d}", True): 1 for n in range(40)})
+    counts.add({("s00", False): 2, ("s39", False): 5})
+    sources, totals = counts.series(1, 1_000_000)
+    assert len(sources) == 33 and sources["s00"] == {"ok": [1], "failed": [2]}
+    assert sources["(other)"] == {"ok": [8], "failed": [5]}
+    assert totals == {"ok": [40], "failed": [7]}
+    clock[0] += 300  # counting the second 300 later leaves a whole 300-second window before it
+    counts.add({("mcp", True): 1})
+    sources, totals = counts.series(300, 1_000_299)
+    assert totals["ok"][0] == 40 and set(sources) > {"s00", "(other)"}
+    clock[0] += 1  # one more, and the first second's slot counts the new one
+    counts.add({("mcp", True): 1})
+    sources, totals = counts.series(300, 1_000_300)
+    assert set(sources) == {"mcp"} and sum(totals["ok"]) == 1 and totals["ok"][-1] == 1
+    assert set(counts.series(300, 1_000_301)[0]) == {"mcp"}
+
+
+def test_fsync_p99_is_estimated_from_the_histogram_buckets():
+    histogram = od.Histogram("x_seconds", "x")
+    assert histogram.quantile(0.99) is None
+    for _ in range(98):
+        histogram.observe(0.0003)  # (0.00025, 0.0005]
+    histogram.observe(0.002)  # (0.001, 0.0025]
+    histogram.observe(0.002)
+    # Rank 99 falls in (0.001, 0.0025], holding ranks 99-100: half-way through it.
+    assert histogram.quantile(0.99) == pytest.approx(0.00175)
+    assert histogram.quantile(0.5) == pytest.approx(0.00025 + 0.00025 * 50 / 98)
+    histogram.observe(60)  # past the last bound: reported as that bound
+    assert histogram.quantile(1.0) == 5
+
+
+def top_snapshot_rows(text: str) -> dict[str, list[int]]:
+    """The source rows of a top snapshot: name -> [events/s, ok, failed]."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 5 and words[-1 if len(words) == 5 else 4].endswith(("%", "-")) and \
+                all(w.replace(",", "").isdigit() for w in words[1:4]):
+            rows[words[0]] = [int(w.replace(",", "")) for w in words[1:4]]
+    return rows
+
+
+def test_top_once_shows_the_numbers_stats_serves(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret", ring_size=500, analyze_interval_s=0.05)
+    client = daemon.client(token="s3cret")
+    assert client.post("/observer/events", known_traffic())[0] == 200
+    timeline_once_whole(client, 10)
+    wait_for(lambda: client.get("/observer/errors")[1]["clusters"], what="the failures' analysis")
+    stats = client.get("/observer/stats")[1]
+    url = f"http://127.0.0.1:{daemon.port}"
+    result = run_cli("top", "--once", "--url", url, "--token", "s3cret")
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    rows = top_snapshot_rows(result.stdout)
+    assert set(rows) == {*stats["by_source"], "all"}
+    for source, total in stats["by_source"].items():
+        assert rows[source][1] + rows[source][2] == total
+    assert rows["all"][1:] == [stats["successes"], stats["failures"]]
+    assert f"ring {stats['total']}/500 ops" in result.stdout
+    assert f"observerd {od.VERSION} at {url}" in result.stdout
+    assert "/mcp/search" in result.stdout and "upstream <n> for job <n>" in result.stdout
+    # Without --once, on a pipe: the same snapshot; the token from the environment.
+    piped = run_cli("top", "--url", url, env={"OBSERVERD_TOKEN": "s3cret"})
+    assert piped.returncode == 0 and top_snapshot_rows(piped.stdout) == rows
+    unauthorized = run_cli("top", "--once", "--url", url, env={"OBSERVERD_TOKEN": "wrong"})
+    assert unauthorized.returncode == 1 and unauthorized.stdout == ""
+    assert unauthorized.stderr.splitlines() == [f"observerd.py top: {url}: HTTP 401 Unauthorized"]
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    gone = run_cli("top", "--once", "--url", url)
+    assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "unreachable" in gone.stderr
+
+
+class Screen:
+    """A program on a pseudo-terminal of its own: the bytes it draws, collected by a thread;
+    keys and resizes sent to it as a terminal would."""
+
+    def __init__(self, argv, rows=40, cols=100, env=None):
+        master, terminal = pty.openpty()
+        self.master = master
+        self.resize(rows, cols, signal_it=False)
+        # LINES and COLUMNS would override the terminal's size in curses.
+        environ = {k: v for k, v in os.environ.items() if k not in ("LINES", "COLUMNS")}
+        self.proc = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal,
+                                     env={**environ, "TERM": "xterm", **(env or {})}, start_new_session=True)
+        os.close(terminal)
+        self.output = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the program closed the terminal's last descriptor
+                return
+            if not data:
+                return
+            self.output += data
+
+    def mark(self) -> int:
+        return len(self.output)
+
+    def shows(self, needle: str, since: int = 0, what: str | None = None) -> None:
+        """Wait until needle is drawn after the mark since; the program must stay alive."""
+        def drawn():
+            if len(self.output) > since and needle.encode() in self.output[since:]:
+                return True
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.text()}"
+            return False
+        wait_for(drawn, timeout=60, what=what or f"{needle!r} on the screen")
+
+    def text(self) -> str:
+        return bytes(self.output).decode("utf-8", "replace")
+
+    def resize(self, rows: int, cols: int, signal_it: bool = True) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        if signal_it:  # the kernel signals only a terminal's own session; this is not its one
+            self.proc.send_signal(signal.SIGWINCH)
+
+    def press(self, key: bytes) -> None:
+        os.write(self.master, key)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+        self._reader.join(10)
+        os.close(self.master)
+
+
+@pytest.fixture
+def screens():
+    yield from started_by_test(Screen, Screen.stop)
+
+
+def test_top_draws_resizes_sorts_and_quits_on_a_terminal(serve, screens):
+    server = serve()
+    # The endpoint failing most, first in its table, is twice as wide on a terminal as it is long:
+    # at 13 rows it is the last line, and runs past the screen's last cell.
+    wide = [{"endpoint": "/検索" * 40, "error": "boom"}] * 5
+    server.client().post("/observer/events", known_traffic() + wide)
+    screen = screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{server.port}"])
+    screen.shows(od.VERSION)
+    screen.shows("scenario")
+    screen.shows("/mcp/search")
+    # A 1x1 screen shows nothing (the last column stays free), but it is cleared: bytes are drawn.
+    for rows, cols, needle in ((5, 20, "observerd"), (1, 1, ""), (2, 3, "o…"), (13, 50, "検索"),
+                               (24, 50, "observerd"), (40, 100, "observerd")):
+        mark = screen.mark()
+        screen.resize(rows, cols)
+        screen.shows(needle, since=mark, what=f"a redraw at {cols}x{rows}")
+    screen.shows("scenario", since=mark)
+    mark = screen.mark()
+    screen.press(b"s")
+    screen.shows("rate", since=mark, what="the endpoints sorted by failure rate")
+    screen.press(b"q")
+    assert screen.proc.wait(60) == 0
+    assert "Traceback" not in screen.text()
+
+
+def test_top_survives_the_daemon_going_away_and_coming_back(tmp_path, daemons, screens):
+    first = start_durable_daemon(daemons, tmp_path, token="s3cret")
+    port = first.port
+    first.client(token="s3cret").post("/observer/event", {"endpoint": "/before-restart"})
+    screen = screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{port}"],
+                     env={"OBSERVERD_TOKEN": "s3cret"})
+    screen.shows("/before-restart")
+    mark = screen.mark()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.exit_status() == 0
+    screen.shows("disconnected,", since=mark)
+    screen.shows("retrying", since=mark)
+    mark = screen.mark()
+    second = start_durable_daemon(daemons, tmp_path, token="s3cret", bind=f"127.0.0.1:{port}")
+    second.client(token="s3cret").post("/observer/event", {"endpoint": "/after-restart"})
+    screen.shows("/after-restart", since=mark)
+    screen.press(b"q")
+    assert screen.proc.wait(60) == 0
+    assert "Traceback" not in screen.text()
+
+
+def test_check_prints_the_effective_settings_as_toml_that_loads_back(tmp_path):
+    # A path with a quote, a backslash, DEL and non-ASCII in it, and a token from file and env.
+    config = write_config(tmp_path, {"persist_path": 'we"ird\\\u007f\u00e9/ops.jsonl', "ring_size": 7,
+                                     "request_timeout_s": 2.5}, {"token": "hunter2"})
+    result = run_cli("check", "--config", str(config), env={"OBSERVERD_TOKEN": "env-s3cret"})
+    assert result.returncode == 0, result.stderr
+    document = tomllib.loads(result.stdout)
+    assert document["observerd"]["persist_path"] == str(tmp_path / 'we"ird\\\x7f\u00e9/ops.jsonl')
+    assert (document["observerd"]["ring_size"], document["observerd"]["request_timeout_s"]) == (7, 2.5)
+    assert document["auth"] == {} and "# token is set (never shown)" in result.stdout
+    assert "hunter2" not in result.stdout and "s3cret" not in result.stdout
+    # What check prints is a config that loads to the same settings (the token aside).
+    (tmp_path / "again").mkdir()
+    again = tmp_path / "again" / "effective.toml"
+    again.write_text(result.stdout)
+    reprinted = run_cli("check", "--config", str(again))
+    assert reprinted.returncode == 0, reprinted.stderr
+    assert tomllib.loads(reprinted.stdout) == document
+    assert "# token is not set (never shown)" in reprinted.stdout
+
+
+def run_into_a_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """The CLI with a stdout nobody reads any more, as after `| head -1` has its line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, str(DAEMON), *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+def test_output_into_a_pipe_the_reader_closed_ends_quietly(tmp_path, serve):
+    config = write_config(tmp_path)
+    write_rotated_journal(tmp_path / "ops.jsonl", [3])
+    server = serve()
+    for args in (["check", "--config", str(config)], ["stats", str(tmp_path / "ops.jsonl")],
+                 ["top", "--once", "--url", f"http://127.0.0.1:{server.port}"]):
+        result = run_into_a_closed_pipe(*args)
+        assert (result.returncode, result.stderr) == (0, ""), (args, result.stderr)
+    shell = subprocess.run(f"{sys.executable} {DAEMON} check --config {config} | head -1", shell=True,
+                           capture_output=True, text=True, timeout=60)
+    assert shell.stdout.startswith("# ") and shell.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["", "serve", "check", "stats", "top"])
+def test_every_subcommand_has_help_with_examples_and_the_exit_statuses(command):
+    result = run_cli(*filter(None, [command]), "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    examples = result.stdout.split("examples:\n")[1]
+    assert f"observerd.py {command}".strip() in examples
+    assert "exit status: 0 ok; 1 runtime error" in result.stdout and "2 usage or config error" in result.stdout
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    (["stats"], "the following arguments are required: file"),
+    (["check", "--bogus"], "unrecognized arguments: --bogus"),
+    (["top", "--interval", "0"], "--interval: '0' is not a number of seconds from 0.1 to 3600"),
+    (["top", "--url", "localhost:3219"], "--url: 'localhost:3219' is not an http:// or https:// URL"),
+    (["stats", "x.jsonl", "--ring-size", "many"], "--ring-size: invalid int value: 'many'"),
+])
+def test_a_usage_error_is_one_line_naming_the_problem_and_exits_2(tmp_path, args, problem):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and problem in result.stderr, result.stderr
+
+
+def test_stats_of_a_file_it_cannot_read_is_one_line_and_exit_1(tmp_path):
+    not_a_file = run_cli("stats", str(tmp_path))
+    assert (not_a_file.returncode, not_a_file.stderr) == (2, f"{tmp_path}: not a regular file\n")
+    write_rotated_journal(tmp_path / "ops.jsonl", [1])
+    (tmp_path / "ops.jsonl.1").mkdir()  # restore reads on into the segments: this one fails
+    result = run_cli("stats", str(tmp_path / "ops.jsonl"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"{tmp_path / 'ops.jsonl.1'}: cannot read: Is a directory\n"
+
+
+def test_top_shows_what_clients_sent_without_letting_it_drive_the_terminal(serve):
+    server = serve(analyze_interval_s=0.05)
+    hostile = "/evil\x1b]2;owned\x07\x1b[2J\r\n\u202egnp.exe\x9b"
+    server.client().post("/observer/events", [{"endpoint": hostile, "error": "\x1b[31mred\tboom"}] * 2)
+    wait_for(lambda: server.client().get("/observer/errors")[1]["clusters"], what="the failures' analysis")
+    result = run_cli("top", "--once", "--url", f"http://127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr
+    assert "/evil\\u001b]2;owned\\u0007\\u001b[2J\\r\\n\\u202egnp.exe\\u009b" in result.stdout
+    assert "\\u001b[<n>mred boom" in result.stdout  # the cluster's signature
+    assert not od._UNSHOWABLE.search(result.stdout.replace("\n", ""))
 
 
 # --- issue 14: browser page ---
@@ -4141,7 +4514,7 @@ def screenshot_folder(tmp_path: Path) -> Path:
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
-def known_traffic() -> list[dict]:
+def page_traffic() -> list[dict]:
     """Ops with a cluster of failures, playbooks, a hostile endpoint and one glob-like endpoint,
     in a fixed shuffled order."""
     ops = [{"endpoint": "/mcp/search", "duration_ms": 10 + i, "success": True} for i in range(40)]
@@ -4207,7 +4580,7 @@ def start_observed_daemon(daemons, folder: Path, **settings) -> Daemon:
 def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons, fake_service):
     daemon = start_observed_daemon(daemons, tmp_path, escalate_url=fake_service().url + "/api/run")
     client = daemon.client()
-    posted = known_traffic()
+    posted = page_traffic()
     post_over_time(client, posted, 20)
     failed_newest_first = [o["error"] for o in reversed(posted) if o["endpoint"] == "/mcp/fail"]
     wait_for(lambda: client.get("/observer/escalations")[1]["escalations"]
@@ -4313,7 +4686,7 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
 def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons):
     daemon = start_observed_daemon(daemons, tmp_path, token="s3cret", access_log=True)
     client = daemon.client(token="s3cret")
-    assert client.post("/observer/events", known_traffic())[0] == 200
+    assert client.post("/observer/events", page_traffic())[0] == 200
     stats = client.get("/observer/stats")[1]
     url = f"http://127.0.0.1:{daemon.port}/observer/ui"
     browser = Browser(tmp_path)
