@@ -4144,8 +4144,11 @@ ENDPOINT_SORTS = (
 def fetch_timeline(url: str, token: str) -> dict:
     """The daemon's GET /observer/timeline for top; raises OutboundError."""
     answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, token=token)
-    if not isinstance(answer, dict) or answer.get("service") != SERVICE:
-        raise OutboundError("the answer is not an observerd timeline")
+    try:
+        top_lines(answer, url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
+        # Another service at that URL, or an observerd of another version: say so, and retry.
+        raise OutboundError("the answer is not a timeline this top can show") from None
     return answer
 
 
@@ -4253,26 +4256,39 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
 def show_top(args: argparse.Namespace) -> int:
     """`top`: the full-screen view, or one plain-text snapshot (--once, or stdout not a terminal)."""
     token = args.token or os.environ.get("OBSERVERD_TOKEN", "")
-    if args.once or not sys.stdout.isatty():
-        try:
-            timeline = fetch_timeline(args.url, token)
-        except OutboundError as exc:
-            print(showable(f"observerd.py top: {args.url}: {exc}"), file=sys.stderr)
-            return 1
-        try:
-            width = os.get_terminal_size().columns
-        except OSError:
-            width = TOP_PLAIN_WIDTH
-        print("\n".join(top_lines(timeline, args.url, width, 0)))
-        return 0
+    try:
+        if args.once or not sys.stdout.isatty():
+            return print_top_snapshot(args.url, token)
+        return run_top_screen(args.url, token, args.interval)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C quits, like q
+
+
+def print_top_snapshot(url: str, token: str) -> int:
+    try:
+        timeline = fetch_timeline(url, token)
+    except OutboundError as exc:
+        print(showable(f"observerd.py top: {url}: {exc}"), file=sys.stderr)
+        return 1
+    try:
+        width = os.get_terminal_size().columns
+    except OSError:
+        width = TOP_PLAIN_WIDTH
+    print("\n".join(top_lines(timeline, url, width, 0)))
+    return 0
+
+
+def run_top_screen(url: str, token: str, interval: float) -> int:
     try:
         import curses  # here, not above: a Python built without curses still runs the daemon
-        curses.wrapper(top_screen, args.url, token, args.interval)
-    except (ImportError, curses.error) as exc:  # no curses, or a terminal it cannot drive
+    except ImportError as exc:
+        print(f"observerd.py top: this Python has no curses ({exc}); use --once", file=sys.stderr)
+        return 1
+    try:
+        curses.wrapper(top_screen, url, token, interval)
+    except curses.error as exc:  # a terminal curses cannot drive: TERM unset or unknown
         print(f"observerd.py top: cannot draw on this terminal ({exc}); use --once", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass  # Ctrl-C quits, like q
     return 0
 
 
@@ -4291,7 +4307,7 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
         if time.monotonic() >= next_fetch:
             try:
                 timeline, problem = fetch_timeline(url, token), None
-                answered_at = time.strftime("%H:%M:%S")
+                answered_at = time.strftime("%H:%M:%SZ", time.gmtime())
             except OutboundError as exc:
                 problem = str(exc)
             next_fetch = time.monotonic() + interval
