@@ -2686,7 +2686,11 @@ let ops = [], endpoints = [], timeline = null, sortBy = {key: "failures", desc: 
 const drawn = new Map();  /* tbody -> the rows it shows, as JSON */
 
 class HttpError extends Error {
-  constructor(status, message) { super(message); this.status = status; }
+  constructor(status, reason, path) {
+    super(path ? "GET " + path + ": " + status + " " + reason : reason);
+    this.status = status;
+    this.reason = reason;
+  }
 }
 
 async function api(path, accept = []) {
@@ -2695,7 +2699,7 @@ async function api(path, accept = []) {
   const body = await resp.json().catch(() => null);
   if (resp.status === 401) throw new HttpError(401, "token refused");
   if (!resp.ok && !accept.includes(resp.status)) {
-    throw new HttpError(resp.status, "GET " + path.split("?")[0] + ": " + resp.status + " " + ((body && body.error) || resp.statusText));
+    throw new HttpError(resp.status, (body && body.error) || resp.statusText, path.split("?")[0]);
   }
   return body;
 }
@@ -2811,9 +2815,10 @@ async function refresh() {
   const [t, stats, playbooks, recent] = await Promise.all(
     [api("timeline?seconds=" + WINDOW_S), api("stats"), api("playbooks"), api(opsPath())]);
   const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
+  showReady(t.ready, ready && ready.reason);
   ringCapacity = t.ring.capacity;
   timeline = t;
-  showHeader(t, stats, ready);
+  showHeader(t, stats);
   drawChart(t);
   endpoints = t.endpoints;
   showEndpoints();
@@ -2824,12 +2829,14 @@ async function refresh() {
   showOps();
 }
 
-function showHeader(t, stats, ready) {
+function showReady(ready, reason) {
+  $("ready").textContent = ready ? "ready" : "not ready: " + (reason || "no reason given");
+  $("ready").className = ready ? "ok" : "bad";
+}
+
+function showHeader(t, stats) {
   $("version").textContent = "v" + t.version;
   $("uptime").textContent = uptime(t.uptime_s);
-  const r = $("ready");
-  r.textContent = t.ready ? "ready" : "not ready: " + ((ready && ready.reason) || "no reason given");
-  r.className = t.ready ? "ok" : "bad";
   $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
   $("journal").title = t.journal ? t.journal.path : "";
   $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
@@ -3036,7 +3043,11 @@ async function tick() {
     $("conn").title = "last refreshed " + updated;
   } catch (e) {
     if (e.status === 401) askToken();
-    else if (e.status) setConn(e.message + " — retrying", "bad");
+    else if (e.status) {
+      setConn(e.message + " — retrying", "bad");
+      /* Restoring, a failing journal, shutting down? The daemon's readiness says which. */
+      if (e.status === 503) api("ready", [503]).then((r) => showReady(r.ready, r.reason), () => {});
+    }
     else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
       setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
     } else setConn("page error: " + e.message, "bad");
