@@ -4671,7 +4671,8 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
         state = tab.wait(f"(s => s.history.length === 60 && s)({PAGE_STATE})", "the older page")
         assert state["olderHidden"] and "no older ops" in state["historyNote"]
         assert [row[5] for row in state["history"]] == failed_newest_first
-        tab.js('document.getElementById("history-close").click(); document.getElementById("f-failed").click()')
+        tab.js('document.getElementById("history-close").click(); document.getElementById("f-failed").click(); '
+               'document.querySelector("#endpoints button[data-sort=failures]").click()')
         type_into(tab, "f-text", "")
 
         for width, height, dark in ((1280, 800, True), (390, 844, False), (390, 844, True)):
