@@ -50,7 +50,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass, field as dataclass_field, make_dataclass
 from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
 from email.utils import formatdate
@@ -237,13 +237,18 @@ class Histogram(Metric):
 class Metrics:
     """Every metric observerd exports, rendered for GET /metrics.
 
-    sources and rejection_reasons are the label values known at startup (declared where they
-    are defined, further down): each combination is exported from 0.
+    sources, rejection_reasons and llm_backends are the label values known at startup (declared
+    where they are defined, further down): each combination is exported from 0.
     """
 
-    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = ()):
+    LLM_OUTCOMES = ("answered", "failed")
+
+    def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = (),
+                 llm_backends: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
+        self.duplicates = Metric("observerd_duplicates_total", "counter",
+                                 "Ops acknowledged but not stored again: their op_id was already stored.")
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
         self.ring_bytes = Metric("observerd_ring_bytes", "gauge",
                                  "Memory held by the ring's ops, as max_ring_bytes counts it.")
@@ -256,6 +261,9 @@ class Metrics:
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
                                       "Time from request line to response ready to send, by route.", ("route",))
+        self.llm_requests = Metric("observerd_llm_requests_total", "counter",
+                                   "Calls of the review to its LLM backends, by backend and outcome.",
+                                   ("backend", "outcome"))
         self.start_time = Metric("observerd_start_time_seconds", "gauge",
                                  "Start time of the process, in seconds since the Unix epoch.")
         self.build_info = Metric("observerd_build_info", "gauge",
@@ -264,6 +272,7 @@ class Metrics:
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
         self.events.declare((source, success) for source in sources for success in ("true", "false"))
         self.rejected.declare((reason,) for reason in rejection_reasons)
+        self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
 
     def render(self) -> str:
         lines = []
@@ -295,6 +304,8 @@ class Setting:
     url: str = ""  # "endpoint": used as given; "base": paths are appended, so a trailing / goes
     table: str = "observerd"
     secret: bool = False  # never shown: check says only whether it is set
+    choices: tuple[str, ...] = ()  # the values it may take, if it is one of a few
+    env: bool = False  # names an environment variable whose value, a secret, is read at load
 
     @property
     def in_file(self) -> str:
@@ -311,9 +322,18 @@ class Setting:
         """How the command line spells it, where it takes it."""
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def env_value(self) -> str:
+        """The Config attribute holding the value of the variable an env setting names."""
+        return self.name.removesuffix("_env")
+
 
 # A year: every duration setting stays below it, where the platform's timers still work.
 MAX_SECONDS = 365 * 24 * 3600
+# How an LLM backend is spoken to (see ask_llm): Ollama's /api/generate, or the OpenAI-compatible
+# /v1/chat/completions that hosted APIs (and Ollama, vLLM, llama.cpp) serve.
+LLM_APIS = ("ollama", "openai")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # The one declaration of every setting, in the README's order (a test compares the two).
 SETTINGS = (
@@ -329,6 +349,7 @@ SETTINGS = (
     Setting("max_connections", int, 256, "open connections", minimum=1),
     Setting("allow_unauthenticated", bool, False, "allow a non-loopback bind without a token"),
     Setting("max_batch", int, 1000, "ops per POST /observer/events", minimum=1),
+    Setting("dedupe_window", int, 100_000, "stored ops whose op_ids are remembered; 0 = off", minimum=0),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
@@ -345,8 +366,17 @@ SETTINGS = (
             minimum=0.001, maximum=MAX_SECONDS),
     Setting("escalate_cooldown_s", float, 1800.0, "quiet time after an escalation",
             minimum=0, maximum=MAX_SECONDS),
-    Setting("review_llm_url", str, "", "Ollama-compatible base URL for LLM review", url="base"),
+    Setting("escalate_token_env", str, "", "environment variable holding escalate_url's bearer token",
+            env=True),
+    Setting("review_llm_url", str, "", "base URL of the first LLM backend of the review", url="base"),
     Setting("review_llm_model", str, "llama3", "model name sent to it"),
+    Setting("review_llm_api", str, "ollama", "how it is spoken to", choices=LLM_APIS),
+    Setting("review_llm_key_env", str, "", "environment variable holding its bearer key", env=True),
+    Setting("review_fallback_url", str, "", "base URL of the LLM backend asked when the first fails",
+            url="base"),
+    Setting("review_fallback_model", str, "", "model name sent to it"),
+    Setting("review_fallback_api", str, "openai", "how it is spoken to", choices=LLM_APIS),
+    Setting("review_fallback_key_env", str, "", "environment variable holding its bearer key", env=True),
     Setting("outbound_timeout_s", float, 5.0, "total time of an outbound HTTP call",
             minimum=0.001, maximum=MAX_SECONDS),
     Setting("tls_cert", str, "", "PEM certificate chain: serve HTTPS", path=True),
@@ -383,7 +413,9 @@ class _ConfigBase:
 Config = make_dataclass(
     "Config",
     [("host", str), ("port", int)]  # bind, parsed
-    + [(s.name, (Path | None) if s.path else s.kind) for s in SETTINGS if s.name != "bind"]
+    + [(s.name, (Path | None) if s.path else s.kind, dataclass_field(repr=not s.secret)) for s in SETTINGS
+       if s.name != "bind"]
+    + [(s.env_value, str, dataclass_field(repr=False)) for s in SETTINGS if s.env]  # "" = none
     + [("source", str), ("warnings", tuple)],  # warnings: WARN in serve, printed by check
     bases=(_ConfigBase,), frozen=True, slots=True,
     namespace={"__module__": __name__, "__doc__": "The effective settings, after file, CLI flags "
@@ -404,6 +436,11 @@ def parse_bind(text: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"bind {text!r}: host is empty (use 0.0.0.0 for all interfaces)")
     return host, port
+
+
+def fits_a_header(secret: str) -> bool:
+    """Whether a token or key can be sent in an HTTP header as it is."""
+    return secret.isascii() and secret.isprintable() and secret == secret.strip()
 
 
 def is_loopback(host: str) -> bool:
@@ -469,7 +506,8 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
     flags are settings given on the command line by name (None = not given), e.g. bind="…".
     Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
     relative to the folder it was given in: the config file's for file values (and defaults),
-    the working directory for CLI flags. Raises ConfigError listing every problem found.
+    the working directory for CLI flags. The keys of the *_env settings come only from the
+    variables they name, in environ. Raises ConfigError listing every problem found.
     """
     environ = os.environ if environ is None else environ
     source = path or DEFAULT_CONFIG_PATH
@@ -516,13 +554,34 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
                 problems.append(f"{given[setting.name].where} must be an http:// or https:// URL")
             if setting.url == "base":
                 value = value.rstrip("/")
+        elif setting.choices and value not in setting.choices:
+            problems.append(f"{given[setting.name].where} must be one of {', '.join(setting.choices)}, "
+                            f"got {value[:40]!r}")
+        elif setting.env and value and not _ENV_NAME.fullmatch(value):
+            # Not shown: a key pasted here by mistake must not reach the log.
+            problems.append(f"{given[setting.name].where} must be the name of an environment variable "
+                            "(letters, digits and _, not starting with a digit)")
         values[setting.name] = value
+
+    for setting in (s for s in SETTINGS if s.env):
+        # A key is read from the variable its setting names, never from the file.
+        name, where = values[setting.name], given[setting.name].where
+        named = _ENV_NAME.fullmatch(name) is not None  # not "", nor a bad name (a problem above)
+        key = environ.get(name, "") if named else ""
+        if named and not key:
+            warnings.append(f"{where} names {name}, which is not set: calls go without a key")
+        elif not fits_a_header(key):
+            problems.append(f"{where}: {name} must hold printable ASCII without leading or trailing spaces")
+        values[setting.env_value] = key
+    for backend in ("review_llm", "review_fallback"):
+        if values[f"{backend}_url"] and not values[f"{backend}_model"]:
+            problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
 
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
     token = values["token"] = environ.get("OBSERVERD_TOKEN") or values["token"]
-    if token and not (token.isascii() and token.isprintable() and token == token.strip()):
+    if token and not fits_a_header(token):
         # It travels in an HTTP header: anything else could never match what a client sends.
         where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
         problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
@@ -549,6 +608,8 @@ _CORRECTION_REF_KEY = f'"{CORRECTION_REF}":'.encode()
 SOURCES = ("mcp", "scenario", "langfuse", CORRECTION_SOURCE)
 DEFAULT_SOURCE = "mcp"
 OPTIONAL_TEXT_FIELDS = ("input_summary", "output_summary", "error")
+OP_ID = "op_id"
+MAX_OP_ID_CHARS = 128
 MAX_JSON_DEPTH = 64  # arrays and objects nested in an op, the op itself included
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _RFC3339 = re.compile(
@@ -705,6 +766,13 @@ def check_time(value: str, field: str) -> datetime:
         raise InvalidOp(field, str(exc)) from None
 
 
+def check_op_id(value: object, field: str) -> str:
+    """A client's idempotency key: 1 to MAX_OP_ID_CHARS printable characters."""
+    if not 1 <= len(check_type(value, str, field)) <= MAX_OP_ID_CHARS or not value.isprintable():
+        raise InvalidOp(field, f"must be 1 to {MAX_OP_ID_CHARS} printable characters")
+    return value
+
+
 def reject_unknown(keys, allowed: tuple[str, ...], what: str) -> None:
     """Raise InvalidOp naming the first key not in allowed, as not a `what`."""
     for key in keys:
@@ -716,9 +784,11 @@ def validate_op(raw: object) -> dict:
     """Check one decoded ObservedOp and return it as stored: defaults filled, extras kept.
 
     The known fields come first in a fixed order, then unknown keys verbatim in the order
-    given, so records round-trip with the other lakehouse services. Raises InvalidOp.
+    given, so records round-trip with the other lakehouse services. An op_id comes first of
+    all, so a restart finds it at the start of the line (see window_entry). Raises InvalidOp.
     """
     check_type(raw, dict, "body")
+    op_id = check_op_id(raw[OP_ID], OP_ID) if OP_ID in raw else None
 
     endpoint = raw.get("endpoint")
     if endpoint is None:
@@ -773,6 +843,8 @@ def validate_op(raw: object) -> dict:
         "success": success,
         "duration_ms": duration,
     }
+    if op_id is not None:
+        op = {OP_ID: op_id, **op}
     for key, value in raw.items():
         if key not in op:
             op[key] = value
@@ -886,6 +958,37 @@ class PersistError(Exception):
 def encode_line(op: dict) -> bytes:
     """One op as one JSONL line, UTF-8, newline-terminated."""
     return (_LINE_ENCODER.encode(op) + "\n").encode("utf-8")
+
+
+# validate_op puts an op_id first, so encode_line starts its line with this: the top-level
+# key for sure, as nothing precedes it. An id is at most 4 UTF-8 bytes a character (the
+# encoder escapes only quotes and backslashes among printable ones), plus its closing quote.
+_OP_ID_START = f'{{"{OP_ID}":"'.encode()
+_OP_ID_SPAN_BYTES = len(_OP_ID_START) + 4 * MAX_OP_ID_CHARS + 1
+# How the timestamp key reads in a line: a bare quote cannot occur inside an encoded string,
+# so its first occurrence is the key, after op_id, endpoint and source.
+_TIMESTAMP_KEY = b',"timestamp":"'
+
+
+def window_entry(line: bytes) -> tuple[str, int] | None:
+    """(op_id, content digest) of a journal line as encode_line writes it, found without
+    decoding the line; None if it does not start with an op_id.
+
+    The digest is what a duplicate is compared with: a hash of the line without its
+    timestamp, which the server fills when a client leaves it out, and a client may restamp
+    at each attempt.
+    """
+    if not line.startswith(_OP_ID_START):
+        return None
+    try:
+        op_id = json.decoder.scanstring(line[:_OP_ID_SPAN_BYTES].decode("utf-8", "replace"),
+                                        len(_OP_ID_START))[0]
+    except ValueError:  # not closed within an op_id's length: not a line observerd wrote
+        return None
+    start = line.find(_TIMESTAMP_KEY)
+    end = line.find(b'"', start + len(_TIMESTAMP_KEY)) if start >= 0 else -1
+    stop = len(line) - line.endswith(b"\n")
+    return op_id, hash(line[:stop] if end < 0 else line[:start] + line[end:stop])
 
 
 # Error text beyond this many characters is not kept in the ring, and not normalised into a
@@ -1081,6 +1184,11 @@ def rotation_scratch_paths(path: Path) -> tuple[Path, Path]:
     return path.with_name(f".{path.name}.next"), path.with_name(f".{path.name}.dropped")
 
 
+def probe_scratch_path(path: Path) -> Path:
+    """The hidden name Journal.probe() writes its test byte under, beside the journal."""
+    return path.with_name(f".{path.name}.probe")
+
+
 # Read and write: an append checks the file's last byte before writing.
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
@@ -1102,6 +1210,10 @@ class Journal:
         self._fd = -1
         # Where the bytes of an append that is not yet durable begin; set while one is.
         self._rollback_to: int | None = None
+        # Why the last append failed, while none has succeeded since (and no probe() did):
+        # observerd is not ready. And that append's length, which probe() makes room for.
+        self.failure: str | None = None
+        self._failed_bytes = 0
         self._lock = threading.Lock()
 
     def open(self) -> None:
@@ -1111,6 +1223,7 @@ class Journal:
             if dropped:
                 log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
         self._fd = self._open_for_append()
+        probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
 
     def _open_for_append(self) -> int:
         """Open the path, creating it and its folders if need be, and fsync its folder.
@@ -1134,7 +1247,49 @@ class Journal:
                 self._append(data)
             except OSError as exc:
                 self.metrics.persist_errors.inc()
-                raise PersistError(f"{exc.strerror or exc} ({self.path})") from exc
+                if self.failure is None:
+                    log("WARN", "log not writable; not ready until a write succeeds", path=self.path,
+                        error=exc.strerror or exc)
+                self.failure, self._failed_bytes = f"{exc.strerror or exc} ({self.path})", len(data)
+                raise PersistError(self.failure) from exc
+            self._writable("append")
+
+    def probe(self) -> None:
+        """While appends fail: would the failed one succeed now? If so, clear the failure.
+
+        The journal is never touched, so no probe can leave a byte in it or truncate another
+        writer's line away: one byte goes to a scratch file beside it, at the offset where
+        that append would end in the file the path names now (sparse: one block), is fsynced,
+        and the file removed. So it meets what the append met: the file size limit, a full
+        disk or quota (a block of its own, where a byte appended could fit in the last
+        block's slack), a failing device, no free descriptors. A fault of the file alone
+        (chattr +i) it cannot see: a commit that succeeds clears the failure then. Under the
+        append lock, so never beside a commit, a rotation or a reopen.
+        """
+        with self._lock:
+            if self.failure is None:
+                return
+            try:
+                try:
+                    end = os.stat(self.path).st_size
+                except FileNotFoundError:
+                    end = 0  # the next append makes the path again
+                scratch = probe_scratch_path(self.path)
+                fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(scratch)
+            except OSError:
+                return  # still failing: the failure keeps the append's own reason
+            self._writable("probe")
+
+    def _writable(self, found_by: str) -> None:
+        if self.failure is not None:
+            self.failure = None
+            log("INFO", "log writable again", path=self.path, found_by=found_by)
 
     def _append(self, data: bytes) -> None:
         if self._rollback_to is not None:
@@ -1330,6 +1485,37 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
     return newest_first[::-1]
 
 
+def restore_op_ids(path: Path, window: int, keep_files: int = 0) -> list[tuple[str, int] | None]:
+    """window_entry() of each of the newest `window` ops of the journal and its
+    segments, None for one without an op_id (or whose id a newer op holds), oldest first.
+
+    No line is decoded (see window_entry), so the cost is reading `window` lines backwards,
+    whatever the history's length.
+    """
+    newest_first: list[tuple[str, int] | None] = []
+    seen: set[str] = set()
+    for segment in segment_paths(path, keep_files):
+        if len(newest_first) >= window:
+            break
+        try:
+            f = open(segment, "rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            for _, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+                if not line or line.isspace():
+                    continue
+                entry = window_entry(line)
+                if entry is None or entry[0] in seen:
+                    newest_first.append(None)
+                else:
+                    seen.add(entry[0])
+                    newest_first.append(entry)
+                if len(newest_first) >= window:
+                    break
+    return newest_first[::-1]
+
+
 # =============================================================================
 # Store: the ring with live counters, fed through group commit
 # =============================================================================
@@ -1447,15 +1633,76 @@ class ArrivalCounts:
         return dict(sorted(sources.items())), totals
 
 
+class OpIdWindow:
+    """The op_ids of the last `size` ops stored, each with its content digest (window_entry).
+
+    Every stored op takes a slot, with an op_id or without (None), so the window covers the
+    same ops a restart reads back (restore_op_ids). An id is held once: a duplicate is never
+    stored. Memory: `size` slots of 8 bytes, plus each id held (see README).
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._slots: deque[str | None] = deque()
+        self._digests: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def digest(self, op_id: str) -> int | None:
+        """The content digest of the stored op holding op_id, None if no op in the window does."""
+        return self._digests.get(op_id)
+
+    def remember(self, entries: list[tuple[str, int] | None]) -> None:
+        """Take the slots of newly stored ops, oldest first: (op_id, digest) or None each.
+
+        The oldest slots are given up first, so no more than `size` ids are ever held.
+        """
+        entries = entries[max(0, len(entries) - self.size):]
+        for _ in range(len(self._slots) + len(entries) - self.size):
+            oldest = self._slots.popleft()
+            if oldest is not None:
+                del self._digests[oldest]
+        if any(entries):
+            self._slots.extend(entry and entry[0] for entry in entries)
+            self._digests.update(entry for entry in entries if entry is not None)
+        else:  # most commits: no op_id at all
+            self._slots.extend(entries)
+
+    def restore(self, older: list[tuple[str, int] | None]) -> None:
+        """Put the entries of ops stored before this process started before any stored since."""
+        since = [None if op_id is None else (op_id, self._digests[op_id]) for op_id in self._slots]
+        entries = [None if entry is not None and entry[0] in self._digests else entry
+                   for entry in older] + since
+        entries = entries[max(0, len(entries) - self.size):]
+        self._slots = deque(entry and entry[0] for entry in entries)
+        self._digests = dict(entry for entry in entries if entry is not None)
+
+
+class Stored(NamedTuple):
+    """What a commit did for one caller: the ring's length after it, and how many of the
+    caller's ops were duplicates, acknowledged without being stored again."""
+
+    ring_size: int
+    duplicates: int
+
+
 class _PendingCommit:
     """One caller's ops in the commit queue, and what to call once they are durable."""
 
-    __slots__ = ("ops", "data", "on_done")
+    __slots__ = ("ops", "ids", "data", "on_done", "duplicates")
 
-    def __init__(self, ops: list[RingOp], on_done):
+    def __init__(self, ops: list[RingOp], ids: list[tuple[str, int] | None] | None, on_done):
         self.ops = ops
+        self.ids = ids  # (op_id, content digest) or None per op; None when no op has an op_id
         self.data = b"".join(op.line for op in ops)
         self.on_done = on_done
+        self.duplicates = 0
+
+
+# Why observerd would not take a write now, besides a journal that cannot be written.
+RESTORING = "observerd is restoring its ring from the journal"
+SHUTTING_DOWN = "observerd is shutting down"
 
 
 class OpStore:
@@ -1466,15 +1713,29 @@ class OpStore:
     the ring in file order, then runs the callbacks (for HTTP, they send the answers, 200 or 503). It wakes
     on the first op queued, so a lone op is written at once: there is no timer. A failed
     write fails exactly that batch and applies none of it. Without a journal (ephemeral), ops
-    are applied and their callback run in the caller's thread.
+    are committed and their callback run in the caller's thread, one caller at a time.
+
+    A store with a journal takes no op until restore() has filled the ring and the op_id window
+    from it: an op applied before then would be restored again, older ops would follow it, and a
+    retry of an op stored before the restart would be stored twice.
+
+    Exactly once per op_id: commits run one at a time, and an op whose op_id the window holds,
+    or an earlier op of the same commit holds, is a duplicate and is not written. An id enters
+    the window only once its op is durable, so a duplicate of an op still in flight waits for
+    that commit's outcome (it is in a later one): stored, it is a duplicate; failed, the id
+    was never held and the duplicate is stored.
     """
 
-    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None):
+    def __init__(self, ring: Ring, journal: Journal | None, metrics: Metrics | None = None,
+                 window: OpIdWindow | None = None):
         self.ring = ring
         self.journal = journal
         self.metrics = metrics or Metrics()
+        self.window = window  # None: deduplication off
         self.arrivals = ArrivalCounts()
+        self.restored = journal is None
         self._ring_lock = threading.Lock()
+        self._commit_lock = threading.Lock()  # ephemeral: the callers' turn to commit
         self._queue: list[_PendingCommit] = []
         self._queue_cond = threading.Condition()
         self._closing = False
@@ -1483,50 +1744,71 @@ class OpStore:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
-    def restore(self, ops: list[RingOp]) -> None:
-        with self._ring_lock:
-            for op in ops:
-                self.ring.apply(op)
+    def restore(self) -> None:
+        """Fill the ring and the op_id window from the journal's tail, and log it; raises
+        OSError if unreadable."""
+        if self.journal is not None:
+            started = time.perf_counter()
+            path, keep_files = self.journal.path, self.journal.keep_files
+            ops = restore_tail(path, self.ring.ring_size, keep_files, self.ring.max_bytes)
+            op_ids = [] if self.window is None else restore_op_ids(path, self.window.size, keep_files)
+            with self._ring_lock:
+                for op in ops:
+                    self.ring.apply(op)
+                if self.window is not None:
+                    self.window.restore(op_ids)
+            self.restored = True
+            log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
+                ms=round((time.perf_counter() - started) * 1000, 1))
+
+    def unready_reason(self) -> str | None:
+        """Why a write would not be taken now (restoring, or the journal failing), or None."""
+        if not self.restored:
+            return RESTORING
+        if self.journal is not None and self.journal.failure is not None:
+            return f"journal cannot be written: {self.journal.failure}"
+        return None
 
     def submit(self, ops: list[dict], on_done) -> None:
-        """Make ops durable, apply them, then call on_done(ring_len, error).
+        """Make ops durable, apply them, then call on_done(stored, error).
 
-        error is None, a PersistError (nothing was applied), or an unexpected exception.
-        The ops are kept as RingOps from here on; the dicts are the caller's to drop.
+        stored is a Stored, or None with error a PersistError (nothing was applied) or an
+        unexpected exception. The ops are kept as RingOps from here on; the dicts are the
+        caller's to drop.
         """
         ring_ops = [RingOp(op) for op in ops]
+        ids = None
+        if self.window is not None and any(OP_ID in op for op in ops):
+            ids = [window_entry(ring_op.line) for ring_op in ring_ops]
+        pending = _PendingCommit(ring_ops, ids, on_done)
         if self.journal is None:
-            with self._ring_lock:
-                for op in ring_ops:
-                    self.ring.apply(op)
-                ring_len = len(self.ring.ops)
-            self._count(ring_ops)
-            on_done(ring_len, None)
+            with self._commit_lock:
+                ring_len, error = self._commit([pending])
+            self._answer([pending], ring_len, error)
             return
-        pending = _PendingCommit(ring_ops, on_done)
         with self._queue_cond:
             if not self._closing:
                 self._queue.append(pending)
                 self._queue_cond.notify()
                 return
-        on_done(0, PersistError("observerd is shutting down"))
+        on_done(None, PersistError(SHUTTING_DOWN))
 
-    def submit_and_wait(self, ops: list[dict]) -> int:
-        """submit() and wait: returns the ring length, or raises the commit's error."""
+    def submit_and_wait(self, ops: list[dict]) -> Stored:
+        """submit() and wait: returns what was stored, or raises the commit's error."""
         result: list = []
         done = threading.Lock()
         done.acquire()
 
-        def on_done(ring_len, error):
-            result.extend((ring_len, error))
+        def on_done(stored, error):
+            result.extend((stored, error))
             done.release()
 
         self.submit(ops, on_done)
         done.acquire()
-        ring_len, error = result
+        stored, error = result
         if error is not None:
             raise error
-        return ring_len
+        return stored
 
     def _run_committer(self) -> None:
         while True:
@@ -1536,26 +1818,74 @@ class OpStore:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            self._write_batch(batch)
+            self._answer(batch, *self._commit(batch))
 
-    def _write_batch(self, batch: list[_PendingCommit]) -> None:
-        ring_len, error = 0, None
+    def _commit(self, batch: list[_PendingCommit]) -> tuple[int, Exception | None]:
+        """Store the batch's ops but duplicates: write and fsync them (with a journal), then
+        apply them to the ring and remember their ids. Returns (ring length, error)."""
         try:
-            self.journal.append_durably(b"".join(p.data for p in batch))
+            if self.window is None:
+                fresh, entries, conflicts = [op for pending in batch for op in pending.ops], None, {}
+            else:
+                with self._ring_lock:
+                    fresh, entries, conflicts = self._admit(batch)
+            if self.journal is not None and fresh:
+                # Each caller joined its lines in its own thread; duplicates undo that.
+                deduplicated = any(pending.duplicates for pending in batch)
+                self.journal.append_durably(b"".join(op.line for op in fresh) if deduplicated
+                                            else b"".join(pending.data for pending in batch))
             with self._ring_lock:
-                for pending in batch:
-                    for op in pending.ops:
-                        self.ring.apply(op)
+                for op in fresh:
+                    self.ring.apply(op)
+                if entries is not None:
+                    self.window.remember(entries)
                 ring_len = len(self.ring.ops)
-            self._count(op for pending in batch for op in pending.ops)
         except PersistError as exc:
-            error = exc
+            return 0, exc
         except Exception as exc:
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            error = exc
+            return 0, exc
+        self._count(fresh)
+        duplicates = sum(pending.duplicates for pending in batch)
+        if duplicates:
+            self.metrics.duplicates.inc(amount=duplicates)
+        # One line per op_id, not per duplicate: a batch of a thousand is still one line.
+        for op_id, count in conflicts.items():
+            log("WARN", "duplicate op_id with different content; the first stored version is kept",
+                duplicates=count, op_id=op_id)
+        return ring_len, None
+
+    def _admit(self, batch: list[_PendingCommit]) -> tuple[list[RingOp], list, dict[str, int]]:
+        """The batch's ops to store, in order, with their window entries, and how many
+        duplicates of each op_id differ from the stored op. A duplicate (its op_id in the
+        window, or on an earlier op of the batch) is left out and counted on its pending."""
+        fresh, entries, conflicts = [], [], {}
+        claimed: dict[str, int] = {}  # op_id -> content digest, of this batch's ops
+        for pending in batch:
+            if pending.ids is None:
+                fresh.extend(pending.ops)
+                entries += [None] * len(pending.ops)
+                continue
+            for ring_op, entry in zip(pending.ops, pending.ids):
+                if entry is not None:
+                    op_id, digest = entry
+                    first = claimed.get(op_id)
+                    if first is None:
+                        first = self.window.digest(op_id)
+                    if first is not None:
+                        pending.duplicates += 1
+                        if first != digest:
+                            conflicts[op_id] = conflicts.get(op_id, 0) + 1
+                        continue
+                    claimed[op_id] = digest
+                fresh.append(ring_op)
+                entries.append(entry)
+        return fresh, entries, conflicts
+
+    def _answer(self, batch: list[_PendingCommit], ring_len: int, error: Exception | None) -> None:
         for pending in batch:
             try:
-                pending.on_done(ring_len, error)
+                pending.on_done(None if error else Stored(ring_len, pending.duplicates), error)
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
@@ -1788,6 +2118,40 @@ def review_ops(ops: list[dict]) -> list[dict]:
     return reviews
 
 
+# What an LLM review sends, whatever the ring holds: a ring of a thousand endpoints failing
+# with 4 KB errors must not become a prompt of megabytes. Documented in the README.
+LLM_PROMPT_MAX_BYTES = 16 * 1024
+LLM_PROMPT_TEXT_CHARS = 200  # each endpoint, signature and reason is cut to this
+LLM_PROMPT = ("You review the health of services observed by the lakehouse. Given these heuristic "
+              "findings as JSON (the {shown} worst of {total} endpoints, worst first), say what is "
+              "wrong, what is likely causing it, and what to check first. Be brief.\n\n")
+
+
+def _cut_for_prompt(text: str) -> str:
+    return text if len(text) <= LLM_PROMPT_TEXT_CHARS else text[:LLM_PROMPT_TEXT_CHARS] + "…"
+
+
+def llm_prompt(reviews: list[dict]) -> str:
+    """The prompt of an LLM review: the reviews worst first, each text cut, as many as fit in
+    LLM_PROMPT_MAX_BYTES of UTF-8."""
+    total = len(reviews)
+    budget = LLM_PROMPT_MAX_BYTES - len(LLM_PROMPT.format(shown=total, total=total).encode()) - len("[]")
+    shown = []
+    for review in reviews:
+        part = json.dumps({
+            **review,
+            "endpoint": _cut_for_prompt(review["endpoint"]),
+            "top_error_signatures": [{**top, "signature": _cut_for_prompt(top["signature"])}
+                                     for top in review["top_error_signatures"]],
+            "reasons": [_cut_for_prompt(reason) for reason in review["reasons"]],
+        }, ensure_ascii=False)
+        budget -= len(part.encode()) + len(",")
+        if budget < 0:
+            break
+        shown.append(part)
+    return LLM_PROMPT.format(shown=len(shown), total=total) + "[" + ",".join(shown) + "]"
+
+
 # =============================================================================
 # Insights: what the background loops found last, read by the API
 # =============================================================================
@@ -1853,15 +2217,30 @@ def _shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
 
 
 OUTBOUND_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+OUTBOUND_ERROR_CHARS = 300  # of an OutboundError's one line
 
 
 class OutboundError(Exception):
     """An outbound call failed or ran out of time; the message says how, briefly."""
 
 
-def call_json(url: str, timeout_s: float, payload: object = None, token: str = "") -> object:
-    """GET url (POST payload as JSON, when given) and decode the JSON answer, all within
-    timeout_s; with a token, as its bearer. Raises OutboundError.
+def call_json(url: str, timeout_s: float, payload: object = None, key: str = "") -> object:
+    """GET url (POST payload as JSON, when given), with key as its bearer token if any, and
+    decode the JSON answer, all within timeout_s; raises OutboundError, whose message is one
+    short line and never holds key."""
+    try:
+        return _call_json(url, timeout_s, payload, key)
+    except OutboundError as exc:
+        # Errors reach logs and answers, and a peer's words (a reason phrase, a JSON key) may
+        # echo the key: it is taken out before the message is cut, so no part of it is left.
+        message = " ".join(str(exc).split())
+        if key:
+            message = message.replace(key, "(key)")
+        raise OutboundError(message[:OUTBOUND_ERROR_CHARS]) from None
+
+
+def _call_json(url: str, timeout_s: float, payload: object, key: str) -> object:
+    """call_json's exchange.
 
     A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
     a time would hold the caller (a review, or the one loop thread) for as long as it likes.
@@ -1889,8 +2268,8 @@ def call_json(url: str, timeout_s: float, payload: object = None, token: str = "
         if expired.is_set():
             raise TimeoutError  # the deadline passed while connecting: no socket to shut down then
         headers = {"User-Agent": f"{SERVICE}/{VERSION}"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
         if payload is not None:
             headers["Content-Type"] = "application/json"
         connection.request("GET" if payload is None else "POST",
@@ -1908,19 +2287,69 @@ def call_json(url: str, timeout_s: float, payload: object = None, token: str = "
             raise OutboundError("timed out") from None
         if not connected and isinstance(exc, OSError):
             raise OutboundError(f"unreachable: {exc.strerror or exc}") from None
-        raise OutboundError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        raise OutboundError(f"{type(exc).__name__}: {exc}") from None
     finally:
         timer.cancel()
         if connection is not None:
             connection.close()
     if not 200 <= response.status < 300:
-        raise OutboundError(f"HTTP {response.status} {response.reason[:100]}")
+        raise OutboundError(f"HTTP {response.status} {response.reason}")
     if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
         raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
     try:
         return parse_json_strict(body, "answer") if body.strip() else None
     except InvalidOp as exc:
         raise OutboundError(str(exc)) from None
+
+
+# The review's chain of LLM backends, in the order it asks them; each a label value of
+# observerd_llm_requests_total.
+LLM_BACKENDS = ("primary", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class LLMBackend:
+    """One model the review may ask: its place in the chain, how it is spoken to, its key."""
+
+    name: str  # one of LLM_BACKENDS
+    api: str  # one of LLM_APIS
+    url: str
+    model: str
+    key: str = dataclass_field(repr=False)  # "" = none
+
+
+def llm_backends(config: Config) -> list[LLMBackend]:
+    """The backends configured (those with a URL), in the order the review asks them."""
+    chain = [
+        LLMBackend("primary", config.review_llm_api, config.review_llm_url, config.review_llm_model,
+                   config.review_llm_key),
+        LLMBackend("fallback", config.review_fallback_api, config.review_fallback_url,
+                   config.review_fallback_model, config.review_fallback_key),
+    ]
+    return [backend for backend in chain if backend.url]
+
+
+def ask_llm(backend: LLMBackend, prompt: str, timeout_s: float) -> str:
+    """The backend's answer to prompt, within timeout_s; raises OutboundError, also when the
+    answer holds no text."""
+    if backend.api == "ollama":
+        answer = call_json(f"{backend.url}/api/generate", timeout_s,
+                           {"model": backend.model, "prompt": prompt, "stream": False}, backend.key)
+        where = "response"
+        text = answer.get(where) if isinstance(answer, dict) else None
+    else:
+        answer = call_json(f"{backend.url}/v1/chat/completions", timeout_s,
+                           {"model": backend.model, "messages": [{"role": "user", "content": prompt}]},
+                           backend.key)
+        where = "choices[0].message.content"
+        try:
+            text = answer["choices"][0]["message"]["content"]
+        except (TypeError, KeyError, IndexError):
+            text = None
+    # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
+    if not isinstance(text, str) or not text.strip() or _has_lone_surrogate(text):
+        raise OutboundError(f"answer has no '{where}' text in valid Unicode")
+    return text
 
 
 # =============================================================================
@@ -1935,7 +2364,9 @@ SERVER_NAME = f"{SERVICE}/{VERSION}"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 # What observerd_rejected_total counts refusals under; RequestError.reason is one of them.
 REJECTION_REASONS = ("invalid", "unauthorized", "timeout", "length_required", "too_large",
-                     "unsupported_encoding", "persist_failed", "too_many_connections")
+                     "unsupported_encoding", "persist_failed", "too_many_connections", "not_ready")
+# Every 503 carries it: the seconds a client waits before sending the same request again.
+RETRY_AFTER_S = 1
 
 
 class RequestError(Exception):
@@ -1955,7 +2386,7 @@ class RequestError(Exception):
 
 
 INTERNAL_ERROR = RequestError(500, "internal error")
-OVERLOADED = RequestError(503, "too many connections", "too_many_connections", {"Retry-After": "1"})
+OVERLOADED = RequestError(503, "too many connections", "too_many_connections")
 
 
 def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
@@ -1968,7 +2399,7 @@ def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
     if isinstance(exc, TooLarge):
         return RequestError(413, str(exc), "too_large")
     if isinstance(exc, PersistError):
-        return RequestError(503, f"op not persisted: {exc}", "persist_failed", {"Retry-After": "1"})
+        return RequestError(503, f"op not persisted: {exc}", "persist_failed")
     return INTERNAL_ERROR
 
 
@@ -1995,8 +2426,9 @@ class Document(NamedTuple):
 def render_answer(status: int, body: object, close: bool, head_only: bool = False) -> tuple[bytes, int]:
     """Status line, headers and body as one buffer, and the body's size: every answer's bytes.
 
-    body is JSON, a Document, or a RequestError: {"error": message} and its headers. A 304
-    carries no body (RFC 9110 15.4.5) but the Content-Length a 200 would have, like HEAD.
+    body is JSON, a Document, or a RequestError: {"error": message} and its headers. A 503
+    always says when to retry. A 304 carries no body (RFC 9110 15.4.5) but the Content-Length a
+    200 would have, like HEAD.
     """
     headers = None
     if isinstance(body, Document):
@@ -2015,6 +2447,8 @@ def render_answer(status: int, body: object, close: bool, head_only: bool = Fals
     ]
     if headers:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
+    if status == 503:
+        lines.append(f"Retry-After: {RETRY_AFTER_S}")
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
@@ -2061,15 +2495,13 @@ class ConnectionTracker:
 
     def admit(self, sock: socket.socket) -> bool:
         with self._lock:
-            if self._closing:
-                return False
             stalled = None
             if len(self._open) - len(self._cut) >= self.limit:
                 # Waiting on its client: for a request to arrive, or for it to take an answer.
                 # The earliest deadline is the one that has waited the longest.
                 waiting = [(deadline, s, phase) for s, (phase, deadline) in self._open.items()
                            if phase != self.IN_FLIGHT and s not in self._owed and s not in self._cut]
-                if not waiting:
+                if not waiting or self._closing:  # the drain waits for those requests: keep them
                     return False
                 _, stalled, phase = min(waiting, key=lambda entry: entry[0])
                 self._cut[stalled] = f"request stalled while all max_connections={self.limit} were taken"
@@ -2085,11 +2517,12 @@ class ConnectionTracker:
             self._cut.pop(sock, None)
             self._drained.notify_all()
 
-    def awaiting_request(self, sock: socket.socket) -> None:
-        """Between requests: the next one must arrive, whole, before a fresh deadline."""
+    def awaiting_request(self, sock: socket.socket, again: bool) -> None:
+        """Before each request: it must arrive, whole, before a fresh deadline. Once closing,
+        a connection is kept alive for no further request (again), but its first is answered."""
         with self._lock:
             self._open[sock] = Phase(self.IDLE, time.monotonic() + self.request_timeout_s)
-            close_now = self._closing and sock not in self._owed
+            close_now = again and self._closing and sock not in self._owed
         if close_now:
             _shutdown_quietly(sock)
 
@@ -2144,7 +2577,9 @@ class ConnectionTracker:
         _shutdown_quietly(sock, socket.SHUT_RDWR if phase == self.ANSWERING else socket.SHUT_RD)
 
     def close_idle_and_drain(self, timeout_s: float) -> int:
-        """Refuse new connections, close idle ones, let requests in progress finish.
+        """Keep no connection alive past its request from now on, close idle ones, and let
+        requests in progress finish. Connections accepted meanwhile get one request
+        answered (GET /observer/ready says shutting down, writes are refused).
 
         Returns how many connections were still open when the wait ran out.
         """
@@ -2260,12 +2695,14 @@ def read_fields(rfile, what: str) -> RequestHeaders:
 
 @dataclass(frozen=True)
 class Route:
-    """A path's handlers by method, whether it needs the bearer token, and what its body or
-    query holds, as its 400s name it ("invalid op: ...")."""
+    """A path's handlers by method, whether it needs the bearer token, what its body or
+    query holds, as its 400s name it ("invalid op: ..."), and when it answers 503."""
 
     methods: dict[str, Callable]  # HTTP method -> the handler's method answering it
     auth: bool = True
     parses: str | None = None
+    probe: bool = False  # answers in every state; the others serve ops: 503 until restored
+    stores: bool = False  # stores ops: 503 once shutting down, too
 
 
 DEFERRED = object()  # a handler's status when the committer thread will send the answer
@@ -2322,6 +2759,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         # Held while an answer is owed on this connection, so answers leave in request order.
         self._turn = threading.Lock()
         self._dropped = False  # the committer could not deliver an answer: stop serving
+        self._kept_alive = False  # from its second request on, the connection was kept alive
         super().setup()
 
     def finish(self):
@@ -2335,7 +2773,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self._started, self._route, self.command, self.path = None, "unparsed", "", ""
-        self.server.connections.awaiting_request(self.connection)
+        self.server.connections.awaiting_request(self.connection, self._kept_alive)
+        self._kept_alive = True
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -2400,6 +2839,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
                                    headers={"Allow": allow})
             if route.auth:
                 self.authorize()
+            if not route.probe:
+                self.check_available(route.stores)
             status, body = handler(self)
             if status is DEFERRED:
                 return
@@ -2426,6 +2867,14 @@ class HTTPHandler(BaseHTTPRequestHandler):
         ):
             raise RequestError(401, "missing or invalid bearer token", "unauthorized",
                                {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+
+    def check_available(self, stores: bool) -> None:
+        """503 while the ring is being restored, and for a write once shutting down (one whose
+        request was dispatched before still completes: that is what the drain waits for)."""
+        if not self.server.store.restored:
+            raise RequestError(503, RESTORING, "not_ready")
+        if stores and self.server.connections.closing:
+            raise RequestError(503, SHUTTING_DOWN, "not_ready")
 
     def read_body(self) -> bytes:
         """The request body, sized or chunked, bounded by max_body_bytes while it is read."""
@@ -2521,7 +2970,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
     def store_and_answer(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(ring_len), or store_failure's.
+        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
 
         On a plain TCP connection the committer thread sends the answer itself as soon as the
         batch is fsynced, so this thread goes straight back to reading the next request: one
@@ -2540,10 +2989,10 @@ class HTTPHandler(BaseHTTPRequestHandler):
         self._turn.acquire()  # free: dispatch waited for it
         connections.answer_deferred(sock)
 
-        def answer(ring_len: int, error: BaseException | None) -> None:
+        def answer(stored: Stored | None, error: BaseException | None) -> None:
             try:
                 if error is None:
-                    status, body = 200, make_body(ring_len)
+                    status, body = 200, make_body(stored)
                 else:
                     body = store_failure(error, op_count)
                     status = body.status
@@ -2561,7 +3010,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
             store.submit(ops, answer)
         except Exception as exc:  # never leave the turn held: the connection would hang
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            answer(0, exc)
+            answer(None, exc)
         return DEFERRED, None
 
     def exchange(self) -> Exchange:
@@ -2811,22 +3260,32 @@ function opsPath() {
   return "ops?" + q;
 }
 
+/* Shows what answered (the timeline does while restoring, stats does not), then throws the
+   first failure, a refused token before any other. */
 async function refresh() {
-  const [t, stats, playbooks, recent] = await Promise.all(
+  const settled = await Promise.allSettled(
     [api("timeline?seconds=" + WINDOW_S), api("stats"), api("playbooks"), api(opsPath())]);
-  const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
-  showReady(t.ready, ready && ready.reason);
-  ringCapacity = t.ring.capacity;
-  timeline = t;
-  showHeader(t, stats);
-  drawChart(t);
-  endpoints = t.endpoints;
-  showEndpoints();
-  showClusters(t.clusters);
-  showEscalations(t.escalations);
-  showPlaybooks(playbooks);
-  ops = recent.ops;
-  showOps();
+  const [t, stats, playbooks, recent] = settled.map((r) => r.value);
+  if (t) {
+    const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
+    showReady(t.ready, ready && ready.reason);
+    ringCapacity = t.ring.capacity;
+    timeline = t;
+    showHeader(t);
+    drawChart(t);
+    endpoints = t.endpoints;
+    showEndpoints();
+    showClusters(t.clusters);
+    showEscalations(t.escalations);
+  }
+  if (stats) showStats(stats);
+  if (playbooks) showPlaybooks(playbooks);
+  if (recent) {
+    ops = recent.ops;
+    showOps();
+  }
+  const failures = settled.filter((r) => r.status === "rejected").map((r) => r.reason);
+  if (failures.length) throw failures.find((e) => e.status === 401) || failures[0];
 }
 
 function showReady(ready, reason) {
@@ -2834,7 +3293,7 @@ function showReady(ready, reason) {
   $("ready").className = ready ? "ok" : "bad";
 }
 
-function showHeader(t, stats) {
+function showHeader(t) {
   $("version").textContent = "v" + t.version;
   $("uptime").textContent = uptime(t.uptime_s);
   $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
@@ -2842,6 +3301,9 @@ function showHeader(t, stats) {
   $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
     pct(t.ring.ops / t.ring.capacity) + ", " + bytes(t.ring.bytes) + ")";
   $("fsync").textContent = t.fsync_p99_ms == null ? "no fsync yet" : ms(t.fsync_p99_ms);
+}
+
+function showStats(stats) {
   $("stat-total").textContent = count(stats.total, "ops");
   $("stat-ok").textContent = count(stats.successes, "ok");
   $("stat-failed").textContent = count(stats.failures, "failed");
@@ -3043,11 +3505,7 @@ async function tick() {
     $("conn").title = "last refreshed " + updated;
   } catch (e) {
     if (e.status === 401) askToken();
-    else if (e.status) {
-      setConn(e.message + " — retrying", "bad");
-      /* Restoring, a failing journal, shutting down? The daemon's readiness says which. */
-      if (e.status === 503) api("ready", [503]).then((r) => showReady(r.ready, r.reason), () => {});
-    }
+    else if (e.status) setConn(e.message + " — retrying", "bad");
     else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
       setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
     } else setConn("page error: " + e.message, "bad");
@@ -3281,6 +3739,10 @@ class ObserverHandler(HTTPHandler):
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
 
+    def get_ready(self):
+        reason = self.server.unready_reason()
+        return (200, {"ready": True}) if reason is None else (503, {"ready": False, "reason": reason})
+
     def get_stats(self):
         return 200, self.server.store.stats()
 
@@ -3292,7 +3754,10 @@ class ObserverHandler(HTTPHandler):
         body = self.read_body()
         with self.decoding(body):
             op = validate_posted_op(parse_json_strict(body))
-            return self.store_and_answer([op], lambda ring_len: {"accepted": True, "ring_size": ring_len})
+            if OP_ID not in op:  # the answer clients of the Go service compare, byte for byte
+                return self.store_and_answer([op], lambda stored: {"accepted": True, "ring_size": stored.ring_size})
+            return self.store_and_answer([op], lambda stored: {
+                "accepted": True, "duplicate": stored.duplicates == 1, "ring_size": stored.ring_size})
 
     def post_events(self):
         body = self.read_body()
@@ -3301,8 +3766,12 @@ class ObserverHandler(HTTPHandler):
             ops = parse_batch(body, media_type == "application/x-ndjson", self.server.config.max_batch)
             if not ops:
                 return 200, {"accepted": 0, "ring_size": len(self.server.store)}
-            accepted = len(ops)  # the answer must not keep the decoded ops alive until it is sent
-            return self.store_and_answer(ops, lambda ring_len: {"accepted": accepted, "ring_size": ring_len})
+            count = len(ops)  # the answer must not keep the decoded ops alive until it is sent
+            if not any(OP_ID in op for op in ops):
+                return self.store_and_answer(ops, lambda stored: {"accepted": count, "ring_size": stored.ring_size})
+            return self.store_and_answer(ops, lambda stored: {
+                "accepted": count - stored.duplicates, "duplicates": stored.duplicates,
+                "ring_size": stored.ring_size})
 
     def get_ops(self):
         params = query_params(self.target.query, OPS_QUERY_PARAMS)
@@ -3320,7 +3789,7 @@ class ObserverHandler(HTTPHandler):
             "service": SERVICE,
             "version": VERSION,
             "uptime_s": round(time.monotonic() - server.started, 1),
-            "ready": True,  # until GET /observer/ready (issue 11) lands: then the store's readiness
+            "ready": server.unready_reason() is None,  # as GET /observer/ready says
             "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
             "seconds": seconds,
             "sources": sources,
@@ -3361,41 +3830,48 @@ class ObserverHandler(HTTPHandler):
         return 200, result
 
     def add_llm_review(self, result: dict) -> None:
-        """Ask the configured Ollama-compatible model; a failure is reported, not raised."""
-        config = self.server.config
-        if not config.review_llm_url:
-            result["llm_error"] = "review_llm_url is not configured"
+        """Ask the LLM backends in order until one answers; each failure is listed, not raised.
+
+        Each call has its own outbound_timeout_s: a slow first backend still leaves the fall-back
+        its full time, and the chain ends within that times the number of backends.
+        """
+        config, metrics = self.server.config, self.server.metrics
+        errors = result["llm_errors"] = []
+        backends = llm_backends(config)
+        if not backends:
+            errors.append({"backend": LLM_BACKENDS[0], "error": "no LLM backend is configured "
+                           "(review_llm_url, review_fallback_url)"})
             return
-        prompt = ("You review the health of services observed by the lakehouse. Given these "
-                  "heuristic findings as JSON, say what is wrong, what is likely causing it, and "
-                  "what to check first. Be brief.\n\n" + json.dumps(result["reviews"]))
-        try:
-            answer = call_json(f"{config.review_llm_url}/api/generate", config.outbound_timeout_s,
-                               {"model": config.review_llm_model, "prompt": prompt, "stream": False})
-            text = answer.get("response") if isinstance(answer, dict) else None
-            # A \ud800 escape decodes to a lone surrogate, which no UTF-8 answer can carry on.
-            if not isinstance(text, str) or _has_lone_surrogate(text):
-                raise OutboundError("answer has no 'response' text in valid Unicode")
-        except OutboundError as exc:
-            result["llm_error"] = str(exc)
-            log("WARN", "llm review failed", url=config.review_llm_url, error=result["llm_error"])
+        prompt = llm_prompt(result["reviews"])
+        for backend in backends:
+            try:
+                text = ask_llm(backend, prompt, config.outbound_timeout_s)
+            except OutboundError as exc:
+                metrics.llm_requests.inc(backend.name, "failed")
+                errors.append({"backend": backend.name, "error": str(exc)})
+                log("WARN", "llm review failed", backend=backend.name, url=backend.url, error=exc)
+                continue
+            metrics.llm_requests.inc(backend.name, "answered")
+            result.update(method="heuristic+llm", llm_backend=backend.name, llm_model=backend.model,
+                          llm_review=text)
             return
-        result["method"] = "heuristic+llm"
-        result["llm_review"] = text
 
     ROUTES = {
-        "/observer/health": Route({"GET": get_health}, auth=False),
-        "/observer/ui": Route({"GET": get_ui}, auth=False),  # the page holds no data; it asks for the token
+        "/observer/health": Route({"GET": get_health}, auth=False, probe=True),
+        "/observer/ready": Route({"GET": get_ready}, probe=True),
+        # The page holds no data: it loads in every state, and asks for the token itself.
+        "/observer/ui": Route({"GET": get_ui}, auth=False, probe=True),
         "/observer/stats": Route({"GET": get_stats}),
-        "/observer/event": Route({"POST": post_event}, parses="op"),
-        "/observer/events": Route({"POST": post_events}, parses="batch"),
+        "/observer/event": Route({"POST": post_event}, parses="op", stores=True),
+        "/observer/events": Route({"POST": post_events}, parses="batch", stores=True),
         "/observer/errors": Route({"GET": get_errors}),
         "/observer/playbooks": Route({"GET": get_playbooks}),
         "/observer/escalations": Route({"GET": get_escalations}),
         "/observer/review": Route({"POST": post_review}, parses="review request"),
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
-        "/observer/timeline": Route({"GET": get_timeline}, parses="query"),
-        "/metrics": Route({"GET": get_metrics}),
+        # What top and the page show, "restoring" included, so it answers before the ring is whole.
+        "/observer/timeline": Route({"GET": get_timeline}, parses="query", probe=True),
+        "/metrics": Route({"GET": get_metrics}, probe=True),
     }
 
 
@@ -3441,6 +3917,12 @@ class ObserverServer(ThreadingHTTPServer):
     @property
     def metrics(self) -> Metrics:
         return self.store.metrics
+
+    def unready_reason(self) -> str | None:
+        """Why a write would not be accepted now, or None: what GET /observer/ready says."""
+        if self.connections.closing:
+            return SHUTTING_DOWN
+        return self.store.unready_reason()
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
@@ -3670,8 +4152,7 @@ class CorrectionsTailer:
                 if offset == self.offset:
                     break  # only a partial line left: it waits until it is complete
                 if ops:
-                    self.store.submit_and_wait(ops)
-                    stored += len(ops)
+                    stored += len(ops) - self.store.submit_and_wait(ops).duplicates
                 self.offset, self.line = offset, line_no
                 self._save_position()
         return stored
@@ -3769,7 +4250,8 @@ class Escalator:
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
         try:
-            call_json(self.config.escalate_url, self.config.outbound_timeout_s, payload)
+            call_json(self.config.escalate_url, self.config.outbound_timeout_s, payload,
+                      self.config.escalate_token)
         except OutboundError as exc:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
@@ -3821,6 +4303,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
+JOURNAL_PROBE_INTERVAL_S = 1.0  # how often a journal that cannot be written is tried again
 EXIT_STATUS = """
 exit status: 0 ok; 1 runtime error (a file cannot be read, the daemon cannot be reached);
   2 usage or config error (a bad flag or setting, or anything that keeps the daemon from starting)
@@ -3985,6 +4468,7 @@ def files_of_settings(config: Config):
             yield "persist_path", "persist_path's rotated segment", segment
         for scratch in rotation_scratch_paths(journal):
             yield "persist_path", "persist_path's rotation scratch file", scratch
+        yield "persist_path", "persist_path's probe scratch file", probe_scratch_path(journal)
         position = corrections_position_path(journal)
         yield "persist_path", "persist_path's corrections position", position
         yield "persist_path", "persist_path's scratch file", scratch_path(position)
@@ -4094,6 +4578,9 @@ def check(args: argparse.Namespace) -> int:
         value = getattr(config, setting.name)
         if setting.secret:
             print(f"# {setting.name} is {'set' if value else 'not set'} (never shown)")
+        elif setting.env and value:  # whether the variable holds a key, never the key
+            state = "set" if getattr(config, setting.env_value) else "not set"
+            print(f"{setting.name} = {toml_value(value)}  # {value} is {state}")
         else:
             print(f"{setting.name} = {toml_value(value)}")
     return 0
@@ -4154,7 +4641,7 @@ ENDPOINT_SORTS = (
 
 def fetch_timeline(url: str, token: str) -> dict:
     """The daemon's GET /observer/timeline for top; raises OutboundError."""
-    answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, token=token)
+    answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, key=token)
     try:
         top_lines(answer, url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
@@ -4350,37 +4837,26 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
 
 
 def open_store(config: Config) -> OpStore:
-    """Open (and repair) the journal, then restore the ring from its tail."""
+    """Open (and repair) the journal; the ring and the op_id window stay empty until the
+    store's restore()."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    metrics = Metrics(SOURCES, REJECTION_REASONS)
+    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
         journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
         journal.open()
-    store = OpStore(ring, journal, metrics)
-    if config.persist_path is not None:
-        started = time.perf_counter()
-        store.restore(restore_tail(config.persist_path, config.ring_size, config.keep_files,
-                                   config.max_ring_bytes))
-        log("INFO", "restored ops", count=len(store), path=config.persist_path,
-            ms=round((time.perf_counter() - started) * 1000, 1))
-    return store
+    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
+    return OpStore(ring, journal, metrics, window)
 
 
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
-    # Handlers come first, so a signal during startup is not fatal: it is noted here and acted
-    # on once the daemon runs (SIGHUP reopens the journal just opened; SIGTERM stops cleanly).
-    # They only note the signal; the main thread acts on it outside signal context.
-    received: deque[int] = deque()
-    wake = threading.Event()
-
-    def note_signal(signum, _frame):
-        received.append(signum)
-        wake.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, note_signal)
+    # Blocked first, in this thread and so in every thread it starts, then taken by sigwait
+    # once the daemon runs: a signal during startup waits for it (SIGHUP reopens the journal
+    # just opened; SIGTERM stops cleanly), and no handler ever runs in the middle of the code
+    # it interrupts (one that took a lock that code held would hang the daemon for good).
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
     for warning in config.warnings:
@@ -4411,33 +4887,40 @@ def serve(config: Config) -> int:
     log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
     housekeeping = Scheduler("housekeeping")
     housekeeping.every(0.25, server.connections.close_expired)
+    if store.journal is not None:
+        housekeeping.every(JOURNAL_PROBE_INTERVAL_S, store.journal.probe)
     housekeeping.start()
-    loops = start_observer_loops(config, store, insights)
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
-    stopping = False
-    while not stopping:
-        wake.wait()
-        wake.clear()
-        while received:
-            if received.popleft() == signal.SIGHUP:
-                try:
-                    store.reopen_journal()
-                except OSError as exc:
-                    log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
-            else:
-                stopping = True
+    # Answering before restoring: health and ready answer at once, however long the restore
+    # takes; the routes that serve or store ops answer 503 until it is done.
+    status, loops = 0, None
+    try:
+        store.restore()
+    except OSError as exc:
+        log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
+        status = 2
+    else:
+        loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+        while signal.sigwait(signals) == signal.SIGHUP:
+            try:
+                store.reopen_journal()
+            except OSError as exc:
+                log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
 
     log("INFO", "shutting down", open_connections=len(server.connections))
-    server.shutdown()
-    loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+    # Closing comes first, and the listener keeps answering while the drain runs: ready
+    # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
+    if loops is not None:
+        loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+    server.shutdown()
     housekeeping.stop()
     server.server_close()
     store.close()
     log("INFO", "stopped", ops=len(store), abandoned_connections=left)
-    return 0
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

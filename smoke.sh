@@ -19,11 +19,17 @@ start_daemon() {
   pid=$!
   for _ in $(seq 100); do
     addr=$(sed -n 's/.*msg=listening addr=\([^ ]*\).*/\1/p' "$work/daemon.log")
-    [ -n "$addr" ] && { base="http://$addr"; return; }
+    [ -n "$addr" ] && { base="http://$addr"; break; }
     kill -0 "$pid" 2>/dev/null || fail "daemon exited at startup"
     sleep 0.05
   done
-  fail "daemon did not log its address within 5 s"
+  [ -n "$addr" ] || fail "daemon did not log its address within 5 s"
+  # It answers at once and takes ops once its ring is restored: GET /observer/ready says when.
+  for _ in $(seq 100); do
+    [ "$(curl -sS -o /dev/null -w '%{http_code}' "$base/observer/ready")" = 200 ] && return
+    sleep 0.05
+  done
+  fail "daemon not ready within 5 s"
 }
 
 # expect_json DESCRIPTION JSON PYTHON-EXPR: evaluates EXPR with the parsed JSON bound to j.
@@ -36,7 +42,7 @@ post() { curl -sS -o "$work/body" -w '%{http_code}' -X POST -H 'Content-Type: ap
   --data "$1" "$base/observer/event"; }
 
 start_daemon
-pass "daemon listening on $base"
+pass "daemon listening on $base, and ready"
 
 i=0
 for event in \
@@ -73,11 +79,26 @@ grep -q '^observerd_events_total{source="scenario",success="true"} 2$' <<<"$metr
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 pass "daemon killed with SIGKILL"
 start_daemon
+for _ in $(seq 20); do grep -q 'msg="restored ops"' "$work/daemon.log" && break; sleep 0.05; done
 grep -q 'msg="restored ops" count=5' "$work/daemon.log" && pass "restart restored 5 ops" \
   || fail "restart did not log count=5"
 stats=$(curl -sS "$base/observer/stats")
 expect_json "after restart: 5 total, 3 ok, 2 failed" "$stats" "(j['total'], j['successes'], j['failures']) == (5, 3, 2)"
 expect_json "after restart: by_source unchanged" "$stats" "j['by_source'] == {'mcp': 2, 'scenario': 3}"
+
+retried='{"endpoint":"/mcp/search","op_id":"smoke-retry-1","success":true,"duration_ms":9}'
+code=$(post "$retried")
+[ "$code" = 200 ] || fail "op with an op_id: status $code: $(cat "$work/body")"
+expect_json "op with an op_id is stored" "$(cat "$work/body")" "j == {'accepted': True, 'duplicate': False, 'ring_size': 6}"
+before=$(curl -sS "$base/observer/stats")
+code=$(post "$retried")
+[ "$code" = 200 ] || fail "duplicate op_id: status $code: $(cat "$work/body")"
+expect_json "the same op_id again is acknowledged as a duplicate" "$(cat "$work/body")" \
+  "j == {'accepted': True, 'duplicate': True, 'ring_size': 6}"
+[ "$(curl -sS "$base/observer/stats")" = "$before" ] && pass "a duplicate POST leaves stats unchanged" \
+  || fail "stats changed after a duplicate POST"
+copies=$(grep -c '"op_id":"smoke-retry-1"' "$work/ops.jsonl")
+[ "$copies" -eq 1 ] && pass "ops.jsonl holds the op_id once" || fail "ops.jsonl holds it $copies times"
 
 kill -TERM "$pid"
 for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done

@@ -121,6 +121,7 @@ class InProcessServer:
     def __init__(self, config: od.Config):
         self.config = config
         self.store = od.open_store(config)
+        self.store.restore()
         self.server = od.ObserverServer(config, self.store)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
@@ -196,10 +197,14 @@ class Daemon:
     def log(self) -> str:
         return "".join(self._lines)
 
-    def wait_listening(self, timeout=60.0) -> "Daemon":
+    def wait_listening(self, timeout=60.0, restored=True) -> "Daemon":
+        """Until it listens and (restored) has restored its ring: it answers before that, but
+        serves and stores no ops."""
         def listening():
+            log = self.log
+            done = not restored or 'msg="restored ops"' in log or "persist_path=(ephemeral)" in log
             for line in list(self._lines):
-                if "msg=listening" in line:
+                if "msg=listening" in line and done:
                     return line.split("addr=")[1].split()[0]
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log}")
@@ -1187,6 +1192,7 @@ def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
     lines = config.persist_path.read_text().splitlines()
     assert [json.loads(line) for line in lines] == ops
     restored = od.open_store(config)
+    restored.restore()
     assert plain(restored.stats()) == before
     assert dicts(restored.ring.ops) == ops
     restored.close()
@@ -1975,7 +1981,7 @@ def test_an_llm_that_dribbles_its_answer_is_cut_off_at_the_deadline(serve, raw_s
     server.client().post("/observer/events", failures("/x", 6))
     status, result, _ = server.client(timeout=20).post("/observer/review", {"llm": True})
     assert status == 200
-    assert (result["method"], result["llm_error"]) == ("heuristic", "timed out")
+    assert (result["method"], result["llm_errors"]) == ("heuristic", [{"backend": "primary", "error": "timed out"}])
     assert result["reviews"][0]["verdict"] == "failing"
 
 
@@ -2011,7 +2017,8 @@ def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalatio
     client.post("/observer/events", failures("/x", 6))
     status, result, _ = client.post("/observer/review", {"llm": True})
     assert status == 200, result
-    assert result["method"] == "heuristic" and needle in result["llm_error"]
+    [error] = result["llm_errors"]
+    assert result["method"] == "heuristic" and needle in error["error"]
     attempt = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="an attempt")[0]
     # An escalation ignores what the answer says, but not a broken or oversized one.
     assert attempt["outcome"] == ("sent" if needle == "valid Unicode" else "failed")
@@ -2520,9 +2527,10 @@ def test_a_request_stalled_past_the_timeout_is_answered_408_and_an_idle_one_just
     assert server.store.metrics.rejected.values[("timeout",)] == 3
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as never_spoke:
         assert read_until_closed(never_spoke) == b""
-    kept_alive = served_keep_alive(server)
-    assert read_until_closed(kept_alive) == b""  # idle after a request: closed without a word
-    kept_alive.close()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as kept_alive:
+        kept_alive.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_responses(kept_alive, 1)[0][0] == 200
+        assert read_until_closed(kept_alive) == b""  # idle after a request: closed without a word
     assert server.store.stats()["total"] == 0
 
 
@@ -2743,6 +2751,7 @@ GUARDED_ROUTES = [
     ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
     ("GET", "/observer/timeline", None),
     ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
+    ("GET", "/observer/ready", None), ("HEAD", "/observer/ready", None),
 ]
 
 
@@ -2849,7 +2858,7 @@ def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
     server = serve(review_llm_url=broken.url)
     server.client().post("/observer/events", failures("/x", 6))
     result = review(server, llm=True)
-    assert result["method"] == "heuristic" and "HTTP 500" in result["llm_error"]
+    assert result["method"] == "heuristic" and "HTTP 500" in result["llm_errors"][0]["error"]
     assert result["reviews"][0]["verdict"] == "failing"
 
     release = threading.Event()
@@ -2857,10 +2866,10 @@ def test_review_asks_the_llm_and_falls_back_when_it_fails(serve, fake_service):
     server = serve(review_llm_url=hung.url, outbound_timeout_s=0.3)
     try:
         result = review(server, llm=True)
-        assert result["method"] == "heuristic" and result["llm_error"] == "timed out"
+        assert result["method"] == "heuristic" and result["llm_errors"] == [{"backend": "primary", "error": "timed out"}]
     finally:
         release.set()
-    assert "llm_error" in review(serve(), llm=True)  # no review_llm_url configured
+    assert "configured" in review(serve(), llm=True)["llm_errors"][0]["error"]  # no backend configured
 
 
 def test_ops_query_filters_newest_first(serve):
@@ -2947,6 +2956,7 @@ def closed_port_url() -> str:
 def make_tailer(tmp_path, corrections: Path):
     config = make_config(tmp_path)
     store = od.open_store(config)
+    store.restore()
     sidecar = tmp_path / "ops.jsonl.corrections-position"
     return od.CorrectionsTailer(corrections, store, sidecar, config.max_batch, config.max_body_bytes), store
 
@@ -3518,8 +3528,10 @@ def test_sigterm_finishes_in_flight_request_and_exits_0(tmp_path, daemons):
     assert idle.get("/observer/health")[0] == 200  # an idle keep-alive connection stays open
     body = json.dumps({"endpoint": "/in-flight"}).encode()
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
-        sock.sendall(b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:5])
-        wait_for(lambda: daemon.client().get("/observer/health")[0] == 200)
+        sock.sendall(b"POST /observer/event HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n"
+                     % len(body) + body[:5])
+        # 100 Continue comes once the request is dispatched and its body awaited: in progress.
+        assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
         daemon.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in daemon.log, what="shutdown to begin")
         sock.sendall(body[5:])
@@ -3872,6 +3884,314 @@ def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemon
     assert len((tmp_path / "ops.jsonl").read_bytes().splitlines()) == 10
     ops = client.get(f"/observer/ops?limit={stats['total']}")[1]
     assert ops["count"] == stats["total"] and ops["ops"][0] == stats["recent_scenario_ops"][-1]
+
+
+# --- issue 13: LLM review chain ---
+
+
+class FakeBackend:
+    """A loopback service recording each POST as (path, headers with lower-cased names, JSON
+    body, body bytes). It answers `reply` on `path` (404 elsewhere) with `status` and `reason`;
+    held, it holds every request until close(), which runs at teardown."""
+
+    def __init__(self, path: str, reply: dict, status: int = 200, reason: str | None = None,
+                 held: bool = False):
+        self.requests: list[tuple[str, dict, dict, int]] = []
+        self.released = threading.Event()
+        if not held:
+            self.released.set()
+        fake = self
+
+        class Handler(od.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                fake.requests.append((self.path, headers, json.loads(raw), len(raw)))
+                fake.released.wait(120)
+                code, payload = (status, json.dumps(reply).encode()) if self.path == path else (404, b"{}")
+                try:
+                    self.send_response(code, reason)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass  # observerd gave up on it
+
+            def log_message(self, *args):
+                pass
+
+        self.server = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def openai_reply(text: str) -> dict:
+    return {"id": "c1", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+LLM_PATHS = {"ollama": "/api/generate", "openai": "/v1/chat/completions"}
+
+
+def llm_reply(api: str, text: str) -> dict:
+    return {"model": "m", "response": text, "done": True} if api == "ollama" else openai_reply(text)
+
+
+@pytest.fixture
+def backend():
+    """backend(api, text=…, status=…, reason=…, held=…): a fake LLM speaking api, or with
+    api=None the LLM team's /api/run."""
+    def make(api: str | None, text: str = "an answer", **kw) -> FakeBackend:
+        if api is None:
+            return FakeBackend("/api/run", {"ok": True}, **kw)
+        return FakeBackend(LLM_PATHS[api], llm_reply(api, text), **kw)
+    yield from started_by_test(make, FakeBackend.close)
+
+
+def chain(primary, fallback, primary_api="ollama", fallback_api="openai", **settings) -> dict:
+    """The settings of a review chain over these backends (each a FakeBackend, a RawService or a URL)."""
+    primary_url, fallback_url = (b if isinstance(b, str) else b.url for b in (primary, fallback))
+    return {"review_llm_url": primary_url, "review_llm_model": "local-test", "review_llm_api": primary_api,
+            "review_fallback_url": fallback_url, "review_fallback_model": "hosted-test",
+            "review_fallback_api": fallback_api, **settings}
+
+
+def llm_counts(port: int) -> dict[tuple[str, str], float]:
+    client = Client(port)
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    client.close()
+    return {(labels["backend"], labels["outcome"]): value
+            for _, labels, value in families["observerd_llm_requests_total"]["samples"]}
+
+
+def no_port_url() -> str:
+    return closed_port_url().removesuffix("/api/run")
+
+
+def test_llm_request_counters_exist_from_0(serve):
+    assert llm_counts(serve().port) == {("primary", "answered"): 0, ("primary", "failed"): 0,
+                                        ("fallback", "answered"): 0, ("fallback", "failed"): 0}
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_the_primary_answers_the_review_in_its_api(serve, backend, api):
+    primary, fallback = backend(api, "The /x endpoint is failing: check the DB."), backend("openai")
+    server = serve(**chain(primary, fallback, primary_api=api))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert (result["method"], result["llm_backend"], result["llm_model"]) == ("heuristic+llm", "primary", "local-test")
+    assert result["llm_review"] == "The /x endpoint is failing: check the DB." and result["llm_errors"] == []
+    assert result["reviews"][0]["verdict"] == "failing"
+    [(path, headers, sent, _)] = primary.requests
+    assert path == LLM_PATHS[api] and sent["model"] == "local-test"
+    prompt = sent["prompt"] if api == "ollama" else sent["messages"][0]["content"]
+    if api == "ollama":
+        assert sent["stream"] is False
+    else:
+        assert [m["role"] for m in sent["messages"]] == ["user"]
+    assert "/x" in prompt and "the 1 worst of 1 endpoints" in prompt
+    assert "authorization" not in headers  # no key configured, none sent
+    assert fallback.requests == []
+    assert llm_counts(server.port)[("primary", "answered")] == 1
+
+
+def test_a_failing_primary_hands_the_review_to_the_fallback(serve, backend):
+    primary, fallback = backend("ollama", status=500), backend("openai", "hosted says: roll back")
+    server = serve(**chain(primary, fallback))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert (result["method"], result["llm_backend"], result["llm_model"]) == ("heuristic+llm", "fallback", "hosted-test")
+    assert result["llm_review"] == "hosted says: roll back"
+    assert result["llm_errors"] == [{"backend": "primary", "error": "HTTP 500 Internal Server Error"}]
+    [(path, _, sent, _)] = fallback.requests
+    assert path == "/v1/chat/completions" and sent["model"] == "hosted-test"
+    assert sent["messages"] == [{"role": "user", "content": primary.requests[0][2]["prompt"]}]
+    counts = llm_counts(server.port)
+    assert (counts[("primary", "failed")], counts[("fallback", "answered")]) == (1, 1)
+
+
+def test_a_slow_primary_is_given_up_at_its_deadline_and_the_fallback_answers(serve, backend):
+    # The primary holds the request until teardown: the review can only end by giving it up.
+    primary, fallback = backend("ollama", held=True), backend("openai", "hosted says: hi")
+    server = serve(**chain(primary, fallback, outbound_timeout_s=2))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = server.client(timeout=120).post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
+    assert result["llm_errors"] == [{"backend": "primary", "error": "timed out"}]
+    assert len(primary.requests) == 1 and not primary.released.is_set()
+
+
+def test_when_every_backend_fails_the_review_is_the_heuristic_one_with_both_errors(serve, backend):
+    server = serve(**chain(backend("ollama", status=503), no_port_url()))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert result["method"] == "heuristic" and result["reviews"][0]["verdict"] == "failing"
+    assert not {"llm_review", "llm_backend", "llm_model"} & result.keys()
+    [primary, fallback] = result["llm_errors"]
+    assert primary == {"backend": "primary", "error": "HTTP 503 Service Unavailable"}
+    assert fallback["backend"] == "fallback" and fallback["error"].startswith("unreachable: ")
+    counts = llm_counts(server.port)
+    assert (counts[("primary", "failed")], counts[("fallback", "failed")]) == (1, 1)
+
+
+def test_the_prompt_stays_under_its_cap_with_a_ring_of_large_errors(serve, backend):
+    primary, fallback = backend("ollama", status=500), backend("openai")
+    server = serve(ring_size=1000, **chain(primary, fallback))
+    client = server.client(timeout=120)
+    for batch in range(4):  # 1000 endpoints of 1 KB names, failing with distinct 4 KB errors
+        ops = [{"endpoint": f"/{'e' * 1000}/{batch}/{i}", "error": f"{batch}-{i} " + "boom " * 800}
+               for i in range(250)]
+        assert client.post("/observer/events", ops)[0] == 200
+    result = client.post("/observer/review", {"llm": True})[1]
+    assert result["llm_backend"] == "fallback" and len(result["reviews"]) == 1000
+    for prompt, body_bytes in [(primary.requests[0][2]["prompt"], primary.requests[0][3]),
+                               (fallback.requests[0][2]["messages"][0]["content"], fallback.requests[0][3])]:
+        assert len(prompt.encode()) <= od.LLM_PROMPT_MAX_BYTES
+        assert body_bytes <= 2 * od.LLM_PROMPT_MAX_BYTES  # even with every quote escaped again
+        shown = int(re.search(r"the (\d+) worst of 1000 endpoints", prompt).group(1))
+        assert shown >= 1 and prompt.count('"verdict"') == shown
+        assert "/" + "e" * (od.LLM_PROMPT_TEXT_CHARS - 1) + "…" in prompt
+
+
+def chunked_answer(body: bytes) -> bytes:
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+
+
+HUGE_ANSWER = b'{"response": "' + b"x" * od.OUTBOUND_MAX_ANSWER_BYTES + b'"}'
+
+
+@pytest.mark.parametrize("api, answer, error", [
+    ("ollama", http_answer(HUGE_ANSWER), f"answer is larger than {od.OUTBOUND_MAX_ANSWER_BYTES} bytes"),
+    ("ollama", chunked_answer(HUGE_ANSWER), f"answer is larger than {od.OUTBOUND_MAX_ANSWER_BYTES} bytes"),
+    ("openai", http_answer(b"<html>502 Bad Gateway</html>"),
+     "answer is not valid JSON: Expecting value at line 1 column 1"),
+    ("ollama", http_answer(json.dumps(openai_reply("hi")).encode()), "answer has no 'response' text in valid Unicode"),
+    ("ollama", http_answer(b'{"response": 42}'), "answer has no 'response' text in valid Unicode"),
+    ("ollama", http_answer(b'{"response": "  \\n"}'), "answer has no 'response' text in valid Unicode"),
+    ("openai", http_answer(b'{"response": "hi"}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b'{"choices": []}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b'{"choices": "hi"}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b"[1, 2]"), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b""), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("ollama", b"garbage\r\n\r\n", "BadStatusLine: garbage"),  # the status line's CRLF is not kept
+], ids=["huge", "huge chunked", "not json", "openai shape to ollama", "number", "blank",
+        "ollama shape to openai", "no choices", "choices a string", "array", "empty", "bad status"])
+def test_a_huge_or_malformed_answer_is_that_backends_error(serve, backend, raw_service, api, answer, error):
+    primary, fallback = raw_service(answer), backend("ollama" if api == "openai" else "openai", "fine")
+    server = serve(**chain(primary, fallback, primary_api=api,
+                           fallback_api="ollama" if api == "openai" else "openai"))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = server.client(timeout=60).post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "fine")
+    [failed] = result["llm_errors"]
+    assert failed["backend"] == "primary" and failed["error"].startswith(error), failed
+    assert "\n" not in failed["error"] and "\r" not in failed["error"]
+
+
+KEY_VARS = {"primary": "OBSERVERD_TEST_PRIMARY_KEY", "fallback": "OBSERVERD_TEST_FALLBACK_KEY",
+            "escalation": "OBSERVERD_TEST_ESCALATE_TOKEN"}
+
+
+def test_backend_keys_come_from_the_environment_and_show_nowhere(tmp_path, daemons, backend):
+    keys = {name: f"{name[:2]}-{os.urandom(16).hex()}" for name in KEY_VARS}
+    env = {KEY_VARS[name]: key for name, key in keys.items()}
+    # The primary refuses, echoing the key in its reason phrase: the error must not carry it on.
+    primary = backend("ollama", status=401, reason=f"invalid key {keys['primary']} for this model")
+    fallback, team = backend("openai", "hosted says: hi"), backend(None)
+    config = write_settings(tmp_path, {
+        "bind": "127.0.0.1:0", "persist_path": "ops.jsonl", "access_log": True, "token": "t0ken",
+        "analyze_interval_s": 0.05, "escalate_url": team.url + "/api/run", "escalate_threshold": 1,
+        "escalate_token_env": KEY_VARS["escalation"], "review_llm_key_env": KEY_VARS["primary"],
+        "review_fallback_key_env": KEY_VARS["fallback"], **chain(primary, fallback)})
+    checked = run_cli("check", "--config", str(config), env=env)
+    assert checked.returncode == 0, checked.stderr
+    for setting, name in [("review_llm_key_env", "primary"), ("review_fallback_key_env", "fallback"),
+                          ("escalate_token_env", "escalation")]:
+        assert f'{setting} = "{KEY_VARS[name]}"  # {KEY_VARS[name]} is set' in checked.stdout
+    daemon = daemons(tmp_path, config=config, env=env).wait_listening()
+    client = daemon.client(token="t0ken")
+    client.post("/observer/events", failures("/x", 6))
+    result = client.post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
+    assert result["llm_errors"] == [{"backend": "primary", "error": "HTTP 401 invalid key (key) for this model"}]
+    assert primary.requests[0][1]["authorization"] == f"Bearer {keys['primary']}"
+    assert fallback.requests[0][1]["authorization"] == f"Bearer {keys['fallback']}"
+    wait_for(lambda: team.requests, what="the escalation")
+    assert team.requests[0][1]["authorization"] == f"Bearer {keys['escalation']}"
+    escalations = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="it listed")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    assert 'msg="llm review failed" backend=primary' in daemon.log and "msg=request" in daemon.log
+    shown = json.dumps([result, escalations]) + checked.stdout + checked.stderr + daemon.log + config.read_text()
+    for key in keys.values():
+        assert key not in shown
+
+
+def test_the_escalation_carries_its_token_from_the_environment(tmp_path, backend):
+    team = backend(None)
+    config = od.load_config(str(write_settings(tmp_path, {
+        "bind": "127.0.0.1:0", "persist_path": "ops.jsonl", "analyze_interval_s": 0.05,
+        "escalate_url": team.url + "/api/run", "escalate_threshold": 1, "escalate_token_env": "TEAM_TOKEN"})),
+        environ={"TEAM_TOKEN": "team-s3cret"})
+    server = InProcessServer(config)
+    try:
+        server.client().post("/observer/event", {"endpoint": "/x", "error": "boom"})
+        wait_for(lambda: team.requests, what="the escalation")
+        path, headers, sent, _ = team.requests[0]
+        assert (path, headers["authorization"], sent["mode"]) == ("/api/run", "Bearer team-s3cret", "code_review")
+    finally:
+        server.close()
+
+
+def test_the_llm_settings_are_checked_at_startup(tmp_path, daemons):
+    printed = check_and_serve_refuse(tmp_path, {
+        "escalate_token_env": "1TOKEN", "review_llm_api": "gpt", "review_llm_key_env": "sk-live-abc123",
+        "review_fallback_url": "ftp://models.example", "review_fallback_api": ""}, daemons)
+    env_name = "must be the name of an environment variable (letters, digits and _, not starting with a digit)"
+    assert printed == [
+        f"[observerd] escalate_token_env {env_name}",
+        "[observerd] review_llm_api must be one of ollama, openai, got 'gpt'",
+        f"[observerd] review_llm_key_env {env_name}",
+        "[observerd] review_fallback_url must be an http:// or https:// URL",
+        "[observerd] review_fallback_api must be one of ollama, openai, got ''",
+        "[observerd] review_fallback_model must be set when review_fallback_url is",
+    ]
+
+
+def test_a_key_variable_that_is_unset_warns_and_one_no_header_can_carry_stops_startup(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                     "review_fallback_key_env": "OBSERVERD_TEST_UNSET_KEY"})
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    warning = ("[observerd] review_fallback_key_env names OBSERVERD_TEST_UNSET_KEY, which is not set: "
+               "calls go without a key")
+    assert f"warning: {warning}" in checked.stderr
+    assert ('review_fallback_key_env = "OBSERVERD_TEST_UNSET_KEY"  # OBSERVERD_TEST_UNSET_KEY is not set'
+            in checked.stdout)
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    assert any("level=WARN" in line and warning in line for line in daemon.log.splitlines())
+    daemon.stop()
+
+    env = {"OBSERVERD_TEST_UNSET_KEY": "sk-one\nsk-two"}
+    checked = run_cli("check", "--config", str(config), env=env)
+    problem = ("[observerd] review_fallback_key_env: OBSERVERD_TEST_UNSET_KEY must hold printable ASCII "
+               "without leading or trailing spaces")
+    assert checked.returncode == 2 and problem in checked.stderr
+    refused = daemons(tmp_path, config=config, env=env)
+    assert refused.exit_status() == 2 and problem in refused.log
+    assert "sk-one" not in checked.stderr + checked.stdout + refused.log
 
 
 # --- issue 12: timeline and top ---
@@ -4276,6 +4596,494 @@ def test_top_says_when_the_answer_is_not_a_timeline_it_can_show(answer):
     assert result.stderr == f"observerd.py top: {url}: the answer is not a timeline this top can show\n"
 
 
+# --- issue 11: readiness ---
+
+
+HOOKED_DAEMON = """\
+import sys
+sys.path.insert(0, {here!r})
+import observerd
+{hook}
+sys.exit(observerd.main(sys.argv[1:]))
+"""
+
+
+def hooked_daemon_script(folder: Path, hook: str) -> Path:
+    """observerd.py's main run after hook, Python that patches the observerd module: a way to
+    hold the real daemon at a chosen point for as long as a test needs."""
+    script = folder / "hooked_observerd.py"
+    script.write_text(HOOKED_DAEMON.format(here=str(HERE), hook=hook))
+    return script
+
+
+def get_fresh(port: int, path: str, method: str = "GET", body=None) -> tuple[int, dict | None, object]:
+    """One request on a connection of its own, closed after the answer."""
+    client = Client(port)
+    try:
+        return client.request(method, path, body)
+    finally:
+        client.close()
+
+
+def io_write_calls(pid: int) -> int:
+    """write(2)-family calls the process has made, failed ones too (proc(5): syscw)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/pid/io")
+
+
+def test_ready_is_200_when_a_write_would_be_accepted_ephemeral_too(serve):
+    for server in (serve(), serve(persist_path="")):
+        client = server.client()
+        status, body, resp = client.get("/observer/ready")
+        assert (status, body, resp.getheader("Retry-After")) == (200, {"ready": True}, None)
+        assert client.request("HEAD", "/observer/ready")[:2] == (200, None)
+
+
+def test_a_failed_commit_makes_observerd_unready_and_the_next_good_commit_ready(serve, monkeypatch):
+    server = serve()
+    FsyncSpy(monkeypatch, fail_calls={1})  # a real EIO from the disk, as fsync reports it
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body["ready"], resp.getheader("Retry-After")) == (503, False, "1")
+    assert body["reason"] == f"journal cannot be written: Input/output error ({server.config.persist_path})"
+    assert client.get("/observer/health")[0] == 200
+    assert client.post("/observer/event", {"endpoint": "/kept"})[0] == 200  # writes are still tried
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+
+
+def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_without_traffic(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+    accepted, status = 0, 200
+    while status == 200:
+        status, _, _ = client.post("/observer/event", {"endpoint": f"/fill/{accepted}", "pad": "x" * 40})
+        accepted += status == 200
+    assert status == 503
+    path = tmp_path / "ops.jsonl"
+    journal = path.read_bytes()
+    reason = f"journal cannot be written: File too large ({path.resolve()})"
+    unready = (503, {"ready": False, "reason": reason}, "1")
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == unready
+    # The probe runs every second and fails while the limit stands: a byte appended at the
+    # end would fit, the op that failed would not. Two write calls with nothing else to
+    # write are two probes: the answer must not have changed.
+    calls = io_write_calls(daemon.proc.pid)
+    wait_for(lambda: io_write_calls(daemon.proc.pid) >= calls + 2, what="two probes")
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == unready
+    assert client.get("/observer/health")[0] == 200
+
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
+    assert client.get("/observer/ready")[1] == {"ready": True}
+    assert "found_by=probe" in daemon.log
+    assert path.read_bytes() == journal, "the probe must leave the journal as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl"]
+    assert client.post("/observer/event", {"endpoint": "/after"})[0] == 200
+    assert len(replay_forward(path)) == accepted + 1
+
+
+def test_it_answers_before_restoring_and_serves_no_ops_until_restored(tmp_path, daemons):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(op(f"/before/{i}")) for i in range(3)))
+    gate = tmp_path / "restore-gate"
+    os.mkfifo(gate)
+    # Restore reads the journal once the test opens the FIFO: till then it is held, as a
+    # slow disk would hold it, on any machine.
+    script = hooked_daemon_script(tmp_path, f"""
+restore_tail = observerd.restore_tail
+def held_restore_tail(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_tail(*args, **kwargs)
+observerd.restore_tail = held_restore_tail
+""")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, script=script).wait_listening(restored=False)
+    status, body, resp = get_fresh(daemon.port, "/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == (503, {"ready": False, "reason": od.RESTORING}, "1")
+    assert get_fresh(daemon.port, "/observer/health")[:2] == (200, {"status": "ok", "service": "observerd",
+                                                                     "ring_size": 0})
+    refused = [("POST", "/observer/event", {"endpoint": "/early"}),
+               ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/stats", None),
+               ("GET", "/observer/ops", None), ("GET", "/observer/errors", None),
+               ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
+               ("POST", "/observer/review", {})]
+    for method, route, body in refused:
+        status, answer, resp = get_fresh(daemon.port, route, method, body)
+        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.RESTORING}, "1"), route
+    metrics = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    metrics.request("GET", "/metrics")
+    response = metrics.getresponse()
+    assert response.status == 200
+    refusals = sample(parse_exposition(response.read().decode()), "observerd_rejected_total", reason="not_ready")
+    assert refusals == len(refused)
+    metrics.close()
+    assert 'msg="restored ops"' not in daemon.log
+
+    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
+    wait_for(lambda: get_fresh(daemon.port, "/observer/ready")[0] == 200, what="the restore to finish")
+    wait_for(lambda: 'msg="restored ops" count=3' in daemon.log, what="the restore's log line")
+    client = daemon.client()
+    assert client.get("/observer/stats")[1]["total"] == 3
+    assert client.post("/observer/event", {"endpoint": "/after"})[1] == {"accepted": True, "ring_size": 4}
+    assert endpoints_in(path) == ["/before/0", "/before/1", "/before/2", "/after"]
+
+
+def test_from_sigterm_to_exit_ready_says_shutting_down_and_health_still_answers(tmp_path, daemons):
+    # The drain waits for the request held below as long as the test needs, on any machine.
+    script = hooked_daemon_script(tmp_path, "observerd.SHUTDOWN_GRACE_S = 600")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                       "request_timeout_s": 600.0})
+    daemon = daemons(tmp_path, config=config, script=script).wait_listening()
+    assert get_fresh(daemon.port, "/observer/ready")[0] == 200
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as held:
+        # 100 Continue comes once the request is dispatched and its body awaited: in progress.
+        held.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert held.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        daemon.proc.send_signal(signal.SIGTERM)
+
+        def ready_status():
+            try:
+                return get_fresh(daemon.port, "/observer/ready")[0]
+            except (OSError, http.client.HTTPException):
+                return None  # a connection accepted just as closing began is closed unanswered
+        wait_for(lambda: ready_status() == 503, what="ready to say 503")
+        status, answer, resp = get_fresh(daemon.port, "/observer/ready")
+        assert (status, answer) == (503, {"ready": False, "reason": od.SHUTTING_DOWN})
+        assert (resp.getheader("Retry-After"), resp.getheader("Connection")) == ("1", "close")
+        assert get_fresh(daemon.port, "/observer/health")[0] == 200
+        assert get_fresh(daemon.port, "/observer/stats")[0] == 200
+        status, answer, resp = get_fresh(daemon.port, "/observer/event", "POST", {"endpoint": "/late"})
+        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.SHUTTING_DOWN}, "1")
+        assert daemon.proc.poll() is None, "the drain waits for the request in progress"
+        held.sendall(body)
+        assert parse_response(read_until_closed(held)) == (200, {"accepted": True, "ring_size": 1})
+    assert daemon.exit_status() == 0
+    assert "abandoned_connections=0" in daemon.log
+    assert endpoints_in(tmp_path / "ops.jsonl") == ["/in-flight"]
+
+
+def test_while_draining_a_new_connection_never_takes_the_place_of_a_request_in_progress():
+    tracker = od.ConnectionTracker(limit=1, request_timeout_s=600)
+    in_progress, peer = socket.socketpair()
+    newcomer, newcomer_peer = socket.socketpair()
+    try:
+        assert tracker.admit(in_progress)
+        tracker.headers_read(in_progress)  # its body is on the way
+        assert tracker.close_idle_and_drain(0) == 1
+        assert not tracker.admit(newcomer)  # answered 503 "too many connections" instead
+        assert tracker.cut_reason(in_progress) is None
+    finally:
+        for sock in (in_progress, peer, newcomer, newcomer_peer):
+            sock.close()
+
+
+def test_a_probe_file_left_by_a_crash_mid_probe_is_removed_at_start(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    od.probe_scratch_path(path).write_bytes(b"\n")
+    journal = od.Journal(path)
+    journal.open()
+    journal.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.jsonl"]
+
+
+# --- issue 11: op_id deduplication ---
+
+
+def scrape(client: Client) -> dict[str, dict]:
+    client.conn.request("GET", "/metrics")
+    return parse_exposition(client.conn.getresponse().read().decode())
+
+
+def journal_op_ids(path: Path, keep_files: int = 0) -> list[str | None]:
+    """The op_id of every line of a journal and its segments, oldest first."""
+    segments = reversed([p for p in od.segment_paths(path, keep_files) if p.exists()])
+    return [json.loads(line).get("op_id") for p in segments for line in p.read_bytes().splitlines()]
+
+
+def answer_body(raw: bytes) -> bytes:
+    return raw.partition(b"\r\n\r\n")[2]
+
+
+def test_answers_say_whether_an_op_was_a_duplicate_and_stay_byte_identical_without_op_id(serve):
+    server = serve()
+    port = server.port
+    # Without an op_id, the original answers, byte for byte.
+    assert answer_body(raw_exchange(port, raw_post(b"/observer/event", b'{"endpoint":"/plain"}'))) == \
+        b'{"accepted": true, "ring_size": 1}'
+    assert answer_body(raw_exchange(port, raw_post(b"/observer/events", b'[{"endpoint":"/a"},{"endpoint":"/b"}]'))) == \
+        b'{"accepted": 2, "ring_size": 3}'
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
+        (200, {"accepted": True, "duplicate": False, "ring_size": 4})
+    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
+        (200, {"accepted": True, "duplicate": True, "ring_size": 4})
+    # Two of one op_id in a batch: the second is the duplicate; ops without one are stored.
+    status, body, _ = client.post("/observer/events", [
+        {"endpoint": "/x", "op_id": "x"}, {"endpoint": "/y", "op_id": "y"}, {"endpoint": "/y", "op_id": "y"},
+        {"endpoint": "/no-id"}])
+    assert (status, list(body.items())) == (200, [("accepted", 2), ("duplicates", 2), ("ring_size", 6)])
+    assert journal_op_ids(server.config.persist_path) == [None, None, None, "x", "y", None]
+    assert [o.endpoint for o in server.store.ring.ops][-3:] == ["/x", "/y", "/no-id"]
+
+
+@pytest.mark.parametrize("client_gives_up", ["after the fsync", "before the fsync"])
+def test_a_retry_after_a_dropped_answer_is_stored_once(serve, monkeypatch, client_gives_up):
+    server = serve()
+    spy = FsyncSpy(monkeypatch, held=client_gives_up == "before the fsync")
+    body = json.dumps({"endpoint": "/pay", "op_id": "pay-1", "duration_ms": 7}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(raw_post(b"/observer/event", body))
+        if client_gives_up == "after the fsync":
+            wait_for(lambda: b"pay-1" in server.config.persist_path.read_bytes(), what="the op to be durable")
+        else:
+            wait_for(spy.entered.is_set, what="the commit to reach fsync")
+    # The connection is closed without its answer having been read; the commit goes on.
+    spy.release()
+    client = server.client()
+    assert client.post("/observer/event", body)[:2] == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
+    assert journal_op_ids(server.config.persist_path) == ["pay-1"]
+    assert [o.endpoint for o in server.store.ring.ops] == ["/pay"]
+
+
+@pytest.mark.parametrize("persist", ["durable", "ephemeral"])
+def test_eight_threads_posting_the_same_500_op_ids_store_each_once(serve, persist):
+    server = serve(**({"persist_path": ""} if persist == "ephemeral" else {}))
+    answers: list[tuple[int, str, object]] = []
+
+    def post_all(n):
+        client = server.client()
+        for op_id in (f"op-{i}" for i in range(500)):  # in step: every id is contended
+            status, body, _ = client.post("/observer/event", {"endpoint": f"/e/{op_id}", "op_id": op_id})
+            answers.append((status, op_id, body and body.get("duplicate")))
+
+    in_threads(post_all, 8, timeout=600)
+    assert len(answers) == 8 * 500 and all(status == 200 for status, _, _ in answers)
+    stored = Counter(op_id for _, op_id, duplicate in answers if duplicate is False)
+    assert stored == Counter({f"op-{i}": 1 for i in range(500)})
+    assert sorted(o.endpoint for o in server.store.ring.ops) == sorted(f"/e/op-{i}" for i in range(500))
+    if persist == "durable":
+        assert sorted(journal_op_ids(server.config.persist_path)) == sorted(f"op-{i}" for i in range(500))
+    families = scrape(server.client())
+    assert sample(families, "observerd_duplicates_total") == 7 * 500
+    assert sample(families, "observerd_events_total", source="mcp", success="false") == 500
+
+
+def test_overlapping_batches_count_exactly(serve):
+    server = serve()
+    client = server.client()
+    batch = lambda ids: [{"endpoint": f"/b/{i}", "op_id": f"b-{i}"} for i in ids]
+    assert client.post("/observer/events", batch(range(0, 100)))[1] == {"accepted": 100, "duplicates": 0, "ring_size": 100}
+    assert client.post("/observer/events", batch(range(50, 150)))[1] == {"accepted": 50, "duplicates": 50, "ring_size": 150}
+    ndjson = b"".join(json.dumps(o).encode() + b"\n" for o in batch([149, 150, 150]))
+    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert body == {"accepted": 1, "duplicates": 2, "ring_size": 151}
+    # Concurrent shippers re-sending overlapping windows of the same stream.
+    totals = []
+
+    def ship(n):
+        own = server.client()
+        for k in range(5):
+            start = 151 + (n * 5 + k) * 20
+            status, body, _ = own.post("/observer/events", batch(range(start, start + 60)))
+            assert status == 200
+            totals.append((body["accepted"], body["duplicates"]))
+
+    in_threads(ship, 6, timeout=300)
+    distinct = set(range(151, 151 + (5 * 5 + 4) * 20 + 60))
+    assert sum(accepted for accepted, _ in totals) == len(distinct)
+    assert sum(duplicates for _, duplicates in totals) == 30 * 60 - len(distinct)
+    in_file = journal_op_ids(server.config.persist_path)
+    assert len(in_file) == len(set(in_file)) == 151 + len(distinct)
+    assert len(server.store.ring.ops) == len(in_file)
+
+
+@pytest.mark.parametrize("outcome", ["stored", "failed"])
+def test_a_duplicate_of_an_op_in_flight_waits_for_its_commit_and_is_never_lost(serve, monkeypatch, outcome):
+    server = serve()
+    # The first commit is held in its fsync, which then succeeds or fails.
+    spy = FsyncSpy(monkeypatch, held=True, fail_calls={1} if outcome == "failed" else ())
+    body = {"endpoint": "/charge", "op_id": "charge-7"}
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(answer=server.client().post("/observer/event", body)[:2]))
+    thread.start()
+    wait_for(spy.entered.is_set, what="the first commit to reach fsync")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw_post(b"/observer/event", json.dumps(body).encode()))
+        wait_for(lambda: len(server.store._queue) == 1, what="the duplicate to queue")
+        # Not answered while the op it duplicates is not yet durable.
+        assert select.select([sock], [], [], 0.3)[0] == []
+        spy.release()
+        thread.join(60)
+        second = read_responses(sock, 1)[0]
+    if outcome == "stored":
+        assert first["answer"] == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
+        assert second == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
+    else:
+        assert first["answer"][0] == 503
+        assert second == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
+    assert journal_op_ids(server.config.persist_path) == ["charge-7"]
+    assert [o.endpoint for o in server.store.ring.ops] == ["/charge"]
+    # And the first client's retry, whatever it was told, is now a duplicate.
+    assert server.client().post("/observer/event", body)[1]["duplicate"] is True
+
+
+def test_a_failed_commit_forgets_its_op_ids_so_the_retry_stores_them_once(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    n, status = 0, 200
+    while status == 200:
+        n += 1
+        status, body, _ = client.post("/observer/event", {"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40})
+    assert status == 503, body
+    batch = [{"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40}, {"endpoint": "/g", "op_id": "g"},
+             {"endpoint": "/g", "op_id": "g"}]
+    assert client.post("/observer/events", batch)[0] == 503
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert client.post("/observer/events", batch)[1] == {"accepted": 2, "duplicates": 1, "ring_size": n + 1}
+    assert client.post("/observer/event", batch[0])[1] == {"accepted": True, "duplicate": True, "ring_size": n + 1}
+    assert journal_op_ids(tmp_path / "ops.jsonl") == [f"fill-{i}" for i in range(1, n + 1)] + ["g"]
+    assert client.get("/observer/stats")[1]["total"] == n + 1
+
+
+ODD_OP_IDS = ['q"uo\\te', "é" * 128, "😀" * 128, " spaced ", "x" * 128, "{\"op_id\":\"nested\"}"]
+
+
+def test_after_sigkill_and_restart_a_retry_is_a_duplicate(tmp_path, daemons):
+    # Small files: the ids are spread over the live file and rotated segments.
+    settings = {"max_file_bytes": 700, "keep_files": 50}
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    client = daemon.client()
+    ops = [{"endpoint": f"/k/{i}", "op_id": op_id, "timestamp": "2026-11-24T19:56:56Z"}
+           for i, op_id in enumerate([*ODD_OP_IDS, *(f"k-{i}" for i in range(20))])]
+    # A nested "op_id" is not the op's: this op has none, and must be stored every time.
+    ops.append({"endpoint": "/nested", "extra": {"op_id": "k-1"}})
+    for i, o in enumerate(ops[:-1]):
+        assert client.post("/observer/event", o)[1] == {"accepted": True, "duplicate": False, "ring_size": i + 1}
+    assert client.post("/observer/event", ops[-1])[0] == 200
+    stats = client.get("/observer/stats")[1]
+    daemon.proc.kill()
+    daemon.exit_status()
+    assert (tmp_path / "ops.jsonl.2").exists()
+
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    client = daemon.client()
+    assert f"op_ids={len(ops) - 1} " in daemon.log
+    assert client.get("/observer/stats")[1] == stats
+    for o in ops[:-1]:
+        assert client.post("/observer/event", o)[1]["duplicate"] is True, o["op_id"]
+    assert client.post("/observer/event", ops[-1])[1] == {"accepted": True, "ring_size": len(ops) + 1}
+    # Content is compared as the journal held it: restamped is the same op, changed is not.
+    assert client.post("/observer/event", {**ops[2], "timestamp": "2027-01-01T00:00:00Z"})[1]["duplicate"] is True
+    assert client.post("/observer/event", {**ops[2], "success": True})[1]["duplicate"] is True
+    # Logged before the answer is sent; read from the daemon's stderr by another thread.
+    warned = lambda: [line for line in daemon.log.splitlines() if "level=WARN" in line and "op_id" in line]
+    warnings = wait_for(warned, what="the WARN")
+    assert len(warnings) == 1 and warnings[0].endswith(f"op_id={od._logfmt_value(ops[2]['op_id'])}"), daemon.log
+    assert journal_op_ids(tmp_path / "ops.jsonl", 50) == [o.get("op_id") for o in ops] + [None]
+
+
+def test_an_op_id_older_than_the_window_is_stored_again_also_after_a_restart(serve, tmp_path):
+    path = tmp_path / "window.jsonl"
+    server = serve(persist_path=str(path), dedupe_window=3)
+    client = server.client()
+    post = lambda op_id, endpoint="/w": client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id})[1]["duplicate"]
+    assert [post("X"), post("a"), post("b"), post("X")] == [False, False, False, True]
+    assert client.post("/observer/event", {"endpoint": "/no-id"})[0] == 200  # takes a slot too
+    assert post("X") is False  # the last three stored: a, b, /no-id
+    assert journal_op_ids(path) == ["X", "a", "b", None, "X"]
+    server.close()
+    restarted = serve(persist_path=str(path), dedupe_window=3)
+    client = restarted.client()
+    # The window rebuilt from the journal: b, /no-id, X.
+    assert [post("X"), post("b"), post("a")] == [True, True, False]
+    assert journal_op_ids(path) == ["X", "a", "b", None, "X", "a"]
+
+
+@pytest.mark.parametrize("op_id", ["", "x" * 129, "😀" * 129, 5, None, True, ["a"], {"a": 1}, "line\nbreak",
+                                   "tab\there", "\u2028", "\x7f", "\ud800"])
+def test_an_op_id_that_is_not_1_to_128_printable_characters_is_400_naming_it(serve, op_id):
+    server = serve()
+    client = server.client()
+    status, body, _ = client.post("/observer/event", {"endpoint": "/e", "op_id": op_id})
+    assert status == 400 and body["error"].startswith("invalid op: op_id must be"), body
+    status, body, _ = client.post("/observer/events", [{"endpoint": "/e", "op_id": "ok"}, {"endpoint": "/e", "op_id": op_id}])
+    assert status == 400 and body["error"].startswith("invalid batch: op 1 is invalid: op_id must be"), body
+    assert server.config.persist_path.read_bytes() == b""
+    assert client.post("/observer/event", {"endpoint": "/e", "op_id": "ok"})[1]["duplicate"] is False
+
+
+def test_a_duplicate_with_different_content_logs_one_warn_and_the_first_version_wins(serve, capsys):
+    server = serve()
+    client = server.client()
+    first = {"endpoint": "/refund", "op_id": "r-1", "duration_ms": 5, "trace": {"id": "t"}}
+    client.post("/observer/event", first)  # the server stamps it
+    capsys.readouterr()
+    # The same op again, unstamped or restamped by the client: the same content.
+    assert client.post("/observer/event", first)[1]["duplicate"] is True
+    assert client.post("/observer/event", {**first, "timestamp": "2026-01-01T00:00:00Z"})[1]["duplicate"] is True
+    assert client.post("/observer/event", {**first, "source": "mcp", "success": False})[1]["duplicate"] is True
+    assert "level=WARN" not in capsys.readouterr().err
+    assert client.post("/observer/event", {**first, "duration_ms": 6})[1]["duplicate"] is True
+    # A batch of differing duplicates: one line for their op_id, however many they are.
+    batch = [{**first, "op_id": "r-2"}, *({**first, "op_id": "r-2", "error": f"e{i}"} for i in range(500))]
+    assert client.post("/observer/events", batch)[1] == {"accepted": 1, "duplicates": 500, "ring_size": 2}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "level=WARN" in line]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].endswith("duplicates=1 op_id=r-1") and warnings[1].endswith("duplicates=500 op_id=r-2")
+    ops = client.get("/observer/ops")[1]["ops"]
+    assert [(o["op_id"], o["duration_ms"], "error" in o) for o in ops] == [("r-2", 5, False), ("r-1", 5, False)]
+
+
+def test_duplicates_are_counted_apart_from_events_from_0(serve):
+    server = serve()
+    client = server.client()
+    assert sample(scrape(client), "observerd_duplicates_total") == 0
+    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
+    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
+    client.post("/observer/events", [{"endpoint": "/m", "op_id": "m", "success": True}] * 3)
+    families = scrape(client)
+    assert sample(families, "observerd_duplicates_total") == 4
+    assert sample(families, "observerd_events_total", source="mcp", success="true") == 1
+    assert client.get("/observer/stats")[1]["total"] == 1
+
+
+def test_a_dedupe_window_of_0_stores_every_op(serve):
+    server = serve(dedupe_window=0)
+    client = server.client()
+    for ring_size in (1, 2):
+        assert client.post("/observer/event", {"endpoint": "/e", "op_id": "same"})[1] == \
+            {"accepted": True, "duplicate": False, "ring_size": ring_size}
+    assert journal_op_ids(server.config.persist_path) == ["same", "same"]
+
+
+def test_the_op_id_window_holds_its_size_in_memory_whatever_the_ids():
+    window = od.OpIdWindow(10_000)
+    tracemalloc.start()
+    try:
+        for turn in range(3):  # filled, then turned over twice, 100 ops a commit
+            for start in range(0, 10_000, 100):
+                window.remember([(f"{turn}-{i}-" + "😀" * 120, hash((turn, i))) for i in range(start, start + 100)])
+            window.remember([None] * 5_000)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(window) == 5_000 and window.digest(f"2-{9_999}-" + "😀" * 120) is not None
+    assert window.digest(f"2-{4_999}-" + "😀" * 120) is None
+    # The README's bound for the longest ids: ~710 bytes each, 8 a slot.
+    assert held < 5_000 * 720 + 10_000 * 8 + 64 * 1024, held
+
+
 # --- issue 14: browser page ---
 
 
@@ -4395,6 +5203,31 @@ def test_ui_csp_hashes_match_the_inline_script_and_style(serve):
     for directive, text in (("script-src", page.scripts[0]), ("style-src", page.styles[0])):
         digest = od.base64.b64encode(od.hashlib.sha256(text.encode()).digest()).decode()
         assert csp[directive] == [f"'sha256-{digest}'"], directive
+
+
+def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
+    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk would."""
+    gate = folder / "restore-gate"
+    os.mkfifo(gate)
+    script = hooked_daemon_script(folder, f"""
+restore_tail = observerd.restore_tail
+def held_restore_tail(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_tail(*args, **kwargs)
+observerd.restore_tail = held_restore_tail
+""")
+    config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
+
+
+def test_ui_page_loads_while_the_daemon_restores_and_its_data_waits(tmp_path, daemons):
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    resp, body = get_page(daemon.port)
+    assert resp.status == 200 and body == od.UI_DOCUMENT.payload
+    assert get_fresh(daemon.port, "/observer/stats")[:2] == (503, {"error": od.RESTORING})
+    os.close(os.open(gate, os.O_WRONLY))
+    wait_for(lambda: get_fresh(daemon.port, "/observer/stats")[0] == 200, what="the restore to finish")
 
 
 def test_ui_page_needs_no_token_but_its_data_does(serve):
@@ -4713,6 +5546,24 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
     finally:
         browser.close()
     print(f"screenshots: {shots}/ui-1280x800.png, {shots}/ui-390x844.png; dark ones in {tmp_path}")
+
+
+@in_chromium
+def test_chromium_says_why_it_is_not_ready_until_it_is(tmp_path, daemons):
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
+        state = tab.wait(f"(s => s.ready.startsWith('not ready') && s)({PAGE_STATE})", "not ready, and why")
+        assert state["ready"] == f"not ready: {od.RESTORING}" and state["connClass"] == "bad"
+        assert state["conn"] == f"GET stats: 503 {od.RESTORING} — retrying" and state["total"] == "…"
+        assert state["endpoints"] == [["no ops in the ring"]]  # what the timeline said, meanwhile
+        os.close(os.open(gate, os.O_WRONLY))
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "ready once restored")
+        assert state["ready"] == "ready" and tab.problems() == []
+    finally:
+        browser.close()
 
 
 @in_chromium
