@@ -8,10 +8,10 @@ keeps the newest ``ring_size`` ops in a ring for live statistics, restores that 
 journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
-``python observerd.py --help`` lists the subcommands (serve, check, stats, top).
+``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> journal -> store -> analysis -> insights ->
+logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
 outbound -> HTTP protocol -> browser page -> API -> background loops -> CLI/main.
 """
 
@@ -27,6 +27,8 @@ if sys.version_info < (3, 11):
 import argparse
 import base64
 import bisect
+import fnmatch
+import functools
 import hashlib
 import hmac
 import itertools
@@ -36,6 +38,8 @@ import json
 import math
 import os
 import re
+import resource
+import shutil
 import signal
 import socket
 import ssl
@@ -256,6 +260,9 @@ class Metrics:
                                "Requests refused, by reason.", ("reason",))
         self.persist_errors = Metric("observerd_persist_errors_total", "counter",
                                      "Appends to the JSONL journal that failed and were rolled back.")
+        self.journal_probes = Metric("observerd_journal_probes_total", "counter",
+                                     "Checks of a journal that could not be written, by what they found.",
+                                     ("found",))
         self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL journal.")
         self.http_requests = Metric("observerd_http_requests_total", "counter",
                                     "HTTP responses, by route and status code.", ("route", "code"))
@@ -272,6 +279,7 @@ class Metrics:
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
         self.events.declare((source, success) for source in sources for success in ("true", "false"))
         self.rejected.declare((reason,) for reason in rejection_reasons)
+        self.journal_probes.declare([("failing",), ("writable",)])
         self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
 
     def render(self) -> str:
@@ -352,6 +360,8 @@ SETTINGS = (
     Setting("dedupe_window", int, 100_000, "stored ops whose op_ids are remembered; 0 = off", minimum=0),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
+    Setting("max_scan_bytes", int, 64 * 1024 * 1024, "journal bytes one GET /observer/history reads",
+            minimum=1),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
             minimum=0, maximum=MAX_SECONDS),
     Setting("corrections_path", str, "", 'the overseer\'s corrections JSONL; "" = off', path=True),
@@ -968,26 +978,35 @@ _OP_ID_SPAN_BYTES = len(_OP_ID_START) + 4 * MAX_OP_ID_CHARS + 1
 # How the timestamp key reads in a line: a bare quote cannot occur inside an encoded string,
 # so its first occurrence is the key, after op_id, endpoint and source.
 _TIMESTAMP_KEY = b',"timestamp":"'
+_ENDPOINT_NEXT = ',"endpoint":"'  # validate_op's order: op_id, then endpoint
 
 
 def window_entry(line: bytes) -> tuple[str, int] | None:
     """(op_id, content digest) of a journal line as encode_line writes it, found without
-    decoding the line; None if it does not start with an op_id.
+    decoding the line; None if it does not read as such a line: an op_id first, endpoint
+    next, a closing brace last.
+
+    Restore trusts these marks instead of validating each of up to dedupe_window lines (a
+    second per 100,000 here): every line observerd writes has them, and a foreign line
+    that imitates them is taken at its word (see README, Idempotent ops). A byte that is
+    not UTF-8 becomes a lone surrogate, which no op_id a client sends can hold.
 
     The digest is what a duplicate is compared with: a hash of the line without its
     timestamp, which the server fills when a client leaves it out, and a client may restamp
     at each attempt.
     """
-    if not line.startswith(_OP_ID_START):
+    stop = len(line) - line.endswith(b"\n")
+    if not line.startswith(_OP_ID_START) or not line[:stop].endswith(b"}"):
         return None
+    head = line[:_OP_ID_SPAN_BYTES + len(_ENDPOINT_NEXT)].decode("utf-8", "surrogateescape")
     try:
-        op_id = json.decoder.scanstring(line[:_OP_ID_SPAN_BYTES].decode("utf-8", "replace"),
-                                        len(_OP_ID_START))[0]
+        op_id, after = json.decoder.scanstring(head, len(_OP_ID_START))
     except ValueError:  # not closed within an op_id's length: not a line observerd wrote
+        return None
+    if not head.startswith(_ENDPOINT_NEXT, after):
         return None
     start = line.find(_TIMESTAMP_KEY)
     end = line.find(b'"', start + len(_TIMESTAMP_KEY)) if start >= 0 else -1
-    stop = len(line) - line.endswith(b"\n")
     return op_id, hash(line[:stop] if end < 0 else line[:start] + line[end:stop])
 
 
@@ -1258,13 +1277,16 @@ class Journal:
         """While appends fail: would the failed one succeed now? If so, clear the failure.
 
         The journal is never touched, so no probe can leave a byte in it or truncate another
-        writer's line away: one byte goes to a scratch file beside it, at the offset where
-        that append would end in the file the path names now (sparse: one block), is fsynced,
-        and the file removed. So it meets what the append met: the file size limit, a full
-        disk or quota (a block of its own, where a byte appended could fit in the last
-        block's slack), a failing device, no free descriptors. A fault of the file alone
-        (chattr +i) it cannot see: a commit that succeeds clears the failure then. Under the
-        append lock, so never beside a commit, a rotation or a reopen.
+        writer's line away. First the limits an append meets, asked without writing: room on
+        the disk for the whole failed append, and the file size limit. Then one byte goes to a
+        scratch file beside the journal, at the offset where that append would end in the file
+        the path names now (sparse: one block), is fsynced, and the file removed: that meets a
+        failing device, a quota, no free descriptors. Whatever is at the scratch name is
+        unlinked first and the file made anew (O_EXCL, O_NOFOLLOW), so a symlink planted
+        there is never followed; a folder observerd may not create files in leaves the limits
+        as the answer. A fault of the file alone (chattr +i) it cannot see: a commit that
+        succeeds clears the failure then. Under the append lock, so never beside a commit, a
+        rotation or a reopen.
         """
         with self._lock:
             if self.failure is None:
@@ -1274,17 +1296,36 @@ class Journal:
                     end = os.stat(self.path).st_size
                 except FileNotFoundError:
                     end = 0  # the next append makes the path again
+                if not self._room_for(end + self._failed_bytes, self._failed_bytes):
+                    raise OSError("no room for the failed append")
                 scratch = probe_scratch_path(self.path)
-                fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                scratch.unlink(missing_ok=True)
                 try:
-                    os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                    os.unlink(scratch)
+                    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600)
+                except PermissionError:
+                    fd = -1  # a folder observerd may read but not create in: the limits decide
+                if fd >= 0:
+                    try:
+                        os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                        os.unlink(scratch)
             except OSError:
+                self.metrics.journal_probes.inc("failing")
                 return  # still failing: the failure keeps the append's own reason
+            self.metrics.journal_probes.inc("writable")
             self._writable("probe")
+
+    def _room_for(self, file_end: int, appended: int) -> bool:
+        """Whether the file may grow to file_end (RLIMIT_FSIZE) and the disk has appended bytes free."""
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and file_end > limit:
+            return False
+        disk = os.statvfs(self.path.parent)
+        free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
+        return free_blocks * disk.f_frsize >= appended
 
     def _writable(self, found_by: str) -> None:
         if self.failure is not None:
@@ -1447,6 +1488,15 @@ class Journal:
                 self._fd = -1
 
 
+def decode_stored_line(line: bytes) -> dict:
+    """A journal line as every read serves it: decoded strictly and validated.
+
+    Raises whatever a stored line makes that raise (InvalidOp, RecursionError, a rule added
+    later): readers skip such a line, never stop at it.
+    """
+    return validate_op(parse_json_strict(line))
+
+
 def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
                  max_bytes: float = math.inf) -> list[RingOp]:
     """The newest valid ops of the journal and its segments that fit the ring, oldest first.
@@ -1469,7 +1519,7 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
                 if not line.strip():
                     continue
                 try:
-                    ring_op = RingOp(validate_op(parse_json_strict(line)))
+                    ring_op = RingOp(decode_stored_line(line))
                 except Exception as exc:
                     # Whatever a stored line makes decoding or encoding raise (InvalidOp,
                     # RecursionError, UnicodeEncodeError, a rule added later), it is one bad
@@ -1925,6 +1975,600 @@ class OpStore:
             self._committer.join()
         if self.journal is not None:
             self.journal.close()
+
+
+# =============================================================================
+# History: the journal on disk (live file and rotated segments) read backwards through
+# filters, from a position that survives appends and rotation, or followed as it grows
+# =============================================================================
+
+HISTORY_FILTERS = ("since", "until", "endpoint", "source", "success", "grep", "field")
+HISTORY_BLOCK_BYTES = 64 * 1024
+# Timestamps are the clients': batches arrive late and clocks differ, so the file is not in
+# timestamp order. A scan with since goes on past the first older op, and stops only once
+# this much of the file in a row has shown nothing at or after since.
+SINCE_RUN_BYTES = 1024 * 1024
+_RELATIVE_TIME = re.compile(r"(\d{1,12})([smhd])")
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_REGEX_SYNTAX = re.compile(r"[.^$*+?{}\[\]\\|()]")
+# What makes a regex depend on the text around a match (anchors, word edges, lookaround):
+# without any, a pattern that matches a field's text matches a line holding it verbatim.
+_REGEX_CONTEXT = re.compile(r"[\^$]|\\[AZbB]|\(\?<?[=!]")
+# The first fields of an op as observerd writes it (validate_op's order, an op_id first if
+# any, encode_line's spelling, no value left to a default): a line that starts so holds
+# exactly these values, read without decoding it.
+_HEAD_FIELDS = (rb'\{(?:"' + OP_ID.encode() + rb'":"[^"\\]*(?:\\.[^"\\]*)*",)?'
+                rb'"endpoint":"([^"\\]*(?:\\.[^"\\]*)*)","source":"([^"\\]+)",'
+                rb'"timestamp":"([^"\\]+)","success":([tf])')
+_CANONICAL_HEAD = re.compile(_HEAD_FIELDS)
+# The newline before a line that does not start so (another writer's spelling).
+_NOT_CANONICAL = re.compile(rb"\n(?!" + _HEAD_FIELDS + rb")")
+_GREP_FIELDS = ("error", "input_summary", "output_summary")
+
+
+class RotatedAway(Exception):
+    """A history cursor names a segment that is no longer kept."""
+
+
+def _escaped(text: str) -> bytes:
+    """text as a journal line spells it inside a JSON string."""
+    return _LINE_ENCODER.encode(text)[1:-1].encode("utf-8")
+
+
+@functools.lru_cache(maxsize=64)  # a line's timestamp is asked for by each step judging it
+def _seconds(timestamp: str) -> float:
+    """An RFC 3339 timestamp as seconds since the epoch; raises ValueError."""
+    return parse_rfc3339(timestamp).timestamp()
+
+
+def _utc_second(seconds: float) -> bytes | None:
+    """The UTC second a time falls in, as RFC 3339 spells it (YYYY-MM-DDTHH:MM:SS); None if the
+    year has not four digits, where spellings stop sorting as times do."""
+    try:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(seconds)))
+    except (OverflowError, OSError, ValueError):
+        return None
+    return text.encode() if len(text) == 19 else None
+
+
+def parse_time_bound(text: str, name: str, now: float) -> float:
+    """since or until: RFC 3339, or 90s, 15m, 2h, 7d before now; as seconds since the epoch."""
+    relative = _RELATIVE_TIME.fullmatch(text)
+    if relative:
+        return now - int(relative[1]) * _TIME_UNITS[relative[2]]
+    try:
+        return _seconds(text)
+    except ValueError:
+        raise InvalidOp(name, "must be an RFC 3339 date-time like 2026-11-24T19:56:56Z, or a "
+                        "time before now like 90s, 15m, 2h, 7d") from None
+
+
+class OpFilter:
+    """What a history query keeps: the ops passing every filter given (none given: all).
+
+    A line is judged in up to three steps, each dearer than the one before and each sure
+    when it rules a line out: a needle (bytes the line must hold: the filter value likely
+    rarest; a line with any backslash always goes on, as an escape may spell it otherwise),
+    the raw line (its canonical head: endpoint, source, timestamp, success read off its
+    start; and the grep over its text), then the decoded, validated op.
+    """
+
+    def __init__(self, given: dict[str, str], now: float):
+        """given: filter name (HISTORY_FILTERS) -> its text; raises InvalidOp naming the filter."""
+        reject_unknown(given, HISTORY_FILTERS, "filter")
+        for name, text in given.items():
+            if _has_lone_surrogate(text):  # from bytes that are not UTF-8, on a command line
+                raise InvalidOp(name, "is not valid UTF-8")
+        self.since = self.until = None
+        for name in ("since", "until"):
+            if name in given:
+                setattr(self, name, parse_time_bound(given[name], name, now))
+        needles: list[bytes] = []  # the likely rarest first
+        self.endpoint = given.get("endpoint")
+        self.endpoint_glob = None
+        if self.endpoint is not None and any(c in self.endpoint for c in "*?["):
+            self.endpoint_glob = re.compile(fnmatch.translate(self.endpoint))
+            # The longest stretch without wildcards before any [set] is in every match.
+            glob_literal = max(re.split(r"[*?]", self.endpoint.partition("[")[0]), key=len)
+            self.endpoint = None
+        elif self.endpoint is not None:
+            needles.append(b'"' + _escaped(self.endpoint) + b'"')
+        self.field = None
+        if "field" in given:
+            key, sep, value = given["field"].partition("=")
+            if not sep or not key:
+                raise InvalidOp("field", "must be key=value")
+            self.field = (key, value)
+            try:  # a number or a structure may be spelled otherwise in a line: then the key
+                spelled_freely = not isinstance(json.loads(value), (str, bool, type(None)))
+            except ValueError:
+                spelled_freely = False
+            needles.append(b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
+        self.grep = None
+        if "grep" in given:
+            try:
+                self.grep = re.compile(given["grep"])
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise InvalidOp("grep", f"is not a valid regular expression: {exc}") from None
+            if given["grep"] and not _REGEX_SYNTAX.search(given["grep"]):
+                needles.append(_escaped(given["grep"]))  # plain text: the line holds it
+        self.greps_raw = self.grep is not None and not _REGEX_CONTEXT.search(given["grep"])
+        if self.endpoint_glob is not None and glob_literal:
+            needles.append(_escaped(glob_literal))
+        self.source = None
+        if "source" in given:
+            self.source = check_source(given["source"], "source")
+            if self.source != DEFAULT_SOURCE:  # a line may leave the default out
+                needles.append(b'"' + self.source.encode() + b'"')
+        self.success = None
+        if "success" in given:
+            if given["success"] not in ("true", "false"):
+                raise InvalidOp("success", "must be true or false")
+            self.success = given["success"] == "true"
+        # Failures are mostly few, but only a canonical head spells success just so: lines
+        # without one are let through too (see candidate_lines).
+        self.needs_canonical = not needles and self.success is False
+        if self.needs_canonical:
+            needles.append(b'"success":false')
+        self.needle = needles[0] if needles else None
+        self._timed = self.since is not None or self.until is not None
+        # The seconds since and until fall in, to judge most UTC timestamps without parsing them.
+        self._since_second, self._until_second = (
+            None if bound is None else _utc_second(bound) for bound in (self.since, self.until))
+        self._seconds_judge = ((self.since is None or self._since_second is not None)
+                               and (self.until is None or self._until_second is not None))
+        self._source = None if self.source is None else self.source.encode()
+        self._judges_head = self._timed or any(
+            value is not None for value in (self.endpoint, self.endpoint_glob, self.source, self.success))
+        self.judges_raw = self._judges_head or self.greps_raw
+
+    def _endpoint_ok(self, endpoint: str) -> bool:
+        if self.endpoint is not None:
+            return endpoint == self.endpoint
+        return self.endpoint_glob is None or self.endpoint_glob.match(endpoint) is not None
+
+    def _time_ok(self, seconds: float) -> bool:
+        return (self.since is None or seconds >= self.since) and (self.until is None or seconds <= self.until)
+
+    def rules_out(self, line: bytes) -> bool:
+        """Whether the line is ruled out before it is decoded: by its canonical head, or by a
+        grep that finds nothing in its text (where no escape can hide what the fields say)."""
+        if self.greps_raw and b"\\" not in line and not self.grep.search(line.decode("utf-8", "replace")):
+            return True
+        head = _CANONICAL_HEAD.match(line) if self._judges_head else None
+        if head is None:
+            return False
+        endpoint, source, timestamp, success = head.groups()
+        if ((self.success is not None and (success == b"t") != self.success)
+                or (self._source is not None and source != self._source)):
+            return True
+        try:
+            if self._timed:
+                in_window = self._second_in_window(timestamp)
+                if not (self._time_ok(_seconds(timestamp.decode("ascii"))) if in_window is None else in_window):
+                    return True
+            if self.endpoint is None and self.endpoint_glob is None:
+                return False
+            return not self._endpoint_ok(endpoint.decode("utf-8") if b"\\" not in endpoint
+                                         else json.loads(b'"' + endpoint + b'"'))
+        except ValueError:
+            return True  # a line no read serves (decoding it fails too)
+
+    def _second_in_window(self, timestamp: bytes) -> bool | None:
+        """Whether a UTC timestamp (…Z) is within since and until, by the second it falls in:
+        spelled alike, seconds sort as their text does. None when that cannot tell."""
+        if (not self._seconds_judge or len(timestamp) < 20 or timestamp[10:11] != b"T"
+                or timestamp[-1:] != b"Z" or timestamp[19:20] not in (b".", b"Z")):
+            return None
+        second = timestamp[:19]
+        if self._since_second is not None and second <= self._since_second:
+            return None if second == self._since_second else False
+        if self._until_second is not None and second >= self._until_second:
+            return None if second == self._until_second else False
+        return True
+
+    def accepts(self, op: dict) -> bool:
+        """The final word, on the decoded and validated op."""
+        if (not self._endpoint_ok(op["endpoint"])
+                or (self.source is not None and op["source"] != self.source)
+                or (self.success is not None and (op["success"] is True) != self.success)
+                or (self._timed and not self._time_ok(_seconds(op["timestamp"])))):
+            return False
+        if self.grep is not None and not any(
+                isinstance(op.get(name), str) and self.grep.search(op[name]) for name in _GREP_FIELDS):
+            return False
+        if self.field is not None:
+            key, wanted = self.field
+            if key not in op:
+                return False
+            value = op[key]
+            return (value if isinstance(value, str) else _LINE_ENCODER.encode(value)) == wanted
+        return True
+
+    def head_is_recent(self, line: bytes) -> bool:
+        """Whether the line's canonical head says its op is at or after since."""
+        head = _CANONICAL_HEAD.match(line)
+        try:
+            return head is not None and _seconds(head[3].decode("ascii")) >= self.since
+        except ValueError:
+            return False
+
+
+class SkippedLines:
+    """Lines no read could serve: counted, and where the first was, to report once."""
+
+    def __init__(self):
+        self.count = 0
+        self.first: tuple[Path, int] | None = None
+
+    def decode(self, line: bytes, path: Path, offset: int) -> dict | None:
+        """decode_stored_line, or None (counted) for a line it refuses."""
+        try:
+            return decode_stored_line(line)
+        except Exception:  # as restore_tail: whatever a stored line makes it raise
+            self.count += 1
+            self.first = self.first or (path, offset)
+            return None
+
+
+class Segment(NamedTuple):
+    """One file of the journal opened for reading: the live file or a rotated segment."""
+
+    path: Path
+    fd: int
+    ino: int
+    end: int  # where its last complete line ended when opened; a line being written is not read
+
+
+def _complete_end(fd: int, size: int) -> int:
+    """Just after the file's last newline (0 if it has none)."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - HISTORY_BLOCK_BYTES)
+        newline = os.pread(fd, pos - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        pos = start
+    return 0
+
+
+def _open_for_reading(path: Path) -> int | None:
+    """A descriptor of the regular file at path, None if there is none."""
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the reader; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+class JournalFiles:
+    """The journal's files as they were when listed, newest first, each opened when it is first
+    read and read through that descriptor: a rotation or deletion meanwhile changes nothing
+    of what is read, and only the files in hand hold descriptors.
+
+    Files only ever move to older names, so one is looked for under the name it was listed
+    by and the older ones; a rotation while they are listed can show one file under two
+    names: it is listed once, under the newer.
+    """
+
+    def __init__(self, path: Path, keep_files: int):
+        self.path, self.keep_files = path, keep_files
+        self.listed: list[tuple[int, int]] = []  # (its place in segment_paths, inode)
+        self._opened: dict[int, Segment] = {}
+        for place, name in enumerate(segment_paths(path, keep_files)):
+            try:
+                status = os.stat(name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(status.st_mode) and all(ino != status.st_ino for _, ino in self.listed):
+                self.listed.append((place, status.st_ino))
+        # Opened now: where the live file ends now is where a query starts, and a follow goes on.
+        self._live = self.segment(0) if self.listed and self.listed[0][0] == 0 else None
+
+    def live(self) -> Segment | None:
+        """The file the path named when listed, if it named one."""
+        return self._live
+
+    def __len__(self) -> int:
+        return len(self.listed)
+
+    def segment(self, index: int) -> Segment | None:
+        """The index-th file listed, opened; None if it is gone."""
+        if index not in self._opened:
+            place, ino = self.listed[index]
+            for name in itertools.islice(segment_paths(self.path, self.keep_files), place, None):
+                fd = _open_for_reading(name)
+                if fd is None:
+                    continue
+                status = os.fstat(fd)
+                if status.st_ino == ino:
+                    self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size))
+                    break
+                os.close(fd)
+            else:
+                return None
+        return self._opened[index]
+
+    def release(self, index: int) -> None:
+        segment = self._opened.pop(index, None)
+        if segment is not None:
+            os.close(segment.fd)
+
+    def close(self) -> None:
+        for index in list(self._opened):
+            self.release(index)
+
+    def __enter__(self) -> "JournalFiles":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def cursor(self, index: int, offset: int) -> str | None:
+        """The cursor of the ops before offset in the index-th file, None if none older is kept:
+        inode.offset.crc, the crc of the file's first bytes telling a reused inode apart."""
+        segment = self.segment(index)
+        while offset == 0 or segment is None:
+            index += 1
+            if index == len(self.listed):
+                return None
+            segment = self.segment(index)
+            offset = segment.end if segment is not None else 0
+        return f"{segment.ino}.{offset}.{zlib.crc32(os.pread(segment.fd, min(offset, 4096), 0)):08x}"
+
+    def resume(self, cursor: str) -> tuple[int, int]:
+        """The (file index, offset) a cursor names. Raises InvalidOp if it is malformed,
+        RotatedAway if its file is no longer kept (or no longer holds what it did)."""
+        try:
+            ino_text, offset_text, crc = cursor.split(".")
+            ino, offset = bounded_int(ino_text, 2 ** 64), bounded_int(offset_text, 2 ** 63)
+            if offset == 0 or len(crc) != 8 or crc.strip("0123456789abcdef"):
+                raise ValueError
+        except ValueError:
+            raise InvalidOp("cursor", "is malformed: pass back the cursor of an answer as it was") from None
+        for index, (_, listed_ino) in enumerate(self.listed):
+            segment = self.segment(index) if listed_ino == ino else None
+            if segment is not None and offset <= segment.end and self.cursor(index, offset).endswith("." + crc):
+                return index, offset
+        raise RotatedAway("the ops at this cursor were rotated away (segments beyond keep_files are "
+                          "deleted); start again without a cursor")
+
+
+class _WholeLinesBackward:
+    """A file's complete lines before an offset, in chunks of whole lines, newest chunk first,
+    read a block at a time: each byte is read once and copied once more; a line longer than a
+    block is held whole."""
+
+    def __init__(self, fd: int, end: int):
+        self.fd = fd
+        self.pos = end  # where the next block read ends
+        self.carry: list[bytes] = []  # the end of a line whose start is further back, newest first
+        self.read_bytes = 0
+
+    def next_chunk(self) -> tuple[int, bytes] | None:
+        """(offset, lines) just before the chunks returned so far, None at the file's start;
+        lines start at offset, in file order, each ending in a newline."""
+        while self.pos > 0:
+            start = max(0, self.pos - HISTORY_BLOCK_BYTES)
+            block = os.pread(self.fd, self.pos - start, start)
+            if len(block) != self.pos - start:
+                raise OSError(f"the file shrank while it was read (at byte {start + len(block)})")
+            self.read_bytes += len(block)
+            self.pos = start
+            cut = block.find(b"\n") + 1 if start else 0
+            if start and not cut:
+                self.carry.append(block)
+                continue
+            lines = block[cut:] + b"".join(reversed(self.carry))
+            self.carry = [block[:cut]]
+            if lines:
+                return start + cut, lines
+        return None
+
+
+def candidate_lines(chunk: bytes, op_filter: OpFilter):
+    """(index, line) of the chunk's lines that may pass the filter, newest first.
+
+    With a needle, those holding it; with none but a grep to try on raw text (and an ASCII
+    chunk), those its matches touch; either way, any holding a backslash (an escape may spell
+    a value otherwise), and for a needle only a canonical head spells, any without one. They
+    are found by bytes.find and regexes over the whole chunk, so a line passed over costs no
+    Python work. Otherwise, every line.
+    """
+    needle = op_filter.needle
+    ascii_text = op_filter.greps_raw and needle is None and chunk.isascii()
+    if needle is None and not ascii_text:
+        pos = len(chunk) - 1  # the newline ending the newest line
+        while pos >= 0:
+            start = chunk.rfind(b"\n", 0, pos) + 1
+            yield start, chunk[start:pos]
+            pos = start - 1
+        return
+    starts = set()
+    if ascii_text:  # character offsets are byte offsets
+        text = chunk.decode("ascii")
+        for match in op_filter.grep.finditer(text):
+            starts.add(text.rfind("\n", 0, match.start()) + 1)
+            newline = text.find("\n", match.start(), match.end() - 1)
+            while newline >= 0:  # a match running on into the lines after
+                starts.add(newline + 1)
+                newline = text.find("\n", newline + 1, match.end() - 1)
+    for wanted in (needle, b"\\") if needle is not None else (b"\\",):
+        hit = chunk.find(wanted)
+        while hit >= 0:
+            starts.add(chunk.rfind(b"\n", 0, hit) + 1)
+            hit = chunk.find(wanted, chunk.find(b"\n", hit))
+    if op_filter.needs_canonical:
+        starts.update(match.end() for match in _NOT_CANONICAL.finditer(chunk, 0, len(chunk) - 1))
+        if not _CANONICAL_HEAD.match(chunk):
+            starts.add(0)
+    for start in sorted(starts, reverse=True):
+        yield start, chunk[start:chunk.find(b"\n", start)]
+
+
+class HistoryPage(NamedTuple):
+    """What read_history found, and where it stopped."""
+
+    ops: list[RingOp]  # newest first
+    cursor: str | None  # where the next page starts; None: nothing older is kept, or wanted
+    scanned_bytes: int
+    truncated: bool  # max_scan_bytes stopped the scan before it found limit ops
+
+
+def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: str | None = None,
+                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None) -> HistoryPage:
+    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first.
+
+    Stops at limit ops; once max_scan_bytes are read (at the end of the chunk of whole
+    lines in hand, so a page always moves on); with since, once SINCE_RUN_BYTES in a row have
+    shown no op at or after since (of the ops it decoded, and the oldest line of each chunk:
+    a block's worth). Raises InvalidOp or RotatedAway for the cursor, OSError for the files.
+    """
+    skipped = skipped or SkippedLines()
+    ops: list[RingOp] = []
+    first, resume_at = files.resume(cursor) if cursor is not None else (0, None)
+    scanned = behind = 0  # behind: bytes back from the start of the scan to the segment in hand
+    recent_at = 0  # bytes back from the start to the last op seen at or after since
+    for index in range(first, len(files)):
+        segment = files.segment(index)
+        if segment is None:
+            break  # deleted while this read ran, and everything older with it
+        top = resume_at if index == first and resume_at is not None else segment.end
+        reader = _WholeLinesBackward(segment.fd, top)
+        while (chunk := reader.next_chunk()) is not None:
+            offset, lines = chunk
+            for start, line in candidate_lines(lines, op_filter):
+                if not line.strip() or (op_filter.judges_raw and op_filter.rules_out(line)):
+                    continue
+                op = skipped.decode(line, segment.path, offset + start)
+                if op is None:
+                    continue
+                if op_filter.since is not None and _seconds(op["timestamp"]) >= op_filter.since:
+                    recent_at = behind + top - offset - start
+                if op_filter.accepts(op):
+                    ops.append(RingOp(op))
+                    if len(ops) == limit:
+                        return HistoryPage(ops, files.cursor(index, offset + start),
+                                           scanned + reader.read_bytes, False)
+            read = scanned + reader.read_bytes
+            if op_filter.since is not None:
+                if op_filter.head_is_recent(lines[:lines.find(b"\n")]):
+                    recent_at = behind + top - offset
+                if behind + top - offset - recent_at >= SINCE_RUN_BYTES:
+                    return HistoryPage(ops, None, read, False)
+            if read >= max_scan_bytes and (offset or index + 1 < len(files)):
+                return HistoryPage(ops, files.cursor(index, offset), read, True)
+        scanned += reader.read_bytes
+        behind += top
+        files.release(index)
+    return HistoryPage(ops, None, scanned, False)
+
+
+class _FollowedFile:
+    """A file being followed: where its unread bytes begin, and a line not yet complete."""
+
+    __slots__ = ("path", "fd", "ino", "offset", "partial", "retire_at")
+
+    def __init__(self, path: Path, fd: int, offset: int, retire_at: float | None = None):
+        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
+        self.offset, self.partial, self.retire_at = offset, b"", retire_at
+
+
+class JournalFollower:
+    """The ops appended to the journal from a point on, as `tail -F` follows a path.
+
+    Once the path names another file (observerd rotated, logrotate moved the file and a
+    SIGHUP or the next append made the path again), the rest of the file followed so far
+    is read, then the segments rotated since, then the new live file from its start. A
+    file left is still read for RETIRE_S, as a writer that looked at the path just before
+    it changed may land one last append there.
+    """
+
+    RETIRE_S = 2.0
+
+    def __init__(self, path: Path, keep_files: int, op_filter: OpFilter, skipped: SkippedLines,
+                 live: Segment | None):
+        """live: the live file as JournalFiles listed it (followed from its end), if it was."""
+        self.path, self.keep_files = path, keep_files
+        self.op_filter = op_filter
+        self.skipped = skipped
+        self._files: list[_FollowedFile] = []  # in the order they are read: oldest first
+        self._current: _FollowedFile | None = None  # the one the path named when last looked at
+        if live is not None:
+            self._current = _FollowedFile(live.path, os.dup(live.fd), live.end)
+            self._files.append(self._current)
+
+    def poll(self) -> list[RingOp]:
+        """The ops appended since the last poll that the filter keeps, in file order."""
+        kept: list[RingOp] = []
+        for followed in self._files:
+            self._read(followed, kept)
+        named = _open_for_reading(self.path)
+        if named is not None:
+            moved = self._current is None or os.fstat(named).st_ino != self._current.ino
+            os.close(named)
+            if moved:
+                self._take_new_files(kept)
+        now = time.monotonic()
+        for followed in [f for f in self._files if f.retire_at is not None and f.retire_at <= now]:
+            if followed.partial.strip():
+                self.skipped.decode(followed.partial, followed.path, followed.offset - len(followed.partial))
+            os.close(followed.fd)
+            self._files.remove(followed)
+        return kept
+
+    def _take_new_files(self, kept: list[RingOp]) -> None:
+        """Follow what came after the current file: the segments rotated since it (a rotation
+        or two between polls), then the live file."""
+        retire_at = time.monotonic() + self.RETIRE_S
+        if self._current is not None:
+            self._current.retire_at = retire_at
+        with JournalFiles(self.path, self.keep_files) as files:
+            inodes = [ino for _, ino in files.listed]
+            if self._current is not None and self._current.ino in inodes:
+                newer = inodes.index(self._current.ino)
+            else:  # moved to another name, or deleted: only the new live file
+                newer = 1 if files.live() is not None else 0
+            self._current = None
+            for index in reversed(range(newer)):
+                segment = files.segment(index)
+                if segment is None:
+                    continue
+                live = segment is files.live()
+                followed = _FollowedFile(segment.path, os.dup(segment.fd), 0, None if live else retire_at)
+                self._files.append(followed)
+                self._read(followed, kept)
+                if live:
+                    self._current = followed
+
+    def _read(self, followed: _FollowedFile, kept: list[RingOp]) -> None:
+        size = os.fstat(followed.fd).st_size
+        if size < followed.offset:  # truncated in place (copytruncate): it starts again
+            followed.offset, followed.partial = 0, b""
+        while followed.offset < size:
+            data = os.pread(followed.fd, min(size - followed.offset, 1024 * 1024), followed.offset)
+            if not data:
+                break
+            line_at = followed.offset - len(followed.partial)
+            followed.offset += len(data)
+            data = followed.partial + data
+            cut = data.rfind(b"\n") + 1
+            followed.partial = data[cut:]
+            for line in data[:cut].split(b"\n")[:-1]:
+                if line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
+                    op = self.skipped.decode(line, followed.path, line_at)
+                    if op is not None and self.op_filter.accepts(op):
+                        kept.append(RingOp(op))
+                line_at += len(line) + 1
+
+    def close(self) -> None:
+        for followed in self._files:
+            os.close(followed.fd)
+        self._files, self._current = [], None
 
 
 # =============================================================================
@@ -2933,7 +3577,8 @@ class HTTPHandler(BaseHTTPRequestHandler):
             size_text = line.partition(b";")[0].strip()
             if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
                 raise RequestError(400, "malformed chunk size", "invalid")
-            chunk_size = int(size_text, 16) if len(size_text) <= 16 else limit + 1
+            digits = size_text.lstrip(b"0")  # leading zeros are allowed, however many
+            chunk_size = int(digits or b"0", 16) if len(digits) <= 16 else limit + 1
             if chunk_size == 0:
                 break
             size += chunk_size
@@ -3652,6 +4297,11 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
 DEFAULT_OPS_LIMIT = 100
+HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
+MAX_HISTORY_LIMIT = 1000
+# History calls reading at once; others wait their turn. Each holds up to about max_scan_bytes
+# of ops, and one decoded line, so this bounds their memory whatever the connections.
+HISTORY_READS = 2
 
 
 def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
@@ -3802,6 +4452,27 @@ class ObserverHandler(HTTPHandler):
             "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
         }
 
+    def get_history(self):
+        """The journal on disk, read through this thread's own descriptors: no lock is taken,
+        so ingest goes on meanwhile; max_scan_bytes bounds the work of one call."""
+        given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
+        limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_OPS_LIMIT
+        cursor = given.get("cursor")
+        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time())
+        config = self.server.config
+        if config.persist_path is None:
+            raise RequestError(409, "no journal: observerd runs ephemeral")
+        try:
+            with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
+                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes)
+        except RotatedAway as exc:
+            raise RequestError(410, str(exc)) from None
+        except OSError as exc:
+            raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
+                               headers={"Retry-After": "1"}) from None
+        return 200, {"ops": page.ops, "count": len(page.ops), "cursor": page.cursor,
+                     "scanned_bytes": page.scanned_bytes, "truncated": page.truncated}
+
     def get_metrics(self):
         metrics = self.server.metrics
         metrics.ring_ops.set(len(self.server.store))
@@ -3869,6 +4540,7 @@ class ObserverHandler(HTTPHandler):
         "/observer/escalations": Route({"GET": get_escalations}),
         "/observer/review": Route({"POST": post_review}, parses="review request"),
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
+        "/observer/history": Route({"GET": get_history}, parses="query"),
         # What top and the page show, "restoring" included, so it answers before the ring is whole.
         "/observer/timeline": Route({"GET": get_timeline}, parses="query", probe=True),
         "/metrics": Route({"GET": get_metrics}, probe=True),
@@ -3903,6 +4575,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.started = time.monotonic()
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
+        self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), ObserverHandler)
@@ -4299,7 +4972,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# CLI and main: serve, check, stats, top
+# CLI and main: serve, check, stats, top, ops
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
@@ -4314,6 +4987,7 @@ EXAMPLES = """examples:
   python observerd.py check --config lakehouse.toml  validate the config, print the effective settings
   python observerd.py stats data/observer/ops.jsonl  the stats a restart from that file would serve
   python observerd.py top                            a live view of the daemon on 127.0.0.1:3219
+  python observerd.py ops --since 1h --failed        the last hour's failures, from the journal on disk
   OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
 """
 SERVE_EXAMPLES = """examples:
@@ -4335,6 +5009,15 @@ TOP_EXAMPLES = """examples:
 
 keys: q quits; s cycles the endpoints' sort (failures, failure rate, p95, ops)
 """
+OPS_EXAMPLES = """examples:
+  python observerd.py ops --config lakehouse.toml --since 1h --failed   the last hour's failures
+  python observerd.py ops --endpoint '/mcp/*' --failed -f              follow failures live (Ctrl-C ends)
+  python observerd.py ops --since 2026-11-24T19:00:00Z --until 2026-11-24T20:00:00Z -n 1000 | jq .error
+  python observerd.py ops data/observer/ops.jsonl --field trace_id=4bf92f35 -o json
+
+Ctrl-C ending -f, and a pipe's reader that stops reading (| head), are exit 0.
+"""
+FOLLOW_POLL_S = 0.2
 TOP_DEFAULT_URL = "http://127.0.0.1:3219"
 TOP_MIN_INTERVAL_S, TOP_MAX_INTERVAL_S = 0.1, 3600.0
 
@@ -4403,7 +5086,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and serves live stats over HTTP.")
     parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
     add_serve_flags(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top,ops}")
     # SUPPRESS: flags given before the subcommand are not reset by its own defaults.
     add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)", examples=SERVE_EXAMPLES,
                                         description="Run the daemon until SIGTERM or SIGINT."),
@@ -4431,7 +5114,42 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--token", help="its bearer token (default: $OBSERVERD_TOKEN, which ps does not show)")
     top.add_argument("--interval", type=refresh_interval, default=1.0, help="seconds between refreshes (default: 1)")
     top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
+    add_ops_parser(commands, add_config_flag)
     return parser
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text[:40]!r}")
+    return int(text)
+
+
+def add_ops_parser(commands, add_config_flag) -> None:
+    ops = commands.add_parser(
+        "ops", help="query the journal on disk (the daemon running or not); -f follows it",
+        examples=OPS_EXAMPLES,
+        description="The ops of the JSONL journal and its rotated segments that pass every filter\n"
+                    "given, newest first; --since reads only about that much of the file.")
+    ops.add_argument("file", nargs="?", help="the JSONL journal; every rotated segment beside it (.1, .2, …) "
+                     "is read too, up to keep_files with --config (default: the config's persist_path)")
+    add_config_flag(ops, argparse.SUPPRESS)
+    ops.add_argument("--since", metavar="TIME", help="ops at or after: RFC 3339, or 90s, 15m, 2h, 7d ago")
+    ops.add_argument("--until", metavar="TIME", help="ops at or before: the same forms")
+    ops.add_argument("--endpoint", help="exact, or a glob like '/mcp/*'")
+    ops.add_argument("--source", help=", ".join(SOURCES))
+    outcome = ops.add_mutually_exclusive_group()
+    outcome.add_argument("--failed", dest="success", action="store_const", const="false", help="failed ops only")
+    outcome.add_argument("--ok", dest="success", action="store_const", const="true", help="successful ops only")
+    ops.add_argument("--grep", metavar="REGEX", help="a Python regex over error, input_summary, output_summary")
+    ops.add_argument("--field", metavar="KEY=VALUE",
+                     help="a field's value: a string as is, anything else as its JSON (retries=3)")
+    ops.add_argument("-n", type=non_negative_int, default=50, metavar="N", help="the newest N (default 50)")
+    ops.add_argument("--reverse", action="store_true", help="oldest first")
+    ops.add_argument("-o", "--output", choices=("table", "json", "ndjson"),
+                     help="table on a terminal, else ndjson (one op a line); json: one array")
+    ops.add_argument("-f", "--follow", action="store_true",
+                     help="then print ops as they are appended, across rotations and SIGHUP reopens, "
+                          "oldest first, until Ctrl-C")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -4836,6 +5554,112 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
             redraw = True
 
 
+TABLE_ENDPOINT_WIDTH = 60
+
+
+class OpsWriter:
+    """Writes `ops`' answer: a table (columns sized by the first ops written), one JSON array,
+    or one op a line; each op as it is stored."""
+
+    def __init__(self, output: str, stream, columns: int):
+        self.output, self.stream, self.columns = output, stream, columns  # columns 0: no cut
+        self.widths: tuple[int, ...] | None = None
+
+    def write(self, ops: list[RingOp]) -> None:
+        if self.output == "json":
+            self.stream.write(b"[" + b",".join(b"\n" + op.line[:-1] for op in ops) + b"\n]\n")
+        elif self.output == "ndjson":
+            self.stream.write(b"".join(op.line for op in ops))
+        else:
+            rows = [self._cells(op) for op in ops]
+            if self.widths is None:
+                self.widths = tuple(max([len(title)] + [len(row[n]) for row in rows])
+                                    for n, title in enumerate(("TIME", "SOURCE", "ENDPOINT", "OK", "DURATION")))
+                self._write_row(("TIME", "SOURCE", "ENDPOINT", "OK", "DURATION", "ERROR"))
+            for row in rows:
+                self._write_row(row)
+        self.stream.flush()
+
+    @staticmethod
+    def _cells(op: RingOp) -> tuple[str, ...]:
+        endpoint = showable(op.endpoint)
+        if len(endpoint) > TABLE_ENDPOINT_WIDTH:
+            endpoint = endpoint[:TABLE_ENDPOINT_WIDTH - 1] + "…"
+        return (op.timestamp, op.source, endpoint, "ok" if op.success else "FAIL",
+                f"{op.duration_ms:.6g}ms", showable(op.error or ""))
+
+    def _write_row(self, row: tuple[str, ...]) -> None:
+        *cells, duration, error = row
+        line = "".join(f"{cell:<{width}}  " for cell, width in zip(cells, self.widths))
+        line += f"{duration:>{self.widths[-1]}}  "
+        if self.columns and len(line) + len(error) > self.columns:
+            room = max(0, self.columns - len(line))
+            error = error[:room - 1] + "…" if room else ""
+        self.stream.write((line + error).rstrip().encode("utf-8") + b"\n")
+
+
+def print_ops(args: argparse.Namespace) -> int:
+    """`ops`: the journal's ops passing the filters, newest first; with -f, then those appended."""
+    def fail(problem: str, status: int) -> int:
+        print(problem, file=sys.stderr)
+        return status
+
+    if args.file is not None and args.config is None:
+        # A file named alone: no config is read, and every segment beside it is.
+        path, keep_files = Path(args.file), SETTING["keep_files"].maximum
+    else:
+        try:
+            # ops listens nowhere: the file's bind, and the token it may need, are not its concern.
+            config = load_config(args.config, **{**setting_flags(args), "bind": "127.0.0.1:0"})
+        except ConfigError as exc:
+            return fail(f"{exc.source}: " + "; ".join(exc.problems), 2)
+        path, keep_files = Path(args.file) if args.file else config.persist_path, config.keep_files
+        if path is None:
+            return fail(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', 2)
+    given = {name: getattr(args, name) for name in HISTORY_FILTERS if getattr(args, name) is not None}
+    try:
+        op_filter = OpFilter(given, time.time())
+    except InvalidOp as exc:
+        return fail(f"observerd.py ops: --{exc.field} {exc.reason} (see observerd.py ops --help)", 2)
+    output = args.output or ("table" if sys.stdout.isatty() else "ndjson")
+    if args.follow and output == "json":
+        return fail("observerd.py ops: -o json is one array, which following never closes: use -o ndjson "
+                    "or table (see observerd.py ops --help)", 2)
+    writer = OpsWriter(output, sys.stdout.buffer, shutil.get_terminal_size((0, 0)).columns)
+    skipped, follower = SkippedLines(), None
+    try:
+        with JournalFiles(path, keep_files) as files:
+            if not files.listed:
+                if not args.follow:
+                    return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
+                fail(f"{path}: no journal there yet; following it once there is", 0)
+            if args.follow:  # first: the read below lets go of each file it has read
+                follower = JournalFollower(path, keep_files, op_filter, skipped, files.live())
+            ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []
+        if args.reverse or args.follow:
+            ops.reverse()
+        writer.write(ops)
+        while follower is not None:
+            time.sleep(FOLLOW_POLL_S)
+            ops = follower.poll()
+            if ops:
+                writer.write(ops)
+    except KeyboardInterrupt:  # how a follow ends
+        return 0 if args.follow else 130
+    except BrokenPipeError:
+        raise  # the reader of the pipe is done (| head): main() ends quietly
+    except OSError as exc:
+        return fail(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", 1)
+    finally:
+        if follower is not None:
+            follower.close()
+        if skipped.count:  # once, not a line each
+            where, offset = skipped.first
+            print(f"observerd.py ops: skipped {skipped.count} line(s) no read can serve (malformed or "
+                  f"invalid; the first in {where} at byte {offset})", file=sys.stderr)
+    return 0
+
+
 def open_store(config: Config) -> OpStore:
     """Open (and repair) the journal; the ring and the op_id window stay empty until the
     store's restore()."""
@@ -4925,7 +5749,7 @@ def serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"check": check, "stats": print_stats, "top": show_top}.get(args.command)
+    command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops}.get(args.command)
     if command is None:
         try:
             config = load_config(args.config, **setting_flags(args))

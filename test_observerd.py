@@ -7,6 +7,7 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import gzip
 import http.client
 import io
@@ -18,6 +19,7 @@ import random
 import re
 import resource
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -2707,7 +2709,11 @@ def test_chunked_bodies_are_read_on_every_post_route(serve):
                                   b"Content-Type: application/x-ndjson\r\nContent-Encoding: gzip\r\n")
     assert (status, answer["accepted"]) == (200, 3)
     assert post_chunked(server.port, b"/observer/review", chunked(b'{"endpoint": "/chunked"}'))[1]["ops_considered"] == 2
-    assert [o["endpoint"] for o in server.store.snapshot()] == ["/chunked", "/chunked", "/n0", "/n1", "/n2"]
+    # Leading zeros are allowed in a chunk size, however many (RFC 9112 7.1).
+    padded = b"%020x\r\n%s\r\n%s\r\n\r\n" % (len(op_body), op_body, b"0" * 20)
+    assert post_chunked(server.port, b"/observer/event", padded)[0] == 200
+    assert [o["endpoint"] for o in server.store.snapshot()] == ["/chunked", "/chunked", "/n0", "/n1", "/n2",
+                                                                 "/chunked"]
 
 
 @pytest.mark.parametrize("framed, headers, status, needle", [
@@ -2752,6 +2758,7 @@ GUARDED_ROUTES = [
     ("GET", "/observer/timeline", None),
     ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
     ("GET", "/observer/ready", None), ("HEAD", "/observer/ready", None),
+    ("GET", "/observer/history", None),
 ]
 
 
@@ -4522,7 +4529,7 @@ def test_output_into_a_pipe_the_reader_closed_ends_quietly(tmp_path, serve):
     assert shell.stdout.startswith("# ") and shell.stderr == ""
 
 
-@pytest.mark.parametrize("command", ["", "serve", "check", "stats", "top"])
+@pytest.mark.parametrize("command", ["", "serve", "check", "stats", "top", "ops"])
 def test_every_subcommand_has_help_with_examples_and_the_exit_statuses(command):
     result = run_cli(*filter(None, [command]), "--help")
     assert result.returncode == 0 and result.stderr == ""
@@ -4625,14 +4632,6 @@ def get_fresh(port: int, path: str, method: str = "GET", body=None) -> tuple[int
         client.close()
 
 
-def io_write_calls(pid: int) -> int:
-    """write(2)-family calls the process has made, failed ones too (proc(5): syscw)."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("syscw:"):
-            return int(line.split()[1])
-    raise AssertionError("no syscw in /proc/pid/io")
-
-
 def test_ready_is_200_when_a_write_would_be_accepted_ephemeral_too(serve):
     for server in (serve(), serve(persist_path="")):
         client = server.client()
@@ -4654,6 +4653,22 @@ def test_a_failed_commit_makes_observerd_unready_and_the_next_good_commit_ready(
     assert client.get("/observer/ready")[:2] == (200, {"ready": True})
 
 
+def test_the_probe_never_follows_what_is_planted_at_its_scratch_name(serve, monkeypatch, tmp_path):
+    server = serve()
+    FsyncSpy(monkeypatch, fail_calls={1})
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    journal = server.store.journal
+    scratch = od.probe_scratch_path(journal.path)
+    scratch.symlink_to(victim)
+    journal.probe()  # the disk works again: the probe finds it, through its own new file
+    assert victim.read_bytes() == b"precious\n"
+    assert not scratch.exists() and not scratch.is_symlink()
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+
+
 def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_without_traffic(tmp_path, daemons):
     config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
     daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
@@ -4671,10 +4686,13 @@ def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_witho
     status, body, resp = client.get("/observer/ready")
     assert (status, body, resp.getheader("Retry-After")) == unready
     # The probe runs every second and fails while the limit stands: a byte appended at the
-    # end would fit, the op that failed would not. Two write calls with nothing else to
-    # write are two probes: the answer must not have changed.
-    calls = io_write_calls(daemon.proc.pid)
-    wait_for(lambda: io_write_calls(daemon.proc.pid) >= calls + 2, what="two probes")
+    # end would fit, the op that failed would not. After two probes the answer must not
+    # have changed.
+    def probes(found):
+        samples = scrape(client)["observerd_journal_probes_total"]["samples"]
+        return next(value for _, labels, value in samples if labels == {"found": found})
+
+    wait_for(lambda: probes("failing") >= 2, what="two probes")
     status, body, resp = client.get("/observer/ready")
     assert (status, body, resp.getheader("Retry-After")) == unready
     assert client.get("/observer/health")[0] == 200
@@ -4682,7 +4700,7 @@ def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_witho
     resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
     wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
     assert client.get("/observer/ready")[1] == {"ready": True}
-    assert "found_by=probe" in daemon.log
+    assert "found_by=probe" in daemon.log and probes("writable") == 1
     assert path.read_bytes() == journal, "the probe must leave the journal as it was"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl"]
     assert client.post("/observer/event", {"endpoint": "/after"})[0] == 200
@@ -5010,6 +5028,21 @@ def test_an_op_id_older_than_the_window_is_stored_again_also_after_a_restart(ser
     assert journal_op_ids(path) == ["X", "a", "b", None, "X", "a"]
 
 
+def test_a_restart_remembers_no_op_id_of_a_line_that_is_not_one_observerd_wrote(serve, tmp_path):
+    path = tmp_path / "foreign.jsonl"
+    path.write_bytes(od.encode_line(od.validate_op({"op_id": "kept", "endpoint": "/k"}))
+                     + b'{"op_id":"broken","endpoint":\n'  # torn or foreign: no op in it
+                     + b'{"op_id":"no-endpoint"}\n'
+                     + b'{"op_id":"twice","op_id":"twice-2","endpoint":"/t"}\n'
+                     + b'{"op_id":"F-\xff\xfe","endpoint":"/f"}\n')
+    client = serve(persist_path=str(path)).client()
+    post = lambda op_id: client.post("/observer/event", {"endpoint": "/w", "op_id": op_id})[1]["duplicate"]
+    assert post("kept") is True
+    # U+FFFD is what a lenient decoder makes of the invalid bytes; a client may send it.
+    assert [post(op_id) for op_id in ("broken", "no-endpoint", "twice", "twice-2", "F-\ufffd\ufffd")] \
+        == [False] * 5
+
+
 @pytest.mark.parametrize("op_id", ["", "x" * 129, "😀" * 129, 5, None, True, ["a"], {"a": 1}, "line\nbreak",
                                    "tab\there", "\u2028", "\x7f", "\ud800"])
 def test_an_op_id_that_is_not_1_to_128_printable_characters_is_400_naming_it(serve, op_id):
@@ -5082,6 +5115,651 @@ def test_the_op_id_window_holds_its_size_in_memory_whatever_the_ids():
     assert window.digest(f"2-{4_999}-" + "😀" * 120) is None
     # The README's bound for the longest ids: ~710 bytes each, 8 a slot.
     assert held < 5_000 * 720 + 10_000 * 8 + 64 * 1024, held
+
+
+# --- issue 12: ops CLI and history ---
+
+
+def history_op(i: int, seconds_ago: float, now: float | None = None, **fields) -> dict:
+    """A valid op numbered i, stamped seconds_ago before now."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now or time.time()) - seconds_ago))
+    return op(fields.pop("endpoint", f"/h/{i}"), timestamp=f"{stamp}.{i % 1000000:06d}Z", seq=i, **fields)
+
+
+def seqs(ops) -> list[int]:
+    return [o["seq"] for o in ops]
+
+
+def run_ops(*args, cwd=None, env=None):
+    return run_cli("ops", *args, cwd=cwd, env=env)
+
+
+def ndjson(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def spelled(o: dict, how: int) -> bytes:
+    """One op as one line, in one of the spellings another writer might use."""
+    if how == 1:  # spaces, and every non-ASCII character escaped
+        return json.dumps(o).encode() + b"\n"
+    if how == 2:  # escaped slashes, as PHP writes them
+        return json.dumps(o, ensure_ascii=False).replace("/", "\\/").encode() + b"\n"
+    if how == 3:  # another key order, with decoys of the filtered fields nested inside
+        decoy = {"endpoint": "/decoy", "success": not o["success"], "source": "langfuse",
+                 "timestamp": "2000-01-01T00:00:00Z", "error": "timeout decoy"}
+        return json.dumps({"nested": decoy, **dict(reversed(list(o.items())))},
+                          separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    if how == 5:  # defaults spelled as "" or null, in observerd's own key order and spacing
+        return od.encode_line({**o, "source": "" if o["source"] == "mcp" else o["source"],
+                               "success": None if o == od.validate_op({**o, "success": None}) else o["success"]})
+    if how == 4:  # defaults left out: source mcp, success false, duration 0
+        return json.dumps({k: v for k, v in o.items() if not (k in ("source", "success", "duration_ms")
+                           and v == od.validate_op({"endpoint": "/", "timestamp": o["timestamp"]})[k])},
+                          ensure_ascii=False).encode() + b"\n"
+    return od.encode_line(o)
+
+
+HISTORY_ENDPOINTS = ["/mcp/search", "/mcp/é", '/mcp/a"b', "/scenario/x/y", "/mcp/[x]"]
+
+
+def random_history_op(rng, i: int, now: float) -> dict:
+    fields = {"endpoint": rng.choice(HISTORY_ENDPOINTS), "source": rng.choice(od.SOURCES),
+              "success": rng.random() < 0.6, "duration_ms": rng.choice([0, 1.5, 12, 300])}
+    if rng.random() < 0.5:
+        fields["error"] = rng.choice(["Timeout after 30s", "a\"b failed", "é broke", "refused\nretry"])
+    if rng.random() < 0.5:
+        fields["input_summary"] = rng.choice(["q=timeout", "plain"])
+    fields.update(rng.choice([{}, {"trace": f"t{i % 5}"}, {"n": i % 4}, {"flag": i % 2 == 0},
+                              {"obj": {"a": i % 2}}, {"n": "3"}]))
+    if rng.random() < 0.3:  # written first, before the fields a canonical head holds
+        fields["op_id"] = rng.choice([f"id-{i}", f'id "{i}"'])
+    # Out of order: each op up to a minute either side of its place.
+    o = history_op(i, 3600 - i + rng.uniform(-60, 60), now, **fields)
+    if rng.random() < 0.2:  # the same instant an hour east, or spelled partly in lower case
+        at = od.parse_rfc3339(o["timestamp"]).astimezone(od.timezone(od.timedelta(hours=1)))
+        o["timestamp"] = rng.choice([at.isoformat(), o["timestamp"].lower(),
+                                     o["timestamp"][:10] + "t" + o["timestamp"][11:]])
+    return o
+
+
+def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
+    """The filters as the README states them, written out plainly: the reference."""
+    endpoint = given.get("endpoint")
+    if endpoint is not None and not (fnmatch.fnmatchcase(o["endpoint"], endpoint) if any(c in endpoint for c in "*?[")
+                                     else o["endpoint"] == endpoint):
+        return False
+    if "source" in given and o["source"] != given["source"]:
+        return False
+    if "success" in given and o["success"] != (given["success"] == "true"):
+        return False
+    if "until" in given and od.parse_rfc3339(o["timestamp"]) > od.parse_rfc3339(given["until"]):
+        return False
+    if "since" in given and od.parse_rfc3339(o["timestamp"]) < od.parse_rfc3339(given["since"]):
+        return False
+    if "grep" in given and not any(isinstance(o.get(k), str) and re.search(given["grep"], o[k])
+                                   for k in ("error", "input_summary", "output_summary")):
+        return False
+    if "field" in given:
+        key, value = given["field"].split("=", 1)
+        if key not in o:
+            return False
+        text = o[key] if isinstance(o[key], str) else json.dumps(o[key], separators=(",", ":"), ensure_ascii=False)
+        return text == value
+    return True
+
+
+HISTORY_FILTER_CHOICES = {
+    "endpoint": HISTORY_ENDPOINTS + ["/mcp/*", "*é", "/scenario/?/*", "/mcp/[[]x]", "/nothing"],
+    "source": list(od.SOURCES),
+    "success": ["true", "false"],
+    "grep": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
+             "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
+    "field": ["trace=t3", "n=3", "flag=true", 'obj={"a":1}', "n=", "seq=7"],
+}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(tmp_path, monkeypatch, seed):
+    """Every spelling another writer may use, escapes, decoys, corrupt lines, three segments,
+    blocks smaller than a line: the byte needles and raw checks never drop an op the filters
+    keep, nor keep another."""
+    monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", [64 * 1024, 700, 97][seed % 3])
+    rng = random.Random(seed)
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    expected_order = []
+    for segment in (path.with_name("ops.jsonl.2"), path.with_name("ops.jsonl.1"), path):
+        lines = []
+        for _ in range(150):
+            o = random_history_op(rng, len(expected_order), now)
+            if seed % 2:  # all ASCII, as most journals are: greps then run over whole chunks
+                o = od.validate_op(json.loads(json.dumps(o, ensure_ascii=False).replace("é", "e")))
+            expected_order.append(o)
+            lines.append(spelled(o, rng.randrange(6)))
+            if rng.random() < 0.05:
+                lines.append(rng.choice([b"not json\n", b'{"endpoint":"/mcp/search","source":"mcp",\n',
+                                         b"\n", b'{"endpoint":""}\n']))
+        segment.write_bytes(b"".join(lines))
+    assert sum(replay_forward(p) != [] for p in tmp_path.iterdir()) == 3
+    stored = replay_forward(path.with_name("ops.jsonl.2")) + replay_forward(path.with_name("ops.jsonl.1")) \
+        + replay_forward(path)
+    assert seqs(stored) == seqs(expected_order)
+    for _ in range(40):
+        given = {name: rng.choice(values) for name, values in HISTORY_FILTER_CHOICES.items() if rng.random() < 0.4}
+        for bound in ("since", "until"):  # an op's own stamp, or a second next to one
+            if rng.random() < 0.3:
+                stamp = rng.choice(stored)["timestamp"]
+                given[bound] = stamp if rng.random() < 0.5 else od.parse_rfc3339(stamp).astimezone(od.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S') + rng.choice(["Z", ".999999Z"])
+        with od.JournalFiles(path, 2) as files:
+            page = od.read_history(files, od.OpFilter(given, now), 10 ** 9)
+        assert [plain(o) for o in page.ops] == [o for o in reversed(stored) if brute_force_keeps(o, given)], given
+        assert page.cursor is None and not page.truncated
+
+
+def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    lines = [od.encode_line(op("/a", input_summary="plain", seq=1)),
+             od.encode_line(op("/b", input_summary="q=timeout", seq=2)),
+             od.encode_line(op("/c", input_summary="q=timeout", seq=3)),
+             # Left to its default, the timestamp is the reading's "now": within any since.
+             b'{"endpoint":"/d","source":"mcp","timestamp":"","success":true,"seq":4}\n']
+    path.write_bytes(b"".join(lines))
+    now = time.time()
+
+    def kept(given):
+        with od.JournalFiles(path, 0) as files:
+            return seqs(plain(od.read_history(files, od.OpFilter(given, now), 100).ops))
+
+    # Searched over the whole chunk, this pattern's first match runs from /a's line into /c's.
+    assert kept({"grep": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
+    assert kept({"since": "1m", "success": "true"}) == [4]
+
+
+def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run_of_older_ones(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", 512)
+    monkeypatch.setattr(od, "SINCE_RUN_BYTES", 8 * 1024)
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    old = [history_op(i, 7200) for i in range(400)]  # about 60 KiB from two hours ago
+    backfill = [history_op(1000 + i, 5400) for i in range(20)]  # late, from 90 minutes ago
+    recent = [history_op(2000, 60), history_op(2001, 1800, flag="late but recent")]
+    lines = old + recent[:1] + backfill + recent[1:]
+    path.write_bytes(b"".join(map(od.encode_line, lines)))
+    with od.JournalFiles(path, 0) as files:
+        page = od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9)
+    # The recent op behind the backfill is found; the old ones are read only a run's worth.
+    assert seqs(plain(page.ops)) == [2001, 2000]
+    assert page.cursor is None
+    assert page.scanned_bytes < len(od.encode_line(old[0])) * 100
+    # A backfill longer than the run hides what is behind it: the documented price.
+    path.write_bytes(b"".join(map(od.encode_line, old + recent[:1] + old + recent[1:])))
+    with od.JournalFiles(path, 0) as files:
+        assert seqs(plain(od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9).ops)) == [2001]
+    # A filter few recent ops pass still reads the whole window: it knows where it is in time
+    # from a line of each block, not only from the ops it keeps.
+    rare = history_op(3000, 3000, endpoint="/rare")
+    busy = [history_op(4000 + i, 2000 - i) for i in range(200)]  # about 30 KiB after it
+    path.write_bytes(b"".join(map(od.encode_line, old + [rare] + busy)))
+    with od.JournalFiles(path, 0) as files:
+        page = od.read_history(files, od.OpFilter({"since": "1h", "endpoint": "/rare"}, now), 10 ** 9)
+    assert seqs(plain(page.ops)) == [3000]
+
+
+def write_history_segments(folder: Path, now: float) -> list[dict]:
+    """ops.jsonl.2, .1 and the live file, with corrupt lines and out-of-order timestamps;
+    returns the valid ops, oldest first in file order."""
+    ops, n = [], 0
+    for name in ("ops.jsonl.2", "ops.jsonl.1", "ops.jsonl"):
+        lines = []
+        for _ in range(30):
+            # Every fifth op is stamped ten minutes early (a late batch): out of order.
+            o = history_op(n, 3 * 3600 - n * 300 + (600 if n % 5 == 0 else 0), now,
+                           source="scenario" if n % 3 == 0 else "mcp", success=n % 4 != 0,
+                           error=None if n % 4 else f"upstream 502 for job {n}", trace=f"t{n % 7}")
+            o = {k: v for k, v in o.items() if v is not None}
+            ops.append(o)
+            lines.append(od.encode_line(o))
+            n += 1
+        lines.insert(10, b'{"endpoint":"/torn","source":"mcp","timest\n')
+        lines.insert(20, b"garbage\n")
+        (folder / name).write_bytes(b"".join(lines))
+    return ops
+
+
+def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
+    now = time.time()
+    ops = write_history_segments(tmp_path, now)
+    newest_first = ops[::-1]
+    journal = str(tmp_path / "ops.jsonl")
+
+    def check(args, keep, n=50):
+        result = run_ops(journal, "-o", "ndjson", *args)
+        assert result.returncode == 0, result.stderr
+        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n], args
+        return result
+
+    check([], lambda o: True)
+    result = check(["-n", "1000"], lambda o: True, n=1000)
+    # Each corrupt line is skipped and counted, in one line of stderr, not one per line.
+    assert result.stderr.count("\n") == 1 and "skipped 6 line(s)" in result.stderr
+    check(["-n", "3"], lambda o: True, n=3)
+    check(["--endpoint", "/h/7"], lambda o: o["endpoint"] == "/h/7")
+    check(["--endpoint", "/h/1?"], lambda o: re.fullmatch(r"/h/1\d", o["endpoint"]))
+    check(["--source", "scenario"], lambda o: o["source"] == "scenario")
+    check(["--failed", "-n", "1000"], lambda o: not o["success"], n=1000)
+    check(["--ok", "-n", "1000"], lambda o: o["success"], n=1000)
+    check(["--grep", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
+    check(["--field", "trace=t3"], lambda o: o["trace"] == "t3")
+    check(["--field", "seq=12"], lambda o: o["seq"] == 12)
+    # Relative and absolute times; ops stamped out of order are judged by their own stamp.
+    check(["--since", "2h", "-n", "1000"], lambda o: od.op_time(o).timestamp() >= now - 7200, n=1000)
+    check(["--since", "150m", "--until", "100m"],
+          lambda o: now - 9000 <= od.op_time(o).timestamp() <= now - 6000)
+    until = history_op(0, 9000, now)["timestamp"]
+    check(["--until", until, "--failed"], lambda o: not o["success"] and o["timestamp"] <= until)
+    check(["--failed", "--source", "scenario", "--since", "10000s"],
+          lambda o: not o["success"] and o["source"] == "scenario" and od.op_time(o).timestamp() >= now - 10000)
+    reverse = run_ops(journal, "-o", "ndjson", "-n", "5", "--reverse")
+    assert ndjson(reverse.stdout) == newest_first[:5][::-1]
+
+
+def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
+    ops = write_history_segments(tmp_path, time.time())
+    config = write_settings(tmp_path, {"persist_path": "ops.jsonl", "keep_files": 1})
+    result = run_ops("--config", str(config), "-n", "1000", "-o", "ndjson", cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert ndjson(result.stdout) == ops[30:][::-1]  # .2 is beyond keep_files = 1
+    # A file named alone: no config is read (not even a broken one in the working folder), and
+    # every segment beside it is, however far.
+    (tmp_path / "ops.jsonl.2").rename(tmp_path / "ops.jsonl.7")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "lakehouse.toml").write_text("[observerd]\nkeep_files = 'x'\n")
+    alone = run_ops(str(tmp_path / "ops.jsonl"), "-n", "1000", cwd=tmp_path / "elsewhere")
+    assert alone.returncode == 0 and ndjson(alone.stdout) == ops[::-1]
+
+
+def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
+    now = time.time()
+    ops = [history_op(1, 30, now, endpoint="/mcp/search", success=True, duration_ms=12.5),
+           history_op(2, 20, now, endpoint="/scenario/checkout\x1b[2J", source="scenario",
+                      error="HTTP 502 from the payment gateway, after three retries"),
+           history_op(3, 10, now, endpoint="/mcp/search", success=False, error="timeout\nafter 30s")]
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(map(od.encode_line, ops)))
+    as_json = run_ops(str(path), "-o", "json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops[::-1]
+    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops[::-1]
+    assert ndjson(run_ops(str(path)).stdout) == ops[::-1]  # not a terminal: ndjson
+    table = run_ops(str(path), "-o", "table", env={"COLUMNS": "120"}).stdout.splitlines()
+    assert re.split(r"\s{2,}", table[0]) == ["TIME", "SOURCE", "ENDPOINT", "OK", "DURATION", "ERROR"]
+    assert len(table) == 4 and all(len(line) <= 120 for line in table)
+    newest, middle, oldest = table[1:]
+    # What a client sent is shown, never obeyed: controls as their JSON escapes.
+    assert newest.startswith(ops[2]["timestamp"]) and " FAIL " in newest and "timeout\\nafter 30s" in newest
+    assert "\x1b" not in middle and "/scenario/checkout\\u001b[2J" in middle
+    assert middle.endswith("…") and "HTTP 502 from the" in middle
+    assert re.search(r" ok +12\.5ms$", oldest)
+    # Columns line up: each column starts where its title does.
+    for title in ("ENDPOINT", "OK", "ERROR"):
+        column = table[0].index(title)
+        assert all(line[column - 2:column] == "  " and line[column] != " " for line in table[1:] if len(line) > column)
+    wide = run_ops(str(path), "-o", "table", env={"COLUMNS": "1000"}).stdout
+    assert "HTTP 502 from the payment gateway, after three retries" in wide
+
+
+@pytest.mark.parametrize("args, status, needle", [
+    (["--since", "yesterday"], 2, "--since must be an RFC 3339 date-time"),
+    (["--until", "2026-13-01T00:00:00Z"], 2, "--until must be"),
+    (["--grep", "("], 2, "--grep is not a valid regular expression"),
+    (["--field", "novalue"], 2, "--field must be key=value"),
+    (["--source", "nope"], 2, "--source must be one of"),
+    (["-f", "-o", "json"], 2, "-o json is one array"),
+])
+def test_ops_names_a_bad_argument_in_one_line_and_exits_2(tmp_path, args, status, needle):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(od.encode_line(op()))
+    result = run_ops(str(path), *args)
+    assert (result.returncode, result.stdout) == (status, "")
+    assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_ops_without_a_journal_says_why_and_exits_2(tmp_path):
+    missing = run_ops(str(tmp_path / "none.jsonl"))
+    assert missing.returncode == 2 and "none.jsonl: no journal there" in missing.stderr
+    ephemeral = run_ops("--config", str(write_settings(tmp_path, {"persist_path": ""})))
+    assert ephemeral.returncode == 2 and "ephemeral" in ephemeral.stderr
+    assert missing.stderr.count("\n") == ephemeral.stderr.count("\n") == 1
+    bad = run_ops("--config", str(write_settings(tmp_path, {"keep_files": -1})))
+    assert bad.returncode == 2 and "keep_files must be >= 0" in bad.stderr
+
+
+def test_ops_that_cannot_read_the_journal_says_so_in_one_line_and_exits_1(tmp_path):
+    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op()))
+    os.symlink("ops.jsonl.1", tmp_path / "ops.jsonl.1")  # a loop: no file can be read there
+    result = run_ops(str(tmp_path / "ops.jsonl"))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{tmp_path / 'ops.jsonl.1'}: cannot read: Too many levels of symbolic links\n"
+
+
+def test_ops_help_has_an_example():
+    result = run_ops("--help")
+    assert result.returncode == 0 and "examples:" in result.stdout and "--since 1h --failed" in result.stdout
+    assert "exit status" in result.stdout
+
+
+def test_ops_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    # Far more than a pipe holds, so the writer is still writing when head exits.
+    path.write_bytes(b"".join(od.encode_line(history_op(i, 100, extra="x" * 200)) for i in range(5000)))
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops "
+                            f"{shlex.quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert json.loads(result.stdout)["seq"] == 4999
+
+
+class OpsFollower:
+    """`ops -f` as a real subprocess; the lines it prints are collected by a reader thread."""
+
+    def __init__(self, *args, stdout=subprocess.PIPE):
+        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "ops", "-o", "ndjson", "-f", *args],
+                                     stdout=stdout, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        if stdout is subprocess.PIPE:
+            threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def ops(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines)]
+
+    def wait_seqs(self, expected: list[int], what: str) -> None:
+        wait_for(lambda: len(self.lines) >= len(expected) or self.proc.poll() is not None,
+                 timeout=60, interval=0.05, what=what)
+        wait_for(lambda: len(self.lines) >= len(expected), timeout=5, what=what)
+        assert seqs(self.ops()) == expected, what
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        status = self.proc.wait(60)
+        return status, self.proc.stderr.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+
+
+@pytest.fixture
+def followers():
+    yield from started_by_test(OpsFollower, OpsFollower.stop)
+
+
+def post_seqs(client, numbers, **fields) -> None:
+    for i in numbers:
+        status, body, _ = client.post("/observer/event", {"endpoint": f"/h/{i}", "seq": i, **fields})
+        assert status == 200, body
+
+
+def test_ops_follow_prints_appended_ops_across_the_daemons_rotations(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1200, keep_files=50)
+    client = daemon.client()
+    post_seqs(client, range(10))
+    post_seqs(client, [10], keep="yes")
+    follower = followers(str(tmp_path / "ops.jsonl"), "-n", "3", "--field", "keep=yes")
+    follower.wait_seqs([10], "the backlog: the one op kept")
+    post_seqs(client, range(11, 14), keep="no")
+    post_seqs(client, range(14, 30), keep="yes")
+    follower.wait_seqs([10] + list(range(14, 30)), "every kept op once, in order, across rotations")
+    # Stopped while the daemon rotates several times: on waking it reads the segments rotated
+    # meanwhile too, not only the file the path names now.
+    follower.proc.send_signal(signal.SIGSTOP)
+    rotations = daemon.log.count('msg="rotated log"')
+    post_seqs(client, range(30, 80), keep="yes")
+    assert daemon.log.count('msg="rotated log"') - rotations >= 3
+    follower.proc.send_signal(signal.SIGCONT)
+    follower.wait_seqs([10] + list(range(14, 80)), "the ops of every segment rotated while it slept")
+    status, stderr = follower.interrupt()
+    assert (status, stderr) == (0, "")
+
+
+def test_ops_follow_starts_with_the_newest_n_oldest_first(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    post_seqs(daemon.client(), range(10))
+    follower = followers(str(tmp_path / "ops.jsonl"), "-n", "3")
+    follower.wait_seqs([7, 8, 9], "the backlog")
+    post_seqs(daemon.client(), [10])
+    follower.wait_seqs([7, 8, 9, 10], "the new op")
+
+
+def test_ops_follow_moves_to_the_new_file_after_logrotate_and_sighup(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    post_seqs(client, range(5))
+    live = tmp_path / "ops.jsonl"
+    follower = followers(str(live), "-n", "1")
+    follower.wait_seqs([4], "the backlog")
+    post_seqs(client, range(5, 8))
+    follower.wait_seqs([4, 5, 6, 7], "ops before the rotation")
+    os.rename(live, tmp_path / "ops.jsonl-20261126")  # logrotate's move, without `create`
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
+    post_seqs(client, range(8, 12))
+    follower.wait_seqs(list(range(4, 12)), "ops after the SIGHUP, in the new file")
+    os.rename(live, tmp_path / "ops.jsonl-20261127")
+    post_seqs(client, range(12, 15))  # no signal: the next append makes the path again
+    follower.wait_seqs(list(range(4, 15)), "ops after a move without a signal")
+    assert follower.interrupt() == (0, "")
+
+
+def test_ops_follow_into_a_pipe_that_closes_ends_quietly(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    post_seqs(client, range(2))
+    pipeline = subprocess.Popen(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops -f -n 2 "
+                                f"{shlex.quote(str(tmp_path / 'ops.jsonl'))} | head -n 3; exit ${{PIPESTATUS[0]}}",
+                                shell=True, executable="/bin/bash", stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    i = 2
+    # head exits after its third line; ops learns it at its next write, and must end quietly.
+    while pipeline.poll() is None:
+        post_seqs(client, [i])
+        i += 1
+        time.sleep(0.05)
+        assert i < 5000, "ops -f never noticed its reader had gone"
+    assert (pipeline.returncode, pipeline.stderr.read()) == (0, "")
+    first = seqs(ndjson(pipeline.stdout.read()))
+    assert first == list(range(first[0], first[0] + 3))  # the backlog's two, and the next
+
+
+def test_ops_follow_reads_a_file_truncated_in_place_from_its_start(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(history_op(i, 10)) for i in range(3)))
+    with od.JournalFiles(path, 0) as files:
+        follower = od.JournalFollower(path, 0, od.OpFilter({}, time.time()), od.SkippedLines(), files.live())
+    try:
+        append_to(path, od.encode_line(history_op(3, 5)))
+        assert seqs(plain(follower.poll())) == [3]
+        with open(path, "r+b") as f:  # logrotate's copytruncate
+            f.truncate(0)
+        append_to(path, od.encode_line(history_op(4, 1)))
+        assert seqs(plain(follower.poll())) == [4]
+    finally:
+        follower.close()
+
+
+def history_page(client, query: str = "", expect: int = 200):
+    status, body, _ = client.get(f"/observer/history{'?' if query else ''}{query}")
+    assert status == expect, body
+    return body
+
+
+def test_history_pages_through_a_journal_appended_to_and_rotated_meanwhile(serve):
+    server = serve(max_file_bytes=3000, keep_files=1000)
+    client = server.client()
+    post_seqs(client, range(200))
+    seen, cursor, pages, appended = [], None, 0, 200
+    segments_before = len(list(server.config.persist_path.parent.glob("ops.jsonl.*")))
+    while True:
+        body = history_page(client, "limit=7" + (f"&cursor={cursor}" if cursor else ""))
+        assert body["count"] == len(body["ops"]) and not body["truncated"]
+        seen.extend(seqs(body["ops"]))
+        cursor, pages = body["cursor"], pages + 1
+        if cursor is None:
+            break
+        post_seqs(client, range(appended, appended + 5))  # with rotations now and then
+        appended += 5
+    assert seen == list(range(199, -1, -1)), "every op exactly once, newest first"
+    assert pages == 29
+    assert len(list(server.config.persist_path.parent.glob("ops.jsonl.*"))) > segments_before + 3
+    assert seqs(history_page(client, "limit=5")["ops"]) == list(range(appended - 1, appended - 6, -1))
+
+
+def test_history_filters_and_reports_its_work(serve):
+    server = serve()
+    client = server.client()
+    post_seqs(client, range(10))
+    post_seqs(client, range(10, 15), success=False, error="upstream 502", trace="t-1")
+    body = history_page(client, "success=false&grep=5.2&field=trace=t-1&since=1h&endpoint=/h/*&limit=3")
+    assert seqs(body["ops"]) == [14, 13, 12] and body["count"] == 3
+    assert body["scanned_bytes"] == server.config.persist_path.stat().st_size
+    assert body["cursor"] is not None and body["truncated"] is False
+    rest = history_page(client, f"success=false&grep=5.2&field=trace=t-1&since=1h&endpoint=/h/*&limit=3"
+                                f"&cursor={body['cursor']}")
+    assert seqs(rest["ops"]) == [11, 10] and rest["cursor"] is None
+    full = history_page(client)
+    assert seqs(full["ops"]) == list(range(14, -1, -1)) and full["cursor"] is None
+    assert full["ops"] == plain(server.client().get("/observer/ops")[1]["ops"])
+
+
+def test_history_is_bounded_by_max_scan_bytes_and_goes_on_where_it_stopped(serve):
+    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
+    client = server.client()
+    post_seqs(client, range(300), success=True)
+    post_seqs(client, [300], success=False)
+    body = history_page(client, "success=false")
+    assert seqs(body["ops"]) == [300]
+    seen, truncated = [], 0
+    body = history_page(client, "success=true&limit=1000")
+    while True:
+        assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
+        seen.extend(seqs(body["ops"]))
+        truncated += body["truncated"]
+        if body["cursor"] is None:
+            assert not body["truncated"]
+            break
+        body = history_page(client, f"success=true&limit=1000&cursor={body['cursor']}")
+    segments = len(list(server.config.persist_path.parent.glob("ops.jsonl*")))
+    assert seen == list(range(299, -1, -1)) and truncated == segments - 1 > 4
+
+
+def test_a_cursor_into_a_rotated_away_segment_is_410(serve):
+    server = serve(max_file_bytes=600, keep_files=1)
+    client = server.client()
+    post_seqs(client, range(6))
+    cursor = history_page(client, "limit=1")["cursor"]
+    assert history_page(client, f"cursor={cursor}")["ops"]  # still there
+    post_seqs(client, range(6, 30))  # the file the cursor names is deleted beyond keep_files
+    body = history_page(client, f"cursor={cursor}", expect=410)
+    assert "rotated away" in body["error"]
+    # A cursor whose file now holds other bytes (its inode reused) is as gone.
+    current = history_page(client, "limit=1")["cursor"]
+    ino, offset, crc = current.split(".")
+    assert history_page(client, f"cursor={ino}.{offset}.{int(crc, 16) ^ 1:08x}", expect=410)
+    assert history_page(client, f"cursor={ino}.{10 ** 15}.{crc}", expect=410)
+
+
+@pytest.mark.parametrize("query, param", [
+    ("nope=1", "nope"), ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
+    ("since=tomorrow", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
+    ("grep=(", "grep"), ("field=x", "field"), ("cursor=abc", "cursor"), ("cursor=1.0.00000000", "cursor"),
+    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("endpoint=a&endpoint=b", "endpoint"),
+])
+def test_bad_history_params_are_400_naming_the_param(serve, query, param):
+    body = history_page(serve().client(), query, expect=400)
+    assert body["error"].startswith(f"invalid query: {param} "), body
+
+
+def test_history_without_a_journal_is_409(serve):
+    body = history_page(serve(persist_path="").client(), expect=409)
+    assert body == {"error": "no journal: observerd runs ephemeral"}
+
+
+def test_history_never_holds_up_ingest_while_it_reads(serve, monkeypatch):
+    server = serve()
+    client = server.client()
+    post_seqs(client, range(5))
+    reading, release = threading.Event(), threading.Event()
+    real_pread = os.pread
+
+    def held_pread(fd, size, offset):
+        if threading.current_thread().name != "committer" and size > 1:
+            reading.set()
+            release.wait(60)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", held_pread)
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(history_page(server.client())))
+    reader.start()
+    assert reading.wait(30)
+    post_seqs(client, range(5, 8))  # answered while the history read is held mid-file
+    assert server.store.stats()["total"] == 8
+    release.set()
+    reader.join(60)
+    assert seqs(answers[0]["ops"]) == [4, 3, 2, 1, 0]
+
+
+def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=300, keep_files=1000)
+    client = daemon.client()
+    post_seqs(client, range(150))
+    assert len(list(tmp_path.glob("ops.jsonl.*"))) > 50
+    pid = daemon.proc.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds(pid)) + 6, hard))
+    seen, cursor = [], None
+    while True:
+        body = history_page(client, "limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        seen.extend(seqs(body["ops"]))
+        if (cursor := body["cursor"]) is None:
+            break
+    assert seen == list(range(149, -1, -1))
+    post_seqs(client, range(150, 160))  # rotations still find the descriptors they need
+    # The command line reads them all under a low limit too.
+    result = subprocess.run([sys.executable, str(DAEMON), "ops", str(tmp_path / "ops.jsonl"), "-n", "1000"],
+                            capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard)))
+    assert result.returncode == 0, result.stderr
+    assert seqs(ndjson(result.stdout)) == list(range(159, -1, -1))
+
+
+def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
+    server = serve()
+    post_seqs(server.client(), range(5))
+    reading, release = threading.Semaphore(0), threading.Event()
+    real_pread = os.pread
+
+    def held_pread(fd, size, offset):
+        if threading.current_thread().name != "committer" and size > 1:
+            reading.release()
+            release.wait(60)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", held_pread)
+    answers = []
+    readers = [threading.Thread(target=lambda: answers.append(history_page(server.client()))) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for _ in readers:
+        assert reading.acquire(timeout=30)
+    # Both turns are taken: a third call would wait for one (each holds up to max_scan_bytes).
+    assert not server.server.history_reads.acquire(blocking=False)
+    release.set()
+    for reader in readers:
+        reader.join(60)
+    assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
+    assert server.server.history_reads.acquire(blocking=False)
+    server.server.history_reads.release()
 
 
 # --- issue 14: browser page ---
