@@ -5914,7 +5914,8 @@ def test_ui_page_needs_no_token_but_its_data_does(serve):
     assert resp.status == 200 and b"<svg" in body
     assert get_page(server.port, method="HEAD")[0].status == 200
     client = server.client()
-    for path in ("/observer/stats", "/observer/playbooks", "/observer/ops"):
+    for path in ("/observer/timeline", "/observer/stats", "/observer/playbooks", "/observer/ops",
+                 "/observer/history", "/observer/ready"):
         assert client.get(path)[0] == 401, path
 
 
