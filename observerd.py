@@ -12,7 +12,7 @@ Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and noth
 
 The file reads top to bottom, each section depending only on those above it:
 logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
-outbound -> HTTP protocol -> API -> background loops -> CLI/main.
+outbound -> HTTP protocol -> browser page -> API -> background loops -> CLI/main.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ if sys.version_info < (3, 11):
     sys.exit(2)
 
 import argparse
+import base64
 import bisect
 import fnmatch
 import functools
+import hashlib
 import hmac
 import itertools
 import http.client
@@ -3057,19 +3059,29 @@ def http_date() -> str:
     return _date_cache[1]
 
 
+class Document(NamedTuple):
+    """An answer that is not JSON: its bytes, their media type, and headers of its own."""
+
+    payload: bytes
+    content_type: str
+    headers: dict[str, str]
+
+
 def render_answer(status: int, body: object, close: bool, head_only: bool = False) -> tuple[bytes, int]:
     """Status line, headers and body as one buffer, and the body's size: every answer's bytes.
 
-    body is JSON, Prometheus text (a str), or a RequestError: {"error": message} and its headers.
-    A 503 always says when to retry.
+    body is JSON, a Document, or a RequestError: {"error": message} and its headers. A 503
+    always says when to retry. A 304 carries no body (RFC 9110 15.4.5) but the Content-Length a
+    200 would have, like HEAD.
     """
     headers = None
-    if isinstance(body, str):
-        payload, content_type = body.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8"
+    if isinstance(body, Document):
+        payload, content_type, headers = body
     else:
         if type(body) is RequestError:
             body, headers = {"error": body.message}, body.headers
         payload, content_type = encode_json(body), "application/json"
+    head_only = head_only or status == 304
     lines = [
         f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
         f"Server: {SERVER_NAME}",
@@ -3692,6 +3704,593 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
 
 # =============================================================================
+# Browser page: GET /observer/ui, one HTML document with its style and script inline; it
+# carries no data, only fetches the API, and its Content-Security-Policy allows nothing else
+# =============================================================================
+
+UI_STYLE = """
+:root{--bg:#fff;--fg:#1f2328;--mute:#59636e;--line:#d1d9e0;--card:#f6f8fa;--ok:#1a7f37;--bad:#cf222e;
+--warn:#9a6700;--link:#0550ae;--c0:#0969da;--c1:#8250df;--c2:#b35900;--c3:#1a7f37;--c4:#6e7781;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--mute:#9198a1;--line:#3d444d;
+--card:#151b23;--ok:#3fb950;--bad:#f85149;--warn:#d29922;--link:#4493f8;--c0:#4493f8;--c1:#ab7df8;
+--c2:#e3b341;--c3:#3fb950;--c4:#9198a1}}
+*{box-sizing:border-box}
+[hidden]{display:none!important}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 20px;padding:10px 16px;border-bottom:1px solid var(--line)}
+h1{font-size:18px;margin:0}
+h1 small{font-size:13px;font-weight:400;color:var(--mute)}
+h2{font-size:15px;margin:0 0 8px}
+dl{display:flex;flex-wrap:wrap;gap:4px 20px;margin:0}
+dl div{display:flex;gap:6px;align-items:baseline}
+dt{color:var(--mute);font-size:12px}
+dd{margin:0;font-variant-numeric:tabular-nums}
+#conn{margin:0 0 0 auto;padding:2px 10px;border-radius:12px;border:1px solid var(--line);font-size:13px}
+.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
+#auth{margin:12px 16px;padding:12px;border:2px solid var(--warn);border-radius:6px;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+#auth p{flex-basis:100%;margin:0;font-weight:600}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,540px),1fr));gap:12px;padding:12px 16px}
+section{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px 12px;min-width:0}
+.wide{grid-column:1/-1}
+.stale section{opacity:.55}
+.note{color:var(--mute);font-size:12px;margin:4px 0}
+.scroll{overflow-x:auto}
+.tall{max-height:75vh;overflow-y:auto}
+.tall th{position:sticky;top:0;background:var(--card)}
+#by-source{display:flex;flex-wrap:wrap;gap:2px 14px;list-style:none;padding:0;margin:2px 0}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:12px;color:var(--mute);white-space:nowrap}
+.n{text-align:right}
+td.t{white-space:nowrap}
+td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+tr.f td:nth-child(4){color:var(--bad);font-weight:600}
+button,input,select{font:inherit;color:inherit}
+input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
+button.link,button.sort{background:none;border:0;padding:0;cursor:pointer;text-align:left}
+button.link{color:var(--link);text-decoration:underline;overflow-wrap:break-word}
+button.sort{color:inherit;font-weight:600}
+:focus-visible{outline:2px solid var(--link);outline-offset:1px}
+#filters{display:flex;flex-wrap:wrap;gap:6px 14px;margin-bottom:6px}
+#filters label{display:flex;gap:6px;align-items:center;font-size:13px}
+#chart{display:block;width:100%}
+#chart text{fill:var(--mute);font-size:11px}
+#chart .axis{font-size:12px}
+#chart .grid{stroke:var(--line)}
+#chart polyline{fill:none;stroke-width:1.5;stroke-linejoin:round}
+#legend{display:flex;flex-wrap:wrap;gap:4px 16px;list-style:none;padding:0;margin:6px 0 0;font-size:13px}
+.sw{display:inline-block;width:14px;height:3px;margin-right:6px;vertical-align:middle}
+.s0{stroke:var(--c0);background:var(--c0)}.s1{stroke:var(--c1);background:var(--c1)}
+.s2{stroke:var(--c2);background:var(--c2)}.s3{stroke:var(--c3);background:var(--c3)}
+.s4{stroke:var(--c4);background:var(--c4)}
+#chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
+.sf{background:var(--bad)}
+@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}}
+"""
+
+UI_SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = 300, HISTORY_PAGE = 50;
+const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
+const SVG = $("chart").namespaceURI;
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let timer = 0, busy = false, again = false, needToken = false, ringCapacity = 0, updated = "";
+let ops = [], endpoints = [], timeline = null, sortBy = {key: "failures", desc: true}, shown = null;
+const drawn = new Map();  /* tbody -> the rows it shows, as JSON */
+
+class HttpError extends Error {
+  constructor(status, reason, path) {
+    super(path ? "GET " + path + ": " + status + " " + reason : reason);
+    this.status = status;
+    this.reason = reason;
+  }
+}
+
+async function api(path, accept = []) {
+  const headers = token ? {Authorization: "Bearer " + token} : {};
+  const resp = await fetch(path, {headers, cache: "no-store", signal: AbortSignal.timeout(8000)});
+  const body = await resp.json().catch(() => null);
+  if (resp.status === 401) throw new HttpError(401, "token refused");
+  if (!resp.ok && !accept.includes(resp.status)) {
+    throw new HttpError(resp.status, (body && body.error) || resp.statusText, path.split("?")[0]);
+  }
+  return body;
+}
+
+/* Elements are built with text nodes only: ops carry whatever strings their senders chose. */
+function el(tag, cls, ...children) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  e.append(...children.map((c) => (c instanceof Node ? c : String(c ?? ""))));
+  return e;
+}
+
+const nf = new Intl.NumberFormat("en");
+const count = (n, unit) => (n == null ? "–" : nf.format(n) + (unit ? " " + unit : ""));
+const ms = (n) => (n == null ? "–" : (n < 10 && !Number.isInteger(n) ? n.toFixed(1) : nf.format(Math.round(n))) + " ms");
+const pct = (r) => (r == null ? "–" : (r * 100).toFixed(r > 0 && r < 0.1 ? 1 : 0) + " %");
+/* Times as sent, without fractions; today's (by the server's clock) without their date. */
+function when(ts) {
+  const s = String(ts ?? "").replace("T", " ").replace(/\.\d+/, "");
+  return timeline && s.startsWith(timeline.now.slice(0, 10)) ? s.slice(11) : s;
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + units[i];
+}
+
+function uptime(s) {
+  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " min";
+  return m ? m + " min " + Math.floor(s % 60) + " s" : Math.floor(s) + " s";
+}
+
+/* An endpoint as a history query: fnmatch brackets make *, ? and [ literal. */
+const exact = (endpoint) => endpoint.replace(/[[*?]/g, "[$&]");
+
+function endpointButton(endpoint, failedOnly = false) {
+  const b = el("button", "link", endpoint);
+  b.type = "button";
+  b.title = "Open " + (failedOnly ? "its failed ops" : "its ops") + " from the journal";
+  b.dataset.k = (failedOnly ? "F" : "A") + endpoint;
+  b.addEventListener("click", () => openHistory(endpoint, failedOnly));
+  return b;
+}
+
+/* Rows are rebuilt only when their data changed, and the focused button keeps focus. */
+function fill(body, rows, cells, empty) {
+  const key = JSON.stringify(rows);
+  if (drawn.get(body) === key) return;
+  drawn.set(body, key);
+  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
+  const trs = rows.map((row) => {
+    const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
+    for (const [cls, make] of cells.columns) {
+      const td = tr.appendChild(el("td", cls, make(row)));
+      if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
+    }
+    return tr;
+  });
+  if (!trs.length) {
+    const td = el("td", "note", empty);
+    td.colSpan = cells.columns.length;
+    trs.push(el("tr", "", td));
+  }
+  body.replaceChildren(...trs);
+  if (focused != null) {
+    for (const b of body.querySelectorAll("button")) if (b.dataset.k === focused) { b.focus(); break; }
+  }
+}
+
+function setConn(text, cls) {
+  const c = $("conn");
+  c.textContent = text;
+  c.className = cls;
+  document.body.classList.toggle("stale", cls !== "ok");
+}
+
+function askToken(why) {
+  needToken = true;
+  $("auth-msg").textContent = why || (token
+    ? "The token was refused (401 Unauthorized). Enter the right one."
+    : "This observerd needs its bearer token to show data.");
+  $("auth").hidden = false;
+  $("token").focus();
+  setConn("waiting for a token", "warn");
+}
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const given = $("token").value.trim();
+  $("token").value = "";
+  /* observerd's tokens are printable ASCII; fetch could not even send another. */
+  if (!/^[\x20-\x7e]+$/.test(given)) return askToken("That cannot be the token: tokens are printable ASCII.");
+  token = given;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("auth").hidden = true;
+  needToken = false;
+  tick();
+});
+
+function opsPath() {
+  const q = new URLSearchParams();
+  if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
+  if ($("f-source").value) q.set("source", $("f-source").value);
+  if ($("f-failed").checked) q.set("success", "false");
+  return "ops?" + q;
+}
+
+/* Shows what answered (the timeline does while restoring, stats does not), then throws the
+   first failure, a refused token before any other. */
+async function refresh() {
+  const settled = await Promise.allSettled(
+    [api("timeline?seconds=" + WINDOW_S), api("stats"), api("playbooks"), api(opsPath())]);
+  const [t, stats, playbooks, recent] = settled.map((r) => r.value);
+  if (t) {
+    const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
+    showReady(t.ready, ready && ready.reason);
+    ringCapacity = t.ring.capacity;
+    timeline = t;
+    showHeader(t);
+    drawChart(t);
+    endpoints = t.endpoints;
+    showEndpoints();
+    showClusters(t.clusters);
+    showEscalations(t.escalations);
+  }
+  if (stats) showStats(stats);
+  if (playbooks) showPlaybooks(playbooks);
+  if (recent) {
+    ops = recent.ops;
+    showOps();
+  }
+  const failures = settled.filter((r) => r.status === "rejected").map((r) => r.reason);
+  if (failures.length) throw failures.find((e) => e.status === 401) || failures[0];
+}
+
+function showReady(ready, reason) {
+  $("ready").textContent = ready ? "ready" : "not ready: " + (reason || "no reason given");
+  $("ready").className = ready ? "ok" : "bad";
+}
+
+function showHeader(t) {
+  $("version").textContent = "v" + t.version;
+  $("uptime").textContent = uptime(t.uptime_s);
+  $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
+  $("journal").title = t.journal ? t.journal.path : "";
+  $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
+    pct(t.ring.ops / t.ring.capacity) + ", " + bytes(t.ring.bytes) + ")";
+  $("fsync").textContent = t.fsync_p99_ms == null ? "no fsync yet" : ms(t.fsync_p99_ms);
+}
+
+function showStats(stats) {
+  $("stat-total").textContent = count(stats.total, "ops");
+  $("stat-ok").textContent = count(stats.successes, "ok");
+  $("stat-failed").textContent = count(stats.failures, "failed");
+  const items = Object.entries(stats.by_source).sort().map(([source, n]) => {
+    const li = el("li", "", el("span", "sw s" + sourceIndex(source)), source + ": ", el("b", "", count(n, "ops")));
+    li.dataset.source = source;
+    li.dataset.count = n;
+    return li;
+  });
+  $("by-source").replaceChildren(...items);
+}
+
+const sourceIndex = (name) => { const i = SOURCES.indexOf(name); return i < 0 ? 4 : i; };
+
+function niceStep(x) {
+  const p = Math.pow(10, Math.floor(Math.log10(x)));
+  return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= x);
+}
+
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function drawChart(t) {
+  const chart = $("chart"), n = t.seconds;
+  const w = Math.max(300, chart.clientWidth || 800), h = w < 600 ? 200 : 240;
+  const L = 46, R = 12, T = 10, B = 38, pw = w - L - R, ph = h - T - B;
+  const series = Object.keys(t.sources).sort().map((name) => ({
+    name, cls: "s" + sourceIndex(name),
+    values: t.sources[name].ok.map((ok, i) => ok + t.sources[name].failed[i]),
+  }));
+  series.push({name: "failures (all sources)", cls: "sf", values: t.totals.failed});
+  /* Seconds are averaged in bins of at least 3 px, so a narrow chart stays readable. */
+  const bin = [1, 2, 5, 10, 15, 30].find((b) => (pw * b) / n >= 3) || 30;
+  const rebin = (values) => {
+    const out = [];
+    for (let end = values.length; end > 0; end -= bin) {
+      const part = values.slice(Math.max(0, end - bin), end);
+      out.unshift(part.reduce((a, b) => a + b, 0) / part.length);
+    }
+    return out;
+  };
+  const lines = series.map((s) => rebin(s.values));
+  const max = Math.max(1, ...lines.flat());
+  const step = Math.max(1, niceStep(max / 4)), top = Math.ceil(max / step) * step;
+  const ago = (s) => L + pw * (1 - s / (n - 1 || 1)), y = (v) => T + ph - (ph * v) / top;
+  const parts = [svg("title", {}, "Events per second by source, and failures per second, over the last " + n + " s")];
+  for (let v = 0; v <= top; v += step) {
+    parts.push(svg("line", {class: "grid", x1: L, x2: L + pw, y1: y(v), y2: y(v)}));
+    parts.push(svg("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, nf.format(v)));
+  }
+  const every = [10, 30, 60, 120, 300].find((s) => (pw * s) / n >= 70) || n;
+  const marks = [];
+  for (let s = 0; s < n; s += every) marks.push(s);
+  if (((n - 1 - marks[marks.length - 1]) * pw) / n >= 70) marks.push(n - 1);
+  for (const s of marks) {
+    parts.push(svg("line", {class: "grid", x1: ago(s), x2: ago(s), y1: T + ph, y2: T + ph + 4}));
+    parts.push(svg("text", {x: ago(s), y: T + ph + 16, "text-anchor": s ? (s === n - 1 ? "start" : "middle") : "end"},
+      s ? "−" + (s === n - 1 ? n : s) + " s" : "now"));
+  }
+  parts.push(svg("text", {class: "axis", x: L + pw / 2, y: h - 4, "text-anchor": "middle"},
+    "seconds before " + String(t.now).slice(11, 19) + " UTC"));
+  parts.push(svg("text", {class: "axis", x: 12, y: T + ph / 2, "text-anchor": "middle",
+    transform: "rotate(-90 12 " + (T + ph / 2) + ")"}, bin > 1 ? "events/s (" + bin + " s averages)" : "events/s"));
+  lines.forEach((values, k) => {
+    const points = values.map((v, j) => ago((values.length - 1 - j) * bin).toFixed(1) + "," + y(v).toFixed(1));
+    parts.push(svg("polyline", {class: series[k].cls, points: points.join(" ")}));
+  });
+  chart.setAttribute("viewBox", "0 0 " + w + " " + h);
+  chart.setAttribute("height", h);
+  chart.replaceChildren(...parts);
+  $("legend").replaceChildren(...series.map((s) => {
+    const total = s.values.reduce((a, b) => a + b, 0);
+    return el("li", "", el("span", "sw " + s.cls), s.name + ": " + count(total, "ops") + " in " + n + " s, peak " +
+      count(Math.max(...s.values), "ops/s"));
+  }));
+}
+
+const COLUMNS = {
+  endpoint: (e) => e.endpoint, ops: (e) => e.ops, failures: (e) => e.failures,
+  failure_rate: (e) => e.failure_rate, p50_ms: (e) => e.p50_ms ?? -1, p95_ms: (e) => e.p95_ms ?? -1,
+};
+
+for (const b of $("endpoints").querySelectorAll("button.sort")) {
+  b.addEventListener("click", () => {
+    const key = b.dataset.sort;
+    sortBy = {key, desc: sortBy.key === key ? !sortBy.desc : key !== "endpoint"};
+    showEndpoints();
+  });
+}
+
+function showEndpoints() {
+  const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
+  const rows = [...endpoints].sort((a, b) => {
+    const p = get(a), q = get(b);
+    return (p < q ? -1 : p > q ? 1 : 0) * dir || (a.endpoint < b.endpoint ? -1 : 1);
+  });
+  for (const th of $("endpoints").querySelectorAll("th")) {
+    const key = th.querySelector("button").dataset.sort;
+    th.setAttribute("aria-sort", key === sortBy.key ? (sortBy.desc ? "descending" : "ascending") : "none");
+  }
+  fill($("endpoints-body"), rows, {columns: [
+    ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
+    ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
+  ]}, "no ops in the ring");
+}
+
+function showClusters(clusters) {
+  fill($("clusters-body"), clusters, {columns: [
+    ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
+    ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
+    ["t", (c) => when(c.last_seen)], ["x", (c) => c.signature],
+  ]}, "no failure clusters");
+}
+
+function showEscalations(escalations) {
+  fill($("escalations-body"), escalations, {rowClass: (e) => (e.outcome === "sent" ? "" : "bad"), columns: [
+    ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
+    ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
+  ]}, "no escalations");
+}
+
+function showPlaybooks(p) {
+  fill($("playbooks-body"), p.playbooks, {columns: [
+    ["", (b) => endpointButton(b.endpoint)], ["n", (b) => count(b.runs)], ["n", (b) => pct(b.success_rate)],
+    ["n", (b) => ms(b.p50_duration_ms)], ["n", (b) => ms(b.p95_duration_ms)], ["t", (b) => when(b.last_failure) || "–"],
+  ]}, "no scenario runs in the ring");
+}
+
+const OP_COLUMNS = {rowClass: (o) => (o.success === true ? "" : "f"), columns: [
+  ["t", (o) => when(o.timestamp)], ["", (o) => o.source], ["", (o) => endpointButton(o.endpoint)],
+  ["", (o) => (o.success === true ? "ok" : "FAIL")], ["n", (o) => ms(o.duration_ms)],
+  ["x", (o) => o.error || o.output_summary || o.input_summary || ""],
+]};
+
+function showOps() {
+  const where = $("f-endpoint").value.toLowerCase(), text = $("f-text").value.toLowerCase();
+  const rows = ops.filter((o) => o.endpoint.toLowerCase().includes(where) &&
+    (!text || [o.error, o.input_summary, o.output_summary].some((s) => typeof s === "string" && s.toLowerCase().includes(text))));
+  $("ops-note").textContent = count(rows.length, "ops") + " shown of the newest " + count(ops.length, "ops") +
+    " in the ring that match source and outcome; click an endpoint for its ops from the journal.";
+  fill($("ops-body"), rows, OP_COLUMNS, "no ops match");
+}
+
+$("f-endpoint").addEventListener("input", showOps);
+$("f-text").addEventListener("input", showOps);
+$("f-source").addEventListener("change", tick);
+$("f-failed").addEventListener("change", tick);
+$("filters").addEventListener("submit", (ev) => ev.preventDefault());
+
+async function openHistory(endpoint, failedOnly) {
+  shown = {endpoint, failedOnly, cursor: null, ops: []};
+  $("history").hidden = false;
+  $("history-title").textContent = (failedOnly ? "Failed ops of " : "Ops of ") + endpoint + ", from the journal";
+  $("history-body").replaceChildren();
+  drawn.delete($("history-body"));
+  $("history-title").focus();
+  await loadHistory();
+}
+
+async function loadHistory() {
+  const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
+  if (h.failedOnly) q.set("success", "false");
+  if (h.cursor) q.set("cursor", h.cursor);
+  $("history-older").disabled = true;
+  try {
+    const r = await api("history?" + q);
+    if (shown !== h) return;
+    h.cursor = r.cursor;
+    h.ops.push(...r.ops);
+    fill($("history-body"), h.ops, OP_COLUMNS, "no ops in the journal");
+    $("history-note").textContent = count(h.ops.length, "ops") + ", newest first; last page read " +
+      bytes(r.scanned_bytes) + " of journal" + (r.truncated ? " and stopped at its scan limit" : "") +
+      (r.cursor ? "." : "; no older ops.");
+    $("history-older").hidden = !r.cursor;
+  } catch (e) {
+    if (e.status === 401) return askToken();
+    $("history-note").textContent = e.status ? e.message : "disconnected — press older to retry";
+  } finally {
+    $("history-older").disabled = false;
+  }
+}
+
+$("history-older").addEventListener("click", loadHistory);
+$("history-close").addEventListener("click", () => { shown = null; $("history").hidden = true; });
+
+async function tick() {
+  clearTimeout(timer);
+  if (busy) { again = true; return; }
+  if (needToken || document.hidden) return;
+  busy = true;
+  try {
+    await refresh();
+    updated = new Date().toLocaleTimeString();
+    setConn("live, refreshed every " + EVERY_MS / 1000 + " s", "ok");
+    $("conn").title = "last refreshed " + updated;
+  } catch (e) {
+    if (e.status === 401) askToken();
+    else if (e.status) setConn(e.message + " — retrying", "bad");
+    else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
+      setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
+    } else setConn("page error: " + e.message, "bad");
+  } finally {
+    busy = false;
+    if (!needToken && !document.hidden) timer = setTimeout(tick, again ? 0 : EVERY_MS);
+    again = false;
+  }
+}
+
+document.addEventListener("visibilitychange", tick);
+window.addEventListener("resize", () => timeline && drawChart(timeline));
+tick();
+"""
+
+
+def _ui_html(style: str, script: str) -> str:
+    sources = "".join(f"<option>{source}</option>" for source in SOURCES)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>observerd</title>
+<link rel="icon" href="data:,">
+<style>{style}</style>
+</head>
+<body>
+<header>
+<h1>observerd <small id="version"></small></h1>
+<dl>
+<div><dt>state</dt><dd id="ready">…</dd></div>
+<div><dt>uptime</dt><dd id="uptime">…</dd></div>
+<div><dt>journal</dt><dd id="journal">…</dd></div>
+<div><dt>ring</dt><dd id="ring">…</dd></div>
+<div><dt>fsync p99</dt><dd id="fsync">…</dd></div>
+</dl>
+<p id="conn" role="status">loading…</p>
+</header>
+<form id="auth" hidden>
+<p id="auth-msg" role="alert"></p>
+<label for="token">Bearer token</label>
+<input id="token" type="password" autocomplete="off" required>
+<button>Use this token</button>
+<span class="note">kept in this tab only (sessionStorage)</span>
+</form>
+<main>
+<section class="wide" id="history" hidden aria-labelledby="history-title">
+<h2 id="history-title" tabindex="-1"></h2>
+<p class="note" id="history-note"></p>
+<div class="scroll"><table>
+<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
+<tbody id="history-body"></tbody></table></div>
+<p><button type="button" id="history-older">older</button> <button type="button" id="history-close">close</button></p>
+</section>
+<section class="wide">
+<h2>Events per second, last 5 minutes</h2>
+<svg id="chart" role="img" aria-label="events per second by source and failures per second"></svg>
+<ul id="legend"></ul>
+<p class="note">In the ring: <b id="stat-total">…</b>, <span id="stat-ok">…</span>, <span id="stat-failed">…</span>; by source:</p>
+<ul id="by-source" class="note"></ul>
+</section>
+<section>
+<h2>Endpoints with the most failures</h2>
+<div class="scroll"><table id="endpoints">
+<thead><tr><th><button class="sort" data-sort="endpoint">endpoint</button></th>
+<th class="n"><button class="sort" data-sort="ops">ops</button></th>
+<th class="n"><button class="sort" data-sort="failures">failures (ops)</button></th>
+<th class="n"><button class="sort" data-sort="failure_rate">failure rate</button></th>
+<th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
+<th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
+<tbody id="endpoints-body"></tbody></table></div>
+<p class="note">Over the ops in the ring; click a header to sort, an endpoint for its ops from the journal.</p>
+</section>
+<section>
+<h2>Failure clusters</h2>
+<div class="scroll"><table>
+<thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
+<tbody id="clusters-body"></tbody></table></div>
+</section>
+<section>
+<h2>Recent escalations</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th class="n">failures (ops)</th><th>outcome</th><th>error or signature</th></tr></thead>
+<tbody id="escalations-body"></tbody></table></div>
+</section>
+<section>
+<h2>Playbooks</h2>
+<div class="scroll"><table>
+<thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
+<tbody id="playbooks-body"></tbody></table></div>
+</section>
+<section class="wide">
+<h2>Recent ops</h2>
+<form id="filters" role="search">
+<label>endpoint contains <input id="f-endpoint" type="search"></label>
+<label>source <select id="f-source"><option value="">any</option>{sources}</select></label>
+<label><input id="f-failed" type="checkbox"> failed only</label>
+<label>text in error or summary <input id="f-text" type="search"></label>
+</form>
+<p class="note" id="ops-note"></p>
+<div class="scroll tall"><table>
+<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
+<tbody id="ops-body"></tbody></table></div>
+</section>
+</main>
+<script>{script}</script>
+</body>
+</html>
+"""
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source that allows exactly this inline script or style."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+_UI_PAGE = _ui_html(UI_STYLE, UI_SCRIPT).encode("utf-8")
+UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
+    # The page may run its own script and style, fetch this origin's API, and nothing else.
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {csp_hash(UI_SCRIPT)}; style-src {csp_hash(UI_STYLE)}; "
+        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # revalidate: a new observerd serves a new page
+    "ETag": '"' + hashlib.sha256(_UI_PAGE).hexdigest()[:32] + '"',
+})
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names etag (weak comparison, RFC 9110 13.1.3)."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+# =============================================================================
 # API: the routes, what they parse, and the server that serves them
 # =============================================================================
 
@@ -3797,6 +4396,10 @@ class ObserverHandler(HTTPHandler):
     def get_stats(self):
         return 200, self.server.store.stats()
 
+    def get_ui(self):
+        etag = UI_DOCUMENT.headers["ETag"]
+        return (304 if etag_matches(self.headers.get("If-None-Match"), etag) else 200), UI_DOCUMENT
+
     def post_event(self):
         body = self.read_body()
         with self.decoding(body):
@@ -3874,7 +4477,7 @@ class ObserverHandler(HTTPHandler):
         metrics = self.server.metrics
         metrics.ring_ops.set(len(self.server.store))
         metrics.ring_bytes.set(self.server.store.ring.bytes)
-        return 200, metrics.render()
+        return 200, Document(metrics.render().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8", {})
 
     def get_errors(self):
         return 200, self.server.insights.clusters
@@ -3927,6 +4530,8 @@ class ObserverHandler(HTTPHandler):
     ROUTES = {
         "/observer/health": Route({"GET": get_health}, auth=False, probe=True),
         "/observer/ready": Route({"GET": get_ready}, probe=True),
+        # The page holds no data: it loads in every state, and asks for the token itself.
+        "/observer/ui": Route({"GET": get_ui}, auth=False, probe=True),
         "/observer/stats": Route({"GET": get_stats}),
         "/observer/event": Route({"POST": post_event}, parses="op", stores=True),
         "/observer/events": Route({"POST": post_events}, parses="batch", stores=True),

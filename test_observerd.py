@@ -5763,3 +5763,520 @@ def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
     assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
     assert server.server.history_reads.acquire(blocking=False)
     server.server.history_reads.release()
+
+
+# --- issue 14: browser page ---
+
+
+from html.parser import HTMLParser  # noqa: E402  (this block's own import, for merges)
+
+
+class PageParts(HTMLParser):
+    """What a page holds: element ids, attributes, and the text of its script and style."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.ids: list[str] = []
+        self.attributes: list[tuple[str, str, str]] = []
+        self.scripts: list[str] = []
+        self.styles: list[str] = []
+        self._inside = None
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            self.attributes.append((tag, name, value or ""))
+            if name == "id":
+                self.ids.append(value)
+        if tag in ("script", "style"):
+            self._inside = self.scripts if tag == "script" else self.styles
+            self._inside.append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self._inside = None
+
+    def handle_data(self, data):
+        if self._inside is not None:
+            self._inside[-1] += data
+
+
+def get_page(port: int, headers: dict | None = None, method: str = "GET"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, "/observer/ui", headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp, body
+
+
+def csp_directives(header: str) -> dict[str, list[str]]:
+    return {name: values for name, *values in (part.split() for part in header.split(";"))}
+
+
+def test_ui_page_is_served_with_its_security_headers_and_an_etag(serve):
+    resp, body = get_page(serve().port)
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert resp.getheader("X-Content-Type-Options") == "nosniff"
+    assert resp.getheader("Cache-Control") == "no-cache"
+    csp = csp_directives(resp.getheader("Content-Security-Policy"))
+    assert csp["default-src"] == ["'none'"] and csp["connect-src"] == ["'self'"]
+    assert csp["frame-ancestors"] == csp["base-uri"] == csp["form-action"] == ["'none'"]
+    assert csp["img-src"] == ["data:"]
+    assert all(len(csp[name]) == 1 and csp[name][0].startswith("'sha256-") for name in ("script-src", "style-src"))
+    etag = resp.getheader("ETag")
+    assert re.fullmatch(r'"[0-9a-f]{32}"', etag), etag  # strong: no W/
+    assert etag.strip('"') == od.hashlib.sha256(body).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("if_none_match, status", [
+    ("{etag}", 304), ("W/{etag}", 304), ('"other", {etag}', 304), ("*", 304),
+    ('"other"', 200), ("{etag}x", 200),
+])
+def test_ui_page_answers_304_when_the_browser_holds_it(serve, if_none_match, status):
+    server = serve()
+    etag = get_page(server.port)[0].getheader("ETag")
+    head = "GET /observer/ui HTTP/1.1\r\nHost: x\r\nIf-None-Match: {}\r\nConnection: close\r\n\r\n"
+    raw = raw_exchange(server.port, head.format(if_none_match.format(etag=etag)).encode())
+    stream = io.BytesIO(raw)
+    got, headers = read_head(stream)
+    assert got == status and headers["etag"] == etag
+    assert headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+    assert int(headers["content-length"]) == len(od.UI_DOCUMENT.payload)
+    assert len(stream.read()) == (0 if status == 304 else len(od.UI_DOCUMENT.payload))
+
+
+def test_ui_page_parses_and_holds_every_element_its_script_fills():
+    page = PageParts(od.UI_DOCUMENT.payload.decode())
+    assert len(page.scripts) == 1 and len(page.styles) == 1
+    filled = set(re.findall(r'\$\("([\w-]+)"\)', page.scripts[0]))
+    assert {"chart", "conn", "ready", "endpoints-body", "ops-body", "history-body", "token"} <= filled
+    assert filled <= set(page.ids), filled - set(page.ids)
+    assert len(page.ids) == len(set(page.ids))
+    assert "innerHTML" not in page.scripts[0] and "outerHTML" not in page.scripts[0]
+    assert "insertAdjacentHTML" not in page.scripts[0] and "document.write" not in page.scripts[0]
+    assert not [name for _, name, _ in page.attributes if name.startswith("on")]  # CSP blocks them
+
+
+def test_ui_page_refers_to_nothing_outside_itself_and_its_api():
+    page = PageParts(od.UI_DOCUMENT.payload.decode())
+    url = re.compile(r"(?i)(?:[a-z][a-z0-9+.-]*:)?//[^\s*/]|url\(|@import|\bimport\s*\(")
+    for text in page.scripts + page.styles:
+        assert not url.search(text), url.search(text)
+    links = [(tag, name, value) for tag, name, value in page.attributes
+             if name in ("src", "href", "action", "formaction", "srcset", "poster", "data", "xlink:href")]
+    assert links == [("link", "href", "data:,")]  # no favicon request either
+    assert len(od.UI_DOCUMENT.payload) < 40 * 1024
+
+
+def test_ui_page_fetches_relative_paths_so_the_gateway_prefix_is_kept():
+    script = PageParts(od.UI_DOCUMENT.payload.decode()).scripts[0]
+    fetched = re.findall(r'\bapi\("([^"?]+)', script)
+    assert set(fetched) >= {"timeline", "stats", "playbooks", "ready", "history"}, fetched
+    assert "/observer" not in script
+
+
+def test_ui_csp_hashes_match_the_inline_script_and_style(serve):
+    resp, body = get_page(serve().port)
+    page = PageParts(body.decode())
+    csp = csp_directives(resp.getheader("Content-Security-Policy"))
+    for directive, text in (("script-src", page.scripts[0]), ("style-src", page.styles[0])):
+        digest = od.base64.b64encode(od.hashlib.sha256(text.encode()).digest()).decode()
+        assert csp[directive] == [f"'sha256-{digest}'"], directive
+
+
+def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
+    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk would."""
+    gate = folder / "restore-gate"
+    os.mkfifo(gate)
+    script = hooked_daemon_script(folder, f"""
+restore_tail = observerd.restore_tail
+def held_restore_tail(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_tail(*args, **kwargs)
+observerd.restore_tail = held_restore_tail
+""")
+    config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
+
+
+def test_ui_page_loads_while_the_daemon_restores_and_its_data_waits(tmp_path, daemons):
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    resp, body = get_page(daemon.port)
+    assert resp.status == 200 and body == od.UI_DOCUMENT.payload
+    assert get_fresh(daemon.port, "/observer/stats")[:2] == (503, {"error": od.RESTORING})
+    os.close(os.open(gate, os.O_WRONLY))
+    wait_for(lambda: get_fresh(daemon.port, "/observer/stats")[0] == 200, what="the restore to finish")
+
+
+def test_ui_page_needs_no_token_but_its_data_does(serve):
+    server = serve(token="s3cret")
+    resp, body = get_page(server.port)
+    assert resp.status == 200 and b"<svg" in body
+    assert get_page(server.port, method="HEAD")[0].status == 200
+    client = server.client()
+    for path in ("/observer/timeline", "/observer/stats", "/observer/playbooks", "/observer/ops",
+                 "/observer/history", "/observer/ready"):
+        assert client.get(path)[0] == 401, path
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe: it reads commands on its
+    fd 3 and writes answers and events on its fd 4, each a JSON text ended by a NUL byte."""
+
+    def __init__(self, folder: Path):
+        commands_read, self._commands = os.pipe()
+        self._answers_fd, answers_write = os.pipe()
+        chromium = shutil.which("chromium")
+        assert chromium, "no chromium: make test-browser installs Debian's"
+        # bash (dash takes single-digit fds only) moves the pipe ends to fds 3 and 4, then
+        # becomes chromium.
+        argv = ["bash", "-c", f'exec "$@" 3<&{commands_read} 4>&{answers_write}', "sh", chromium,
+                "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
+                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars", f"--user-data-dir={folder / 'chromium-profile'}", "about:blank"]
+        self.log_path = folder / "chromium.log"
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(argv, pass_fds=(commands_read, answers_write),
+                                         stdout=log_file, stderr=log_file)
+        os.close(commands_read)
+        os.close(answers_write)
+        self._ids = itertools.count(1)
+        self._answers: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self._closed = False
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        pending = b""
+        while chunk := os.read(self._answers_fd, 1 << 16):
+            *messages, pending = (pending + chunk).split(b"\0")
+            with self._arrived:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self._arrived.notify_all()
+        with self._arrived:
+            self._closed = True
+            self._arrived.notify_all()
+
+    def send(self, method: str, session: str | None = None, **params):
+        number = next(self._ids)
+        message = {"id": number, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        try:
+            os.write(self._commands, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise AssertionError(f"chromium exited: {self.log_path.read_text()[-2000:]}") from None
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: number in self._answers or self._closed, 60):
+                raise AssertionError(f"chromium did not answer {method}")
+            if self._closed and number not in self._answers:
+                raise AssertionError(f"chromium exited: {self.log_path.read_text()[-2000:]}")
+            answer = self._answers.pop(number)
+        assert "error" not in answer, (method, answer["error"])
+        return answer["result"]
+
+    def tab(self, width: int, height: int, dark: bool = False) -> "Tab":
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        tab = Tab(self, self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"])
+        for domain in ("Page", "Runtime", "Log"):
+            tab.call(f"{domain}.enable")
+        tab.view(width, height, dark)
+        return tab
+
+    def close(self):
+        try:
+            self.send("Browser.close")
+        except AssertionError:
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._commands)
+
+
+class Tab:
+    """One page of a Browser, attached as a flat session."""
+
+    def __init__(self, browser: Browser, session: str):
+        self.browser, self.session = browser, session
+
+    def call(self, method: str, **params):
+        return self.browser.send(method, self.session, **params)
+
+    def view(self, width: int, height: int, dark: bool = False):
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=width < 600)
+        self.call("Emulation.setEmulatedMedia",
+                  features=[{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
+
+    def go(self, url: str):
+        self.call("Page.navigate", url=url)
+        self.wait(f"location.href === {json.dumps(url)} && document.readyState === 'complete'", f"{url} to load")
+
+    def js(self, expression: str):
+        """The value of a JavaScript expression in the page (awaited if a promise)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, (expression, result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait(self, expression: str, what: str, timeout: float = 60):
+        return wait_for(lambda: self.js(expression), timeout, interval=0.1, what=what)
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(od.base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def events(self, *methods: str) -> list[dict]:
+        return [e for e in self.browser.events if e.get("sessionId") == self.session and e["method"] in methods]
+
+    def problems(self) -> list[dict]:
+        """Script errors, CSP violations and dialogs: a page that works has none."""
+        logged = [e for e in self.events("Log.entryAdded")
+                  if e["params"]["entry"]["source"] in ("security", "javascript")
+                  or "Content Security Policy" in e["params"]["entry"]["text"]]
+        return logged + self.events("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
+
+
+# A real browser is slow to install and start, and needs Debian's chromium: `make test-browser`.
+in_chromium = pytest.mark.skipif(os.environ.get("OBSERVERD_BROWSER") != "1",
+                                 reason="drives a real browser: run make test-browser")
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """Where make test-browser keeps the README's screenshots (bench/), else tmp_path."""
+    return Path(os.environ.get("OBSERVERD_SCREENSHOTS") or tmp_path)
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def page_traffic() -> list[dict]:
+    """Ops with a cluster of failures, playbooks, a hostile endpoint and one glob-like endpoint,
+    in a fixed shuffled order."""
+    ops = [{"endpoint": "/mcp/search", "duration_ms": 10 + i, "success": True} for i in range(40)]
+    ops += [{"endpoint": "/mcp/fail", "duration_ms": 200 + i, "error": f"upstream 502 for job {i}"}
+            for i in range(60)]
+    ops += [{"endpoint": "/scenario/checkout", "source": "scenario", "duration_ms": 900 + i,
+             "success": i % 5 != 0, "error": None if i % 5 else f"timeout after {i} s"} for i in range(12)]
+    ops += [{"endpoint": "/langfuse/trace", "source": "langfuse", "success": True, "duration_ms": 3}] * 5
+    ops += [{"endpoint": HOSTILE, "error": "<script>alert(2)</script>", "input_summary": "<b onclick=alert(3)>"},
+            {"endpoint": "/q[1]", "error": "glob-like endpoint"}]
+    ops += [{"endpoint": "/q1", "success": True}] * 3
+    ops = [{key: value for key, value in o.items() if value is not None} for o in ops]
+    random.Random(14).shuffle(ops)
+    return ops
+
+
+def post_over_time(client: Client, ops: list[dict], seconds: int):
+    """Post ops in one batch a second, so the chart has a shape to draw."""
+    size = -(-len(ops) // seconds)
+    for start in range(0, len(ops), size):
+        assert client.post("/observer/events", ops[start:start + size])[0] == 200
+        time.sleep(1)
+
+
+PAGE_STATE = """(() => {
+  const text = (id) => document.getElementById(id).textContent;
+  const rows = (id) => [...document.getElementById(id).rows].map((r) => [...r.cells].map((c) => c.textContent));
+  return {conn: text("conn"), connClass: document.getElementById("conn").className,
+    total: text("stat-total"), ok: text("stat-ok"), failed: text("stat-failed"),
+    bySource: Object.fromEntries([...document.querySelectorAll("#by-source li")].map((li) => [li.dataset.source, +li.dataset.count])),
+    endpoints: rows("endpoints-body"), clusters: rows("clusters-body"), escalations: rows("escalations-body"),
+    playbooks: rows("playbooks-body"), ops: rows("ops-body"), history: rows("history-body"),
+    historyHidden: document.getElementById("history").hidden, historyNote: text("history-note"),
+    olderHidden: document.getElementById("history-older").hidden,
+    polylines: [...document.querySelectorAll("#chart polyline")].map((p) => p.getAttribute("points").split(" ").length),
+    legend: text("legend"), ready: text("ready"), images: document.images.length,
+    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg")};
+})()"""
+
+
+def number_in(text: str) -> int:
+    return int(re.sub(r"[^0-9]", "", text))
+
+
+def click(tab: Tab, body_id: str, text: str):
+    """Click the button in tbody body_id whose text is exactly text (as a keyboard user would)."""
+    assert tab.js(f"""(() => {{
+      const b = [...document.querySelectorAll("#{body_id} button")].find((b) => b.textContent === {json.dumps(text)});
+      if (b) {{ b.focus(); b.click(); }}
+      return !!b; }})()"""), (body_id, text)
+
+
+def type_into(tab: Tab, element_id: str, text: str):
+    tab.js(f"""(() => {{ const f = document.getElementById("{element_id}"); f.focus(); f.value = {json.dumps(text)};
+      f.dispatchEvent(new Event("input", {{bubbles: true}})); }})()""")
+
+
+def start_observed_daemon(daemons, folder: Path, **settings) -> Daemon:
+    return start_durable_daemon(daemons, folder, analyze_interval_s=0.2, consolidate_interval_s=0.2, **settings)
+
+
+@in_chromium
+def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons, fake_service):
+    daemon = start_observed_daemon(daemons, tmp_path, escalate_url=fake_service().url + "/api/run")
+    client = daemon.client()
+    posted = page_traffic()
+    post_over_time(client, posted, 20)
+    failed_newest_first = [o["error"] for o in reversed(posted) if o["endpoint"] == "/mcp/fail"]
+    wait_for(lambda: client.get("/observer/escalations")[1]["escalations"]
+             and client.get("/observer/playbooks")[1]["playbooks"], what="escalation and playbooks")
+    stats = client.get("/observer/stats")[1]
+    url = f"http://127.0.0.1:{daemon.port}/observer/ui"
+    shots = screenshot_folder(tmp_path)
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(url)
+        state = tab.wait(f"(s => s.connClass === 'ok' && s.escalations[0].length > 1 && s.playbooks[0].length > 1 && s)({PAGE_STATE})",
+                         "the first refresh with data")
+        # The header's counts are /observer/stats'; the chart counted the same ops per source.
+        assert (number_in(state["total"]), number_in(state["ok"]), number_in(state["failed"])) == (
+            stats["total"], stats["successes"], stats["failures"])
+        assert state["bySource"] == stats["by_source"]
+        for source, count in stats["by_source"].items():
+            assert f"{source}: {count} ops in 300 s" in state["legend"]
+        assert f"failures (all sources): {stats['failures']} ops in 300 s" in state["legend"]
+        assert state["polylines"] == [300] * (len(stats["by_source"]) + 1)  # a point a second
+        assert state["ready"] == "ready"
+        # The failing endpoint leads the table and the clusters, and was escalated.
+        assert state["endpoints"][0][:3] == ["/mcp/fail", "60", "60"]
+        assert state["clusters"][0][:2] == ["/mcp/fail", "60"]
+        assert [state["escalations"][0][1], state["escalations"][0][3]] == ["/mcp/fail", "sent"]
+        assert state["playbooks"][0][:2] == ["/scenario/checkout", "12"]
+        # Hostile strings are shown as text: nothing they hold ran, or even became an element.
+        assert [HOSTILE, "<script>alert(2)</script>"] in [[row[2], row[5]] for row in state["ops"]]
+        assert state["images"] == 0 and tab.problems() == []
+        tab.screenshot(shots / "ui-1280x800.png")
+
+        # The table sorts by a header, both ways.
+        tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
+        ops_column = [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]]
+        assert ops_column == sorted(ops_column, reverse=True)
+        tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
+        assert [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]] == sorted(ops_column)
+
+        # Filters narrow the recent ops.
+        tab.js('document.getElementById("f-failed").click()')
+        tab.wait(f"(s => s.ops.length && s.ops.every((r) => r[3] === 'FAIL'))({PAGE_STATE})", "failed ops only")
+        type_into(tab, "f-text", "JOB 7")
+        assert sorted(row[5] for row in tab.js(PAGE_STATE)["ops"]) == ["upstream 502 for job 7"]
+
+        # An endpoint opens its ops from the journal, 50 at a time, older ones by cursor;
+        # an endpoint that looks like a glob means itself only.
+        click(tab, "endpoints-body", "/q[1]")
+        state = tab.wait(f"(s => s.history.length && s.historyNote && s)({PAGE_STATE})", "history of /q[1]")
+        assert [row[2] for row in state["history"]] == ["/q[1]"] and state["olderHidden"]
+        click(tab, "clusters-body", "/mcp/fail")
+        state = tab.wait(f"(s => s.history.length === 50 && !s.olderHidden && s)({PAGE_STATE})", "a first page")
+        assert {row[2] for row in state["history"]} == {"/mcp/fail"}
+        assert [row[5] for row in state["history"]] == failed_newest_first[:50]
+        tab.js('document.getElementById("history-older").click()')
+        state = tab.wait(f"(s => s.history.length === 60 && s)({PAGE_STATE})", "the older page")
+        assert state["olderHidden"] and "no older ops" in state["historyNote"]
+        assert [row[5] for row in state["history"]] == failed_newest_first
+        tab.js('document.getElementById("history-close").click(); document.getElementById("f-failed").click(); '
+               'document.querySelector("#endpoints button[data-sort=failures]").click()')
+        type_into(tab, "f-text", "")
+
+        for width, height, dark in ((1280, 800, True), (390, 844, False), (390, 844, True)):
+            tab.view(width, height, dark)
+            tab.js("document.activeElement.blur(); window.scrollTo(0, 0)")
+            tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
+                     "the chart redrawn")
+            tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
+
+        # New data redraws the table under a keyboard user's focus, which stays where it was.
+        tab.js('[...document.querySelectorAll("#ops-body button")].find((b) => b.textContent === "/q1").focus()')
+        assert client.post("/observer/event", {"endpoint": "/new"})[0] == 200
+        tab.wait(f"{PAGE_STATE}.ops[0][2] === '/new'", "the new op listed")
+        assert tab.js("document.activeElement.textContent") == "/q1"
+        assert tab.js("document.getElementById('ops-body').contains(document.activeElement)")
+        stats = client.get("/observer/stats")[1]
+
+        # Hidden, the page stops asking; shown again, it starts at once.
+        tab.js("(real => { window.fetches = 0; window.fetch = (...a) => (window.fetches++, real(...a)); })(window.fetch)")
+        tab.js('Object.defineProperty(document, "hidden", {configurable: true, get: () => true}); '
+               'document.dispatchEvent(new Event("visibilitychange"))')
+        time.sleep(3)  # any refresh already under way ends
+        before = tab.js("window.fetches")
+        time.sleep(5)  # more than two refresh periods: nothing may be asked
+        assert tab.js("window.fetches") == before
+        tab.js('delete document.hidden; document.dispatchEvent(new Event("visibilitychange"))')
+        tab.wait(f"window.fetches > {before}", "refreshing again")
+
+        # The daemon goes away: the page says so; it comes back: the page recovers by itself.
+        daemon.proc.kill()
+        daemon.exit_status()
+        tab.wait(f"{PAGE_STATE}.conn.startsWith('disconnected — retrying')", "disconnected")
+        write_settings(tmp_path, {"bind": f"127.0.0.1:{daemon.port}", "persist_path": "ops.jsonl"})
+        daemons(tmp_path, config=tmp_path / "lakehouse.toml").wait_listening()
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "live again")
+        assert number_in(state["total"]) == stats["total"]
+        assert tab.problems() == []
+    finally:
+        browser.close()
+    print(f"screenshots: {shots}/ui-1280x800.png, {shots}/ui-390x844.png; dark ones in {tmp_path}")
+
+
+@in_chromium
+def test_chromium_says_why_it_is_not_ready_until_it_is(tmp_path, daemons):
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
+        state = tab.wait(f"(s => s.ready.startsWith('not ready') && s)({PAGE_STATE})", "not ready, and why")
+        assert state["ready"] == f"not ready: {od.RESTORING}" and state["connClass"] == "bad"
+        assert state["conn"] == f"GET stats: 503 {od.RESTORING} — retrying" and state["total"] == "…"
+        assert state["endpoints"] == [["no ops in the ring"]]  # what the timeline said, meanwhile
+        os.close(os.open(gate, os.O_WRONLY))
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "ready once restored")
+        assert state["ready"] == "ready" and tab.problems() == []
+    finally:
+        browser.close()
+
+
+@in_chromium
+def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons):
+    daemon = start_observed_daemon(daemons, tmp_path, token="s3cret", access_log=True)
+    client = daemon.client(token="s3cret")
+    assert client.post("/observer/events", page_traffic())[0] == 200
+    stats = client.get("/observer/stats")[1]
+    url = f"http://127.0.0.1:{daemon.port}/observer/ui"
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(url)
+        state = tab.wait(f"(s => !s.authHidden && s)({PAGE_STATE})", "the token form")
+        assert "needs its bearer token" in state["authMessage"] and state["total"] == "…"
+        tab.js('document.getElementById("token").value = "é"; document.getElementById("auth").requestSubmit()')
+        tab.wait(f"{PAGE_STATE}.authMessage.includes('printable ASCII')", "a token fetch could not send, refused")
+        submit = ('document.getElementById("token").value = {}; '
+                  'document.getElementById("auth").requestSubmit()')
+        tab.js(submit.format(json.dumps("s3cres")))
+        state = tab.wait(f"(s => !s.authHidden && s.authMessage.includes('refused') && s)({PAGE_STATE})",
+                         "the wrong token refused")
+        assert "401" in state["authMessage"] and state["total"] == "…"
+        print(f"screenshot: {tab.screenshot(tmp_path / 'ui-token-refused.png')}")
+        tab.js(submit.format(json.dumps("s3cret")))
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "data with the right token")
+        assert state["authHidden"] and number_in(state["total"]) == stats["total"]
+        # Kept for this tab only, and never put in the address.
+        assert tab.js('sessionStorage.getItem("observerd.token")') == "s3cret"
+        assert tab.js("location.href") == url and tab.js('document.getElementById("token").value') == ""
+        assert "/observer/timeline" in daemon.log and "s3cret" not in daemon.log
+        assert tab.problems() == []
+    finally:
+        browser.close()
