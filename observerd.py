@@ -392,7 +392,7 @@ SETTINGS = (
     Setting("tls_cert", str, "", "PEM certificate chain: serve HTTPS", path=True),
     Setting("tls_key", str, "", "PEM private key of tls_cert", path=True),
     Setting("access_log", bool, False, "log one line per request"),
-    Setting("token", str, "", "bearer token every route but health needs", table="auth", secret=True),
+    Setting("token", str, "", "bearer token every route but health and the page needs", table="auth", secret=True),
 )
 SETTING = {setting.name: setting for setting in SETTINGS}
 

@@ -2905,7 +2905,7 @@ def test_bad_ops_query_params_are_400_naming_the_param(serve, query, param):
     assert status == 400 and param in body["error"]
 
 
-def test_every_route_but_health_needs_the_token(serve):
+def test_every_route_but_health_and_the_page_needs_the_token(serve):
     server = serve(token="s3cret")
     for token in (None, "s3cres", "S3CRET"):
         client = server.client(token=token)
