@@ -390,26 +390,37 @@ class FsyncSpy:
 
 
 class FakeService:
-    """A loopback HTTP service recording JSON POSTs; answers with `reply`, can hold requests."""
+    """A loopback HTTP service recording each POST in `requests` as (path, headers with
+    lower-cased names, JSON body, body bytes). It answers `reply` with `status` and `reason`,
+    on `path` only when given (404 elsewhere); with `hold`, every request waits until the
+    event is set, as close() does."""
 
-    def __init__(self, status=200, reply=None, hold: threading.Event | None = None):
-        self.received: list[tuple[str, dict]] = []
+    def __init__(self, status=200, reply=None, hold: threading.Event | None = None,
+                 path: str | None = None, reason: str | None = None):
+        self.requests: list[tuple[str, dict, object, int]] = []
+        self.hold = hold
         fake = self
 
         class Handler(od.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                fake.received.append((self.path, json.loads(body)))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                fake.requests.append((self.path, headers, json.loads(raw), len(raw)))
                 if hold is not None:
-                    hold.wait(10)
-                payload = json.dumps(reply if reply is not None else {"ok": True}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                    hold.wait(120)
+                code, payload = status, json.dumps(reply if reply is not None else {"ok": True}).encode()
+                if path is not None and self.path != path:
+                    code, payload = 404, b"{}"
+                try:
+                    self.send_response(code, reason)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass  # observerd gave up on it
 
             def log_message(self, *args):
                 pass
@@ -419,7 +430,14 @@ class FakeService:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
+    @property
+    def received(self) -> list[tuple[str, object]]:
+        """(path, JSON body) of each POST."""
+        return [(path, body) for path, _, body, _ in self.requests]
+
     def close(self):
+        if self.hold is not None:
+            self.hold.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -3896,51 +3914,6 @@ def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemon
 # --- issue 13: LLM review chain ---
 
 
-class FakeBackend:
-    """A loopback service recording each POST as (path, headers with lower-cased names, JSON
-    body, body bytes). It answers `reply` on `path` (404 elsewhere) with `status` and `reason`;
-    held, it holds every request until close(), which runs at teardown."""
-
-    def __init__(self, path: str, reply: dict, status: int = 200, reason: str | None = None,
-                 held: bool = False):
-        self.requests: list[tuple[str, dict, dict, int]] = []
-        self.released = threading.Event()
-        if not held:
-            self.released.set()
-        fake = self
-
-        class Handler(od.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                headers = {name.lower(): value for name, value in self.headers.items()}
-                fake.requests.append((self.path, headers, json.loads(raw), len(raw)))
-                fake.released.wait(120)
-                code, payload = (status, json.dumps(reply).encode()) if self.path == path else (404, b"{}")
-                try:
-                    self.send_response(code, reason)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:
-                    pass  # observerd gave up on it
-
-            def log_message(self, *args):
-                pass
-
-        self.server = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.released.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def openai_reply(text: str) -> dict:
     return {"id": "c1", "object": "chat.completion", "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
@@ -3957,15 +3930,15 @@ def llm_reply(api: str, text: str) -> dict:
 def backend():
     """backend(api, text=…, status=…, reason=…, held=…): a fake LLM speaking api, or with
     api=None the LLM team's /api/run."""
-    def make(api: str | None, text: str = "an answer", **kw) -> FakeBackend:
-        if api is None:
-            return FakeBackend("/api/run", {"ok": True}, **kw)
-        return FakeBackend(LLM_PATHS[api], llm_reply(api, text), **kw)
-    yield from started_by_test(make, FakeBackend.close)
+    def make(api: str | None, text: str = "an answer", status: int = 200, reason: str | None = None,
+             held: bool = False) -> FakeService:
+        path, reply = ("/api/run", {"ok": True}) if api is None else (LLM_PATHS[api], llm_reply(api, text))
+        return FakeService(status, reply, threading.Event() if held else None, path, reason)
+    yield from started_by_test(make, FakeService.close)
 
 
 def chain(primary, fallback, primary_api="ollama", fallback_api="openai", **settings) -> dict:
-    """The settings of a review chain over these backends (each a FakeBackend, a RawService or a URL)."""
+    """The settings of a review chain over these backends (each a FakeService, a RawService or a URL)."""
     primary_url, fallback_url = (b if isinstance(b, str) else b.url for b in (primary, fallback))
     return {"review_llm_url": primary_url, "review_llm_model": "local-test", "review_llm_api": primary_api,
             "review_fallback_url": fallback_url, "review_fallback_model": "hosted-test",
@@ -4035,7 +4008,7 @@ def test_a_slow_primary_is_given_up_at_its_deadline_and_the_fallback_answers(ser
     result = server.client(timeout=120).post("/observer/review", {"llm": True})[1]
     assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
     assert result["llm_errors"] == [{"backend": "primary", "error": "timed out"}]
-    assert len(primary.requests) == 1 and not primary.released.is_set()
+    assert len(primary.requests) == 1 and not primary.hold.is_set()
 
 
 def test_when_every_backend_fails_the_review_is_the_heuristic_one_with_both_errors(serve, backend):
@@ -4707,14 +4680,11 @@ def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_witho
     assert len(replay_forward(path)) == accepted + 1
 
 
-def test_it_answers_before_restoring_and_serves_no_ops_until_restored(tmp_path, daemons):
-    path = tmp_path / "ops.jsonl"
-    path.write_bytes(b"".join(od.encode_line(op(f"/before/{i}")) for i in range(3)))
-    gate = tmp_path / "restore-gate"
+def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
+    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk would."""
+    gate = folder / "restore-gate"
     os.mkfifo(gate)
-    # Restore reads the journal once the test opens the FIFO: till then it is held, as a
-    # slow disk would hold it, on any machine.
-    script = hooked_daemon_script(tmp_path, f"""
+    script = hooked_daemon_script(folder, f"""
 restore_tail = observerd.restore_tail
 def held_restore_tail(*args, **kwargs):
     with open({str(gate)!r}, "rb") as fifo:
@@ -4722,8 +4692,14 @@ def held_restore_tail(*args, **kwargs):
     return restore_tail(*args, **kwargs)
 observerd.restore_tail = held_restore_tail
 """)
-    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    daemon = daemons(tmp_path, config=config, script=script).wait_listening(restored=False)
+    config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
+
+
+def test_it_answers_before_restoring_and_serves_no_ops_until_restored(tmp_path, daemons):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(op(f"/before/{i}")) for i in range(3)))
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
     status, body, resp = get_fresh(daemon.port, "/observer/ready")
     assert (status, body, resp.getheader("Retry-After")) == (503, {"ready": False, "reason": od.RESTORING}, "1")
     assert get_fresh(daemon.port, "/observer/health")[:2] == (200, {"status": "ok", "service": "observerd",
@@ -5687,20 +5663,28 @@ def test_history_without_a_journal_is_409(serve):
     assert body == {"error": "no journal: observerd runs ephemeral"}
 
 
-def test_history_never_holds_up_ingest_while_it_reads(serve, monkeypatch):
-    server = serve()
-    client = server.client()
-    post_seqs(client, range(5))
-    reading, release = threading.Event(), threading.Event()
+def hold_history_reads(monkeypatch, on_read) -> threading.Event:
+    """Hold every read of the journal's blocks but the committer's (its one-byte reads pass)
+    until the event returned is set; on_read() is called as each one begins."""
+    release = threading.Event()
     real_pread = os.pread
 
     def held_pread(fd, size, offset):
         if threading.current_thread().name != "committer" and size > 1:
-            reading.set()
+            on_read()
             release.wait(60)
         return real_pread(fd, size, offset)
 
     monkeypatch.setattr(os, "pread", held_pread)
+    return release
+
+
+def test_history_never_holds_up_ingest_while_it_reads(serve, monkeypatch):
+    server = serve()
+    client = server.client()
+    post_seqs(client, range(5))
+    reading = threading.Event()
+    release = hold_history_reads(monkeypatch, reading.set)
     answers = []
     reader = threading.Thread(target=lambda: answers.append(history_page(server.client())))
     reader.start()
@@ -5739,16 +5723,8 @@ def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemon
 def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
     server = serve()
     post_seqs(server.client(), range(5))
-    reading, release = threading.Semaphore(0), threading.Event()
-    real_pread = os.pread
-
-    def held_pread(fd, size, offset):
-        if threading.current_thread().name != "committer" and size > 1:
-            reading.release()
-            release.wait(60)
-        return real_pread(fd, size, offset)
-
-    monkeypatch.setattr(os, "pread", held_pread)
+    reading = threading.Semaphore(0)
+    release = hold_history_reads(monkeypatch, reading.release)
     answers = []
     readers = [threading.Thread(target=lambda: answers.append(history_page(server.client()))) for _ in range(2)]
     for reader in readers:
@@ -5884,22 +5860,6 @@ def test_ui_csp_hashes_match_the_inline_script_and_style(serve):
     for directive, text in (("script-src", page.scripts[0]), ("style-src", page.styles[0])):
         digest = od.base64.b64encode(od.hashlib.sha256(text.encode()).digest()).decode()
         assert csp[directive] == [f"'sha256-{digest}'"], directive
-
-
-def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
-    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk would."""
-    gate = folder / "restore-gate"
-    os.mkfifo(gate)
-    script = hooked_daemon_script(folder, f"""
-restore_tail = observerd.restore_tail
-def held_restore_tail(*args, **kwargs):
-    with open({str(gate)!r}, "rb") as fifo:
-        fifo.read()
-    return restore_tail(*args, **kwargs)
-observerd.restore_tail = held_restore_tail
-""")
-    config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
 
 
 def test_ui_page_loads_while_the_daemon_restores_and_its_data_waits(tmp_path, daemons):
