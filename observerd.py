@@ -72,7 +72,11 @@ SERVICE = "observerd"
 # =============================================================================
 
 _LOG_LOCK = threading.Lock()
-_BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f]+")
+# What a terminal would obey rather than show: C0 and C1 controls, and the invisible and
+# bidi marks that reorder or hide text. A log value holding any is quoted, with them escaped.
+_UNSHOWABLE_CHARS = "\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_UNSHOWABLE = re.compile(f"[{_UNSHOWABLE_CHARS}]")
+_BARE_VALUE = re.compile(f"[^\\s\"=\\\\{_UNSHOWABLE_CHARS}]+")
 
 
 _second_cache: tuple[int, str] = (-1, "")
@@ -91,6 +95,12 @@ def utc_now_rfc3339() -> str:
     return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
+def showable(text: str) -> str:
+    """text with what a client sent (an endpoint, an error) shown to a terminal, never obeyed
+    by it: each control as its JSON escape, like \\u001b."""
+    return _UNSHOWABLE.sub(lambda match: json.dumps(match[0])[1:-1], text)
+
+
 def _logfmt_value(value: object) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
@@ -98,7 +108,7 @@ def _logfmt_value(value: object) -> str:
         text = ""
     else:
         text = str(value)
-    return text if _BARE_VALUE.fullmatch(text) else json.dumps(text, ensure_ascii=False)
+    return text if _BARE_VALUE.fullmatch(text) else showable(json.dumps(text, ensure_ascii=False))
 
 
 def log(level: str, msg: str, **fields: object) -> None:
@@ -954,7 +964,8 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 
 # =============================================================================
 # Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
-# torn-tail repair, tail restore) and the atomic file writes the loops use too
+# torn-tail repair, the write probe, tail and op_id restore) and the atomic file writes the
+# loops use too
 # =============================================================================
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -1567,7 +1578,8 @@ def restore_op_ids(path: Path, window: int, keep_files: int = 0) -> list[tuple[s
 
 
 # =============================================================================
-# Store: the ring with live counters, fed through group commit
+# Store: the ring with live counters, per-second arrivals and the op_id window, fed through
+# group commit, and whether a write would be taken now
 # =============================================================================
 
 
@@ -2205,7 +2217,7 @@ class SkippedLines:
         """decode_stored_line, or None (counted) for a line it refuses."""
         try:
             return decode_stored_line(line)
-        except Exception:  # as restore_tail: whatever a stored line makes it raise
+        except Exception:  # whatever a stored line makes decoding raise, it is one bad line
             self.count += 1
             self.first = self.first or (path, offset)
             return None
@@ -3008,7 +3020,8 @@ SERVER_NAME = f"{SERVICE}/{VERSION}"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 # What observerd_rejected_total counts refusals under; RequestError.reason is one of them.
 REJECTION_REASONS = ("invalid", "unauthorized", "timeout", "length_required", "too_large",
-                     "unsupported_encoding", "persist_failed", "too_many_connections", "not_ready")
+                     "unsupported_encoding", "persist_failed", "too_many_connections", "not_ready",
+                     "journal_unreadable")
 # Every 503 carries it: the seconds a client waits before sending the same request again.
 RETRY_AFTER_S = 1
 
@@ -3345,7 +3358,7 @@ class Route:
     methods: dict[str, Callable]  # HTTP method -> the handler's method answering it
     auth: bool = True
     parses: str | None = None
-    probe: bool = False  # answers in every state; the others serve ops: 503 until restored
+    answers_unready: bool = False  # answers in every state; the others serve ops: 503 until restored
     stores: bool = False  # stores ops: 503 once shutting down, too
 
 
@@ -3483,7 +3496,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
                                    headers={"Allow": allow})
             if route.auth:
                 self.authorize()
-            if not route.probe:
+            if not route.answers_unready:
                 self.check_available(route.stores)
             status, body = handler(self)
             if status is DEFERRED:
@@ -4296,7 +4309,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
-DEFAULT_OPS_LIMIT = 100
+DEFAULT_LIMIT = 100
 HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
 MAX_HISTORY_LIMIT = 1000
 # History calls reading at once; others wait their turn. Each holds up to about max_scan_bytes
@@ -4336,7 +4349,7 @@ def query_ops(ops: list[dict], given: dict[str, str], ring_size: int) -> list[di
     since = given.get("since")
     if since is not None:
         since = check_time(since, "since")
-    limit = min(DEFAULT_OPS_LIMIT, ring_size)
+    limit = min(DEFAULT_LIMIT, ring_size)
     if "limit" in given:
         limit = count_param(given["limit"], "limit", ring_size)
     matched = []
@@ -4453,10 +4466,11 @@ class ObserverHandler(HTTPHandler):
         }
 
     def get_history(self):
-        """The journal on disk, read through this thread's own descriptors: no lock is taken,
-        so ingest goes on meanwhile; max_scan_bytes bounds the work of one call."""
+        """The journal on disk, read through this thread's own descriptors and no lock of the
+        store, so ingest goes on meanwhile; at most HISTORY_READS calls read at once, and
+        max_scan_bytes bounds the work of each."""
         given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
-        limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_OPS_LIMIT
+        limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
         cursor = given.get("cursor")
         op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time())
         config = self.server.config
@@ -4469,7 +4483,7 @@ class ObserverHandler(HTTPHandler):
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
-                               headers={"Retry-After": "1"}) from None
+                               "journal_unreadable") from None
         return 200, {"ops": page.ops, "count": len(page.ops), "cursor": page.cursor,
                      "scanned_bytes": page.scanned_bytes, "truncated": page.truncated}
 
@@ -4528,10 +4542,10 @@ class ObserverHandler(HTTPHandler):
             return
 
     ROUTES = {
-        "/observer/health": Route({"GET": get_health}, auth=False, probe=True),
-        "/observer/ready": Route({"GET": get_ready}, probe=True),
+        "/observer/health": Route({"GET": get_health}, auth=False, answers_unready=True),
+        "/observer/ready": Route({"GET": get_ready}, answers_unready=True),
         # The page holds no data: it loads in every state, and asks for the token itself.
-        "/observer/ui": Route({"GET": get_ui}, auth=False, probe=True),
+        "/observer/ui": Route({"GET": get_ui}, auth=False, answers_unready=True),
         "/observer/stats": Route({"GET": get_stats}),
         "/observer/event": Route({"POST": post_event}, parses="op", stores=True),
         "/observer/events": Route({"POST": post_events}, parses="batch", stores=True),
@@ -4541,10 +4555,10 @@ class ObserverHandler(HTTPHandler):
         "/observer/review": Route({"POST": post_review}, parses="review request"),
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
         # It reads the files on disk, not the ring: whole while the ring is being restored.
-        "/observer/history": Route({"GET": get_history}, parses="query", probe=True),
+        "/observer/history": Route({"GET": get_history}, parses="query", answers_unready=True),
         # What top and the page show, "restoring" included, so it answers before the ring is whole.
-        "/observer/timeline": Route({"GET": get_timeline}, parses="query", probe=True),
-        "/metrics": Route({"GET": get_metrics}, probe=True),
+        "/observer/timeline": Route({"GET": get_timeline}, parses="query", answers_unready=True),
+        "/metrics": Route({"GET": get_metrics}, answers_unready=True),
     }
 
 
@@ -5019,7 +5033,7 @@ OPS_EXAMPLES = """examples:
 Ctrl-C ending -f, and a pipe's reader that stops reading (| head), are exit 0.
 """
 FOLLOW_POLL_S = 0.2
-TOP_DEFAULT_URL = "http://127.0.0.1:3219"
+TOP_DEFAULT_URL = f"http://{SETTING['bind'].default}"
 TOP_MIN_INTERVAL_S, TOP_MAX_INTERVAL_S = 0.1, 3600.0
 
 
@@ -5349,7 +5363,6 @@ TOP_KEY_POLL_MS = 100  # how soon top sees a key or a resize
 SPARKS = "▁▂▃▄▅▆▇█"
 # What a terminal would act on rather than show: C0 and C1 controls (escape sequences, newlines),
 # DEL, and the invisible marks that reorder or hide text (bidi overrides, zero-width characters).
-_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 ENDPOINT_SORTS = (
     ("failures", lambda e: (-e["failures"], -e["ops"], e["endpoint"])),
     ("failure rate", lambda e: (-e["failure_rate"], -e["failures"], e["endpoint"])),
@@ -5367,12 +5380,6 @@ def fetch_timeline(url: str, token: str) -> dict:
         # Another service at that URL, or an observerd of another version: say so, and retry.
         raise OutboundError("the answer is not a timeline this top can show") from None
     return answer
-
-
-def showable(text: str) -> str:
-    """text with what a client sent (an endpoint, an error) shown to a terminal, never obeyed
-    by it: each control as its JSON escape, like \\u001b."""
-    return _UNSHOWABLE.sub(lambda match: json.dumps(match[0])[1:-1], text)
 
 
 def screen_line(text: str, width: int) -> str:
@@ -5633,7 +5640,7 @@ def print_ops(args: argparse.Namespace) -> int:
             if not files.listed:
                 if not args.follow:
                     return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
-                fail(f"{path}: no journal there yet; following it once there is", 0)
+                print(f"{path}: no journal there yet; following it once there is", file=sys.stderr)
             if args.follow:  # first: the read below lets go of each file it has read
                 follower = JournalFollower(path, keep_files, op_filter, skipped, files.live())
             ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []

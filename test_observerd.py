@@ -564,6 +564,15 @@ def test_log_lines_are_key_value_with_level_and_msg(tmp_path, daemons):
     assert "msg=\"restored ops\" count=0" in daemon.log
 
 
+def test_log_values_show_controls_and_bidi_marks_escaped_never_raw(capsys):
+    # A client's path or endpoint reaches the log: a terminal reading it (journalctl, tail)
+    # must show a CSI or a right-to-left override, not obey it.
+    od.log("INFO", "x", path="/x\x9b31m\u202eabc", plain="/ok/é", quoted="a b\x1b[2J")
+    line = capsys.readouterr().err
+    assert ' path="/x\\u009b31m\\u202eabc"' in line and " plain=/ok/é" in line
+    assert ' quoted="a b\\u001b[2J"' in line
+
+
 # -----------------------------------------------------------------------------
 # Metrics
 # -----------------------------------------------------------------------------
