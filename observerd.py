@@ -4308,7 +4308,7 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 # =============================================================================
 
 
-OPS_QUERY_PARAMS = ("source", "endpoint", "success", "since", "limit")
+OPS_QUERY_PARAMS = HISTORY_FILTERS + ("limit",)
 DEFAULT_LIMIT = 100
 HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
 MAX_HISTORY_LIMIT = 1000
@@ -4336,28 +4336,18 @@ def count_param(text: str, name: str, maximum: int) -> int:
     return check_positive_int(value, name, maximum)
 
 
-def query_ops(ops: list[dict], given: dict[str, str], ring_size: int) -> list[dict]:
-    """The ring's ops matching GET /observer/ops params, newest first; raises InvalidOp."""
-    source, endpoint = given.get("source"), given.get("endpoint")
-    if source is not None:
-        check_source(source, "source")
-    success = given.get("success")
-    if success is not None:
-        if success not in ("true", "false"):
-            raise InvalidOp("success", "must be true or false")
-        success = success == "true"
-    since = given.get("since")
-    if since is not None:
-        since = check_time(since, "since")
+def query_ops(ops: list[RingOp], given: dict[str, str], ring_size: int, now: float) -> list[RingOp]:
+    """The ring's ops passing GET /observer/ops' filters, the history's, newest first; raises
+    InvalidOp naming the parameter."""
+    given = dict(given)
     limit = min(DEFAULT_LIMIT, ring_size)
     if "limit" in given:
-        limit = count_param(given["limit"], "limit", ring_size)
+        limit = count_param(given.pop("limit"), "limit", ring_size)
+    op_filter = OpFilter(given, now)
+    whole = op_filter.grep is not None or op_filter.field is not None  # fields the ring keeps only in the line
     matched = []
     for op in reversed(ops):
-        if ((source is None or op["source"] == source)
-                and (endpoint is None or op["endpoint"] == endpoint)
-                and (success is None or (op["success"] is True) == success)
-                and (since is None or op_time(op) >= since)):
+        if op_filter.accepts(op.to_dict() if whole else op):
             matched.append(op)
             if len(matched) == limit:
                 break
@@ -4438,7 +4428,7 @@ class ObserverHandler(HTTPHandler):
 
     def get_ops(self):
         params = query_params(self.target.query, OPS_QUERY_PARAMS)
-        ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size)
+        ops = query_ops(self.server.store.snapshot(), params, self.server.config.ring_size, time.time())
         return 200, {"ops": ops, "count": len(ops)}
 
     def get_timeline(self):

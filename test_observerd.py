@@ -2920,10 +2920,18 @@ def test_ops_query_filters_newest_first(serve):
     body = client.get("/observer/ops?success=true&since=2026-11-24T10:00:08%2B00:00")[1]
     assert [o["timestamp"][-3:-1] for o in body["ops"]] == ["16", "12", "08"]
     assert client.get("/observer/ops?success=false&limit=50")[1]["count"] == 15
+    # The history's filters, over the ring: a glob, until, grep and field.
+    client.post("/observer/events", [{"endpoint": "/mcp/a", "error": "timed out", "trace_id": "t1"},
+                                     {"endpoint": "/mcp/b", "error": "refused", "trace_id": "t2"}])
+    endpoints = lambda query: [o["endpoint"] for o in client.get(f"/observer/ops?{query}")[1]["ops"]]
+    assert endpoints("endpoint=/mcp/*") == ["/mcp/b", "/mcp/a"]
+    assert endpoints("grep=time.%20out") == ["/mcp/a"] and endpoints("field=trace_id%3Dt2") == ["/mcp/b"]
+    assert len(endpoints("until=2026-11-24T10:00:01Z&limit=50")) == 2
+    assert endpoints("since=1h") == ["/mcp/b", "/mcp/a"]  # only they were stamped by the server, now
 
 
 @pytest.mark.parametrize("query, param", [
-    ("source=cron", "source"), ("success=yes", "success"), ("since=yesterday", "since"),
+    ("source=cron", "source"), ("success=yes", "success"), ("since=yesterday", "since"), ("grep=(", "grep"),
     ("limit=0", "limit"), ("limit=51", "limit"), ("limit=ten", "limit"), ("color=red", "color"),
     ("source=mcp&source=scenario", "source"),
 ])
