@@ -74,7 +74,7 @@ SERVICE = "observerd"
 _LOG_LOCK = threading.Lock()
 # What a terminal would obey rather than show: C0 and C1 controls, and the invisible and
 # bidi marks that reorder or hide text. A log value holding any is quoted, with them escaped.
-_UNSHOWABLE_CHARS = "\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+_UNSHOWABLE_CHARS = "\x00-\x1f\x7f-\x9f\xad\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\U000e0000-\U000e007f"
 _UNSHOWABLE = re.compile(f"[{_UNSHOWABLE_CHARS}]")
 _BARE_VALUE = re.compile(f"[^\\s\"=\\\\{_UNSHOWABLE_CHARS}]+")
 
@@ -2000,7 +2000,7 @@ HISTORY_BLOCK_BYTES = 64 * 1024
 # timestamp order. A scan with since goes on past the first older op, and stops only once
 # this much of the file in a row has shown nothing at or after since.
 SINCE_RUN_BYTES = 1024 * 1024
-_RELATIVE_TIME = re.compile(r"(\d{1,12})([smhd])")
+_RELATIVE_TIME = re.compile(r"([0-9]{1,12})([smhd])")
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _REGEX_SYNTAX = re.compile(r"[.^$*+?{}\[\]\\|()]")
 # What makes a regex depend on the text around a match (anchors, word edges, lookaround):
@@ -2065,8 +2065,12 @@ class OpFilter:
     start; and the grep over its text), then the decoded, validated op.
     """
 
-    def __init__(self, given: dict[str, str], now: float):
-        """given: filter name (HISTORY_FILTERS) -> its text; raises InvalidOp naming the filter."""
+    def __init__(self, given: dict[str, str], now: float, grep_regex: bool = True):
+        """given: filter name (HISTORY_FILTERS) -> its text; raises InvalidOp naming the filter.
+
+        grep_regex=False takes grep as plain text, as the daemon does: a regex runs holding the
+        GIL, and one that backtracks catastrophically would stall every request, ingest too.
+        """
         reject_unknown(given, HISTORY_FILTERS, "filter")
         for name, text in given.items():
             if _has_lone_surrogate(text):  # from bytes that are not UTF-8, on a command line
@@ -2098,13 +2102,14 @@ class OpFilter:
             needles.append(b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
         self.grep = None
         if "grep" in given:
+            plain = not grep_regex or not _REGEX_SYNTAX.search(given["grep"])
             try:
-                self.grep = re.compile(given["grep"])
+                self.grep = re.compile(re.escape(given["grep"]) if plain else given["grep"])
             except (re.error, RecursionError, OverflowError) as exc:
                 raise InvalidOp("grep", f"is not a valid regular expression: {exc}") from None
-            if given["grep"] and not _REGEX_SYNTAX.search(given["grep"]):
+            if given["grep"] and plain:
                 needles.append(_escaped(given["grep"]))  # plain text: the line holds it
-        self.greps_raw = self.grep is not None and not _REGEX_CONTEXT.search(given["grep"])
+        self.greps_raw = self.grep is not None and (not grep_regex or not _REGEX_CONTEXT.search(given["grep"]))
         if self.endpoint_glob is not None and glob_literal:
             needles.append(_escaped(glob_literal))
         self.source = None
@@ -2198,11 +2203,13 @@ class OpFilter:
         return True
 
     def head_is_recent(self, line: bytes) -> bool:
-        """Whether the line's canonical head says its op is at or after since."""
+        """Whether the line's op is at or after since: read off its canonical head, or, for a
+        line another writer spelled otherwise, decoded (one line a block is judged)."""
         head = _CANONICAL_HEAD.match(line)
         try:
-            return head is not None and _seconds(head[3].decode("ascii")) >= self.since
-        except ValueError:
+            timestamp = head[3].decode("ascii") if head is not None else decode_stored_line(line)["timestamp"]
+            return _seconds(timestamp) >= self.since
+        except Exception:  # a line no read serves: it says nothing of the time
             return False
 
 
@@ -2543,7 +2550,10 @@ class JournalFollower:
             inodes = [ino for _, ino in files.listed]
             if self._current is not None and self._current.ino in inodes:
                 newer = inodes.index(self._current.ino)
-            else:  # moved to another name, or deleted: only the new live file
+            elif self._current is not None and os.fstat(self._current.fd).st_nlink == 0:
+                # Deleted: rotated past keep_files, so every segment listed came after it.
+                newer = len(inodes)
+            else:  # moved to another name (logrotate's own): only the new live file
                 newer = 1 if files.live() is not None else 0
             self._current = None
             for index in reversed(range(newer)):
@@ -4343,7 +4353,7 @@ def query_ops(ops: list[RingOp], given: dict[str, str], ring_size: int, now: flo
     limit = min(DEFAULT_LIMIT, ring_size)
     if "limit" in given:
         limit = count_param(given.pop("limit"), "limit", ring_size)
-    op_filter = OpFilter(given, now)
+    op_filter = OpFilter(given, now, grep_regex=False)
     whole = op_filter.grep is not None or op_filter.field is not None  # fields the ring keeps only in the line
     matched = []
     for op in reversed(ops):
@@ -4462,7 +4472,8 @@ class ObserverHandler(HTTPHandler):
         given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
         limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
         cursor = given.get("cursor")
-        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time())
+        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time(),
+                             grep_regex=False)
         config = self.server.config
         if config.persist_path is None:
             raise RequestError(409, "no journal: observerd runs ephemeral")
