@@ -5329,6 +5329,18 @@ def toml_value(value: object) -> str:
     return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match[0]):04x}", text)
 
 
+def offline_config(args: argparse.Namespace) -> Config | None:
+    """The config a subcommand that reads the journal without serving uses (the file, the
+    flags over it), or None once each problem is printed, one a line."""
+    try:
+        # It listens nowhere: the file's bind, and the token it may require, are not its concern.
+        return load_config(args.config, **{**setting_flags(args), "bind": "127.0.0.1:0"})
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.source}: {problem}", file=sys.stderr)
+        return None
+
+
 def print_stats(args: argparse.Namespace) -> int:
     """`stats`: the JSON GET /observer/stats would serve after restoring from the file.
 
@@ -5338,12 +5350,8 @@ def print_stats(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", file=sys.stderr)
         return 2
-    try:
-        # stats listens nowhere: the file's bind, and the token it may require, are not its concern.
-        config = load_config(args.config, **{**setting_flags(args), "bind": "127.0.0.1:0"})
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
+    config = offline_config(args)
+    if config is None:
         return 2
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     try:
@@ -5617,11 +5625,9 @@ def print_ops(args: argparse.Namespace) -> int:
         # A file named alone: no config is read, and every segment beside it is.
         path, keep_files = Path(args.file), SETTING["keep_files"].maximum
     else:
-        try:
-            # ops listens nowhere: the file's bind, and the token it may need, are not its concern.
-            config = load_config(args.config, **{**setting_flags(args), "bind": "127.0.0.1:0"})
-        except ConfigError as exc:
-            return fail(f"{exc.source}: " + "; ".join(exc.problems), 2)
+        config = offline_config(args)
+        if config is None:
+            return 2
         path, keep_files = Path(args.file) if args.file else config.persist_path, config.keep_files
         if path is None:
             return fail(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', 2)
