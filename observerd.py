@@ -4478,15 +4478,17 @@ class ObserverHandler(HTTPHandler):
         if config.persist_path is None:
             raise RequestError(409, "no journal: observerd runs ephemeral")
         try:
+            skipped = SkippedLines()
             with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
-                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes)
+                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped)
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
                                "journal_unreadable") from None
         return 200, {"ops": page.ops, "count": len(page.ops), "cursor": page.cursor,
-                     "scanned_bytes": page.scanned_bytes, "truncated": page.truncated}
+                     "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
+                     "skipped_lines": skipped.count}
 
     def get_metrics(self):
         metrics = self.server.metrics

@@ -5672,6 +5672,10 @@ def test_history_filters_and_reports_its_work(serve):
     full = history_page(client)
     assert seqs(full["ops"]) == list(range(14, -1, -1)) and full["cursor"] is None
     assert full["ops"] == plain(server.client().get("/observer/ops")[1]["ops"])
+    assert full["skipped_lines"] == 0
+    with open(server.config.persist_path, "ab") as journal:  # another writer's broken line
+        journal.write(b'{"endpoint": "/torn", \n')
+    assert history_page(client)["skipped_lines"] == 1
 
 
 def test_history_is_bounded_by_max_scan_bytes_and_goes_on_where_it_stopped(serve):
