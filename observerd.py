@@ -5372,8 +5372,6 @@ TOP_TIMEOUT_S = 3.0  # for one answer: past it the daemon counts as gone, and to
 TOP_PLAIN_WIDTH = 120  # of a snapshot not written to a terminal: a whole sparkline fits
 TOP_KEY_POLL_MS = 100  # how soon top sees a key or a resize
 SPARKS = "▁▂▃▄▅▆▇█"
-# What a terminal would act on rather than show: C0 and C1 controls (escape sequences, newlines),
-# DEL, and the invisible marks that reorder or hide text (bidi overrides, zero-width characters).
 ENDPOINT_SORTS = (
     ("failures", lambda e: (-e["failures"], -e["ops"], e["endpoint"])),
     ("failure rate", lambda e: (-e["failure_rate"], -e["failures"], e["endpoint"])),
