@@ -1508,19 +1508,32 @@ def decode_stored_line(line: bytes) -> dict:
     return validate_op(parse_json_strict(line))
 
 
-def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
-                 max_bytes: float = math.inf) -> list[RingOp]:
-    """The newest valid ops of the journal and its segments that fit the ring, oldest first.
+class Restored(NamedTuple):
+    """What a restart reads back from the journal's tail, each oldest first."""
 
-    Reads backwards from the end of the live file, then of each older segment, until
-    ring_size ops or max_bytes of them are held (always at least the newest, as the ring
-    does), so the cost depends on the ring's bounds, not on the length of the history.
-    Blank lines are skipped silently; a malformed or invalid line is skipped with a warning
-    naming its segment and byte offset, exactly as a forward replay would skip it.
+    ops: list[RingOp]  # the newest valid ops that fit the ring
+    op_ids: list[tuple[str, int] | None]  # window_entry() of the newest `window` lines
+
+
+def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: float = math.inf,
+                    window: int = 0) -> Restored:
+    """The ring's ops and the op_id window's entries from the journal's tail, in one pass.
+
+    Reads backwards from the end of the live file, then of each older segment, until the ring
+    holds ring_size ops or max_bytes of them (always at least the newest, as the ring does)
+    and `window` lines have been seen, so the cost depends on those bounds, not on the length
+    of the history. Blank lines are skipped silently; for the ring a malformed or invalid line
+    is skipped with a warning naming its segment and byte offset, exactly as a forward replay
+    would skip it, while in the window every line takes a slot (None when it holds no op_id,
+    or one a newer line holds): window lines are never decoded (see window_entry).
     """
-    newest_first: list[RingOp] = []
-    held = 0
+    ops: list[RingOp] = []
+    op_ids: list[tuple[str, int] | None] = []
+    seen: set[str] = set()
+    held, ring_full = 0, ring_size <= 0
     for segment in segment_paths(path, keep_files):
+        if ring_full and len(op_ids) >= window:
+            break
         try:
             f = open(segment, "rb")
         except FileNotFoundError:
@@ -1529,52 +1542,31 @@ def restore_tail(path: Path, ring_size: int, keep_files: int = 0,
             for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
                 if not line.strip():
                     continue
-                try:
-                    ring_op = RingOp(decode_stored_line(line))
-                except Exception as exc:
-                    # Whatever a stored line makes decoding or encoding raise (InvalidOp,
-                    # RecursionError, UnicodeEncodeError, a rule added later), it is one bad
-                    # line, never a reason to stop startup.
-                    log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
-                    continue
-                if newest_first and held + ring_op.size > max_bytes:
-                    return newest_first[::-1]
-                newest_first.append(ring_op)
-                held += ring_op.size
-                if len(newest_first) >= ring_size:
-                    return newest_first[::-1]
-    return newest_first[::-1]
-
-
-def restore_op_ids(path: Path, window: int, keep_files: int = 0) -> list[tuple[str, int] | None]:
-    """window_entry() of each of the newest `window` ops of the journal and its
-    segments, None for one without an op_id (or whose id a newer op holds), oldest first.
-
-    No line is decoded (see window_entry), so the cost is reading `window` lines backwards,
-    whatever the history's length.
-    """
-    newest_first: list[tuple[str, int] | None] = []
-    seen: set[str] = set()
-    for segment in segment_paths(path, keep_files):
-        if len(newest_first) >= window:
-            break
-        try:
-            f = open(segment, "rb")
-        except FileNotFoundError:
-            continue
-        with f:
-            for _, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
-                if not line or line.isspace():
-                    continue
-                entry = window_entry(line)
-                if entry is None or entry[0] in seen:
-                    newest_first.append(None)
-                else:
-                    seen.add(entry[0])
-                    newest_first.append(entry)
-                if len(newest_first) >= window:
+                if len(op_ids) < window:
+                    entry = window_entry(line)
+                    if entry is not None and entry[0] not in seen:
+                        seen.add(entry[0])
+                        op_ids.append(entry)
+                    else:
+                        op_ids.append(None)
+                if not ring_full:
+                    try:
+                        ring_op = RingOp(decode_stored_line(line))
+                    except Exception as exc:
+                        # Whatever a stored line makes decoding or encoding raise (InvalidOp,
+                        # RecursionError, UnicodeEncodeError, a rule added later), it is one bad
+                        # line, never a reason to stop startup.
+                        log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
+                    else:
+                        if ops and held + ring_op.size > max_bytes:
+                            ring_full = True
+                        else:
+                            ops.append(ring_op)
+                            held += ring_op.size
+                            ring_full = len(ops) >= ring_size
+                if ring_full and len(op_ids) >= window:
                     break
-    return newest_first[::-1]
+    return Restored(ops[::-1], op_ids[::-1])
 
 
 # =============================================================================
@@ -1699,7 +1691,7 @@ class OpIdWindow:
     """The op_ids of the last `size` ops stored, each with its content digest (window_entry).
 
     Every stored op takes a slot, with an op_id or without (None), so the window covers the
-    same ops a restart reads back (restore_op_ids). An id is held once: a duplicate is never
+    same ops a restart reads back (restore_journal). An id is held once: a duplicate is never
     stored. Memory: `size` slots of 8 bytes, plus each id held (see README).
     """
 
@@ -1812,8 +1804,8 @@ class OpStore:
         if self.journal is not None:
             started = time.perf_counter()
             path, keep_files = self.journal.path, self.journal.keep_files
-            ops = restore_tail(path, self.ring.ring_size, keep_files, self.ring.max_bytes)
-            op_ids = [] if self.window is None else restore_op_ids(path, self.window.size, keep_files)
+            ops, op_ids = restore_journal(path, self.ring.ring_size, keep_files, self.ring.max_bytes,
+                                          0 if self.window is None else self.window.size)
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
@@ -5357,7 +5349,7 @@ def print_stats(args: argparse.Namespace) -> int:
         return 2
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     try:
-        ring_ops = restore_tail(path, config.ring_size, config.keep_files, config.max_ring_bytes)
+        ring_ops = restore_journal(path, config.ring_size, config.keep_files, config.max_ring_bytes).ops
     except OSError as exc:
         print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -326,7 +326,7 @@ class Writers:
 
 
 def replay_forward(path: Path) -> list[dict]:
-    """Every valid op of a JSONL file, read front to back: the reference for restore_tail."""
+    """Every valid op of a JSONL file, read front to back: the reference for restore_journal."""
     ops = []
     for line in path.read_bytes().split(b"\n"):
         if not line.strip():
@@ -1232,7 +1232,7 @@ def test_replay_skips_a_corrupt_line_and_keeps_the_rest(tmp_path, capsys):
     path = tmp_path / "ops.jsonl"
     good = [op("/a"), op("/b")]
     path.write_bytes(od.encode_line(good[0]) + b'{"endpoint": "/broken", \n' + od.encode_line(good[1]))
-    assert dicts(od.restore_tail(path, 2000)) == good
+    assert dicts(od.restore_journal(path, 2000).ops) == good
     assert "skipped invalid log line" in capsys.readouterr().err
 
 
@@ -1307,7 +1307,7 @@ def test_tail_restore_equals_a_full_forward_replay(tmp_path, monkeypatch, seed):
     path.write_bytes(messy_log(rng, rng.choice([0, 3, 40, 400])))
     forward = replay_forward(path)
     for ring_size in (1, 7, 50, 2000):
-        assert dicts(od.restore_tail(path, ring_size)) == forward[-ring_size:]
+        assert dicts(od.restore_journal(path, ring_size).ops) == forward[-ring_size:]
 
 
 def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
@@ -1318,8 +1318,8 @@ def test_tail_restore_reads_across_segments_oldest_last(tmp_path):
         segment.write_bytes(messy_log(rng, 30).rsplit(b"\n", 1)[0] + b"\n")
     forward = [o for segment in reversed(segments) for o in replay_forward(segment)]
     for ring_size in (5, 30, 60, 1000):
-        assert dicts(od.restore_tail(path, ring_size, keep_files=3)) == forward[-ring_size:]
-    assert dicts(od.restore_tail(path, 1000, keep_files=1)) == forward[-len(replay_forward(segments[0])) - len(replay_forward(segments[1])):]
+        assert dicts(od.restore_journal(path, ring_size, keep_files=3).ops) == forward[-ring_size:]
+    assert dicts(od.restore_journal(path, 1000, keep_files=1).ops) == forward[-len(replay_forward(segments[0])) - len(replay_forward(segments[1])):]
 
 
 def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
@@ -1327,7 +1327,7 @@ def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
     line = od.encode_line(op("/big"))
     path.write_bytes(line * 50000)
     reads = count_reads(monkeypatch)
-    assert len(od.restore_tail(path, 100)) == 100
+    assert len(od.restore_journal(path, 100).ops) == 100
     assert sum(reads) < 2 * od.RESTORE_BLOCK_BYTES < path.stat().st_size / 10
 
 
@@ -1356,7 +1356,7 @@ def test_rotation_under_concurrent_load_loses_nothing_and_splits_no_line(serve):
         stored.extend(od.validate_op(od.parse_json_strict(line)) for line in data.splitlines())
     assert sorted(o["endpoint"] for o in stored) == sorted(acked)
     assert [o["endpoint"] for o in stored] == [o["endpoint"] for o in server.store.ring.ops]
-    assert dicts(od.restore_tail(path, 100000, 1000)) == stored
+    assert dicts(od.restore_journal(path, 100000, 1000).ops) == stored
 
 
 def test_rotation_keeps_only_keep_files_segments_and_restart_restores_the_tail(tmp_path, daemons):
@@ -1378,7 +1378,7 @@ def test_restore_honours_the_ring_byte_bound_and_reads_only_what_it_keeps(tmp_pa
     lines = [od.encode_line(op(f"/{i}", extra="x" * 100_000)) for i in range(40)]
     path.write_bytes(b"".join(lines))
     reads = count_reads(monkeypatch)
-    restored = od.restore_tail(path, 2000, max_bytes=500_000)
+    restored = od.restore_journal(path, 2000, max_bytes=500_000).ops
     assert [o.endpoint for o in restored] == ["/36", "/37", "/38", "/39"]
     assert sum(o.size for o in restored) <= 500_000
     assert sum(reads) < 6 * len(lines[0]) + 2 * od.RESTORE_BLOCK_BYTES
@@ -1498,7 +1498,7 @@ def test_backward_reads_take_each_byte_once_and_hold_a_long_line_at_most_twice(t
     tracemalloc.start()
     try:
         baseline = tracemalloc.get_traced_memory()[0]
-        assert [o["endpoint"] for o in od.restore_tail(restored, 10)] == ["/first", "/last"]
+        assert [o["endpoint"] for o in od.restore_journal(restored, 10).ops] == ["/first", "/last"]
         peak = tracemalloc.get_traced_memory()[1] - baseline
     finally:
         tracemalloc.stop()
@@ -4703,12 +4703,12 @@ def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
     gate = folder / "restore-gate"
     os.mkfifo(gate)
     script = hooked_daemon_script(folder, f"""
-restore_tail = observerd.restore_tail
-def held_restore_tail(*args, **kwargs):
+restore_journal = observerd.restore_journal
+def held_restore_journal(*args, **kwargs):
     with open({str(gate)!r}, "rb") as fifo:
         fifo.read()
-    return restore_tail(*args, **kwargs)
-observerd.restore_tail = held_restore_tail
+    return restore_journal(*args, **kwargs)
+observerd.restore_journal = held_restore_journal
 """)
     config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
     return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
