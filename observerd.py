@@ -3082,6 +3082,14 @@ class Document(NamedTuple):
     headers: dict[str, str]
 
 
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names etag (weak comparison, RFC 9110 13.1.3)."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
 def render_answer(status: int, body: object, close: bool, head_only: bool = False) -> tuple[bytes, int]:
     """Status line, headers and body as one buffer, and the body's size: every answer's bytes.
 
@@ -4295,14 +4303,6 @@ UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
     "Cache-Control": "no-cache",  # revalidate: a new observerd serves a new page
     "ETag": '"' + hashlib.sha256(_UI_PAGE).hexdigest()[:32] + '"',
 })
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    """Whether an If-None-Match header names etag (weak comparison, RFC 9110 13.1.3)."""
-    if if_none_match is None:
-        return False
-    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
-    return "*" in tags or etag in tags
 
 
 # =============================================================================
