@@ -3794,7 +3794,7 @@ button.sort{color:inherit;font-weight:600}
 UI_SCRIPT = r"""
 "use strict";
 const $ = (id) => document.getElementById(id);
-const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = 300, HISTORY_PAGE = 50;
+const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
 const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
 const SVG = $("chart").namespaceURI;
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -4187,7 +4187,7 @@ async function tick() {
 document.addEventListener("visibilitychange", tick);
 window.addEventListener("resize", () => timeline && drawChart(timeline));
 tick();
-"""
+""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS))  # the whole window the daemon keeps
 
 
 def _ui_html(style: str, script: str) -> str:
