@@ -26,6 +26,8 @@ if sys.version_info < (3, 11):
 
 import argparse
 import base64
+import errno
+import fcntl
 import bisect
 import fnmatch
 import functools
@@ -370,6 +372,8 @@ SETTINGS = (
     Setting("dedupe_window", int, 100_000, "stored ops whose op_ids are remembered; 0 = off", minimum=0),
     Setting("max_file_bytes", int, 0, "rotate the journal past this size; 0 = never", minimum=0),
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
+    Setting("runtime_dir", str, "/dev/shm/observerd",
+            'tmpfs folder recording journal bytes whose fsync failed, until reboot; "" = none', path=True),
     Setting("max_scan_bytes", int, 64 * 1024 * 1024, "journal bytes one GET /observer/history reads",
             minimum=1),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
@@ -1109,11 +1113,19 @@ def _encode_with_ring_ops(value: object) -> bytes:
     return encode_json(value)
 
 
+def fsync(fd: int, path: Path) -> None:
+    """os.fsync, whose error names the path: a startup or shutdown failure says which file."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory entry change (create, rename) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync(fd, path)
     finally:
         os.close(fd)
 
@@ -1140,7 +1152,7 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     with open(temp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno(), temp)
     os.replace(temp, path)
     fsync_dir(path.parent)
 
@@ -1193,7 +1205,7 @@ def repair_torn_tail(path: Path) -> int:
             return 0
         f.truncate(end)
         f.flush()
-        os.fsync(f.fileno())
+        fsync(f.fileno(), path)
         return size - end
 
 
@@ -1223,6 +1235,164 @@ def probe_scratch_path(path: Path) -> Path:
 _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 
 
+def lock_path(journal: Path) -> Path:
+    """The lock file of a journal: beside it in its resolved folder, so every spelling of its
+    path (a symlink to the file or a folder, ./, ..) finds the same one."""
+    resolved = journal.resolve()
+    return resolved.with_name(f".{resolved.name}.lock")
+
+
+class JournalLocked(Exception):
+    """Another process holds the journal's lock: a second daemon would corrupt it."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"journal {path} is in use by another observerd (pid {pid or 'unknown'})")
+        self.pid = pid
+
+
+def _lock_holder(fd: int) -> int | None:
+    """The pid a lock file's holder wrote in it, None if it has not (yet) written one."""
+    text = os.pread(fd, 32, 0).strip()
+    return int(text) if text.isdigit() else None
+
+
+class JournalLock:
+    """One writer per journal: an exclusive flock on a lock file beside it, held until exit.
+
+    The kernel releases a flock when its holder dies, however it dies, so the file is never
+    deleted and no stale pid can block a restart; the pid inside only names the holder. A
+    lock file, not the journal itself: rotation moves the journal to another inode.
+    """
+
+    def __init__(self, journal: Path):
+        self.journal = journal
+        self.path = lock_path(journal)
+        self._fd = -1
+
+    def acquire(self) -> None:
+        """Take the lock or raise JournalLocked; OSError if the lock file cannot be made."""
+        make_dirs_durably(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise JournalLocked(self.journal, holder) from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = -1
+
+
+def journal_holder(journal: Path) -> int | None:
+    """The pid of the daemon holding journal's lock (0 if it has not written it yet), None if
+    none holds it. Asks with a shared lock, let go at once, so a reader never holds one."""
+    try:
+        fd = os.open(lock_path(journal), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None  # no lock file: no daemon ever ran on it, or its folder is not readable
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _lock_holder(fd) or 0
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+class Unsynced(NamedTuple):
+    """Bytes of a journal file whose fsync failed and that could not be cut away at once."""
+
+    dev: int
+    ino: int
+    start: int
+    end: int
+    name: str  # the file's name when the range was recorded, for people
+
+
+class UnsyncedRecord:
+    """The journal's byte ranges that are never to be trusted: written but not known durable.
+
+    After a failed fsync the kernel may have dropped the dirty pages while the page cache still
+    serves the bytes ("fsyncgate"): a later fsync returns 0, so neither this process nor the
+    next can tell them from durable ones. Such a range is recorded before its 503 is sent, in
+    a small file on tmpfs (runtime_dir), keyed by the journal file's device and inode, so
+    rotation does not lose it: tmpfs needs no block of the failing disk, and it lasts exactly
+    as long as the page cache can hold what the disk does not, until the next reboot. Restore
+    and every reader skip a recorded range; the next start cuts it where it ends its file.
+    """
+
+    def __init__(self, journal: Path, folder: Path):
+        resolved = journal.resolve()
+        digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        self.journal = resolved
+        self.path = folder / f"{resolved.name}.{digest}.unsynced"
+
+    def ranges(self) -> list[Unsynced]:
+        """The recorded ranges; none if there is no record (or it cannot be read: logged)."""
+        try:
+            document = json.loads(self.path.read_bytes())
+            return [Unsynced(*entry) for entry in document["ranges"]]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log("ERROR", "cannot read the record of unsynced journal ranges", path=self.path, error=exc)
+            return []
+
+    def by_file(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
+        """(dev, ino) -> [(start, end)] of the recorded ranges, for readers to skip."""
+        found: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for entry in self.ranges():
+            found.setdefault((entry.dev, entry.ino), []).append((entry.start, entry.end))
+        return found
+
+    def write(self, ranges: list[Unsynced]) -> None:
+        """Replace the record (atomically; removed when empty). Raises OSError."""
+        if not ranges:
+            self.path.unlink(missing_ok=True)
+            return
+        self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        document = {"journal": str(self.journal), "ranges": [list(entry) for entry in ranges]}
+        write_file_atomically(self.path, encode_json(document) + b"\n")
+
+    def add(self, entry: Unsynced) -> None:
+        self.write(self.ranges() + [entry])
+
+    def remove(self, dev: int, ino: int, start: int | None = None) -> None:
+        """Forget the ranges of one file (its one range starting at start, if given)."""
+        ranges = self.ranges()
+        kept = [r for r in ranges if (r.dev, r.ino) != (dev, ino) or start not in (None, r.start)]
+        if len(kept) != len(ranges):
+            self.write(kept)
+
+
+def unsynced_record(journal: Path | None, runtime_dir: Path | None) -> UnsyncedRecord | None:
+    """A journal's record of unsynced ranges in runtime_dir; None when there is no journal
+    (ephemeral) or runtime_dir is ""."""
+    if journal is None or runtime_dir is None:
+        return None
+    return UnsyncedRecord(journal, runtime_dir)
+
+
+def overlaps(ranges: list[tuple[int, int]], start: int, length: int) -> bool:
+    """Whether the bytes [start, start + length) touch any of ranges."""
+    return any(start < end and begin < start + length for begin, end in ranges)
+
+
+def unsynced_ranges(record: UnsyncedRecord | None) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    return {} if record is None else record.by_file()
+
+
 class Journal:
     """The append-only JSONL file: every append is written and fsynced, or rolled back.
 
@@ -1232,14 +1402,19 @@ class Journal:
     """
 
     def __init__(self, path: Path, max_file_bytes: int = 0, keep_files: int = 0,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, lock: JournalLock | None = None,
+                 record: UnsyncedRecord | None = None):
         self.path = path
         self.max_file_bytes = max_file_bytes
         self.keep_files = keep_files
         self.metrics = metrics or Metrics()
+        self.lock = lock  # taken before the files are touched, released after they are closed
+        self.record = record  # where ranges go that a failed fsync left and no cut removed
         self._fd = -1
-        # Where the bytes of an append that is not yet durable begin; set while one is.
-        self._rollback_to: int | None = None
+        # A failed append's bytes while they are neither cut away nor recorded: no append,
+        # reopen or probe goes on until one of the two is done (see _settle).
+        self._pending: Unsynced | None = None
+        self._pending_logged = False
         # Why the last append failed, while none has succeeded since (and no probe() did):
         # observerd is not ready. And that append's length, which probe() makes room for.
         self.failure: str | None = None
@@ -1247,13 +1422,62 @@ class Journal:
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        """Repair a torn tail, then open for appends, creating the file (and folders) durably."""
-        if self.path.exists():
-            dropped = repair_torn_tail(self.path)
-            if dropped:
-                log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
-        self._fd = self._open_for_append()
-        probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
+        """Take the lock, honour the record of unsynced ranges, repair a torn tail, then open
+        for appends, creating the file (and folders) durably. Raises JournalLocked or OSError."""
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            if self.record is not None:
+                self._honour_record()
+            if self.path.exists():
+                dropped = repair_torn_tail(self.path)
+                if dropped:
+                    log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
+            self._fd = self._open_for_append()
+            probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _honour_record(self) -> None:
+        """Before anything is read: cut each recorded range that ends its file, keeping the cut
+        bytes beside the journal for forensics; keep recording (and skipping) the others, and
+        forget those of files no longer in the journal. Raises OSError (the record unchanged)."""
+        ranges = self.record.ranges()
+        if not ranges:
+            return
+        files = {}
+        for name in segment_paths(self.path, self.keep_files):
+            try:
+                status = os.stat(name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            files[(status.st_dev, status.st_ino)] = [name, status.st_size]
+        kept = []
+        for entry in sorted(ranges, key=lambda r: r.start, reverse=True):  # a file's last range first
+            found = files.get((entry.dev, entry.ino))
+            if found is None or found[1] <= entry.start:
+                continue  # rotated away, or cut already
+            name, size = found
+            with open(name, "rb+") as f:
+                f.seek(entry.start)
+                cut = f.read(size - entry.start)
+                if b"\n" in cut[entry.end - entry.start:]:
+                    # Complete lines follow it (another writer's): it stays, and readers skip it.
+                    kept.append(entry)
+                    log("WARN", "journal holds bytes whose fsync failed; every reader skips them",
+                        path=name, start=entry.start, end=entry.end)
+                    continue
+                forensics = name.with_name(f".{name.name}.unsynced-{entry.ino}-{entry.start}")
+                write_file_atomically(forensics, cut)
+                f.truncate(entry.start)
+                f.flush()
+                fsync(f.fileno(), name)
+            found[1] = entry.start
+            log("WARN", "cut bytes whose fsync failed from the journal", path=name, start=entry.start,
+                end=size, kept_in=forensics)
+        self.record.write(kept)
 
     def _open_for_append(self) -> int:
         """Open the path, creating it and its folders if need be, and fsync its folder.
@@ -1287,8 +1511,9 @@ class Journal:
     def probe(self) -> None:
         """While appends fail: would the failed one succeed now? If so, clear the failure.
 
-        The journal is never touched, so no probe can leave a byte in it or truncate another
-        writer's line away. First the limits an append meets, asked without writing: room on
+        The journal is not written, so no probe can leave a byte in it or truncate another
+        writer's line away; only a failed append's bytes that are neither cut nor recorded are
+        tried again first (see _settle), and while they stay so the failure stays. First the limits an append meets, asked without writing: room on
         the disk for the whole failed append, and the file size limit. Then one byte goes to a
         scratch file beside the journal, at the offset where that append would end in the file
         the path names now (sparse: one block), is fsynced, and the file removed: that meets a
@@ -1303,6 +1528,8 @@ class Journal:
             if self.failure is None:
                 return
             try:
+                if self._pending is not None:
+                    self._settle()  # bytes neither cut nor recorded keep the journal failing
                 try:
                     end = os.stat(self.path).st_size
                 except FileNotFoundError:
@@ -1344,8 +1571,8 @@ class Journal:
             log("INFO", "log writable again", path=self.path, found_by=found_by)
 
     def _append(self, data: bytes) -> None:
-        if self._rollback_to is not None:
-            self._roll_back()
+        if self._pending is not None:
+            self._settle()
         # An fstat and a stat per group commit (a few µs beside the fsync): an op is acked
         # only into the file persist_path names, whatever became of the one we hold.
         status = os.fstat(self._fd)
@@ -1377,25 +1604,30 @@ class Journal:
             # still writing, its line was broken either way, by whatever came next.
             data = b"\n" + data
         view = memoryview(data)
+        start = None
         try:
             while view:
                 written = os.write(self._fd, view)
-                if self._rollback_to is None:
+                if start is None:
                     # O_APPEND put these bytes at the end of the file as it was at this
                     # write, after anything appended since we looked: ours begin here.
-                    self._rollback_to = os.lseek(self._fd, 0, os.SEEK_CUR) - written
+                    start = os.lseek(self._fd, 0, os.SEEK_CUR) - written
                 view = view[written:]
             started = time.perf_counter()
             os.fsync(self._fd)
             self.metrics.fsync_seconds.observe(time.perf_counter() - started)
         except OSError:
-            if self._rollback_to is not None:
+            if start is not None:
+                # Written, not known durable: never to be trusted, by this process or the next.
+                status = os.fstat(self._fd)
+                self._pending = Unsynced(status.st_dev, status.st_ino, start,
+                                         start + len(data) - len(view), self.path.name)
+                self._pending_logged = False
                 try:
-                    self._roll_back()
+                    self._settle()
                 except OSError:
-                    pass  # logged; retried before the next append
+                    pass  # logged; retried before the next append, by the probe and at close
             raise
-        self._rollback_to = None
 
     def _file_at_path(self) -> tuple[int, int] | None:
         """(st_dev, st_ino) of the file the path names now, None if it names none."""
@@ -1405,22 +1637,38 @@ class Journal:
             return None
         return status.st_dev, status.st_ino
 
-    def _roll_back(self) -> None:
-        """Cut the file back to where the failed append's bytes begin, so no partial line stays.
+    def _settle(self) -> None:
+        """Cut the failed append's bytes away, or else record them; raises OSError while
+        neither is done, and until then nothing more is appended (nothing is acknowledged).
 
-        Lines other writers appended before ours stay. One appended after ours, in the
-        moment between the failed write and this truncate, goes with ours: no lock we could
-        take binds another writer. A file already shorter (truncated by someone) is left as
-        it is rather than extended with zeros.
+        The cut keeps lines other writers appended before ours. One appended after ours, in
+        the moment between the failed write and the truncate, goes with ours: no lock we
+        could take binds another writer. A file already shorter (truncated by someone) is
+        left as it is rather than extended with zeros. A cut counts once it is fsynced.
+        Recorded bytes stay where they are, and appends go on after them.
         """
+        pending = self._pending
         try:
-            if os.fstat(self._fd).st_size > self._rollback_to:
-                os.ftruncate(self._fd, self._rollback_to)
-                os.fsync(self._fd)
-        except OSError as exc:
-            log("ERROR", "cannot roll back failed append; will retry", path=self.path, error=exc)
-            raise
-        self._rollback_to = None
+            if os.fstat(self._fd).st_size > pending.start:
+                os.ftruncate(self._fd, pending.start)
+                fsync(self._fd, self.path)
+        except OSError as cut_error:
+            try:
+                if self.record is None:
+                    raise OSError("runtime_dir is not set") from None
+                self.record.add(pending)
+            except OSError as record_error:
+                if not self._pending_logged:
+                    self._pending_logged = True
+                    log("ERROR", "journal bytes whose fsync failed can be neither cut nor recorded; "
+                        "not acknowledging writes until one can", path=self.path, start=pending.start,
+                        end=pending.end, cut_error=cut_error.strerror or cut_error,
+                        record_error=record_error.strerror or record_error)
+                raise cut_error from None
+            log("WARN", "journal bytes whose fsync failed could not be cut; recorded, so no reader "
+                "trusts them", path=self.path, start=pending.start, end=pending.end, record=self.record.path,
+                error=cut_error.strerror or cut_error)
+        self._pending = None
 
     def _rotate(self) -> None:
         """Shift ops.jsonl -> .1 -> .2 …, dropping the oldest beyond keep_files; all or nothing.
@@ -1447,10 +1695,12 @@ class Journal:
                 done.append((source, target))
             fsync_dir(self.path.parent)
         except OSError as exc:
+            shifted = []  # the renames that could not be undone, as the commands that undo them
             for source, target in reversed(done):
                 try:
                     os.rename(target, source)
                 except OSError as undo_exc:
+                    shifted.append(f"mv {target} {source}")
                     log("ERROR", "cannot undo rotation step", path=target, error=undo_exc)
             if fd >= 0:
                 os.close(fd)
@@ -1458,13 +1708,22 @@ class Journal:
                     os.unlink(fresh)
                 except OSError:
                     pass  # an empty leftover, truncated by the next rotation
-            log("ERROR", "cannot rotate log; left as it was", path=self.path, error=exc)
+            if shifted:
+                # No op is lost: each file is under a neighbour's name. The next append makes the
+                # path again if it is gone; stop observerd and run these, in order, to restore it.
+                log("ERROR", "cannot rotate log; its folder is left shifted", path=self.path, error=exc,
+                    to_recover="; ".join(shifted))
+            else:
+                log("ERROR", "cannot rotate log; left as it was", path=self.path, error=exc)
             raise
         os.close(self._fd)
         self._fd = fd
         if moves[0][1] == dropped:
             try:
+                status = os.stat(dropped)
                 os.unlink(dropped)
+                if self.record is not None:
+                    self.record.remove(status.st_dev, status.st_ino)  # its inode may be reused
             except OSError:
                 pass  # replaced by the next rotation's oldest segment
         log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
@@ -1486,17 +1745,31 @@ class Journal:
             self._reopen()
 
     def _reopen(self) -> None:
-        if self._rollback_to is not None:
-            self._roll_back()  # its offset is in the file being left
+        if self._pending is not None:
+            self._settle()  # its offset is in the file being left
         fd = self._open_for_append()
         os.close(self._fd)
         self._fd = fd
 
     def close(self) -> None:
+        """Settle a failed append (its last chance to be recorded), close the file, let go of
+        the lock. Raises OSError naming the path if the close failed (the lock is let go)."""
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            try:
+                if self._pending is not None:
+                    try:
+                        self._settle()
+                    except OSError:
+                        pass  # logged: the next start trusts those bytes, as the ERROR said
+                if self._fd >= 0:
+                    fd, self._fd = self._fd, -1
+                    try:
+                        os.close(fd)
+                    except OSError as exc:
+                        raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
 
 def decode_stored_line(line: bytes) -> dict:
@@ -1508,6 +1781,26 @@ def decode_stored_line(line: bytes) -> dict:
     return validate_op(parse_json_strict(line))
 
 
+def _make_durable(fd: int, path: Path, status: os.stat_result, record: UnsyncedRecord | None) -> None:
+    """fsync a journal file before restore trusts it; if that fails, record it all as unsynced."""
+    if not stat.S_ISREG(status.st_mode):
+        return  # a device put there (/dev/full in a test) has no pages to make durable
+    try:
+        fsync(fd, path)
+    except OSError as exc:
+        try:
+            if record is None:
+                raise OSError("runtime_dir is not set") from None
+            record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size, path.name))
+        except OSError as record_error:
+            log("ERROR", "cannot record a journal file whose fsync failed; the next start will trust it",
+                path=path, error=record_error.strerror or record_error)
+        else:
+            log("ERROR", "fsync of a journal file failed at startup; recorded it as unsynced, so the "
+                "next start cuts it aside", path=path, record=record.path)
+        raise exc
+
+
 class Restored(NamedTuple):
     """What a restart reads back from the journal's tail, each oldest first."""
 
@@ -1516,7 +1809,7 @@ class Restored(NamedTuple):
 
 
 def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: float = math.inf,
-                    window: int = 0) -> Restored:
+                    window: int = 0, record: UnsyncedRecord | None = None, durable: bool = False) -> Restored:
     """The ring's ops and the op_id window's entries from the journal's tail, in one pass.
 
     Reads backwards from the end of the live file, then of each older segment, until the ring
@@ -1525,12 +1818,19 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
     of the history. Blank lines are skipped silently; for the ring a malformed or invalid line
     is skipped with a warning naming its segment and byte offset, exactly as a forward replay
     would skip it, while in the window every line takes a slot (None when it holds no op_id,
-    or one a newer line holds): window lines are never decoded (see window_entry).
+    or one a newer line holds): window lines are never decoded (see window_entry). Lines in a
+    range the record holds are skipped as if absent.
+
+    durable (the daemon's restore): each file is fsynced before its first line is trusted, as
+    a crash between an append's write and its fsync leaves bytes no fsync covered. If that
+    fsync fails, the whole file is recorded as unsynced (a later fsync would return 0 without
+    making anything durable) and OSError is raised: observerd does not start on it.
     """
     ops: list[RingOp] = []
     op_ids: list[tuple[str, int] | None] = []
     seen: set[str] = set()
     held, ring_full = 0, ring_size <= 0
+    unsynced = unsynced_ranges(record)
     for segment in segment_paths(path, keep_files):
         if ring_full and len(op_ids) >= window:
             break
@@ -1539,8 +1839,12 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
         except FileNotFoundError:
             continue
         with f:
+            status = os.fstat(f.fileno())
+            if durable:
+                _make_durable(f.fileno(), segment, status, record)
+            skip = unsynced.get((status.st_dev, status.st_ino), ())
             for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
-                if not line.strip():
+                if not line.strip() or (skip and overlaps(skip, offset, len(line) + 1)):
                     continue
                 if len(op_ids) < window:
                     entry = window_entry(line)
@@ -1805,7 +2109,8 @@ class OpStore:
             started = time.perf_counter()
             path, keep_files = self.journal.path, self.journal.keep_files
             ops, op_ids = restore_journal(path, self.ring.ring_size, keep_files, self.ring.max_bytes,
-                                          0 if self.window is None else self.window.size)
+                                          0 if self.window is None else self.window.size,
+                                          self.journal.record, durable=True)
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
@@ -2229,6 +2534,7 @@ class Segment(NamedTuple):
     fd: int
     ino: int
     end: int  # where its last complete line ended when opened; a line being written is not read
+    unsynced: tuple[tuple[int, int], ...]  # recorded ranges no reader trusts (see UnsyncedRecord)
 
 
 def _complete_end(fd: int, size: int) -> int:
@@ -2266,10 +2572,11 @@ class JournalFiles:
     names: it is listed once, under the newer.
     """
 
-    def __init__(self, path: Path, keep_files: int):
-        self.path, self.keep_files = path, keep_files
+    def __init__(self, path: Path, keep_files: int, record: UnsyncedRecord | None = None):
+        self.path, self.keep_files, self.record = path, keep_files, record
         self.listed: list[tuple[int, int]] = []  # (its place in segment_paths, inode)
         self._opened: dict[int, Segment] = {}
+        self._unsynced = unsynced_ranges(record)
         for place, name in enumerate(segment_paths(path, keep_files)):
             try:
                 status = os.stat(name)
@@ -2297,7 +2604,8 @@ class JournalFiles:
                     continue
                 status = os.fstat(fd)
                 if status.st_ino == ino:
-                    self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size))
+                    self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size),
+                                                  tuple(self._unsynced.get((status.st_dev, ino), ())))
                     break
                 os.close(fd)
             else:
@@ -2455,6 +2763,8 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
             for start, line in candidate_lines(lines, op_filter):
                 if not line.strip() or (op_filter.judges_raw and op_filter.rules_out(line)):
                     continue
+                if segment.unsynced and overlaps(segment.unsynced, offset + start, len(line) + 1):
+                    continue
                 op = skipped.decode(line, segment.path, offset + start)
                 if op is None:
                     continue
@@ -2482,10 +2792,11 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
 class _FollowedFile:
     """A file being followed: where its unread bytes begin, and a line not yet complete."""
 
-    __slots__ = ("path", "fd", "ino", "offset", "partial", "retire_at")
+    __slots__ = ("path", "fd", "dev", "ino", "offset", "partial", "retire_at")
 
     def __init__(self, path: Path, fd: int, offset: int, retire_at: float | None = None):
-        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
+        status = os.fstat(fd)
+        self.path, self.fd, self.dev, self.ino = path, fd, status.st_dev, status.st_ino
         self.offset, self.partial, self.retire_at = offset, b"", retire_at
 
 
@@ -2502,9 +2813,10 @@ class JournalFollower:
     RETIRE_S = 2.0
 
     def __init__(self, path: Path, keep_files: int, op_filter: OpFilter, skipped: SkippedLines,
-                 live: Segment | None):
+                 live: Segment | None, record: UnsyncedRecord | None = None):
         """live: the live file as JournalFiles listed it (followed from its end), if it was."""
-        self.path, self.keep_files = path, keep_files
+        self.path, self.keep_files, self.record = path, keep_files, record
+        self._unsynced: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self.op_filter = op_filter
         self.skipped = skipped
         self._files: list[_FollowedFile] = []  # in the order they are read: oldest first
@@ -2516,6 +2828,7 @@ class JournalFollower:
     def poll(self) -> list[RingOp]:
         """The ops appended since the last poll that the filter keeps, in file order."""
         kept: list[RingOp] = []
+        self._unsynced = unsynced_ranges(self.record)  # a range may be recorded while followed
         for followed in self._files:
             self._read(followed, kept)
         named = _open_for_reading(self.path)
@@ -2538,7 +2851,7 @@ class JournalFollower:
         retire_at = time.monotonic() + self.RETIRE_S
         if self._current is not None:
             self._current.retire_at = retire_at
-        with JournalFiles(self.path, self.keep_files) as files:
+        with JournalFiles(self.path, self.keep_files, self.record) as files:
             inodes = [ino for _, ino in files.listed]
             if self._current is not None and self._current.ino in inodes:
                 newer = inodes.index(self._current.ino)
@@ -2563,6 +2876,7 @@ class JournalFollower:
         size = os.fstat(followed.fd).st_size
         if size < followed.offset:  # truncated in place (copytruncate): it starts again
             followed.offset, followed.partial = 0, b""
+        skip = self._unsynced.get((followed.dev, followed.ino), ())
         while followed.offset < size:
             data = os.pread(followed.fd, min(size - followed.offset, 1024 * 1024), followed.offset)
             if not data:
@@ -2573,7 +2887,9 @@ class JournalFollower:
             cut = data.rfind(b"\n") + 1
             followed.partial = data[cut:]
             for line in data[:cut].split(b"\n")[:-1]:
-                if line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
+                if skip and overlaps(skip, line_at, len(line) + 1):
+                    pass
+                elif line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
                     op = self.skipped.decode(line, followed.path, line_at)
                     if op is not None and self.op_filter.accepts(op):
                         kept.append(RingOp(op))
@@ -4471,7 +4787,8 @@ class ObserverHandler(HTTPHandler):
             raise RequestError(409, "no journal: observerd runs ephemeral")
         try:
             skipped = SkippedLines()
-            with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
+            with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files,
+                                                         self.server.store.journal.record) as files:
                 page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped)
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
@@ -5197,6 +5514,7 @@ def files_of_settings(config: Config):
         for scratch in rotation_scratch_paths(journal):
             yield "persist_path", "persist_path's rotation scratch file", scratch
         yield "persist_path", "persist_path's probe scratch file", probe_scratch_path(journal)
+        yield "persist_path", "persist_path's lock file", lock_path(journal)
         position = corrections_position_path(journal)
         yield "persist_path", "persist_path's corrections position", position
         yield "persist_path", "persist_path's scratch file", scratch_path(position)
@@ -5268,6 +5586,10 @@ def usability_problems(config: Config) -> list[str]:
             problem = exc.strerror or str(exc)
         if problem:
             problems.append(f"{name} {path}: {problem}")
+    if config.persist_path is not None and config.runtime_dir is not None:
+        problem = _creation_problem(config.runtime_dir)
+        if problem:
+            problems.append(f"runtime_dir {config.runtime_dir}: {problem}")
     missing_tls = False
     for name, path in (("tls_cert", config.tls_cert), ("tls_key", config.tls_key)):
         if path is not None and not path.is_file():
@@ -5291,6 +5613,11 @@ def check(args: argparse.Namespace) -> int:
     source = args.config or DEFAULT_CONFIG_PATH
     for warning in config.warnings if config is not None else ():
         print(f"{source}: warning: {warning}", file=sys.stderr)
+    holder = journal_holder(config.persist_path) if config is not None and config.persist_path else None
+    if holder is not None:
+        # Not a problem: run before a restart, check meets the daemon that restart replaces.
+        print(f"{source}: note: journal {config.persist_path} is in use by a running observerd "
+              f"(pid {holder or 'unknown'}); a second one would not start beside it", file=sys.stderr)
     if problems:
         for problem in problems:
             print(f"{source}: {problem}", file=sys.stderr)
@@ -5349,7 +5676,8 @@ def print_stats(args: argparse.Namespace) -> int:
         return 2
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     try:
-        ring_ops = restore_journal(path, config.ring_size, config.keep_files, config.max_ring_bytes).ops
+        ring_ops = restore_journal(path, config.ring_size, config.keep_files, config.max_ring_bytes,
+                                   record=unsynced_record(path, config.runtime_dir)).ops
     except OSError as exc:
         print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -5616,11 +5944,13 @@ def print_ops(args: argparse.Namespace) -> int:
     if args.file is not None and args.config is None:
         # A file named alone: no config is read, and every segment beside it is.
         path, keep_files = Path(args.file), SETTING["keep_files"].maximum
+        runtime_dir = Path(SETTING["runtime_dir"].default)
     else:
         config = offline_config(args)
         if config is None:
             return 2
         path, keep_files = Path(args.file) if args.file else config.persist_path, config.keep_files
+        runtime_dir = config.runtime_dir
         if path is None:
             return fail(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', 2)
     given = {name: getattr(args, name) for name in HISTORY_FILTERS if getattr(args, name) is not None}
@@ -5635,13 +5965,14 @@ def print_ops(args: argparse.Namespace) -> int:
     writer = OpsWriter(output, sys.stdout.buffer, shutil.get_terminal_size((0, 0)).columns)
     skipped, follower = SkippedLines(), None
     try:
-        with JournalFiles(path, keep_files) as files:
+        record = unsynced_record(path, runtime_dir)
+        with JournalFiles(path, keep_files, record) as files:
             if not files.listed:
                 if not args.follow:
                     return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
                 print(f"{path}: no journal there yet; following it once there is", file=sys.stderr)
             if args.follow:  # first: the read below lets go of each file it has read
-                follower = JournalFollower(path, keep_files, op_filter, skipped, files.live())
+                follower = JournalFollower(path, keep_files, op_filter, skipped, files.live(), record)
             ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []
         if args.reverse or args.follow:
             ops.reverse()
@@ -5668,16 +5999,27 @@ def print_ops(args: argparse.Namespace) -> int:
 
 
 def open_store(config: Config) -> OpStore:
-    """Open (and repair) the journal; the ring and the op_id window stay empty until the
-    store's restore()."""
+    """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
+    the store's restore(). Raises JournalLocked or OSError."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
-        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics)
+        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics,
+                          JournalLock(config.persist_path), unsynced_record(config.persist_path, config.runtime_dir))
         journal.open()
     window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
     return OpStore(ring, journal, metrics, window)
+
+
+def close_store(store: OpStore) -> int:
+    """Close the store; 0, or 1 once an error closing the journal (an EIO) is logged."""
+    try:
+        store.close()
+    except OSError as exc:  # the last appends' fate is the disk's to tell
+        log("ERROR", "cannot close journal", path=exc.filename, error=exc.strerror or exc)
+        return 1
+    return 0
 
 
 def serve(config: Config) -> int:
@@ -5700,6 +6042,10 @@ def serve(config: Config) -> int:
         if config.playbooks_path is not None:
             make_dirs_durably(config.playbooks_path.parent)
         store = open_store(config)
+    except JournalLocked as exc:
+        log("ERROR", "journal in use by another observerd; not starting", path=config.persist_path,
+            pid=exc.pid or "unknown", lock=lock_path(config.persist_path))
+        return 2
     except OSError as exc:  # the checks passed: the disk failed or changed under us
         log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
         return 2
@@ -5708,11 +6054,11 @@ def serve(config: Config) -> int:
         server = ObserverServer(config, store, insights)
     except StartupError as exc:
         log("ERROR", "cannot serve TLS", problem=exc)
-        store.close()
+        close_store(store)
         return 2
     except OSError as exc:
         log("ERROR", "cannot listen", bind=config.bind, error=exc.strerror or exc)
-        store.close()
+        close_store(store)
         return 2
     host, port = server.server_address[:2]
     log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
@@ -5749,8 +6095,8 @@ def serve(config: Config) -> int:
     server.shutdown()
     housekeeping.stop()
     server.server_close()
-    store.close()
-    log("INFO", "stopped", ops=len(store), abandoned_connections=left)
+    status = close_store(store) or status
+    log("INFO", "stopped", ops=len(store), abandoned_connections=left, status=status)
     return status
 
 

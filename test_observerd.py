@@ -23,6 +23,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import ssl
 import subprocess
 import sys
@@ -63,6 +64,17 @@ def wait_for(predicate, timeout=30.0, interval=0.01, what="condition"):
         time.sleep(interval)
 
 
+def dev_full(folder: Path) -> Path:
+    """A node of /dev/full (every write fails with ENOSPC) in folder, so that the journal's lock
+    file goes beside it there, not into /dev."""
+    node = folder / "full"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.stat("/dev/full").st_rdev)
+    except PermissionError:
+        pytest.skip("needs root, to make a node of /dev/full")
+    return node
+
+
 def write_config(folder: Path, observerd: dict | None = None, auth: dict | None = None,
                  extra: str = "") -> Path:
     """A lakehouse.toml with the given [observerd] and [auth] tables."""
@@ -87,6 +99,7 @@ def make_config(tmp_path: Path, **settings) -> od.Config:
     """Load a Config the way the daemon does, from a file holding settings."""
     settings.setdefault("bind", "127.0.0.1:0")
     settings.setdefault("persist_path", str(tmp_path / "ops.jsonl"))
+    settings.setdefault("runtime_dir", str(tmp_path / "run"))  # never the host's /dev/shm
     return od.load_config(str(write_settings(tmp_path, settings)), environ={})
 
 
@@ -239,6 +252,7 @@ def daemons():
 def start_durable_daemon(daemons, folder: Path, **settings) -> Daemon:
     settings.setdefault("bind", "127.0.0.1:0")
     settings.setdefault("persist_path", "ops.jsonl")
+    settings.setdefault("runtime_dir", "run")  # never the host's /dev/shm
     return daemons(folder, config=write_settings(folder, settings)).wait_listening()
 
 
@@ -1461,7 +1475,8 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
     wait_for(lambda: len(open_fds(pid)) == len(in_use), timeout=30, what="the idle connections to close")
     assert post(i) == 200
     segments = list(od.segment_paths(path, 3))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ops.jsonl.lock", "lakehouse.toml", "ops.jsonl",
+                                                          "ops.jsonl.1", "ops.jsonl.2"]
     assert [e for segment in reversed(segments) if segment.exists() for e in endpoints_in(segment)] == acked
     assert endpoints_in(path) == [acked[-1]]
 
@@ -1698,7 +1713,7 @@ def test_counters_match_a_full_recount_under_random_traffic():
 
 def test_persist_failure_is_503_with_retry_after_and_memory_untouched(tmp_path):
     # /dev/full fails every write with ENOSPC: a real fault, no mock.
-    config = make_config(tmp_path, persist_path="/dev/full")
+    config = make_config(tmp_path, persist_path=str(dev_full(tmp_path)))
     server = InProcessServer(config)
     try:
         client = server.client()
@@ -2180,7 +2195,7 @@ ERROR_ANSWERS = {
     "too many headers": ({}, b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 101 + b"\r\n", 431, "invalid", None),
     "handler bug": ({}, raw_post(b"/observer/review", b"{}"), 500, None, fail_reviews),
     "unknown method": ({}, b"BREW /observer/health HTTP/1.1\r\n\r\n", 501, None, None),
-    "disk full": ({"persist_path": "/dev/full"}, raw_post(b"/observer/event", b'{"endpoint": "/e"}'),
+    "disk full": ({"persist_path": dev_full}, raw_post(b"/observer/event", b'{"endpoint": "/e"}'),
                   503, "persist_failed", None),
     "HTTP/2": ({}, b"GET /observer/health HTTP/2.0\r\n\r\n", 505, None, None),
     "request line too long": ({}, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414, None, None),
@@ -2649,8 +2664,10 @@ def test_status_codes_the_readme_lists_for_bad_request_lines(serve, request_line
 
 
 @pytest.mark.parametrize("case", ERROR_ANSWERS)
-def test_each_error_answer_is_counted_under_its_reason(serve, monkeypatch, case):
+def test_each_error_answer_is_counted_under_its_reason(serve, monkeypatch, tmp_path, case):
     settings, request, status, reason, fault = ERROR_ANSWERS[case]
+    if settings.get("persist_path") is dev_full:
+        settings = {**settings, "persist_path": str(dev_full(tmp_path))}
     server = serve(**settings)
     token = settings.get("token")
     if fault is not None:
@@ -4693,7 +4710,7 @@ def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_witho
     assert client.get("/observer/ready")[1] == {"ready": True}
     assert "found_by=probe" in daemon.log and probes("writable") == 1
     assert path.read_bytes() == journal, "the probe must leave the journal as it was"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lakehouse.toml", "ops.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ops.jsonl.lock", "lakehouse.toml", "ops.jsonl"]
     assert client.post("/observer/event", {"endpoint": "/after"})[0] == 200
     assert len(replay_forward(path)) == accepted + 1
 
