@@ -6,6 +6,7 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import fnmatch
 import gzip
@@ -842,6 +843,8 @@ def test_a_relative_path_is_relative_to_the_folder_it_was_given_in(tmp_path):
     ({"playbooks_path": ".ops.jsonl.next"}, None,
      "playbooks_path {d}/.ops.jsonl.next is the same file as persist_path's rotation scratch file "
      "{d}/.ops.jsonl.next"),
+    ({"playbooks_path": ".ops.jsonl.lock"}, None,
+     "playbooks_path {d}/.ops.jsonl.lock is the same file as persist_path's lock file {d}/.ops.jsonl.lock"),
     ({"corrections_path": "other.jsonl"}, link_to_journal("symlink"),
      "corrections_path {d}/other.jsonl is the same file as persist_path {d}/ops.jsonl"),
     ({"playbooks_path": "other.jsonl"}, link_to_journal("hardlink"),
@@ -1479,6 +1482,262 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
                                                           "ops.jsonl.1", "ops.jsonl.2"]
     assert [e for segment in reversed(segments) if segment.exists() for e in endpoints_in(segment)] == acked
     assert endpoints_in(path) == [acked[-1]]
+
+
+# One writer per journal ------------------------------------------------------
+
+
+def test_a_second_daemon_on_the_same_journal_exits_2_naming_the_holder_and_readers_go_on(tmp_path, daemons):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to("data")
+    first = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    assert first.client().post("/observer/event", {"endpoint": "/before"})[0] == 200
+    # The same journal through another spelling of its path: a symlinked folder, .. and ./
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_settings(other, {"bind": "127.0.0.1:0", "persist_path": "../link/../link/./ops.jsonl",
+                                    "runtime_dir": "run"})
+    second = daemons(other, config=config)
+    assert second.exit_status() == 2
+    errors = [line for line in second.log.splitlines() if "level=" in line and "level=INFO" not in line]
+    assert len(errors) == 1, second.log
+    assert 'msg="journal in use by another observerd; not starting"' in errors[0]
+    assert f"pid={first.proc.pid}" in errors[0] and "ops.jsonl" in errors[0]
+    assert "msg=listening" not in second.log
+    # Readers never take the lock, and check says who holds the journal without failing.
+    ops = run_cli("ops", "--config", str(config), "-o", "ndjson")
+    assert ops.returncode == 0 and json.loads(ops.stdout)["endpoint"] == "/before", ops.stderr
+    stats = run_cli("stats", "--config", str(config), str(tmp_path / "data" / "ops.jsonl"))
+    assert stats.returncode == 0 and json.loads(stats.stdout)["total"] == 1, stats.stderr
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert f"in use by a running observerd (pid {first.proc.pid})" in checked.stderr
+    assert first.client().post("/observer/event", {"endpoint": "/after"})[0] == 200
+    # SIGKILL: the kernel lets go of the lock; the next daemon starts at once, no pid file to delete.
+    first.proc.kill()
+    first.exit_status()
+    assert "in use" not in run_cli("check", "--config", str(config)).stderr
+    third = daemons(other, config=config).wait_listening()
+    assert [o["endpoint"] for o in third.client().get("/observer/ops")[1]["ops"]] == ["/after", "/before"]
+    assert (tmp_path / "data" / ".ops.jsonl.lock").read_text() == f"{third.proc.pid}\n"
+
+
+def test_an_ephemeral_daemon_takes_no_lock(tmp_path, daemons):
+    for _ in range(2):
+        start_durable_daemon(daemons, tmp_path, persist_path="")
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+# A failed fsync across restarts ------------------------------------------------
+
+# observerd's main with faults in the journal's system calls, as a control file names them
+# (fsync, ftruncate, record, close): EIO, as a failing disk gives. The product has no hook.
+FAULTY_OBSERVERD = """
+import errno, os, sys
+sys.path.insert(0, sys.argv.pop(1))
+control = sys.argv.pop(1)
+import observerd
+
+def faults():
+    try:
+        with open(control) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+def journal(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith("/ops.jsonl")
+    except OSError:
+        return False
+
+def failing(name, real, applies):
+    def call(*args):
+        if applies(*args) and name in faults():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(*args)
+    return call
+
+os.fsync = failing("fsync", os.fsync, journal)
+os.ftruncate = failing("ftruncate", os.ftruncate, lambda fd, length: journal(fd))
+os.replace = failing("record", os.replace, lambda source, target: str(target).endswith(".unsynced"))
+os.close = failing("close", os.close, journal)
+sys.argv[0] = observerd.__file__
+sys.exit(observerd.main())
+"""
+
+
+class FaultyDaemon:
+    """A daemon whose journal's system calls fail while its control file names them."""
+
+    def __init__(self, daemons, folder: Path):
+        self.daemons, self.folder = daemons, folder
+        self.script = folder / "faulty_observerd.py"
+        self.script.write_text(FAULTY_OBSERVERD)
+        self.control = folder / "faults"
+        self.config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                              "runtime_dir": "run"})
+        self.journal = folder / "ops.jsonl"
+
+    def inject(self, *faults: str) -> None:
+        self.control.write_text(" ".join(faults))
+
+    def start(self, wait=True) -> Daemon:
+        daemon = self.daemons(self.folder, args=[str(HERE), str(self.control), "--config", str(self.config)],
+                              script=self.script)
+        return daemon.wait_listening() if wait else daemon
+
+    def records(self) -> list[list]:
+        return [entry for record in (self.folder / "run").glob("*.unsynced")
+                for entry in json.loads(record.read_text())["ranges"]]
+
+
+def post_op(client, op_id: str, endpoint: str = "/e"):
+    return client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id,
+                                           "timestamp": "2026-12-06T04:00:00Z"})
+
+
+def test_an_op_whose_fsync_failed_is_stored_anew_after_a_restart_never_acked_as_a_duplicate(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    client = daemon.client()
+    assert post_op(client, "op-1")[0] == 200
+    # The write lands, its fsync fails, and so does the cut that would take it back out.
+    faulty.inject("fsync", "ftruncate")
+    assert post_op(client, "op-3")[0] == 503
+    assert endpoints_in(faulty.journal).count("/e") == 2, "the failed op's line stays in the file"
+    [(dev, ino, start, end, name)] = faulty.records()
+    assert (ino, name) == (faulty.journal.stat().st_ino, "ops.jsonl")
+    assert faulty.journal.read_bytes()[start:end].count(b'"op-3"') == 1 and end == faulty.journal.stat().st_size
+    assert 'msg="journal bytes whose fsync failed could not be cut; recorded' in daemon.log
+    # No reader trusts it meanwhile, in this process or another.
+    assert [o["op_id"] for o in client.get("/observer/history")[1]["ops"]] == ["op-1"]
+    assert [json.loads(line)["op_id"] for line in
+            run_cli("ops", "--config", str(faulty.config)).stdout.splitlines()] == ["op-1"]
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.exit_status()
+    faulty.inject()
+    daemon = faulty.start()
+    assert 'msg="cut bytes whose fsync failed from the journal"' in daemon.log
+    [kept] = tmp_path.glob(".ops.jsonl.unsynced-*")
+    assert b'"op-3"' in kept.read_bytes() and faulty.records() == []
+    client = daemon.client()
+    status, body, _ = post_op(client, "op-3")
+    assert status == 200 and body["duplicate"] is False
+    assert [json.loads(line)["op_id"] for line in faulty.journal.read_text().splitlines()] == ["op-1", "op-3"]
+
+
+def test_a_recorded_range_with_ops_after_it_is_skipped_by_restore_and_every_reader(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    client = daemon.client()
+    faulty.inject("fsync", "ftruncate")
+    assert post_op(client, "op-3", "/failed")[0] == 503
+    faulty.inject()
+    assert post_op(client, "op-4", "/after")[0] == 200  # appended after the recorded bytes
+    daemon.proc.kill()
+    daemon.exit_status()
+    daemon = faulty.start()
+    assert 'msg="journal holds bytes whose fsync failed; every reader skips them"' in daemon.log
+    client = daemon.client()
+    assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/after"]
+    assert [o["endpoint"] for o in client.get("/observer/history")[1]["ops"]] == ["/after"]
+    listed = run_cli("ops", "--config", str(faulty.config), "-o", "ndjson")
+    assert [json.loads(line)["endpoint"] for line in listed.stdout.splitlines()] == ["/after"]
+    status, body, _ = post_op(client, "op-3", "/failed")
+    assert status == 200 and body["duplicate"] is False
+    assert [o["endpoint"] for o in client.get("/observer/history")[1]["ops"]] == ["/failed", "/after"]
+
+
+def test_neither_cut_nor_recorded_stops_every_acknowledgement_until_one_can_be_done(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    client = daemon.client()
+    faulty.inject("fsync", "ftruncate", "record")
+    assert post_op(client, "op-1")[0] == 503
+    faulty.inject("ftruncate", "record")  # fsync works again: the bytes are still neither
+    assert post_op(client, "op-2")[0] == 503
+    def failing_probes():
+        samples = scrape(client)["observerd_journal_probes_total"]["samples"]
+        return next((value for _, labels, value in samples if labels == {"found": "failing"}), 0)
+
+    seen = failing_probes()
+    wait_for(lambda: failing_probes() >= seen + 2, what="two probes to run")
+    assert client.get("/observer/ready")[0] == 503, "the probe cleared a failure whose bytes are unsettled"
+    errors = [line for line in daemon.log.splitlines() if "neither cut nor recorded" in line]
+    assert len(errors) == 1 and "level=ERROR" in errors[0] and "start=0 end=" in errors[0], daemon.log
+    faulty.inject()
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to cut the bytes")
+    assert faulty.journal.read_bytes() == b"" and faulty.records() == []
+    assert post_op(client, "op-1")[1]["duplicate"] is False
+
+
+def test_a_failed_fsync_at_startup_refuses_to_start_and_is_recorded_for_the_next(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    assert post_op(daemon.client(), "op-1")[0] == 200
+    daemon.proc.kill()
+    daemon.exit_status()
+    faulty.inject("fsync")
+    daemon = faulty.start(wait=False)
+    assert daemon.exit_status() == 2
+    assert f'msg="cannot restore from log" path={faulty.journal}' in daemon.log
+    assert "fsync of a journal file failed at startup" in daemon.log and "Traceback" not in daemon.log
+    assert faulty.records() and faulty.records()[0][2:4] == [0, faulty.journal.stat().st_size]
+    faulty.inject()
+    daemon = faulty.start()
+    assert 'msg="cut bytes whose fsync failed from the journal"' in daemon.log
+    assert post_op(daemon.client(), "op-1")[1]["duplicate"] is False
+
+
+def test_restore_fsyncs_each_file_it_trusts_before_reading_it(tmp_path, monkeypatch):
+    config = make_config(tmp_path, keep_files=2)
+    for name in ("ops.jsonl.1", "ops.jsonl"):
+        (tmp_path / name).write_bytes(od.encode_line(op(f"/{name}")))
+    store = od.open_store(config)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    try:
+        store.restore()
+    finally:
+        store.close()
+    assert synced == [str(tmp_path / "ops.jsonl"), str(tmp_path / "ops.jsonl.1")]
+
+
+def test_an_eio_closing_the_journal_at_shutdown_is_one_error_line_and_a_failed_exit(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    assert post_op(daemon.client(), "op-1")[0] == 200
+    faulty.inject("close")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 1
+    assert f'msg="cannot close journal" path={faulty.journal}' in daemon.log
+    assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_a_rotation_whose_undo_fails_says_the_folder_is_left_shifted_and_how_to_recover(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "ops.jsonl"
+    journal = od.Journal(path, max_file_bytes=100, keep_files=2)
+    journal.open()
+    journal.append_durably(b"x" * 90 + b"\n")
+    real_rename = os.rename
+    renames = []
+
+    def rename(source, target):
+        renames.append((source, target))
+        if len(renames) > 1:  # the undo of the first step fails
+            raise OSError(errno.EIO, "Input/output error")
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(od.PersistError):
+        journal.append_durably(b"y" * 20 + b"\n")
+    journal.close()
+    err = capsys.readouterr().err
+    assert 'msg="cannot rotate log; its folder is left shifted"' in err
+    assert f"to_recover=\"mv {tmp_path / 'ops.jsonl.1'} {path}\"" in err
+    assert "left as it was" not in err
 
 
 def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path, daemons):
@@ -2868,6 +3127,17 @@ def test_auth_token_guards_every_route_but_health(serve):
     assert server.store.stats()["total"] == 1
 
 
+def test_the_token_is_compared_in_constant_time(serve, monkeypatch):
+    # Spied on, not timed: a plain == leaks the matching prefix's length through timing.
+    server = serve(token="s3cret")
+    compared = []
+    real_compare = od.hmac.compare_digest
+    monkeypatch.setattr(od.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real_compare(a, b))
+    assert server.client(token="s3cres").get("/observer/stats")[0] == 401
+    assert server.client(token="s3cret").get("/observer/stats")[0] == 200
+    assert compared == [(b"s3cres", b"s3cret"), (b"s3cret", b"s3cret")]
+
+
 def test_the_token_never_appears_in_logs_or_error_bodies(tmp_path, daemons):
     secret = "tok-S3CRET-value"
     daemon = start_durable_daemon(daemons, tmp_path, token=secret)
@@ -3081,6 +3351,32 @@ def test_playbooks_consolidate_scenarios_and_are_written_atomically(serve, tmp_p
                        what="playbooks file")
     assert written["playbooks"] == got["playbooks"]
     assert [p.name for p in playbooks_path.parent.iterdir()] == ["playbooks.json"]
+
+
+@pytest.mark.parametrize("write", ["playbooks", "corrections position"])
+def test_a_replaced_file_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch, serve, write):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    if write == "playbooks":
+        path = tmp_path / "playbooks.json"
+        server = serve(consolidate_interval_s=0.05, playbooks_path=str(path))
+        assert server.client().post("/observer/event", {"endpoint": "/checkout", "source": "scenario"})[0] == 200
+        wait_for(path.exists, what="playbooks written")
+    else:
+        corrections = tmp_path / "corrections.jsonl"
+        corrections.write_bytes(od.encode_line(op("/fix", source=od.CORRECTION_SOURCE)))
+        tailer, store = make_tailer(tmp_path, corrections)
+        tailer.poll()
+        store.close()
+        path = tailer.sidecar
+    names = {str(od.scratch_path(path)), str(path), str(tmp_path)}
+    mine = [event for event in list(events) if event[1] in names]
+    renamed = mine.index(("rename", str(path)))
+    assert mine[renamed - 1:renamed + 2] == [("fsync", str(od.scratch_path(path))), ("rename", str(path)),
+                                             ("fsync", str(tmp_path))]
 
 
 def test_corrections_appended_in_pieces_are_recorded_once(tmp_path, capsys):
@@ -4152,6 +4448,21 @@ def test_backend_keys_come_from_the_environment_and_show_nowhere(tmp_path, daemo
     shown = json.dumps([result, escalations]) + checked.stdout + checked.stderr + daemon.log + config.read_text()
     for key in keys.values():
         assert key not in shown
+
+
+def test_a_key_straddling_the_cut_of_an_outbound_error_is_redacted_before_the_cut():
+    key = "sk-" + "k" * 40
+    # The reason phrase puts the key across OUTBOUND_ERROR_CHARS: cut first, its head would stay.
+    prefix = "HTTP 401 "
+    reason = "x" * (od.OUTBOUND_ERROR_CHARS - len(prefix) - 10) + " " + key + " rejected"
+    service = FakeService(status=401, reason=reason)
+    try:
+        with pytest.raises(od.OutboundError) as raised:
+            od.call_json(service.url + "/api/generate", 10, {"prompt": "p"}, key=key)
+    finally:
+        service.close()
+    message = str(raised.value)
+    assert len(message) <= od.OUTBOUND_ERROR_CHARS and "sk-" not in message and "(key)" in message
 
 
 def test_the_escalation_carries_its_token_from_the_environment(tmp_path, backend):
