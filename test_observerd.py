@@ -188,6 +188,17 @@ def serve(tmp_path):
     yield from started_by_test(make, InProcessServer.close)
 
 
+def default_sigint(then=None):
+    """A preexec_fn: SIGINT back to its default in the child, then `then`. A suite started as a
+    background job (nohup, `make test &`, some CI runners) has SIGINT ignored, and every child
+    inherits that: one the test stops with SIGINT would never stop."""
+    def preexec():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+    return preexec
+
+
 class Daemon:
     """observerd.py as a real subprocess; its stderr is collected by a reader thread."""
 
@@ -199,7 +210,7 @@ class Daemon:
         argv += list(args)
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd or folder,
-            env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
+            env={**os.environ, **(env or {})}, preexec_fn=default_sigint(preexec_fn),
         )
         self._lines: list[str] = []
         self._reader = threading.Thread(target=self._collect, daemon=True)
@@ -2729,11 +2740,20 @@ def test_a_request_in_flight_is_never_the_one_that_makes_room(serve, monkeypatch
 
 def test_clients_that_never_take_their_answers_make_room_too(serve):
     server = serve(max_connections=3, request_timeout_s=3600, ring_size=100)
-    # Small kernel buffers on both ends: a few hundred KB of answer fills them, on any machine.
-    server.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    # Kernel buffers made small on both ends of every connection, and answers far larger than
+    # any buffer the kernel could tune itself (tcp_wmem and tcp_rmem top out at a few MiB): an
+    # answer nobody reads can never be written out, on any machine, however fast.
+    accept = server.server.get_request
+
+    def get_request():
+        sock, address = accept()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return sock, address
+
+    server.server.get_request = get_request
     client = server.client()
-    batch = [{"endpoint": f"/big/{n}", "pad": "x" * 100_000} for n in range(10)]
-    assert client.post("/observer/events", batch)[0] == 200
+    for n in range(10):
+        assert client.post("/observer/event", {"endpoint": f"/big/{n}", "pad": "x" * 2_000_000})[0] == 200
     client.close()
     hogs = []
     try:
@@ -2741,14 +2761,14 @@ def test_clients_that_never_take_their_answers_make_room_too(serve):
             hog = socket.socket()
             hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             hog.connect(("127.0.0.1", server.port))
-            hog.sendall(b"GET /observer/ops?limit=10 HTTP/1.1\r\nHost: x\r\n\r\n")  # about 1 MB
+            hog.sendall(b"GET /observer/ops?limit=10 HTTP/1.1\r\nHost: x\r\n\r\n")  # about 20 MB
             hogs.append(hog)
 
         def all_answering():
             phases = [phase for phase, _ in list(server.server.connections._open.values())]
             return phases.count(od.ConnectionTracker.ANSWERING) == 3
 
-        wait_for(all_answering, timeout=60, what="three answers stuck in unread buffers")
+        wait_for(all_answering, timeout=600, what="three answers stuck in unread buffers")
         for _ in range(3):  # each new client takes the place of the hog that has waited longest
             assert parse_response(raw_exchange(server.port, b"GET /observer/health HTTP/1.1\r\n\r\n"))[0] == 200
     finally:
@@ -3771,7 +3791,8 @@ class StartupHeldDaemon(Daemon):
         self._filler = b"#" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
         os.write(write_end, self._filler)
         self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder)
+                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder,
+                                     preexec_fn=default_sigint())
         os.close(write_end)
         self._stderr = os.fdopen(read_end, "rb")
         self._lines: list[str] = []
@@ -4705,7 +4726,8 @@ class Screen:
         # LINES and COLUMNS would override the terminal's size in curses.
         environ = {k: v for k, v in os.environ.items() if k not in ("LINES", "COLUMNS")}
         self.proc = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal,
-                                     env={**environ, "TERM": "xterm", **(env or {})}, start_new_session=True)
+                                     env={**environ, "TERM": "xterm", **(env or {})}, start_new_session=True,
+                                     preexec_fn=default_sigint())
         os.close(terminal)
         self.output = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -5789,7 +5811,8 @@ class OpsFollower:
 
     def __init__(self, *args, stdout=subprocess.PIPE):
         self.proc = subprocess.Popen([sys.executable, str(DAEMON), "ops", "-o", "ndjson", "-f", *args],
-                                     stdout=stdout, stderr=subprocess.PIPE, text=True)
+                                     stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=default_sigint())
         self.lines: list[str] = []
         if stdout is subprocess.PIPE:
             threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
