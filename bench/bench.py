@@ -193,6 +193,8 @@ def write_log(path: Path, lines: int) -> None:
     with open(path, "w") as f:
         for start in range(0, lines, 10000):
             f.write("".join(template % (i, i, i) for i in range(start, min(lines, start + 10000))))
+        f.flush()
+        os.fsync(f.fileno())  # as a daemon's journal is: restarts then time restore, not writeback
 
 
 def get_status(port: int, path: str) -> int:
