@@ -1317,7 +1317,12 @@ class Unsynced(NamedTuple):
     ino: int
     start: int
     end: int
+    crc: int  # of the bytes as written: a range the file no longer holds (truncated, rewritten) is void
     name: str  # the file's name when the range was recorded, for people
+
+    def holds(self, fd: int) -> bool:
+        """Whether the file still holds these bytes: only then are they skipped or cut."""
+        return zlib.crc32(os.pread(fd, self.end - self.start, self.start)) == self.crc
 
 
 class UnsyncedRecord:
@@ -1349,11 +1354,11 @@ class UnsyncedRecord:
             log("ERROR", "cannot read the record of unsynced journal ranges", path=self.path, error=exc)
             return []
 
-    def by_file(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
-        """(dev, ino) -> [(start, end)] of the recorded ranges, for readers to skip."""
-        found: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    def by_file(self) -> dict[tuple[int, int], list[Unsynced]]:
+        """(dev, ino) -> the recorded ranges of that file, for readers to skip."""
+        found: dict[tuple[int, int], list[Unsynced]] = {}
         for entry in self.ranges():
-            found.setdefault((entry.dev, entry.ino), []).append((entry.start, entry.end))
+            found.setdefault((entry.dev, entry.ino), []).append(entry)
         return found
 
     def write(self, ranges: list[Unsynced]) -> None:
@@ -1384,13 +1389,23 @@ def unsynced_record(journal: Path | None, runtime_dir: Path | None) -> UnsyncedR
     return UnsyncedRecord(journal, runtime_dir)
 
 
-def overlaps(ranges: list[tuple[int, int]], start: int, length: int) -> bool:
+def overlaps(ranges: tuple[tuple[int, int], ...], start: int, length: int) -> bool:
     """Whether the bytes [start, start + length) touch any of ranges."""
     return any(start < end and begin < start + length for begin, end in ranges)
 
 
-def unsynced_ranges(record: UnsyncedRecord | None) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    return {} if record is None else record.by_file()
+class UnsyncedRanges:
+    """What a reader skips: the record's ranges, each checked once against the file it reads."""
+
+    def __init__(self, record: UnsyncedRecord | None):
+        self._by_file = {} if record is None else record.by_file()
+
+    def of(self, fd: int) -> tuple[tuple[int, int], ...]:
+        """(start, end) of the recorded ranges the file open at fd still holds."""
+        status = os.fstat(fd)
+        entries = self._by_file.get((status.st_dev, status.st_ino), ())
+        return tuple((entry.start, entry.end) for entry in entries
+                     if entry.end <= status.st_size and entry.holds(fd))
 
 
 class Journal:
@@ -1443,7 +1458,8 @@ class Journal:
     def _honour_record(self) -> None:
         """Before anything is read: cut each recorded range that ends its file, keeping the cut
         bytes beside the journal for forensics; keep recording (and skipping) the others, and
-        forget those of files no longer in the journal. Raises OSError (the record unchanged)."""
+        forget those of files no longer in the journal or no longer holding those bytes.
+        Raises OSError (the record unchanged)."""
         ranges = self.record.ranges()
         if not ranges:
             return
@@ -1461,6 +1477,8 @@ class Journal:
                 continue  # rotated away, or cut already
             name, size = found
             with open(name, "rb+") as f:
+                if size < entry.end or not entry.holds(f.fileno()):
+                    continue  # truncated or rewritten since (copytruncate): those bytes are gone
                 f.seek(entry.start)
                 cut = f.read(size - entry.start)
                 if b"\n" in cut[entry.end - entry.start:]:
@@ -1605,6 +1623,7 @@ class Journal:
             data = b"\n" + data
         view = memoryview(data)
         start = None
+        written_to = os.fstat(self._fd)  # the file these bytes go to, should they need recording
         try:
             while view:
                 written = os.write(self._fd, view)
@@ -1619,9 +1638,9 @@ class Journal:
         except OSError:
             if start is not None:
                 # Written, not known durable: never to be trusted, by this process or the next.
-                status = os.fstat(self._fd)
-                self._pending = Unsynced(status.st_dev, status.st_ino, start,
-                                         start + len(data) - len(view), self.path.name)
+                sent = data[:len(data) - len(view)]
+                self._pending = Unsynced(written_to.st_dev, written_to.st_ino, start, start + len(sent),
+                                         zlib.crc32(sent), self.path.name)
                 self._pending_logged = False
                 try:
                     self._settle()
@@ -1791,7 +1810,8 @@ def _make_durable(fd: int, path: Path, status: os.stat_result, record: UnsyncedR
         try:
             if record is None:
                 raise OSError("runtime_dir is not set") from None
-            record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size, path.name))
+            record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size,
+                                zlib.crc32(os.pread(fd, status.st_size, 0)), path.name))
         except OSError as record_error:
             log("ERROR", "cannot record a journal file whose fsync failed; the next start will trust it",
                 path=path, error=record_error.strerror or record_error)
@@ -1830,7 +1850,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
     op_ids: list[tuple[str, int] | None] = []
     seen: set[str] = set()
     held, ring_full = 0, ring_size <= 0
-    unsynced = unsynced_ranges(record)
+    unsynced = UnsyncedRanges(record)
     for segment in segment_paths(path, keep_files):
         if ring_full and len(op_ids) >= window:
             break
@@ -1842,7 +1862,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
             status = os.fstat(f.fileno())
             if durable:
                 _make_durable(f.fileno(), segment, status, record)
-            skip = unsynced.get((status.st_dev, status.st_ino), ())
+            skip = unsynced.of(f.fileno())
             for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
                 if not line.strip() or (skip and overlaps(skip, offset, len(line) + 1)):
                     continue
@@ -2576,7 +2596,7 @@ class JournalFiles:
         self.path, self.keep_files, self.record = path, keep_files, record
         self.listed: list[tuple[int, int]] = []  # (its place in segment_paths, inode)
         self._opened: dict[int, Segment] = {}
-        self._unsynced = unsynced_ranges(record)
+        self._unsynced = UnsyncedRanges(record)
         for place, name in enumerate(segment_paths(path, keep_files)):
             try:
                 status = os.stat(name)
@@ -2605,7 +2625,7 @@ class JournalFiles:
                 status = os.fstat(fd)
                 if status.st_ino == ino:
                     self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size),
-                                                  tuple(self._unsynced.get((status.st_dev, ino), ())))
+                                                  self._unsynced.of(fd))
                     break
                 os.close(fd)
             else:
@@ -2792,11 +2812,10 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
 class _FollowedFile:
     """A file being followed: where its unread bytes begin, and a line not yet complete."""
 
-    __slots__ = ("path", "fd", "dev", "ino", "offset", "partial", "retire_at")
+    __slots__ = ("path", "fd", "ino", "offset", "partial", "retire_at")
 
     def __init__(self, path: Path, fd: int, offset: int, retire_at: float | None = None):
-        status = os.fstat(fd)
-        self.path, self.fd, self.dev, self.ino = path, fd, status.st_dev, status.st_ino
+        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
         self.offset, self.partial, self.retire_at = offset, b"", retire_at
 
 
@@ -2816,7 +2835,7 @@ class JournalFollower:
                  live: Segment | None, record: UnsyncedRecord | None = None):
         """live: the live file as JournalFiles listed it (followed from its end), if it was."""
         self.path, self.keep_files, self.record = path, keep_files, record
-        self._unsynced: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._unsynced = UnsyncedRanges(None)
         self.op_filter = op_filter
         self.skipped = skipped
         self._files: list[_FollowedFile] = []  # in the order they are read: oldest first
@@ -2828,7 +2847,7 @@ class JournalFollower:
     def poll(self) -> list[RingOp]:
         """The ops appended since the last poll that the filter keeps, in file order."""
         kept: list[RingOp] = []
-        self._unsynced = unsynced_ranges(self.record)  # a range may be recorded while followed
+        self._unsynced = UnsyncedRanges(self.record)  # a range may be recorded while followed
         for followed in self._files:
             self._read(followed, kept)
         named = _open_for_reading(self.path)
@@ -2876,7 +2895,7 @@ class JournalFollower:
         size = os.fstat(followed.fd).st_size
         if size < followed.offset:  # truncated in place (copytruncate): it starts again
             followed.offset, followed.partial = 0, b""
-        skip = self._unsynced.get((followed.dev, followed.ino), ())
+        skip = self._unsynced.of(followed.fd)
         while followed.offset < size:
             data = os.pread(followed.fd, min(size - followed.offset, 1024 * 1024), followed.offset)
             if not data:
