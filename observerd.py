@@ -1293,12 +1293,29 @@ class JournalLock:
 
 
 def journal_holder(journal: Path) -> int | None:
-    """The pid of the daemon holding journal's lock (0 if it has not written it yet), None if
-    none holds it. Asks with a shared lock, let go at once, so a reader never holds one."""
+    """The pid of the daemon holding journal's lock (0 if unknown), None if none holds it.
+
+    Read from /proc/locks, so a reader takes no lock, not even for a moment (a daemon starting
+    in that moment would be refused). Where it cannot be read, a shared lock let go at once asks.
+    """
+    try:
+        status = os.stat(lock_path(journal))
+    except OSError:
+        return None  # no lock file: no daemon ever ran on it, or its folder is not readable
+    held = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147252 0 EOF"; a waiter's line has "->".
+            for fields in map(str.split, f):
+                if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and fields[5:6] == [held]:
+                    return int(fields[4]) if fields[4].isdigit() else 0
+        return None
+    except OSError:
+        pass
     try:
         fd = os.open(lock_path(journal), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
-        return None  # no lock file: no daemon ever ran on it, or its folder is not readable
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
