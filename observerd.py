@@ -573,6 +573,10 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         value = given[setting.name].value
         if setting.path:
             value = given[setting.name].folder / value if value else None
+            if setting.name == "persist_path" and value is not None:
+                # The journal by its real path: rotation renames files, never a symlink to one,
+                # and its lock and record are found whichever spelling a command was given.
+                value = Path(os.path.realpath(value))
         elif setting.url and value:
             if not value.startswith(("http://", "https://")):
                 problems.append(f"{given[setting.name].where} must be an http:// or https:// URL")
@@ -1150,8 +1154,11 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     """Replace path with data so readers see the old file or the new one, never a mix."""
     temp = scratch_path(path)
     with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(temp)) from None
         fsync(f.fileno(), temp)
     os.replace(temp, path)
     fsync_dir(path.parent)
@@ -1238,7 +1245,7 @@ _APPEND_FLAGS = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 def lock_path(journal: Path) -> Path:
     """The lock file of a journal: beside it in its resolved folder, so every spelling of its
     path (a symlink to the file or a folder, ./, ..) finds the same one."""
-    resolved = journal.resolve()
+    resolved = Path(os.path.realpath(journal))  # realpath, unlike resolve(), never raises on a loop
     return resolved.with_name(f".{resolved.name}.lock")
 
 
@@ -1250,10 +1257,9 @@ class JournalLocked(Exception):
         self.pid = pid
 
 
-def _lock_holder(fd: int) -> int | None:
-    """The pid a lock file's holder wrote in it, None if it has not (yet) written one."""
-    text = os.pread(fd, 32, 0).strip()
-    return int(text) if text.isdigit() else None
+def _lock_file_lines(fd: int) -> list[str]:
+    """What the holder wrote in a lock file: its pid, then its record's path (see UnsyncedRecord)."""
+    return os.pread(fd, 4096, 0).decode("utf-8", "surrogateescape").splitlines()
 
 
 class JournalLock:
@@ -1261,12 +1267,14 @@ class JournalLock:
 
     The kernel releases a flock when its holder dies, however it dies, so the file is never
     deleted and no stale pid can block a restart; the pid inside only names the holder. A
-    lock file, not the journal itself: rotation moves the journal to another inode.
+    lock file, not the journal itself: rotation moves the journal to another inode. The holder
+    also writes where it records unsynced ranges, so a reader given only the journal finds them.
     """
 
-    def __init__(self, journal: Path):
+    def __init__(self, journal: Path, record: Path | None):
         self.journal = journal
         self.path = lock_path(journal)
+        self.record = record
         self._fd = -1
 
     def acquire(self) -> None:
@@ -1275,15 +1283,15 @@ class JournalLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n{self.record or ''}\n".encode("utf-8", "surrogateescape"), 0)
         except BlockingIOError:
-            holder = _lock_holder(fd)
+            lines = _lock_file_lines(fd)
             os.close(fd)
-            raise JournalLocked(self.journal, holder) from None
-        except OSError:
+            raise JournalLocked(self.journal, int(lines[0]) if lines and lines[0].isdigit() else None) from None
+        except BaseException:
             os.close(fd)
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
 
     def release(self) -> None:
@@ -1319,7 +1327,8 @@ def journal_holder(journal: Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _lock_holder(fd) or 0
+        lines = _lock_file_lines(fd)
+        return int(lines[0]) if lines and lines[0].isdigit() else 0
     except OSError:
         return None
     finally:
@@ -1328,7 +1337,8 @@ def journal_holder(journal: Path) -> int | None:
 
 
 class Unsynced(NamedTuple):
-    """Bytes of a journal file whose fsync failed and that could not be cut away at once."""
+    """Bytes of a journal file not known to be durable: an append whose fsync failed and that
+    could not be cut away, or (at_startup) a whole file whose fsync failed when a start tried it."""
 
     dev: int
     ino: int
@@ -1336,10 +1346,35 @@ class Unsynced(NamedTuple):
     end: int
     crc: int  # of the bytes as written: a range the file no longer holds (truncated, rewritten) is void
     name: str  # the file's name when the range was recorded, for people
+    at_startup: bool = False
 
     def holds(self, fd: int) -> bool:
-        """Whether the file still holds these bytes: only then are they skipped or cut."""
-        return zlib.crc32(os.pread(fd, self.end - self.start, self.start)) == self.crc
+        """Whether the file open at fd still holds these bytes: only then do they count."""
+        if os.fstat(fd).st_size < self.end:
+            return False
+        crc, pos = 0, self.start
+        while pos < self.end:
+            block = os.pread(fd, min(self.end - pos, RESTORE_BLOCK_BYTES), pos)
+            if not block:
+                return False
+            crc, pos = zlib.crc32(block, crc), pos + len(block)
+        return crc == self.crc
+
+
+def _has_newline(fd: int, start: int, end: int) -> bool:
+    """Whether the bytes [start, end) of a file hold a newline, read a block at a time."""
+    while start < end:
+        block = os.pread(fd, min(end - start, RESTORE_BLOCK_BYTES), start)
+        if not block:
+            return False
+        if b"\n" in block:
+            return True
+        start += len(block)
+    return False
+
+
+class UntrustedJournal(Exception):
+    """A journal file whose fsync failed at an earlier start: it cannot be trusted until reboot."""
 
 
 class UnsyncedRecord:
@@ -1354,27 +1389,64 @@ class UnsyncedRecord:
     and every reader skip a recorded range; the next start cuts it where it ends its file.
     """
 
-    def __init__(self, journal: Path, folder: Path):
-        resolved = journal.resolve()
-        digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        self.journal = resolved
-        self.path = folder / f"{resolved.name}.{digest}.unsynced"
+    def __init__(self, path: Path, journal: Path):
+        self.path = path
+        self.journal = journal
+        self._cached: tuple[tuple[int, int], list[Unsynced]] | None = None
+
+    @classmethod
+    def in_folder(cls, folder: Path, journal: Path) -> "UnsyncedRecord":
+        """The record of journal in runtime_dir: one file per journal, named by its real path."""
+        resolved = os.path.realpath(journal)
+        digest = hashlib.sha256(resolved.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return cls(folder / f"{Path(resolved).name}.{digest}.unsynced", Path(resolved))
+
+    @classmethod
+    def of_journal(cls, journal: Path) -> "UnsyncedRecord | None":
+        """The record a daemon of this journal wrote its lock file's second line; None if none."""
+        try:
+            fd = os.open(lock_path(journal), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            lines = _lock_file_lines(fd)
+        finally:
+            os.close(fd)
+        return cls(Path(lines[1]), journal) if len(lines) > 1 and lines[1] else None
 
     def ranges(self) -> list[Unsynced]:
-        """The recorded ranges; none if there is no record (or it cannot be read: logged)."""
+        """The recorded ranges, [] if there is no record. Raises OSError or ValueError if it
+        cannot be read or is not a record (then nothing must be written over it)."""
         try:
-            document = json.loads(self.path.read_bytes())
-            return [Unsynced(*entry) for entry in document["ranges"]]
+            with open(self.path, "rb") as f:
+                status = os.fstat(f.fileno())
+                key = (status.st_mtime_ns, status.st_ino)
+                if self._cached is not None and self._cached[0] == key:
+                    return self._cached[1]
+                document = json.loads(f.read())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log("ERROR", "cannot read the record of unsynced journal ranges", path=self.path, error=exc)
-            return []
+        try:
+            ranges = [Unsynced(*entry) for entry in document["ranges"]]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a record of unsynced ranges: {exc}") from None
+        if not all(type(r.start) is type(r.end) is int and 0 <= r.start < r.end for r in ranges):
+            raise ValueError("not a record of unsynced ranges: a range is not 0 <= start < end")
+        self._cached = key, ranges
+        return ranges
 
     def by_file(self) -> dict[tuple[int, int], list[Unsynced]]:
-        """(dev, ino) -> the recorded ranges of that file, for readers to skip."""
+        """(dev, ino) -> the recorded ranges of that file, for readers to skip; {} (logged) if
+        the record cannot be read."""
         found: dict[tuple[int, int], list[Unsynced]] = {}
-        for entry in self.ranges():
+        try:
+            ranges = self.ranges()
+        except (OSError, ValueError) as exc:
+            if self._cached is None or self._cached[0] != (0, 0):  # once, not at every poll
+                log("ERROR", "cannot read the record of unsynced journal ranges", path=self.path, error=exc)
+                self._cached = (0, 0), []
+            return found
+        for entry in ranges:
             found.setdefault((entry.dev, entry.ino), []).append(entry)
         return found
 
@@ -1388,31 +1460,85 @@ class UnsyncedRecord:
         write_file_atomically(self.path, encode_json(document) + b"\n")
 
     def add(self, entry: Unsynced) -> None:
-        self.write(self.ranges() + [entry])
+        try:
+            ranges = self.ranges()
+        except ValueError as exc:
+            raise OSError(f"{self.path}: {exc}") from None
+        self.write(ranges + [entry])
 
-    def remove(self, dev: int, ino: int, start: int | None = None) -> None:
-        """Forget the ranges of one file (its one range starting at start, if given)."""
+    def remove(self, dev: int, ino: int) -> None:
+        """Forget the ranges of one file (rotated away: its inode may be reused)."""
         ranges = self.ranges()
-        kept = [r for r in ranges if (r.dev, r.ino) != (dev, ino) or start not in (None, r.start)]
+        kept = [r for r in ranges if (r.dev, r.ino) != (dev, ino)]
         if len(kept) != len(ranges):
             self.write(kept)
 
+    def honour(self, files: list[Path]) -> None:
+        """Before the journal is read: cut each recorded range that ends its file, keeping the
+        cut bytes beside it for forensics; keep (and so skip) the others; forget those of files
+        no longer among files or no longer holding their bytes. Raises UntrustedJournal for a
+        file whose fsync failed at an earlier start, OSError if a cut fails (then files cut
+        before it stay cut, and the record still names the rest)."""
+        try:
+            ranges = self.ranges()
+        except ValueError as exc:
+            raise OSError(f"{self.path}: {exc}") from None
+        if not ranges:
+            return
+        opened = {}
+        try:
+            for name in files:
+                try:
+                    fd = os.open(name, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                status = os.fstat(fd)
+                opened[(status.st_dev, status.st_ino)] = (name, fd)
+            kept = []
+            for entry in sorted(ranges, key=lambda r: r.start, reverse=True):  # a file's last range first
+                name, fd = opened.get((entry.dev, entry.ino), (None, -1))
+                if name is None or not entry.holds(fd):
+                    continue  # rotated away, cut already, or truncated or rewritten since
+                if entry.at_startup:
+                    raise UntrustedJournal(
+                        f"the fsync of journal file {name} failed at an earlier start, so its bytes "
+                        f"cannot be told durable until the host reboots; to trust it anyway, remove "
+                        f"{self.path}")
+                if not self._cut(entry, name, fd):
+                    kept.append(entry)
+            self.write(kept)
+        finally:
+            for _, fd in opened.values():
+                os.close(fd)
 
-def unsynced_record(journal: Path | None, runtime_dir: Path | None) -> UnsyncedRecord | None:
-    """A journal's record of unsynced ranges in runtime_dir; None when there is no journal
-    (ephemeral) or runtime_dir is ""."""
-    if journal is None or runtime_dir is None:
-        return None
-    return UnsyncedRecord(journal, runtime_dir)
-
-
-def overlaps(ranges: tuple[tuple[int, int], ...], start: int, length: int) -> bool:
-    """Whether the bytes [start, start + length) touch any of ranges."""
-    return any(start < end and begin < start + length for begin, end in ranges)
+    def _cut(self, entry: Unsynced, name: Path, fd: int) -> bool:
+        """Cut a range off the end of its file, its bytes kept as .NAME.unsynced-INO-START; False
+        (the range stays recorded) if lines follow it or its bytes cannot be kept."""
+        size = os.fstat(fd).st_size
+        if _has_newline(fd, entry.end, size):
+            # Complete lines follow it (written after it): it stays, and readers skip it.
+            log("WARN", "journal holds bytes whose fsync failed; every reader skips them",
+                path=name, start=entry.start, end=entry.end)
+            return False
+        forensics = name.with_name(f".{name.name}.unsynced-{entry.ino}-{entry.start}")
+        try:
+            write_file_atomically(forensics, os.pread(fd, size - entry.start, entry.start))
+        except OSError as exc:
+            log("WARN", "cannot keep the bytes whose fsync failed aside; they stay in the journal, "
+                "recorded, and every reader skips them", path=name, start=entry.start, end=entry.end,
+                error=exc.strerror or exc)
+            return False
+        os.ftruncate(fd, entry.start)
+        fsync(fd, name)
+        log("WARN", "cut bytes whose fsync failed from the journal", path=name, start=entry.start,
+            end=size, kept_in=forensics)
+        return True
 
 
 class UnsyncedRanges:
-    """What a reader skips: the record's ranges, each checked once against the file it reads."""
+    """What a reader skips: the record's ranges of failed appends, each checked against the file
+    it reads. A file recorded at a failed startup is not skipped: its ops were acknowledged once
+    their fsync succeeded; only whether the disk still holds them is unknown."""
 
     def __init__(self, record: UnsyncedRecord | None):
         self._by_file = {} if record is None else record.by_file()
@@ -1421,8 +1547,12 @@ class UnsyncedRanges:
         """(start, end) of the recorded ranges the file open at fd still holds."""
         status = os.fstat(fd)
         entries = self._by_file.get((status.st_dev, status.st_ino), ())
-        return tuple((entry.start, entry.end) for entry in entries
-                     if entry.end <= status.st_size and entry.holds(fd))
+        return tuple((entry.start, entry.end) for entry in entries if not entry.at_startup and entry.holds(fd))
+
+
+def overlaps(ranges: tuple[tuple[int, int], ...], start: int, length: int) -> bool:
+    """Whether the bytes [start, start + length) touch any of ranges."""
+    return any(start < end and begin < start + length for begin, end in ranges)
 
 
 class Journal:
@@ -1440,7 +1570,7 @@ class Journal:
         self.max_file_bytes = max_file_bytes
         self.keep_files = keep_files
         self.metrics = metrics or Metrics()
-        self.lock = lock  # taken before the files are touched, released after they are closed
+        self.writer_lock = lock  # taken before the files are touched, let go after they are closed
         self.record = record  # where ranges go that a failed fsync left and no cut removed
         self._fd = -1
         # A failed append's bytes while they are neither cut away nor recorded: no append,
@@ -1455,12 +1585,13 @@ class Journal:
 
     def open(self) -> None:
         """Take the lock, honour the record of unsynced ranges, repair a torn tail, then open
-        for appends, creating the file (and folders) durably. Raises JournalLocked or OSError."""
-        if self.lock is not None:
-            self.lock.acquire()
+        for appends, creating the file (and folders) durably. Raises JournalLocked,
+        UntrustedJournal or OSError."""
+        if self.writer_lock is not None:
+            self.writer_lock.acquire()
         try:
             if self.record is not None:
-                self._honour_record()
+                self.record.honour(list(segment_paths(self.path, self.keep_files)))
             if self.path.exists():
                 dropped = repair_torn_tail(self.path)
                 if dropped:
@@ -1468,51 +1599,9 @@ class Journal:
             self._fd = self._open_for_append()
             probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
         except BaseException:
-            if self.lock is not None:
-                self.lock.release()
+            if self.writer_lock is not None:
+                self.writer_lock.release()
             raise
-
-    def _honour_record(self) -> None:
-        """Before anything is read: cut each recorded range that ends its file, keeping the cut
-        bytes beside the journal for forensics; keep recording (and skipping) the others, and
-        forget those of files no longer in the journal or no longer holding those bytes.
-        Raises OSError (the record unchanged)."""
-        ranges = self.record.ranges()
-        if not ranges:
-            return
-        files = {}
-        for name in segment_paths(self.path, self.keep_files):
-            try:
-                status = os.stat(name)
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            files[(status.st_dev, status.st_ino)] = [name, status.st_size]
-        kept = []
-        for entry in sorted(ranges, key=lambda r: r.start, reverse=True):  # a file's last range first
-            found = files.get((entry.dev, entry.ino))
-            if found is None or found[1] <= entry.start:
-                continue  # rotated away, or cut already
-            name, size = found
-            with open(name, "rb+") as f:
-                if size < entry.end or not entry.holds(f.fileno()):
-                    continue  # truncated or rewritten since (copytruncate): those bytes are gone
-                f.seek(entry.start)
-                cut = f.read(size - entry.start)
-                if b"\n" in cut[entry.end - entry.start:]:
-                    # Complete lines follow it (another writer's): it stays, and readers skip it.
-                    kept.append(entry)
-                    log("WARN", "journal holds bytes whose fsync failed; every reader skips them",
-                        path=name, start=entry.start, end=entry.end)
-                    continue
-                forensics = name.with_name(f".{name.name}.unsynced-{entry.ino}-{entry.start}")
-                write_file_atomically(forensics, cut)
-                f.truncate(entry.start)
-                f.flush()
-                fsync(f.fileno(), name)
-            found[1] = entry.start
-            log("WARN", "cut bytes whose fsync failed from the journal", path=name, start=entry.start,
-                end=size, kept_in=forensics)
-        self.record.write(kept)
 
     def _open_for_append(self) -> int:
         """Open the path, creating it and its folders if need be, and fsync its folder.
@@ -1687,11 +1776,16 @@ class Journal:
         try:
             if os.fstat(self._fd).st_size > pending.start:
                 os.ftruncate(self._fd, pending.start)
-                fsync(self._fd, self.path)
+            fsync(self._fd, self.path)  # every time: a truncate whose fsync failed is no cut yet
         except OSError as cut_error:
+            # Recorded only while the file holds them: a range past its end would cover the
+            # next append, acknowledged, which would be skipped and cut as if it had failed.
+            still_there = os.fstat(self._fd).st_size > pending.start
             try:
+                if not still_there:
+                    raise OSError("the truncate that cut them is not durable yet") from None
                 if self.record is None:
-                    raise OSError("runtime_dir is not set") from None
+                    raise OSError('runtime_dir is ""') from None
                 self.record.add(pending)
             except OSError as record_error:
                 if not self._pending_logged:
@@ -1788,15 +1882,19 @@ class Journal:
         self._fd = fd
 
     def close(self) -> None:
-        """Settle a failed append (its last chance to be recorded), close the file, let go of
-        the lock. Raises OSError naming the path if the close failed (the lock is let go)."""
+        """Settle a failed append (its last chance to be cut or recorded), close the file, let
+        go of the lock. Raises OSError naming the path if either fails (the lock is let go)."""
         with self._lock:
             try:
                 if self._pending is not None:
+                    unsettled = self._pending
                     try:
                         self._settle()
-                    except OSError:
-                        pass  # logged: the next start trusts those bytes, as the ERROR said
+                    except OSError as exc:
+                        # Nothing marks those bytes now: the next start trusts them.
+                        raise OSError(exc.errno, f"journal bytes {unsettled.start}-{unsettled.end} whose "
+                                      "fsync failed are neither cut nor recorded; the next start trusts "
+                                      "them", str(self.path)) from None
                 if self._fd >= 0:
                     fd, self._fd = self._fd, -1
                     try:
@@ -1804,8 +1902,11 @@ class Journal:
                     except OSError as exc:
                         raise OSError(exc.errno, exc.strerror, str(self.path)) from None
             finally:
-                if self.lock is not None:
-                    self.lock.release()
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                if self.writer_lock is not None:
+                    self.writer_lock.release()
 
 
 def decode_stored_line(line: bytes) -> dict:
@@ -1818,7 +1919,8 @@ def decode_stored_line(line: bytes) -> dict:
 
 
 def _make_durable(fd: int, path: Path, status: os.stat_result, record: UnsyncedRecord | None) -> None:
-    """fsync a journal file before restore trusts it; if that fails, record it all as unsynced."""
+    """fsync a journal file before restore trusts it; if that fails, record the file, so that
+    no later start trusts it either (its fsync would return 0 without making anything durable)."""
     if not stat.S_ISREG(status.st_mode):
         return  # a device put there (/dev/full in a test) has no pages to make durable
     try:
@@ -1827,14 +1929,17 @@ def _make_durable(fd: int, path: Path, status: os.stat_result, record: UnsyncedR
         try:
             if record is None:
                 raise OSError("runtime_dir is not set") from None
-            record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size,
-                                zlib.crc32(os.pread(fd, status.st_size, 0)), path.name))
+            crc = 0
+            for block in iter(functools.partial(os.read, fd, RESTORE_BLOCK_BYTES), b""):
+                crc = zlib.crc32(block, crc)
+            record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size, crc, path.name,
+                                at_startup=True))
         except OSError as record_error:
             log("ERROR", "cannot record a journal file whose fsync failed; the next start will trust it",
                 path=path, error=record_error.strerror or record_error)
         else:
-            log("ERROR", "fsync of a journal file failed at startup; recorded it as unsynced, so the "
-                "next start cuts it aside", path=path, record=record.path)
+            log("ERROR", "fsync of a journal file failed at startup; recorded, so no start trusts it "
+                "until the host reboots", path=path, record=record.path)
         raise exc
 
 
@@ -5594,6 +5699,25 @@ def _file_problems(config: Config) -> list[str]:
     return problems
 
 
+def _runtime_dir_problem(folder: Path) -> str | None:
+    """Why runtime_dir cannot hold the journal's record, or None. Its default is under the
+    world-writable /dev/shm: a folder another user made or can write in could plant a record
+    that cuts the journal, or a symlink the record is written through."""
+    try:
+        status = os.lstat(folder)
+    except FileNotFoundError:
+        return _creation_problem(folder)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISDIR(status.st_mode):
+        return "is not a folder"
+    if status.st_uid != os.geteuid():
+        return f"is owned by uid {status.st_uid}, not by uid {os.geteuid()} that observerd runs as"
+    if status.st_mode & 0o022:
+        return f"is writable by others (mode {stat.S_IMODE(status.st_mode):o}): chmod go-w it"
+    return None
+
+
 def usability_problems(config: Config) -> list[str]:
     """Every reason startup would fail beyond the config's syntax: files, folders, TLS.
 
@@ -5604,8 +5728,17 @@ def usability_problems(config: Config) -> list[str]:
     paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path),
              ("corrections_path", config.corrections_path))
     for name, path in paths:
-        if path is None or (path.exists() and not path.is_file()):
-            continue  # nothing to check, or not a regular file: named above
+        if path is None:
+            continue
+        try:
+            os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            pass  # made at start, or read once it exists
+        except OSError as exc:  # a symlink loop, a folder it may not search
+            problems.append(f"{name} {path}: {exc.strerror or exc}")
+            continue
+        if path.exists() and not path.is_file():
+            continue  # not a regular file: named above
         try:
             if name == "corrections_path":
                 # Only read; a missing one is read once it exists.
@@ -5623,7 +5756,7 @@ def usability_problems(config: Config) -> list[str]:
         if problem:
             problems.append(f"{name} {path}: {problem}")
     if config.persist_path is not None and config.runtime_dir is not None:
-        problem = _creation_problem(config.runtime_dir)
+        problem = _runtime_dir_problem(config.runtime_dir)
         if problem:
             problems.append(f"runtime_dir {config.runtime_dir}: {problem}")
     missing_tls = False
@@ -5713,7 +5846,7 @@ def print_stats(args: argparse.Namespace) -> int:
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     try:
         ring_ops = restore_journal(path, config.ring_size, config.keep_files, config.max_ring_bytes,
-                                   record=unsynced_record(path, config.runtime_dir)).ops
+                                   record=UnsyncedRecord.of_journal(path)).ops
     except OSError as exc:
         print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -5980,13 +6113,11 @@ def print_ops(args: argparse.Namespace) -> int:
     if args.file is not None and args.config is None:
         # A file named alone: no config is read, and every segment beside it is.
         path, keep_files = Path(args.file), SETTING["keep_files"].maximum
-        runtime_dir = Path(SETTING["runtime_dir"].default)
     else:
         config = offline_config(args)
         if config is None:
             return 2
         path, keep_files = Path(args.file) if args.file else config.persist_path, config.keep_files
-        runtime_dir = config.runtime_dir
         if path is None:
             return fail(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', 2)
     given = {name: getattr(args, name) for name in HISTORY_FILTERS if getattr(args, name) is not None}
@@ -6001,7 +6132,7 @@ def print_ops(args: argparse.Namespace) -> int:
     writer = OpsWriter(output, sys.stdout.buffer, shutil.get_terminal_size((0, 0)).columns)
     skipped, follower = SkippedLines(), None
     try:
-        record = unsynced_record(path, runtime_dir)
+        record = UnsyncedRecord.of_journal(path)
         with JournalFiles(path, keep_files, record) as files:
             if not files.listed:
                 if not args.follow:
@@ -6036,13 +6167,15 @@ def print_ops(args: argparse.Namespace) -> int:
 
 def open_store(config: Config) -> OpStore:
     """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
-    the store's restore(). Raises JournalLocked or OSError."""
+    the store's restore(). Raises JournalLocked, UntrustedJournal or OSError."""
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
     journal = None
     if config.persist_path is not None:
+        record = None if config.runtime_dir is None else UnsyncedRecord.in_folder(config.runtime_dir,
+                                                                                   config.persist_path)
         journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics,
-                          JournalLock(config.persist_path), unsynced_record(config.persist_path, config.runtime_dir))
+                          JournalLock(config.persist_path, record and record.path), record)
         journal.open()
     window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
     return OpStore(ring, journal, metrics, window)
@@ -6081,6 +6214,9 @@ def serve(config: Config) -> int:
     except JournalLocked as exc:
         log("ERROR", "journal in use by another observerd; not starting", path=config.persist_path,
             pid=exc.pid or "unknown", lock=lock_path(config.persist_path))
+        return 2
+    except UntrustedJournal as exc:
+        log("ERROR", "journal not trusted; not starting", problem=exc)
         return 2
     except OSError as exc:  # the checks passed: the disk failed or changed under us
         log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
@@ -6131,7 +6267,7 @@ def serve(config: Config) -> int:
     server.shutdown()
     housekeeping.stop()
     server.server_close()
-    status = close_store(store) or status
+    status = status or close_store(store)
     log("INFO", "stopped", ops=len(store), abandoned_connections=left, status=status)
     return status
 

@@ -710,8 +710,21 @@ def make_fifo(name):
     return lambda folder: os.mkfifo(folder / name)
 
 
-def make_folder(name):
-    return lambda folder: (folder / name).mkdir()
+def make_folder(name, mode=None, owner=None):
+    def make(folder: Path) -> None:
+        (folder / name).mkdir()
+        if mode is not None:
+            os.chmod(folder / name, mode)
+        if owner is not None:
+            os.chown(folder / name, owner, -1)
+    return make
+
+
+def make_symlink_loop(name):
+    def make(folder: Path) -> None:
+        os.symlink(f"{name}.again", folder / name)
+        os.symlink(name, folder / f"{name}.again")
+    return make
 
 
 def test_config_defaults_are_exactly_the_documented_ones(tmp_path):
@@ -879,6 +892,11 @@ def test_two_settings_naming_one_file_are_refused_by_check_and_serve(tmp_path, d
     ({"playbooks_path": "pb.fifo"}, make_fifo("pb.fifo"), "playbooks_path {d}/pb.fifo: is not a regular file"),
     ({"playbooks_path": "/dev/null"}, None, "playbooks_path /dev/null: is not a regular file"),
     ({}, make_folder("ops.jsonl.2"), "persist_path's rotated segment {d}/ops.jsonl.2: is a folder"),
+    ({"persist_path": "loop"}, make_symlink_loop("loop"), "persist_path {d}/loop: Too many levels of symbolic links"),
+    ({"runtime_dir": "run"}, make_folder("run", 0o777), "runtime_dir {d}/run: is writable by others (mode 777): "
+                                                         "chmod go-w it"),
+    ({"runtime_dir": "run"}, make_folder("run", owner=65534),
+     f"runtime_dir {{d}}/run: is owned by uid 65534, not by uid {os.geteuid()} that observerd runs as"),
 ])
 def test_paths_that_are_not_regular_files_are_refused_by_check_and_serve(tmp_path, daemons, settings,
                                                                          prepare, problem):
@@ -1530,7 +1548,7 @@ def test_a_second_daemon_on_the_same_journal_exits_2_naming_the_holder_and_reade
     assert "in use" not in run_cli("check", "--config", str(config)).stderr
     third = daemons(other, config=config).wait_listening()
     assert [o["endpoint"] for o in third.client().get("/observer/ops")[1]["ops"]] == ["/after", "/before"]
-    assert (tmp_path / "data" / ".ops.jsonl.lock").read_text() == f"{third.proc.pid}\n"
+    assert (tmp_path / "data" / ".ops.jsonl.lock").read_text().splitlines()[0] == str(third.proc.pid)
 
 
 def test_an_ephemeral_daemon_takes_no_lock(tmp_path, daemons):
@@ -1572,6 +1590,7 @@ def failing(name, real, applies):
 os.fsync = failing("fsync", os.fsync, journal)
 os.ftruncate = failing("ftruncate", os.ftruncate, lambda fd, length: journal(fd))
 os.replace = failing("record", os.replace, lambda source, target: str(target).endswith(".unsynced"))
+os.replace = failing("forensics", os.replace, lambda source, target: ".unsynced-" in str(target))
 os.close = failing("close", os.close, journal)
 sys.argv[0] = observerd.__file__
 sys.exit(observerd.main())
@@ -1617,7 +1636,7 @@ def test_an_op_whose_fsync_failed_is_stored_anew_after_a_restart_never_acked_as_
     faulty.inject("fsync", "ftruncate")
     assert post_op(client, "op-3")[0] == 503
     assert endpoints_in(faulty.journal).count("/e") == 2, "the failed op's line stays in the file"
-    [(dev, ino, start, end, crc, name)] = faulty.records()
+    [(dev, ino, start, end, crc, name, at_startup)] = faulty.records()
     assert (ino, name) == (faulty.journal.stat().st_ino, "ops.jsonl")
     assert faulty.journal.read_bytes()[start:end].count(b'"op-3"') == 1 and end == faulty.journal.stat().st_size
     wait_for(lambda: 'msg="journal bytes whose fsync failed could not be cut; recorded' in daemon.log,
@@ -1679,6 +1698,71 @@ def test_a_recorded_range_the_file_no_longer_holds_hides_no_later_op(tmp_path, d
     assert endpoints_in(faulty.journal) == ["/stored"] and faulty.records() == []
 
 
+def test_a_cut_whose_fsync_failed_is_retried_never_recorded_over_the_next_append(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    client = daemon.client()
+    assert post_op(client, "op-1")[0] == 200
+    # The truncate of the cut works (it is the cache's), its fsync fails, like the append's.
+    faulty.inject("fsync")
+    assert post_op(client, "op-2")[0] == 503
+    assert post_op(client, "op-2")[0] == 503  # nothing is taken while the cut is not durable
+    assert faulty.records() == [], "a range past the end of the file would cover the next append"
+    faulty.inject()
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to finish the cut")
+    # The client's retry lands where the failed bytes were, byte for byte the same.
+    status, body, _ = post_op(client, "op-2")
+    assert status == 200 and body["duplicate"] is False
+    assert [o["op_id"] for o in client.get("/observer/history")[1]["ops"]] == ["op-2", "op-1"]
+    daemon.proc.kill()
+    daemon.exit_status()
+    daemon = faulty.start()
+    assert [o["op_id"] for o in daemon.client().get("/observer/history")[1]["ops"]] == ["op-2", "op-1"]
+
+
+def test_bytes_that_cannot_be_kept_aside_stay_recorded_and_the_daemon_starts(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    client = daemon.client()
+    assert post_op(client, "op-1", "/stored")[0] == 200
+    faulty.inject("fsync", "ftruncate")
+    assert post_op(client, "op-2", "/failed")[0] == 503
+    daemon.proc.send_signal(signal.SIGTERM)
+    daemon.exit_status()
+    faulty.inject("forensics")  # the disk is full: the copy of the bytes to cut fails
+    daemon = faulty.start()
+    assert 'msg="cannot keep the bytes whose fsync failed aside' in daemon.log
+    assert [o["endpoint"] for o in daemon.client().get("/observer/history")[1]["ops"]] == ["/stored"]
+    assert len(faulty.records()) == 1 and not list(tmp_path.glob(".ops.jsonl.unsynced-*"))
+
+
+def test_bytes_neither_cut_nor_recorded_at_shutdown_are_an_error_and_a_failed_exit(tmp_path, daemons):
+    faulty = FaultyDaemon(daemons, tmp_path)
+    daemon = faulty.start()
+    faulty.inject("fsync", "ftruncate", "record")
+    assert post_op(daemon.client(), "op-1")[0] == 503
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 1
+    [line] = [line for line in daemon.log.splitlines() if 'msg="cannot close journal"' in line]
+    assert "neither cut nor recorded; the next start trusts them" in line and "bytes 0-" in line
+    assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_a_symlink_to_the_journal_stays_one_through_rotation_and_one_lock_covers_both(tmp_path, daemons):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.jsonl").symlink_to("real/ops.jsonl")
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="link.jsonl", max_file_bytes=300)
+    client = daemon.client()
+    for i in range(8):
+        assert client.post("/observer/event", {"endpoint": f"/r/{i}"})[0] == 200
+    assert (tmp_path / "real" / "ops.jsonl.1").exists() and (tmp_path / "link.jsonl").is_symlink()
+    other = tmp_path / "other"
+    other.mkdir()
+    second = daemons(other, config=write_settings(other, {"bind": "127.0.0.1:0", "runtime_dir": "run",
+                                                          "persist_path": str(tmp_path / "real" / "ops.jsonl")}))
+    assert second.exit_status() == 2 and f"pid={daemon.proc.pid}" in second.log
+
+
 def test_neither_cut_nor_recorded_stops_every_acknowledgement_until_one_can_be_done(tmp_path, daemons):
     faulty = FaultyDaemon(daemons, tmp_path)
     daemon = faulty.start()
@@ -1702,7 +1786,7 @@ def test_neither_cut_nor_recorded_stops_every_acknowledgement_until_one_can_be_d
     assert post_op(client, "op-1")[1]["duplicate"] is False
 
 
-def test_a_failed_fsync_at_startup_refuses_to_start_and_is_recorded_for_the_next(tmp_path, daemons):
+def test_a_failed_fsync_at_startup_refuses_this_start_and_every_one_until_the_record_goes(tmp_path, daemons):
     faulty = FaultyDaemon(daemons, tmp_path)
     daemon = faulty.start()
     assert post_op(daemon.client(), "op-1")[0] == 200
@@ -1713,11 +1797,23 @@ def test_a_failed_fsync_at_startup_refuses_to_start_and_is_recorded_for_the_next
     assert daemon.exit_status() == 2
     assert f'msg="cannot restore from log" path={faulty.journal}' in daemon.log
     assert "fsync of a journal file failed at startup" in daemon.log and "Traceback" not in daemon.log
-    assert faulty.records() and faulty.records()[0][2:4] == [0, faulty.journal.stat().st_size]
+    [entry] = faulty.records()
+    assert entry[2:4] == [0, faulty.journal.stat().st_size] and entry[6] is True
+    # Its fsync would return 0 now without making anything durable: no start trusts it, until
+    # the host reboots (tmpfs) or an operator removes the record. Readers still show its ops.
     faulty.inject()
+    daemon = faulty.start(wait=False)
+    assert daemon.exit_status() == 2
+    [refusal] = [line for line in daemon.log.splitlines() if "level=ERROR" in line]
+    assert 'msg="journal not trusted; not starting"' in refusal and "until the host reboots" in refusal
+    [record] = (tmp_path / "run").glob("*.unsynced")
+    assert f"remove {record}" in refusal
+    listed = run_cli("ops", "--config", str(faulty.config), "-o", "ndjson")
+    assert [json.loads(line)["op_id"] for line in listed.stdout.splitlines()] == ["op-1"]
+    record.unlink()
     daemon = faulty.start()
-    assert 'msg="cut bytes whose fsync failed from the journal"' in daemon.log
-    assert post_op(daemon.client(), "op-1")[1]["duplicate"] is False
+    assert post_op(daemon.client(), "op-1")[1]["duplicate"] is True  # nothing was lost
+    assert endpoints_in(faulty.journal) == ["/e"]
 
 
 def test_restore_fsyncs_each_file_it_trusts_before_reading_it(tmp_path, monkeypatch):
