@@ -1555,6 +1555,98 @@ def overlaps(ranges: tuple[tuple[int, int], ...], start: int, length: int) -> bo
     return any(start < end and begin < start + length for begin, end in ranges)
 
 
+def try_append_room(path: Path, length: int) -> None:
+    """Raise OSError if an append of length bytes to the file at path would fail now.
+
+    The journal is never touched, so no probe can leave a byte in it or truncate another
+    writer's line away. First the limits an append meets, asked without writing: room on the
+    disk for the whole append, and the file size limit. Then one byte goes to a scratch file
+    beside the journal, at the offset where that append would end in the file the path names
+    now (sparse: one block), is fsynced, and the file removed: that meets a failing device, a
+    quota, no free descriptors. Whatever is at the scratch name is unlinked first and the file
+    made anew (O_EXCL, O_NOFOLLOW), so a symlink planted there is never followed; a folder
+    observerd may not create files in leaves the limits as the answer.
+    """
+    try:
+        end = os.stat(path).st_size
+    except FileNotFoundError:
+        end = 0  # the next append makes the path again
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    disk = os.statvfs(path.parent)
+    free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
+    if (limit != resource.RLIM_INFINITY and end + length > limit) or free_blocks * disk.f_frsize < length:
+        raise OSError("no room for the failed append")
+    scratch = probe_scratch_path(path)
+    scratch.unlink(missing_ok=True)
+    try:
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        return  # a folder observerd may read but not create in: the limits decide
+    try:
+        os.pwrite(fd, b"\n", end + max(length, 1) - 1)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(scratch)
+
+
+def rotate_segments(path: Path, keep_files: int, record: UnsyncedRecord | None) -> int:
+    """Shift ops.jsonl -> .1 -> .2 …, dropping the oldest beyond keep_files, all or nothing;
+    returns a descriptor of the new, empty live file. Raises OSError, having undone what it did.
+
+    What can fail for want of a resource (creating the new file, opening the folder to fsync
+    it) happens while every rename can still be undone, and the oldest segment is only set
+    aside until the end: a rotation that fails leaves the folder as it was and loses nothing.
+    """
+    fresh, dropped = rotation_scratch_paths(path)
+    moves = []
+    for source, target in itertools.pairwise(itertools.chain(segment_paths(path, keep_files), [dropped])):
+        if not source.exists():
+            break  # a gap: the segments after it keep their names
+        moves.append((source, target))
+    moves.reverse()
+    moves.append((fresh, path))
+    fd, done = -1, []
+    try:
+        fd = os.open(fresh, _APPEND_FLAGS | os.O_TRUNC, 0o644)
+        for source, target in moves:
+            os.rename(source, target)
+            done.append((source, target))
+        fsync_dir(path.parent)
+    except OSError as exc:
+        shifted = []  # the renames that could not be undone, as the commands that undo them
+        for source, target in reversed(done):
+            try:
+                os.rename(target, source)
+            except OSError as undo_exc:
+                shifted.append(f"mv {target} {source}")
+                log("ERROR", "cannot undo rotation step", path=target, error=undo_exc)
+        if fd >= 0:
+            os.close(fd)
+            try:
+                os.unlink(fresh)
+            except OSError:
+                pass  # an empty leftover, truncated by the next rotation
+        if shifted:
+            # No op is lost: each file is under a neighbour's name. The next append makes the
+            # path again if it is gone; stop observerd and run these, in order, to restore it.
+            log("ERROR", "cannot rotate log; its folder is left shifted", path=path, error=exc,
+                to_recover="; ".join(shifted))
+        else:
+            log("ERROR", "cannot rotate log; left as it was", path=path, error=exc)
+        raise
+    if moves[0][1] == dropped:
+        try:
+            status = os.stat(dropped)
+            os.unlink(dropped)
+            if record is not None:
+                record.remove(status.st_dev, status.st_ino)  # its inode may be reused
+        except (OSError, ValueError):
+            pass  # replaced by the next rotation's oldest segment
+    log("INFO", "rotated log", path=path, keep_files=keep_files)
+    return fd
+
+
 class Journal:
     """The append-only JSONL file: every append is written and fsynced, or rolled back.
 
@@ -1635,59 +1727,24 @@ class Journal:
     def probe(self) -> None:
         """While appends fail: would the failed one succeed now? If so, clear the failure.
 
-        The journal is not written, so no probe can leave a byte in it or truncate another
-        writer's line away; only a failed append's bytes that are neither cut nor recorded are
-        tried again first (see _settle), and while they stay so the failure stays. First the limits an append meets, asked without writing: room on
-        the disk for the whole failed append, and the file size limit. Then one byte goes to a
-        scratch file beside the journal, at the offset where that append would end in the file
-        the path names now (sparse: one block), is fsynced, and the file removed: that meets a
-        failing device, a quota, no free descriptors. Whatever is at the scratch name is
-        unlinked first and the file made anew (O_EXCL, O_NOFOLLOW), so a symlink planted
-        there is never followed; a folder observerd may not create files in leaves the limits
-        as the answer. A fault of the file alone (chattr +i) it cannot see: a commit that
-        succeeds clears the failure then. Under the append lock, so never beside a commit, a
-        rotation or a reopen.
+        The journal is not written (see try_append_room); only a failed append's bytes that
+        are neither cut nor recorded are tried again first (see _settle), and while they stay
+        so the failure stays. A fault of the file alone (chattr +i) it cannot see: a commit
+        that succeeds clears the failure then. Under the append lock, so never beside a
+        commit, a rotation or a reopen.
         """
         with self._lock:
             if self.failure is None:
                 return
             try:
                 if self._pending is not None:
-                    self._settle()  # bytes neither cut nor recorded keep the journal failing
-                try:
-                    end = os.stat(self.path).st_size
-                except FileNotFoundError:
-                    end = 0  # the next append makes the path again
-                if not self._room_for(end + self._failed_bytes, self._failed_bytes):
-                    raise OSError("no room for the failed append")
-                scratch = probe_scratch_path(self.path)
-                scratch.unlink(missing_ok=True)
-                try:
-                    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600)
-                except PermissionError:
-                    fd = -1  # a folder observerd may read but not create in: the limits decide
-                if fd >= 0:
-                    try:
-                        os.pwrite(fd, b"\n", end + max(self._failed_bytes, 1) - 1)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                        os.unlink(scratch)
+                    self._settle()
+                try_append_room(self.path, self._failed_bytes)
             except OSError:
                 self.metrics.journal_probes.inc("failing")
                 return  # still failing: the failure keeps the append's own reason
             self.metrics.journal_probes.inc("writable")
             self._writable("probe")
-
-    def _room_for(self, file_end: int, appended: int) -> bool:
-        """Whether the file may grow to file_end (RLIMIT_FSIZE) and the disk has appended bytes free."""
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-        if limit != resource.RLIM_INFINITY and file_end > limit:
-            return False
-        disk = os.statvfs(self.path.parent)
-        free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
-        return free_blocks * disk.f_frsize >= appended
 
     def _writable(self, found_by: str) -> None:
         if self.failure is not None:
@@ -1720,8 +1777,10 @@ class Journal:
             status = os.fstat(self._fd)
         size = status.st_size
         if self.max_file_bytes and size and size + len(data) > self.max_file_bytes:
-            self._rotate()
-            size = 0
+            # Between appends, so no line is ever split across segments.
+            fd = rotate_segments(self.path, self.keep_files, self.record)
+            os.close(self._fd)
+            self._fd, size = fd, 0
         if size and os.pread(self._fd, 1, size - 1) != b"\n":
             # Another writer's line is unfinished. Glued onto it, our first op would be
             # lost in one unparseable line, so it starts its own; if that writer was
@@ -1799,64 +1858,6 @@ class Journal:
                 "trusts them", path=self.path, start=pending.start, end=pending.end, record=self.record.path,
                 error=cut_error.strerror or cut_error)
         self._pending = None
-
-    def _rotate(self) -> None:
-        """Shift ops.jsonl -> .1 -> .2 …, dropping the oldest beyond keep_files; all or nothing.
-
-        Called between appends, so no line is ever split across segments. What can fail for
-        want of a resource (creating the new file, opening the folder to fsync it) happens
-        while every rename can still be undone, and the oldest segment is only set aside
-        until the end: a rotation that fails leaves the folder as it was and loses nothing.
-        """
-        fresh, dropped = rotation_scratch_paths(self.path)
-        moves = []
-        for source, target in itertools.pairwise(
-                itertools.chain(segment_paths(self.path, self.keep_files), [dropped])):
-            if not source.exists():
-                break  # a gap: the segments after it keep their names
-            moves.append((source, target))
-        moves.reverse()
-        moves.append((fresh, self.path))
-        fd, done = -1, []
-        try:
-            fd = os.open(fresh, _APPEND_FLAGS | os.O_TRUNC, 0o644)
-            for source, target in moves:
-                os.rename(source, target)
-                done.append((source, target))
-            fsync_dir(self.path.parent)
-        except OSError as exc:
-            shifted = []  # the renames that could not be undone, as the commands that undo them
-            for source, target in reversed(done):
-                try:
-                    os.rename(target, source)
-                except OSError as undo_exc:
-                    shifted.append(f"mv {target} {source}")
-                    log("ERROR", "cannot undo rotation step", path=target, error=undo_exc)
-            if fd >= 0:
-                os.close(fd)
-                try:
-                    os.unlink(fresh)
-                except OSError:
-                    pass  # an empty leftover, truncated by the next rotation
-            if shifted:
-                # No op is lost: each file is under a neighbour's name. The next append makes the
-                # path again if it is gone; stop observerd and run these, in order, to restore it.
-                log("ERROR", "cannot rotate log; its folder is left shifted", path=self.path, error=exc,
-                    to_recover="; ".join(shifted))
-            else:
-                log("ERROR", "cannot rotate log; left as it was", path=self.path, error=exc)
-            raise
-        os.close(self._fd)
-        self._fd = fd
-        if moves[0][1] == dropped:
-            try:
-                status = os.stat(dropped)
-                os.unlink(dropped)
-                if self.record is not None:
-                    self.record.remove(status.st_dev, status.st_ino)  # its inode may be reused
-            except OSError:
-                pass  # replaced by the next rotation's oldest segment
-        log("INFO", "rotated log", path=self.path, keep_files=self.keep_files)
 
     def size(self) -> int:
         """Bytes of the file the path names now; 0 while it names none."""
