@@ -2932,9 +2932,10 @@ def test_ops_query_filters_newest_first(serve):
 
 
 @pytest.mark.parametrize("query, param", [
-    ("source=cron", "source"), ("success=yes", "success"), ("since=yesterday", "since"),
+    ("source=cron", "source"), ("success=yes", "success"), ("since=last%20week", "since"),
     ("limit=0", "limit"), ("limit=51", "limit"), ("limit=ten", "limit"), ("color=red", "color"),
-    ("source=mcp&source=scenario", "source"),
+    ("limit=1&limit=2", "limit"), ("failed=false", "failed"), ("failed&ok", "ok"),
+    ("regex=a", "regex"),
 ])
 def test_bad_ops_query_params_are_400_naming_the_param(serve, query, param):
     status, body, _ = serve(ring_size=50).client().get(f"/observer/ops?{query}")
@@ -4199,7 +4200,8 @@ import struct  # noqa: E402
 import termios  # noqa: E402
 
 TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "now", "seconds", "sources", "totals", "ring",
-                 "journal", "fsync_p99_ms", "endpoints", "clusters", "escalations"}
+                 "journal", "fsync_p99_ms", "endpoints_window", "endpoints_since", "endpoints", "clusters_analyzed_at",
+                 "clusters", "escalations"}
 KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
     [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
      ("scenario", "/scenario/checkout", True, 100, 4), ("langfuse", "/langfuse/trace", False, 5, 1)])
@@ -4359,7 +4361,10 @@ def test_top_once_shows_the_numbers_stats_serves(tmp_path, daemons):
         name: row[1:] for name, row in rows.items()}
     unauthorized = run_cli("top", "--once", "--url", url, env={"OBSERVERD_TOKEN": "wrong"})
     assert unauthorized.returncode == 1 and unauthorized.stdout == ""
-    assert unauthorized.stderr.splitlines() == [f"observerd.py top: {url}: HTTP 401 Unauthorized"]
+    # A 401 names the token source tried (never the token) and how to pass one.
+    assert unauthorized.stderr.splitlines() == [
+        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the token from "
+        "OBSERVERD_TOKEN was refused: set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.exit_status() == 0
     gone = run_cli("top", "--once", "--url", url)
@@ -5179,22 +5184,26 @@ def random_history_op(rng, i: int, now: float) -> dict:
     return o
 
 
-def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
+def brute_force_keeps(o: dict, given: dict) -> bool:
     """The filters as the README states them, written out plainly: the reference."""
-    endpoint = given.get("endpoint")
-    if endpoint is not None and not (fnmatch.fnmatchcase(o["endpoint"], endpoint) if any(c in endpoint for c in "*?[")
-                                     else o["endpoint"] == endpoint):
+    endpoints = given.get("endpoint")
+    if endpoints is not None and not any(fnmatch.fnmatchcase(o["endpoint"], e) if any(c in e for c in "*?[")
+                                         else o["endpoint"] == e for e in endpoints):
         return False
-    if "source" in given and o["source"] != given["source"]:
+    if "source" in given and o["source"] not in given["source"]:
         return False
-    if "success" in given and o["success"] != (given["success"] == "true"):
-        return False
+    wanted = {"failed": False, "ok": True}
+    for name in ("failed", "ok", "success"):
+        if name in given and o["success"] != wanted.get(name, given[name] == "true"):
+            return False
     if "until" in given and od.parse_rfc3339(o["timestamp"]) > od.parse_rfc3339(given["until"]):
         return False
     if "since" in given and od.parse_rfc3339(o["timestamp"]) < od.parse_rfc3339(given["since"]):
         return False
-    if "grep" in given and not any(isinstance(o.get(k), str) and re.search(given["grep"], o[k])
-                                   for k in ("error", "input_summary", "output_summary")):
+    texts = [o[k] for k in ("error", "input_summary", "output_summary") if isinstance(o.get(k), str)]
+    if "grep" in given and not any(given["grep"] in text for text in texts):
+        return False
+    if "regex" in given and not any(re.search(given["regex"], text) for text in texts):
         return False
     if "field" in given:
         key, value = given["field"].split("=", 1)
@@ -5208,11 +5217,24 @@ def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
 HISTORY_FILTER_CHOICES = {
     "endpoint": HISTORY_ENDPOINTS + ["/mcp/*", "*é", "/scenario/?/*", "/mcp/[[]x]", "/nothing"],
     "source": list(od.SOURCES),
-    "success": ["true", "false"],
-    "grep": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
-             "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
+    "grep": ["timeout", "Timeout after 30s", "é", 'a"b', "q=", "\nretry", "broke", ""],
+    "regex": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
+              "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
     "field": ["trace=t3", "n=3", "flag=true", 'obj={"a":1}', "n=", "seq=7"],
 }
+OUTCOME_CHOICES = [{"success": "true"}, {"success": "false"}, {"failed": "true"}, {"ok": ""},
+                   {"failed": "", "success": "false"}]
+
+
+def random_filters(rng) -> dict:
+    """Filters as OpFilter takes them: each maybe, repeatable ones once or twice."""
+    given = {}
+    for name, values in HISTORY_FILTER_CHOICES.items():
+        if rng.random() < 0.4:
+            given[name] = rng.sample(values, rng.choice([1, 1, 2])) if od.FILTER[name].repeatable else rng.choice(values)
+    if rng.random() < 0.4:
+        given.update(rng.choice(OUTCOME_CHOICES))
+    return given
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -5242,7 +5264,7 @@ def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(t
         + replay_forward(path)
     assert seqs(stored) == seqs(expected_order)
     for _ in range(40):
-        given = {name: rng.choice(values) for name, values in HISTORY_FILTER_CHOICES.items() if rng.random() < 0.4}
+        given = random_filters(rng)
         for bound in ("since", "until"):  # an op's own stamp, or a second next to one
             if rng.random() < 0.3:
                 stamp = rng.choice(stored)["timestamp"]
@@ -5268,7 +5290,7 @@ def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
             return seqs(plain(od.read_history(files, od.OpFilter(given, now), 100).ops))
 
     # Searched over the whole chunk, this pattern's first match runs from /a's line into /c's.
-    assert kept({"grep": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
+    assert kept({"regex": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
     assert kept({"since": "1m", "success": "true"}) == [4]
 
 
@@ -5333,7 +5355,7 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     def check(args, keep, n=50):
         result = run_ops(journal, "-o", "ndjson", *args)
         assert result.returncode == 0, result.stderr
-        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n], args
+        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n][::-1], args
         return result
 
     check([], lambda o: True)
@@ -5346,7 +5368,11 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     check(["--source", "scenario"], lambda o: o["source"] == "scenario")
     check(["--failed", "-n", "1000"], lambda o: not o["success"], n=1000)
     check(["--ok", "-n", "1000"], lambda o: o["success"], n=1000)
-    check(["--grep", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
+    check(["--regex", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
+    check(["--grep", "502 for job 1"], lambda o: "502 for job 1" in o.get("error", ""))
+    check(["--grep", "job \\d"], lambda o: False)  # plain text, not a regex
+    check(["--endpoint", "/h/7", "--endpoint", "/h/1?", "--source", "mcp", "--source", "langfuse"],
+          lambda o: re.fullmatch(r"/h/(7|1\d)", o["endpoint"]) and o["source"] == "mcp")
     check(["--field", "trace=t3"], lambda o: o["trace"] == "t3")
     check(["--field", "seq=12"], lambda o: o["seq"] == 12)
     # Relative and absolute times; ops stamped out of order are judged by their own stamp.
@@ -5357,8 +5383,10 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     check(["--until", until, "--failed"], lambda o: not o["success"] and o["timestamp"] <= until)
     check(["--failed", "--source", "scenario", "--since", "10000s"],
           lambda o: not o["success"] and o["source"] == "scenario" and od.op_time(o).timestamp() >= now - 10000)
-    reverse = run_ops(journal, "-o", "ndjson", "-n", "5", "--reverse")
-    assert ndjson(reverse.stdout) == newest_first[:5][::-1]
+    # As journalctl: -r (--reverse) prints newest first, --lines is -n, and all is every op.
+    for flags in (["-n", "5", "-r"], ["--lines", "5", "--reverse"]):
+        assert ndjson(run_ops(journal, "-o", "ndjson", *flags).stdout) == newest_first[:5]
+    assert ndjson(run_ops(journal, "-o", "ndjson", "-n", "all").stdout) == ops
 
 
 def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
@@ -5366,14 +5394,14 @@ def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
     config = write_settings(tmp_path, {"persist_path": "ops.jsonl", "keep_files": 1})
     result = run_ops("--config", str(config), "-n", "1000", "-o", "ndjson", cwd="/")
     assert result.returncode == 0, result.stderr
-    assert ndjson(result.stdout) == ops[30:][::-1]  # .2 is beyond keep_files = 1
+    assert ndjson(result.stdout) == ops[30:]  # .2 is beyond keep_files = 1
     # A file named alone: no config is read (not even a broken one in the working folder), and
     # every segment beside it is, however far.
     (tmp_path / "ops.jsonl.2").rename(tmp_path / "ops.jsonl.7")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "lakehouse.toml").write_text("[observerd]\nkeep_files = 'x'\n")
     alone = run_ops(str(tmp_path / "ops.jsonl"), "-n", "1000", cwd=tmp_path / "elsewhere")
-    assert alone.returncode == 0 and ndjson(alone.stdout) == ops[::-1]
+    assert alone.returncode == 0 and ndjson(alone.stdout) == ops
 
 
 def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
@@ -5385,13 +5413,13 @@ def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
     path = tmp_path / "ops.jsonl"
     path.write_bytes(b"".join(map(od.encode_line, ops)))
     as_json = run_ops(str(path), "-o", "json")
-    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops[::-1]
-    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops[::-1]
-    assert ndjson(run_ops(str(path)).stdout) == ops[::-1]  # not a terminal: ndjson
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops
+    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops
+    assert ndjson(run_ops(str(path)).stdout) == ops  # not a terminal: ndjson
     table = run_ops(str(path), "-o", "table", env={"COLUMNS": "120"}).stdout.splitlines()
     assert re.split(r"\s{2,}", table[0]) == ["TIME", "SOURCE", "ENDPOINT", "OK", "DURATION", "ERROR"]
     assert len(table) == 4 and all(len(line) <= 120 for line in table)
-    newest, middle, oldest = table[1:]
+    oldest, middle, newest = table[1:]
     # What a client sent is shown, never obeyed: controls as their JSON escapes.
     assert newest.startswith(ops[2]["timestamp"]) and " FAIL " in newest and "timeout\\nafter 30s" in newest
     assert "\x1b" not in middle and "/scenario/checkout\\u001b[2J" in middle
@@ -5406,9 +5434,14 @@ def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
 
 
 @pytest.mark.parametrize("args, status, needle", [
-    (["--since", "yesterday"], 2, "--since must be an RFC 3339 date-time"),
+    (["--since", "last week"], 2, "--since must be a time like 2026-12-06T04:00:00Z, '2026-12-06 04:00'"),
     (["--until", "2026-13-01T00:00:00Z"], 2, "--until must be"),
-    (["--grep", "("], 2, "--grep is not a valid regular expression"),
+    (["--regex", "("], 2, "--regex is not a valid regular expression"),
+    (["--grep", "a", "--grep", "b"], 2, "--grep is given more than once"),
+    (["--failed", "--ok"], 2, "--ok contradicts failed"),
+    (["-f", "-r"], 2, "-f and -r prints newest first"),
+    (["--lines", "some"], 2, "--lines: must be a whole number"),
+    (["--nope"], 2, "unrecognized arguments: --nope (see observerd.py ops --help)"),
     (["--field", "novalue"], 2, "--field must be key=value"),
     (["--source", "nope"], 2, "--source must be one of"),
     (["-f", "-o", "json"], 2, "-o json is one array"),
@@ -5453,7 +5486,7 @@ def test_ops_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
                             f"{shlex.quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
                             shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
-    assert json.loads(result.stdout)["seq"] == 4999
+    assert json.loads(result.stdout)["seq"] == 0  # the newest 5000, oldest first
 
 
 class OpsFollower:
@@ -5644,7 +5677,7 @@ def test_ops_since_reads_on_through_lines_another_writer_spelled_otherwise(tmp_p
     journal.write_text("\n".join(reversed(lines)) + "\n")
     result = run_cli("ops", str(journal), "--since", "1h", "--endpoint", "/rare", "-o", "ndjson")
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["n"] for line in result.stdout.splitlines()] == [0, 19_999]
+    assert [json.loads(line)["n"] for line in result.stdout.splitlines()] == [19_999, 0]
 
 
 def test_grep_over_http_is_plain_text_so_no_pattern_can_stall_the_daemon(serve):
@@ -5717,9 +5750,10 @@ def test_a_cursor_into_a_rotated_away_segment_is_410(serve):
 
 @pytest.mark.parametrize("query, param", [
     ("nope=1", "nope"), ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
-    ("since=tomorrow", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
+    ("since=the%20day%20after", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
     ("field=x", "field"), ("cursor=abc", "cursor"), ("cursor=1.0.00000000", "cursor"),
-    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("endpoint=a&endpoint=b", "endpoint"),
+    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("grep=a&grep=b", "grep"),
+    ("failed=1", "failed"), ("success=true&failed", "success"), ("regex=a", "regex"),
 ])
 def test_bad_history_params_are_400_naming_the_param(serve, query, param):
     body = history_page(serve().client(), query, expect=400)
@@ -5785,7 +5819,7 @@ def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemon
                             capture_output=True, text=True, timeout=60,
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard)))
     assert result.returncode == 0, result.stderr
-    assert seqs(ndjson(result.stdout)) == list(range(159, -1, -1))
+    assert seqs(ndjson(result.stdout)) == list(range(160))
 
 
 def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
