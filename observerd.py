@@ -540,7 +540,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         file_folder = Path(source).resolve().parent
     except FileNotFoundError:
         if path is not None:
-            raise ConfigError(source, ["file not found"]) from None
+            raise ConfigError(source, ["file not found (--config names another)"]) from None
         warnings.append("config file not found, using defaults")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
@@ -1626,6 +1626,7 @@ class Ring:
 
 
 TIMELINE_SECONDS = 300  # how far back GET /observer/timeline reaches
+DEFAULT_ENDPOINTS_WINDOW = "5m"  # the ops top and the page rank endpoints over, by their timestamps
 TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_SOURCES
 OTHER_SOURCES = "(other)"
 
@@ -4009,6 +4010,8 @@ UI_SCRIPT = r"""
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
+const ENDPOINTS_WINDOW = "DEFAULT_ENDPOINTS_WINDOW";
+let endpointsWindow = ENDPOINTS_WINDOW;
 const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
 const SVG = $("chart").namespaceURI;
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -4138,7 +4141,7 @@ function opsPath() {
   const q = new URLSearchParams();
   if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
   if ($("f-source").value) q.set("source", $("f-source").value);
-  if ($("f-failed").checked) q.set("success", "false");
+  if ($("f-failed").checked) q.set("failed", "true");
   return "ops?" + q;
 }
 
@@ -4146,7 +4149,8 @@ function opsPath() {
    first failure, a refused token before any other. */
 async function refresh() {
   const settled = await Promise.allSettled(
-    [api("timeline?seconds=" + WINDOW_S), api("stats"), api("playbooks"), api(opsPath())]);
+    [api("timeline?seconds=" + WINDOW_S + "&window=" + endpointsWindow), api("stats"), api("playbooks"),
+     api(opsPath())]);
   const [t, stats, playbooks, recent] = settled.map((r) => r.value);
   if (t) {
     const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
@@ -4157,7 +4161,7 @@ async function refresh() {
     drawChart(t);
     endpoints = t.endpoints;
     showEndpoints();
-    showClusters(t.clusters);
+    showClusters(t.clusters, t.clusters_analyzed_at);
     showEscalations(t.escalations);
   }
   if (stats) showStats(stats);
@@ -4280,7 +4284,17 @@ for (const b of $("endpoints").querySelectorAll("button.sort")) {
   });
 }
 
+/* The endpoints are ranked over the ops of the last 5 minutes, or of the whole ring. */
+$("endpoints-window").addEventListener("click", () => {
+  endpointsWindow = endpointsWindow === "ring" ? ENDPOINTS_WINDOW : "ring";
+  $("endpoints-window").textContent = endpointsWindow === "ring" ? "rank over the last " + ENDPOINTS_WINDOW
+                                                                 : "rank over the whole ring";
+  tick();
+});
+
 function showEndpoints() {
+  $("endpoints-over").textContent = !timeline ? "" : timeline.endpoints_since
+    ? "Over the ops of the ring stamped since " + when(timeline.endpoints_since) : "Over the ops in the ring";
   const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
   const rows = [...endpoints].sort((a, b) => {
     const p = get(a), q = get(b);
@@ -4293,10 +4307,12 @@ function showEndpoints() {
   fill($("endpoints-body"), rows, {columns: [
     ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
     ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
-  ]}, "no ops in the ring");
+  ]}, timeline && timeline.endpoints_since ? "no ops in the last " + ENDPOINTS_WINDOW : "no ops in the ring");
 }
 
-function showClusters(clusters) {
+function showClusters(clusters, analyzedAt) {
+  $("clusters-note").textContent = analyzedAt ? "As the analysis at " + when(analyzedAt) + " found them."
+                                              : "Not analysed yet.";
   fill($("clusters-body"), clusters, {columns: [
     ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
     ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
@@ -4351,7 +4367,7 @@ async function openHistory(endpoint, failedOnly) {
 
 async function loadHistory() {
   const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
-  if (h.failedOnly) q.set("success", "false");
+  if (h.failedOnly) q.set("failed", "true");
   if (h.cursor) q.set("cursor", h.cursor);
   $("history-older").disabled = true;
   try {
@@ -4401,7 +4417,8 @@ async function tick() {
 document.addEventListener("visibilitychange", tick);
 window.addEventListener("resize", () => timeline && drawChart(timeline));
 tick();
-""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS))  # the whole window the daemon keeps
+""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS)).replace(  # the whole window the daemon keeps
+    "DEFAULT_ENDPOINTS_WINDOW", DEFAULT_ENDPOINTS_WINDOW)
 
 
 def _ui_html(style: str, script: str) -> str:
@@ -4461,13 +4478,16 @@ def _ui_html(style: str, script: str) -> str:
 <th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
 <th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
 <tbody id="endpoints-body"></tbody></table></div>
-<p class="note">Over the ops in the ring; click a header to sort, an endpoint for its ops from the journal.</p>
+<p class="note"><span id="endpoints-over">Over the ops in the ring</span>
+(<button type="button" class="link" id="endpoints-window">rank over the whole ring</button>);
+click a header to sort, an endpoint for its ops from the journal.</p>
 </section>
 <section>
 <h2>Failure clusters</h2>
 <div class="scroll"><table>
 <thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
 <tbody id="clusters-body"></tbody></table></div>
+<p class="note" id="clusters-note"></p>
 </section>
 <section>
 <h2>Recent escalations</h2>
@@ -4575,7 +4595,6 @@ def query_ops(ops: list[RingOp], params: dict[str, list[str]], ring_size: int, n
 
 TIMELINE_PARAMS = ("seconds", "window")
 DEFAULT_TIMELINE_SECONDS = 60
-DEFAULT_ENDPOINTS_WINDOW = "5m"
 TIMELINE_ENDPOINTS = 20
 TIMELINE_CLUSTERS = 10
 TIMELINE_ESCALATIONS = 10

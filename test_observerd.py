@@ -33,6 +33,7 @@ import tracemalloc
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -5841,6 +5842,219 @@ def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
     assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
     assert server.server.history_reads.acquire(blocking=False)
     server.server.history_reads.release()
+
+
+NOW_FOR_TIMES = od.parse_rfc3339("2026-12-06T05:30:00Z").timestamp()  # a Sunday
+
+
+@pytest.mark.parametrize("text, zone, expected", [
+    ("2026-12-06T04:00:00Z", None, "2026-12-06T04:00:00Z"),
+    ("2026-12-06t04:00:00.5+01:00", None, "2026-12-06T03:00:00.5Z"),
+    ("2026-12-06 04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
+    ("2026-12-06 04:00", od.timezone(od.timedelta(hours=3)), "2026-12-06T01:00:00Z"),
+    ("2026-12-06 04:00:30 UTC", od.timezone(od.timedelta(hours=3)), "2026-12-06T04:00:30Z"),
+    ("2026-12-06", od.timezone.utc, "2026-12-06T00:00:00Z"),
+    ("04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
+    ("now", None, "2026-12-06T05:30:00Z"),
+    ("today", od.timezone.utc, "2026-12-06T00:00:00Z"),
+    ("today", od.timezone(od.timedelta(hours=-8)), "2026-12-05T08:00:00Z"),  # still the 5th there
+    ("yesterday", od.timezone.utc, "2026-12-05T00:00:00Z"),
+    ("tomorrow", od.timezone.utc, "2026-12-07T00:00:00Z"),
+    ("90s", None, "2026-12-06T05:28:30Z"),
+    ("15m", None, "2026-12-06T05:15:00Z"),
+    ("10 min ago", None, "2026-12-06T05:20:00Z"),
+    ("1h 30min ago", None, "2026-12-06T04:00:00Z"),
+    ("2 hours ago", None, "2026-12-06T03:30:00Z"),
+    ("-7d", None, "2026-11-29T05:30:00Z"),
+    ("+1h", None, "2026-12-06T06:30:00Z"),
+])
+def test_times_read_as_journalctl_reads_them(text, zone, expected):
+    seconds = od.parse_time_bound(text, "since", NOW_FOR_TIMES, zone=zone)
+    assert seconds == od.parse_rfc3339(expected).timestamp()
+
+
+@pytest.mark.parametrize("text", ["last week", "1y", "٣m", "2026-13-01", "2026-12-06 25:00", "10 lightyears", "ago",
+                                  "2026-12-06 04:00 PST", ""])
+def test_a_time_journalctl_would_not_take_names_the_bound(text):
+    with pytest.raises(od.InvalidOp) as raised:
+        od.parse_time_bound(text, "until", NOW_FOR_TIMES)
+    assert raised.value.field == "until" and "must be a time like" in raised.value.reason
+
+
+def test_calendar_times_are_local_on_the_command_line_and_utc_over_http(serve, tmp_path):
+    server = serve()
+    client = server.client()
+    # Hourly ops on 2026-12-06, 00:00Z to 07:00Z.
+    client.post("/observer/events", [{"endpoint": f"/h/{h}", "seq": h, "timestamp": f"2026-12-06T0{h}:00:00Z"}
+                                     for h in range(8)])
+    journal = str(server.config.persist_path)
+    three_east = {"TZ": "XXX-3"}  # POSIX: three hours east of UTC, needing no tz database
+    window = ["--since", "2026-12-06 04:00", "--until", "2026-12-06 05:00", "-o", "ndjson"]
+    local = run_ops(journal, *window, env=three_east)
+    assert local.returncode == 0, local.stderr
+    assert seqs(ndjson(local.stdout)) == [1, 2]  # 04:00 to 05:00 at UTC+3
+    # The command line sends the daemon absolute times, read as it reads them.
+    remote = run_ops("--url", f"http://127.0.0.1:{server.port}", *window, env=three_east)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    # The daemon reads the words it is sent in UTC.
+    over_http = history_page(client, "since=2026-12-06%2004:00&until=2026-12-06%2005:00")
+    assert seqs(over_http["ops"]) == [5, 4]
+    assert seqs(history_page(client, "since=2026-12-06&until=2026-12-06T02:00:00%2B01:00")["ops"]) == [1, 0]
+
+
+def test_relative_times_and_day_words_on_the_command_line(tmp_path):
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    ages = {0: 3 * 86400, 1: 26 * 3600, 2: 3600, 3: 300, 4: 30, 5: -3600}  # seq: seconds before now
+    path.write_bytes(b"".join(od.encode_line(history_op(i, age, now)) for i, age in ages.items()))
+
+    def kept(*args, env=None):
+        result = run_ops(str(path), "-o", "ndjson", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return seqs(ndjson(result.stdout))
+
+    assert kept("--since", "10 min ago") == [3, 4, 5]
+    assert kept("--since", "2 hours ago", "--until", "now") == [2, 3, 4]
+    assert kept("--since", "1h 1min") == [2, 3, 4, 5]
+    assert kept("--until=-2d") == [0]
+    midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    utc = {"TZ": "UTC"}
+    assert kept("--since", "today", env=utc) == [i for i, age in ages.items() if now - age >= midnight.timestamp()]
+    assert kept("--since", "yesterday", "--until", "today", env=utc) == [
+        i for i, age in ages.items() if midnight.timestamp() - 86400 <= now - age <= midnight.timestamp()]
+
+
+def filter_cli_args(given: dict) -> list[str]:
+    """A filter dict (name: text, or texts when repeated; a switch: "") as ops' flags."""
+    args = []
+    for name, value in given.items():
+        spec = od.FILTER[name]
+        for text in value if isinstance(value, list) else [value]:
+            args += [f"--{name}"] if spec.metavar is None else [f"--{name}", text]
+    return args
+
+
+FILTERS_SPOKEN_ALIKE = [
+    {"endpoint": ["/mcp/a,b", "/scenario/*"]},  # free text: never split on commas
+    {"source": ["scenario", "langfuse"], "failed": ""},
+    {"ok": "", "endpoint": ["/mcp/*"]},
+    {"grep": "(a+)+b"},  # plain text in both
+    {"grep": "502", "field": "trace=t1"},
+    {"since": "2h", "until": "30m", "failed": ""},
+    {"endpoint": ["/nothing"]},
+]
+
+
+@pytest.mark.parametrize("given", FILTERS_SPOKEN_ALIKE)
+def test_a_filter_means_the_same_as_a_flag_as_a_query_parameter_and_through_url(serve, given):
+    server = serve()
+    client = server.client()
+    now = time.time()
+    ops = [history_op(i, 4 * 3600 - i * 300, now, endpoint=["/mcp/a,b", "/mcp/a", "/scenario/x"][i % 3],
+                      source=od.SOURCES[i % 4], success=i % 3 != 1, trace=f"t{i % 2}",
+                      error=["x (a+)+b y", "aab", "HTTP 502"][i % 3]) for i in range(40)]
+    assert client.post("/observer/events", ops)[0] == 200
+    query = urlencode([(name, text) for name, value in given.items()
+                       for text in (value if isinstance(value, list) else [value])] + [("limit", "1000")])
+    over_http = history_page(client, query)["ops"]
+    assert bool(over_http) == (given != {"endpoint": ["/nothing"]})  # each keeps some, but the last
+    from_files = run_ops(str(server.config.persist_path), *filter_cli_args(given), "-n", "all", "-r", "-o", "ndjson")
+    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", *filter_cli_args(given), "-n", "all", "-r",
+                          "-o", "ndjson")
+    assert from_files.returncode == through_url.returncode == 0, from_files.stderr + through_url.stderr
+    assert ndjson(from_files.stdout) == ndjson(through_url.stdout) == over_http
+    ring = client.get(f"/observer/ops?{query.replace('limit=1000', 'limit=100')}")[1]["ops"]
+    assert ring == over_http
+
+
+def test_success_false_stays_an_alias_of_failed_over_http(serve):
+    client = serve().client()
+    post_seqs(client, range(4), success=True)
+    post_seqs(client, range(4, 6), success=False)
+    for route in ("/observer/history", "/observer/ops"):
+        assert [seqs(client.get(f"{route}?{q}")[1]["ops"]) for q in ("success=false", "failed=true", "failed")] \
+            == [[5, 4]] * 3, route
+        assert seqs(client.get(f"{route}?success=true&ok")[1]["ops"]) == [3, 2, 1, 0]
+
+
+def test_ops_follow_starts_with_the_newest_ten_as_tail_does(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    post_seqs(daemon.client(), range(15))
+    follower = followers(str(tmp_path / "ops.jsonl"))
+    follower.wait_seqs(list(range(5, 15)), "the newest ten")
+    post_seqs(daemon.client(), [15])
+    follower.wait_seqs(list(range(5, 16)), "the new op")
+
+
+def test_ops_over_url_refuses_what_the_daemon_cannot_do_in_one_line(serve):
+    url = f"http://127.0.0.1:{serve().port}"
+    for args, needle in ((["-f"], "-f follows the journal's files, not --url"),
+                         (["--regex", "a.b"], "--regex is the command line's only")):
+        result = run_ops("--url", url, *args)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def count_rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_count_by_answers_what_failed_lately_and_where(serve):
+    server = serve()
+    client = server.client()
+    now = time.time()
+    old = [history_op(i, 3600, now, endpoint="/old", success=False, error="gone") for i in range(3)]
+    recent = ([history_op(10 + i, 60 + i, now, endpoint="/mcp/search", success=i >= 3, duration_ms=10 * (i + 1),
+                          error=None if i >= 3 else f"timeout after {i}s") for i in range(5)]
+              + [history_op(20 + i, 30, now, endpoint="/scenario/checkout", success=i == 0,
+                            error=None if i == 0 else "HTTP 502") for i in range(2)]
+              + [history_op(30, 20, now, endpoint="/fine", success=True)])
+    assert client.post("/observer/events", old + recent)[0] == 200
+    journal = str(server.config.persist_path)
+    result = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "ndjson")
+    assert result.returncode == 0, result.stderr
+    search_stamp = max(recent[:5], key=od.op_time)["timestamp"]
+    assert count_rows(result.stdout) == [
+        # Sorted by failures; each rate over all the group's ops in the window, not only its failures.
+        {"value": "/mcp/search", "ops": 5, "failures": 3, "failure_rate": 0.6, "p50_ms": 30, "p95_ms": 50,
+         "newest": search_stamp},
+        {"value": "/scenario/checkout", "ops": 2, "failures": 1, "failure_rate": 0.5, "p50_ms": 0, "p95_ms": 0,
+         "newest": recent[6]["timestamp"]},
+    ]
+    # The same grouping over HTTP: one bounded scan, no cursor.
+    body = history_page(client, "since=10m&failed&count_by=endpoint")
+    assert body["groups"] == count_rows(result.stdout) and body["count"] == 2
+    assert body["truncated"] is False and "cursor" not in body
+    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", "--since", "10m", "--failed",
+                          "--count-by", "endpoint", "-o", "json")
+    assert json.loads(through_url.stdout)["groups"] == body["groups"]
+    # Without --failed every group shows; by signature, successes count under none.
+    everything = count_rows(run_ops(journal, "--since", "10m", "--count-by", "endpoint", "-o", "ndjson").stdout)
+    assert [row["value"] for row in everything] == ["/mcp/search", "/scenario/checkout", "/fine"]
+    signatures = count_rows(run_ops(journal, "--count-by", "signature", "-o", "ndjson").stdout)
+    assert [(row["value"], row["ops"]) for row in signatures] == [
+        ("gone", 3), ("timeout after <n>s", 3), ("http <n>", 1), (None, 4)]
+    fields = count_rows(run_ops(journal, "--count-by", "seq", "-n", "2", "-o", "ndjson").stdout)
+    assert [row["value"] for row in fields] == ["0", "1"]  # not a string: its JSON
+    table = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "table").stdout
+    assert table.splitlines()[0].split() == ["FAILED", "OPS", "FAIL%", "P50", "MS", "P95", "MS", "NEWEST", "ENDPOINT"]
+    assert table.splitlines()[1].split()[:3] == ["3", "5", "60.0%"] and table.splitlines()[1].endswith("/mcp/search")
+
+
+def test_count_by_over_http_is_one_scan_bounded_by_max_scan_bytes(serve):
+    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
+    client = server.client()
+    post_seqs(client, range(100), success=False, error="boom")
+    body = history_page(client, "count_by=endpoint&limit=3")
+    assert body["truncated"] is True and body["count"] == 3  # limit: the first groups
+    whole = history_page(client, "count_by=error")
+    assert whole["truncated"] is True and 0 < whole["groups"][0]["ops"] < 100
+    assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
+    cursor = history_page(client, "limit=1")["cursor"]
+    assert history_page(client, f"count_by=endpoint&cursor={cursor}", expect=400)["error"].startswith(
+        "invalid query: cursor does not go with count_by")
+    assert history_page(client, "count_by=", expect=400)["error"].startswith("invalid query: count_by ")
 
 
 # --- issue 14: browser page ---
