@@ -3801,6 +3801,35 @@ def test_cli_stats_restores_with_the_configs_ring_settings(tmp_path, settings, f
     assert json.loads(result.stdout)["total"] == total
 
 
+def test_cli_stats_reads_the_configs_journal_or_a_running_daemon(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    client.post("/observer/events", [{"endpoint": f"/s{i}", "success": i % 2 == 0} for i in range(7)])
+    served = client.get("/observer/stats")[1]
+    config = str(tmp_path / "lakehouse.toml")
+    from_files = run_cli("stats", "--config", config, cwd="/")
+    assert from_files.returncode == 0, from_files.stderr
+    assert json.loads(from_files.stdout) == served
+    from_daemon = run_cli("stats", "--url", f"http://127.0.0.1:{daemon.port}")
+    assert from_daemon.returncode == 0, from_daemon.stderr
+    assert json.loads(from_daemon.stdout) == served
+    # A journal that is not there names the path looked for, where it came from, and the way out.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = write_settings(elsewhere, {"persist_path": "gone/ops.jsonl"})
+    for command in ("stats", "ops"):
+        result = run_cli(command, "--config", str(other))
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (f"{elsewhere / 'gone' / 'ops.jsonl'}: no journal there: file not found, nor "
+                                 f"rotated segments beside it; it is the persist_path of {other}: --config chooses "
+                                 "another config, FILE another journal\n")
+        default = run_cli(command, cwd=tmp_path)  # its lakehouse.toml, the daemon's, read by default
+        assert default.returncode == 0, default.stderr
+    (tmp_path / "empty").mkdir()
+    nothing = run_cli("ops", cwd=tmp_path / "empty")
+    assert nothing.returncode == 2 and "the default persist_path (lakehouse.toml was not found)" in nothing.stderr
+
+
 def test_cli_stats_names_a_bad_setting_and_exits_2(tmp_path):
     write_rotated_journal(tmp_path / "ops.jsonl", [1])
     journal = str(tmp_path / "ops.jsonl")
@@ -4280,10 +4309,38 @@ def test_timeline_carries_the_first_clusters_and_the_newest_escalations(serve, f
     assert timeline["escalations"] == client.get("/observer/escalations")[1]["escalations"][:10]
 
 
+def test_timeline_ranks_endpoints_over_a_window_or_the_ring_and_dates_the_clusters(serve):
+    server = serve(analyze_interval_s=0.05)
+    client = server.client()
+    now = time.time()
+    client.post("/observer/events", [history_op(i, 3600, now, endpoint="/old", success=False) for i in range(3)]
+                + [history_op(10 + i, 10, now, endpoint="/new") for i in range(2)])
+    recent = client.get("/observer/timeline")[1]
+    assert [e["endpoint"] for e in recent["endpoints"]] == ["/new"]
+    assert recent["endpoints_window"] == "5m"
+    assert 295 <= now - od.parse_rfc3339(recent["endpoints_since"]).timestamp() <= 310
+    ring = client.get("/observer/timeline?window=ring")[1]
+    assert [e["endpoint"] for e in ring["endpoints"]] == ["/old", "/new"] and ring["endpoints_since"] is None
+    assert len(client.get("/observer/timeline?window=2h")[1]["endpoints"]) == 2
+    wait_for(lambda: client.get("/observer/timeline")[1]["clusters"], what="an analysis")
+    analysed_at = client.get("/observer/timeline")[1]["clusters_analyzed_at"]
+    assert abs(od.parse_rfc3339(analysed_at).timestamp() - time.time()) < 600
+    # top says which window it ranks over, and when the clusters were found.
+    url = f"http://127.0.0.1:{server.port}"
+    top = run_cli("top", "--once", "--url", url)
+    assert "ENDPOINTS OF THE LAST 5m (since " in top.stdout and "/old" not in top.stdout.split("FAILURE")[0]
+    assert "FAILURE CLUSTERS, largest first, as analysed at " in top.stdout
+    whole = run_cli("top", "--once", "--url", url, "--window", "ring")
+    assert "ENDPOINTS IN THE RING" in whole.stdout and "/old" in whole.stdout.split("FAILURE")[0]
+    bad = run_cli("top", "--once", "--url", url, "--window", "5 parsecs")
+    assert bad.returncode == 2 and "--window: '5 parsecs' must be a span like 90s, 5m, 1h, or ring" in bad.stderr
+
+
 @pytest.mark.parametrize("query, param", [
     ("seconds=0", "seconds"), ("seconds=301", "seconds"), ("seconds=abc", "seconds"), ("seconds=", "seconds"),
     ("seconds=-1", "seconds"), ("seconds=1e2", "seconds"), ("seconds=99999999999999999999999", "seconds"),
     ("seconds=1&seconds=2", "seconds"), ("second=5", "second"), ("seconds=5&limit=1", "limit"),
+    ("window=5", "window"), ("window=all", "window"), ("window=ring&window=5m", "window"),
 ])
 def test_a_bad_timeline_query_is_400_naming_the_param(serve, query, param):
     status, body, _ = serve().client().get(f"/observer/timeline?{query}")
@@ -4370,6 +4427,56 @@ def test_top_once_shows_the_numbers_stats_serves(tmp_path, daemons):
     assert daemon.exit_status() == 0
     gone = run_cli("top", "--once", "--url", url)
     assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "unreachable" in gone.stderr
+
+
+def test_top_takes_the_daemons_url_and_token_from_the_config(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret")
+    daemon.client(token="s3cret").post("/observer/events", known_traffic())
+    url = f"http://127.0.0.1:{daemon.port}"
+    no_env = {"OBSERVERD_TOKEN": ""}
+
+    def client_config(name: str, **settings) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        return str(write_settings(folder, settings))
+
+    # A wildcard bind is reached on loopback; the token comes from [auth].
+    shared = client_config("shared", bind=f"0.0.0.0:{daemon.port}", token="s3cret")
+    top = run_cli("top", "--once", "--config", shared, env=no_env)
+    assert top.returncode == 0, top.stderr
+    assert f"at {url} " in top.stdout and "/mcp/search" in top.stdout
+    # A 401 names the source of the token tried, never the token, and how to pass one.
+    tokenless = client_config("tokenless", bind=f"127.0.0.1:{daemon.port}")
+    refused = run_cli("top", "--once", "--config", tokenless, env=no_env)
+    assert refused.returncode == 1 and refused.stderr.splitlines() == [
+        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the daemon wants a "
+        f"token and no token (none in --token, OBSERVERD_TOKEN or [auth] token of {tokenless}) was found: "
+        "set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
+    wrong = client_config("wrong", bind=f"127.0.0.1:{daemon.port}", token="guess")
+    refused = run_cli("stats", "--config", wrong, "--url", url, env=no_env)
+    assert refused.returncode == 1 and f"the token from [auth] token of {wrong} was refused" in refused.stderr
+    assert "guess" not in refused.stderr
+    # The flag and the variable come first, as for the daemon.
+    assert run_cli("top", "--once", "--config", wrong, "--token", "s3cret", env=no_env).returncode == 0
+    assert run_cli("top", "--once", "--config", wrong, env={"OBSERVERD_TOKEN": "s3cret"}).returncode == 0
+    missing = run_cli("top", "--once", "--config", str(tmp_path / "nope.toml"))
+    assert (missing.returncode, missing.stderr) == (2, f"{tmp_path / 'nope.toml'}: file not found "
+                                                       "(--config names another)\n")
+
+
+def test_top_over_tls_trusts_the_certificate_its_config_names(tmp_path, daemons):
+    make_self_signed_cert(tmp_path)
+    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem", request_timeout_s=5)
+    client_folder = tmp_path / "client"
+    client_folder.mkdir()
+    config = write_settings(client_folder, {"bind": f"127.0.0.1:{daemon.port}", "tls_cert": str(tmp_path / "cert.pem"),
+                                            "tls_key": str(tmp_path / "key.pem")})
+    top = run_cli("top", "--once", "--config", str(config))
+    assert top.returncode == 0, top.stderr
+    assert f"at https://127.0.0.1:{daemon.port} " in top.stdout
+    # Without the config's certificate, a self-signed one is refused as by any client.
+    untrusted = run_cli("top", "--once", "--url", f"https://127.0.0.1:{daemon.port}", env={"SSL_CERT_FILE": os.devnull})
+    assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
 
 
 class Screen:
