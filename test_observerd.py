@@ -3599,6 +3599,25 @@ def test_cli_version():
     assert (version.returncode, version.stdout.strip()) == (0, f"observerd {od.VERSION}")
 
 
+def test_the_major_version_says_ops_changed_order_and_the_changes_file_says_how():
+    # 2.0 inverted ops' order and --reverse, and made --grep plain text: a major bump, told.
+    assert od.VERSION.split(".")[0] == "2"
+    changes = (HERE / "CHANGES.md").read_text()
+    assert f"## {od.VERSION}" in changes and "`-r` / `--reverse` now means *newest first*" in changes
+    assert "Changed in 2.0" in run_cli("ops", "--help").stdout
+    assert "2.0 changed ops' order" in run_cli("--help").stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "stats", "top", "ops"])
+def test_every_subcommand_takes_config_and_names_its_help_for_an_unknown_flag(tmp_path, command):
+    missing = run_cli(command, "--config", str(tmp_path / "absent.toml"), *(["--once"] if command == "top" else []))
+    assert missing.returncode == 2 and f"{tmp_path / 'absent.toml'}" in missing.stderr
+    assert "file not found (--config names another)" in missing.stderr
+    unknown = run_cli(command, "--colour")
+    assert (unknown.returncode, unknown.stderr) == (
+        2, f"observerd.py {command}: unrecognized arguments: --colour (see observerd.py {command} --help)\n")
+
+
 def test_cli_check_prints_effective_settings_with_the_token_masked(tmp_path):
     config = write_config(tmp_path, {"ring_size": 500, "persist_path": "x/ops.jsonl"}, {"token": "hunter2"})
     result = run_cli("check", "--config", str(config))
