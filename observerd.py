@@ -1983,8 +1983,9 @@ class OpStore:
 
 
 # =============================================================================
-# History: the journal on disk (live file and rotated segments) read backwards through
-# filters, from a position that survives appends and rotation, or followed as it grows
+# History: the filter language (FILTERS, times as journalctl reads them), and the journal on
+# disk (live file and rotated segments) read backwards through it, from a position that
+# survives appends and rotation, or followed as it grows
 # =============================================================================
 
 

@@ -4581,6 +4581,9 @@ def test_top_draws_resizes_sorts_and_quits_on_a_terminal(serve, screens):
     mark = screen.mark()
     screen.press(b"s")
     screen.shows("rate", since=mark, what="the endpoints sorted by failure rate")
+    mark = screen.mark()
+    screen.press(b"w")
+    screen.shows("IN THE RING", since=mark, what="the endpoints ranked over the whole ring")
     screen.press(b"q")
     assert screen.proc.wait(60) == 0
     assert "Traceback" not in screen.text()
@@ -6500,7 +6503,8 @@ PAGE_STATE = """(() => {
     olderHidden: document.getElementById("history-older").hidden,
     polylines: [...document.querySelectorAll("#chart polyline")].map((p) => p.getAttribute("points").split(" ").length),
     legend: text("legend"), ready: text("ready"), images: document.images.length,
-    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg")};
+    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg"),
+    endpointsOver: text("endpoints-over"), clustersNote: text("clusters-note")};
 })()"""
 
 
@@ -6568,6 +6572,14 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
         assert ops_column == sorted(ops_column, reverse=True)
         tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
         assert [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]] == sorted(ops_column)
+
+        # The endpoints are of the last 5 minutes, or of the whole ring at a click; clusters are dated.
+        assert state["endpointsOver"].startswith("Over the ops of the ring stamped since ")
+        assert state["clustersNote"].startswith("As the analysis at ")
+        tab.js('document.getElementById("endpoints-window").click()')
+        tab.wait(f"(s => s.endpointsOver === 'Over the ops in the ring')({PAGE_STATE})", "the whole ring")
+        tab.js('document.getElementById("endpoints-window").click()')
+        tab.wait(f"(s => s.endpointsOver.startsWith('Over the ops of the ring stamped'))({PAGE_STATE})", "5 min")
 
         # Filters narrow the recent ops.
         tab.js('document.getElementById("f-failed").click()')
@@ -6642,7 +6654,7 @@ def test_chromium_says_why_it_is_not_ready_until_it_is(tmp_path, daemons):
         state = tab.wait(f"(s => s.ready.startsWith('not ready') && s)({PAGE_STATE})", "not ready, and why")
         assert state["ready"] == f"not ready: {od.RESTORING}" and state["connClass"] == "bad"
         assert state["conn"] == f"GET stats: 503 {od.RESTORING} — retrying" and state["total"] == "…"
-        assert state["endpoints"] == [["no ops in the ring"]]  # what the timeline said, meanwhile
+        assert state["endpoints"] == [["no ops in the last 5m"]]  # what the timeline said, meanwhile
         os.close(os.open(gate, os.O_WRONLY))
         state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "ready once restored")
         assert state["ready"] == "ready" and tab.problems() == []
