@@ -2143,14 +2143,22 @@ def parse_time_bound(text: str, name: str, now: float, *, zone: tzinfo | None = 
     raise InvalidOp(name, f"must be a time like {TIME_FORMS}")
 
 
-def filter_args(args, without: tuple[str, ...] = ()) -> dict[str, str | list[str]]:
+def filter_args(args) -> dict[str, str | list[str]]:
     """The filters among parsed flags, as OpFilter takes them: a switch given is "true"."""
     given = {}
     for spec in FILTERS:
         value = getattr(args, spec.name, None)
-        if value is not None and value is not False and spec.name not in without:
+        if value is not None and value is not False:
             given[spec.name] = "true" if value is True else value
     return given
+
+
+def refuse_command_line_only(names) -> None:
+    """Raise InvalidOp naming the first of names that is a filter only the command line takes."""
+    for name in names:
+        if name in FILTER and not FILTER[name].http:
+            raise InvalidOp(name, "is the command line's only (a regex could stall the daemon): use grep, "
+                            "plain text")
 
 
 class OpFilter:
@@ -2260,19 +2268,15 @@ class OpFilter:
     @classmethod
     def from_query(cls, params: dict[str, list[str]], now: float) -> "OpFilter":
         """The filters among an HTTP query's parameters; times without a zone are UTC."""
-        for name in params:
-            if name in FILTER and not FILTER[name].http:
-                raise InvalidOp(name, "is the command line's only (a regex could stall the daemon): "
-                                "use grep, plain text")
+        refuse_command_line_only(params)
         return cls({name: texts for name, texts in params.items() if name in HISTORY_FILTERS}, now,
                    zone=timezone.utc)
 
     @classmethod
-    def from_args(cls, args, now: float, without: tuple[str, ...] = ()) -> "OpFilter":
+    def from_args(cls, args, now: float) -> "OpFilter":
         """The filters given as flags (an argparse namespace with one attribute per filter:
-        None, a switch's True, a text, or a repeated flag's texts), but those named in without;
-        times without a zone are local."""
-        return cls(filter_args(args, without), now)
+        None, a switch's True, or the texts given); times without a zone are local."""
+        return cls(filter_args(args), now)
 
     def counting(self) -> tuple["OpFilter", bool]:
         """The filter a count by group scans with, and whether only groups with failures are
@@ -2589,15 +2593,17 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
 class HistoryPage(NamedTuple):
     """What read_history found, and where it stopped."""
 
-    ops: list[RingOp]  # newest first
+    ops: list[RingOp]  # newest first (or what read_history was given as into)
     cursor: str | None  # where the next page starts; None: nothing older is kept, or wanted
     scanned_bytes: int
     truncated: bool  # max_scan_bytes stopped the scan before it found limit ops
 
 
-def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: str | None = None,
-                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None) -> HistoryPage:
-    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first.
+def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor: str | None = None,
+                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None, into=None) -> HistoryPage:
+    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first;
+    into: where they are appended (anything with append and len; default a new list), which
+    the page returns as its ops.
 
     Stops at limit ops; once max_scan_bytes are read (at the end of the chunk of whole
     lines in hand, so a page always moves on); with since, once SINCE_RUN_BYTES in a row have
@@ -2605,7 +2611,7 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
     a block's worth). Raises InvalidOp or RotatedAway for the cursor, OSError for the files.
     """
     skipped = skipped or SkippedLines()
-    ops: list[RingOp] = []
+    ops = [] if into is None else into
     first, resume_at = files.resume(cursor) if cursor is not None else (0, None)
     scanned = behind = 0  # behind: bytes back from the start of the scan to the segment in hand
     recent_at = 0  # bytes back from the start to the last op seen at or after since
@@ -2943,28 +2949,42 @@ def count_value(op, field: str) -> str | None:
     return None if value is None else value if isinstance(value, str) else _LINE_ENCODER.encode(value)
 
 
-def count_groups(ops, field: str, failed_only: bool = False) -> list[dict]:
-    """One row per value of field (count_value) over ops: ops, failures, failure rate, p50/p95
-    duration and the newest timestamp; most failures first, then most ops, then by value.
-    failed_only: only the groups with failures, each rate still over all the group's ops."""
-    groups: dict[str | None, list] = {}  # value -> [failures, durations, newest seconds, newest stamp]
-    for op in ops:
-        group = groups.setdefault(count_value(op, field), [0, [], -math.inf, None])
+class GroupCounter:
+    """count_by's groups, counted as ops are appended (read_history appends each op it keeps
+    here), so a count over a long window holds a row per value, never the ops."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self.counted = 0
+        # value -> [failures, durations, newest seconds, newest timestamp]
+        self._groups: dict[str | None, list] = {}
+
+    def append(self, op) -> None:
+        group = self._groups.setdefault(count_value(op, self.field), [0, [], -math.inf, None])
         group[0] += op["success"] is not True
         group[1].append(op["duration_ms"])
         seconds = _seconds(op["timestamp"])
         if seconds > group[2]:
             group[2], group[3] = seconds, op["timestamp"]
-    rows = []
-    for value, (failures, durations, _, newest) in groups.items():
-        if failed_only and not failures:
-            continue
-        durations.sort()
-        rows.append({"value": value, "ops": len(durations), "failures": failures,
-                     "failure_rate": round(failures / len(durations), 4),
-                     "p50_ms": percentile(durations, 50), "p95_ms": percentile(durations, 95), "newest": newest})
-    rows.sort(key=lambda row: (-row["failures"], -row["ops"], row["value"] is None, row["value"] or ""))
-    return rows
+        self.counted += 1
+
+    def __len__(self) -> int:
+        return self.counted
+
+    def rows(self, failed_only: bool = False) -> list[dict]:
+        """One row per value: ops, failures, failure rate, p50/p95 duration, the newest
+        timestamp; most failures first, then most ops, then by value. failed_only: only the
+        groups with failures, each rate still over all the group's ops."""
+        rows = []
+        for value, (failures, durations, _, newest) in self._groups.items():
+            if failed_only and not failures:
+                continue
+            durations = sorted(durations)
+            rows.append({"value": value, "ops": len(durations), "failures": failures,
+                         "failure_rate": round(failures / len(durations), 4), "p50_ms": percentile(durations, 50),
+                         "p95_ms": percentile(durations, 95), "newest": newest})
+        rows.sort(key=lambda row: (-row["failures"], -row["ops"], row["value"] is None, row["value"] or ""))
+        return rows
 
 
 def review_ops(ops: list[dict]) -> list[dict]:
@@ -4558,9 +4578,7 @@ def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
     """A query string's parameters, each one of allowed and given at most once unless it is a
     repeatable filter (OpFilter judges those); raises InvalidOp."""
     params = parse_qs(query, keep_blank_values=True)
-    for name in params:
-        if name in FILTER and not FILTER[name].http:
-            OpFilter.from_query({name: params[name]}, 0)  # says why, naming it
+    refuse_command_line_only(params)  # saying why, rather than only that it is unknown
     reject_unknown(params, allowed, "query parameter")
     for name, values in params.items():
         if len(values) > 1 and not (name in FILTER and FILTER[name].repeatable):
@@ -4747,14 +4765,15 @@ class ObserverHandler(HTTPHandler):
         try:
             skipped = SkippedLines()
             with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
-                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped)
+                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped,
+                                    None if count_by is None else GroupCounter(count_by))
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
                                "journal_unreadable") from None
         if count_by is not None:
-            groups = count_groups(page.ops, count_by, failed_only)
+            groups = page.ops.rows(failed_only)
             if "limit" in given:
                 groups = groups[:count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT)]
             return 200, {"count_by": count_by, "groups": groups, "count": len(groups),
@@ -5722,7 +5741,9 @@ def daemon_address(args: argparse.Namespace, command: str) -> DaemonAddress | No
     config = None
     if args.url is None or args.config is not None:
         try:
-            config = load_config(args.config)
+            # A bind beyond loopback whose token the daemon gets from its own environment (a
+            # systemd EnvironmentFile) is the daemon's to check: a 401 here says what to pass.
+            config = load_config(args.config, allow_unauthenticated=True)
         except ConfigError as exc:
             print_config_problems(exc)
             return None
@@ -5777,6 +5798,10 @@ def print_stats(args: argparse.Namespace) -> int:
     The ring's settings come from the config, as serve reads it, and the flags over it.
     """
     if args.url is not None:
+        if args.file is not None:
+            print("observerd.py stats: FILE and --url name two sources: give one (see observerd.py stats --help)",
+                  file=sys.stderr)
+            return 2
         address = daemon_address(args, "stats")
         if address is None:
             return 2
@@ -6087,6 +6112,8 @@ def print_ops(args: argparse.Namespace) -> int:
                 else "--count-by counts what is there: drop -f")
         return fail(f"observerd.py ops: -f and {what} (see observerd.py ops --help)", 2)
     if args.url is not None:
+        if args.file is not None:
+            return fail("observerd.py ops: FILE and --url name two journals: give one (see observerd.py ops --help)", 2)
         return print_ops_of_daemon(args, op_filter, output)
     found = journal_of(args, "ops")
     if isinstance(found, int):
@@ -6104,8 +6131,8 @@ def print_ops(args: argparse.Namespace) -> int:
                 print(f"{path}: no journal there yet; following it once there is", file=sys.stderr)
             if args.count_by is not None:
                 scan_filter, failed_only = op_filter.counting()
-                page = read_history(files, scan_filter, math.inf, skipped=skipped)
-                write_counts(args, output, count_groups(page.ops, args.count_by, failed_only),
+                page = read_history(files, scan_filter, math.inf, skipped=skipped, into=GroupCounter(args.count_by))
+                write_counts(args, output, page.ops.rows(failed_only),
                              CountedPage(page.scanned_bytes, page.truncated, skipped.count))
                 return 0
             if args.follow:  # first: the read below lets go of each file it has read

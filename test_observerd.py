@@ -4464,8 +4464,10 @@ def test_top_takes_the_daemons_url_and_token_from_the_config(tmp_path, daemons):
     top = run_cli("top", "--once", "--config", shared, env=no_env)
     assert top.returncode == 0, top.stderr
     assert f"at {url} " in top.stdout and "/mcp/search" in top.stdout
-    # A 401 names the source of the token tried, never the token, and how to pass one.
-    tokenless = client_config("tokenless", bind=f"127.0.0.1:{daemon.port}")
+    # A 401 names the source of the token tried, never the token, and how to pass one. A bind
+    # beyond loopback without a token in the file is the daemon's to check (systemd may give it
+    # OBSERVERD_TOKEN): top asks, and says what to pass.
+    tokenless = client_config("tokenless", bind=f"0.0.0.0:{daemon.port}")
     refused = run_cli("top", "--once", "--config", tokenless, env=no_env)
     assert refused.returncode == 1 and refused.stderr.splitlines() == [
         f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the daemon wants a "
@@ -6119,7 +6121,8 @@ def test_ops_follow_starts_with_the_newest_ten_as_tail_does(tmp_path, daemons, f
 def test_ops_over_url_refuses_what_the_daemon_cannot_do_in_one_line(serve):
     url = f"http://127.0.0.1:{serve().port}"
     for args, needle in ((["-f"], "-f follows the journal's files, not --url"),
-                         (["--regex", "a.b"], "--regex is the command line's only")):
+                         (["--regex", "a.b"], "--regex is the command line's only"),
+                         (["ops.jsonl"], "FILE and --url name two journals")):
         result = run_ops("--url", url, *args)
         assert (result.returncode, result.stdout) == (2, "")
         assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
