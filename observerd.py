@@ -2954,6 +2954,9 @@ class GroupCounter:
     here), so a count over a long window holds a row per value, never the ops."""
 
     def __init__(self, field: str):
+        """field: what count_value groups by; raises InvalidOp naming count_by if it is none."""
+        if not field or _has_lone_surrogate(field):
+            raise InvalidOp("count_by", f"must name a field: endpoint, source, {COUNT_BY_SIGNATURE}, or any op field")
         self.field = field
         self.counted = 0
         # value -> [failures, durations, newest seconds, newest timestamp]
@@ -4752,9 +4755,9 @@ class ObserverHandler(HTTPHandler):
         limit = count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
         cursor = given["cursor"][0] if "cursor" in given else None
         op_filter = OpFilter.from_query(given, time.time())
+        counter = None
         if count_by is not None:
-            if not count_by:
-                raise InvalidOp("count_by", "must name a field (endpoint, source, signature, or any op field)")
+            counter = GroupCounter(count_by)
             if cursor is not None:
                 raise InvalidOp("cursor", "does not go with count_by: its one scan has no next page")
             op_filter, failed_only = op_filter.counting()
@@ -4765,15 +4768,14 @@ class ObserverHandler(HTTPHandler):
         try:
             skipped = SkippedLines()
             with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
-                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped,
-                                    None if count_by is None else GroupCounter(count_by))
+                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped, counter)
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
                                "journal_unreadable") from None
-        if count_by is not None:
-            groups = page.ops.rows(failed_only)
+        if counter is not None:
+            groups = counter.rows(failed_only)
             if "limit" in given:
                 groups = groups[:count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT)]
             return 200, {"count_by": count_by, "groups": groups, "count": len(groups),
@@ -5845,7 +5847,7 @@ ENDPOINT_SORTS = (
 
 def fetch_timeline(address: DaemonAddress, window: str) -> dict:
     """The daemon's GET /observer/timeline for top; raises OutboundError."""
-    answer = call_json(f"{address.url}/observer/timeline?seconds={TOP_SECONDS}&window={window}",
+    answer = call_json(f"{address.url}/observer/timeline?{urlencode({'seconds': TOP_SECONDS, 'window': window})}",
                        CLIENT_TIMEOUT_S, key=address.token, tls=address.tls)
     try:
         top_lines(answer, address.url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
@@ -6103,8 +6105,10 @@ def print_ops(args: argparse.Namespace) -> int:
 
     try:
         op_filter = OpFilter.from_args(args, time.time())
+        counter = None if args.count_by is None else GroupCounter(args.count_by)
     except InvalidOp as exc:
-        return fail(f"observerd.py ops: --{exc.field} {exc.reason} (see observerd.py ops --help)", 2)
+        flag = exc.field.replace("_", "-")
+        return fail(f"observerd.py ops: --{flag} {exc.reason} (see observerd.py ops --help)", 2)
     output = args.output or ("table" if sys.stdout.isatty() else "ndjson")
     if args.follow and (output == "json" or args.reverse or args.count_by is not None):
         what = ("-o json is one array, which following never closes: use -o ndjson or table" if output == "json"
@@ -6131,8 +6135,8 @@ def print_ops(args: argparse.Namespace) -> int:
                 print(f"{path}: no journal there yet; following it once there is", file=sys.stderr)
             if args.count_by is not None:
                 scan_filter, failed_only = op_filter.counting()
-                page = read_history(files, scan_filter, math.inf, skipped=skipped, into=GroupCounter(args.count_by))
-                write_counts(args, output, page.ops.rows(failed_only),
+                page = read_history(files, scan_filter, math.inf, skipped=skipped, into=counter)
+                write_counts(args, output, counter.rows(failed_only),
                              CountedPage(page.scanned_bytes, page.truncated, skipped.count))
                 return 0
             if args.follow:  # first: the read below lets go of each file it has read

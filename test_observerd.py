@@ -4349,6 +4349,8 @@ def test_timeline_ranks_endpoints_over_a_window_or_the_ring_and_dates_the_cluste
     top = run_cli("top", "--once", "--url", url)
     assert "ENDPOINTS OF THE LAST 5m (since " in top.stdout and "/old" not in top.stdout.split("FAILURE")[0]
     assert "FAILURE CLUSTERS, largest first, as analysed at " in top.stdout
+    spelled = run_cli("top", "--once", "--url", url, "--window", "1h 30min")  # sent URL-encoded
+    assert spelled.returncode == 0 and "ENDPOINTS OF THE LAST 1h 30min" in spelled.stdout, spelled.stderr
     whole = run_cli("top", "--once", "--url", url, "--window", "ring")
     assert "ENDPOINTS IN THE RING" in whole.stdout and "/old" in whole.stdout.split("FAILURE")[0]
     bad = run_cli("top", "--once", "--url", url, "--window", "5 parsecs")
@@ -5574,6 +5576,7 @@ def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
     (["-f", "-r"], 2, "-f and -r prints newest first"),
     (["--lines", "some"], 2, "--lines: must be a whole number"),
     (["--nope"], 2, "unrecognized arguments: --nope (see observerd.py ops --help)"),
+    (["--count-by", ""], 2, "--count-by must name a field"),
     (["--field", "novalue"], 2, "--field must be key=value"),
     (["--source", "nope"], 2, "--source must be one of"),
     (["-f", "-o", "json"], 2, "-o json is one array"),
