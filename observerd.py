@@ -1989,7 +1989,6 @@ class OpStore:
 # =============================================================================
 
 
-
 class Filter(NamedTuple):
     """One filter of ops, declared once: the HTTP query parameter of this name and the
     command line's --name mean the same (GET /observer/history and /observer/ops, ops)."""
@@ -2043,7 +2042,6 @@ _CALENDAR_TIME = re.compile(
     r" *(z|utc|[+-][0-9]{2}:?[0-9]{2})?")
 TIME_FORMS = ("2026-12-06T04:00:00Z, '2026-12-06 04:00', 2026-12-06, 04:00, 90s, 15m, 2h, 7d, "
               "'10 min ago', now, today, yesterday")
-_REGEX_SYNTAX = re.compile(r"[.^$*+?{}\[\]\\|()]")
 # What makes a regex depend on the text around a match (anchors, word edges, lookaround):
 # without any, a pattern that matches a field's text matches a line holding it verbatim.
 _REGEX_CONTEXT = re.compile(r"[\^$]|\\[AZbB]|\(\?<?[=!]")
@@ -2117,13 +2115,10 @@ def parse_time_bound(text: str, name: str, now: float, *, zone: tzinfo | None = 
     word = " ".join(text.lower().split())
     if word == "now":
         return now
-    sign = -1
-    if word.endswith(" ago") or word[:1] in "+-":
-        sign = 1 if word[:1] == "+" else -1
-        word = word.removesuffix(" ago") if word.endswith(" ago") else word[1:]
-    span = _span_seconds(word.strip())
+    span = _span_seconds(word.removesuffix(" ago") if word.endswith(" ago") else
+                         word[1:].lstrip() if word[:1] in "+-" else word)
     if span is not None:
-        return now + sign * span
+        return now + span if word[:1] == "+" else now - span
     try:
         if word in _DAY_WORDS:
             day = datetime.fromtimestamp(now, zone).date() + timedelta(days=_DAY_WORDS[word])
