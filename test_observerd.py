@@ -4671,7 +4671,7 @@ def test_every_subcommand_has_help_with_examples_and_the_exit_statuses(command):
 @pytest.mark.parametrize("args, problem", [
     (["nosuch"], "invalid choice: 'nosuch'"),
     (["stats"], "no journal there: file not found, nor rotated segments beside it; it is the default persist_path"),
-    (["ops", "--lines", "-1"], "argument -n/--lines: expected one argument"),
+    (["ops", "--lines", "-1"], "argument -n/--lines: must be a whole number >= 0, got '-1'"),
     (["check", "--bogus"], "unrecognized arguments: --bogus"),
     (["top", "--interval", "0"], "--interval: '0' is not a number of seconds from 0.1 to 3600"),
     (["top", "--url", "localhost:3219"], "--url: 'localhost:3219' is not an http:// or https:// URL"),
