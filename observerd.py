@@ -5942,7 +5942,7 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
     for c in timeline["clusters"]:
         lines.append(f"{c['count']:>7,} {clock(c['last_seen']):>8}  {c['endpoint']}: {c['signature']}")
     if not timeline["clusters"]:
-        lines.append("(none found by the last analysis)")
+        lines.append("(none found by the last analysis)" if analyzed_at else "(none yet)")
     lines += ["", "ESCALATIONS, newest first"]
     for e in timeline["escalations"]:
         lines.append(f"{clock(e['at'])} {e['outcome']:<6} {e['count']:>5,}  {e['endpoint']}: {e['signature']}"
