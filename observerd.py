@@ -6106,10 +6106,10 @@ def print_ops(args: argparse.Namespace) -> int:
         return fail(f"observerd.py ops: --{flag} {exc.reason} (see observerd.py ops --help)", 2)
     output = args.output or ("table" if sys.stdout.isatty() else "ndjson")
     if args.follow and (output == "json" or args.reverse or args.count_by is not None):
-        what = ("-o json is one array, which following never closes: use -o ndjson or table" if output == "json"
-                else "-r prints newest first, and following prints oldest first: drop one" if args.reverse
-                else "--count-by counts what is there: drop -f")
-        return fail(f"observerd.py ops: -f and {what} (see observerd.py ops --help)", 2)
+        what = ("-o json: one array, which following never closes: use -o ndjson or table" if output == "json"
+                else "-r: following prints oldest first, -r newest first: drop one" if args.reverse
+                else "--count-by: a count is of what is there: drop -f")
+        return fail(f"observerd.py ops: -f with {what} (see observerd.py ops --help)", 2)
     if args.url is not None:
         if args.file is not None:
             return fail("observerd.py ops: FILE and --url name two journals: give one (see observerd.py ops --help)", 2)

@@ -5574,13 +5574,14 @@ def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
     (["--regex", "("], 2, "--regex is not a valid regular expression"),
     (["--grep", "a", "--grep", "b"], 2, "--grep is given more than once"),
     (["--failed", "--ok"], 2, "--ok contradicts failed"),
-    (["-f", "-r"], 2, "-f and -r prints newest first"),
+    (["-f", "-r"], 2, "-f with -r: following prints oldest first, -r newest first"),
+    (["-f", "--count-by", "endpoint"], 2, "-f with --count-by"),
     (["--lines", "some"], 2, "--lines: must be a whole number"),
     (["--nope"], 2, "unrecognized arguments: --nope (see observerd.py ops --help)"),
     (["--count-by", ""], 2, "--count-by must name a field"),
     (["--field", "novalue"], 2, "--field must be key=value"),
     (["--source", "nope"], 2, "--source must be one of"),
-    (["-f", "-o", "json"], 2, "-o json is one array"),
+    (["-f", "-o", "json"], 2, "-f with -o json: one array"),
 ])
 def test_ops_names_a_bad_argument_in_one_line_and_exits_2(tmp_path, args, status, needle):
     path = tmp_path / "ops.jsonl"
