@@ -58,14 +58,14 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field as dataclass_field, make_dataclass
 from typing import NamedTuple
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from email.utils import formatdate
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-VERSION = "1.0.0"
+VERSION = "2.0.0"
 SERVICE = "observerd"
 
 
@@ -544,7 +544,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         file_folder = Path(source).resolve().parent
     except FileNotFoundError:
         if path is not None:
-            raise ConfigError(source, ["file not found"]) from None
+            raise ConfigError(source, ["file not found (--config names another)"]) from None
         warnings.append("config file not found, using defaults")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
@@ -2073,6 +2073,7 @@ class Ring:
 
 
 TIMELINE_SECONDS = 300  # how far back GET /observer/timeline reaches
+DEFAULT_ENDPOINTS_WINDOW = "5m"  # the ops top and the page rank endpoints over, by their timestamps
 TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_SOURCES
 OTHER_SOURCES = "(other)"
 
@@ -2430,19 +2431,65 @@ class OpStore:
 
 
 # =============================================================================
-# History: the journal on disk (live file and rotated segments) read backwards through
-# filters, from a position that survives appends and rotation, or followed as it grows
+# History: the filter language (FILTERS, times as journalctl reads them), and the journal on
+# disk (live file and rotated segments) read backwards through it, from a position that
+# survives appends and rotation, or followed as it grows
 # =============================================================================
 
-HISTORY_FILTERS = ("since", "until", "endpoint", "source", "success", "grep", "field")
+
+class Filter(NamedTuple):
+    """One filter of ops, declared once: the HTTP query parameter of this name and the
+    command line's --name mean the same (GET /observer/history and /observer/ops, ops)."""
+
+    name: str
+    metavar: str | None  # None: a switch, --failed on the command line, failed=true over HTTP
+    help: str
+    repeatable: bool = False  # given again: any of the values (HTTP: the parameter repeated)
+    http: bool = True  # False: the command line's only
+
+
+FILTERS = (
+    Filter("since", "TIME", "stamped at or after TIME: 2026-12-06T04:00:00Z, '2026-12-06 04:00', 2026-12-06, "
+           "15m, '10 min ago', now, today, yesterday (local time unless a zone is given)"),
+    Filter("until", "TIME", "stamped at or before TIME: the same forms"),
+    Filter("endpoint", "E", "of endpoint E, exact or a glob like '/mcp/*'; repeated: of any of them",
+           repeatable=True),
+    Filter("source", "S", f"of source S ({', '.join(SOURCES)}); repeated: of any of them", repeatable=True),
+    Filter("failed", None, "that failed"),
+    Filter("ok", None, "that succeeded"),
+    Filter("grep", "TEXT", "whose error, input_summary or output_summary holds TEXT (plain text)"),
+    Filter("regex", "REGEX", "whose error, input_summary or output_summary a Python regex finds "
+           "something in (the command line's only: a regex could stall the daemon)", http=False),
+    Filter("field", "KEY=VALUE", "with that value in a field: a string as is, anything else as its "
+           "JSON (retries=3)"),
+)
+FILTER = {f.name: f for f in FILTERS}
+# success=true|false: ok and failed as the page and clients of 1.x spell them, kept over HTTP.
+SUCCESS_ALIAS = "success"
+HISTORY_FILTERS = tuple(f.name for f in FILTERS if f.http) + (SUCCESS_ALIAS,)
 HISTORY_BLOCK_BYTES = 64 * 1024
 # Timestamps are the clients': batches arrive late and clocks differ, so the file is not in
 # timestamp order. A scan with since goes on past the first older op, and stops only once
 # this much of the file in a row has shown nothing at or after since.
 SINCE_RUN_BYTES = 1024 * 1024
-_RELATIVE_TIME = re.compile(r"([0-9]{1,12})([smhd])")
-_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_REGEX_SYNTAX = re.compile(r"[.^$*+?{}\[\]\\|()]")
+# Time spans as systemd.time(7) spells them: 90s, 15m, "1h 30min", "10 min ago".
+_SPAN = re.compile(r"(?:[0-9]{1,12} *[a-z]+ *)+")
+_SPAN_PART = re.compile(r"([0-9]{1,12}) *([a-z]+)")
+_SPAN_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+    **dict.fromkeys(("w", "week", "weeks"), 7 * 86400),
+}
+_DAY_WORDS = {"today": 0, "yesterday": -1, "tomorrow": 1}
+# A calendar time, RFC 3339 or journalctl's: a date, or a time of today, with optional seconds,
+# fraction and zone (Z, UTC or an offset); none given: the reader's zone.
+_CALENDAR_TIME = re.compile(
+    r"(?:([0-9]{4})-([0-9]{2})-([0-9]{2}))?(?:(?(1)[t ])([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.([0-9]{1,9}))?)?)?"
+    r" *(z|utc|[+-][0-9]{2}:?[0-9]{2})?")
+TIME_FORMS = ("2026-12-06T04:00:00Z, '2026-12-06 04:00', 2026-12-06, 04:00, 90s, 15m, 2h, 7d, "
+              "'10 min ago', now, today, yesterday")
 # What makes a regex depend on the text around a match (anchors, word edges, lookaround):
 # without any, a pattern that matches a field's text matches a line holding it verbatim.
 _REGEX_CONTEXT = re.compile(r"[\^$]|\\[AZbB]|\(\?<?[=!]")
@@ -2483,16 +2530,78 @@ def _utc_second(seconds: float) -> bytes | None:
     return text.encode() if len(text) == 19 else None
 
 
-def parse_time_bound(text: str, name: str, now: float) -> float:
-    """since or until: RFC 3339, or 90s, 15m, 2h, 7d before now; as seconds since the epoch."""
-    relative = _RELATIVE_TIME.fullmatch(text)
-    if relative:
-        return now - int(relative[1]) * _TIME_UNITS[relative[2]]
+def _span_seconds(text: str) -> int | None:
+    """A span like 90s, 15m or "1h 30min" in seconds; None if text is not one."""
+    if not _SPAN.fullmatch(text):
+        return None
+    total = 0
+    for count, unit in _SPAN_PART.findall(text):
+        if unit not in _SPAN_UNITS:
+            return None
+        total += int(count) * _SPAN_UNITS[unit]
+    return total
+
+
+def _zone_of(text: str | None, zone: tzinfo | None) -> tzinfo | None:
+    if text is None:
+        return zone
+    if text in ("z", "utc"):
+        return timezone.utc
+    sign = -1 if text[0] == "-" else 1
+    digits = text[1:].replace(":", "")
+    return timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+
+
+def parse_time_bound(text: str, name: str, now: float, *, zone: tzinfo | None = None) -> float:
+    """since or until, as journalctl reads them, in seconds since the epoch: a calendar time
+    (RFC 3339, "2026-12-06 04:00", 2026-12-06, 04:00 today), a span before now (15m, "1h 30min",
+    "10 min ago", -2h) or after it (+1h), now, today, yesterday, tomorrow.
+
+    A time without a zone, and the day words, are in zone: None, the local one (the command
+    line's, as journalctl); the daemon passes UTC. Raises InvalidOp naming the bound.
+    """
+    word = " ".join(text.lower().split())
+    if word == "now":
+        return now
+    span = _span_seconds(word.removesuffix(" ago") if word.endswith(" ago") else
+                         word[1:].lstrip() if word[:1] in "+-" else word)
+    if span is not None:
+        return now + span if word[:1] == "+" else now - span
     try:
-        return _seconds(text)
-    except ValueError:
-        raise InvalidOp(name, "must be an RFC 3339 date-time like 2026-11-24T19:56:56Z, or a "
-                        "time before now like 90s, 15m, 2h, 7d") from None
+        if word in _DAY_WORDS:
+            day = datetime.fromtimestamp(now, zone).date() + timedelta(days=_DAY_WORDS[word])
+            return datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()
+        calendar = _CALENDAR_TIME.fullmatch(word)
+        if calendar and (calendar[1] or calendar[4]):
+            year, month, day, hour, minute, second, fraction, offset = calendar.groups()
+            at_zone = _zone_of(offset, zone)
+            if year is None:  # a time of today
+                today = datetime.fromtimestamp(now, at_zone).date()
+                year, month, day = today.year, today.month, today.day
+            return datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0),
+                            int(second or 0), int((fraction or "0").ljust(6, "0")[:6]),
+                            tzinfo=at_zone).timestamp()
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise InvalidOp(name, f"must be a time like {TIME_FORMS}")
+
+
+def filter_args(args) -> dict[str, str | list[str]]:
+    """The filters among parsed flags, as OpFilter takes them: a switch given is "true"."""
+    given = {}
+    for spec in FILTERS:
+        value = getattr(args, spec.name, None)
+        if value is not None and value is not False:
+            given[spec.name] = "true" if value is True else value
+    return given
+
+
+def refuse_command_line_only(names) -> None:
+    """Raise InvalidOp naming the first of names that is a filter only the command line takes."""
+    for name in names:
+        if name in FILTER and not FILTER[name].http:
+            raise InvalidOp(name, "is the command line's only (a regex could stall the daemon): use grep, "
+                            "plain text")
 
 
 class OpFilter:
@@ -2505,33 +2614,47 @@ class OpFilter:
     start; and the grep over its text), then the decoded, validated op.
     """
 
-    def __init__(self, given: dict[str, str], now: float, grep_regex: bool = True):
-        """given: filter name (HISTORY_FILTERS) -> its text; raises InvalidOp naming the filter.
-
-        grep_regex=False takes grep as plain text, as the daemon does: a regex runs holding the
-        GIL, and one that backtracks catastrophically would stall every request, ingest too.
-        """
-        reject_unknown(given, HISTORY_FILTERS, "filter")
-        for name, text in given.items():
-            if _has_lone_surrogate(text):  # from bytes that are not UTF-8, on a command line
-                raise InvalidOp(name, "is not valid UTF-8")
+    def __init__(self, given: dict[str, str | list[str]], now: float, *, zone: tzinfo | None = None):
+        """given: filter name (FILTERS, or the success alias) -> its text, or its texts when
+        repeated; zone: where times without one are (see parse_time_bound). Raises InvalidOp
+        naming the filter."""
+        values = {name: [text] if isinstance(text, str) else list(text) for name, text in given.items()}
+        reject_unknown(values, tuple(FILTER) + (SUCCESS_ALIAS,), "filter")
+        for name, texts in values.items():
+            if len(texts) > 1 and not (name in FILTER and FILTER[name].repeatable):
+                raise InvalidOp(name, "is given more than once")
+            for text in texts:
+                if _has_lone_surrogate(text):  # from bytes that are not UTF-8, on a command line
+                    raise InvalidOp(name, "is not valid UTF-8")
+        one = {name: texts[0] for name, texts in values.items() if texts}
+        self._given, self._now, self._zone = values, now, zone
         self.since = self.until = None
         for name in ("since", "until"):
-            if name in given:
-                setattr(self, name, parse_time_bound(given[name], name, now))
+            if name in one:
+                setattr(self, name, parse_time_bound(one[name], name, now, zone=zone))
+        self.success, outcome_named = None, None
+        for name, wanted in (("failed", False), ("ok", True), (SUCCESS_ALIAS, None)):
+            if name not in one:
+                continue
+            if name == SUCCESS_ALIAS:
+                if one[name] not in ("true", "false"):
+                    raise InvalidOp(name, "must be true or false")
+                wanted = one[name] == "true"
+            elif one[name] not in ("", "true"):
+                raise InvalidOp(name, "must be true, or given without a value")
+            if self.success is not None and self.success != wanted:
+                raise InvalidOp(name, f"contradicts {outcome_named}")
+            self.success, outcome_named = wanted, name
         needles: list[bytes] = []  # the likely rarest first
-        self.endpoint = given.get("endpoint")
-        self.endpoint_glob = None
-        if self.endpoint is not None and any(c in self.endpoint for c in "*?["):
-            self.endpoint_glob = re.compile(fnmatch.translate(self.endpoint))
-            # The longest stretch without wildcards before any [set] is in every match.
-            glob_literal = max(re.split(r"[*?]", self.endpoint.partition("[")[0]), key=len)
-            self.endpoint = None
-        elif self.endpoint is not None:
-            needles.append(b'"' + _escaped(self.endpoint) + b'"')
+        endpoints = values.get("endpoint", [])
+        self.endpoints = frozenset(e for e in endpoints if not any(c in e for c in "*?["))
+        globs = [e for e in endpoints if e not in self.endpoints]
+        self.endpoint_globs = [re.compile(fnmatch.translate(glob)) for glob in globs]
+        if len(endpoints) == 1 and self.endpoints:
+            needles.append(b'"' + _escaped(endpoints[0]) + b'"')
         self.field = None
-        if "field" in given:
-            key, sep, value = given["field"].partition("=")
+        if "field" in one:
+            key, sep, value = one["field"].partition("=")
             if not sep or not key:
                 raise InvalidOp("field", "must be key=value")
             self.field = (key, value)
@@ -2540,28 +2663,33 @@ class OpFilter:
             except ValueError:
                 spelled_freely = False
             needles.append(b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
-        self.grep = None
-        if "grep" in given:
-            plain = not grep_regex or not _REGEX_SYNTAX.search(given["grep"])
+        # Each a line's error, input_summary or output_summary must hold, with whether it can
+        # be tried on a line's raw text (no anchors or lookarounds, which the text around
+        # a field would fool).
+        self.patterns: list[tuple[re.Pattern, bool]] = []
+        if "grep" in one:
+            self.patterns.append((re.compile(re.escape(one["grep"])), True))
+            if one["grep"]:
+                needles.append(_escaped(one["grep"]))  # plain text: the line holds it
+        if "regex" in one:
             try:
-                self.grep = re.compile(re.escape(given["grep"]) if plain else given["grep"])
+                pattern = re.compile(one["regex"])
             except (re.error, RecursionError, OverflowError) as exc:
-                raise InvalidOp("grep", f"is not a valid regular expression: {exc}") from None
-            if given["grep"] and plain:
-                needles.append(_escaped(given["grep"]))  # plain text: the line holds it
-        self.greps_raw = self.grep is not None and (not grep_regex or not _REGEX_CONTEXT.search(given["grep"]))
-        if self.endpoint_glob is not None and glob_literal:
-            needles.append(_escaped(glob_literal))
-        self.source = None
-        if "source" in given:
-            self.source = check_source(given["source"], "source")
-            if self.source != DEFAULT_SOURCE:  # a line may leave the default out
-                needles.append(b'"' + self.source.encode() + b'"')
-        self.success = None
-        if "success" in given:
-            if given["success"] not in ("true", "false"):
-                raise InvalidOp("success", "must be true or false")
-            self.success = given["success"] == "true"
+                raise InvalidOp("regex", f"is not a valid regular expression: {exc}") from None
+            self.patterns.append((pattern, not _REGEX_CONTEXT.search(one["regex"])))
+        raw_patterns = [pattern for pattern, raw in self.patterns if raw]
+        self.raw_pattern = raw_patterns[0] if raw_patterns else None  # candidate_lines scans with it
+        self.greps_raw = bool(raw_patterns)
+        if len(endpoints) == 1 and globs:
+            # The longest stretch without wildcards before any [set] is in every match.
+            glob_literal = max(re.split(r"[*?]", globs[0].partition("[")[0]), key=len)
+            if glob_literal:
+                needles.append(_escaped(glob_literal))
+        self.sources = None
+        if "source" in values:
+            self.sources = frozenset(check_source(text, "source") for text in values["source"])
+            if len(self.sources) == 1 and DEFAULT_SOURCE not in self.sources:  # a line may leave the default out
+                needles.append(b'"' + next(iter(self.sources)).encode() + b'"')
         # Failures are mostly few, but only a canonical head spells success just so: lines
         # without one are let through too (see candidate_lines).
         self.needs_canonical = not needles and self.success is False
@@ -2574,15 +2702,43 @@ class OpFilter:
             None if bound is None else _utc_second(bound) for bound in (self.since, self.until))
         self._seconds_judge = ((self.since is None or self._since_second is not None)
                                and (self.until is None or self._until_second is not None))
-        self._source = None if self.source is None else self.source.encode()
-        self._judges_head = self._timed or any(
-            value is not None for value in (self.endpoint, self.endpoint_glob, self.source, self.success))
+        self._sources = None if self.sources is None else {source.encode() for source in self.sources}
+        self._judges_endpoint = bool(endpoints)
+        self._judges_head = (self._timed or self._judges_endpoint or self.sources is not None
+                             or self.success is not None)
         self.judges_raw = self._judges_head or self.greps_raw
 
+    @classmethod
+    def from_query(cls, params: dict[str, list[str]], now: float) -> "OpFilter":
+        """The filters among an HTTP query's parameters; times without a zone are UTC."""
+        refuse_command_line_only(params)
+        return cls({name: texts for name, texts in params.items() if name in HISTORY_FILTERS}, now,
+                   zone=timezone.utc)
+
+    @classmethod
+    def from_args(cls, args, now: float) -> "OpFilter":
+        """The filters given as flags (an argparse namespace with one attribute per filter:
+        None, a switch's True, or the texts given); times without a zone are local."""
+        return cls(filter_args(args), now)
+
+    def counting(self) -> tuple["OpFilter", bool]:
+        """The filter a count by group scans with, and whether only groups with failures are
+        shown: failed only is left out of the scan, as each group's failure rate is over all
+        its ops."""
+        if self.success is not False:
+            return self, False
+        given = {name: texts for name, texts in self._given.items() if name not in ("failed", SUCCESS_ALIAS)}
+        return OpFilter(given, self._now, zone=self._zone), True
+
+    @property
+    def needs_whole_op(self) -> bool:
+        """Whether it judges fields the ring keeps only in the op's line."""
+        return bool(self.patterns) or self.field is not None
+
     def _endpoint_ok(self, endpoint: str) -> bool:
-        if self.endpoint is not None:
-            return endpoint == self.endpoint
-        return self.endpoint_glob is None or self.endpoint_glob.match(endpoint) is not None
+        if not self._judges_endpoint:
+            return True
+        return endpoint in self.endpoints or any(glob.match(endpoint) for glob in self.endpoint_globs)
 
     def _time_ok(self, seconds: float) -> bool:
         return (self.since is None or seconds >= self.since) and (self.until is None or seconds <= self.until)
@@ -2590,21 +2746,23 @@ class OpFilter:
     def rules_out(self, line: bytes) -> bool:
         """Whether the line is ruled out before it is decoded: by its canonical head, or by a
         grep that finds nothing in its text (where no escape can hide what the fields say)."""
-        if self.greps_raw and b"\\" not in line and not self.grep.search(line.decode("utf-8", "replace")):
-            return True
+        if self.greps_raw and b"\\" not in line:
+            text = line.decode("utf-8", "replace")
+            if not all(pattern.search(text) for pattern, raw in self.patterns if raw):
+                return True
         head = _CANONICAL_HEAD.match(line) if self._judges_head else None
         if head is None:
             return False
         endpoint, source, timestamp, success = head.groups()
         if ((self.success is not None and (success == b"t") != self.success)
-                or (self._source is not None and source != self._source)):
+                or (self._sources is not None and source not in self._sources)):
             return True
         try:
             if self._timed:
                 in_window = self._second_in_window(timestamp)
                 if not (self._time_ok(_seconds(timestamp.decode("ascii"))) if in_window is None else in_window):
                     return True
-            if self.endpoint is None and self.endpoint_glob is None:
+            if not self._judges_endpoint:
                 return False
             return not self._endpoint_ok(endpoint.decode("utf-8") if b"\\" not in endpoint
                                          else json.loads(b'"' + endpoint + b'"'))
@@ -2624,16 +2782,22 @@ class OpFilter:
             return None if second == self._until_second else False
         return True
 
+    def stamped_in_window(self, timestamp: str) -> bool:
+        """Whether a timestamp is within since and until: by its second's spelling when that
+        tells, else parsed."""
+        in_window = self._second_in_window(timestamp.encode("ascii", "replace"))
+        return self._time_ok(_seconds(timestamp)) if in_window is None else in_window
+
     def accepts(self, op: dict) -> bool:
         """The final word, on the decoded and validated op."""
         if (not self._endpoint_ok(op["endpoint"])
-                or (self.source is not None and op["source"] != self.source)
+                or (self.sources is not None and op["source"] not in self.sources)
                 or (self.success is not None and (op["success"] is True) != self.success)
                 or (self._timed and not self._time_ok(_seconds(op["timestamp"])))):
             return False
-        if self.grep is not None and not any(
-                isinstance(op.get(name), str) and self.grep.search(op[name]) for name in _GREP_FIELDS):
-            return False
+        for pattern, _ in self.patterns:
+            if not any(isinstance(op.get(name), str) and pattern.search(op[name]) for name in _GREP_FIELDS):
+                return False
         if self.field is not None:
             key, wanted = self.field
             if key not in op:
@@ -2853,7 +3017,7 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
     starts = set()
     if ascii_text:  # character offsets are byte offsets
         text = chunk.decode("ascii")
-        for match in op_filter.grep.finditer(text):
+        for match in op_filter.raw_pattern.finditer(text):
             starts.add(text.rfind("\n", 0, match.start()) + 1)
             newline = text.find("\n", match.start(), match.end() - 1)
             while newline >= 0:  # a match running on into the lines after
@@ -2875,15 +3039,17 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
 class HistoryPage(NamedTuple):
     """What read_history found, and where it stopped."""
 
-    ops: list[RingOp]  # newest first
+    ops: list[RingOp]  # newest first (or what read_history was given as into)
     cursor: str | None  # where the next page starts; None: nothing older is kept, or wanted
     scanned_bytes: int
     truncated: bool  # max_scan_bytes stopped the scan before it found limit ops
 
 
-def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: str | None = None,
-                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None) -> HistoryPage:
-    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first.
+def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor: str | None = None,
+                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None, into=None) -> HistoryPage:
+    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first;
+    into: where they are appended (anything with append and len; default a new list), which
+    the page returns as its ops.
 
     Stops at limit ops; once max_scan_bytes are read (at the end of the chunk of whole
     lines in hand, so a page always moves on); with since, once SINCE_RUN_BYTES in a row have
@@ -2891,7 +3057,7 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
     a block's worth). Raises InvalidOp or RotatedAway for the cursor, OSError for the files.
     """
     skipped = skipped or SkippedLines()
-    ops: list[RingOp] = []
+    ops = [] if into is None else into
     first, resume_at = files.resume(cursor) if cursor is not None else (0, None)
     scanned = behind = 0  # behind: bytes back from the start of the scan to the segment in hand
     recent_at = 0  # bytes back from the start to the last op seen at or after since
@@ -3223,6 +3389,60 @@ def rank_endpoints(ops: list[dict], limit: int) -> list[dict]:
     return ranked
 
 
+COUNT_BY_SIGNATURE = "signature"  # count_by's one name that is not an op field
+
+
+def count_value(op, field: str) -> str | None:
+    """What op is counted under by field: its value (a string as is, anything else as its
+    JSON, as --field spells it; None when it has none), or for signature its failure's error
+    signature (None for a success)."""
+    if field == COUNT_BY_SIGNATURE:
+        return None if op["success"] is True else signature_of(op)
+    value = op.get(field) if not isinstance(op, RingOp) or field in RingOp.FIELDS else op.to_dict().get(field)
+    return None if value is None else value if isinstance(value, str) else _LINE_ENCODER.encode(value)
+
+
+class GroupCounter:
+    """count_by's groups, counted as ops are appended (read_history appends each op it keeps
+    here), so a count over a long window holds a row per value, never the ops."""
+
+    def __init__(self, field: str):
+        """field: what count_value groups by; raises InvalidOp naming count_by if it is none."""
+        if not field or _has_lone_surrogate(field):
+            raise InvalidOp("count_by", f"must name a field: endpoint, source, {COUNT_BY_SIGNATURE}, or any op field")
+        self.field = field
+        self.counted = 0
+        # value -> [failures, durations, newest seconds, newest timestamp]
+        self._groups: dict[str | None, list] = {}
+
+    def append(self, op) -> None:
+        group = self._groups.setdefault(count_value(op, self.field), [0, [], -math.inf, None])
+        group[0] += op["success"] is not True
+        group[1].append(op["duration_ms"])
+        seconds = _seconds(op["timestamp"])
+        if seconds > group[2]:
+            group[2], group[3] = seconds, op["timestamp"]
+        self.counted += 1
+
+    def __len__(self) -> int:
+        return self.counted
+
+    def rows(self, failed_only: bool = False) -> list[dict]:
+        """One row per value: ops, failures, failure rate, p50/p95 duration, the newest
+        timestamp; most failures first, then most ops, then by value. failed_only: only the
+        groups with failures, each rate still over all the group's ops."""
+        rows = []
+        for value, (failures, durations, _, newest) in self._groups.items():
+            if failed_only and not failures:
+                continue
+            durations = sorted(durations)
+            rows.append({"value": value, "ops": len(durations), "failures": failures,
+                         "failure_rate": round(failures / len(durations), 4), "p50_ms": percentile(durations, 50),
+                         "p95_ms": percentile(durations, 95), "newest": newest})
+        rows.sort(key=lambda row: (-row["failures"], -row["ops"], row["value"] is None, row["value"] or ""))
+        return rows
+
+
 def review_ops(ops: list[dict]) -> list[dict]:
     """Reviews per endpoint, worst verdict first."""
     by_endpoint: dict[str, list[dict]] = {}
@@ -3337,25 +3557,32 @@ OUTBOUND_ERROR_CHARS = 300  # of an OutboundError's one line
 
 
 class OutboundError(Exception):
-    """An outbound call failed or ran out of time; the message says how, briefly."""
+    """An outbound call failed or ran out of time; the message says how, briefly. status: the
+    HTTP status of an answer that was not a 2xx, else None."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
-def call_json(url: str, timeout_s: float, payload: object = None, key: str = "") -> object:
+def call_json(url: str, timeout_s: float, payload: object = None, key: str = "",
+              tls: ssl.SSLContext | None = None) -> object:
     """GET url (POST payload as JSON, when given), with key as its bearer token if any, and
-    decode the JSON answer, all within timeout_s; raises OutboundError, whose message is one
-    short line and never holds key."""
+    decode the JSON answer, all within timeout_s; tls: how an https URL is verified (None:
+    as any client does). Raises OutboundError, whose message is one short line and never
+    holds key."""
     try:
-        return _call_json(url, timeout_s, payload, key)
+        return _call_json(url, timeout_s, payload, key, tls)
     except OutboundError as exc:
         # Errors reach logs and answers, and a peer's words (a reason phrase, a JSON key) may
         # echo the key: it is taken out before the message is cut, so no part of it is left.
         message = " ".join(str(exc).split())
         if key:
             message = message.replace(key, "(key)")
-        raise OutboundError(message[:OUTBOUND_ERROR_CHARS]) from None
+        raise OutboundError(message[:OUTBOUND_ERROR_CHARS], exc.status) from None
 
 
-def _call_json(url: str, timeout_s: float, payload: object, key: str) -> object:
+def _call_json(url: str, timeout_s: float, payload: object, key: str, tls: ssl.SSLContext | None) -> object:
     """call_json's exchange.
 
     A socket timeout bounds each read, not the call: a server dribbling its answer a byte at
@@ -3377,8 +3604,10 @@ def _call_json(url: str, timeout_s: float, payload: object, key: str) -> object:
     timer.start()
     try:
         parts = urlsplit(url)
-        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout_s, context=tls)
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
         connection.connect()
         connected = True
         if expired.is_set():
@@ -3409,7 +3638,12 @@ def _call_json(url: str, timeout_s: float, payload: object, key: str) -> object:
         if connection is not None:
             connection.close()
     if not 200 <= response.status < 300:
-        raise OutboundError(f"HTTP {response.status} {response.reason}")
+        try:  # an observerd's 4xx names the problem in its error field
+            said = json.loads(body)["error"]
+        except Exception:  # any other answer: the status says all there is
+            said = None
+        raise OutboundError(f"HTTP {response.status} {response.reason}"
+                            + (f": {said}" if isinstance(said, str) else ""), response.status)
     if len(body) > OUTBOUND_MAX_ANSWER_BYTES:
         raise OutboundError(f"answer is larger than {OUTBOUND_MAX_ANSWER_BYTES} bytes")
     try:
@@ -4253,6 +4487,8 @@ UI_SCRIPT = r"""
 "use strict";
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
+const ENDPOINTS_WINDOW = "DEFAULT_ENDPOINTS_WINDOW";
+let endpointsWindow = ENDPOINTS_WINDOW;
 const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
 const SVG = $("chart").namespaceURI;
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
@@ -4382,7 +4618,7 @@ function opsPath() {
   const q = new URLSearchParams();
   if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
   if ($("f-source").value) q.set("source", $("f-source").value);
-  if ($("f-failed").checked) q.set("success", "false");
+  if ($("f-failed").checked) q.set("failed", "true");
   return "ops?" + q;
 }
 
@@ -4390,7 +4626,8 @@ function opsPath() {
    first failure, a refused token before any other. */
 async function refresh() {
   const settled = await Promise.allSettled(
-    [api("timeline?seconds=" + WINDOW_S), api("stats"), api("playbooks"), api(opsPath())]);
+    [api("timeline?seconds=" + WINDOW_S + "&window=" + endpointsWindow), api("stats"), api("playbooks"),
+     api(opsPath())]);
   const [t, stats, playbooks, recent] = settled.map((r) => r.value);
   if (t) {
     const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
@@ -4401,7 +4638,7 @@ async function refresh() {
     drawChart(t);
     endpoints = t.endpoints;
     showEndpoints();
-    showClusters(t.clusters);
+    showClusters(t.clusters, t.clusters_analyzed_at);
     showEscalations(t.escalations);
   }
   if (stats) showStats(stats);
@@ -4524,7 +4761,17 @@ for (const b of $("endpoints").querySelectorAll("button.sort")) {
   });
 }
 
+/* The endpoints are ranked over the ops of the last 5 minutes, or of the whole ring. */
+$("endpoints-window").addEventListener("click", () => {
+  endpointsWindow = endpointsWindow === "ring" ? ENDPOINTS_WINDOW : "ring";
+  $("endpoints-window").textContent = endpointsWindow === "ring" ? "rank over the last " + ENDPOINTS_WINDOW
+                                                                 : "rank over the whole ring";
+  tick();
+});
+
 function showEndpoints() {
+  $("endpoints-over").textContent = !timeline ? "" : timeline.endpoints_since
+    ? "Over the ops of the ring stamped since " + when(timeline.endpoints_since) : "Over the ops in the ring";
   const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
   const rows = [...endpoints].sort((a, b) => {
     const p = get(a), q = get(b);
@@ -4537,10 +4784,12 @@ function showEndpoints() {
   fill($("endpoints-body"), rows, {columns: [
     ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
     ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
-  ]}, "no ops in the ring");
+  ]}, timeline && timeline.endpoints_since ? "no ops in the last " + ENDPOINTS_WINDOW : "no ops in the ring");
 }
 
-function showClusters(clusters) {
+function showClusters(clusters, analyzedAt) {
+  $("clusters-note").textContent = analyzedAt ? "As the analysis at " + when(analyzedAt) + " found them."
+                                              : "Not analysed yet.";
   fill($("clusters-body"), clusters, {columns: [
     ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
     ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
@@ -4595,7 +4844,7 @@ async function openHistory(endpoint, failedOnly) {
 
 async function loadHistory() {
   const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
-  if (h.failedOnly) q.set("success", "false");
+  if (h.failedOnly) q.set("failed", "true");
   if (h.cursor) q.set("cursor", h.cursor);
   $("history-older").disabled = true;
   try {
@@ -4645,7 +4894,8 @@ async function tick() {
 document.addEventListener("visibilitychange", tick);
 window.addEventListener("resize", () => timeline && drawChart(timeline));
 tick();
-""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS))  # the whole window the daemon keeps
+""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS)).replace(  # the whole window the daemon keeps
+    "DEFAULT_ENDPOINTS_WINDOW", DEFAULT_ENDPOINTS_WINDOW)
 
 
 def _ui_html(style: str, script: str) -> str:
@@ -4705,13 +4955,16 @@ def _ui_html(style: str, script: str) -> str:
 <th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
 <th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
 <tbody id="endpoints-body"></tbody></table></div>
-<p class="note">Over the ops in the ring; click a header to sort, an endpoint for its ops from the journal.</p>
+<p class="note"><span id="endpoints-over">Over the ops in the ring</span>
+(<button type="button" class="link" id="endpoints-window">rank over the whole ring</button>);
+click a header to sort, an endpoint for its ops from the journal.</p>
 </section>
 <section>
 <h2>Failure clusters</h2>
 <div class="scroll"><table>
 <thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
 <tbody id="clusters-body"></tbody></table></div>
+<p class="note" id="clusters-note"></p>
 </section>
 <section>
 <h2>Recent escalations</h2>
@@ -4770,21 +5023,23 @@ UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
 
 OPS_QUERY_PARAMS = HISTORY_FILTERS + ("limit",)
 DEFAULT_LIMIT = 100
-HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
+HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor", "count_by")
 MAX_HISTORY_LIMIT = 1000
 # History calls reading at once; others wait their turn. Each holds up to about max_scan_bytes
 # of ops, and one decoded line, so this bounds their memory whatever the connections.
 HISTORY_READS = 2
 
 
-def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
-    """A query string's parameters, each one of allowed and given at most once; raises InvalidOp."""
+def query_params(query: str, allowed: tuple[str, ...]) -> dict[str, list[str]]:
+    """A query string's parameters, each one of allowed and given at most once unless it is a
+    repeatable filter (OpFilter judges those); raises InvalidOp."""
     params = parse_qs(query, keep_blank_values=True)
+    refuse_command_line_only(params)  # saying why, rather than only that it is unknown
     reject_unknown(params, allowed, "query parameter")
     for name, values in params.items():
-        if len(values) > 1:
+        if len(values) > 1 and not (name in FILTER and FILTER[name].repeatable):
             raise InvalidOp(name, "is given more than once")
-    return {name: values[0] for name, values in params.items()}
+    return params
 
 
 def count_param(text: str, name: str, maximum: int) -> int:
@@ -4796,15 +5051,14 @@ def count_param(text: str, name: str, maximum: int) -> int:
     return check_positive_int(value, name, maximum)
 
 
-def query_ops(ops: list[RingOp], given: dict[str, str], ring_size: int, now: float) -> list[RingOp]:
+def query_ops(ops: list[RingOp], params: dict[str, list[str]], ring_size: int, now: float) -> list[RingOp]:
     """The ring's ops passing GET /observer/ops' filters, the history's, newest first; raises
     InvalidOp naming the parameter."""
-    given = dict(given)
     limit = min(DEFAULT_LIMIT, ring_size)
-    if "limit" in given:
-        limit = count_param(given.pop("limit"), "limit", ring_size)
-    op_filter = OpFilter(given, now, grep_regex=False)
-    whole = op_filter.grep is not None or op_filter.field is not None  # fields the ring keeps only in the line
+    if "limit" in params:
+        limit = count_param(params["limit"][0], "limit", ring_size)
+    op_filter = OpFilter.from_query(params, now)
+    whole = op_filter.needs_whole_op
     matched = []
     for op in reversed(ops):
         if op_filter.accepts(op.to_dict() if whole else op):
@@ -4814,19 +5068,44 @@ def query_ops(ops: list[RingOp], given: dict[str, str], ring_size: int, now: flo
     return matched
 
 
-TIMELINE_PARAMS = ("seconds",)
+TIMELINE_PARAMS = ("seconds", "window")
 DEFAULT_TIMELINE_SECONDS = 60
 TIMELINE_ENDPOINTS = 20
 TIMELINE_CLUSTERS = 10
 TIMELINE_ESCALATIONS = 10
 
 
-def timeline_seconds(query: str) -> int:
-    """The window GET /observer/timeline is asked for; raises InvalidOp."""
+def timeline_query(query: str) -> tuple[int, str]:
+    """The window GET /observer/timeline is asked for, and the endpoints' window (a span, or
+    ring); raises InvalidOp."""
     given = query_params(query, TIMELINE_PARAMS)
-    if "seconds" not in given:
-        return DEFAULT_TIMELINE_SECONDS
-    return count_param(given["seconds"], "seconds", TIMELINE_SECONDS)
+    seconds = count_param(given["seconds"][0], "seconds", TIMELINE_SECONDS) if "seconds" in given \
+        else DEFAULT_TIMELINE_SECONDS
+    window = given["window"][0] if "window" in given else DEFAULT_ENDPOINTS_WINDOW
+    window_seconds(window)
+    return seconds, window
+
+
+def window_seconds(window: str) -> int | None:
+    """An endpoints' window in seconds (None: the whole ring); raises InvalidOp naming window."""
+    if window == "ring":
+        return None
+    span = _span_seconds(window)
+    if span is None:
+        raise InvalidOp("window", "must be a span like 90s, 5m, 1h, or ring")
+    return span
+
+
+def ranked_endpoints(ops: list[RingOp], window: str, now: float) -> tuple[list[dict], str | None]:
+    """The ring's endpoints ranked over the ops stamped within the window (all: ring), and the
+    time the window starts at (None: the ring)."""
+    span = window_seconds(window)
+    if span is None:
+        return rank_endpoints(ops, TIMELINE_ENDPOINTS), None
+    recent = OpFilter({"since": f"{span}s"}, now)
+    ops = [op for op in ops if recent.stamped_in_window(op.timestamp)]
+    since = datetime.fromtimestamp(now - span, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rank_endpoints(ops, TIMELINE_ENDPOINTS), since
 
 
 REVIEW_OPTIONS = ("endpoint", "source", "last_n", "llm")
@@ -4892,8 +5171,10 @@ class ObserverHandler(HTTPHandler):
         return 200, {"ops": ops, "count": len(ops)}
 
     def get_timeline(self):
-        seconds = timeline_seconds(self.target.query)
+        seconds, window = timeline_query(self.target.query)
         server, store = self.server, self.server.store
+        endpoints, endpoints_since = ranked_endpoints(store.snapshot(), window, time.time())
+        clusters = server.insights.clusters
         newest = int(time.time()) - 1  # the second still running is not whole yet
         sources, totals = store.arrivals.series(seconds, newest)
         fsync_p99 = store.metrics.fsync_seconds.quantile(0.99)
@@ -4910,8 +5191,11 @@ class ObserverHandler(HTTPHandler):
             "ring": {"ops": len(store), "capacity": server.config.ring_size, "bytes": store.ring.bytes},
             "journal": None if journal is None else {"path": str(journal.path), "bytes": journal.size()},
             "fsync_p99_ms": None if fsync_p99 is None else round(fsync_p99 * 1000, 3),
-            "endpoints": rank_endpoints(store.snapshot(), TIMELINE_ENDPOINTS),
-            "clusters": server.insights.clusters["clusters"][:TIMELINE_CLUSTERS],
+            "endpoints_window": window,
+            "endpoints_since": endpoints_since,
+            "endpoints": endpoints,
+            "clusters_analyzed_at": clusters["analyzed_at"],
+            "clusters": clusters["clusters"][:TIMELINE_CLUSTERS],
             "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
         }
 
@@ -4920,10 +5204,17 @@ class ObserverHandler(HTTPHandler):
         store, so ingest goes on meanwhile; at most HISTORY_READS calls read at once, and
         max_scan_bytes bounds the work of each."""
         given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
-        limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
-        cursor = given.get("cursor")
-        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time(),
-                             grep_regex=False)
+        count_by = given["count_by"][0] if "count_by" in given else None
+        limit = count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
+        cursor = given["cursor"][0] if "cursor" in given else None
+        op_filter = OpFilter.from_query(given, time.time())
+        counter = None
+        if count_by is not None:
+            counter = GroupCounter(count_by)
+            if cursor is not None:
+                raise InvalidOp("cursor", "does not go with count_by: its one scan has no next page")
+            op_filter, failed_only = op_filter.counting()
+            limit = math.inf
         config = self.server.config
         if config.persist_path is None:
             raise RequestError(409, "no journal: observerd runs ephemeral")
@@ -4931,12 +5222,19 @@ class ObserverHandler(HTTPHandler):
             skipped = SkippedLines()
             with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files,
                                                          self.server.store.journal.record) as files:
-                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped)
+                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped, counter)
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
                                "journal_unreadable") from None
+        if counter is not None:
+            groups = counter.rows(failed_only)
+            if "limit" in given:
+                groups = groups[:count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT)]
+            return 200, {"count_by": count_by, "groups": groups, "count": len(groups),
+                         "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
+                         "skipped_lines": skipped.count}
         return 200, {"ops": page.ops, "count": len(page.ops), "cursor": page.cursor,
                      "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
                      "skipped_lines": skipped.count}
@@ -5454,10 +5752,13 @@ EXAMPLES = """examples:
   python observerd.py --config lakehouse.toml        run the daemon (same as: serve --config ...)
   python observerd.py serve --bind 0.0.0.0:3219      override the bind address of the file
   python observerd.py check --config lakehouse.toml  validate the config, print the effective settings
-  python observerd.py stats data/observer/ops.jsonl  the stats a restart from that file would serve
-  python observerd.py top                            a live view of the daemon on 127.0.0.1:3219
-  python observerd.py ops --since 1h --failed        the last hour's failures, from the journal on disk
+  python observerd.py stats --config lakehouse.toml  the stats a restart from its journal would serve
+  python observerd.py top --config lakehouse.toml    a live view of the daemon that config runs
+  python observerd.py ops --since 10m --failed --count-by endpoint   what failed lately, and where
   OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
+
+Every subcommand takes --config (default: lakehouse.toml): the journal, the daemon's URL and its
+token all come from it. 2.0 changed ops' order (see observerd.py ops --help, and CHANGES.md).
 """
 SERVE_EXAMPLES = """examples:
   python observerd.py serve --config /etc/lakehouse/lakehouse.toml
@@ -5468,26 +5769,37 @@ CHECK_EXAMPLES = """examples:
   python observerd.py check --config lakehouse.toml > effective.toml   the settings, as TOML
 """
 STATS_EXAMPLES = """examples:
-  python observerd.py stats /var/lib/observerd/ops.jsonl --config /etc/lakehouse/lakehouse.toml
+  python observerd.py stats --config /etc/lakehouse/lakehouse.toml     from its persist_path
   python observerd.py stats ops.jsonl --ring-size 100 | jq .by_source
+  python observerd.py stats --config lakehouse.toml --url http://127.0.0.1:3219   the running daemon's
 """
 TOP_EXAMPLES = """examples:
-  OBSERVERD_TOKEN=s3cret python observerd.py top          the token from the environment, not ps
-  python observerd.py top --url https://host-a:3219 --interval 2
+  python observerd.py top --config /etc/lakehouse/lakehouse.toml   its bind, TLS and [auth] token
+  OBSERVERD_TOKEN=s3cret python observerd.py top --url https://host-a:3219 --interval 2
   python observerd.py top --once | tee incident.txt       one plain-text snapshot
 
-keys: q quits; s cycles the endpoints' sort (failures, failure rate, p95, ops)
+keys: q quits; s cycles the endpoints' sort (failures, failure rate, p95, ops); w switches the
+endpoints between the --window and the whole ring
 """
 OPS_EXAMPLES = """examples:
   python observerd.py ops --config lakehouse.toml --since 1h --failed   the last hour's failures
+  python observerd.py ops --since 10m --failed --count-by endpoint     which endpoints fail, ranked
   python observerd.py ops --endpoint '/mcp/*' --failed -f              follow failures live (Ctrl-C ends)
-  python observerd.py ops --since 2026-11-24T19:00:00Z --until 2026-11-24T20:00:00Z -n 1000 | jq .error
+  python observerd.py ops --since '2026-12-06 04:00' --until '2026-12-06 05:00' -n all | jq .error
+  python observerd.py ops --since yesterday --endpoint /a --endpoint /b -r -n 20   newest first
   python observerd.py ops data/observer/ops.jsonl --field trace_id=4bf92f35 -o json
+  python observerd.py ops --url http://host-a:3219 --since 1h --failed   a running daemon's journal
 
-Ctrl-C ending -f, and a pipe's reader that stops reading (| head), are exit 0.
+Changed in 2.0, as journalctl: ops print oldest first (-r: newest first), -n is also --lines,
+-f starts with the newest 10, --grep is plain text (--regex takes a regex), and --endpoint and
+--source may be repeated. Ctrl-C ending -f, and a pipe's reader that stops reading (| head),
+are exit 0.
 """
 FOLLOW_POLL_S = 0.2
-TOP_DEFAULT_URL = f"http://{SETTING['bind'].default}"
+CLIENT_TIMEOUT_S = 3.0  # for one answer: past it the daemon counts as gone (top retries)
+HISTORY_CLIENT_TIMEOUT_S = 60.0  # for one page of history: a scan of up to max_scan_bytes
+OPS_DEFAULT_LINES = 50
+FOLLOW_DEFAULT_LINES = 10  # as tail -f
 TOP_MIN_INTERVAL_S, TOP_MAX_INTERVAL_S = 0.1, 3600.0
 
 
@@ -5525,6 +5837,15 @@ def daemon_url(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
     return text.rstrip("/")
+
+
+def endpoints_window(text: str) -> str:
+    """--window: a span, or ring."""
+    try:
+        window_seconds(text)
+    except InvalidOp as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc.reason}") from None
+    return text
 
 
 def refresh_interval(text: str) -> float:
@@ -5568,9 +5889,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", help="print the stats a restart from a JSONL journal would serve", examples=STATS_EXAMPLES,
         description="Print the JSON GET /observer/stats would serve after a restart from FILE, with\n"
-                    "the config's ring_size, max_ring_bytes and keep_files, and the flags over them.")
-    stats.add_argument("file", help="the JSONL journal (rotated segments beside it are read too)")
+                    "the config's ring_size, max_ring_bytes and keep_files, and the flags over them;\n"
+                    "with --url, what a running daemon's GET /observer/stats serves now.")
+    stats.add_argument("file", nargs="?", help="the JSONL journal; rotated segments beside it are read too "
+                       "(default: the config's persist_path)")
     add_config_flag(stats, argparse.SUPPRESS)
+    add_daemon_flags(stats, optional=True)
     add_setting_flag(stats, "ring_size")
     add_setting_flag(stats, "recent_scenarios")
     top = commands.add_parser(
@@ -5578,13 +5902,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="A running daemon's events/s per source, failures, the endpoints failing most,\n"
                     "failure clusters, fsync p99, ring fill and escalations, from GET /observer/timeline,\n"
                     "full-screen. With --once, or when stdout is not a terminal: one plain-text snapshot.")
-    top.add_argument("--url", type=daemon_url, default=TOP_DEFAULT_URL,
-                     help=f"the daemon's base URL (default: {TOP_DEFAULT_URL})")
-    top.add_argument("--token", help="its bearer token (default: $OBSERVERD_TOKEN, which ps does not show)")
+    add_config_flag(top, argparse.SUPPRESS)
+    add_daemon_flags(top)
+    top.add_argument("--window", type=endpoints_window, default=DEFAULT_ENDPOINTS_WINDOW, metavar="SPAN",
+                     help="rank the endpoints over their ops of this span (90s, 15m, 1h) or the whole "
+                          f"ring (ring); the w key switches (default: {DEFAULT_ENDPOINTS_WINDOW})")
     top.add_argument("--interval", type=refresh_interval, default=1.0, help="seconds between refreshes (default: 1)")
     top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
     add_ops_parser(commands, add_config_flag)
+    parser.set_defaults(subcommands=commands.choices)
     return parser
+
+
+def add_daemon_flags(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    """--url and --token: a running daemon, by default the one --config runs."""
+    parser.add_argument("--url", type=daemon_url, help=(
+        "read a running daemon at this base URL instead of the files" if optional else
+        "the daemon's base URL (default: from --config's bind, https with its tls_cert)"))
+    parser.add_argument("--token", help="its bearer token (default: $OBSERVERD_TOKEN, which ps does not show, "
+                        "else --config's [auth] token)")
+
+
+def line_count(text: str) -> float:
+    """-n/--lines: a whole number, or all."""
+    if text == "all":
+        return math.inf
+    return non_negative_int(text)
 
 
 def non_negative_int(text: str) -> int:
@@ -5593,32 +5936,41 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def add_filter_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per filter of FILTERS, named as its HTTP query parameter."""
+    for spec in FILTERS:
+        if spec.metavar is None:
+            parser.add_argument(f"--{spec.name}", action="store_true", default=None, help=spec.help)
+        else:  # each taken as often as given, so a filter given twice is named, as over HTTP
+            parser.add_argument(f"--{spec.name}", metavar=spec.metavar, action="append", help=spec.help)
+
+
 def add_ops_parser(commands, add_config_flag) -> None:
     ops = commands.add_parser(
-        "ops", help="query the journal on disk (the daemon running or not); -f follows it",
+        "ops", help="query the journal, on disk (the daemon running or not) or over --url; -f follows it",
         examples=OPS_EXAMPLES,
         description="The ops of the JSONL journal and its rotated segments that pass every filter\n"
-                    "given, newest first; --since reads only about that much of the file.")
+                    "given: the newest -n, oldest first, as journalctl -n prints them; --since reads\n"
+                    "only about that much of the file. With --count-by, one row per value instead.")
     ops.add_argument("file", nargs="?", help="the JSONL journal; every rotated segment beside it (.1, .2, …) "
                      "is read too, up to keep_files with --config (default: the config's persist_path)")
     add_config_flag(ops, argparse.SUPPRESS)
-    ops.add_argument("--since", metavar="TIME", help="ops at or after: RFC 3339, or 90s, 15m, 2h, 7d ago")
-    ops.add_argument("--until", metavar="TIME", help="ops at or before: the same forms")
-    ops.add_argument("--endpoint", help="exact, or a glob like '/mcp/*'")
-    ops.add_argument("--source", help=", ".join(SOURCES))
-    outcome = ops.add_mutually_exclusive_group()
-    outcome.add_argument("--failed", dest="success", action="store_const", const="false", help="failed ops only")
-    outcome.add_argument("--ok", dest="success", action="store_const", const="true", help="successful ops only")
-    ops.add_argument("--grep", metavar="REGEX", help="a Python regex over error, input_summary, output_summary")
-    ops.add_argument("--field", metavar="KEY=VALUE",
-                     help="a field's value: a string as is, anything else as its JSON (retries=3)")
-    ops.add_argument("-n", type=non_negative_int, default=50, metavar="N", help="the newest N (default 50)")
-    ops.add_argument("--reverse", action="store_true", help="oldest first")
+    add_daemon_flags(ops, optional=True)
+    add_filter_flags(ops)
+    ops.add_argument("-n", "--lines", type=line_count, metavar="N",
+                     help=f"the newest N, or all (default {OPS_DEFAULT_LINES}; with -f {FOLLOW_DEFAULT_LINES}; "
+                          "with --count-by, N rows, default all)")
+    ops.add_argument("-r", "--reverse", action="store_true", help="newest first, as journalctl -r")
+    ops.add_argument("--count-by", metavar="FIELD",
+                     help="one row per value of FIELD (endpoint, source, signature: a failure's error "
+                          "signature, or any op field): ops, failures, failure rate, p50/p95 duration, "
+                          "the newest timestamp; most failures first. With --failed, the groups with "
+                          "failures, each rate over all its ops")
     ops.add_argument("-o", "--output", choices=("table", "json", "ndjson"),
                      help="table on a terminal, else ndjson (one op a line); json: one array")
     ops.add_argument("-f", "--follow", action="store_true",
-                     help="then print ops as they are appended, across rotations and SIGHUP reopens, "
-                          "oldest first, until Ctrl-C")
+                     help=f"print the newest {FOLLOW_DEFAULT_LINES} (or -n), then ops as they are appended, "
+                          "across rotations and SIGHUP reopens, until Ctrl-C; the files only, not --url")
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -5827,22 +6179,139 @@ def offline_config(args: argparse.Namespace) -> Config | None:
         # It listens nowhere: the file's bind, and the token it may require, are not its concern.
         return load_config(args.config, **{**setting_flags(args), "bind": "127.0.0.1:0"})
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.source}: {problem}", file=sys.stderr)
+        print_config_problems(exc)
         return None
 
 
+def print_config_problems(exc: ConfigError) -> None:
+    for problem in exc.problems:
+        print(f"{exc.source}: {problem}", file=sys.stderr)
+
+
+def journal_of(args: argparse.Namespace, command: str) -> tuple[Path, Config | None] | int:
+    """The journal a read command reads (FILE, else --config's persist_path) and the config
+    read, if any (a FILE named alone reads none, for ops); or the exit status once the problem
+    is printed, in one line."""
+    if args.file is not None and args.config is None and command == "ops":
+        return Path(args.file), None
+    config = offline_config(args)
+    if config is None:
+        return 2
+    if args.file is not None:
+        return Path(args.file), config
+    if config.persist_path is None:
+        print(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read; '
+              f"name one as FILE, or read the daemon with --url", file=sys.stderr)
+        return 2
+    return config.persist_path, config
+
+
+def no_journal(path: Path, args: argparse.Namespace, config: Config | None) -> str:
+    """Why there is nothing to read at path, naming where that path came from."""
+    problem = f"{path}: no journal there: file not found, nor rotated segments beside it"
+    if args.file is not None:
+        return problem
+    if any(warning.startswith("config file not found") for warning in config.warnings):
+        whence = f"the default persist_path ({config.source} was not found)"
+    else:
+        whence = f"the persist_path of {config.source}"
+    return f"{problem}; it is {whence}: --config chooses another config, FILE another journal"
+
+
+class DaemonAddress(NamedTuple):
+    """A running daemon as a client command reaches it, and where its token came from."""
+
+    url: str
+    token: str
+    token_source: str  # the flag, variable or setting the token was taken from, never its value
+    tls: ssl.SSLContext | None  # None: https verified as by any client
+    config_source: str | None  # the config read, if any
+
+
+def daemon_address(args: argparse.Namespace, command: str) -> DaemonAddress | None:
+    """The daemon --url names, else the one --config runs: its bind (a wildcard host is reached
+    on loopback), https trusting the configured tls_cert when TLS is on; the token from
+    --token, OBSERVERD_TOKEN, else the config's [auth] token. None once a problem is printed."""
+    config = None
+    if args.url is None or args.config is not None:
+        try:
+            # A bind beyond loopback whose token the daemon gets from its own environment (a
+            # systemd EnvironmentFile) is the daemon's to check: a 401 here says what to pass.
+            config = load_config(args.config, allow_unauthenticated=True)
+        except ConfigError as exc:
+            print_config_problems(exc)
+            return None
+    if args.token:
+        token, token_source = args.token, "--token"
+    elif os.environ.get("OBSERVERD_TOKEN"):
+        token, token_source = os.environ["OBSERVERD_TOKEN"], "OBSERVERD_TOKEN"
+    elif config is not None and config.token:
+        token, token_source = config.token, f"[auth] token of {config.source}"
+    else:
+        token, token_source = "", ("no token (none in --token, OBSERVERD_TOKEN"
+                                   + (f" or [auth] token of {config.source})" if config else ")"))
+    if args.url is not None:
+        return DaemonAddress(args.url, token, token_source, None, config and config.source)
+    if config.port == 0:
+        print(f"observerd.py {command}: {config.source}: bind {config.bind} is a port the system picks: "
+              "name the daemon with --url", file=sys.stderr)
+        return None
+    host = config.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    tls = None
+    if config.tls_cert is not None:
+        # The certificate the daemon serves, trusted as itself: it need not name the loopback host.
+        try:
+            tls = ssl.create_default_context(cafile=config.tls_cert)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"{config.source}: tls_cert {config.tls_cert}: cannot load: {exc}", file=sys.stderr)
+            return None
+        tls.check_hostname = False
+        tls.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    scheme = "https" if tls is not None else "http"
+    return DaemonAddress(f"{scheme}://{format_hostport(host, config.port)}", token, token_source, tls, config.source)
+
+
+def daemon_problem(exc: OutboundError, address: DaemonAddress) -> str:
+    """What went wrong asking the daemon, and for a 401 which token was tried and how to pass one."""
+    problem = str(exc)
+    if exc.status == 401:
+        if address.token:
+            problem += f"; the token from {address.token_source} was refused"
+        else:
+            problem += f"; the daemon wants a token and {address.token_source} was found"
+        problem += ": set OBSERVERD_TOKEN, or [auth] token in the file --config names"
+    return problem
+
+
 def print_stats(args: argparse.Namespace) -> int:
-    """`stats`: the JSON GET /observer/stats would serve after restoring from the file.
+    """`stats`: the JSON GET /observer/stats would serve after restoring from the file, or
+    (--url) serves now.
 
     The ring's settings come from the config, as serve reads it, and the flags over it.
     """
-    path = Path(args.file)
+    if args.url is not None:
+        if args.file is not None:
+            print("observerd.py stats: FILE and --url name two sources: give one (see observerd.py stats --help)",
+                  file=sys.stderr)
+            return 2
+        address = daemon_address(args, "stats")
+        if address is None:
+            return 2
+        try:
+            answer = call_json(f"{address.url}/observer/stats", CLIENT_TIMEOUT_S, key=address.token, tls=address.tls)
+        except OutboundError as exc:
+            print(showable(f"observerd.py stats: {address.url}: {daemon_problem(exc, address)}"), file=sys.stderr)
+            return 1
+        print(json.dumps(answer, ensure_ascii=False, indent=2))
+        return 0
+    found = journal_of(args, "stats")
+    if isinstance(found, int):
+        return found
+    path, config = found
     if not path.is_file():
-        print(f"{path}: {'not a regular file' if path.exists() else 'file not found'}", file=sys.stderr)
-        return 2
-    config = offline_config(args)
-    if config is None:
+        print(f"{path}: not a regular file" if path.exists() else no_journal(path, args, config), file=sys.stderr)
         return 2
     ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
     try:
@@ -5858,7 +6327,6 @@ def print_stats(args: argparse.Namespace) -> int:
 
 
 TOP_SECONDS = 60  # of per-second counts top asks for: one sparkline's worth
-TOP_TIMEOUT_S = 3.0  # for one answer: past it the daemon counts as gone, and top retries
 TOP_PLAIN_WIDTH = 120  # of a snapshot not written to a terminal: a whole sparkline fits
 TOP_KEY_POLL_MS = 100  # how soon top sees a key or a resize
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -5870,11 +6338,12 @@ ENDPOINT_SORTS = (
 )
 
 
-def fetch_timeline(url: str, token: str) -> dict:
+def fetch_timeline(address: DaemonAddress, window: str) -> dict:
     """The daemon's GET /observer/timeline for top; raises OutboundError."""
-    answer = call_json(f"{url}/observer/timeline?seconds={TOP_SECONDS}", TOP_TIMEOUT_S, key=token)
+    answer = call_json(f"{address.url}/observer/timeline?{urlencode({'seconds': TOP_SECONDS, 'window': window})}",
+                       CLIENT_TIMEOUT_S, key=address.token, tls=address.tls)
     try:
-        top_lines(answer, url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
+        top_lines(answer, address.url, TOP_PLAIN_WIDTH, 0)  # has every field top shows, of its kind
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError):
         # Another service at that URL, or an observerd of another version: say so, and retry.
         raise OutboundError("the answer is not a timeline this top can show") from None
@@ -5955,18 +6424,23 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
                      f"{percent(source_failed, source_ok + source_failed):>6}  "
                      + (sparkline(per_second[-spark_width:]) if spark_width else ""))
     sort_name, sort_key = ENDPOINT_SORTS[sort]
-    lines += ["", f"ENDPOINTS IN THE RING, by {sort_name}",
+    since = timeline["endpoints_since"]
+    over = "IN THE RING" if since is None else f"OF THE LAST {timeline['endpoints_window']} (since {clock(since)})"
+    lines += ["", f"ENDPOINTS {over}, by {sort_name}",
               f"{'OPS':>7} {'FAILED':>7} {'FAIL%':>6} {'P50 MS':>8} {'P95 MS':>8}  ENDPOINT"]
     for e in sorted(timeline["endpoints"], key=sort_key):
         lines.append(f"{e['ops']:>7,} {e['failures']:>7,} {percent(e['failures'], e['ops']):>6} "
                      f"{format_ms(e['p50_ms']):>8} {format_ms(e['p95_ms']):>8}  {e['endpoint']}")
     if not timeline["endpoints"]:
-        lines.append("(no ops in the ring)")
-    lines += ["", "FAILURE CLUSTERS, largest first", f"{'COUNT':>7} {'LAST':>8}  ENDPOINT: SIGNATURE"]
+        lines.append("(no ops in the ring)" if since is None else "(no ops stamped in the window)")
+    analyzed_at = timeline["clusters_analyzed_at"]
+    lines += ["", "FAILURE CLUSTERS, largest first, " + (f"as analysed at {clock(analyzed_at)}" if analyzed_at
+                                                         else "not analysed yet"),
+              f"{'COUNT':>7} {'LAST':>8}  ENDPOINT: SIGNATURE"]
     for c in timeline["clusters"]:
         lines.append(f"{c['count']:>7,} {clock(c['last_seen']):>8}  {c['endpoint']}: {c['signature']}")
     if not timeline["clusters"]:
-        lines.append("(none found by the last analysis)")
+        lines.append("(none found by the last analysis)" if analyzed_at else "(none yet)")
     lines += ["", "ESCALATIONS, newest first"]
     for e in timeline["escalations"]:
         lines.append(f"{clock(e['at'])} {e['outcome']:<6} {e['count']:>5,}  {e['endpoint']}: {e['signature']}"
@@ -5978,67 +6452,73 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
 
 def show_top(args: argparse.Namespace) -> int:
     """`top`: the full-screen view, or one plain-text snapshot (--once, or stdout not a terminal)."""
-    token = args.token or os.environ.get("OBSERVERD_TOKEN", "")
+    address = daemon_address(args, "top")
+    if address is None:
+        return 2
     try:
         if args.once or not sys.stdout.isatty():
-            return print_top_snapshot(args.url, token)
-        return run_top_screen(args.url, token, args.interval)
+            return print_top_snapshot(address, args.window)
+        return run_top_screen(address, args.interval, args.window)
     except KeyboardInterrupt:
         return 0  # Ctrl-C quits, like q
 
 
-def print_top_snapshot(url: str, token: str) -> int:
+def print_top_snapshot(address: DaemonAddress, window: str) -> int:
     try:
-        timeline = fetch_timeline(url, token)
+        timeline = fetch_timeline(address, window)
     except OutboundError as exc:
-        print(showable(f"observerd.py top: {url}: {exc}"), file=sys.stderr)
+        print(showable(f"observerd.py top: {address.url}: {daemon_problem(exc, address)}"), file=sys.stderr)
         return 1
     try:
         width = os.get_terminal_size().columns
     except OSError:
         width = TOP_PLAIN_WIDTH
-    print("\n".join(top_lines(timeline, url, width, 0)))
+    print("\n".join(top_lines(timeline, address.url, width, 0)))
     return 0
 
 
-def run_top_screen(url: str, token: str, interval: float) -> int:
+def run_top_screen(address: DaemonAddress, interval: float, window: str) -> int:
     try:
         import curses  # here, not above: a Python built without curses still runs the daemon
     except ImportError as exc:
         print(f"observerd.py top: this Python has no curses ({exc}); use --once", file=sys.stderr)
         return 1
     try:
-        curses.wrapper(top_screen, url, token, interval)
+        curses.wrapper(top_screen, address, interval, window)
     except curses.error as exc:  # a terminal curses cannot drive: TERM unset or unknown
         print(f"observerd.py top: cannot draw on this terminal ({exc}); use --once", file=sys.stderr)
         return 1
     return 0
 
 
-def top_screen(screen, url: str, token: str, interval: float) -> None:
+def top_screen(screen, address: DaemonAddress, interval: float, window: str) -> None:
     """top's screen, inside curses.wrapper: asks the daemon every interval, redraws on an
-    answer, a key or a resize, and shows why while the daemon does not answer."""
+    answer, a key or a resize, and shows why while the daemon does not answer. The w key
+    switches the endpoints between window and the whole ring."""
     import curses
     try:
         curses.curs_set(0)
     except curses.error:
         pass  # a terminal that cannot hide its cursor shows it
     screen.timeout(TOP_KEY_POLL_MS)
+    url = address.url
+    windows = [window, "ring"] if window != "ring" else ["ring", DEFAULT_ENDPOINTS_WINDOW]
     sort, timeline, problem, answered_at = 0, None, None, None
     next_fetch, redraw = 0.0, True
     while True:
         if time.monotonic() >= next_fetch:
             try:
-                timeline, problem = fetch_timeline(url, token), None
+                timeline, problem = fetch_timeline(address, windows[0]), None
                 answered_at = time.strftime("%H:%M:%SZ", time.gmtime())
             except OutboundError as exc:
-                problem = str(exc)
+                problem = daemon_problem(exc, address)
             next_fetch = time.monotonic() + interval
             redraw = True
         if redraw:
             rows, cols = screen.getmaxyx()
             if problem is None:
-                lines = top_lines(timeline, url, cols - 1, sort) + ["", "q quits · s sorts the endpoints"]
+                lines = top_lines(timeline, url, cols - 1, sort) + [
+                    "", f"q quits · s sorts the endpoints · w ranks them over {windows[1]}"]
             else:
                 lines = [screen_line(line, cols - 1) for line in (
                     f"observerd top · {url}", f"disconnected, retrying every {interval:g} s: {problem}",
@@ -6057,6 +6537,9 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
         if key in (ord("s"), ord("S")):
             sort = (sort + 1) % len(ENDPOINT_SORTS)
             redraw = True
+        elif key in (ord("w"), ord("W")):
+            windows.reverse()
+            next_fetch = 0.0  # the other window's ranking, at once
         elif key == curses.KEY_RESIZE:
             redraw = True
 
@@ -6106,30 +6589,35 @@ class OpsWriter:
 
 
 def print_ops(args: argparse.Namespace) -> int:
-    """`ops`: the journal's ops passing the filters, newest first; with -f, then those appended."""
+    """`ops`: the ops passing the filters, the newest -n printed oldest first (-r: newest
+    first), from the journal's files or a daemon (--url); with -f, then those appended; with
+    --count-by, one row per value."""
     def fail(problem: str, status: int) -> int:
-        print(problem, file=sys.stderr)
+        print(showable(problem), file=sys.stderr)
         return status
 
-    if args.file is not None and args.config is None:
-        # A file named alone: no config is read, and every segment beside it is.
-        path, keep_files = Path(args.file), SETTING["keep_files"].maximum
-    else:
-        config = offline_config(args)
-        if config is None:
-            return 2
-        path, keep_files = Path(args.file) if args.file else config.persist_path, config.keep_files
-        if path is None:
-            return fail(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', 2)
-    given = {name: getattr(args, name) for name in HISTORY_FILTERS if getattr(args, name) is not None}
     try:
-        op_filter = OpFilter(given, time.time())
+        op_filter = OpFilter.from_args(args, time.time())
+        counter = None if args.count_by is None else GroupCounter(args.count_by)
     except InvalidOp as exc:
-        return fail(f"observerd.py ops: --{exc.field} {exc.reason} (see observerd.py ops --help)", 2)
+        flag = exc.field.replace("_", "-")
+        return fail(f"observerd.py ops: --{flag} {exc.reason} (see observerd.py ops --help)", 2)
     output = args.output or ("table" if sys.stdout.isatty() else "ndjson")
-    if args.follow and output == "json":
-        return fail("observerd.py ops: -o json is one array, which following never closes: use -o ndjson "
-                    "or table (see observerd.py ops --help)", 2)
+    if args.follow and (output == "json" or args.reverse or args.count_by is not None):
+        what = ("-o json: one array, which following never closes: use -o ndjson or table" if output == "json"
+                else "-r: following prints oldest first, -r newest first: drop one" if args.reverse
+                else "--count-by: a count is of what is there: drop -f")
+        return fail(f"observerd.py ops: -f with {what} (see observerd.py ops --help)", 2)
+    if args.url is not None:
+        if args.file is not None:
+            return fail("observerd.py ops: FILE and --url name two journals: give one (see observerd.py ops --help)", 2)
+        return print_ops_of_daemon(args, op_filter, output)
+    found = journal_of(args, "ops")
+    if isinstance(found, int):
+        return found
+    path, config = found
+    keep_files = SETTING["keep_files"].maximum if config is None else config.keep_files
+    lines = args.lines if args.lines is not None else FOLLOW_DEFAULT_LINES if args.follow else OPS_DEFAULT_LINES
     writer = OpsWriter(output, sys.stdout.buffer, shutil.get_terminal_size((0, 0)).columns)
     skipped, follower = SkippedLines(), None
     try:
@@ -6137,12 +6625,18 @@ def print_ops(args: argparse.Namespace) -> int:
         with JournalFiles(path, keep_files, record) as files:
             if not files.listed:
                 if not args.follow:
-                    return fail(f"{path}: no journal there (nor rotated segments beside it)", 2)
+                    return fail(no_journal(path, args, config), 2)
                 print(f"{path}: no journal there yet; following it once there is", file=sys.stderr)
+            if args.count_by is not None:
+                scan_filter, failed_only = op_filter.counting()
+                page = read_history(files, scan_filter, math.inf, skipped=skipped, into=counter)
+                write_counts(args, output, counter.rows(failed_only),
+                             CountedPage(page.scanned_bytes, page.truncated, skipped.count))
+                return 0
             if args.follow:  # first: the read below lets go of each file it has read
                 follower = JournalFollower(path, keep_files, op_filter, skipped, files.live(), record)
-            ops = read_history(files, op_filter, args.n, skipped=skipped).ops if args.n else []
-        if args.reverse or args.follow:
+            ops = read_history(files, op_filter, lines, skipped=skipped).ops if lines else []
+        if not args.reverse:
             ops.reverse()
         writer.write(ops)
         while follower is not None:
@@ -6163,6 +6657,93 @@ def print_ops(args: argparse.Namespace) -> int:
             where, offset = skipped.first
             print(f"observerd.py ops: skipped {skipped.count} line(s) no read can serve (malformed or "
                   f"invalid; the first in {where} at byte {offset})", file=sys.stderr)
+    return 0
+
+
+class CountedPage(NamedTuple):
+    """What a count's scan read, as write_counts reports it."""
+
+    scanned_bytes: int
+    truncated: bool
+    skipped_lines: int
+
+
+def write_counts(args: argparse.Namespace, output: str, groups: list[dict], page: CountedPage) -> None:
+    """--count-by's rows: a table, one JSON object as GET /observer/history?count_by= answers,
+    or one row a line."""
+    if args.lines is not None:
+        groups = groups[:args.lines] if args.lines != math.inf else groups
+    out = sys.stdout
+    if output == "json":
+        out.write(json.dumps({"count_by": args.count_by, "groups": groups, "count": len(groups),
+                              "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
+                              "skipped_lines": page.skipped_lines}, ensure_ascii=False) + "\n")
+    elif output == "ndjson":
+        out.writelines(json.dumps(group, ensure_ascii=False) + "\n" for group in groups)
+    else:
+        out.write(f"{'FAILED':>7} {'OPS':>7} {'FAIL%':>6} {'P50 MS':>8} {'P95 MS':>8}  {'NEWEST':<27}  "
+                  f"{showable(args.count_by).upper()}\n")
+        for g in groups:
+            value = "-" if g["value"] is None else showable(g["value"])
+            out.write(f"{g['failures']:>7,} {g['ops']:>7,} {percent(g['failures'], g['ops']):>6} "
+                      f"{format_ms(g['p50_ms']):>8} {format_ms(g['p95_ms']):>8}  {g['newest']:<27}  {value}\n")
+        if not groups:
+            out.write("(no ops" + (" failed" if args.failed else "") + " in what was read)\n")
+    if page.truncated:
+        print("observerd.py ops: the daemon's scan stopped at its max_scan_bytes: the counts are of the "
+              "newest part of the window", file=sys.stderr)
+
+
+def print_ops_of_daemon(args: argparse.Namespace, op_filter: OpFilter, output: str) -> int:
+    """ops --url: the same query, paged from GET /observer/history (newest first), ordered here.
+    Times are sent absolute, as this command line reads them; --regex stays here: the daemon
+    takes only plain text."""
+    def fail(problem: str, status: int) -> int:
+        print(showable(problem), file=sys.stderr)
+        return status
+
+    if args.follow:
+        return fail("observerd.py ops: -f follows the journal's files, not --url: run it where the journal "
+                    "is, or watch the daemon with top (see observerd.py ops --help)", 2)
+    if args.regex is not None:
+        return fail("observerd.py ops: --regex is the command line's only: the daemon takes --grep, plain "
+                    "text (see observerd.py ops --help)", 2)
+    address = daemon_address(args, "ops")
+    if address is None:
+        return 2
+    params = []
+    for name, value in filter_args(args).items():
+        if name in ("since", "until"):
+            value = [datetime.fromtimestamp(getattr(op_filter, name), timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
+        params.extend((name, text) for text in ([value] if isinstance(value, str) else value))
+    lines = args.lines if args.lines is not None else OPS_DEFAULT_LINES
+
+    def history(extra: list[tuple[str, str]]) -> dict:
+        query = urlencode(params + extra)
+        return call_json(f"{address.url}/observer/history?{query}", HISTORY_CLIENT_TIMEOUT_S,
+                         key=address.token, tls=address.tls)
+
+    try:
+        if args.count_by is not None:
+            answer = history([("count_by", args.count_by)])
+            write_counts(args, output, answer["groups"], CountedPage(
+                answer["scanned_bytes"], answer["truncated"], answer["skipped_lines"]))
+            return 0
+        ops, cursor, skipped = [], None, 0
+        while len(ops) < lines:
+            answer = history([("limit", str(int(min(lines - len(ops), MAX_HISTORY_LIMIT))))]
+                             + ([("cursor", cursor)] if cursor else []))
+            ops.extend(RingOp(op) for op in answer["ops"])
+            skipped += answer["skipped_lines"]
+            if (cursor := answer["cursor"]) is None:
+                break
+    except OutboundError as exc:
+        return fail(f"observerd.py ops: {address.url}: {daemon_problem(exc, address)}", 1)
+    if not args.reverse:
+        ops.reverse()
+    OpsWriter(output, sys.stdout.buffer, shutil.get_terminal_size((0, 0)).columns).write(ops)
+    if skipped:
+        print(f"observerd.py ops: the daemon skipped {skipped} line(s) no read can serve", file=sys.stderr)
     return 0
 
 
@@ -6274,7 +6855,10 @@ def serve(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand they were given to, whose --help lists its own
+        args.subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops}.get(args.command)
     if command is None:
         try:

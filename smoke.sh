@@ -76,6 +76,22 @@ grep -q '^observerd_events_total{source="scenario",success="true"} 2$' <<<"$metr
 "$PY" observerd.py check --config lakehouse.toml >/dev/null && pass "check: shipped lakehouse.toml is valid" \
   || fail "check rejected lakehouse.toml"
 
+# The first answer in one command, the same from the files, over --url and over HTTP.
+counts=$("$PY" observerd.py ops "$work/ops.jsonl" --since 10m --failed --count-by endpoint -o json) \
+  || fail "ops --count-by exited $?"
+expect_json "ops --since 10m --failed --count-by endpoint: two endpoints, one failure each" "$counts" \
+  "sorted((g['value'], g['failures'], g['ops']) for g in j['groups']) == [('/mcp/search', 1, 2), ('/scenario/refund', 1, 1)]"
+remote=$("$PY" observerd.py ops --url "$base" --since 10m --failed --count-by endpoint -o json) \
+  || fail "ops --url --count-by exited $?"
+expect_json "ops --url counts alike" "$remote" "j['groups'] == $(printf '%s' "$counts" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["groups"])')"
+expect_json "GET /observer/history?count_by= counts alike" \
+  "$(curl -sS "$base/observer/history?since=10m&failed&count_by=endpoint")" "len(j['groups']) == 2 and not j['truncated']"
+newest=$("$PY" observerd.py ops --url "$base" --failed -n 1 -o ndjson) || fail "ops --url exited $?"
+expect_json "ops --url --failed -n 1: the newest failure" "$newest" "j['endpoint'] == '/scenario/refund'"
+expect_json "stats --url: what the daemon serves" "$("$PY" observerd.py stats --url "$base")" "j['total'] == 5"
+"$PY" observerd.py top --once --url "$base" | grep -q "ENDPOINTS OF THE LAST 5m" \
+  && pass "top --once ranks the last 5 minutes" || fail "top --once"
+
 kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 pass "daemon killed with SIGKILL"
 start_daemon

@@ -35,6 +35,7 @@ import tracemalloc
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -3354,9 +3355,10 @@ def test_ops_query_filters_newest_first(serve):
 
 
 @pytest.mark.parametrize("query, param", [
-    ("source=cron", "source"), ("success=yes", "success"), ("since=yesterday", "since"),
+    ("source=cron", "source"), ("success=yes", "success"), ("since=last%20week", "since"),
     ("limit=0", "limit"), ("limit=51", "limit"), ("limit=ten", "limit"), ("color=red", "color"),
-    ("source=mcp&source=scenario", "source"),
+    ("limit=1&limit=2", "limit"), ("failed=false", "failed"), ("failed&ok", "ok"),
+    ("regex=a", "regex"),
 ])
 def test_bad_ops_query_params_are_400_naming_the_param(serve, query, param):
     status, body, _ = serve(ring_size=50).client().get(f"/observer/ops?{query}")
@@ -4046,6 +4048,25 @@ def test_cli_version():
     assert (version.returncode, version.stdout.strip()) == (0, f"observerd {od.VERSION}")
 
 
+def test_the_major_version_says_ops_changed_order_and_the_changes_file_says_how():
+    # 2.0 inverted ops' order and --reverse, and made --grep plain text: a major bump, told.
+    assert od.VERSION.split(".")[0] == "2"
+    changes = (HERE / "CHANGES.md").read_text()
+    assert f"## {od.VERSION}" in changes and "`-r` / `--reverse` now means *newest first*" in changes
+    assert "Changed in 2.0" in run_cli("ops", "--help").stdout
+    assert "2.0 changed ops' order" in run_cli("--help").stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "stats", "top", "ops"])
+def test_every_subcommand_takes_config_and_names_its_help_for_an_unknown_flag(tmp_path, command):
+    missing = run_cli(command, "--config", str(tmp_path / "absent.toml"), *(["--once"] if command == "top" else []))
+    assert missing.returncode == 2 and f"{tmp_path / 'absent.toml'}" in missing.stderr
+    assert "file not found (--config names another)" in missing.stderr
+    unknown = run_cli(command, "--colour")
+    assert (unknown.returncode, unknown.stderr) == (
+        2, f"observerd.py {command}: unrecognized arguments: --colour (see observerd.py {command} --help)\n")
+
+
 def test_cli_check_prints_effective_settings_with_the_token_masked(tmp_path):
     config = write_config(tmp_path, {"ring_size": 500, "persist_path": "x/ops.jsonl"}, {"token": "hunter2"})
     result = run_cli("check", "--config", str(config))
@@ -4246,6 +4267,35 @@ def test_cli_stats_restores_with_the_configs_ring_settings(tmp_path, settings, f
     result = run_cli("stats", str(tmp_path / "ops.jsonl"), "--config", str(config), *flags)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["total"] == total
+
+
+def test_cli_stats_reads_the_configs_journal_or_a_running_daemon(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    client.post("/observer/events", [{"endpoint": f"/s{i}", "success": i % 2 == 0} for i in range(7)])
+    served = client.get("/observer/stats")[1]
+    config = str(tmp_path / "lakehouse.toml")
+    from_files = run_cli("stats", "--config", config, cwd="/")
+    assert from_files.returncode == 0, from_files.stderr
+    assert json.loads(from_files.stdout) == served
+    from_daemon = run_cli("stats", "--url", f"http://127.0.0.1:{daemon.port}")
+    assert from_daemon.returncode == 0, from_daemon.stderr
+    assert json.loads(from_daemon.stdout) == served
+    # A journal that is not there names the path looked for, where it came from, and the way out.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = write_settings(elsewhere, {"persist_path": "gone/ops.jsonl"})
+    for command in ("stats", "ops"):
+        result = run_cli(command, "--config", str(other))
+        assert (result.returncode, result.stdout) == (2, "")
+        assert result.stderr == (f"{elsewhere / 'gone' / 'ops.jsonl'}: no journal there: file not found, nor "
+                                 f"rotated segments beside it; it is the persist_path of {other}: --config chooses "
+                                 "another config, FILE another journal\n")
+        default = run_cli(command, cwd=tmp_path)  # its lakehouse.toml, the daemon's, read by default
+        assert default.returncode == 0, default.stderr
+    (tmp_path / "empty").mkdir()
+    nothing = run_cli("ops", cwd=tmp_path / "empty")
+    assert nothing.returncode == 2 and "the default persist_path (lakehouse.toml was not found)" in nothing.stderr
 
 
 def test_cli_stats_names_a_bad_setting_and_exits_2(tmp_path):
@@ -4663,7 +4713,8 @@ import struct  # noqa: E402
 import termios  # noqa: E402
 
 TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "now", "seconds", "sources", "totals", "ring",
-                 "journal", "fsync_p99_ms", "endpoints", "clusters", "escalations"}
+                 "journal", "fsync_p99_ms", "endpoints_window", "endpoints_since", "endpoints", "clusters_analyzed_at",
+                 "clusters", "escalations"}
 KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
     [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
      ("scenario", "/scenario/checkout", True, 100, 4), ("langfuse", "/langfuse/trace", False, 5, 1)])
@@ -4741,10 +4792,40 @@ def test_timeline_carries_the_first_clusters_and_the_newest_escalations(serve, f
     assert timeline["escalations"] == client.get("/observer/escalations")[1]["escalations"][:10]
 
 
+def test_timeline_ranks_endpoints_over_a_window_or_the_ring_and_dates_the_clusters(serve):
+    server = serve(analyze_interval_s=0.05)
+    client = server.client()
+    now = time.time()
+    client.post("/observer/events", [history_op(i, 3600, now, endpoint="/old", success=False) for i in range(3)]
+                + [history_op(10 + i, 10, now, endpoint="/new") for i in range(2)])
+    recent = client.get("/observer/timeline")[1]
+    assert [e["endpoint"] for e in recent["endpoints"]] == ["/new"]
+    assert recent["endpoints_window"] == "5m"
+    assert 295 <= now - od.parse_rfc3339(recent["endpoints_since"]).timestamp() <= 310
+    ring = client.get("/observer/timeline?window=ring")[1]
+    assert [e["endpoint"] for e in ring["endpoints"]] == ["/old", "/new"] and ring["endpoints_since"] is None
+    assert len(client.get("/observer/timeline?window=2h")[1]["endpoints"]) == 2
+    wait_for(lambda: client.get("/observer/timeline")[1]["clusters"], what="an analysis")
+    analysed_at = client.get("/observer/timeline")[1]["clusters_analyzed_at"]
+    assert abs(od.parse_rfc3339(analysed_at).timestamp() - time.time()) < 600
+    # top says which window it ranks over, and when the clusters were found.
+    url = f"http://127.0.0.1:{server.port}"
+    top = run_cli("top", "--once", "--url", url)
+    assert "ENDPOINTS OF THE LAST 5m (since " in top.stdout and "/old" not in top.stdout.split("FAILURE")[0]
+    assert "FAILURE CLUSTERS, largest first, as analysed at " in top.stdout
+    spelled = run_cli("top", "--once", "--url", url, "--window", "1h 30min")  # sent URL-encoded
+    assert spelled.returncode == 0 and "ENDPOINTS OF THE LAST 1h 30min" in spelled.stdout, spelled.stderr
+    whole = run_cli("top", "--once", "--url", url, "--window", "ring")
+    assert "ENDPOINTS IN THE RING" in whole.stdout and "/old" in whole.stdout.split("FAILURE")[0]
+    bad = run_cli("top", "--once", "--url", url, "--window", "5 parsecs")
+    assert bad.returncode == 2 and "--window: '5 parsecs' must be a span like 90s, 5m, 1h, or ring" in bad.stderr
+
+
 @pytest.mark.parametrize("query, param", [
     ("seconds=0", "seconds"), ("seconds=301", "seconds"), ("seconds=abc", "seconds"), ("seconds=", "seconds"),
     ("seconds=-1", "seconds"), ("seconds=1e2", "seconds"), ("seconds=99999999999999999999999", "seconds"),
     ("seconds=1&seconds=2", "seconds"), ("second=5", "second"), ("seconds=5&limit=1", "limit"),
+    ("window=5", "window"), ("window=all", "window"), ("window=ring&window=5m", "window"),
 ])
 def test_a_bad_timeline_query_is_400_naming_the_param(serve, query, param):
     status, body, _ = serve().client().get(f"/observer/timeline?{query}")
@@ -4823,11 +4904,66 @@ def test_top_once_shows_the_numbers_stats_serves(tmp_path, daemons):
         name: row[1:] for name, row in rows.items()}
     unauthorized = run_cli("top", "--once", "--url", url, env={"OBSERVERD_TOKEN": "wrong"})
     assert unauthorized.returncode == 1 and unauthorized.stdout == ""
-    assert unauthorized.stderr.splitlines() == [f"observerd.py top: {url}: HTTP 401 Unauthorized"]
+    # A 401 names the token source tried (never the token) and how to pass one.
+    assert unauthorized.stderr.splitlines() == [
+        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the token from "
+        "OBSERVERD_TOKEN was refused: set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.exit_status() == 0
     gone = run_cli("top", "--once", "--url", url)
     assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "unreachable" in gone.stderr
+
+
+def test_top_takes_the_daemons_url_and_token_from_the_config(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret")
+    daemon.client(token="s3cret").post("/observer/events", known_traffic())
+    url = f"http://127.0.0.1:{daemon.port}"
+    no_env = {"OBSERVERD_TOKEN": ""}
+
+    def client_config(name: str, **settings) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        return str(write_settings(folder, settings))
+
+    # A wildcard bind is reached on loopback; the token comes from [auth].
+    shared = client_config("shared", bind=f"0.0.0.0:{daemon.port}", token="s3cret")
+    top = run_cli("top", "--once", "--config", shared, env=no_env)
+    assert top.returncode == 0, top.stderr
+    assert f"at {url} " in top.stdout and "/mcp/search" in top.stdout
+    # A 401 names the source of the token tried, never the token, and how to pass one. A bind
+    # beyond loopback without a token in the file is the daemon's to check (systemd may give it
+    # OBSERVERD_TOKEN): top asks, and says what to pass.
+    tokenless = client_config("tokenless", bind=f"0.0.0.0:{daemon.port}")
+    refused = run_cli("top", "--once", "--config", tokenless, env=no_env)
+    assert refused.returncode == 1 and refused.stderr.splitlines() == [
+        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the daemon wants a "
+        f"token and no token (none in --token, OBSERVERD_TOKEN or [auth] token of {tokenless}) was found: "
+        "set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
+    wrong = client_config("wrong", bind=f"127.0.0.1:{daemon.port}", token="guess")
+    refused = run_cli("stats", "--config", wrong, "--url", url, env=no_env)
+    assert refused.returncode == 1 and f"the token from [auth] token of {wrong} was refused" in refused.stderr
+    assert "guess" not in refused.stderr
+    # The flag and the variable come first, as for the daemon.
+    assert run_cli("top", "--once", "--config", wrong, "--token", "s3cret", env=no_env).returncode == 0
+    assert run_cli("top", "--once", "--config", wrong, env={"OBSERVERD_TOKEN": "s3cret"}).returncode == 0
+    missing = run_cli("top", "--once", "--config", str(tmp_path / "nope.toml"))
+    assert (missing.returncode, missing.stderr) == (2, f"{tmp_path / 'nope.toml'}: file not found "
+                                                       "(--config names another)\n")
+
+
+def test_top_over_tls_trusts_the_certificate_its_config_names(tmp_path, daemons):
+    make_self_signed_cert(tmp_path)
+    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem", request_timeout_s=5)
+    client_folder = tmp_path / "client"
+    client_folder.mkdir()
+    config = write_settings(client_folder, {"bind": f"127.0.0.1:{daemon.port}", "tls_cert": str(tmp_path / "cert.pem"),
+                                            "tls_key": str(tmp_path / "key.pem")})
+    top = run_cli("top", "--once", "--config", str(config))
+    assert top.returncode == 0, top.stderr
+    assert f"at https://127.0.0.1:{daemon.port} " in top.stdout
+    # Without the config's certificate, a self-signed one is refused as by any client.
+    untrusted = run_cli("top", "--once", "--url", f"https://127.0.0.1:{daemon.port}", env={"SSL_CERT_FILE": os.devnull})
+    assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
 
 
 class Screen:
@@ -4914,6 +5050,9 @@ def test_top_draws_resizes_sorts_and_quits_on_a_terminal(serve, screens):
     mark = screen.mark()
     screen.press(b"s")
     screen.shows("rate", since=mark, what="the endpoints sorted by failure rate")
+    mark = screen.mark()
+    screen.press(b"w")
+    screen.shows("IN THE RING", since=mark, what="the endpoints ranked over the whole ring")
     screen.press(b"q")
     assert screen.proc.wait(60) == 0
     assert "Traceback" not in screen.text()
@@ -4996,7 +5135,8 @@ def test_every_subcommand_has_help_with_examples_and_the_exit_statuses(command):
 
 @pytest.mark.parametrize("args, problem", [
     (["nosuch"], "invalid choice: 'nosuch'"),
-    (["stats"], "the following arguments are required: file"),
+    (["stats"], "no journal there: file not found, nor rotated segments beside it; it is the default persist_path"),
+    (["ops", "--lines", "-1"], "argument -n/--lines: must be a whole number >= 0, got '-1'"),
     (["check", "--bogus"], "unrecognized arguments: --bogus"),
     (["top", "--interval", "0"], "--interval: '0' is not a number of seconds from 0.1 to 3600"),
     (["top", "--url", "localhost:3219"], "--url: 'localhost:3219' is not an http:// or https:// URL"),
@@ -5644,22 +5784,26 @@ def random_history_op(rng, i: int, now: float) -> dict:
     return o
 
 
-def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
+def brute_force_keeps(o: dict, given: dict) -> bool:
     """The filters as the README states them, written out plainly: the reference."""
-    endpoint = given.get("endpoint")
-    if endpoint is not None and not (fnmatch.fnmatchcase(o["endpoint"], endpoint) if any(c in endpoint for c in "*?[")
-                                     else o["endpoint"] == endpoint):
+    endpoints = given.get("endpoint")
+    if endpoints is not None and not any(fnmatch.fnmatchcase(o["endpoint"], e) if any(c in e for c in "*?[")
+                                         else o["endpoint"] == e for e in endpoints):
         return False
-    if "source" in given and o["source"] != given["source"]:
+    if "source" in given and o["source"] not in given["source"]:
         return False
-    if "success" in given and o["success"] != (given["success"] == "true"):
-        return False
+    wanted = {"failed": False, "ok": True}
+    for name in ("failed", "ok", "success"):
+        if name in given and o["success"] != wanted.get(name, given[name] == "true"):
+            return False
     if "until" in given and od.parse_rfc3339(o["timestamp"]) > od.parse_rfc3339(given["until"]):
         return False
     if "since" in given and od.parse_rfc3339(o["timestamp"]) < od.parse_rfc3339(given["since"]):
         return False
-    if "grep" in given and not any(isinstance(o.get(k), str) and re.search(given["grep"], o[k])
-                                   for k in ("error", "input_summary", "output_summary")):
+    texts = [o[k] for k in ("error", "input_summary", "output_summary") if isinstance(o.get(k), str)]
+    if "grep" in given and not any(given["grep"] in text for text in texts):
+        return False
+    if "regex" in given and not any(re.search(given["regex"], text) for text in texts):
         return False
     if "field" in given:
         key, value = given["field"].split("=", 1)
@@ -5673,11 +5817,24 @@ def brute_force_keeps(o: dict, given: dict[str, str]) -> bool:
 HISTORY_FILTER_CHOICES = {
     "endpoint": HISTORY_ENDPOINTS + ["/mcp/*", "*é", "/scenario/?/*", "/mcp/[[]x]", "/nothing"],
     "source": list(od.SOURCES),
-    "success": ["true", "false"],
-    "grep": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
-             "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
+    "grep": ["timeout", "Timeout after 30s", "é", 'a"b', "q=", "\nretry", "broke", ""],
+    "regex": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
+              "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
     "field": ["trace=t3", "n=3", "flag=true", 'obj={"a":1}', "n=", "seq=7"],
 }
+OUTCOME_CHOICES = [{"success": "true"}, {"success": "false"}, {"failed": "true"}, {"ok": ""},
+                   {"failed": "", "success": "false"}]
+
+
+def random_filters(rng) -> dict:
+    """Filters as OpFilter takes them: each maybe, repeatable ones once or twice."""
+    given = {}
+    for name, values in HISTORY_FILTER_CHOICES.items():
+        if rng.random() < 0.4:
+            given[name] = rng.sample(values, rng.choice([1, 1, 2])) if od.FILTER[name].repeatable else rng.choice(values)
+    if rng.random() < 0.4:
+        given.update(rng.choice(OUTCOME_CHOICES))
+    return given
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -5707,7 +5864,7 @@ def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(t
         + replay_forward(path)
     assert seqs(stored) == seqs(expected_order)
     for _ in range(40):
-        given = {name: rng.choice(values) for name, values in HISTORY_FILTER_CHOICES.items() if rng.random() < 0.4}
+        given = random_filters(rng)
         for bound in ("since", "until"):  # an op's own stamp, or a second next to one
             if rng.random() < 0.3:
                 stamp = rng.choice(stored)["timestamp"]
@@ -5733,7 +5890,7 @@ def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
             return seqs(plain(od.read_history(files, od.OpFilter(given, now), 100).ops))
 
     # Searched over the whole chunk, this pattern's first match runs from /a's line into /c's.
-    assert kept({"grep": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
+    assert kept({"regex": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
     assert kept({"since": "1m", "success": "true"}) == [4]
 
 
@@ -5798,7 +5955,7 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     def check(args, keep, n=50):
         result = run_ops(journal, "-o", "ndjson", *args)
         assert result.returncode == 0, result.stderr
-        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n], args
+        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n][::-1], args
         return result
 
     check([], lambda o: True)
@@ -5811,7 +5968,11 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     check(["--source", "scenario"], lambda o: o["source"] == "scenario")
     check(["--failed", "-n", "1000"], lambda o: not o["success"], n=1000)
     check(["--ok", "-n", "1000"], lambda o: o["success"], n=1000)
-    check(["--grep", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
+    check(["--regex", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
+    check(["--grep", "502 for job 1"], lambda o: "502 for job 1" in o.get("error", ""))
+    check(["--grep", "job \\d"], lambda o: False)  # plain text, not a regex
+    check(["--endpoint", "/h/7", "--endpoint", "/h/1?", "--source", "mcp", "--source", "langfuse"],
+          lambda o: re.fullmatch(r"/h/(7|1\d)", o["endpoint"]) and o["source"] == "mcp")
     check(["--field", "trace=t3"], lambda o: o["trace"] == "t3")
     check(["--field", "seq=12"], lambda o: o["seq"] == 12)
     # Relative and absolute times; ops stamped out of order are judged by their own stamp.
@@ -5822,8 +5983,10 @@ def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
     check(["--until", until, "--failed"], lambda o: not o["success"] and o["timestamp"] <= until)
     check(["--failed", "--source", "scenario", "--since", "10000s"],
           lambda o: not o["success"] and o["source"] == "scenario" and od.op_time(o).timestamp() >= now - 10000)
-    reverse = run_ops(journal, "-o", "ndjson", "-n", "5", "--reverse")
-    assert ndjson(reverse.stdout) == newest_first[:5][::-1]
+    # As journalctl: -r (--reverse) prints newest first, --lines is -n, and all is every op.
+    for flags in (["-n", "5", "-r"], ["--lines", "5", "--reverse"]):
+        assert ndjson(run_ops(journal, "-o", "ndjson", *flags).stdout) == newest_first[:5]
+    assert ndjson(run_ops(journal, "-o", "ndjson", "-n", "all").stdout) == ops
 
 
 def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
@@ -5831,14 +5994,14 @@ def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
     config = write_settings(tmp_path, {"persist_path": "ops.jsonl", "keep_files": 1})
     result = run_ops("--config", str(config), "-n", "1000", "-o", "ndjson", cwd="/")
     assert result.returncode == 0, result.stderr
-    assert ndjson(result.stdout) == ops[30:][::-1]  # .2 is beyond keep_files = 1
+    assert ndjson(result.stdout) == ops[30:]  # .2 is beyond keep_files = 1
     # A file named alone: no config is read (not even a broken one in the working folder), and
     # every segment beside it is, however far.
     (tmp_path / "ops.jsonl.2").rename(tmp_path / "ops.jsonl.7")
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "lakehouse.toml").write_text("[observerd]\nkeep_files = 'x'\n")
     alone = run_ops(str(tmp_path / "ops.jsonl"), "-n", "1000", cwd=tmp_path / "elsewhere")
-    assert alone.returncode == 0 and ndjson(alone.stdout) == ops[::-1]
+    assert alone.returncode == 0 and ndjson(alone.stdout) == ops
 
 
 def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
@@ -5850,13 +6013,13 @@ def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
     path = tmp_path / "ops.jsonl"
     path.write_bytes(b"".join(map(od.encode_line, ops)))
     as_json = run_ops(str(path), "-o", "json")
-    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops[::-1]
-    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops[::-1]
-    assert ndjson(run_ops(str(path)).stdout) == ops[::-1]  # not a terminal: ndjson
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops
+    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops
+    assert ndjson(run_ops(str(path)).stdout) == ops  # not a terminal: ndjson
     table = run_ops(str(path), "-o", "table", env={"COLUMNS": "120"}).stdout.splitlines()
     assert re.split(r"\s{2,}", table[0]) == ["TIME", "SOURCE", "ENDPOINT", "OK", "DURATION", "ERROR"]
     assert len(table) == 4 and all(len(line) <= 120 for line in table)
-    newest, middle, oldest = table[1:]
+    oldest, middle, newest = table[1:]
     # What a client sent is shown, never obeyed: controls as their JSON escapes.
     assert newest.startswith(ops[2]["timestamp"]) and " FAIL " in newest and "timeout\\nafter 30s" in newest
     assert "\x1b" not in middle and "/scenario/checkout\\u001b[2J" in middle
@@ -5871,12 +6034,19 @@ def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
 
 
 @pytest.mark.parametrize("args, status, needle", [
-    (["--since", "yesterday"], 2, "--since must be an RFC 3339 date-time"),
+    (["--since", "last week"], 2, "--since must be a time like 2026-12-06T04:00:00Z, '2026-12-06 04:00'"),
     (["--until", "2026-13-01T00:00:00Z"], 2, "--until must be"),
-    (["--grep", "("], 2, "--grep is not a valid regular expression"),
+    (["--regex", "("], 2, "--regex is not a valid regular expression"),
+    (["--grep", "a", "--grep", "b"], 2, "--grep is given more than once"),
+    (["--failed", "--ok"], 2, "--ok contradicts failed"),
+    (["-f", "-r"], 2, "-f with -r: following prints oldest first, -r newest first"),
+    (["-f", "--count-by", "endpoint"], 2, "-f with --count-by"),
+    (["--lines", "some"], 2, "--lines: must be a whole number"),
+    (["--nope"], 2, "unrecognized arguments: --nope (see observerd.py ops --help)"),
+    (["--count-by", ""], 2, "--count-by must name a field"),
     (["--field", "novalue"], 2, "--field must be key=value"),
     (["--source", "nope"], 2, "--source must be one of"),
-    (["-f", "-o", "json"], 2, "-o json is one array"),
+    (["-f", "-o", "json"], 2, "-f with -o json: one array"),
 ])
 def test_ops_names_a_bad_argument_in_one_line_and_exits_2(tmp_path, args, status, needle):
     path = tmp_path / "ops.jsonl"
@@ -5918,7 +6088,7 @@ def test_ops_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
                             f"{shlex.quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
                             shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
-    assert json.loads(result.stdout)["seq"] == 4999
+    assert json.loads(result.stdout)["seq"] == 0  # the newest 5000, oldest first
 
 
 class OpsFollower:
@@ -6110,7 +6280,7 @@ def test_ops_since_reads_on_through_lines_another_writer_spelled_otherwise(tmp_p
     journal.write_text("\n".join(reversed(lines)) + "\n")
     result = run_cli("ops", str(journal), "--since", "1h", "--endpoint", "/rare", "-o", "ndjson")
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["n"] for line in result.stdout.splitlines()] == [0, 19_999]
+    assert [json.loads(line)["n"] for line in result.stdout.splitlines()] == [19_999, 0]
 
 
 def test_grep_over_http_is_plain_text_so_no_pattern_can_stall_the_daemon(serve):
@@ -6183,9 +6353,10 @@ def test_a_cursor_into_a_rotated_away_segment_is_410(serve):
 
 @pytest.mark.parametrize("query, param", [
     ("nope=1", "nope"), ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
-    ("since=tomorrow", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
+    ("since=the%20day%20after", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
     ("field=x", "field"), ("cursor=abc", "cursor"), ("cursor=1.0.00000000", "cursor"),
-    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("endpoint=a&endpoint=b", "endpoint"),
+    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("grep=a&grep=b", "grep"),
+    ("failed=1", "failed"), ("success=true&failed", "success"), ("regex=a", "regex"),
 ])
 def test_bad_history_params_are_400_naming_the_param(serve, query, param):
     body = history_page(serve().client(), query, expect=400)
@@ -6251,7 +6422,7 @@ def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemon
                             capture_output=True, text=True, timeout=60,
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard)))
     assert result.returncode == 0, result.stderr
-    assert seqs(ndjson(result.stdout)) == list(range(159, -1, -1))
+    assert seqs(ndjson(result.stdout)) == list(range(160))
 
 
 def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
@@ -6273,6 +6444,220 @@ def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
     assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
     assert server.server.history_reads.acquire(blocking=False)
     server.server.history_reads.release()
+
+
+NOW_FOR_TIMES = od.parse_rfc3339("2026-12-06T05:30:00Z").timestamp()  # a Sunday
+
+
+@pytest.mark.parametrize("text, zone, expected", [
+    ("2026-12-06T04:00:00Z", None, "2026-12-06T04:00:00Z"),
+    ("2026-12-06t04:00:00.5+01:00", None, "2026-12-06T03:00:00.5Z"),
+    ("2026-12-06 04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
+    ("2026-12-06 04:00", od.timezone(od.timedelta(hours=3)), "2026-12-06T01:00:00Z"),
+    ("2026-12-06 04:00:30 UTC", od.timezone(od.timedelta(hours=3)), "2026-12-06T04:00:30Z"),
+    ("2026-12-06", od.timezone.utc, "2026-12-06T00:00:00Z"),
+    ("04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
+    ("now", None, "2026-12-06T05:30:00Z"),
+    ("today", od.timezone.utc, "2026-12-06T00:00:00Z"),
+    ("today", od.timezone(od.timedelta(hours=-8)), "2026-12-05T08:00:00Z"),  # still the 5th there
+    ("yesterday", od.timezone.utc, "2026-12-05T00:00:00Z"),
+    ("tomorrow", od.timezone.utc, "2026-12-07T00:00:00Z"),
+    ("90s", None, "2026-12-06T05:28:30Z"),
+    ("15m", None, "2026-12-06T05:15:00Z"),
+    ("10 min ago", None, "2026-12-06T05:20:00Z"),
+    ("1h 30min ago", None, "2026-12-06T04:00:00Z"),
+    ("2 hours ago", None, "2026-12-06T03:30:00Z"),
+    ("-7d", None, "2026-11-29T05:30:00Z"),
+    ("+1h", None, "2026-12-06T06:30:00Z"),
+])
+def test_times_read_as_journalctl_reads_them(text, zone, expected):
+    seconds = od.parse_time_bound(text, "since", NOW_FOR_TIMES, zone=zone)
+    assert seconds == od.parse_rfc3339(expected).timestamp()
+
+
+@pytest.mark.parametrize("text", ["last week", "1y", "٣m", "2026-13-01", "2026-12-06 25:00", "10 lightyears", "ago",
+                                  "2026-12-06 04:00 PST", "", "-2026-12-06", "2026-12-06 ago", "+1h ago"])
+def test_a_time_journalctl_would_not_take_names_the_bound(text):
+    with pytest.raises(od.InvalidOp) as raised:
+        od.parse_time_bound(text, "until", NOW_FOR_TIMES)
+    assert raised.value.field == "until" and "must be a time like" in raised.value.reason
+
+
+def test_calendar_times_are_local_on_the_command_line_and_utc_over_http(serve, tmp_path):
+    server = serve()
+    client = server.client()
+    # Hourly ops on 2026-12-06, 00:00Z to 07:00Z.
+    client.post("/observer/events", [{"endpoint": f"/h/{h}", "seq": h, "timestamp": f"2026-12-06T0{h}:00:00Z"}
+                                     for h in range(8)])
+    journal = str(server.config.persist_path)
+    three_east = {"TZ": "XXX-3"}  # POSIX: three hours east of UTC, needing no tz database
+    window = ["--since", "2026-12-06 04:00", "--until", "2026-12-06 05:00", "-o", "ndjson"]
+    local = run_ops(journal, *window, env=three_east)
+    assert local.returncode == 0, local.stderr
+    assert seqs(ndjson(local.stdout)) == [1, 2]  # 04:00 to 05:00 at UTC+3
+    # The command line sends the daemon absolute times, read as it reads them.
+    remote = run_ops("--url", f"http://127.0.0.1:{server.port}", *window, env=three_east)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    # The daemon reads the words it is sent in UTC.
+    over_http = history_page(client, "since=2026-12-06%2004:00&until=2026-12-06%2005:00")
+    assert seqs(over_http["ops"]) == [5, 4]
+    assert seqs(history_page(client, "since=2026-12-06&until=2026-12-06T02:00:00%2B01:00")["ops"]) == [1, 0]
+
+
+def test_relative_times_and_day_words_on_the_command_line(tmp_path):
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    ages = {0: 3 * 86400, 1: 26 * 3600, 2: 3600, 3: 300, 4: 30, 5: -3600}  # seq: seconds before now
+    path.write_bytes(b"".join(od.encode_line(history_op(i, age, now)) for i, age in ages.items()))
+
+    def kept(*args, env=None):
+        result = run_ops(str(path), "-o", "ndjson", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return seqs(ndjson(result.stdout))
+
+    assert kept("--since", "10 min ago") == [3, 4, 5]
+    assert kept("--since", "2 hours ago", "--until", "now") == [2, 3, 4]
+    assert kept("--since", "1h 1min") == [2, 3, 4, 5]
+    assert kept("--until=-2d") == [0]
+    midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    utc = {"TZ": "UTC"}
+    assert kept("--since", "today", env=utc) == [i for i, age in ages.items() if now - age >= midnight.timestamp()]
+    assert kept("--since", "yesterday", "--until", "today", env=utc) == [
+        i for i, age in ages.items() if midnight.timestamp() - 86400 <= now - age <= midnight.timestamp()]
+
+
+def filter_cli_args(given: dict) -> list[str]:
+    """A filter dict (name: text, or texts when repeated; a switch: "") as ops' flags."""
+    args = []
+    for name, value in given.items():
+        spec = od.FILTER[name]
+        for text in value if isinstance(value, list) else [value]:
+            args += [f"--{name}"] if spec.metavar is None else [f"--{name}", text]
+    return args
+
+
+FILTERS_SPOKEN_ALIKE = [
+    {"endpoint": ["/mcp/a,b", "/scenario/*"]},  # free text: never split on commas
+    {"source": ["scenario", "langfuse"], "failed": ""},
+    {"ok": "", "endpoint": ["/mcp/*"]},
+    {"grep": "(a+)+b"},  # plain text in both
+    {"grep": "502", "field": "trace=t1"},
+    {"since": "2h", "until": "30m", "failed": ""},
+    {"endpoint": ["/nothing"]},
+]
+
+
+@pytest.mark.parametrize("given", FILTERS_SPOKEN_ALIKE)
+def test_a_filter_means_the_same_as_a_flag_as_a_query_parameter_and_through_url(serve, given):
+    server = serve()
+    client = server.client()
+    now = time.time()
+    ops = [history_op(i, 4 * 3600 - i * 300, now, endpoint=["/mcp/a,b", "/mcp/a", "/scenario/x"][i % 3],
+                      source=od.SOURCES[i % 4], success=i % 3 != 1, trace=f"t{i % 2}",
+                      error=["x (a+)+b y", "aab", "HTTP 502"][i % 3]) for i in range(40)]
+    assert client.post("/observer/events", ops)[0] == 200
+    query = urlencode([(name, text) for name, value in given.items()
+                       for text in (value if isinstance(value, list) else [value])] + [("limit", "1000")])
+    over_http = history_page(client, query)["ops"]
+    assert bool(over_http) == (given != {"endpoint": ["/nothing"]})  # each keeps some, but the last
+    from_files = run_ops(str(server.config.persist_path), *filter_cli_args(given), "-n", "all", "-r", "-o", "ndjson")
+    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", *filter_cli_args(given), "-n", "all", "-r",
+                          "-o", "ndjson")
+    assert from_files.returncode == through_url.returncode == 0, from_files.stderr + through_url.stderr
+    assert ndjson(from_files.stdout) == ndjson(through_url.stdout) == over_http
+    ring = client.get(f"/observer/ops?{query.replace('limit=1000', 'limit=100')}")[1]["ops"]
+    assert ring == over_http
+
+
+def test_success_false_stays_an_alias_of_failed_over_http(serve):
+    client = serve().client()
+    post_seqs(client, range(4), success=True)
+    post_seqs(client, range(4, 6), success=False)
+    for route in ("/observer/history", "/observer/ops"):
+        assert [seqs(client.get(f"{route}?{q}")[1]["ops"]) for q in ("success=false", "failed=true", "failed")] \
+            == [[5, 4]] * 3, route
+        assert seqs(client.get(f"{route}?success=true&ok")[1]["ops"]) == [3, 2, 1, 0]
+
+
+def test_ops_follow_starts_with_the_newest_ten_as_tail_does(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    post_seqs(daemon.client(), range(15))
+    follower = followers(str(tmp_path / "ops.jsonl"))
+    follower.wait_seqs(list(range(5, 15)), "the newest ten")
+    post_seqs(daemon.client(), [15])
+    follower.wait_seqs(list(range(5, 16)), "the new op")
+
+
+def test_ops_over_url_refuses_what_the_daemon_cannot_do_in_one_line(serve):
+    url = f"http://127.0.0.1:{serve().port}"
+    for args, needle in ((["-f"], "-f follows the journal's files, not --url"),
+                         (["--regex", "a.b"], "--regex is the command line's only"),
+                         (["ops.jsonl"], "FILE and --url name two journals")):
+        result = run_ops("--url", url, *args)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def count_rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_count_by_answers_what_failed_lately_and_where(serve):
+    server = serve()
+    client = server.client()
+    now = time.time()
+    old = [history_op(i, 3600, now, endpoint="/old", success=False, error="gone") for i in range(3)]
+    recent = ([history_op(10 + i, 60 + i, now, endpoint="/mcp/search", success=i >= 3, duration_ms=10 * (i + 1),
+                          error=None if i >= 3 else f"timeout after {i}s") for i in range(5)]
+              + [history_op(20 + i, 30, now, endpoint="/scenario/checkout", success=i == 0,
+                            error=None if i == 0 else "HTTP 502") for i in range(2)]
+              + [history_op(30, 20, now, endpoint="/fine", success=True)])
+    assert client.post("/observer/events", old + recent)[0] == 200
+    journal = str(server.config.persist_path)
+    result = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "ndjson")
+    assert result.returncode == 0, result.stderr
+    search_stamp = max(recent[:5], key=od.op_time)["timestamp"]
+    assert count_rows(result.stdout) == [
+        # Sorted by failures; each rate over all the group's ops in the window, not only its failures.
+        {"value": "/mcp/search", "ops": 5, "failures": 3, "failure_rate": 0.6, "p50_ms": 30, "p95_ms": 50,
+         "newest": search_stamp},
+        {"value": "/scenario/checkout", "ops": 2, "failures": 1, "failure_rate": 0.5, "p50_ms": 0, "p95_ms": 0,
+         "newest": recent[6]["timestamp"]},
+    ]
+    # The same grouping over HTTP: one bounded scan, no cursor.
+    body = history_page(client, "since=10m&failed&count_by=endpoint")
+    assert body["groups"] == count_rows(result.stdout) and body["count"] == 2
+    assert body["truncated"] is False and "cursor" not in body
+    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", "--since", "10m", "--failed",
+                          "--count-by", "endpoint", "-o", "json")
+    assert json.loads(through_url.stdout)["groups"] == body["groups"]
+    # Without --failed every group shows; by signature, successes count under none.
+    everything = count_rows(run_ops(journal, "--since", "10m", "--count-by", "endpoint", "-o", "ndjson").stdout)
+    assert [row["value"] for row in everything] == ["/mcp/search", "/scenario/checkout", "/fine"]
+    signatures = count_rows(run_ops(journal, "--count-by", "signature", "-o", "ndjson").stdout)
+    assert [(row["value"], row["ops"]) for row in signatures] == [
+        ("gone", 3), ("timeout after <n>s", 3), ("http <n>", 1), (None, 4)]
+    fields = count_rows(run_ops(journal, "--count-by", "seq", "-n", "2", "-o", "ndjson").stdout)
+    assert [row["value"] for row in fields] == ["0", "1"]  # not a string: its JSON
+    table = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "table").stdout
+    assert table.splitlines()[0].split() == ["FAILED", "OPS", "FAIL%", "P50", "MS", "P95", "MS", "NEWEST", "ENDPOINT"]
+    assert table.splitlines()[1].split()[:3] == ["3", "5", "60.0%"] and table.splitlines()[1].endswith("/mcp/search")
+
+
+def test_count_by_over_http_is_one_scan_bounded_by_max_scan_bytes(serve):
+    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
+    client = server.client()
+    post_seqs(client, range(100), success=False, error="boom")
+    body = history_page(client, "count_by=endpoint&limit=3")
+    assert body["truncated"] is True and body["count"] == 3  # limit: the first groups
+    whole = history_page(client, "count_by=error")
+    assert whole["truncated"] is True and 0 < whole["groups"][0]["ops"] < 100
+    assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
+    cursor = history_page(client, "limit=1")["cursor"]
+    assert history_page(client, f"count_by=endpoint&cursor={cursor}", expect=400)["error"].startswith(
+        "invalid query: cursor does not go with count_by")
+    assert history_page(client, "count_by=", expect=400)["error"].startswith("invalid query: count_by ")
 
 
 # --- issue 14: browser page ---
@@ -6592,7 +6977,8 @@ PAGE_STATE = """(() => {
     olderHidden: document.getElementById("history-older").hidden,
     polylines: [...document.querySelectorAll("#chart polyline")].map((p) => p.getAttribute("points").split(" ").length),
     legend: text("legend"), ready: text("ready"), images: document.images.length,
-    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg")};
+    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg"),
+    endpointsOver: text("endpoints-over"), clustersNote: text("clusters-note")};
 })()"""
 
 
@@ -6660,6 +7046,14 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
         assert ops_column == sorted(ops_column, reverse=True)
         tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
         assert [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]] == sorted(ops_column)
+
+        # The endpoints are of the last 5 minutes, or of the whole ring at a click; clusters are dated.
+        assert state["endpointsOver"].startswith("Over the ops of the ring stamped since ")
+        assert state["clustersNote"].startswith("As the analysis at ")
+        tab.js('document.getElementById("endpoints-window").click()')
+        tab.wait(f"(s => s.endpointsOver === 'Over the ops in the ring')({PAGE_STATE})", "the whole ring")
+        tab.js('document.getElementById("endpoints-window").click()')
+        tab.wait(f"(s => s.endpointsOver.startsWith('Over the ops of the ring stamped'))({PAGE_STATE})", "5 min")
 
         # Filters narrow the recent ops.
         tab.js('document.getElementById("f-failed").click()')
@@ -6734,7 +7128,7 @@ def test_chromium_says_why_it_is_not_ready_until_it_is(tmp_path, daemons):
         state = tab.wait(f"(s => s.ready.startsWith('not ready') && s)({PAGE_STATE})", "not ready, and why")
         assert state["ready"] == f"not ready: {od.RESTORING}" and state["connClass"] == "bad"
         assert state["conn"] == f"GET stats: 503 {od.RESTORING} — retrying" and state["total"] == "…"
-        assert state["endpoints"] == [["no ops in the ring"]]  # what the timeline said, meanwhile
+        assert state["endpoints"] == [["no ops in the last 5m"]]  # what the timeline said, meanwhile
         os.close(os.open(gate, os.O_WRONLY))
         state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "ready once restored")
         assert state["ready"] == "ready" and tab.problems() == []

@@ -321,7 +321,8 @@ def history_bench(work: Path, lines: int) -> list[tuple[str, str, bool]]:
             ("--endpoint /mcp/tool7 --failed -n 10000000", ("--endpoint", "/mcp/tool7", "--failed", "-n", "10000000"), True),
             ("--field trace_id=…", ("--field", "trace_id=%032x" % (12345 * 2654435761)), True),
             ("--grep 'connection refused'", ("--grep", "connection refused"), True),
-            ("--grep '(?i)refused after \\d+s'", ("--grep", r"(?i)refused after \d+s"), True),
+            ("--regex '(?i)refused after \\d+s'", ("--regex", r"(?i)refused after \d+s"), True),
+            ("--failed --count-by endpoint", ("--failed", "--count-by", "endpoint"), True),
             ("--failed -n 10000000", ("--failed", "-n", "10000000"), True)]:
         wall, cpu, printed = results[name] = time_ops(path, *args)
         print(f"| `{name}` | {printed:,} | {wall:.2f} | {cpu:.2f} | {f'{size / cpu:,.0f}' if scan else ''} |")
