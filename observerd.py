@@ -27,6 +27,8 @@ if sys.version_info < (3, 11):
 import argparse
 import base64
 import bisect
+import difflib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -37,6 +39,7 @@ import ipaddress
 import json
 import math
 import os
+import pwd
 import re
 import resource
 import shutil
@@ -429,6 +432,11 @@ class _ConfigBase:
     def bind(self) -> str:
         return format_hostport(self.host, self.port)
 
+    @property
+    def address_family(self) -> socket.AddressFamily:
+        """The family of the socket serve listens on."""
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
 
 Config = make_dataclass(
     "Config",
@@ -445,6 +453,11 @@ Config = make_dataclass(
 
 def parse_bind(text: str) -> tuple[str, int]:
     """Split "host:port" (or "[v6]:port") into its parts; raises ValueError."""
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        raise ValueError(f"bind {text!r} must be host:port, without {scheme}://: e.g. {rest.partition('/')[0]!r}")
+    if any(char.isspace() for char in text):
+        raise ValueError(f"bind {text!r} must be host:port, without spaces")
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"bind {text!r} must be host:port")
@@ -502,6 +515,13 @@ def _checked(setting: Setting, value: object, where: str, problems: list[str]) -
     return value
 
 
+def _close_match(word: str, candidates, cutoff: float = 0.6) -> str | None:
+    """The candidate a typing slip most likely made word of, or None."""
+    by_lower = {candidate.lower(): candidate for candidate in candidates}
+    close = difflib.get_close_matches(word.lower(), by_lower, n=1, cutoff=cutoff)
+    return by_lower[close[0]] if close else None
+
+
 def _read_table(name: str, table: object, folder: Path, given: dict[str, GivenValue],
                 problems: list[str], unknown: list[str]) -> None:
     """Check one TOML table against the settings; unknown keys go to the unknown list."""
@@ -512,12 +532,44 @@ def _read_table(name: str, table: object, folder: Path, given: dict[str, GivenVa
         return
     for key, value in table.items():
         setting = SETTING.get(key)
-        if setting is None or setting.table != name:
-            unknown.append(f"unknown key {key!r} in [{name}]")
+        if setting is not None and setting.table != name:
+            problems.append(f"{key} in [{name}] is not read there: it belongs in [{setting.table}]")
+            continue
+        if setting is None:
+            hint = _close_match(key, [s.name for s in SETTINGS if s.table == name])
+            unknown.append(f"unknown key {key!r} in [{name}]" + (f" (did you mean {hint!r}?)" if hint else ""))
             continue
         value = _checked(setting, value, setting.in_file, problems)
         if value is not None:
             given[key] = GivenValue(value, setting.in_file, folder)
+
+
+# How alike a table's name must be to [observerd] to be taken for a misspelling of it: [observed],
+# [observer] and [Observerd] are; [server], which another daemon may well read, is not.
+TABLE_TYPO_CUTOFF = 0.85
+
+
+def _read_top_level(document: dict, named: bool, problems: list[str], warnings: list[str]) -> None:
+    """What lies outside observerd's own tables. A setting above any table, a table named almost
+    [observerd], or a named file without [observerd] is a problem: the daemon would run on
+    defaults nobody chose. Other daemons' tables are theirs; a bare key of theirs is noted."""
+    misspelled = False
+    for key, value in document.items():
+        if key in ("observerd", "auth"):
+            continue
+        setting = SETTING.get(key)
+        if isinstance(value, dict):
+            if _close_match(key, ["observerd"], TABLE_TYPO_CUTOFF):
+                problems.append(f"table [{key}] is not read: did you mean [observerd]?")
+                misspelled = True
+        elif setting is not None:
+            problems.append(f"{key} is above any table, where it is not read: it belongs in [{setting.table}]")
+        else:
+            hint = _close_match(key, SETTING)
+            warnings.append(f"top-level key {key!r} is not read: observerd reads only [observerd] and [auth]"
+                            + (f" (did you mean {hint!r} in [{SETTING[hint].table}]?)" if hint else ""))
+    if named and "observerd" not in document and not misspelled:
+        problems.append("no [observerd] table: observerd reads its settings from [observerd]")
 
 
 def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
@@ -548,6 +600,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
     problems: list[str] = []
+    _read_top_level(document, path is not None, problems, warnings)
     given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
     _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
     # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
@@ -559,11 +612,12 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         if value is not None:
             given[name] = GivenValue(value, setting.flag, Path.cwd())
 
-    host, port = "127.0.0.1", 0
+    host, port, bind_parsed = "127.0.0.1", 0, True
     try:
         host, port = parse_bind(given["bind"].value)
     except ValueError as exc:
         problems.append(str(exc))
+        bind_parsed = False
     values = {}
     for setting in SETTINGS:
         value = given[setting.name].value
@@ -605,7 +659,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         # It travels in an HTTP header: anything else could never match what a client sends.
         where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
         problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
-    if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
+    if bind_parsed and not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
             f"bind {given['bind'].value} is not loopback and [auth] token is empty: set a token "
             "(or OBSERVERD_TOKEN), or set allow_unauthenticated = true in [observerd]"
@@ -4586,8 +4640,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
+        self.address_family = config.address_family
         super().__init__((config.host, config.port), ObserverHandler)
         if config.tls_cert is not None:
             try:
@@ -5240,13 +5293,59 @@ def _file_problems(config: Config) -> list[str]:
     return problems
 
 
+def _privileged_ports_end() -> int:
+    """The first port an unprivileged user may listen on (Linux lowers it with a sysctl)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def port_in_use_problem(config: Config) -> str:
+    """What check and serve say when another socket holds bind's port."""
+    return (f"bind {config.bind}: port {config.port} is in use by another process "
+            f"(ss -ltnp 'sport = :{config.port}' names it)")
+
+
+def listen_problem(config: Config, error: OSError) -> str:
+    """Why serve cannot listen on bind, in the words check uses too."""
+    if isinstance(error, socket.gaierror):
+        return f"bind {config.bind}: host {config.host!r} does not resolve ({error.strerror})"
+    if error.errno == errno.EADDRINUSE:
+        return port_in_use_problem(config)
+    if error.errno == errno.EACCES and 0 < config.port < _privileged_ports_end():
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        return (f"bind {config.bind}: port {config.port} is privileged (below {_privileged_ports_end()}) "
+                f"and user {user} may not listen on it: grant CAP_NET_BIND_SERVICE or pick a higher port")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"bind {config.bind}: {config.host} is not an address of this host"
+    return f"bind {config.bind}: {error.strerror or error}"
+
+
+def bind_problem(config: Config) -> str | None:
+    """Why serve could not listen on bind now, or None: found by binding a socket there as the
+    server binds its own (SO_REUSEADDR, so a port a restart left in TIME_WAIT is free), then
+    closing it before it ever listens."""
+    try:
+        with socket.socket(config.address_family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((config.host, config.port))
+    except OSError as exc:
+        return listen_problem(config, exc)
+    return None
+
+
 def usability_problems(config: Config) -> list[str]:
-    """Every reason startup would fail beyond the config's syntax: files, folders, TLS.
+    """Every reason startup would fail beyond the config's syntax: the address, files,
+    folders, TLS.
 
     serve refuses to start on any of them and check lists them all, so the two agree. The
-    checks change nothing on disk. The port is not tried: a running daemon holds it.
+    checks change nothing on disk.
     """
-    problems = _file_problems(config)
+    problems = [problem for problem in [bind_problem(config)] if problem] + _file_problems(config)
     paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path),
              ("corrections_path", config.corrections_path))
     for name, path in paths:
@@ -5710,8 +5809,8 @@ def serve(config: Config) -> int:
         log("ERROR", "cannot serve TLS", problem=exc)
         store.close()
         return 2
-    except OSError as exc:
-        log("ERROR", "cannot listen", bind=config.bind, error=exc.strerror or exc)
+    except OSError as exc:  # the check passed: another process took the port since
+        log("ERROR", "cannot listen", bind=config.bind, problem=listen_problem(config, exc))
         store.close()
         return 2
     host, port = server.server_address[:2]

@@ -690,7 +690,7 @@ def make_folder(name):
 
 def test_config_defaults_are_exactly_the_documented_ones(tmp_path):
     path = tmp_path / "lakehouse.toml"
-    path.write_text("[other_daemon]\nanything = 1\n")
+    path.write_text("[other_daemon]\nanything = 1\n[observerd]\n")
     config = od.load_config(str(path), environ={})
     assert (config.host, config.port) == ("127.0.0.1", 3219)
     assert config.persist_path == tmp_path / "data/observer/ops.jsonl"
@@ -3527,14 +3527,83 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, content, needle):
     assert needle in lines[0] and "bad.toml" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_port_in_use_exits_2_with_one_clear_line(tmp_path, daemons):
+LISTENABLE = '[observerd]\nbind = "127.0.0.1:0"\npersist_path = ""\n'
+# Each config serve must refuse: check must refuse it too, naming the same problem in the same words.
+REFUSED_CONFIGS = {
+    "a scheme": ('[observerd]\nbind = "http://127.0.0.1:3374"\n', "without http://"),
+    "a space": ('[observerd]\nbind = "127.0.0.1 :3373"\n', "without spaces"),
+    "a port out of range": ('[observerd]\nbind = "127.0.0.1:65536"\n', "port must be 0-65535"),
+    "a host that does not resolve": ('[observerd]\nbind = "locahost.invalid:3376"\n'
+                                     "allow_unauthenticated = true\n", "'locahost.invalid' does not resolve"),
+    "a port in use": ('[observerd]\nbind = "127.0.0.1:{port}"\n', "port {port} is in use"),
+    "a privileged port": ('[observerd]\nbind = "127.0.0.1:80"\n', "port 80 is privileged (below"),
+    "an address of another host": ('[observerd]\nbind = "192.0.2.1:3219"\nallow_unauthenticated = true\n',
+                                   "192.0.2.1 is not an address of this host"),
+    "a misspelled table": ('[observed]\nbind = "127.0.0.1:0"\n', "table [observed] is not read: "
+                           "did you mean [observerd]?"),
+    "a setting above any table": ('bind = "127.0.0.1:0"\n[observerd]\n',
+                                  "bind is above any table, where it is not read: it belongs in [observerd]"),
+    "no [observerd] table": ('[auth]\ntoken = "s3cret"\n', "no [observerd] table"),
+    "a misspelled key": (LISTENABLE + "rign_size = 5\n", "unknown key 'rign_size' in [observerd] ("
+                         "did you mean 'ring_size'?)"),
+    "a key in the wrong table": (LISTENABLE + 'token = "s3cret"\n', "token in [observerd] is not read there: "
+                                 "it belongs in [auth]"),
+}
+
+
+def without_privileged_ports():
+    """preexec_fn: the child may not listen below the privileged port limit, even as root."""
+    if os.geteuid() == 0:
+        import ctypes
+        pr_capbset_drop, cap_net_bind_service = 24, 10
+        if ctypes.CDLL(None, use_errno=True).prctl(pr_capbset_drop, cap_net_bind_service, 0, 0, 0) != 0:
+            os._exit(99)
+
+
+def can_listen_on_port_80_without_privilege() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.socket().bind(('127.0.0.1', 80))"],
+                           capture_output=True, text=True, timeout=60, preexec_fn=without_privileged_ports)
+    return "Permission denied" not in probe.stderr
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CONFIGS))
+def test_what_serve_refuses_check_refuses_in_the_same_words(tmp_path, daemons, case):
+    content, needle = REFUSED_CONFIGS[case]
+    if case == "a privileged port" and can_listen_on_port_80_without_privilege():
+        pytest.skip("here an unprivileged process may listen on port 80, so no port is privileged")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = daemons(tmp_path, args=["--bind", f"127.0.0.1:{port}", "--persist-path", ""])
-        assert daemon.exit_status() == 2
-    assert "msg=\"cannot listen\"" in daemon.log and "Traceback" not in daemon.log
+        config = tmp_path / "lakehouse.toml"
+        config.write_text(content.format(port=port))
+        checked = subprocess.run([sys.executable, str(DAEMON), "check", "--config", str(config)],
+                                 capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                                 preexec_fn=without_privileged_ports)
+        daemon = daemons(tmp_path, args=["serve"], config=config, preexec_fn=without_privileged_ports)
+        assert daemon.exit_status() == 2, daemon.log
+    assert checked.returncode == 2, checked.stdout
+    *check_lines, summary = checked.stderr.splitlines()
+    assert summary.endswith("observerd would not start")
+    check_problems = [line.removeprefix(f"{config}: ") for line in check_lines]
+    assert check_problems == logged_problems(daemon.log)
+    assert any(needle.format(port=port) in problem for problem in check_problems), check_problems
+    assert "Traceback" not in daemon.log + checked.stderr
+
+
+def test_a_shared_files_other_tables_and_keys_are_theirs_and_a_bare_key_a_warning(tmp_path, daemons):
+    config = tmp_path / "lakehouse.toml"
+    config.write_text('cluster = "eu-1"\nrign_size = 5\n[server]\nport = 1\n[gateway]\nbind = "x"\n'
+                      + LISTENABLE + '[auth]\nsso = "x"\n')
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.splitlines() == [
+        f"{config}: warning: top-level key 'cluster' is not read: observerd reads only [observerd] and [auth]",
+        f"{config}: warning: top-level key 'rign_size' is not read: observerd reads only [observerd] and "
+        "[auth] (did you mean 'ring_size' in [observerd]?)",
+        f"{config}: warning: unknown key 'sso' in [auth]",
+    ]
+    daemons(tmp_path, config=config).wait_listening()
 
 
 def test_unwritable_persist_path_exits_2(tmp_path, daemons):
