@@ -24,6 +24,14 @@ if sys.version_info < (3, 11):
     sys.stderr.write("observerd needs Python 3.11 or newer; this is %d.%d.%d\n" % tuple(sys.version_info[:3]))
     sys.exit(2)
 
+import signal
+
+if __name__ == "__main__":
+    # Run as a program, a stop signal from the first line on waits, blocked, for main to take
+    # it: serve stops cleanly at any moment of startup (see serve), the other commands say so
+    # in one line, and neither prints a traceback from whichever import it landed in.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
 import argparse
 import base64
 import bisect
@@ -40,10 +48,10 @@ import json
 import math
 import os
 import pwd
+import queue
 import re
 import resource
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -1570,7 +1578,7 @@ class Restored(NamedTuple):
 
 
 def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: float = math.inf,
-                    window: int = 0) -> Restored:
+                    window: int = 0, stopping: threading.Event | None = None) -> Restored | None:
     """The ring's ops and the op_id window's entries from the journal's tail, in one pass.
 
     Reads backwards from the end of the live file, then of each older segment, until the ring
@@ -1579,7 +1587,8 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
     of the history. Blank lines are skipped silently; for the ring a malformed or invalid line
     is skipped with a warning naming its segment and byte offset, exactly as a forward replay
     would skip it, while in the window every line takes a slot (None when it holds no op_id,
-    or one a newer line holds): window lines are never decoded (see window_entry).
+    or one a newer line holds): window lines are never decoded (see window_entry). None once
+    stopping is set: a daemon told to stop while restoring a long journal stops at once.
     """
     ops: list[RingOp] = []
     op_ids: list[tuple[str, int] | None] = []
@@ -1594,6 +1603,8 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
             continue
         with f:
             for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+                if stopping is not None and stopping.is_set():
+                    return None
                 if not line.strip():
                     continue
                 if len(op_ids) < window:
@@ -1852,14 +1863,18 @@ class OpStore:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
-    def restore(self) -> None:
-        """Fill the ring and the op_id window from the journal's tail, and log it; raises
-        OSError if unreadable."""
+    def restore(self, stopping: threading.Event | None = None) -> None:
+        """Fill the ring and the op_id window from the journal's tail, and log it, unless
+        stopping is set first; raises OSError if unreadable."""
         if self.journal is not None:
             started = time.perf_counter()
             path, keep_files = self.journal.path, self.journal.keep_files
-            ops, op_ids = restore_journal(path, self.ring.ring_size, keep_files, self.ring.max_bytes,
-                                          0 if self.window is None else self.window.size)
+            log("INFO", "restoring ops", path=path)
+            restored = restore_journal(path, self.ring.ring_size, keep_files, self.ring.max_bytes,
+                                       0 if self.window is None else self.window.size, stopping)
+            if restored is None:
+                return
+            ops, op_ids = restored
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
@@ -5779,14 +5794,39 @@ def open_store(config: Config) -> OpStore:
     return OpStore(ring, journal, metrics, window)
 
 
+class ReceivedSignals:
+    """The signals serve acts on, in the order they came, taken by sigwait on a thread of
+    their own: startup goes on meanwhile, and a stop signal is seen at once by the restore,
+    however long the journal it reads."""
+
+    def __init__(self, signums: set[int]):
+        self.stopping = threading.Event()  # a stop signal came
+        self._signums = signums
+        self._received: queue.SimpleQueue[int] = queue.SimpleQueue()
+        threading.Thread(target=self._take, name="signals", daemon=True).start()
+
+    def _take(self) -> None:
+        while True:
+            signum = signal.sigwait(self._signums)
+            if signum != signal.SIGHUP:
+                self.stopping.set()
+            self._received.put(signum)
+
+    def next(self) -> int:
+        """The next signal, waiting for one."""
+        return self._received.get()
+
+
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
     # Blocked first, in this thread and so in every thread it starts, then taken by sigwait
-    # once the daemon runs: a signal during startup waits for it (SIGHUP reopens the journal
-    # just opened; SIGTERM stops cleanly), and no handler ever runs in the middle of the code
-    # it interrupts (one that took a lock that code held would hang the daemon for good).
+    # on a thread of its own: a signal during startup waits for the daemon to act on it
+    # (SIGHUP reopens the journal once restored; SIGTERM stops cleanly, during the restore
+    # too), and no handler ever runs in the middle of the code it interrupts (one that took a
+    # lock that code held would hang the daemon for good).
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    received = ReceivedSignals(signals)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
     for warning in config.warnings:
@@ -5825,21 +5865,23 @@ def serve(config: Config) -> int:
     accept_thread.start()
     # Answering before restoring: health and ready answer at once, however long the restore
     # takes; the routes that serve or store ops answer 503 until it is done.
-    status, loops = 0, None
+    status, loops, stop = 0, None, {}
     try:
-        store.restore()
+        store.restore(received.stopping)
     except OSError as exc:
         log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
         status = 2
     else:
-        loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
-        while signal.sigwait(signals) == signal.SIGHUP:
+        if store.restored:
+            loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+        while (signum := received.next()) == signal.SIGHUP:
             try:
                 store.reopen_journal()
             except OSError as exc:
                 log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
+        stop = {"signal": signal.Signals(signum).name, "restored": store.restored}
 
-    log("INFO", "shutting down", open_connections=len(server.connections))
+    log("INFO", "shutting down", **stop, open_connections=len(server.connections))
     # Closing comes first, and the listener keeps answering while the drain runs: ready
     # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
@@ -5863,9 +5905,15 @@ def main(argv: list[str] | None = None) -> int:
             log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
             return 2
         return serve(config)
+    # The others stop on a signal as any Unix tool does, Ctrl-C in one line (top and ops -f
+    # take it as the way they end).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     try:
         status = command(args)
         sys.stdout.flush()  # a reader that left (`| head`) shows here, not in the flush at exit
+    except KeyboardInterrupt:
+        print(f"observerd.py {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # It took what it wanted: the rest goes nowhere, quietly, as with any Unix tool.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3446,6 +3446,11 @@ SUBCOMMANDS = [[], ["serve"], ["check"], ["stats", "ops.jsonl"], ["--version"], 
 WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}
 
 
+def default_sigint():
+    """preexec_fn: SIGINT as a terminal's Ctrl-C finds it, even when the suite runs with it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class StartupHeldDaemon(Daemon):
     """observerd whose stderr pipe is full before it starts, so it blocks in its first log
     write until release(): a signal sent meanwhile arrives during startup, on any machine."""
@@ -3458,7 +3463,8 @@ class StartupHeldDaemon(Daemon):
         self._filler = b"#" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
         os.write(write_end, self._filler)
         self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder)
+                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder,
+                                     preexec_fn=default_sigint)
         os.close(write_end)
         self._stderr = os.fdopen(read_end, "rb")
         self._lines: list[str] = []
@@ -3841,6 +3847,26 @@ def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
     daemon.release()
     assert daemon.exit_status() == 0
     assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_the_restore_of_a_long_journal_stops_it_at_once(tmp_path, daemons, signum):
+    # Long enough that the restore is still running when the signal comes, on any machine: it
+    # is sent as soon as the restore says it started, and the log says which came first.
+    line = od.encode_line(op("/restored", success=False, error="boom"))
+    (tmp_path / "ops.jsonl").write_bytes(line * 300_000)
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                       "ring_size": 1_000_000, "max_ring_bytes": 1 << 40,
+                                       "dedupe_window": 1_000_000})
+    daemon = daemons(tmp_path, config=config, preexec_fn=default_sigint)
+    wait_for(lambda: 'msg="restoring ops"' in daemon.log or daemon.proc.poll() is not None,
+             what="the restore to start")
+    daemon.proc.send_signal(signum)
+    assert daemon.exit_status() == 0, daemon.log
+    name = signal.Signals(signum).name
+    assert f'msg="shutting down" signal={name} restored=false' in daemon.log
+    assert "msg=stopped" in daemon.log and 'msg="restored ops"' not in daemon.log
+    assert "Traceback" not in daemon.log
 
 
 def test_check_reports_every_declared_setting_once(tmp_path):
