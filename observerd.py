@@ -4460,6 +4460,9 @@ def parse_review_request(query: object) -> tuple[str | None, str | None, int | N
 class ObserverHandler(HTTPHandler):
     """The API: one method per route, and the table that routes to them."""
 
+    def get_index(self):
+        return 302, INDEX_DOCUMENT
+
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
 
@@ -4606,6 +4609,9 @@ class ObserverHandler(HTTPHandler):
             return
 
     ROUTES = {
+        # Where a person starts: a browser goes on to the page, curl reads the routes.
+        "/": Route({"GET": get_index}, auth=False, answers_unready=True),
+        "/observer": Route({"GET": get_index}, auth=False, answers_unready=True),
         "/observer/health": Route({"GET": get_health}, auth=False, answers_unready=True),
         "/observer/ready": Route({"GET": get_ready}, answers_unready=True),
         # The page holds no data: it loads in every state, and asks for the token itself.
@@ -4636,6 +4642,16 @@ def _refuse_overloaded(sock: socket.socket) -> None:
         sock.recv(65536)
     except OSError:
         pass
+
+
+# Relative, so that behind a gateway serving observerd under a prefix (/v1/observer/...) it
+# still leads to the page: from /v1/ and /v1/observer alike, observer/ui is /v1/observer/ui.
+PAGE_FROM_INDEX = "observer/ui"
+INDEX_DOCUMENT = Document(encode_json({
+    "service": SERVICE, "version": VERSION, "page": "/observer/ui",
+    "routes": [f"{method} {path}" for path, route in ObserverHandler.ROUTES.items() if path not in ("/", "/observer")
+               for method in route.methods],
+}), "application/json", {"Location": PAGE_FROM_INDEX})
 
 
 class ObserverServer(ThreadingHTTPServer):

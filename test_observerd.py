@@ -30,6 +30,7 @@ import threading
 import time
 import tomllib
 import tracemalloc
+import urllib.parse
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -2821,6 +2822,26 @@ def test_bad_op_is_400_naming_the_field_and_changes_nothing(serve, body, needle)
     assert needle in error["error"]
     assert client.get("/observer/stats")[1]["total"] == 0
     assert server.config.persist_path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("path", ["/", "/observer"])
+def test_the_root_sends_a_browser_to_the_page_and_lists_the_api_without_a_token(serve, path):
+    client = serve(token="tok").client()
+    status, body, resp = client.get(path)
+    assert (status, resp.getheader("Location")) == (302, "observer/ui")
+    assert body["page"] == "/observer/ui"
+    assert {"GET /observer/stats", "GET /observer/history", "POST /observer/event", "GET /metrics"} <= set(body["routes"])
+    # Relative, so a gateway serving it under a prefix leads to its own page, as a browser resolves it.
+    for prefix in ("", "/v1"):
+        page = urllib.parse.urlsplit(urllib.parse.urljoin(f"http://gateway{prefix}{path}", "observer/ui")).path
+        assert page == f"{prefix}/observer/ui"
+    page = http.client.HTTPConnection("127.0.0.1", client.conn.port, timeout=30)
+    page.request("GET", urllib.parse.urljoin(path, resp.getheader("Location")))
+    answer = page.getresponse()
+    assert (answer.status, answer.getheader("Content-Type")) == (200, "text/html; charset=utf-8")
+    assert b"<title>" in answer.read()
+    page.close()
+    assert client.get("/observer/stats")[0] == 401
 
 
 def test_an_unknown_path_is_404(serve):
