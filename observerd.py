@@ -4516,7 +4516,8 @@ class ObserverHandler(HTTPHandler):
             "service": SERVICE,
             "version": VERSION,
             "uptime_s": round(time.monotonic() - server.started, 1),
-            "ready": server.unready_reason() is None,  # as GET /observer/ready says
+            "ready": server.unready_reason() is None,  # as GET /observer/ready says, and why not
+            "reason": server.unready_reason(),
             "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
             "seconds": seconds,
             "sources": sources,
@@ -5577,6 +5578,8 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
         f"last {seconds} s: {ok + failed:,} ops, {ok:,} ok, {failed:,} failed ({percent(failed, ok + failed)})",
         "",
     ]
+    if not timeline["ready"]:
+        lines.insert(1, f"NOT READY: {timeline.get('reason') or 'no reason given'}")  # an older daemon gives none
     head = f"{'SOURCE':<20} {'EV/S':>6} {'OK':>8} {'FAILED':>8} {'FAIL%':>6}  "
     spark_width = max(0, min(seconds, width - len(head)))
     lines.append(head + (f"LAST {spark_width} S" if spark_width else ""))
@@ -5669,12 +5672,15 @@ def top_screen(screen, url: str, token: str, interval: float) -> None:
             redraw = True
         if redraw:
             rows, cols = screen.getmaxyx()
-            if problem is None:
-                lines = top_lines(timeline, url, cols - 1, sort) + ["", "q quits · s sorts the endpoints"]
-            else:
+            retrying = f"disconnected, retrying every {interval:g} s: {problem}"
+            if timeline is None:
                 lines = [screen_line(line, cols - 1) for line in (
-                    f"observerd top · {url}", f"disconnected, retrying every {interval:g} s: {problem}",
-                    f"last answer at {answered_at}" if answered_at else "no answer yet")]
+                    f"observerd top · {url}", retrying, "no answer yet")]
+            elif problem is None:
+                lines = top_lines(timeline, url, cols - 1, sort) + ["", "q quits · s sorts the endpoints"]
+            else:  # the last numbers stay, to read while the daemon is away
+                lines = [screen_line(f"STALE since {answered_at}, {retrying}", cols - 1),
+                         *top_lines(timeline, url, cols - 1, sort)]
             screen.erase()
             for y, line in enumerate(lines[:rows]):
                 try:

@@ -4314,7 +4314,7 @@ import pty  # noqa: E402  (stdlib; only this block drives a terminal)
 import struct  # noqa: E402
 import termios  # noqa: E402
 
-TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "now", "seconds", "sources", "totals", "ring",
+TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "reason", "now", "seconds", "sources", "totals", "ring",
                  "journal", "fsync_p99_ms", "endpoints", "clusters", "escalations"}
 KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
     [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
@@ -4589,6 +4589,49 @@ def test_top_survives_the_daemon_going_away_and_coming_back(tmp_path, daemons, s
     screen.press(b"q")
     assert screen.proc.wait(60) == 0
     assert "Traceback" not in screen.text()
+
+
+class TmuxScreen:
+    """A program in a window of a tmux server of its own: capture-pane gives the screen a person
+    would see, whatever bytes drew it."""
+
+    def __init__(self, folder: Path, argv, rows=40, cols=100, env=None):
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed, so no screen of top is looked at")
+        self.tmux = ["tmux", "-S", str(folder / "tmux.sock"), "-f", "/dev/null"]
+        subprocess.run([*self.tmux, "new-session", "-d", "-x", str(cols), "-y", str(rows), shlex.join(argv)],
+                       check=True, timeout=60, env={**os.environ, **(env or {})})
+
+    def text(self) -> str:
+        return subprocess.run([*self.tmux, "capture-pane", "-p"], capture_output=True, text=True,
+                              timeout=60).stdout
+
+    def shows(self, needle: str) -> str:
+        """The screen once it shows needle."""
+        return wait_for(lambda: (lambda text: needle in text and text)(self.text()), timeout=60,
+                        what=f"{needle!r} on the screen")
+
+    def stop(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def tmux_screens(tmp_path):
+    yield from started_by_test(lambda argv, **kw: TmuxScreen(tmp_path, argv, **kw), TmuxScreen.stop)
+
+
+def test_top_says_why_it_is_not_ready_and_keeps_its_last_screen_marked_stale(tmp_path, daemons, tmux_screens):
+    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op("/restored", success=False, error="boom")))
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    screen = tmux_screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{daemon.port}"])
+    screen.shows(f"NOT READY: {od.RESTORING}")
+    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
+    assert "NOT READY" not in screen.shows("/restored")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    text = screen.shows("STALE since ")
+    assert re.search(r"^STALE since \d\d:\d\d:\d\dZ, disconnected, retrying every 1 s: ", text, re.M), text
+    assert "/restored" in text and "observerd 1" in text, text
 
 
 def test_check_prints_the_effective_settings_as_toml_that_loads_back(tmp_path):
