@@ -3836,6 +3836,7 @@ th{font-size:12px;color:var(--mute);white-space:nowrap}
 .n{text-align:right}
 td.t{white-space:nowrap}
 td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+td.w{min-width:12ch;overflow-wrap:anywhere}
 tr.f td:nth-child(4){color:var(--bad);font-weight:600}
 button,input,select{font:inherit;color:inherit}
 input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
@@ -3857,7 +3858,14 @@ button.sort{color:inherit;font-weight:600}
 .s4{stroke:var(--c4);background:var(--c4)}
 #chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
 .sf{background:var(--bad)}
-@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}}
+@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}
+/* A row is a card of labelled cells: six columns fit no phone, and a header scrolled out of sight is no header. */
+table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#endpoints thead tr{display:flex;flex-wrap:wrap;gap:0 14px}
+#endpoints th{border:0;padding:0 0 4px}
+tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
+td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
+td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
+td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}}
 """
 
 UI_SCRIPT = r"""
@@ -3940,12 +3948,14 @@ function fill(body, rows, cells, empty) {
   if (drawn.get(body) === key) return;
   drawn.set(body, key);
   const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
+  const labels = [...body.parentElement.tHead.rows[0].cells].map((th) => th.textContent);
   const trs = rows.map((row) => {
     const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
-    for (const [cls, make] of cells.columns) {
+    cells.columns.forEach(([cls, make], n) => {
       const td = tr.appendChild(el("td", cls, make(row)));
+      td.dataset.label = labels[n];  /* what a narrow screen shows before it, in place of the header */
       if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
-    }
+    });
     return tr;
   });
   if (!trs.length) {
@@ -4155,7 +4165,7 @@ function showClusters(clusters) {
   fill($("clusters-body"), clusters, {columns: [
     ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
     ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
-    ["t", (c) => when(c.last_seen)], ["x", (c) => c.signature],
+    ["t", (c) => when(c.last_seen)], ["w", (c) => c.signature],  /* whole: it is what to read here */
   ]}, "no failure clusters");
 }
 

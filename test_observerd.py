@@ -6248,6 +6248,22 @@ def screenshot_folder(tmp_path: Path) -> Path:
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
+LONG_ERROR = ("connection reset by peer while reading the answer of https://search.internal.example/api/v2/"
+              "query/expanded-with-synonyms-and-typo-tolerance after the upstream closed its keep-alive socket")
+# What a person at that width could not read: a table scrolling sideways (its headers out of
+# sight), a header cut, a failure cluster's signature cut.
+PAGE_LAYOUT = """(() => {
+  const shown = (e) => e.offsetParent !== null;
+  return {sideways: [...document.querySelectorAll(".scroll")].filter((d) => shown(d) && d.scrollWidth > d.clientWidth)
+      .map((d) => d.parentElement.querySelector("h2").textContent),
+    cutHeaders: [...document.querySelectorAll("th")].filter((th) => shown(th) &&
+      (th.scrollWidth > th.clientWidth || th.getBoundingClientRect().right > window.innerWidth)).map((th) => th.textContent),
+    cutSignatures: [...document.querySelectorAll("#clusters-body td")].filter((td) => td.scrollWidth > td.clientWidth)
+      .map((td) => td.textContent),
+    pageSideways: document.documentElement.scrollWidth > window.innerWidth};
+})()"""
+
+
 def page_traffic() -> list[dict]:
     """Ops with a cluster of failures, playbooks, a hostile endpoint and one glob-like endpoint,
     in a fixed shuffled order."""
@@ -6258,7 +6274,7 @@ def page_traffic() -> list[dict]:
              "success": i % 5 != 0, "error": None if i % 5 else f"timeout after {i} s"} for i in range(12)]
     ops += [{"endpoint": "/langfuse/trace", "source": "langfuse", "success": True, "duration_ms": 3}] * 5
     ops += [{"endpoint": HOSTILE, "error": "<script>alert(2)</script>", "input_summary": "<b onclick=alert(3)>"},
-            {"endpoint": "/q[1]", "error": "glob-like endpoint"}]
+            {"endpoint": "/q[1]", "error": "glob-like endpoint"}, {"endpoint": "/mcp/fetch", "error": LONG_ERROR}]
     ops += [{"endpoint": "/q1", "success": True}] * 3
     ops = [{key: value for key, value in o.items() if value is not None} for o in ops]
     random.Random(14).shuffle(ops)
@@ -6383,6 +6399,9 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
             tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
                      "the chart redrawn")
             tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
+            assert tab.js(PAGE_LAYOUT) == {"sideways": [], "cutHeaders": [], "cutSignatures": [],
+                                           "pageSideways": False}, (width, dark)
+        assert any(LONG_ERROR[:40] in row[4] for row in tab.js(PAGE_STATE)["clusters"])
 
         # New data redraws the table under a keyboard user's focus, which stays where it was.
         tab.js('[...document.querySelectorAll("#ops-body button")].find((b) => b.textContent === "/q1").focus()')
