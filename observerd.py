@@ -5343,10 +5343,44 @@ def _privileged_ports_end() -> int:
         return 1024
 
 
+_TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
+
+
+def port_holders(port: int) -> dict[int, str]:
+    """The processes listening on a TCP port, pid -> name, as far as this user may see them:
+    Linux's /proc, matching each listening socket's inode to the descriptors holding it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = {}
+    for entry in os.scandir("/proc") if inodes and os.path.isdir("/proc") else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd.path) in inodes for fd in os.scandir(f"/proc/{entry.name}/fd")):
+                holders[int(entry.name)] = Path(f"/proc/{entry.name}/comm").read_text().strip()
+        except OSError:  # another user's process, or one that just ended
+            continue
+    return holders
+
+
 def port_in_use_problem(config: Config) -> str:
-    """What check and serve say when another socket holds bind's port."""
-    return (f"bind {config.bind}: port {config.port} is in use by another process "
-            f"(ss -ltnp 'sport = :{config.port}' names it)")
+    """What check and serve say when another socket holds bind's port.
+
+    The one place to tell a live host apart (issue 18's journal lock): when the process
+    holding the lock of config.persist_path is among port_holders(config.port), a restart
+    frees the port, and check notes it instead of failing.
+    """
+    holders = port_holders(config.port)
+    by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"
+    return f"bind {config.bind}: port {config.port} is in use by {by}"
 
 
 def listen_problem(config: Config, error: OSError) -> str:

@@ -3562,7 +3562,7 @@ REFUSED_CONFIGS = {
     "a port out of range": ('[observerd]\nbind = "127.0.0.1:65536"\n', "port must be 0-65535"),
     "a host that does not resolve": ('[observerd]\nbind = "locahost.invalid:3376"\n'
                                      "allow_unauthenticated = true\n", "'locahost.invalid' does not resolve"),
-    "a port in use": ('[observerd]\nbind = "127.0.0.1:{port}"\n', "port {port} is in use"),
+    "a port in use": ('[observerd]\nbind = "127.0.0.1:{port}"\n', "port {port} is in use by pid {pid} ("),
     "a privileged port": ('[observerd]\nbind = "127.0.0.1:80"\n', "port 80 is privileged (below"),
     "an address of another host": ('[observerd]\nbind = "192.0.2.1:3219"\nallow_unauthenticated = true\n',
                                    "192.0.2.1 is not an address of this host"),
@@ -3614,7 +3614,7 @@ def test_what_serve_refuses_check_refuses_in_the_same_words(tmp_path, daemons, c
     assert summary.endswith("observerd would not start")
     check_problems = [line.removeprefix(f"{config}: ") for line in check_lines]
     assert check_problems == logged_problems(daemon.log)
-    assert any(needle.format(port=port) in problem for problem in check_problems), check_problems
+    assert any(needle.format(port=port, pid=os.getpid()) in problem for problem in check_problems), check_problems
     assert "Traceback" not in daemon.log + checked.stderr
 
 
