@@ -4655,14 +4655,14 @@ def _refuse_overloaded(sock: socket.socket) -> None:
         pass
 
 
-# Relative, so that behind a gateway serving observerd under a prefix (/v1/observer/...) it
-# still leads to the page: from /v1/ and /v1/observer alike, observer/ui is /v1/observer/ui.
-PAGE_FROM_INDEX = "observer/ui"
+# The answer of / and /observer. Its Location is relative, so that behind a gateway serving
+# observerd under a prefix it still leads to the page: from /v1/ and /v1/observer alike,
+# observer/ui is /v1/observer/ui.
 INDEX_DOCUMENT = Document(encode_json({
     "service": SERVICE, "version": VERSION, "page": "/observer/ui",
-    "routes": [f"{method} {path}" for path, route in ObserverHandler.ROUTES.items() if path not in ("/", "/observer")
-               for method in route.methods],
-}), "application/json", {"Location": PAGE_FROM_INDEX})
+    "routes": [f"{method} {path}" for path, route in ObserverHandler.ROUTES.items()
+               if route.methods.get("GET") is not ObserverHandler.get_index for method in route.methods],
+}), "application/json", {"Location": "observer/ui"})
 
 
 class ObserverServer(ThreadingHTTPServer):
@@ -5360,12 +5360,11 @@ def port_holders(port: int) -> dict[int, str]:
             if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
     holders = {}
-    for entry in os.scandir("/proc") if inodes and os.path.isdir("/proc") else ():
-        if not entry.name.isdigit():
-            continue
+    for pid in (name for name in os.listdir("/proc") if name.isdigit()) if inodes else ():
         try:
-            if any(os.readlink(fd.path) in inodes for fd in os.scandir(f"/proc/{entry.name}/fd")):
-                holders[int(entry.name)] = Path(f"/proc/{entry.name}/comm").read_text().strip()
+            with os.scandir(f"/proc/{pid}/fd") as descriptors:
+                if any(os.readlink(fd.path) in inodes for fd in descriptors):
+                    holders[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
         except OSError:  # another user's process, or one that just ended
             continue
     return holders
