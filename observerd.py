@@ -5373,9 +5373,9 @@ def port_holders(port: int) -> dict[int, str]:
 def port_in_use_problem(config: Config) -> str:
     """What check and serve say when another socket holds bind's port.
 
-    The one place to tell a live host apart (issue 18's journal lock): when the process
-    holding the lock of config.persist_path is among port_holders(config.port), a restart
-    frees the port, and check notes it instead of failing.
+    Where a live host is to be told apart once the journal has its lock (issue 18): a holder
+    of that lock among port_holders(config.port) is the daemon a restart replaces, which
+    check notes rather than fails on, as operators run it before systemctl restart.
     """
     holders = port_holders(config.port)
     by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"

@@ -66,7 +66,10 @@ def wait_for(predicate, timeout=30.0, interval=0.01, what="condition"):
 
 def write_config(folder: Path, observerd: dict | None = None, auth: dict | None = None,
                  extra: str = "") -> Path:
-    """A lakehouse.toml with the given [observerd] and [auth] tables."""
+    """A lakehouse.toml with the given [observerd] and [auth] tables; bind, unless given, on a free
+    port, as check tries it and the default one may be taken on this machine."""
+    observerd = {"bind": "127.0.0.1:0", **(observerd or {})}
+
     def table(name, values):
         lines = [f"[{name}]"]
         for key, value in (values or {}).items():
