@@ -3865,7 +3865,7 @@ table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#end
 tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
 td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
 td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
-td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}}
+td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}td:empty{display:none}}
 """
 
 UI_SCRIPT = r"""

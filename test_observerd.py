@@ -3874,6 +3874,20 @@ def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_before_the_config_is_read_stops_cleanly_without_a_traceback(tmp_path, daemons, signum):
+    # The config is a FIFO: the daemon is held reading it, before serve, until the test writes it.
+    config = tmp_path / "lakehouse.toml"
+    os.mkfifo(config)
+    daemon = daemons(tmp_path, config=config, preexec_fn=default_sigint)
+    with open(config, "w") as fifo:  # opened once the daemon opens it to read
+        daemon.proc.send_signal(signum)
+        fifo.write('[observerd]\nbind = "127.0.0.1:0"\npersist_path = ""\n')
+    assert daemon.exit_status() == 0, daemon.log
+    assert f'msg="shutting down" signal={signal.Signals(signum).name}' in daemon.log
+    assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_during_the_restore_of_a_long_journal_stops_it_at_once(tmp_path, daemons, signum):
     # Long enough that the restore is still running when the signal comes, on any machine: it
     # is sent as soon as the restore says it started, and the log says which came first.
