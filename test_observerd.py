@@ -3887,6 +3887,17 @@ def test_a_stop_signal_before_the_config_is_read_stops_cleanly_without_a_traceba
     assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
 
 
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path):
+    config = tmp_path / "lakehouse.toml"
+    os.mkfifo(config)
+    proc = subprocess.Popen([sys.executable, str(DAEMON), "check", "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    with open(config, "w"):  # opened once check opens it to read, and left unwritten
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout, stderr) == (130, "", "observerd.py check: interrupted\n")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_during_the_restore_of_a_long_journal_stops_it_at_once(tmp_path, daemons, signum):
     # Long enough that the restore is still running when the signal comes, on any machine: it
