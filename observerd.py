@@ -419,12 +419,14 @@ SETTING = {setting.name: setting for setting in SETTINGS}
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; ``problems`` lists every reason."""
+    """The configuration cannot be used; ``problems`` lists every reason, ``warnings`` what else
+    was found wrong on the way."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], warnings: tuple[str, ...] = ()):
         super().__init__(f"{source}: " + "; ".join(problems))
         self.source = source
         self.problems = problems
+        self.warnings = warnings
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -673,7 +675,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
             "(or OBSERVERD_TOKEN), or set allow_unauthenticated = true in [observerd]"
         )
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, tuple(warnings))
     del values["bind"]
     return Config(host=host, port=port, **values, source=source, warnings=tuple(warnings))
 
@@ -5459,11 +5461,11 @@ def check(args: argparse.Namespace) -> int:
     """`check`: print every problem (exit 2), or warnings and the effective settings (exit 0)."""
     try:
         config = load_config(args.config, **setting_flags(args))
-        problems = usability_problems(config)
+        problems, warnings = usability_problems(config), config.warnings
     except ConfigError as exc:
-        config, problems = None, exc.problems
+        config, problems, warnings = None, exc.problems, exc.warnings
     source = args.config or DEFAULT_CONFIG_PATH
-    for warning in config.warnings if config is not None else ():
+    for warning in warnings:
         print(f"{source}: warning: {warning}", file=sys.stderr)
     if problems:
         for problem in problems:
@@ -5967,6 +5969,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load_config(args.config, **setting_flags(args))
         except ConfigError as exc:
+            for warning in exc.warnings:
+                log("WARN", warning, file=exc.source)
             log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
             return 2
         return serve(config)

@@ -3634,6 +3634,14 @@ def test_a_shared_files_other_tables_and_keys_are_theirs_and_a_bare_key_a_warnin
         f"{config}: warning: unknown key 'sso' in [auth]",
     ]
     daemons(tmp_path, config=config).wait_listening()
+    # Shown beside the problems too, by check and serve alike.
+    config.write_text('cluster = "eu-1"\n[observerd]\nrign_size = 5\n')
+    checked = run_cli("check", "--config", str(config))
+    daemon = daemons(tmp_path, config=config)
+    assert (checked.returncode, daemon.exit_status()) == (2, 2)
+    warning = "top-level key 'cluster' is not read: observerd reads only [observerd] and [auth]"
+    assert f"{config}: warning: {warning}\n" in checked.stderr
+    assert f'level=WARN msg="{warning}"' in daemon.log
 
 
 def test_unwritable_persist_path_exits_2(tmp_path, daemons):
