@@ -6,6 +6,7 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import fnmatch
 import gzip
@@ -3581,13 +3582,14 @@ REFUSED_CONFIGS = {
 }
 
 
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: a child imports nothing
+PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE = 24, 10
+
+
 def without_privileged_ports():
     """preexec_fn: the child may not listen below the privileged port limit, even as root."""
-    if os.geteuid() == 0:
-        import ctypes
-        pr_capbset_drop, cap_net_bind_service = 24, 10
-        if ctypes.CDLL(None, use_errno=True).prctl(pr_capbset_drop, cap_net_bind_service, 0, 0, 0) != 0:
-            os._exit(99)
+    if os.geteuid() == 0 and LIBC.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
+        os._exit(99)
 
 
 def can_listen_on_port_80_without_privilege() -> bool:
