@@ -24,11 +24,21 @@ if sys.version_info < (3, 11):
     sys.stderr.write("observerd needs Python 3.11 or newer; this is %d.%d.%d\n" % tuple(sys.version_info[:3]))
     sys.exit(2)
 
+import signal
+
+if __name__ == "__main__":
+    # Run as a program, a stop signal from the first line on waits, blocked, for main to take
+    # it: serve stops cleanly at any moment of startup (see serve), the other commands say so
+    # in one line, and neither prints a traceback from whichever import it landed in.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
 import argparse
 import base64
 import errno
 import fcntl
 import bisect
+import difflib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -39,10 +49,11 @@ import ipaddress
 import json
 import math
 import os
+import pwd
+import queue
 import re
 import resource
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -412,12 +423,14 @@ SETTING = {setting.name: setting for setting in SETTINGS}
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; ``problems`` lists every reason."""
+    """The configuration cannot be used; ``problems`` lists every reason, ``warnings`` what else
+    was found wrong on the way."""
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], warnings: tuple[str, ...] = ()):
         super().__init__(f"{source}: " + "; ".join(problems))
         self.source = source
         self.problems = problems
+        self.warnings = warnings
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -432,6 +445,11 @@ class _ConfigBase:
     @property
     def bind(self) -> str:
         return format_hostport(self.host, self.port)
+
+    @property
+    def address_family(self) -> socket.AddressFamily:
+        """The family of the socket serve listens on."""
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
 
 Config = make_dataclass(
@@ -449,6 +467,11 @@ Config = make_dataclass(
 
 def parse_bind(text: str) -> tuple[str, int]:
     """Split "host:port" (or "[v6]:port") into its parts; raises ValueError."""
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        raise ValueError(f"bind {text!r} must be host:port, without {scheme}://: e.g. {rest.partition('/')[0]!r}")
+    if any(char.isspace() for char in text):
+        raise ValueError(f"bind {text!r} must be host:port, without spaces")
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isascii() or not port_text.isdigit():
         raise ValueError(f"bind {text!r} must be host:port")
@@ -506,6 +529,13 @@ def _checked(setting: Setting, value: object, where: str, problems: list[str]) -
     return value
 
 
+def _close_match(word: str, candidates, cutoff: float = 0.6) -> str | None:
+    """The candidate a typing slip most likely made word of, or None."""
+    by_lower = {candidate.lower(): candidate for candidate in candidates}
+    close = difflib.get_close_matches(word.lower(), by_lower, n=1, cutoff=cutoff)
+    return by_lower[close[0]] if close else None
+
+
 def _read_table(name: str, table: object, folder: Path, given: dict[str, GivenValue],
                 problems: list[str], unknown: list[str]) -> None:
     """Check one TOML table against the settings; unknown keys go to the unknown list."""
@@ -516,12 +546,44 @@ def _read_table(name: str, table: object, folder: Path, given: dict[str, GivenVa
         return
     for key, value in table.items():
         setting = SETTING.get(key)
-        if setting is None or setting.table != name:
-            unknown.append(f"unknown key {key!r} in [{name}]")
+        if setting is not None and setting.table != name:
+            problems.append(f"{key} in [{name}] is not read there: it belongs in [{setting.table}]")
+            continue
+        if setting is None:
+            hint = _close_match(key, [s.name for s in SETTINGS if s.table == name])
+            unknown.append(f"unknown key {key!r} in [{name}]" + (f" (did you mean {hint!r}?)" if hint else ""))
             continue
         value = _checked(setting, value, setting.in_file, problems)
         if value is not None:
             given[key] = GivenValue(value, setting.in_file, folder)
+
+
+# How alike a table's name must be to [observerd] to be taken for a misspelling of it: [observed],
+# [observer] and [Observerd] are; [server], which another daemon may well read, is not.
+TABLE_TYPO_CUTOFF = 0.85
+
+
+def _read_top_level(document: dict, named: bool, problems: list[str], warnings: list[str]) -> None:
+    """What lies outside observerd's own tables. A setting above any table, a table named almost
+    [observerd], or a named file without [observerd] is a problem: the daemon would run on
+    defaults nobody chose. Other daemons' tables are theirs; a bare key of theirs is noted."""
+    misspelled = False
+    for key, value in document.items():
+        if key in ("observerd", "auth"):
+            continue
+        setting = SETTING.get(key)
+        if isinstance(value, dict):
+            if _close_match(key, ["observerd"], TABLE_TYPO_CUTOFF):
+                problems.append(f"table [{key}] is not read: did you mean [observerd]?")
+                misspelled = True
+        elif setting is not None:
+            problems.append(f"{key} is above any table, where it is not read: it belongs in [{setting.table}]")
+        else:
+            hint = _close_match(key, SETTING)
+            warnings.append(f"top-level key {key!r} is not read: observerd reads only [observerd] and [auth]"
+                            + (f" (did you mean {hint!r} in [{SETTING[hint].table}]?)" if hint else ""))
+    if named and "observerd" not in document and not misspelled:
+        problems.append("no [observerd] table: observerd reads its settings from [observerd]")
 
 
 def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
@@ -552,6 +614,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
     problems: list[str] = []
+    _read_top_level(document, path is not None, problems, warnings)
     given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
     _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
     # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
@@ -563,11 +626,12 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         if value is not None:
             given[name] = GivenValue(value, setting.flag, Path.cwd())
 
-    host, port = "127.0.0.1", 0
+    host, port, bind_parsed = "127.0.0.1", 0, True
     try:
         host, port = parse_bind(given["bind"].value)
     except ValueError as exc:
         problems.append(str(exc))
+        bind_parsed = False
     values = {}
     for setting in SETTINGS:
         value = given[setting.name].value
@@ -613,13 +677,13 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         # It travels in an HTTP header: anything else could never match what a client sends.
         where = "OBSERVERD_TOKEN" if environ.get("OBSERVERD_TOKEN") else "[auth] token"
         problems.append(f"{where} must be printable ASCII without leading or trailing spaces")
-    if not token and not is_loopback(host) and not values["allow_unauthenticated"]:
+    if bind_parsed and not token and not is_loopback(host) and not values["allow_unauthenticated"]:
         problems.append(
             f"bind {given['bind'].value} is not loopback and [auth] token is empty: set a token "
             "(or OBSERVERD_TOKEN), or set allow_unauthenticated = true in [observerd]"
         )
     if problems:
-        raise ConfigError(source, problems)
+        raise ConfigError(source, problems, tuple(warnings))
     del values["bind"]
     return Config(host=host, port=port, **values, source=source, warnings=tuple(warnings))
 
@@ -1952,7 +2016,8 @@ class Restored(NamedTuple):
 
 
 def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: float = math.inf,
-                    window: int = 0, record: UnsyncedRecord | None = None, durable: bool = False) -> Restored:
+                    window: int = 0, record: UnsyncedRecord | None = None, durable: bool = False,
+                    stopping: threading.Event | None = None) -> Restored | None:
     """The ring's ops and the op_id window's entries from the journal's tail, in one pass.
 
     Reads backwards from the end of the live file, then of each older segment, until the ring
@@ -1962,12 +2027,13 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
     is skipped with a warning naming its segment and byte offset, exactly as a forward replay
     would skip it, while in the window every line takes a slot (None when it holds no op_id,
     or one a newer line holds): window lines are never decoded (see window_entry). Lines in a
-    range the record holds are skipped as if absent.
+    range the record holds are skipped as if absent. None once stopping is set: a daemon told
+    to stop while restoring a long journal stops at once.
 
     durable (the daemon's restore): each file is fsynced before its first line is trusted, as
     a crash between an append's write and its fsync leaves bytes no fsync covered. If that
-    fsync fails, the whole file is recorded as unsynced (a later fsync would return 0 without
-    making anything durable) and OSError is raised: observerd does not start on it.
+    fsync fails, the file is recorded (a later fsync would return 0 without making anything
+    durable) and OSError is raised: observerd does not start on it.
     """
     ops: list[RingOp] = []
     op_ids: list[tuple[str, int] | None] = []
@@ -1987,6 +2053,8 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
                 _make_durable(f.fileno(), segment, status, record)
             skip = unsynced.of(f.fileno())
             for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+                if stopping is not None and stopping.is_set():
+                    return None
                 if not line.strip() or (skip and overlaps(skip, offset, len(line) + 1)):
                     continue
                 if len(op_ids) < window:
@@ -2246,15 +2314,19 @@ class OpStore:
             self._committer = threading.Thread(target=self._run_committer, name="committer", daemon=True)
             self._committer.start()
 
-    def restore(self) -> None:
-        """Fill the ring and the op_id window from the journal's tail, and log it; raises
-        OSError if unreadable."""
+    def restore(self, stopping: threading.Event | None = None) -> None:
+        """Fill the ring and the op_id window from the journal's tail, and log it, unless
+        stopping is set first; raises OSError if unreadable."""
         if self.journal is not None:
             started = time.perf_counter()
             path, keep_files = self.journal.path, self.journal.keep_files
-            ops, op_ids = restore_journal(path, self.ring.ring_size, keep_files, self.ring.max_bytes,
-                                          0 if self.window is None else self.window.size,
-                                          self.journal.record, durable=True)
+            log("INFO", "restoring ops", path=path)
+            restored = restore_journal(path, self.ring.ring_size, keep_files, self.ring.max_bytes,
+                                       0 if self.window is None else self.window.size,
+                                       self.journal.record, durable=True, stopping=stopping)
+            if restored is None:
+                return
+            ops, op_ids = restored
             with self._ring_lock:
                 for op in ops:
                     self.ring.apply(op)
@@ -4459,6 +4531,7 @@ th{font-size:12px;color:var(--mute);white-space:nowrap}
 .n{text-align:right}
 td.t{white-space:nowrap}
 td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+td.w{min-width:12ch;overflow-wrap:anywhere}
 tr.f td:nth-child(4){color:var(--bad);font-weight:600}
 button,input,select{font:inherit;color:inherit}
 input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
@@ -4480,7 +4553,14 @@ button.sort{color:inherit;font-weight:600}
 .s4{stroke:var(--c4);background:var(--c4)}
 #chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
 .sf{background:var(--bad)}
-@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}}
+@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}
+/* A row is a card of labelled cells: six columns fit no phone, and a header scrolled out of sight is no header. */
+table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#endpoints thead tr{display:flex;flex-wrap:wrap;gap:0 14px}
+#endpoints th{border:0;padding:0 0 4px}
+tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
+td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
+td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
+td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}td:empty{display:none}}
 """
 
 UI_SCRIPT = r"""
@@ -4565,12 +4645,14 @@ function fill(body, rows, cells, empty) {
   if (drawn.get(body) === key) return;
   drawn.set(body, key);
   const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
+  const labels = [...body.parentElement.tHead.rows[0].cells].map((th) => th.textContent);
   const trs = rows.map((row) => {
     const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
-    for (const [cls, make] of cells.columns) {
+    cells.columns.forEach(([cls, make], n) => {
       const td = tr.appendChild(el("td", cls, make(row)));
+      td.dataset.label = labels[n];  /* what a narrow screen shows before it, in place of the header */
       if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
-    }
+    });
     return tr;
   });
   if (!trs.length) {
@@ -4793,7 +4875,7 @@ function showClusters(clusters, analyzedAt) {
   fill($("clusters-body"), clusters, {columns: [
     ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
     ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
-    ["t", (c) => when(c.last_seen)], ["x", (c) => c.signature],
+    ["t", (c) => when(c.last_seen)], ["w", (c) => c.signature],  /* whole: it is what to read here */
   ]}, "no failure clusters");
 }
 
@@ -5128,6 +5210,9 @@ def parse_review_request(query: object) -> tuple[str | None, str | None, int | N
 class ObserverHandler(HTTPHandler):
     """The API: one method per route, and the table that routes to them."""
 
+    def get_index(self):
+        return 302, INDEX_DOCUMENT
+
     def get_health(self):
         return 200, {"status": "ok", "service": SERVICE, "ring_size": len(self.server.store)}
 
@@ -5183,7 +5268,8 @@ class ObserverHandler(HTTPHandler):
             "service": SERVICE,
             "version": VERSION,
             "uptime_s": round(time.monotonic() - server.started, 1),
-            "ready": server.unready_reason() is None,  # as GET /observer/ready says
+            "ready": server.unready_reason() is None,  # as GET /observer/ready says, and why not
+            "reason": server.unready_reason(),
             "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
             "seconds": seconds,
             "sources": sources,
@@ -5294,6 +5380,9 @@ class ObserverHandler(HTTPHandler):
             return
 
     ROUTES = {
+        # Where a person starts: a browser goes on to the page, curl reads the routes.
+        "/": Route({"GET": get_index}, auth=False, answers_unready=True),
+        "/observer": Route({"GET": get_index}, auth=False, answers_unready=True),
         "/observer/health": Route({"GET": get_health}, auth=False, answers_unready=True),
         "/observer/ready": Route({"GET": get_ready}, answers_unready=True),
         # The page holds no data: it loads in every state, and asks for the token itself.
@@ -5326,6 +5415,16 @@ def _refuse_overloaded(sock: socket.socket) -> None:
         pass
 
 
+# The answer of / and /observer. Its Location is relative, so that behind a gateway serving
+# observerd under a prefix it still leads to the page: from /v1/ and /v1/observer alike,
+# observer/ui is /v1/observer/ui.
+INDEX_DOCUMENT = Document(encode_json({
+    "service": SERVICE, "version": VERSION, "page": "/observer/ui",
+    "routes": [f"{method} {path}" for path, route in ObserverHandler.ROUTES.items()
+               if route.methods.get("GET") is not ObserverHandler.get_index for method in route.methods],
+}), "application/json", {"Location": "observer/ui"})
+
+
 class ObserverServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a deep accept backlog, a connection cap and the store."""
 
@@ -5343,8 +5442,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
-        if ":" in config.host:
-            self.address_family = socket.AF_INET6
+        self.address_family = config.address_family
         super().__init__((config.host, config.port), ObserverHandler)
         if config.tls_cert is not None:
             try:
@@ -6071,13 +6169,96 @@ def _runtime_dir_problem(folder: Path) -> str | None:
     return None
 
 
+def _privileged_ports_end() -> int:
+    """The first port an unprivileged user may listen on (Linux lowers it with a sysctl)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+_TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
+
+
+def port_holders(port: int) -> dict[int, str]:
+    """The processes listening on a TCP port, pid -> name, as far as this user may see them:
+    Linux's /proc, matching each listening socket's inode to the descriptors holding it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = {}
+    for pid in (name for name in os.listdir("/proc") if name.isdigit()) if inodes else ():
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as descriptors:
+                if any(os.readlink(fd.path) in inodes for fd in descriptors):
+                    holders[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # another user's process, or one that just ended
+            continue
+    return holders
+
+
+def port_in_use_problem(config: Config) -> str:
+    """What check and serve say when another socket holds bind's port (but for the daemon of
+    this journal: see bind_problem)."""
+    holders = port_holders(config.port)
+    by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"
+    return f"bind {config.bind}: port {config.port} is in use by {by}"
+
+
+def listen_problem(config: Config, error: OSError) -> str:
+    """Why serve cannot listen on bind, in the words check uses too."""
+    if isinstance(error, socket.gaierror):
+        return f"bind {config.bind}: host {config.host!r} does not resolve ({error.strerror})"
+    if error.errno == errno.EADDRINUSE:
+        return port_in_use_problem(config)
+    if error.errno == errno.EACCES and 0 < config.port < _privileged_ports_end():
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        return (f"bind {config.bind}: port {config.port} is privileged (below {_privileged_ports_end()}) "
+                f"and user {user} may not listen on it: grant CAP_NET_BIND_SERVICE or pick a higher port")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"bind {config.bind}: {config.host} is not an address of this host"
+    return f"bind {config.bind}: {error.strerror or error}"
+
+
+def bind_problem(config: Config) -> str | None:
+    """Why serve could not listen on bind now, or None: found by binding a socket there as the
+    server binds its own (SO_REUSEADDR, so a port a restart left in TIME_WAIT is free), then
+    closing it before it ever listens.
+
+    The one exception: the port held by the daemon that holds this journal's lock, the one a
+    restart replaces (operators run check before systemctl restart). check notes it; serve
+    then stops at the lock, naming that daemon."""
+    try:
+        with socket.socket(config.address_family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((config.host, config.port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE and config.persist_path is not None:
+            holder = journal_holder(config.persist_path)
+            if holder and holder in port_holders(config.port):
+                return None
+        return listen_problem(config, exc)
+    return None
+
+
 def usability_problems(config: Config) -> list[str]:
-    """Every reason startup would fail beyond the config's syntax: files, folders, TLS.
+    """Every reason startup would fail beyond the config's syntax: the address, files,
+    folders, TLS.
 
     serve refuses to start on any of them and check lists them all, so the two agree. The
-    checks change nothing on disk. The port is not tried: a running daemon holds it.
+    checks change nothing on disk.
     """
-    problems = _file_problems(config)
+    problems = [problem for problem in [bind_problem(config)] if problem] + _file_problems(config)
     paths = (("persist_path", config.persist_path), ("playbooks_path", config.playbooks_path),
              ("corrections_path", config.corrections_path))
     for name, path in paths:
@@ -6129,17 +6310,19 @@ def check(args: argparse.Namespace) -> int:
     """`check`: print every problem (exit 2), or warnings and the effective settings (exit 0)."""
     try:
         config = load_config(args.config, **setting_flags(args))
-        problems = usability_problems(config)
+        problems, warnings = usability_problems(config), config.warnings
     except ConfigError as exc:
-        config, problems = None, exc.problems
+        config, problems, warnings = None, exc.problems, exc.warnings
     source = args.config or DEFAULT_CONFIG_PATH
-    for warning in config.warnings if config is not None else ():
+    for warning in warnings:
         print(f"{source}: warning: {warning}", file=sys.stderr)
     holder = journal_holder(config.persist_path) if config is not None and config.persist_path else None
     if holder is not None:
         # Not a problem: run before a restart, check meets the daemon that restart replaces.
-        print(f"{source}: note: journal {config.persist_path} is in use by a running observerd "
-              f"(pid {holder or 'unknown'}); a second one would not start beside it", file=sys.stderr)
+        port = " and its port" if holder and holder in port_holders(config.port) else ""
+        print(f"{source}: note: journal {config.persist_path}{port} in use by a running observerd "
+              f"(pid {holder or 'unknown'}): a restart frees them; a second one would not start beside it",
+              file=sys.stderr)
     if problems:
         for problem in problems:
             print(f"{source}: {problem}", file=sys.stderr)
@@ -6414,6 +6597,8 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
         f"last {seconds} s: {ok + failed:,} ops, {ok:,} ok, {failed:,} failed ({percent(failed, ok + failed)})",
         "",
     ]
+    if not timeline["ready"]:
+        lines.insert(1, f"NOT READY: {timeline.get('reason') or 'no reason given'}")  # an older daemon gives none
     head = f"{'SOURCE':<20} {'EV/S':>6} {'OK':>8} {'FAILED':>8} {'FAIL%':>6}  "
     spark_width = max(0, min(seconds, width - len(head)))
     lines.append(head + (f"LAST {spark_width} S" if spark_width else ""))
@@ -6516,13 +6701,15 @@ def top_screen(screen, address: DaemonAddress, interval: float, window: str) -> 
             redraw = True
         if redraw:
             rows, cols = screen.getmaxyx()
-            if problem is None:
-                lines = top_lines(timeline, url, cols - 1, sort) + [
-                    "", f"q quits · s sorts the endpoints · w ranks them over {windows[1]}"]
-            else:
+            retrying = f"disconnected, retrying every {interval:g} s: {problem}"
+            if timeline is None:
                 lines = [screen_line(line, cols - 1) for line in (
-                    f"observerd top · {url}", f"disconnected, retrying every {interval:g} s: {problem}",
-                    f"last answer at {answered_at}" if answered_at else "no answer yet")]
+                    f"observerd top · {url}", retrying, "no answer yet")]
+            elif problem is None:
+                lines = top_lines(timeline, url, cols - 1, sort) + ["", "q quits · s sorts the endpoints"]
+            else:  # the last numbers stay, to read while the daemon is away
+                lines = [screen_line(f"STALE since {answered_at}, {retrying}", cols - 1),
+                         *top_lines(timeline, url, cols - 1, sort)]
             screen.erase()
             for y, line in enumerate(lines[:rows]):
                 try:
@@ -6773,14 +6960,39 @@ def close_store(store: OpStore) -> int:
     return 0
 
 
+class ReceivedSignals:
+    """The signals serve acts on, in the order they came, taken by sigwait on a thread of
+    their own: startup goes on meanwhile, and a stop signal is seen at once by the restore,
+    however long the journal it reads."""
+
+    def __init__(self, signums: set[int]):
+        self.stopping = threading.Event()  # a stop signal came
+        self._signums = signums
+        self._received: queue.SimpleQueue[int] = queue.SimpleQueue()
+        threading.Thread(target=self._take, name="signals", daemon=True).start()
+
+    def _take(self) -> None:
+        while True:
+            signum = signal.sigwait(self._signums)
+            if signum != signal.SIGHUP:
+                self.stopping.set()
+            self._received.put(signum)
+
+    def next(self) -> int:
+        """The next signal, waiting for one."""
+        return self._received.get()
+
+
 def serve(config: Config) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
     # Blocked first, in this thread and so in every thread it starts, then taken by sigwait
-    # once the daemon runs: a signal during startup waits for it (SIGHUP reopens the journal
-    # just opened; SIGTERM stops cleanly), and no handler ever runs in the middle of the code
-    # it interrupts (one that took a lock that code held would hang the daemon for good).
+    # on a thread of its own: a signal during startup waits for the daemon to act on it
+    # (SIGHUP reopens the journal once restored; SIGTERM stops cleanly, during the restore
+    # too), and no handler ever runs in the middle of the code it interrupts (one that took a
+    # lock that code held would hang the daemon for good).
     signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    received = ReceivedSignals(signals)
     log("INFO", "starting", version=VERSION, config=config.source,
         persist_path=config.persist_path or "(ephemeral)", auth=bool(config.token))
     for warning in config.warnings:
@@ -6810,8 +7022,8 @@ def serve(config: Config) -> int:
         log("ERROR", "cannot serve TLS", problem=exc)
         close_store(store)
         return 2
-    except OSError as exc:
-        log("ERROR", "cannot listen", bind=config.bind, error=exc.strerror or exc)
+    except OSError as exc:  # the check passed: another process took the port since
+        log("ERROR", "cannot listen", bind=config.bind, problem=listen_problem(config, exc))
         close_store(store)
         return 2
     host, port = server.server_address[:2]
@@ -6826,21 +7038,23 @@ def serve(config: Config) -> int:
     accept_thread.start()
     # Answering before restoring: health and ready answer at once, however long the restore
     # takes; the routes that serve or store ops answer 503 until it is done.
-    status, loops = 0, None
+    status, loops, stop = 0, None, {}
     try:
-        store.restore()
+        store.restore(received.stopping)
     except OSError as exc:
         log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
         status = 2
     else:
-        loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
-        while signal.sigwait(signals) == signal.SIGHUP:
+        if store.restored:
+            loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+        while (signum := received.next()) == signal.SIGHUP:
             try:
                 store.reopen_journal()
             except OSError as exc:
                 log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
+        stop = {"signal": signal.Signals(signum).name, "restored": store.restored}
 
-    log("INFO", "shutting down", open_connections=len(server.connections))
+    log("INFO", "shutting down", **stop, open_connections=len(server.connections))
     # Closing comes first, and the listener keeps answering while the drain runs: ready
     # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
@@ -6864,12 +7078,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load_config(args.config, **setting_flags(args))
         except ConfigError as exc:
+            for warning in exc.warnings:
+                log("WARN", warning, file=exc.source)
             log("ERROR", "invalid config", file=exc.source, problem="; ".join(exc.problems))
             return 2
         return serve(config)
+    # The others stop on a signal as any Unix tool does, Ctrl-C in one line (top and ops -f
+    # take it as the way they end).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
     try:
         status = command(args)
         sys.stdout.flush()  # a reader that left (`| head`) shows here, not in the flush at exit
+    except KeyboardInterrupt:
+        print(f"observerd.py {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # It took what it wanted: the rest goes nowhere, quietly, as with any Unix tool.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

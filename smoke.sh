@@ -73,7 +73,7 @@ lines=$(wc -l < "$work/ops.jsonl")
 metrics=$(curl -sS "$base/metrics")
 grep -q '^observerd_events_total{source="scenario",success="true"} 2$' <<<"$metrics" \
   && pass "metrics: events_total counts scenario successes" || fail "metrics: $metrics"
-"$PY" observerd.py check --config lakehouse.toml >/dev/null && pass "check: shipped lakehouse.toml is valid" \
+"$PY" observerd.py check --config lakehouse.toml --bind 127.0.0.1:0 >/dev/null && pass "check: shipped lakehouse.toml is valid" \
   || fail "check rejected lakehouse.toml"
 
 # The first answer in one command, the same from the files, over --url and over HTTP.

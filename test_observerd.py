@@ -6,6 +6,7 @@ behaviour runs the daemon as a real subprocess. Waits poll with a deadline, neve
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import fnmatch
@@ -32,6 +33,7 @@ import threading
 import time
 import tomllib
 import tracemalloc
+import urllib.parse
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -79,7 +81,10 @@ def dev_full(folder: Path) -> Path:
 
 def write_config(folder: Path, observerd: dict | None = None, auth: dict | None = None,
                  extra: str = "") -> Path:
-    """A lakehouse.toml with the given [observerd] and [auth] tables."""
+    """A lakehouse.toml with the given [observerd] and [auth] tables; bind, unless given, on a free
+    port, as check tries it and the default one may be taken on this machine."""
+    observerd = {"bind": "127.0.0.1:0", **(observerd or {})}
+
     def table(name, values):
         lines = [f"[{name}]"]
         for key, value in (values or {}).items():
@@ -730,7 +735,7 @@ def make_symlink_loop(name):
 
 def test_config_defaults_are_exactly_the_documented_ones(tmp_path):
     path = tmp_path / "lakehouse.toml"
-    path.write_text("[other_daemon]\nanything = 1\n")
+    path.write_text("[other_daemon]\nanything = 1\n[observerd]\n")
     config = od.load_config(str(path), environ={})
     assert (config.host, config.port) == ("127.0.0.1", 3219)
     assert config.persist_path == tmp_path / "data/observer/ops.jsonl"
@@ -1542,6 +1547,16 @@ def test_a_second_daemon_on_the_same_journal_exits_2_naming_the_holder_and_reade
     checked = run_cli("check", "--config", str(config))
     assert checked.returncode == 0, checked.stderr
     assert f"in use by a running observerd (pid {first.proc.pid})" in checked.stderr
+    # The same config as the running daemon's, its port included: check notes the live daemon a
+    # restart replaces instead of failing on its port; serve stops at the lock, naming it.
+    same = write_settings(tmp_path / "data", {"bind": f"127.0.0.1:{first.port}", "persist_path": "ops.jsonl",
+                                              "runtime_dir": "run"})
+    checked = run_cli("check", "--config", str(same))
+    assert checked.returncode == 0, checked.stderr
+    assert f"journal {tmp_path / 'data' / 'ops.jsonl'} and its port in use by a running observerd " \
+           f"(pid {first.proc.pid}): a restart frees them" in checked.stderr
+    twin = daemons(tmp_path / "data", config=same)
+    assert twin.exit_status() == 2 and f"pid={first.proc.pid}" in twin.log and "journal in use" in twin.log
     assert first.client().post("/observer/event", {"endpoint": "/after"})[0] == 200
     # SIGKILL: the kernel lets go of the lock; the next daemon starts at once, no pid file to delete.
     first.proc.kill()
@@ -3235,6 +3250,26 @@ def test_bad_op_is_400_naming_the_field_and_changes_nothing(serve, body, needle)
     assert server.config.persist_path.read_bytes() == b""
 
 
+@pytest.mark.parametrize("path", ["/", "/observer"])
+def test_the_root_sends_a_browser_to_the_page_and_lists_the_api_without_a_token(serve, path):
+    client = serve(token="tok").client()
+    status, body, resp = client.get(path)
+    assert (status, resp.getheader("Location")) == (302, "observer/ui")
+    assert body["page"] == "/observer/ui"
+    assert {"GET /observer/stats", "GET /observer/history", "POST /observer/event", "GET /metrics"} <= set(body["routes"])
+    # Relative, so a gateway serving it under a prefix leads to its own page, as a browser resolves it.
+    for prefix in ("", "/v1"):
+        page = urllib.parse.urlsplit(urllib.parse.urljoin(f"http://gateway{prefix}{path}", "observer/ui")).path
+        assert page == f"{prefix}/observer/ui"
+    page = http.client.HTTPConnection("127.0.0.1", client.conn.port, timeout=30)
+    page.request("GET", urllib.parse.urljoin(path, resp.getheader("Location")))
+    answer = page.getresponse()
+    assert (answer.status, answer.getheader("Content-Type")) == (200, "text/html; charset=utf-8")
+    assert b"<title>" in answer.read()
+    page.close()
+    assert client.get("/observer/stats")[0] == 401
+
+
 def test_an_unknown_path_is_404(serve):
     client = serve().client()
     status, body, _ = client.get("/observer/nope")
@@ -3978,14 +4013,92 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, content, needle):
     assert needle in lines[0] and "bad.toml" in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_port_in_use_exits_2_with_one_clear_line(tmp_path, daemons):
+LISTENABLE = '[observerd]\nbind = "127.0.0.1:0"\npersist_path = ""\n'
+# Each config serve must refuse: check must refuse it too, naming the same problem in the same words.
+REFUSED_CONFIGS = {
+    "a scheme": ('[observerd]\nbind = "http://127.0.0.1:3374"\n', "without http://"),
+    "a space": ('[observerd]\nbind = "127.0.0.1 :3373"\n', "without spaces"),
+    "a port out of range": ('[observerd]\nbind = "127.0.0.1:65536"\n', "port must be 0-65535"),
+    "a host that does not resolve": ('[observerd]\nbind = "locahost.invalid:3376"\n'
+                                     "allow_unauthenticated = true\n", "'locahost.invalid' does not resolve"),
+    "a port in use": ('[observerd]\nbind = "127.0.0.1:{port}"\n', "port {port} is in use by pid {pid} ("),
+    "a privileged port": ('[observerd]\nbind = "127.0.0.1:80"\n', "port 80 is privileged (below"),
+    "an address of another host": ('[observerd]\nbind = "192.0.2.1:3219"\nallow_unauthenticated = true\n',
+                                   "192.0.2.1 is not an address of this host"),
+    "a misspelled table": ('[observed]\nbind = "127.0.0.1:0"\n', "table [observed] is not read: "
+                           "did you mean [observerd]?"),
+    "a setting above any table": ('bind = "127.0.0.1:0"\n[observerd]\n',
+                                  "bind is above any table, where it is not read: it belongs in [observerd]"),
+    "no [observerd] table": ('[auth]\ntoken = "s3cret"\n', "no [observerd] table"),
+    "a misspelled key": (LISTENABLE + "rign_size = 5\n", "unknown key 'rign_size' in [observerd] ("
+                         "did you mean 'ring_size'?)"),
+    "a key in the wrong table": (LISTENABLE + 'token = "s3cret"\n', "token in [observerd] is not read there: "
+                                 "it belongs in [auth]"),
+}
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: a child imports nothing
+PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE = 24, 10
+
+
+def without_privileged_ports():
+    """preexec_fn: the child may not listen below the privileged port limit, even as root."""
+    if os.geteuid() == 0 and LIBC.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
+        os._exit(99)
+
+
+def can_listen_on_port_80_without_privilege() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.socket().bind(('127.0.0.1', 80))"],
+                           capture_output=True, text=True, timeout=60, preexec_fn=without_privileged_ports)
+    return "Permission denied" not in probe.stderr
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CONFIGS))
+def test_what_serve_refuses_check_refuses_in_the_same_words(tmp_path, daemons, case):
+    content, needle = REFUSED_CONFIGS[case]
+    if case == "a privileged port" and can_listen_on_port_80_without_privilege():
+        pytest.skip("here an unprivileged process may listen on port 80, so no port is privileged")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        daemon = daemons(tmp_path, args=["--bind", f"127.0.0.1:{port}", "--persist-path", ""])
-        assert daemon.exit_status() == 2
-    assert "msg=\"cannot listen\"" in daemon.log and "Traceback" not in daemon.log
+        config = tmp_path / "lakehouse.toml"
+        config.write_text(content.format(port=port))
+        checked = subprocess.run([sys.executable, str(DAEMON), "check", "--config", str(config)],
+                                 capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                                 preexec_fn=without_privileged_ports)
+        daemon = daemons(tmp_path, args=["serve"], config=config, preexec_fn=without_privileged_ports)
+        assert daemon.exit_status() == 2, daemon.log
+    assert checked.returncode == 2, checked.stdout
+    *check_lines, summary = checked.stderr.splitlines()
+    assert summary.endswith("observerd would not start")
+    check_problems = [line.removeprefix(f"{config}: ") for line in check_lines]
+    assert check_problems == logged_problems(daemon.log)
+    assert any(needle.format(port=port, pid=os.getpid()) in problem for problem in check_problems), check_problems
+    assert "Traceback" not in daemon.log + checked.stderr
+
+
+def test_a_shared_files_other_tables_and_keys_are_theirs_and_a_bare_key_a_warning(tmp_path, daemons):
+    config = tmp_path / "lakehouse.toml"
+    config.write_text('cluster = "eu-1"\nrign_size = 5\n[server]\nport = 1\n[gateway]\nbind = "x"\n'
+                      + LISTENABLE + '[auth]\nsso = "x"\n')
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stderr.splitlines() == [
+        f"{config}: warning: top-level key 'cluster' is not read: observerd reads only [observerd] and [auth]",
+        f"{config}: warning: top-level key 'rign_size' is not read: observerd reads only [observerd] and "
+        "[auth] (did you mean 'ring_size' in [observerd]?)",
+        f"{config}: warning: unknown key 'sso' in [auth]",
+    ]
+    daemons(tmp_path, config=config).wait_listening()
+    # Shown beside the problems too, by check and serve alike.
+    config.write_text('cluster = "eu-1"\n[observerd]\nrign_size = 5\n')
+    checked = run_cli("check", "--config", str(config))
+    daemon = daemons(tmp_path, config=config)
+    assert (checked.returncode, daemon.exit_status()) == (2, 2)
+    warning = "top-level key 'cluster' is not read: observerd reads only [observerd] and [auth]"
+    assert f"{config}: warning: {warning}\n" in checked.stderr
+    assert f'level=WARN msg="{warning}"' in daemon.log
 
 
 def test_unwritable_persist_path_exits_2(tmp_path, daemons):
@@ -4242,6 +4355,51 @@ def test_a_stop_signal_during_startup_stops_cleanly(held_daemon, signum):
     daemon.release()
     assert daemon.exit_status() == 0
     assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_before_the_config_is_read_stops_cleanly_without_a_traceback(tmp_path, daemons, signum):
+    # The config is a FIFO: the daemon is held reading it, before serve, until the test writes it.
+    config = tmp_path / "lakehouse.toml"
+    os.mkfifo(config)
+    daemon = daemons(tmp_path, config=config)
+    with open(config, "w") as fifo:  # opened once the daemon opens it to read
+        daemon.proc.send_signal(signum)
+        fifo.write('[observerd]\nbind = "127.0.0.1:0"\npersist_path = ""\n')
+    assert daemon.exit_status() == 0, daemon.log
+    assert f'msg="shutting down" signal={signal.Signals(signum).name}' in daemon.log
+    assert "msg=stopped" in daemon.log and "Traceback" not in daemon.log
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_130(tmp_path):
+    config = tmp_path / "lakehouse.toml"
+    os.mkfifo(config)
+    proc = subprocess.Popen([sys.executable, str(DAEMON), "check", "--config", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint())
+    with open(config, "w"):  # opened once check opens it to read, and left unwritten
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    assert (proc.returncode, stdout, stderr) == (130, "", "observerd.py check: interrupted\n")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_during_the_restore_of_a_long_journal_stops_it_at_once(tmp_path, daemons, signum):
+    # Long enough that the restore is still running when the signal comes, on any machine: it
+    # is sent as soon as the restore says it started, and the log says which came first.
+    line = od.encode_line(op("/restored", success=False, error="boom"))
+    (tmp_path / "ops.jsonl").write_bytes(line * 300_000)
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                       "ring_size": 1_000_000, "max_ring_bytes": 1 << 40,
+                                       "dedupe_window": 1_000_000})
+    daemon = daemons(tmp_path, config=config)
+    wait_for(lambda: 'msg="restoring ops"' in daemon.log or daemon.proc.poll() is not None,
+             what="the restore to start")
+    daemon.proc.send_signal(signum)
+    assert daemon.exit_status() == 0, daemon.log
+    name = signal.Signals(signum).name
+    assert f'msg="shutting down" signal={name} restored=false' in daemon.log
+    assert "msg=stopped" in daemon.log and 'msg="restored ops"' not in daemon.log
+    assert "Traceback" not in daemon.log
 
 
 def test_check_reports_every_declared_setting_once(tmp_path):
@@ -4712,7 +4870,7 @@ import pty  # noqa: E402  (stdlib; only this block drives a terminal)
 import struct  # noqa: E402
 import termios  # noqa: E402
 
-TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "now", "seconds", "sources", "totals", "ring",
+TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "reason", "now", "seconds", "sources", "totals", "ring",
                  "journal", "fsync_p99_ms", "endpoints_window", "endpoints_since", "endpoints", "clusters_analyzed_at",
                  "clusters", "escalations"}
 KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
@@ -5077,6 +5235,49 @@ def test_top_survives_the_daemon_going_away_and_coming_back(tmp_path, daemons, s
     screen.press(b"q")
     assert screen.proc.wait(60) == 0
     assert "Traceback" not in screen.text()
+
+
+class TmuxScreen:
+    """A program in a window of a tmux server of its own: capture-pane gives the screen a person
+    would see, whatever bytes drew it."""
+
+    def __init__(self, folder: Path, argv, rows=40, cols=100, env=None):
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed, so no screen of top is looked at")
+        self.tmux = ["tmux", "-S", str(folder / "tmux.sock"), "-f", "/dev/null"]
+        subprocess.run([*self.tmux, "new-session", "-d", "-x", str(cols), "-y", str(rows), shlex.join(argv)],
+                       check=True, timeout=60, env={**os.environ, **(env or {})})
+
+    def text(self) -> str:
+        return subprocess.run([*self.tmux, "capture-pane", "-p"], capture_output=True, text=True,
+                              timeout=60).stdout
+
+    def shows(self, needle: str) -> str:
+        """The screen once it shows needle."""
+        return wait_for(lambda: (lambda text: needle in text and text)(self.text()), timeout=60,
+                        what=f"{needle!r} on the screen")
+
+    def stop(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def tmux_screens(tmp_path):
+    yield from started_by_test(lambda argv, **kw: TmuxScreen(tmp_path, argv, **kw), TmuxScreen.stop)
+
+
+def test_top_says_why_it_is_not_ready_and_keeps_its_last_screen_marked_stale(tmp_path, daemons, tmux_screens):
+    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op("/restored", success=False, error="boom")))
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    screen = tmux_screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{daemon.port}"])
+    screen.shows(f"NOT READY: {od.RESTORING}")
+    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
+    assert "NOT READY" not in screen.shows("/restored")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    text = screen.shows("STALE since ")
+    assert re.search(r"^STALE since \d\d:\d\d:\d\dZ, disconnected, retrying every 1 s: ", text, re.M), text
+    assert "/restored" in text and f"observerd {od.VERSION}" in text, text
 
 
 def test_check_prints_the_effective_settings_as_toml_that_loads_back(tmp_path):
@@ -6940,6 +7141,22 @@ def screenshot_folder(tmp_path: Path) -> Path:
 HOSTILE = "<img src=x onerror=alert(1)>"
 
 
+LONG_ERROR = ("connection reset by peer while reading the answer of https://search.internal.example/api/v2/"
+              "query/expanded-with-synonyms-and-typo-tolerance after the upstream closed its keep-alive socket")
+# What a person at that width could not read: a table scrolling sideways (its headers out of
+# sight), a header cut, a failure cluster's signature cut.
+PAGE_LAYOUT = """(() => {
+  const shown = (e) => e.offsetParent !== null;
+  return {sideways: [...document.querySelectorAll(".scroll")].filter((d) => shown(d) && d.scrollWidth > d.clientWidth)
+      .map((d) => d.parentElement.querySelector("h2").textContent),
+    cutHeaders: [...document.querySelectorAll("th")].filter((th) => shown(th) &&
+      (th.scrollWidth > th.clientWidth || th.getBoundingClientRect().right > window.innerWidth)).map((th) => th.textContent),
+    cutSignatures: [...document.querySelectorAll("#clusters-body td")].filter((td) => td.scrollWidth > td.clientWidth)
+      .map((td) => td.textContent),
+    pageSideways: document.documentElement.scrollWidth > window.innerWidth};
+})()"""
+
+
 def page_traffic() -> list[dict]:
     """Ops with a cluster of failures, playbooks, a hostile endpoint and one glob-like endpoint,
     in a fixed shuffled order."""
@@ -6950,7 +7167,7 @@ def page_traffic() -> list[dict]:
              "success": i % 5 != 0, "error": None if i % 5 else f"timeout after {i} s"} for i in range(12)]
     ops += [{"endpoint": "/langfuse/trace", "source": "langfuse", "success": True, "duration_ms": 3}] * 5
     ops += [{"endpoint": HOSTILE, "error": "<script>alert(2)</script>", "input_summary": "<b onclick=alert(3)>"},
-            {"endpoint": "/q[1]", "error": "glob-like endpoint"}]
+            {"endpoint": "/q[1]", "error": "glob-like endpoint"}, {"endpoint": "/mcp/fetch", "error": LONG_ERROR}]
     ops += [{"endpoint": "/q1", "success": True}] * 3
     ops = [{key: value for key, value in o.items() if value is not None} for o in ops]
     random.Random(14).shuffle(ops)
@@ -7084,6 +7301,9 @@ def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons
             tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
                      "the chart redrawn")
             tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
+            assert tab.js(PAGE_LAYOUT) == {"sideways": [], "cutHeaders": [], "cutSignatures": [],
+                                           "pageSideways": False}, (width, dark)
+        assert any(LONG_ERROR[:40] in row[4] for row in tab.js(PAGE_STATE)["clusters"])
 
         # New data redraws the table under a keyboard user's focus, which stays where it was.
         tab.js('[...document.querySelectorAll("#ops-body button")].find((b) => b.textContent === "/q1").focus()')
