@@ -53,7 +53,7 @@ import traceback
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field as dataclass_field, make_dataclass
 from typing import NamedTuple
 from datetime import datetime, timedelta, timezone
@@ -372,11 +372,14 @@ SETTINGS = (
     Setting("keep_files", int, 3, "rotated journal segments kept", minimum=0, maximum=1000),
     Setting("max_scan_bytes", int, 64 * 1024 * 1024, "journal bytes one GET /observer/history reads",
             minimum=1),
+    Setting("run_field", str, "run_id", "the op field naming the run an op belongs to"),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
             minimum=0, maximum=MAX_SECONDS),
     Setting("corrections_path", str, "", 'the overseer\'s corrections JSONL; "" = off', path=True),
     Setting("corrections_interval_s", float, 5.0, "corrections tailing period",
             minimum=0, maximum=MAX_SECONDS),
+    Setting("verdict_window_s", float, 900.0, "ops compared before and after each correction",
+            minimum=0.001, maximum=MAX_SECONDS),
     Setting("playbooks_path", str, "", 'where playbooks are written; "" = serve only', path=True),
     Setting("consolidate_interval_s", float, 60.0, "playbook folding period; 0 = off",
             minimum=0, maximum=MAX_SECONDS),
@@ -597,6 +600,8 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         if values[f"{backend}_url"] and not values[f"{backend}_model"]:
             problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
 
+    if not values["run_field"]:
+        problems.append(f"{given['run_field'].where} must name a field")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
@@ -2036,15 +2041,23 @@ def _utc_second(seconds: float) -> bytes | None:
 
 
 def parse_time_bound(text: str, name: str, now: float) -> float:
-    """since or until: RFC 3339, or 90s, 15m, 2h, 7d before now; as seconds since the epoch."""
+    """since or until: RFC 3339, now, or 90s, 15m, 2h, 7d before now; as seconds since the epoch."""
+    if text == "now":
+        return now
     relative = _RELATIVE_TIME.fullmatch(text)
     if relative:
         return now - int(relative[1]) * _TIME_UNITS[relative[2]]
     try:
         return _seconds(text)
     except ValueError:
-        raise InvalidOp(name, "must be an RFC 3339 date-time like 2026-11-24T19:56:56Z, or a "
+        raise InvalidOp(name, "must be an RFC 3339 date-time like 2026-11-24T19:56:56Z, now, or a "
                         "time before now like 90s, 15m, 2h, 7d") from None
+
+
+def field_text(value: object) -> str:
+    """A field's value as filters match it and comparisons group by it: a string as is,
+    anything else as its JSON."""
+    return value if isinstance(value, str) else _LINE_ENCODER.encode(value)
 
 
 class OpFilter:
@@ -2190,8 +2203,7 @@ class OpFilter:
             key, wanted = self.field
             if key not in op:
                 return False
-            value = op[key]
-            return (value if isinstance(value, str) else _LINE_ENCODER.encode(value)) == wanted
+            return field_text(op[key]) == wanted
         return True
 
     def head_is_recent(self, line: bytes) -> bool:
@@ -2808,6 +2820,422 @@ def llm_prompt(reviews: list[dict]) -> str:
             break
         shown.append(part)
     return LLM_PROMPT.format(shown=len(shown), total=total) + "[" + ",".join(shown) + "]"
+
+
+# =============================================================================
+# Statistics: the tests a comparison runs (Fisher exact, Mann–Whitney U, Benjamini–Hochberg)
+# =============================================================================
+
+# Two tables whose probabilities differ by less than this (relatively) are equally likely:
+# floating-point sums must not make the observed table rarer than its mirror (R, SciPy).
+FISHER_RELATIVE_TOLERANCE = 1e-7
+# SciPy's method="auto": the exact U distribution when a side has at most this many values and
+# none are tied. Past MWU_EXACT_MAX_CELLS (n1·n2) it would cost seconds for a p the normal
+# approximation already gives to three digits, so that is used instead.
+MWU_EXACT_MAX_OPS = 8
+MWU_EXACT_MAX_CELLS = 20_000
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def fisher_exact_p(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided p of Fisher's exact test of the 2×2 table [[a, b], [c, d]]: given its margins,
+    the probability of every table no more likely than the observed one."""
+    row, other_row, column = a + b, c + d, a + c
+    low, high = max(0, column - other_row), min(column, row)
+    if low == high:
+        return 1.0
+    logs = [_log_comb(row, x) + _log_comb(other_row, column - x) for x in range(low, high + 1)]
+    top = max(logs)
+    densities = [math.exp(value - top) for value in logs]
+    observed = densities[a - low] * (1 + FISHER_RELATIVE_TOLERANCE)
+    return min(1.0, math.fsum(p for p in densities if p <= observed) / math.fsum(densities))
+
+
+def _u_counts(m: int, n: int) -> list[int]:
+    """How many of the C(m+n, m) orderings of m and n distinct values give each U from 0 to
+    m·n: the coefficients of the Gaussian binomial [m+n choose m]."""
+    m, n = sorted((m, n))
+    top = m * n
+    counts = [1] + [0] * top
+    for i in range(1, m + 1):
+        for j in range(top, n + i - 1, -1):  # times (1 - q^(n+i))
+            counts[j] -= counts[j - n - i]
+        for j in range(i, top + 1):  # divided by (1 - q^i)
+            counts[j] += counts[j - i]
+    return counts
+
+
+def normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def mann_whitney_u(baseline: list[float], candidate: list[float]) -> tuple[float, float]:
+    """(U, p) of the two-sided Mann–Whitney U test, as SciPy's method="auto" computes it.
+
+    U is the candidate's: the pairs in which its value is the larger (a tie counts one half),
+    so U above n1·n2/2 says the candidate's values tend to be larger. p is exact when a side
+    has at most MWU_EXACT_MAX_OPS values and there are no ties; otherwise the normal
+    approximation with the tie correction of the variance and a continuity correction.
+    """
+    n1, n2 = len(baseline), len(candidate)
+    ranked = sorted(itertools.chain(((value, 0) for value in baseline), ((value, 1) for value in candidate)))
+    rank_sum = 0.0  # of the candidate's values, ties given their mean rank
+    tie_term = 0  # Σ (t³ - t) over groups of t tied values
+    start = 0
+    for _, group in itertools.groupby(ranked, key=lambda pair: pair[0]):
+        sides = [side for _, side in group]
+        size = len(sides)
+        rank_sum += (start + 1 + start + size) / 2 * sum(sides)
+        tie_term += size ** 3 - size
+        start += size
+    u = rank_sum - n2 * (n2 + 1) / 2
+    larger = max(u, n1 * n2 - u)
+    if min(n1, n2) <= MWU_EXACT_MAX_OPS and not tie_term and n1 * n2 <= MWU_EXACT_MAX_CELLS:
+        counts = _u_counts(n1, n2)
+        p = 2 * sum(counts[int(larger):]) / math.comb(n1 + n2, n1)
+    else:
+        n = n1 + n2
+        spread = math.sqrt(n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1))))
+        p = 1.0 if spread == 0 else 2 * normal_sf((larger - n1 * n2 / 2 - 0.5) / spread)
+    return u, min(1.0, p)
+
+
+def benjamini_hochberg(ps: list[float]) -> list[float]:
+    """The adjusted p (q) of each p in one family: the false discovery rate at which it would
+    first count as significant (Benjamini–Hochberg step-up)."""
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    qs = [1.0] * len(ps)
+    running = 1.0
+    for rank in range(len(ps), 0, -1):
+        index = order[rank - 1]
+        running = min(running, ps[index] * len(ps) / rank)
+        qs[index] = running
+    return qs
+
+
+# =============================================================================
+# Comparisons: runs, two sets of ops compared with significance, and a verdict on each
+# overseer correction; read from the journal by History, judged by Statistics
+# =============================================================================
+
+SCAN_PAGE_OPS = 10_000  # ops a scan holds at once: read_history hands them over a page at a time
+MIN_COMPARED_OPS = 5  # a side with fewer is "too few" for a test
+SIGNIFICANCE = 0.05  # the false discovery rate of one comparison (Benjamini–Hochberg)
+COMPARE_SIGNATURES = 20  # new and gone error signatures listed per row, the most frequent first
+TOO_FEW = "too few"
+# A row's own keys: grouping by a field of one of these names would overwrite one of them.
+COMPARE_ROW_KEYS = ("verdict", "baseline", "candidate", "failure_rate", "duration", "new_signatures",
+                    "gone_signatures")
+COMPARE_FILTERS = ("endpoint", "source", "grep", "field")
+_VERDICT_ORDER = {"worse": 0, "better": 1, "~": 2, TOO_FEW: 3}
+CORRECTION_VERDICTS = {"better": "helped", "worse": "hurt", "~": "no change", TOO_FEW: "too few ops"}
+PENDING = "pending"
+# The verdicts that leave a correction's endpoint no better: escalated while it still fails.
+UNHELPFUL = ("no change", "hurt")
+
+
+def rfc3339_of(seconds: float) -> str:
+    """A time as UTC RFC 3339 with microseconds, as observerd stamps ops."""
+    whole = math.floor(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e6):06d}Z"
+
+
+class Scan(NamedTuple):
+    scanned_bytes: int
+    truncated: bool  # max_scan_bytes stopped it before the filters' range ended
+    cursor: str | None  # where the rest of a truncated scan starts
+
+
+def scan_journal(files: JournalFiles, op_filter: OpFilter, visit: Callable[[RingOp], None],
+                 max_scan_bytes: float, cursor: str | None = None, skipped: SkippedLines | None = None) -> Scan:
+    """Hand visit every op op_filter keeps, newest first, read_history's page at a time: a scan
+    holds one page of ops however many it reads, and stops where history would."""
+    scanned = 0
+    while True:
+        page = read_history(files, op_filter, SCAN_PAGE_OPS, cursor, max_scan_bytes - scanned, skipped)
+        scanned += page.scanned_bytes
+        for op in page.ops:
+            visit(op)
+        if page.truncated or page.cursor is None:
+            return Scan(scanned, page.truncated, page.cursor)
+        cursor = page.cursor
+
+
+class Tally:
+    """One group's ops on one side of a comparison, counted as a scan hands them over.
+
+    An op sent without a duration is stored with duration_ms 0, so 0 means none: such ops
+    count in ops and failures, not in the durations (a failure that never ran must not make
+    an endpoint look faster).
+    """
+
+    __slots__ = ("ops", "failures", "durations", "signatures")
+
+    def __init__(self):
+        self.ops = self.failures = 0
+        self.durations: list[float] = []
+        self.signatures: Counter[str] = Counter()
+
+    def add(self, op: RingOp) -> None:
+        self.ops += 1
+        if op.success is not True:
+            self.failures += 1
+            self.signatures[signature_of(op)] += 1
+        if op.duration_ms:
+            self.durations.append(op.duration_ms)
+
+    def summary(self) -> dict:
+        durations = sorted(self.durations)
+        return {"ops": self.ops, "failures": self.failures,
+                "failure_rate": round(self.failures / self.ops, 4) if self.ops else None,
+                "p50_ms": percentile(durations, 50), "p95_ms": percentile(durations, 95)}
+
+
+def combined_verdict(verdicts: list[str]) -> str:
+    """worse if any is, better if any is and none is worse, too few if all are, else ~."""
+    if "worse" in verdicts:
+        return "worse"
+    if "better" in verdicts:
+        return "better"
+    return TOO_FEW if verdicts and all(v == TOO_FEW for v in verdicts) else "~"
+
+
+def _signature_counts(counts: Counter[str], absent_from: Counter[str]) -> list[dict]:
+    found = [(signature, count) for signature, count in counts.most_common() if signature not in absent_from]
+    return [{"signature": signature, "count": count} for signature, count in found[:COMPARE_SIGNATURES]]
+
+
+def compare_tallies(by: str, baseline: dict[str | None, Tally],
+                    candidate: dict[str | None, Tally]) -> tuple[str, list[dict]]:
+    """(the comparison's verdict, its rows): each group's failure rate (Fisher exact) and
+    durations (Mann–Whitney U), every test of every row one Benjamini–Hochberg family at
+    SIGNIFICANCE; rows worst verdict first, then by group."""
+    rows, tests = [], []
+    for key in sorted(baseline.keys() | candidate.keys(), key=lambda k: (k is None, k or "")):
+        old, new = baseline.get(key) or Tally(), candidate.get(key) or Tally()
+        row = {by: key, "verdict": TOO_FEW, "baseline": old.summary(), "candidate": new.summary(),
+               "failure_rate": {"p": None, "q": None, "verdict": TOO_FEW},
+               "duration": {"p": None, "q": None, "verdict": TOO_FEW},
+               "new_signatures": _signature_counts(new.signatures, old.signatures),
+               "gone_signatures": _signature_counts(old.signatures, new.signatures)}
+        if min(old.ops, new.ops) >= MIN_COMPARED_OPS:
+            p = fisher_exact_p(old.failures, old.ops - old.failures, new.failures, new.ops - new.failures)
+            tests.append((row["failure_rate"], p, new.failures * old.ops - old.failures * new.ops))
+        if min(len(old.durations), len(new.durations)) >= MIN_COMPARED_OPS:
+            u, p = mann_whitney_u(old.durations, new.durations)
+            tests.append((row["duration"], p, u - len(old.durations) * len(new.durations) / 2))
+        rows.append(row)
+    for (metric, p, direction), q in zip(tests, benjamini_hochberg([p for _, p, _ in tests])):
+        significant = q <= SIGNIFICANCE and direction != 0
+        metric.update(p=p, q=q, verdict=("worse" if direction > 0 else "better") if significant else "~")
+    for row in rows:
+        row["verdict"] = combined_verdict([row["failure_rate"]["verdict"], row["duration"]["verdict"]])
+    rows.sort(key=lambda row: _VERDICT_ORDER[row["verdict"]])
+    verdict = combined_verdict([row["verdict"] for row in rows])
+    return ("~" if verdict == TOO_FEW else verdict), rows
+
+
+def compare_side(text: str, name: str, now: float) -> dict[str, str] | str:
+    """One side of a comparison: the since and until of a time range SINCE..UNTIL (both ends in
+    the --since grammar), or else a run id."""
+    if not text:
+        raise InvalidOp(name, "is required: a time range SINCE..UNTIL like 2h..1h, or a run id")
+    since, dots, until = text.partition("..")
+    if dots:
+        try:
+            start, end = parse_time_bound(since, name, now), parse_time_bound(until, name, now)
+        except InvalidOp:
+            return text
+        if start > end:
+            raise InvalidOp(name, f"starts after it ends: {since} is later than {until}")
+        return {"since": since, "until": until}
+    return text
+
+
+def check_by(by: str) -> str:
+    if not by:
+        raise InvalidOp("by", "must name a field")
+    if by in COMPARE_ROW_KEYS:
+        raise InvalidOp("by", f"cannot be {by!r}, a key of each row itself ({', '.join(COMPARE_ROW_KEYS)})")
+    return by
+
+
+def compare_journal(files: JournalFiles, baseline: str, candidate: str, given: dict[str, str], by: str,
+                    run_field: str, now: float, max_scan_bytes: float, grep_regex: bool = True,
+                    skipped: SkippedLines | None = None) -> dict:
+    """Compare the ops of two sides (compare_side) passing the filters given (COMPARE_FILTERS),
+    grouped by the field by; corrections are never among them. Each side reads up to
+    max_scan_bytes. Raises InvalidOp naming the parameter."""
+    reject_unknown(given, COMPARE_FILTERS, "filter")
+    check_by(by)
+    sides = [compare_side(text, name, now) for name, text in (("baseline", baseline), ("candidate", candidate))]
+    tallies, scanned, truncated = [], 0, False
+    for side in sides:
+        side_given, run = dict(given), None
+        if isinstance(side, dict):
+            side_given.update(side)
+        elif "field" in side_given:
+            run = side  # the filter holds the user's field: the run is checked on the decoded op
+        else:
+            side_given["field"] = f"{run_field}={side}"
+        op_filter = OpFilter(side_given, now, grep_regex)
+        groups: dict[str | None, Tally] = {}
+
+        def visit(op: RingOp) -> None:
+            if op.source == CORRECTION_SOURCE:
+                return
+            whole = op.to_dict() if run is not None or by != "endpoint" else None
+            if run is not None and (run_field not in whole or field_text(whole[run_field]) != run):
+                return
+            key = op.endpoint if whole is None else field_text(whole[by]) if by in whole else None
+            groups.setdefault(key, Tally()).add(op)
+
+        scan = scan_journal(files, op_filter, visit, max_scan_bytes, skipped=skipped)
+        tallies.append(groups)
+        scanned += scan.scanned_bytes
+        truncated = truncated or scan.truncated
+    verdict, rows = compare_tallies(by, *tallies)
+    return {"verdict": verdict, "baseline": baseline, "candidate": candidate, "by": by,
+            "scanned_bytes": scanned, "truncated": truncated, "rows": rows}
+
+
+class RunTally:
+    """One run's ops, counted as a scan hands them over."""
+
+    __slots__ = ("run", "first", "last", "first_at", "last_at", "ops", "failures", "durations", "endpoints")
+
+    def __init__(self, run: object):
+        self.run = run
+        self.first = self.last = None
+        self.first_at, self.last_at = math.inf, -math.inf
+        self.ops = self.failures = 0
+        self.durations: list[float] = []
+        self.endpoints: set[str] = set()
+
+    def add(self, op: RingOp) -> None:
+        at = _seconds(op.timestamp)
+        if at < self.first_at:
+            self.first, self.first_at = op.timestamp, at
+        if at > self.last_at:
+            self.last, self.last_at = op.timestamp, at
+        self.ops += 1
+        self.failures += op.success is not True
+        if op.duration_ms:  # as a comparison counts it (see Tally)
+            self.durations.append(op.duration_ms)
+        self.endpoints.add(op.endpoint)
+
+    def describe(self) -> dict:
+        durations = sorted(self.durations)
+        return {"run": self.run, "first": self.first, "last": self.last, "ops": self.ops,
+                "failures": self.failures, "failure_rate": round(self.failures / self.ops, 4),
+                "p50_ms": percentile(durations, 50), "p95_ms": percentile(durations, 95),
+                "endpoints": sorted(self.endpoints)}
+
+
+def list_runs(files: JournalFiles, op_filter: OpFilter, run_field: str, limit: int, cursor: str | None,
+              max_scan_bytes: float, skipped: SkippedLines | None = None) -> dict:
+    """The runs among the ops op_filter keeps (an op is in the run its run_field names), the
+    limit last active first. A run the scan limit cuts shows only its part read: the cursor
+    reads on."""
+    runs: dict[str, RunTally] = {}
+    key_bytes = b'"' + _escaped(run_field) + b'"'
+
+    def visit(op: RingOp) -> None:
+        if key_bytes not in op.line and b"\\" not in op.line:
+            return  # decoding the line could not find the field either
+        whole = op.to_dict()
+        if run_field in whole:
+            value = whole[run_field]
+            key = _LINE_ENCODER.encode(value)  # 42 and "42" are two runs, as the journal tells them apart
+            (runs.get(key) or runs.setdefault(key, RunTally(value))).add(op)
+
+    scan = scan_journal(files, op_filter, visit, max_scan_bytes, cursor, skipped)
+    newest = sorted(runs.values(), key=lambda run: run.last_at, reverse=True)[:limit]
+    return {"runs": [run.describe() for run in newest], "count": len(newest), "cursor": scan.cursor,
+            "scanned_bytes": scan.scanned_bytes, "truncated": scan.truncated}
+
+
+def correction_key(correction: RingOp) -> str:
+    """What names a correction across restarts: a digest of its journal line."""
+    return hashlib.sha256(correction.line).hexdigest()[:32]
+
+
+def judge_correction(files: JournalFiles, correction: RingOp, window_s: float, now: float,
+                     max_scan_bytes: float, skipped: SkippedLines | None = None) -> dict:
+    """A correction's verdict: its endpoint's ops in the window_s before it against those in
+    the window_s from it on, compared as compare_journal does; pending until that has passed."""
+    at = _seconds(correction.timestamp)
+    before, after = Tally(), Tally()
+    op_filter = OpFilter({"endpoint": correction.endpoint, "since": rfc3339_of(at - window_s),
+                          "until": rfc3339_of(at + window_s)}, now, grep_regex=False)
+
+    def visit(op: RingOp) -> None:
+        # The endpoint again: a filter takes one with * ? [ as a glob.
+        if op.source != CORRECTION_SOURCE and op.endpoint == correction.endpoint:
+            (before if _seconds(op.timestamp) < at else after).add(op)
+
+    scan = scan_journal(files, op_filter, visit, max_scan_bytes, skipped=skipped)
+    _, (row,) = compare_tallies("endpoint", {correction.endpoint: before}, {correction.endpoint: after})
+    return {"correction": correction, "key": correction_key(correction),
+            "verdict": PENDING if now < at + window_s else CORRECTION_VERDICTS[row["verdict"]],
+            "before": {"since": rfc3339_of(at - window_s), "until": correction.timestamp},
+            "after": {"since": correction.timestamp, "until": rfc3339_of(at + window_s)},
+            "comparison": row, "scanned_bytes": scan.scanned_bytes, "truncated": scan.truncated}
+
+
+def escalated_corrections_path(persist_path: Path) -> Path:
+    """The sidecar file listing the corrections already escalated, so a restart sends none twice."""
+    return persist_path.with_name(persist_path.name + ".escalated-corrections")
+
+
+class EscalatedCorrections:
+    """The keys of the corrections escalated, newest last, kept in a sidecar (None: in memory)."""
+
+    KEEP = 10_000  # far more than the corrections of any verdict horizon
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.keys: list[str] = []
+        if path is not None and path.exists():
+            try:
+                keys = parse_json_strict(path.read_bytes(), "escalated corrections")
+            except (OSError, InvalidOp) as exc:
+                log("WARN", "ignoring unreadable escalated corrections", path=path, error=exc)
+            else:
+                if isinstance(keys, list) and all(isinstance(key, str) for key in keys):
+                    self.keys = keys
+                else:
+                    log("WARN", "ignoring escalated corrections of the wrong shape", path=path)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def add(self, key: str) -> None:
+        self.keys = [*self.keys, key][-self.KEEP:]
+        if self.path is not None:
+            write_file_atomically(self.path, json.dumps(self.keys).encode())
+
+
+def list_corrections(files: JournalFiles, given: dict[str, str], limit: int, window_s: float, now: float,
+                     max_scan_bytes: float, escalated: EscalatedCorrections,
+                     skipped: SkippedLines | None = None) -> dict:
+    """The limit newest corrections passing the filters given, each judged."""
+    op_filter = OpFilter({**given, "source": CORRECTION_SOURCE}, now, grep_regex=False)
+    page = read_history(files, op_filter, limit, None, max_scan_bytes, skipped)
+    scanned, truncated = page.scanned_bytes, page.truncated
+    judged = []
+    for correction in page.ops:
+        entry = judge_correction(files, correction, window_s, now, max_scan_bytes, skipped)
+        scanned += entry.pop("scanned_bytes")
+        truncated = truncated or entry.pop("truncated")
+        entry["escalated"] = entry["key"] in escalated
+        judged.append(entry)
+    return {"corrections": judged, "count": len(judged), "window_s": window_s,
+            "scanned_bytes": scanned, "truncated": truncated}
 
 
 # =============================================================================
@@ -4314,6 +4742,10 @@ OPS_QUERY_PARAMS = HISTORY_FILTERS + ("limit",)
 DEFAULT_LIMIT = 100
 HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
 MAX_HISTORY_LIMIT = 1000
+COMPARE_QUERY_PARAMS = ("baseline", "candidate", "by") + COMPARE_FILTERS
+CORRECTIONS_QUERY_PARAMS = ("since", "until", "endpoint", "limit")
+DEFAULT_CORRECTIONS = 20
+MAX_CORRECTIONS = 100  # each is judged by a scan of its own
 # History calls reading at once; others wait their turn. Each holds up to about max_scan_bytes
 # of ops, and one decoded line, so this bounds their memory whatever the connections.
 HISTORY_READS = 2
@@ -4457,30 +4889,67 @@ class ObserverHandler(HTTPHandler):
             "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
         }
 
-    def get_history(self):
+    @contextmanager
+    def journal_files(self):
         """The journal on disk, read through this thread's own descriptors and no lock of the
         store, so ingest goes on meanwhile; at most HISTORY_READS calls read at once, and
-        max_scan_bytes bounds the work of each."""
-        given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
-        limit = count_param(given["limit"], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
-        cursor = given.get("cursor")
-        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time(),
-                             grep_regex=False)
+        max_scan_bytes bounds the work of each scan."""
         config = self.server.config
         if config.persist_path is None:
             raise RequestError(409, "no journal: observerd runs ephemeral")
         try:
-            skipped = SkippedLines()
             with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files) as files:
-                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped)
+                yield files
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
                                "journal_unreadable") from None
+
+    def history_query(self, allowed: tuple[str, ...], default_limit: int, max_limit: int) -> tuple[dict, int]:
+        """(the query's parameters, its limit), checked; raises InvalidOp naming the parameter."""
+        given = query_params(self.target.query, allowed)
+        return given, count_param(given["limit"], "limit", max_limit) if "limit" in given else default_limit
+
+    def get_history(self):
+        given, limit = self.history_query(HISTORY_QUERY_PARAMS, DEFAULT_LIMIT, MAX_HISTORY_LIMIT)
+        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time(),
+                             grep_regex=False)
+        skipped = SkippedLines()
+        with self.journal_files() as files:
+            page = read_history(files, op_filter, limit, given.get("cursor"), self.server.config.max_scan_bytes,
+                                skipped)
         return 200, {"ops": page.ops, "count": len(page.ops), "cursor": page.cursor,
                      "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
                      "skipped_lines": skipped.count}
+
+    def get_runs(self):
+        given, limit = self.history_query(HISTORY_QUERY_PARAMS, DEFAULT_LIMIT, MAX_HISTORY_LIMIT)
+        op_filter = OpFilter({name: given[name] for name in HISTORY_FILTERS if name in given}, time.time(),
+                             grep_regex=False)
+        config, skipped = self.server.config, SkippedLines()
+        with self.journal_files() as files:
+            answer = list_runs(files, op_filter, config.run_field, limit, given.get("cursor"),
+                               config.max_scan_bytes, skipped)
+        return 200, {**answer, "skipped_lines": skipped.count}
+
+    def get_compare(self):
+        given = query_params(self.target.query, COMPARE_QUERY_PARAMS)
+        config, now = self.server.config, time.time()
+        with self.journal_files() as files:
+            return 200, compare_journal(
+                files, given.get("baseline", ""), given.get("candidate", ""),
+                {name: given[name] for name in COMPARE_FILTERS if name in given}, given.get("by", "endpoint"),
+                config.run_field, now, config.max_scan_bytes, grep_regex=False)
+
+    def get_corrections(self):
+        given, limit = self.history_query(CORRECTIONS_QUERY_PARAMS, DEFAULT_CORRECTIONS, MAX_CORRECTIONS)
+        config = self.server.config
+        filters = {name: given[name] for name in CORRECTIONS_QUERY_PARAMS if name in given and name != "limit"}
+        with self.journal_files() as files:
+            escalated = EscalatedCorrections(escalated_corrections_path(config.persist_path))
+            return 200, list_corrections(files, filters, limit, config.verdict_window_s, time.time(),
+                                         config.max_scan_bytes, escalated)
 
     def get_metrics(self):
         metrics = self.server.metrics
@@ -4551,6 +5020,9 @@ class ObserverHandler(HTTPHandler):
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
         # It reads the files on disk, not the ring: whole while the ring is being restored.
         "/observer/history": Route({"GET": get_history}, parses="query", answers_unready=True),
+        "/observer/runs": Route({"GET": get_runs}, parses="query", answers_unready=True),
+        "/observer/compare": Route({"GET": get_compare}, parses="query", answers_unready=True),
+        "/observer/corrections": Route({"GET": get_corrections}, parses="query", answers_unready=True),
         # What top and the page show, "restoring" included, so it answers before the ring is whole.
         "/observer/timeline": Route({"GET": get_timeline}, parses="query", answers_unready=True),
         "/metrics": Route({"GET": get_metrics}, answers_unready=True),
@@ -4998,6 +5470,7 @@ EXAMPLES = """examples:
   python observerd.py stats data/observer/ops.jsonl  the stats a restart from that file would serve
   python observerd.py top                            a live view of the daemon on 127.0.0.1:3219
   python observerd.py ops --since 1h --failed        the last hour's failures, from the journal on disk
+  python observerd.py compare 2h..1h 1h..now         did the last hour do better than the one before?
   OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
 """
 SERVE_EXAMPLES = """examples:
@@ -5026,6 +5499,22 @@ OPS_EXAMPLES = """examples:
   python observerd.py ops data/observer/ops.jsonl --field trace_id=4bf92f35 -o json
 
 Ctrl-C ending -f, and a pipe's reader that stops reading (| head), are exit 0.
+"""
+RUNS_EXAMPLES = """examples:
+  python observerd.py runs --since 24h                        the runs of the last day, newest first
+  python observerd.py runs --endpoint '/mcp/*' --failed -o json   runs with failures on /mcp/ tools
+"""
+COMPARE_EXAMPLES = """examples:
+  python observerd.py compare 2h..1h 1h..now                  the last hour against the one before
+  python observerd.py compare run-41 run-42                   two runs (ops whose run_field names them)
+  python observerd.py compare yesterday..today 1h..now --by model --source scenario
+  python observerd.py compare 2026-12-06T03:00:00Z..2026-12-06T04:00:00Z 1h..now -o json | jq .verdict
+
+A side is a time range SINCE..UNTIL when both ends read as --since does; anything else is a run id.
+"""
+CORRECTIONS_EXAMPLES = """examples:
+  python observerd.py corrections                             the newest corrections and their verdicts
+  python observerd.py corrections --endpoint /pay --since 7d -o json
 """
 FOLLOW_POLL_S = 0.2
 TOP_DEFAULT_URL = f"http://{SETTING['bind'].default}"
@@ -5096,7 +5585,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and serves live stats over HTTP.")
     parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
     add_serve_flags(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top,ops}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top,ops,runs,compare,corrections}")
     # SUPPRESS: flags given before the subcommand are not reset by its own defaults.
     add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)", examples=SERVE_EXAMPLES,
                                         description="Run the daemon until SIGTERM or SIGINT."),
@@ -5125,6 +5614,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=refresh_interval, default=1.0, help="seconds between refreshes (default: 1)")
     top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
     add_ops_parser(commands, add_config_flag)
+    add_comparison_parsers(commands, add_config_flag)
     return parser
 
 
@@ -5132,6 +5622,27 @@ def non_negative_int(text: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text[:40]!r}")
     return int(text)
+
+
+def add_filter_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The history's filters (HISTORY_FILTERS) that a command takes, as flags: the same in each."""
+    if "since" in names:
+        parser.add_argument("--since", metavar="TIME", help="ops at or after: RFC 3339, now, or 90s, 15m, 2h, 7d ago")
+        parser.add_argument("--until", metavar="TIME", help="ops at or before: the same forms")
+    parser.add_argument("--endpoint", help="exact, or a glob like '/mcp/*'")
+    parser.add_argument("--source", help=", ".join(SOURCES))
+    if "success" in names:
+        outcome = parser.add_mutually_exclusive_group()
+        outcome.add_argument("--failed", dest="success", action="store_const", const="false", help="failed ops only")
+        outcome.add_argument("--ok", dest="success", action="store_const", const="true", help="successful ops only")
+    parser.add_argument("--grep", metavar="REGEX", help="a Python regex over error, input_summary, output_summary")
+    parser.add_argument("--field", metavar="KEY=VALUE",
+                        help="a field's value: a string as is, anything else as its JSON (retries=3)")
+
+
+def filters_given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, str]:
+    """The filters of names given as flags, as OpFilter takes them."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def add_ops_parser(commands, add_config_flag) -> None:
@@ -5143,16 +5654,7 @@ def add_ops_parser(commands, add_config_flag) -> None:
     ops.add_argument("file", nargs="?", help="the JSONL journal; every rotated segment beside it (.1, .2, …) "
                      "is read too, up to keep_files with --config (default: the config's persist_path)")
     add_config_flag(ops, argparse.SUPPRESS)
-    ops.add_argument("--since", metavar="TIME", help="ops at or after: RFC 3339, or 90s, 15m, 2h, 7d ago")
-    ops.add_argument("--until", metavar="TIME", help="ops at or before: the same forms")
-    ops.add_argument("--endpoint", help="exact, or a glob like '/mcp/*'")
-    ops.add_argument("--source", help=", ".join(SOURCES))
-    outcome = ops.add_mutually_exclusive_group()
-    outcome.add_argument("--failed", dest="success", action="store_const", const="false", help="failed ops only")
-    outcome.add_argument("--ok", dest="success", action="store_const", const="true", help="successful ops only")
-    ops.add_argument("--grep", metavar="REGEX", help="a Python regex over error, input_summary, output_summary")
-    ops.add_argument("--field", metavar="KEY=VALUE",
-                     help="a field's value: a string as is, anything else as its JSON (retries=3)")
+    add_filter_flags(ops, HISTORY_FILTERS)
     ops.add_argument("-n", type=non_negative_int, default=50, metavar="N", help="the newest N (default 50)")
     ops.add_argument("--reverse", action="store_true", help="oldest first")
     ops.add_argument("-o", "--output", choices=("table", "json", "ndjson"),
@@ -5607,23 +6109,35 @@ class OpsWriter:
         self.stream.write((line + error).rstrip().encode("utf-8") + b"\n")
 
 
+def journal_to_read(args: argparse.Namespace) -> tuple[Path, int, Config] | int:
+    """(the journal, its keep_files, the config) a command reading the journal on disk uses, or
+    the exit status once the problem is printed. A FILE named alone is read with no config
+    file (the defaults), and every rotated segment beside it is read too."""
+    if args.file is not None and args.config is None:
+        # An empty file holds no settings: the defaults. Bound to loopback, it needs no token.
+        defaults = load_config(os.devnull, environ={}, bind="127.0.0.1:0")
+        return Path(args.file), SETTING["keep_files"].maximum, defaults
+    config = offline_config(args)
+    if config is None:
+        return 2
+    path = Path(args.file) if args.file else config.persist_path
+    if path is None:
+        print(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', file=sys.stderr)
+        return 2
+    return path, config.keep_files, config
+
+
 def print_ops(args: argparse.Namespace) -> int:
     """`ops`: the journal's ops passing the filters, newest first; with -f, then those appended."""
     def fail(problem: str, status: int) -> int:
         print(problem, file=sys.stderr)
         return status
 
-    if args.file is not None and args.config is None:
-        # A file named alone: no config is read, and every segment beside it is.
-        path, keep_files = Path(args.file), SETTING["keep_files"].maximum
-    else:
-        config = offline_config(args)
-        if config is None:
-            return 2
-        path, keep_files = Path(args.file) if args.file else config.persist_path, config.keep_files
-        if path is None:
-            return fail(f'{config.source}: persist_path is "" (observerd runs ephemeral): no journal to read', 2)
-    given = {name: getattr(args, name) for name in HISTORY_FILTERS if getattr(args, name) is not None}
+    target = journal_to_read(args)
+    if isinstance(target, int):
+        return target
+    path, keep_files, _ = target
+    given = filters_given(args, HISTORY_FILTERS)
     try:
         op_filter = OpFilter(given, time.time())
     except InvalidOp as exc:
@@ -5665,6 +6179,210 @@ def print_ops(args: argparse.Namespace) -> int:
             print(f"observerd.py ops: skipped {skipped.count} line(s) no read can serve (malformed or "
                   f"invalid; the first in {where} at byte {offset})", file=sys.stderr)
     return 0
+
+
+def add_comparison_parsers(commands, add_config_flag) -> None:
+    def add_journal_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("file", nargs="?", help="the JSONL journal, its rotated segments with it "
+                            "(default: the config's persist_path)")
+        add_config_flag(parser, argparse.SUPPRESS)
+        parser.add_argument("-o", "--output", choices=("table", "json"),
+                            help="table on a terminal, else json (what the HTTP route answers)")
+
+    runs = commands.add_parser(
+        "runs", help="the runs in the journal: ops, failures, durations, endpoints", examples=RUNS_EXAMPLES,
+        description="The runs among the journal's ops passing every filter (an op is in the run its\n"
+                    "run_field names), the last active first; what GET /observer/runs answers.")
+    add_journal_flags(runs)
+    add_filter_flags(runs, HISTORY_FILTERS)
+    runs.add_argument("-n", type=non_negative_int, default=DEFAULT_LIMIT, metavar="N",
+                      help=f"the N last active (default {DEFAULT_LIMIT})")
+    runs.add_argument("--cursor", help="go on where a truncated answer stopped (its cursor)")
+    compare = commands.add_parser(
+        "compare", help="did it get better? two time ranges or runs compared, with significance",
+        examples=COMPARE_EXAMPLES,
+        description="Each endpoint's (or --by field's) failure rate and durations in BASELINE against\n"
+                    "CANDIDATE, with Fisher's exact and the Mann-Whitney U tests, corrected for the many\n"
+                    "rows compared; what GET /observer/compare answers.")
+    compare.add_argument("baseline", metavar="BASELINE", help="SINCE..UNTIL (2h..1h, yesterday..today) or a run id")
+    compare.add_argument("candidate", metavar="CANDIDATE", help="the same forms")
+    add_journal_flags(compare)
+    add_filter_flags(compare, COMPARE_FILTERS)
+    compare.add_argument("--by", default="endpoint", metavar="FIELD", help="group rows by this field (default endpoint)")
+    corrections = commands.add_parser(
+        "corrections", help="the overseer's corrections, each with its verdict", examples=CORRECTIONS_EXAMPLES,
+        description="The newest overseer corrections, each judged on its endpoint's ops verdict_window_s\n"
+                    "before against as long after; what GET /observer/corrections answers.")
+    add_journal_flags(corrections)
+    corrections.add_argument("--since", metavar="TIME", help="corrections at or after: RFC 3339, now, or 90s, 15m, 2h, 7d ago")
+    corrections.add_argument("--until", metavar="TIME", help="corrections at or before: the same forms")
+    corrections.add_argument("--endpoint", help="exact, or a glob like '/mcp/*'")
+    corrections.add_argument("-n", type=non_negative_int, default=DEFAULT_CORRECTIONS, metavar="N",
+                             help=f"the newest N (default {DEFAULT_CORRECTIONS}, at most {MAX_CORRECTIONS})")
+
+
+def read_journal_answer(args: argparse.Namespace, answer: Callable[[JournalFiles, Config, SkippedLines], dict],
+                        positionals: tuple[str, ...] = ()) -> dict | int:
+    """What answer() computes from the journal the arguments name, or the exit status once the
+    problem is printed: a usage problem naming the flag (2), a file that cannot be read (1)."""
+    target = journal_to_read(args)
+    if isinstance(target, int):
+        return target
+    path, keep_files, config = target
+    skipped = SkippedLines()
+    try:
+        with JournalFiles(path, keep_files) as files:
+            if not files.listed:
+                print(f"{path}: no journal there (nor rotated segments beside it)", file=sys.stderr)
+                return 2
+            return answer(files, config, skipped)
+    except InvalidOp as exc:
+        name = exc.field if exc.field in positionals else "--" + exc.field.replace("_", "-")
+        print(f"observerd.py {args.command}: {name} {exc.reason} (see observerd.py {args.command} --help)",
+              file=sys.stderr)
+        return 2
+    except RotatedAway as exc:
+        print(f"observerd.py {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        if skipped.count:
+            where, offset = skipped.first
+            print(f"observerd.py {args.command}: skipped {skipped.count} line(s) no read can serve (malformed "
+                  f"or invalid; the first in {where} at byte {offset})", file=sys.stderr)
+
+
+def write_answer(args: argparse.Namespace, answer: dict, table: Callable[[dict], list[str]]) -> int:
+    """The answer as JSON (what the HTTP route serves) or, on a terminal or with -o table, as text."""
+    if (args.output or ("table" if sys.stdout.isatty() else "json")) == "json":
+        print(json.dumps(json.loads(encode_json(answer)), ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(showable(line) for line in table(answer)))
+    return 0
+
+
+def format_rate(summary: dict) -> str:
+    if not summary["ops"]:
+        return "-"
+    return f"{summary['failure_rate']:.1%} ({summary['failures']:,}/{summary['ops']:,})"
+
+
+def runs_table(answer: dict) -> list[str]:
+    lines = [f"{'RUN':<24} {'FIRST':<27} {'LAST':<27} {'OPS':>7} {'FAILED':>7} {'FAIL%':>6} "
+             f"{'P50 MS':>8} {'P95 MS':>8}  ENDPOINTS"]
+    for run in answer["runs"]:
+        endpoints = ", ".join(run["endpoints"][:3]) + (f" +{len(run['endpoints']) - 3}" if len(run["endpoints"]) > 3 else "")
+        lines.append(f"{field_text(run['run'])[:24]:<24} {run['first']:<27} {run['last']:<27} {run['ops']:>7,} "
+                     f"{run['failures']:>7,} {percent(run['failures'], run['ops']):>6} {format_ms(run['p50_ms']):>8} "
+                     f"{format_ms(run['p95_ms']):>8}  {endpoints}")
+    if not answer["runs"]:
+        lines.append("(no ops with the run field in what was read)")
+    if answer["truncated"]:
+        lines.append(f"(max_scan_bytes read: older ops were not; --cursor {answer['cursor']} reads on)")
+    return lines
+
+
+COMPARE_FOOTNOTE = f"""
+~        no significant change: the difference may well be noise. A test counts only when its q
+         (its p adjusted for every test of this comparison, Benjamini–Hochberg) is at most
+         {SIGNIFICANCE}, so fifty unchanged endpoints do not light up by chance.
+too few  fewer than {MIN_COMPARED_OPS} ops (or ops with a duration) on a side: no test is run.
+Failure rates: Fisher's exact test. Durations: the Mann–Whitney U test (is one side's typically
+longer?); ops sent without a duration (stored as 0 ms) are left out of it. How many ops a
+difference needs, for one test alone: 10% → 30% failures about 40 a side, 5% → 10% about 260;
+durations that do not overlap at all, 5 a side. Compare more ops, not a lower bar."""
+
+
+def _delta(old: float | None, new: float | None, unit: str) -> str:
+    if old is None or new is None:
+        return ""
+    if unit == "pp":
+        return f"{(new - old) * 100:+.1f}pp"
+    return f"{(new - old) / old:+.0%}" if old else ""
+
+
+def compare_table(answer: dict) -> list[str]:
+    """benchstat's layout: old → new, delta, p (q), and ~ where nothing changed."""
+    by = answer["by"]
+    lines = [f"baseline {answer['baseline']} → candidate {answer['candidate']}, by {by}: {answer['verdict']}"]
+    if answer["truncated"]:
+        lines.append("(max_scan_bytes read before a side's range ended: it holds only the newest ops)")
+    width = max([len(by)] + [len(field_text(row[by]) if row[by] is not None else "(none)") for row in answer["rows"]])
+    width = min(width, TABLE_ENDPOINT_WIDTH)
+    for title, metric, cell, unit in (
+            ("FAILURE RATE", "failure_rate", format_rate, "pp"),
+            ("P50 MS (P95)", "duration",
+             lambda s: "-" if s["p50_ms"] is None else f"{format_ms(s['p50_ms'])} ({format_ms(s['p95_ms'])})", "%")):
+        lines += ["", f"{by.upper()[:width]:<{width}}  {title + ' OLD':>22}  {'NEW':>22}  {'DELTA':>8}  P (Q)"]
+        for row in answer["rows"]:
+            old, new, test = row["baseline"], row["candidate"], row[metric]
+            value = "failure_rate" if unit == "pp" else "p50_ms"
+            verdict = test["verdict"]
+            delta = {"~": "~", TOO_FEW: TOO_FEW}.get(verdict) or _delta(old[value], new[value], unit)
+            tested = "" if test["p"] is None else f"p={test['p']:.3g} (q={test['q']:.3g})"
+            name = "(none)" if row[by] is None else field_text(row[by])
+            if len(name) > width:
+                name = name[:width - 1] + "…"
+            lines.append(f"{name:<{width}}  {cell(old):>22}  {cell(new):>22}  {delta:>8}  {tested}"
+                         + (f"  {verdict}" if verdict in ("worse", "better") else ""))
+    signatures = [(row, kind, s) for row in answer["rows"] for kind in ("new", "gone")
+                  for s in row[f"{kind}_signatures"]]
+    if signatures:
+        lines += ["", "ERROR SIGNATURES new in the candidate (+) and gone from it (-)"]
+        for row, kind, s in signatures:
+            lines.append(f"{'+' if kind == 'new' else '-'}{s['count']:>6,}  {field_text(row[by]) if row[by] is not None else '(none)'}: {s['signature']}")
+    return lines + COMPARE_FOOTNOTE.splitlines()
+
+
+def corrections_table(answer: dict) -> list[str]:
+    window = format_duration(answer["window_s"])
+    lines = [f"{'TIME':<27} {'VERDICT':<11} {'FAIL% BEFORE → AFTER':>28} {'P50 MS BEFORE → AFTER':>23}  "
+             f"ESC  ENDPOINT  (each: {window} before against {window} after)"]
+    for entry in answer["corrections"]:
+        row, correction = entry["comparison"], entry["correction"]
+        before, after = row["baseline"], row["candidate"]
+        lines.append(f"{correction.timestamp:<27} {entry['verdict']:<11} "
+                     f"{format_rate(before) + ' → ' + format_rate(after):>28} "
+                     f"{format_ms(before['p50_ms']) + ' → ' + format_ms(after['p50_ms']):>23}  "
+                     f"{'yes' if entry['escalated'] else '':<3}  {correction.endpoint}")
+    if not answer["corrections"]:
+        lines.append("(no corrections in what was read)")
+    return lines
+
+
+def print_runs(args: argparse.Namespace) -> int:
+    """`runs`: what GET /observer/runs answers, from the journal on disk."""
+    def answer(files: JournalFiles, config: Config, skipped: SkippedLines) -> dict:
+        op_filter = OpFilter(filters_given(args, HISTORY_FILTERS), time.time())
+        return {**list_runs(files, op_filter, config.run_field, args.n, args.cursor, config.max_scan_bytes, skipped),
+                "skipped_lines": skipped.count}
+
+    found = read_journal_answer(args, answer)
+    return found if isinstance(found, int) else write_answer(args, found, runs_table)
+
+
+def print_comparison(args: argparse.Namespace) -> int:
+    """`compare`: what GET /observer/compare answers, from the journal on disk."""
+    def answer(files: JournalFiles, config: Config, skipped: SkippedLines) -> dict:
+        return compare_journal(files, args.baseline, args.candidate, filters_given(args, COMPARE_FILTERS), args.by,
+                               config.run_field, time.time(), config.max_scan_bytes, skipped=skipped)
+
+    found = read_journal_answer(args, answer, positionals=("baseline", "candidate"))
+    return found if isinstance(found, int) else write_answer(args, found, compare_table)
+
+
+def print_corrections(args: argparse.Namespace) -> int:
+    """`corrections`: what GET /observer/corrections answers, from the journal on disk."""
+    def answer(files: JournalFiles, config: Config, skipped: SkippedLines) -> dict:
+        limit = check_positive_int(args.n, "n", MAX_CORRECTIONS)
+        escalated = EscalatedCorrections(escalated_corrections_path(files.path))
+        return list_corrections(files, filters_given(args, ("since", "until", "endpoint")), limit,
+                                config.verdict_window_s, time.time(), config.max_scan_bytes, escalated, skipped)
+
+    found = read_journal_answer(args, answer)
+    return found if isinstance(found, int) else write_answer(args, found, corrections_table)
 
 
 def open_store(config: Config) -> OpStore:
@@ -5756,7 +6474,8 @@ def serve(config: Config) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops}.get(args.command)
+    command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops, "runs": print_runs,
+               "compare": print_comparison, "corrections": print_corrections}.get(args.command)
     if command is None:
         try:
             config = load_config(args.config, **setting_flags(args))
