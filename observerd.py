@@ -3252,10 +3252,11 @@ class Insights:
         self._lock = threading.Lock()
         self.clusters: dict = {"analyzed_at": None, "clusters": []}
         self.playbooks: dict = {"consolidated_at": None, "playbooks": []}
+        self.corrections: list[dict] = []  # the newest corrections judged, newest first
         # Escalation attempts as (sequence, attempt), each collection oldest first. Kept apart
         # so that a target that keeps failing never pushes the delivered ones out of sight.
         self._attempts = 0
-        self._delivered: dict[tuple[str, str], tuple[int, dict]] = {}
+        self._delivered: dict[tuple[str, str, str | None], tuple[int, dict]] = {}
         self._failed: deque[tuple[int, dict]] = deque(maxlen=self.MAX_ESCALATIONS)
 
     def publish_clusters(self, clusters: list[dict]) -> None:
@@ -3265,6 +3266,9 @@ class Insights:
         self.playbooks = {"consolidated_at": utc_now_rfc3339(), "playbooks": playbooks}
         return self.playbooks
 
+    def publish_corrections(self, judged: list[dict]) -> None:
+        self.corrections = judged
+
     def record_escalation(self, attempt: dict) -> None:
         with self._lock:
             self._attempts += 1
@@ -3272,7 +3276,7 @@ class Insights:
             if attempt["outcome"] != "sent":
                 self._failed.append(entry)
                 return
-            key = (attempt["endpoint"], attempt["signature"])
+            key = (attempt["endpoint"], attempt["signature"], attempt.get("correction"))
             self._delivered.pop(key, None)
             self._delivered[key] = entry
             if len(self._delivered) > self.MAX_ESCALATIONS:
@@ -5389,21 +5393,45 @@ class Escalator:
             recent = [op for op in members if op_time(op) >= window_start]
             if len(recent) < self.config.escalate_threshold:
                 continue
-            until, failures = self._held.get(key, EscalationHold(now, 0))
-            if now < until:
+            if self._held_back(key):
                 continue
-            if not self._escalate(key, describe_cluster(key, recent), recent[-5:], failures):
+            if not self._escalate(key, key, recent, {}):
                 # The target is down or slow: the other clusters wait for the next analysis
                 # rather than hold the loop thread for outbound_timeout_s each.
                 return
 
-    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict],
-                  failures: int) -> bool:
-        """Deliver one cluster; returns whether it was delivered."""
+    def recent_cluster(self, endpoint: str, groups: dict[tuple[str, str], list[dict]]
+                       ) -> tuple[tuple[str, str], list[dict]] | None:
+        """The endpoint's largest failure cluster with failures in escalate_window_s, if any."""
+        window_start = datetime.now(timezone.utc) - timedelta(seconds=self.config.escalate_window_s)
+        found = [(key, [op for op in members if op_time(op) >= window_start])
+                 for key, members in groups.items() if key[0] == endpoint]
+        found = [(key, recent) for key, recent in found if recent]
+        return max(found, key=lambda pair: len(pair[1]), default=None)
+
+    def escalate_correction(self, judged: dict, cluster_key: tuple[str, str], members: list[dict]) -> bool:
+        """Deliver a correction judged no change or hurt with its endpoint's failure cluster and
+        its comparison, by the rules a cluster is delivered by; returns whether it was."""
+        extra = {"correction": judged["correction"], "verdict": judged["verdict"],
+                 "comparison": judged["comparison"]}
+        hold_key = ("correction", judged["key"])
+        return not self._held_back(hold_key) and self._escalate(hold_key, cluster_key, members, extra)
+
+    def _held_back(self, hold_key: tuple[str, str]) -> bool:
+        hold = self._held.get(hold_key)
+        return hold is not None and time.monotonic() < hold.until
+
+    def _escalate(self, hold_key: tuple[str, str], key: tuple[str, str], members: list[dict], extra: dict) -> bool:
+        """Deliver one cluster (and what extra adds to it); returns whether it was delivered.
+        A failure holds hold_key back for escalation_retry_delay()."""
+        failures = self._held[hold_key].failures if hold_key in self._held else 0
+        cluster = describe_cluster(key, members)
         payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
-                   "recent_failures": recent_failures}
+                   "recent_failures": members[-5:], **extra}
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
+        if extra:
+            attempt.update(correction=extra["correction"].timestamp, verdict=extra["verdict"])
         try:
             call_json(self.config.escalate_url, self.config.outbound_timeout_s, payload,
                       self.config.escalate_token)
@@ -5411,27 +5439,75 @@ class Escalator:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
                                            self.config.escalate_cooldown_s)
-            self._held[key] = EscalationHold(time.monotonic() + delay, failures)
+            self._held[hold_key] = EscalationHold(time.monotonic() + delay, failures)
             attempt.update(outcome="failed", error=str(exc))
             log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"], retry_in_s=delay)
         else:
-            self._held[key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
+            self._held[hold_key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
             attempt["outcome"] = "sent"
-            log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
+            log("INFO", "escalated correction" if extra else "escalated failure cluster", endpoint=key[0],
+                count=cluster["count"], **({"verdict": extra["verdict"]} if extra else {}))
         self.insights.record_escalation(attempt)
         return attempt["outcome"] == "sent"
+
+
+# The newest corrections each analysis judges (those of the last 2 × verdict_window_s).
+VERDICT_CORRECTIONS = 100
+
+
+class CorrectionVerdicts:
+    """Judges the recent corrections at each analysis, publishes their verdicts, and escalates
+    each judged no change or hurt while its endpoint still has a failure cluster: once, as the
+    sidecar remembers across restarts. A verdict, once its after-window has passed, is kept
+    rather than judged again each analysis (GET /observer/corrections judges afresh)."""
+
+    def __init__(self, config: Config, insights: Insights, escalator: Escalator | None):
+        self.config, self.insights, self.escalator = config, insights, escalator
+        self.escalated = EscalatedCorrections(escalated_corrections_path(config.persist_path))
+        self._final: dict[str, dict] = {}
+
+    def judge(self, groups: dict[tuple[str, str], list[dict]]) -> None:
+        config, now = self.config, time.time()
+        recent = OpFilter({"source": CORRECTION_SOURCE, "since": rfc3339_of(now - 2 * config.verdict_window_s)},
+                          now)
+        judged = []
+        with JournalFiles(config.persist_path, config.keep_files) as files:
+            page = read_history(files, recent, VERDICT_CORRECTIONS, None, config.max_scan_bytes)
+            for correction in page.ops:
+                entry = self._final.get(correction_key(correction))
+                if entry is None:
+                    entry = judge_correction(files, correction, config.verdict_window_s, now, config.max_scan_bytes)
+                    del entry["scanned_bytes"], entry["truncated"]
+                judged.append(entry)
+        self._final = {entry["key"]: entry for entry in judged if entry["verdict"] != PENDING}
+        for entry in judged:
+            entry["escalated"] = entry["key"] in self.escalated
+        self.insights.publish_corrections(judged)
+        if self.escalator is None:
+            return
+        for entry in reversed(judged):  # the oldest first
+            if entry["verdict"] not in UNHELPFUL or entry["escalated"]:
+                continue
+            cluster = self.escalator.recent_cluster(entry["correction"].endpoint, groups)
+            if cluster is not None and self.escalator.escalate_correction(entry, *cluster):
+                self.escalated.add(entry["key"])
+                entry["escalated"] = True
 
 
 def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> Scheduler:
     """Schedule every loop whose setting is on, on one thread; returns it started."""
     loops = Scheduler("observer-loops")
     escalator = Escalator(config, insights) if config.escalate_url else None
+    # Verdicts come from the journal: an ephemeral daemon has none to judge by.
+    verdicts = CorrectionVerdicts(config, insights, escalator) if config.persist_path is not None else None
 
     def analyze_errors() -> None:
         groups = group_failures(store.snapshot())
         insights.publish_clusters(rank_clusters(groups))
         if escalator is not None:
             escalator.check(groups)
+        if verdicts is not None:
+            verdicts.judge(groups)
 
     def consolidate() -> None:
         published = insights.publish_playbooks(consolidate_playbooks(store.snapshot()))

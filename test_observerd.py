@@ -13,6 +13,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -1912,6 +1913,107 @@ def test_each_failure_is_signed_once_however_often_analysis_runs(monkeypatch):
     assert od.rank_clusters(od.group_failures(ring)) == first
     assert od.review_ops(ring)[0]["top_error_signatures"][0]["count"] == 17
     assert calls == []
+
+
+# -----------------------------------------------------------------------------
+# Statistics: Fisher exact, Mann–Whitney U, Benjamini–Hochberg
+# -----------------------------------------------------------------------------
+
+
+def fisher_by_enumeration(a, b, c, d) -> float:
+    """Two-sided Fisher p by exact rational arithmetic over every table with the margins."""
+    from fractions import Fraction
+    row, other, column = a + b, c + d, a + c
+    tables = {x: Fraction(math.comb(row, x) * math.comb(other, column - x), math.comb(row + other, column))
+              for x in range(max(0, column - other), min(column, row) + 1)}
+    return float(sum(p for p in tables.values() if p <= tables[a]))
+
+
+def u_by_enumeration(baseline, candidate) -> tuple[float, float]:
+    """The candidate's U by counting pairs, and the exact two-sided p by trying every way of
+    splitting the pooled values into two groups of those sizes (values distinct)."""
+    def u_of(old, new):
+        return sum((n > o) + 0.5 * (n == o) for n in new for o in old)
+    pooled = baseline + candidate
+    u = u_of(baseline, candidate)
+    extreme = max(u, len(baseline) * len(candidate) - u)
+    splits = list(itertools.combinations(range(len(pooled)), len(candidate)))
+    at_least = sum(u_of([pooled[i] for i in range(len(pooled)) if i not in chosen], [pooled[i] for i in chosen])
+                   >= extreme for chosen in splits)
+    return u, min(1.0, 2 * at_least / len(splits))
+
+
+@pytest.mark.parametrize("table, expected", [
+    ((3, 1, 1, 3), 0.4857142857142857),  # Fisher's tea: 34/70
+    ((1, 9, 11, 3), 0.0027594561852200836),
+    ((3, 17, 1, 19), 0.6049896049896051),  # 3 failures in 20 against 1 in 20: nothing
+    ((10, 90, 30, 70), 0.0006504107076034208),  # 10 in 100 against 30 in 100: something
+    ((0, 5, 0, 5), 1.0),
+    ((5, 5, 5, 5), 1.0),  # every table as likely as its mirror: the tolerance keeps both
+])
+def test_fisher_exact_p_matches_hand_computed_values_and_exact_enumeration(table, expected):
+    assert od.fisher_exact_p(*table) == pytest.approx(expected, rel=1e-9)
+    assert od.fisher_exact_p(*table) == pytest.approx(fisher_by_enumeration(*table), rel=1e-9)
+
+
+def test_fisher_counts_tables_as_likely_as_the_observed_one_within_a_relative_1e_7():
+    # [[2, 8], [8, 2]] and its mirror are equally likely; float sums must not drop either.
+    rng = random.Random(3)
+    for _ in range(200):
+        table = [rng.randint(0, 12) for _ in range(4)]
+        assert od.fisher_exact_p(*table) == pytest.approx(fisher_by_enumeration(*table), rel=1e-9), table
+
+
+@pytest.mark.parametrize("baseline, candidate, u, p", [
+    ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10], 25.0, 2 / 252),  # exact: the most extreme of 252 splits
+    ([6, 7, 8, 9, 10], [1, 2, 3, 4, 5], 0.0, 2 / 252),
+    ([1, 2, 3, 4, 5, 6, 7], [1.5, 2.5, 9, 11, 12], 24.0, 0.3434343434343435),
+])
+def test_mann_whitney_u_exact_for_small_samples_without_ties(baseline, candidate, u, p):
+    assert od.mann_whitney_u(baseline, candidate) == pytest.approx((u, p), rel=1e-12)
+    assert od.mann_whitney_u(baseline, candidate) == pytest.approx(u_by_enumeration(baseline, candidate), rel=1e-12)
+
+
+def test_mann_whitney_u_with_ties_is_the_normal_approximation_with_tie_and_continuity_corrections():
+    baseline = [12, 15, 15, 18, 20, 20, 20, 22, 25]
+    candidate = [18, 20, 24, 24, 27, 30, 30, 31, 35, 40]
+    n1, n2 = len(baseline), len(candidate)
+    u = sum((c > b) + 0.5 * (c == b) for c in candidate for b in baseline)
+    ties = Counter(baseline + candidate).values()
+    n = n1 + n2
+    sigma = math.sqrt(n1 * n2 / 12 * ((n + 1) - sum(t ** 3 - t for t in ties) / (n * (n - 1))))
+    z = (max(u, n1 * n2 - u) - n1 * n2 / 2 - 0.5) / sigma
+    by_hand = math.erfc(z / math.sqrt(2))  # 2 · P(Z > z)
+    assert (u, by_hand) == pytest.approx((79.0, 0.005919358687252546), rel=1e-9)  # SciPy 1.17's answer
+    assert od.mann_whitney_u(baseline, candidate) == pytest.approx((u, by_hand), rel=1e-12)
+
+
+def test_zero_spread_on_both_sides_at_different_values_is_a_real_difference():
+    # benchstat once called this "no difference" (golang/go#19634): every new value is larger.
+    u, p = od.mann_whitney_u([10.0] * 6, [20.0] * 6)
+    assert u == 36 and p == pytest.approx(0.0012619447673879731, rel=1e-9)
+    assert od.mann_whitney_u([5.0] * 6, [5.0] * 6) == (18.0, 1.0)
+
+
+def test_benjamini_hochberg_adjusts_a_family_as_by_hand():
+    # sorted: .005 .01 .03 .04 .2 → ·5/rank: .025 .025 .05 .05 .2, each the minimum of those after
+    assert od.benjamini_hochberg([0.01, 0.04, 0.03, 0.2, 0.005]) == pytest.approx([0.025, 0.05, 0.05, 0.2, 0.025])
+    # ·4/rank: .04 .04 .04 .035: each takes the smallest of those ranked after it
+    assert od.benjamini_hochberg([0.03, 0.01, 0.035, 0.02]) == pytest.approx([0.035] * 4)
+    assert od.benjamini_hochberg([]) == []
+
+
+def test_scipy_agrees_where_it_is_installed():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is not installed: the hand-computed tests stand alone")
+    rng = random.Random(11)
+    for trial in range(40):
+        old = [rng.choice([rng.random(), rng.randint(0, 9)]) for _ in range(rng.randint(5, 30))]
+        new = [rng.choice([rng.random(), rng.randint(0, 9)]) + trial % 3 for _ in range(rng.randint(5, 30))]
+        expected = stats.mannwhitneyu(new, old, method="auto")
+        assert od.mann_whitney_u(old, new) == pytest.approx((expected.statistic, expected.pvalue), rel=1e-9)
+        table = [rng.randint(0, 60) for _ in range(4)]
+        expected = stats.fisher_exact([table[:2], table[2:]]).pvalue
+        assert od.fisher_exact_p(*table) == pytest.approx(expected, rel=1e-6)
 
 
 # -----------------------------------------------------------------------------
