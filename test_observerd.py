@@ -6410,3 +6410,167 @@ def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons
         assert tab.problems() == []
     finally:
         browser.close()
+
+
+# --- issue 21: runs, comparisons, correction verdicts ---
+
+
+def ago(seconds: float, now: float | None = None) -> str:
+    return od.rfc3339_of((time.time() if now is None else now) - seconds)
+
+
+def two_hours_of_ops(now: float) -> list[dict]:
+    """An hour (2h..1h ago, run r1) and the next (1h..now, run r2) of four endpoints: /triples'
+    failure rate triples, /doubles' durations double, /steady stays as it was, /rare has 3 ops a
+    side. Candidate failures of /triples bring a new error; one of /steady's goes away."""
+    rng = random.Random(21)
+    ops = []
+    for side, (start, end) in enumerate(((7000, 3700), (3500, 100))):
+        run = f"r{side + 1}"
+        for i in range(100):
+            at = ago(start - (start - end) * i / 100, now)
+            fails = i % 10 < (1, 3)[side]
+            ops.append(op("/triples", timestamp=at, run_id=run, success=not fails, duration_ms=rng.uniform(10, 20),
+                          error=("connection reset by peer" if side and i % 2 else "upstream 502 for job 9")))
+            ops.append(op("/doubles", timestamp=at, run_id=run, success=True,
+                          duration_ms=rng.uniform(10, 20) * (1, 2)[side], model=f"m{i % 2}"))
+            ops.append(op("/steady", timestamp=at, run_id=run, success=i % 10 != 0, duration_ms=rng.uniform(10, 20),
+                          error="disk full" if (side, i) == (0, 0) else "boom"))
+        ops += [op("/rare", timestamp=ago(start - i, now), run_id=run, success=True, duration_ms=5.0) for i in range(3)]
+    ops.append(op("/triples", timestamp=ago(200, now), source="overseer_correction", run_id="r2"))
+    return ops
+
+
+def post_ops(client, ops) -> None:
+    for start in range(0, len(ops), 500):
+        status, body, _ = client.post("/observer/events", ops[start:start + 500])
+        assert status == 200, body
+
+
+def verdicts_of(answer) -> dict[str, tuple[str, str, str]]:
+    return {row["endpoint"]: (row["verdict"], row["failure_rate"]["verdict"], row["duration"]["verdict"])
+            for row in answer["rows"]}
+
+
+EXPECTED_VERDICTS = {"/triples": ("worse", "worse", "~"), "/doubles": ("worse", "~", "worse"),
+                     "/steady": ("~", "~", "~"), "/rare": ("too few", "too few", "too few")}
+
+
+def test_compare_finds_exactly_what_changed_over_http_and_on_the_command_line(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()))
+    status, answer, _ = server.client().get("/observer/compare?baseline=2h..1h&candidate=1h..now")
+    assert status == 200, answer
+    assert list(answer) == ["verdict", "baseline", "candidate", "by", "scanned_bytes", "truncated", "rows"]
+    assert (answer["verdict"], answer["baseline"], answer["candidate"], answer["by"], answer["truncated"]) == (
+        "worse", "2h..1h", "1h..now", "endpoint", False)
+    assert verdicts_of(answer) == EXPECTED_VERDICTS
+    assert [row["verdict"] for row in answer["rows"]] == ["worse", "worse", "~", "too few"]
+    triples = next(row for row in answer["rows"] if row["endpoint"] == "/triples")
+    assert list(triples) == ["endpoint", "verdict", "baseline", "candidate", "failure_rate", "duration",
+                             "new_signatures", "gone_signatures"]
+    assert triples["baseline"] == {"ops": 100, "failures": 10, "failure_rate": 0.1,
+                                   "p50_ms": triples["baseline"]["p50_ms"], "p95_ms": triples["baseline"]["p95_ms"]}
+    assert (triples["candidate"]["ops"], triples["candidate"]["failures"]) == (100, 30)  # the correction is not an op
+    assert triples["failure_rate"]["p"] == pytest.approx(od.fisher_exact_p(10, 90, 30, 70))
+    assert triples["failure_rate"]["q"] >= triples["failure_rate"]["p"]
+    assert triples["new_signatures"] == [{"signature": "connection reset by peer", "count": 10}]  # i % 10 == 1
+    steady = next(row for row in answer["rows"] if row["endpoint"] == "/steady")
+    assert steady["gone_signatures"] == [{"signature": "disk full", "count": 1}]
+    rare = next(row for row in answer["rows"] if row["endpoint"] == "/rare")
+    assert rare["failure_rate"] == rare["duration"] == {"p": None, "q": None, "verdict": "too few"}
+
+    cli = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["rows"] == answer["rows"]
+    table = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "table").stdout
+    assert "/triples" in table and "+20.0pp" in table and "too few  fewer than 5 ops" in table
+    assert re.search(r"/steady .* ~ ", table)
+
+
+def test_compare_two_runs_and_by_any_field(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()))
+    status, by_run, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2")
+    assert status == 200 and verdicts_of(by_run) == EXPECTED_VERDICTS
+    status, by_model, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2&by=model&endpoint=/doubles")
+    assert status == 200, by_model
+    assert {row["model"]: row["verdict"] for row in by_model["rows"]} == {"m0": "worse", "m1": "worse"}
+    cli = run_cli("compare", "r1", "r2", str(server.config.persist_path), "--by", "model", "--endpoint", "/doubles")
+    assert json.loads(cli.stdout)["rows"] == by_model["rows"]
+
+
+@pytest.mark.parametrize("query, name", [
+    ("candidate=1h..now", "baseline"),
+    ("baseline=2h..1h", "candidate"),
+    ("baseline=1h..2h&candidate=1h..now", "baseline"),
+    ("baseline=r1&candidate=r2&by=verdict", "by"),
+    ("baseline=r1&candidate=r2&by=", "by"),
+    ("baseline=r1&candidate=r2&success=false", "success"),
+])
+def test_bad_comparisons_are_400_naming_the_parameter(serve, query, name):
+    status, body, _ = serve().client().get("/observer/compare?" + query)
+    assert status == 400 and name in body["error"], body
+
+
+def test_compare_on_the_command_line_names_the_bad_argument(tmp_path):
+    journal = tmp_path / "ops.jsonl"
+    journal.write_text(json.dumps(op("/a", timestamp=ago(10))) + "\n")
+    cli = run_cli("compare", "1h..2h", "1h..now", str(journal))
+    assert cli.returncode == 2 and cli.stderr.startswith("observerd.py compare: baseline starts after it ends")
+    cli = run_cli("compare", "r1", "r2", str(journal), "--by", "duration")
+    assert cli.returncode == 2 and "--by cannot be 'duration'" in cli.stderr
+
+
+def test_fifty_unchanged_endpoints_with_noise_light_up_no_row():
+    """Twenty comparisons (seeds 0-19) of fifty endpoints that did not change: each has 100
+    tests, so raw p < 0.05 turns up by chance in nearly all; after Benjamini–Hochberg none."""
+    chance_findings = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        sides = []
+        for _ in range(2):
+            groups = {}
+            for n in range(50):
+                tally = groups[f"/e{n}"] = od.Tally()
+                for _ in range(40):
+                    tally.add(od.RingOp(od.validate_op(op(f"/e{n}", success=rng.random() > 0.2,
+                                                          duration_ms=rng.lognormvariate(3, 0.5)))))
+            sides.append(groups)
+        verdict, rows = od.compare_tallies("endpoint", *sides)
+        chance_findings += min(row[metric]["p"] for row in rows for metric in ("failure_rate", "duration")) < 0.05
+        assert verdict == "~" and {row["verdict"] for row in rows} == {"~"}, seed
+    assert chance_findings >= 15, "the noise must hold chance 'findings' for the test to mean anything"
+
+
+def test_runs_newest_first_with_their_numbers_over_http_and_on_the_command_line(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()) + [op("/no-run")])
+    status, answer, _ = server.client().get("/observer/runs")
+    assert status == 200, answer
+    assert [run["run"] for run in answer["runs"]] == ["r2", "r1"]
+    r2 = answer["runs"][0]
+    assert (r2["ops"], r2["failures"], r2["endpoints"]) == (
+        304, 40, ["/doubles", "/rare", "/steady", "/triples"])  # 303 ops and the correction
+    assert r2["failure_rate"] == round(40 / 304, 4) and r2["first"] < r2["last"]
+    assert list(r2) == ["run", "first", "last", "ops", "failures", "failure_rate", "p50_ms", "p95_ms", "endpoints"]
+    cli = run_cli("runs", str(server.config.persist_path), "-o", "json")
+    assert json.loads(cli.stdout)["runs"] == answer["runs"]
+    status, failed, _ = server.client().get("/observer/runs?endpoint=/triples&success=false&since=1h")
+    assert [(run["run"], run["ops"]) for run in failed["runs"]] == [("r2", 30)]
+    cli = run_cli("runs", str(server.config.persist_path), "--endpoint", "/triples", "--failed", "--since", "1h")
+    assert json.loads(cli.stdout)["runs"] == failed["runs"]
+
+
+def test_runs_are_bounded_by_max_scan_bytes_and_go_on_by_cursor(serve):
+    server = serve(max_scan_bytes=1)
+    post_ops(server.client(), [op("/a", run_id=f"r{i // 1000}", pad="x" * 200) for i in range(3000)])
+    status, first, _ = server.client().get("/observer/runs")
+    assert first["truncated"] and first["cursor"] and sum(run["ops"] for run in first["runs"]) < 3000
+    seen = Counter({run["run"]: run["ops"] for run in first["runs"]})
+    cursor = first["cursor"]
+    while cursor:
+        page = server.client().get(f"/observer/runs?cursor={cursor}")[1]
+        seen.update({run["run"]: run["ops"] for run in page["runs"]})
+        cursor = page["cursor"]
+    assert seen == {"r0": 1000, "r1": 1000, "r2": 1000}
