@@ -4377,6 +4377,7 @@ async function refresh() {
     showEndpoints();
     showClusters(t.clusters);
     showEscalations(t.escalations);
+    showCorrections(t.corrections);
   }
   if (stats) showStats(stats);
   if (playbooks) showPlaybooks(playbooks);
@@ -4527,6 +4528,17 @@ function showEscalations(escalations) {
     ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
     ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
   ]}, "no escalations");
+}
+
+function showCorrections(corrections) {
+  const bad = {"hurt": "bad", "no change": "warn", "helped": "ok"};
+  fill($("corrections-body"), corrections, {columns: [
+    ["t", (c) => when(c.timestamp)], ["", (c) => endpointButton(c.endpoint)],
+    ["", (c) => el("span", bad[c.verdict] || "", c.verdict)],
+    ["n", (c) => pct(c.before.failure_rate) + " → " + pct(c.after.failure_rate)],
+    ["n", (c) => ms(c.before.p50_ms) + " → " + ms(c.after.p50_ms)],
+    ["", (c) => (c.escalated ? "escalated" : "")],
+  ]}, "no corrections judged");
 }
 
 function showPlaybooks(p) {
@@ -4694,6 +4706,12 @@ def _ui_html(style: str, script: str) -> str:
 <tbody id="escalations-body"></tbody></table></div>
 </section>
 <section>
+<h2>Correction verdicts</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th>verdict</th><th class="n">failure rate before → after</th><th class="n">p50 before → after</th><th></th></tr></thead>
+<tbody id="corrections-body"></tbody></table></div>
+</section>
+<section>
 <h2>Playbooks</h2>
 <div class="scroll"><table>
 <thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
@@ -4797,6 +4815,7 @@ DEFAULT_TIMELINE_SECONDS = 60
 TIMELINE_ENDPOINTS = 20
 TIMELINE_CLUSTERS = 10
 TIMELINE_ESCALATIONS = 10
+TIMELINE_CORRECTIONS = 10
 
 
 def timeline_seconds(query: str) -> int:
@@ -4891,6 +4910,11 @@ class ObserverHandler(HTTPHandler):
             "endpoints": rank_endpoints(store.snapshot(), TIMELINE_ENDPOINTS),
             "clusters": server.insights.clusters["clusters"][:TIMELINE_CLUSTERS],
             "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
+            "corrections": [{"timestamp": entry["correction"].timestamp, "endpoint": entry["correction"].endpoint,
+                             "verdict": entry["verdict"], "escalated": entry["escalated"],
+                             "before": entry["comparison"]["baseline"], "after": entry["comparison"]["candidate"]}
+                            for entry in server.insights.corrections[:TIMELINE_CORRECTIONS]],
+            "verdict_window_s": server.config.verdict_window_s,
         }
 
     @contextmanager
@@ -6053,6 +6077,15 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
                      + (f"  ({e['error']})" if e.get("error") else ""))
     if not timeline["escalations"]:
         lines.append("(none)")
+    window = format_duration(timeline["verdict_window_s"])
+    lines += ["", f"CORRECTIONS, newest first: each endpoint {window} before against {window} after",
+              f"{'TIME':>8} {'VERDICT':<11} {'FAIL% BEFORE → AFTER':>20}  ENDPOINT"]
+    for c in timeline["corrections"]:
+        change = f"{percent(c['before']['failures'], c['before']['ops'])} → {percent(c['after']['failures'], c['after']['ops'])}"
+        lines.append(f"{clock(c['timestamp']):>8} {c['verdict']:<11} {change:>20}  {c['endpoint']}"
+                     + ("  (escalated)" if c["escalated"] else ""))
+    if not timeline["corrections"]:
+        lines.append("(none judged)")
     return [screen_line(line, width) for line in lines]
 
 

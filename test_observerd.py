@@ -4301,7 +4301,8 @@ import struct  # noqa: E402
 import termios  # noqa: E402
 
 TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "now", "seconds", "sources", "totals", "ring",
-                 "journal", "fsync_p99_ms", "endpoints", "clusters", "escalations"}
+                 "journal", "fsync_p99_ms", "endpoints", "clusters", "escalations", "corrections",
+                 "verdict_window_s"}
 KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
     [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
      ("scenario", "/scenario/checkout", True, 100, 4), ("langfuse", "/langfuse/trace", False, 5, 1)])
@@ -6574,3 +6575,84 @@ def test_runs_are_bounded_by_max_scan_bytes_and_go_on_by_cursor(serve):
         seen.update({run["run"]: run["ops"] for run in page["runs"]})
         cursor = page["cursor"]
     assert seen == {"r0": 1000, "r1": 1000, "r2": 1000}
+
+
+def corrected_endpoints(now: float) -> list[dict]:
+    """Three endpoints each corrected 100 s ago, 30 ops in the minute before and 30 in the
+    minute after: /fixed goes from 50% failures to none, /idle stays at 50%, /broke goes from
+    none to 60%. A fourth correction, 10 s ago, still waits for its minute after."""
+    ops = []
+    for endpoint, (before, after) in {"/fixed": (5, 0), "/idle": (5, 5), "/broke": (0, 6)}.items():
+        for i in range(30):
+            ops.append(op(endpoint, timestamp=ago(158 - i, now), success=i % 10 >= before, duration_ms=10.0 + i,
+                          error=f"upstream 502 for job {i}"))
+            ops.append(op(endpoint, timestamp=ago(98 - i, now), success=i % 10 >= after, duration_ms=10.5 + i,
+                          error=f"upstream 502 for job {i}"))
+        ops.append(op(endpoint, source="overseer_correction", timestamp=ago(100, now), input_summary="retries=5"))
+    ops.append(op("/later", source="overseer_correction", timestamp=ago(10, now)))
+    return ops
+
+
+CORRECTION_SETTINGS = dict(verdict_window_s=60, analyze_interval_s=0.05, escalate_threshold=1_000_000,
+                           escalate_window_s=3600)
+
+
+def correction_verdicts(client) -> dict[str, tuple[str, bool]]:
+    status, answer, _ = client.get("/observer/corrections")
+    assert status == 200, answer
+    return {entry["correction"]["endpoint"]: (entry["verdict"], entry["escalated"]) for entry in answer["corrections"]}
+
+
+def test_each_correction_gets_a_verdict_and_an_unhelpful_one_is_escalated_once_across_restarts(
+        tmp_path, daemons, fake_service):
+    team = fake_service()
+    settings = dict(CORRECTION_SETTINGS, escalate_url=team.url + "/api/run")
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(team.received) == 2, what="the escalations of the two unhelpful corrections")
+    sent = {body["correction"]["endpoint"]: body for _, body in team.received}
+    assert set(sent) == {"/idle", "/broke"}
+    idle = sent["/idle"]
+    assert (idle["mode"], idle["source"], idle["verdict"], idle["cluster"]["endpoint"]) == (
+        "code_review", "observerd", "no change", "/idle")
+    assert idle["comparison"]["baseline"]["failures"] == idle["comparison"]["candidate"]["failures"] == 15
+    assert sent["/broke"]["verdict"] == "hurt" and sent["/broke"]["comparison"]["failure_rate"]["verdict"] == "worse"
+    expected = {"/later": ("pending", False), "/broke": ("hurt", True), "/idle": ("no change", True),
+                "/fixed": ("helped", False)}
+    assert correction_verdicts(daemon.client()) == expected
+    assert list(correction_verdicts(daemon.client())) == ["/later", "/broke", "/idle", "/fixed"]  # newest first
+    cli = run_cli("corrections", "--config", str(tmp_path / "lakehouse.toml"), "-o", "json")
+    assert {e["correction"]["endpoint"]: (e["verdict"], e["escalated"]) for e in json.loads(cli.stdout)["corrections"]} == expected
+    escalations = daemon.client().get("/observer/escalations")[1]["escalations"]
+    assert sorted((e["endpoint"], e["verdict"], e["outcome"]) for e in escalations) == [
+        ("/broke", "hurt", "sent"), ("/idle", "no change", "sent")]
+    wait_for_analyses(daemon.client())
+    assert len(team.received) == 2, "a correction was escalated twice"
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    wait_for_analyses(daemon.client())
+    assert correction_verdicts(daemon.client()) == expected
+    top = run_cli("top", "--once", "--url", f"http://127.0.0.1:{daemon.port}")
+    assert re.search(r"hurt +0\.0% → 60\.0%  /broke  \(escalated\)", top.stdout), top.stdout
+    assert re.search(r"helped +50\.0% → 0\.0%  /fixed\n", top.stdout), top.stdout
+    assert len(team.received) == 2, "a restart escalated a correction again"
+
+
+def test_a_failed_correction_escalation_is_retried_and_delivered_once(tmp_path, daemons, fake_service):
+    down = fake_service(status=503)
+    settings = dict(CORRECTION_SETTINGS, escalate_url=down.url + "/api/run", escalate_cooldown_s=0.2)
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(down.received) >= 4, what="retried deliveries")
+    assert {body["correction"]["endpoint"] for _, body in down.received} == {"/idle", "/broke"}
+    assert correction_verdicts(daemon.client())["/idle"] == ("no change", False)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    up = fake_service()
+    daemon = start_durable_daemon(daemons, tmp_path, **dict(settings, escalate_url=up.url))
+    wait_for(lambda: len(up.received) == 2, what="the deliveries once the target is up")
+    wait_for_analyses(daemon.client())
+    assert len(up.received) == 2
+    assert correction_verdicts(daemon.client())["/idle"] == ("no change", True)
