@@ -2436,15 +2436,18 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
 class HistoryPage(NamedTuple):
     """What read_history found, and where it stopped."""
 
-    ops: list[RingOp]  # newest first
+    ops: list  # newest first, as read_history's kept_as made them (RingOps unless told)
     cursor: str | None  # where the next page starts; None: nothing older is kept, or wanted
     scanned_bytes: int
     truncated: bool  # max_scan_bytes stopped the scan before it found limit ops
 
 
 def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: str | None = None,
-                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None) -> HistoryPage:
-    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first.
+                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None,
+                 kept_as: Callable[[dict], object] = RingOp) -> HistoryPage:
+    """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first,
+    each as kept_as makes it of the decoded op (a RingOp, or for a reader that only counts,
+    the op itself: it spares encoding each op again).
 
     Stops at limit ops; once max_scan_bytes are read (at the end of the chunk of whole
     lines in hand, so a page always moves on); with since, once SINCE_RUN_BYTES in a row have
@@ -2473,7 +2476,7 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: int, cursor: s
                 if op_filter.since is not None and _seconds(op["timestamp"]) >= op_filter.since:
                     recent_at = behind + top - offset - start
                 if op_filter.accepts(op):
-                    ops.append(RingOp(op))
+                    ops.append(kept_as(op))
                     if len(ops) == limit:
                         return HistoryPage(ops, files.cursor(index, offset + start),
                                            scanned + reader.read_bytes, False)
@@ -2922,7 +2925,7 @@ def benjamini_hochberg(ps: list[float]) -> list[float]:
 # overseer correction; read from the journal by History, judged by Statistics
 # =============================================================================
 
-SCAN_PAGE_OPS = 10_000  # ops a scan holds at once: read_history hands them over a page at a time
+SCAN_PAGE_OPS = 1000  # decoded ops a scan holds at once: read_history hands them over a page at a time
 MIN_COMPARED_OPS = 5  # a side with fewer is "too few" for a test
 SIGNIFICANCE = 0.05  # the false discovery rate of one comparison (Benjamini–Hochberg)
 COMPARE_SIGNATURES = 20  # new and gone error signatures listed per row, the most frequent first
@@ -2944,19 +2947,28 @@ def rfc3339_of(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e6):06d}Z"
 
 
+def chronological(timestamp: str) -> str:
+    """A valid timestamp spelled as rfc3339_of spells times, so that such spellings sort as the
+    times do: most are already (observerd's own stamps), and cost no parsing."""
+    if len(timestamp) == 27 and timestamp[10] == "T" and timestamp[19] == "." and timestamp[26] == "Z":
+        return timestamp
+    return rfc3339_of(_seconds(timestamp))
+
+
 class Scan(NamedTuple):
     scanned_bytes: int
     truncated: bool  # max_scan_bytes stopped it before the filters' range ended
     cursor: str | None  # where the rest of a truncated scan starts
 
 
-def scan_journal(files: JournalFiles, op_filter: OpFilter, visit: Callable[[RingOp], None],
+def scan_journal(files: JournalFiles, op_filter: OpFilter, visit: Callable[[dict], None],
                  max_scan_bytes: float, cursor: str | None = None, skipped: SkippedLines | None = None) -> Scan:
-    """Hand visit every op op_filter keeps, newest first, read_history's page at a time: a scan
-    holds one page of ops however many it reads, and stops where history would."""
+    """Hand visit every op op_filter keeps (decoded), newest first, read_history's page at a
+    time: a scan holds one page of ops however many it reads, and stops where history would."""
     scanned = 0
     while True:
-        page = read_history(files, op_filter, SCAN_PAGE_OPS, cursor, max_scan_bytes - scanned, skipped)
+        page = read_history(files, op_filter, SCAN_PAGE_OPS, cursor, max_scan_bytes - scanned, skipped,
+                            kept_as=dict)
         scanned += page.scanned_bytes
         for op in page.ops:
             visit(op)
@@ -2980,13 +2992,13 @@ class Tally:
         self.durations: list[float] = []
         self.signatures: Counter[str] = Counter()
 
-    def add(self, op: RingOp) -> None:
+    def add(self, op: dict) -> None:
         self.ops += 1
-        if op.success is not True:
+        if op["success"] is not True:
             self.failures += 1
             self.signatures[signature_of(op)] += 1
-        if op.duration_ms:
-            self.durations.append(op.duration_ms)
+        if op["duration_ms"]:
+            self.durations.append(op["duration_ms"])
 
     def summary(self) -> dict:
         durations = sorted(self.durations)
@@ -3085,14 +3097,13 @@ def compare_journal(files: JournalFiles, baseline: str, candidate: str, given: d
         op_filter = OpFilter(side_given, now, grep_regex)
         groups: dict[str | None, Tally] = {}
 
-        def visit(op: RingOp) -> None:
-            if op.source == CORRECTION_SOURCE:
+        def visit(op: dict) -> None:
+            if op["source"] == CORRECTION_SOURCE:
                 return
-            whole = op.to_dict() if run is not None or by != "endpoint" else None
-            if run is not None and (run_field not in whole or field_text(whole[run_field]) != run):
+            if run is not None and (run_field not in op or field_text(op[run_field]) != run):
                 return
-            key = op.endpoint if whole is None else field_text(whole[by]) if by in whole else None
-            groups.setdefault(key, Tally()).add(op)
+            key = field_text(op[by]) if by in op else None
+            (groups.get(key) or groups.setdefault(key, Tally())).add(op)
 
         scan = scan_journal(files, op_filter, visit, max_scan_bytes, skipped=skipped)
         tallies.append(groups)
@@ -3111,22 +3122,22 @@ class RunTally:
     def __init__(self, run: object):
         self.run = run
         self.first = self.last = None
-        self.first_at, self.last_at = math.inf, -math.inf
+        self.first_at = self.last_at = ""  # chronological(first), chronological(last)
         self.ops = self.failures = 0
         self.durations: list[float] = []
         self.endpoints: set[str] = set()
 
-    def add(self, op: RingOp) -> None:
-        at = _seconds(op.timestamp)
-        if at < self.first_at:
-            self.first, self.first_at = op.timestamp, at
+    def add(self, op: dict) -> None:
+        at = chronological(op["timestamp"])
+        if at < self.first_at or not self.first_at:
+            self.first, self.first_at = op["timestamp"], at
         if at > self.last_at:
-            self.last, self.last_at = op.timestamp, at
+            self.last, self.last_at = op["timestamp"], at
         self.ops += 1
-        self.failures += op.success is not True
-        if op.duration_ms:  # as a comparison counts it (see Tally)
-            self.durations.append(op.duration_ms)
-        self.endpoints.add(op.endpoint)
+        self.failures += op["success"] is not True
+        if op["duration_ms"]:  # as a comparison counts it (see Tally)
+            self.durations.append(op["duration_ms"])
+        self.endpoints.add(op["endpoint"])
 
     def describe(self) -> dict:
         durations = sorted(self.durations)
@@ -3142,14 +3153,10 @@ def list_runs(files: JournalFiles, op_filter: OpFilter, run_field: str, limit: i
     limit last active first. A run the scan limit cuts shows only its part read: the cursor
     reads on."""
     runs: dict[str, RunTally] = {}
-    key_bytes = b'"' + _escaped(run_field) + b'"'
 
-    def visit(op: RingOp) -> None:
-        if key_bytes not in op.line and b"\\" not in op.line:
-            return  # decoding the line could not find the field either
-        whole = op.to_dict()
-        if run_field in whole:
-            value = whole[run_field]
+    def visit(op: dict) -> None:
+        if run_field in op:
+            value = op[run_field]
             key = _LINE_ENCODER.encode(value)  # 42 and "42" are two runs, as the journal tells them apart
             (runs.get(key) or runs.setdefault(key, RunTally(value))).add(op)
 
@@ -3173,10 +3180,10 @@ def judge_correction(files: JournalFiles, correction: RingOp, window_s: float, n
     op_filter = OpFilter({"endpoint": correction.endpoint, "since": rfc3339_of(at - window_s),
                           "until": rfc3339_of(at + window_s)}, now, grep_regex=False)
 
-    def visit(op: RingOp) -> None:
+    def visit(op: dict) -> None:
         # The endpoint again: a filter takes one with * ? [ as a glob.
-        if op.source != CORRECTION_SOURCE and op.endpoint == correction.endpoint:
-            (before if _seconds(op.timestamp) < at else after).add(op)
+        if op["source"] != CORRECTION_SOURCE and op["endpoint"] == correction.endpoint:
+            (before if _seconds(op["timestamp"]) < at else after).add(op)
 
     scan = scan_journal(files, op_filter, visit, max_scan_bytes, skipped=skipped)
     _, (row,) = compare_tallies("endpoint", {correction.endpoint: before}, {correction.endpoint: after})
