@@ -5413,7 +5413,8 @@ class Escalator:
     def __init__(self, config: Config, insights: Insights):
         self.config = config
         self.insights = insights
-        self._held: dict[tuple[str, str], EscalationHold] = {}
+        self._held: dict[tuple[str, str], EscalationHold] = {}  # by cluster
+        self._held_corrections: dict[str, EscalationHold] = {}  # by correction_key
 
     def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
         now = time.monotonic()
@@ -5424,9 +5425,9 @@ class Escalator:
             recent = [op for op in members if op_time(op) >= window_start]
             if len(recent) < self.config.escalate_threshold:
                 continue
-            if self._held_back(key):
+            if self._held_back(self._held, key):
                 continue
-            if not self._escalate(key, key, recent, {}):
+            if not self._escalate(self._held, key, key, recent, {}):
                 # The target is down or slow: the other clusters wait for the next analysis
                 # rather than hold the loop thread for outbound_timeout_s each.
                 return
@@ -5445,17 +5446,23 @@ class Escalator:
         its comparison, by the rules a cluster is delivered by; returns whether it was."""
         extra = {"correction": judged["correction"], "verdict": judged["verdict"],
                  "comparison": judged["comparison"]}
-        hold_key = ("correction", judged["key"])
-        return not self._held_back(hold_key) and self._escalate(hold_key, cluster_key, members, extra)
+        holds, hold_key = self._held_corrections, judged["key"]
+        return not self._held_back(holds, hold_key) and self._escalate(holds, hold_key, cluster_key, members, extra)
 
-    def _held_back(self, hold_key: tuple[str, str]) -> bool:
-        hold = self._held.get(hold_key)
+    def keep_corrections(self, keys: set[str]) -> None:
+        """Forget the holds of corrections no longer judged, or this would grow for ever."""
+        self._held_corrections = {key: hold for key, hold in self._held_corrections.items() if key in keys}
+
+    @staticmethod
+    def _held_back(holds: dict, hold_key: object) -> bool:
+        hold = holds.get(hold_key)
         return hold is not None and time.monotonic() < hold.until
 
-    def _escalate(self, hold_key: tuple[str, str], key: tuple[str, str], members: list[dict], extra: dict) -> bool:
+    def _escalate(self, holds: dict, hold_key: object, key: tuple[str, str], members: list[dict],
+                  extra: dict) -> bool:
         """Deliver one cluster (and what extra adds to it); returns whether it was delivered.
-        A failure holds hold_key back for escalation_retry_delay()."""
-        failures = self._held[hold_key].failures if hold_key in self._held else 0
+        A failure holds hold_key back in holds for escalation_retry_delay()."""
+        failures = holds[hold_key].failures if hold_key in holds else 0
         cluster = describe_cluster(key, members)
         payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
                    "recent_failures": members[-5:], **extra}
@@ -5470,11 +5477,11 @@ class Escalator:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
                                            self.config.escalate_cooldown_s)
-            self._held[hold_key] = EscalationHold(time.monotonic() + delay, failures)
+            holds[hold_key] = EscalationHold(time.monotonic() + delay, failures)
             attempt.update(outcome="failed", error=str(exc))
             log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"], retry_in_s=delay)
         else:
-            self._held[hold_key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
+            holds[hold_key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
             attempt["outcome"] = "sent"
             log("INFO", "escalated correction" if extra else "escalated failure cluster", endpoint=key[0],
                 count=cluster["count"], **({"verdict": extra["verdict"]} if extra else {}))
@@ -5516,6 +5523,7 @@ class CorrectionVerdicts:
         self.insights.publish_corrections(judged)
         if self.escalator is None:
             return
+        self.escalator.keep_corrections({entry["key"] for entry in judged})
         for entry in reversed(judged):  # the oldest first
             if entry["verdict"] not in UNHELPFUL or entry["escalated"]:
                 continue
