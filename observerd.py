@@ -6361,7 +6361,8 @@ def read_journal_answer(args: argparse.Namespace, answer: Callable[[JournalFiles
                 return 2
             return answer(files, config, skipped)
     except InvalidOp as exc:
-        name = exc.field if exc.field in positionals else "--" + exc.field.replace("_", "-")
+        name = (exc.field if exc.field in positionals
+                else ("-" if len(exc.field) == 1 else "--") + exc.field.replace("_", "-"))
         print(f"observerd.py {args.command}: {name} {exc.reason} (see observerd.py {args.command} --help)",
               file=sys.stderr)
         return 2
