@@ -8,11 +8,13 @@ keeps the newest ``ring_size`` ops in a ring for live statistics, restores that 
 journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
-``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops).
+``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops, runs, compare,
+corrections).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
-outbound -> HTTP protocol -> browser page -> API -> background loops -> CLI/main.
+logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> statistics ->
+comparisons -> insights -> outbound -> HTTP protocol -> browser page -> API -> background loops ->
+CLI/main.
 """
 
 from __future__ import annotations
@@ -2961,6 +2963,10 @@ class Scan(NamedTuple):
     cursor: str | None  # where the rest of a truncated scan starts
 
 
+def _the_op(op: dict) -> dict:
+    return op
+
+
 def scan_journal(files: JournalFiles, op_filter: OpFilter, visit: Callable[[dict], None],
                  max_scan_bytes: float, cursor: str | None = None, skipped: SkippedLines | None = None) -> Scan:
     """Hand visit every op op_filter keeps (decoded), newest first, read_history's page at a
@@ -2968,7 +2974,7 @@ def scan_journal(files: JournalFiles, op_filter: OpFilter, visit: Callable[[dict
     scanned = 0
     while True:
         page = read_history(files, op_filter, SCAN_PAGE_OPS, cursor, max_scan_bytes - scanned, skipped,
-                            kept_as=dict)
+                            kept_as=_the_op)
         scanned += page.scanned_bytes
         for op in page.ops:
             visit(op)
@@ -3152,12 +3158,13 @@ def list_runs(files: JournalFiles, op_filter: OpFilter, run_field: str, limit: i
     """The runs among the ops op_filter keeps (an op is in the run its run_field names), the
     limit last active first. A run the scan limit cuts shows only its part read: the cursor
     reads on."""
-    runs: dict[str, RunTally] = {}
+    runs: dict[str | tuple[str], RunTally] = {}
 
     def visit(op: dict) -> None:
         if run_field in op:
             value = op[run_field]
-            key = _LINE_ENCODER.encode(value)  # 42 and "42" are two runs, as the journal tells them apart
+            # 42 and "42" are two runs, as the journal tells them apart.
+            key = value if isinstance(value, str) else (_LINE_ENCODER.encode(value),)
             (runs.get(key) or runs.setdefault(key, RunTally(value))).add(op)
 
     scan = scan_journal(files, op_filter, visit, max_scan_bytes, cursor, skipped)
@@ -5142,8 +5149,8 @@ class ObserverServer(ThreadingHTTPServer):
 
 
 # =============================================================================
-# Background loops: clusters, corrections, playbooks, escalation (one scheduler thread; serve
-# runs the connection reaper on another)
+# Background loops: clusters, corrections and their verdicts, playbooks, escalation (one
+# scheduler thread; serve runs the connection reaper on another)
 # =============================================================================
 
 
@@ -5569,7 +5576,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# CLI and main: serve, check, stats, top, ops
+# CLI and main: serve, check, stats, top, ops, runs, compare, corrections
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
