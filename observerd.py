@@ -3237,15 +3237,17 @@ class EscalatedCorrections:
 def list_corrections(files: JournalFiles, given: dict[str, str], limit: int, window_s: float, now: float,
                      max_scan_bytes: float, escalated: EscalatedCorrections,
                      skipped: SkippedLines | None = None) -> dict:
-    """The limit newest corrections passing the filters given, each judged."""
+    """The limit newest corrections passing the filters given, each judged; all the scans
+    together read about max_scan_bytes at most (a correction judged on a read cut short says
+    truncated)."""
     op_filter = OpFilter({**given, "source": CORRECTION_SOURCE}, now, grep_regex=False)
     page = read_history(files, op_filter, limit, None, max_scan_bytes, skipped)
     scanned, truncated = page.scanned_bytes, page.truncated
     judged = []
     for correction in page.ops:
-        entry = judge_correction(files, correction, window_s, now, max_scan_bytes, skipped)
+        entry = judge_correction(files, correction, window_s, now, max_scan_bytes - scanned, skipped)
         scanned += entry.pop("scanned_bytes")
-        truncated = truncated or entry.pop("truncated")
+        truncated = truncated or entry["truncated"]
         entry["escalated"] = entry["key"] in escalated
         judged.append(entry)
     return {"corrections": judged, "count": len(judged), "window_s": window_s,
@@ -5503,8 +5505,9 @@ VERDICT_CORRECTIONS = 100
 class CorrectionVerdicts:
     """Judges the recent corrections at each analysis, publishes their verdicts, and escalates
     each judged no change or hurt while its endpoint still has a failure cluster: once, as the
-    sidecar remembers across restarts. A verdict, once its after-window has passed, is kept
-    rather than judged again each analysis (GET /observer/corrections judges afresh)."""
+    sidecar remembers across restarts. A verdict, once its after-window has passed (on a whole
+    read), is kept rather than judged again each analysis (GET /observer/corrections judges
+    afresh); all the scans of one analysis read about max_scan_bytes at most."""
 
     def __init__(self, config: Config, insights: Insights, escalator: Escalator | None):
         self.config, self.insights, self.escalator = config, insights, escalator
@@ -5518,13 +5521,15 @@ class CorrectionVerdicts:
         judged = []
         with JournalFiles(config.persist_path, config.keep_files) as files:
             page = read_history(files, recent, VERDICT_CORRECTIONS, None, config.max_scan_bytes)
+            budget = config.max_scan_bytes - page.scanned_bytes  # for all the scans of one analysis
             for correction in page.ops:
                 entry = self._final.get(correction_key(correction))
                 if entry is None:
-                    entry = judge_correction(files, correction, config.verdict_window_s, now, config.max_scan_bytes)
-                    del entry["scanned_bytes"], entry["truncated"]
+                    entry = judge_correction(files, correction, config.verdict_window_s, now, budget)
+                    budget -= entry.pop("scanned_bytes")
                 judged.append(entry)
-        self._final = {entry["key"]: entry for entry in judged if entry["verdict"] != PENDING}
+        self._final = {entry["key"]: entry for entry in judged
+                       if entry["verdict"] != PENDING and not entry["truncated"]}
         for entry in judged:
             entry["escalated"] = entry["key"] in self.escalated
         self.insights.publish_corrections(judged)
@@ -5532,8 +5537,8 @@ class CorrectionVerdicts:
             return
         self.escalator.keep_corrections({entry["key"] for entry in judged})
         for entry in reversed(judged):  # the oldest first
-            if entry["verdict"] not in UNHELPFUL or entry["escalated"]:
-                continue
+            if entry["verdict"] not in UNHELPFUL or entry["escalated"] or entry["truncated"]:
+                continue  # a read cut short may have missed what would change the verdict
             cluster = self.escalator.recent_cluster(entry["correction"].endpoint, groups)
             if cluster is not None and self.escalator.escalate_correction(entry, *cluster):
                 self.escalated.add(entry["key"])

@@ -6659,3 +6659,22 @@ def test_a_failed_correction_escalation_is_retried_and_delivered_once(tmp_path, 
     wait_for_analyses(daemon.client())
     assert len(up.received) == 2
     assert correction_verdicts(daemon.client())["/idle"] == ("no change", True)
+
+
+def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(serve, fake_service):
+    team = fake_service()
+    server = serve(max_scan_bytes=1, escalate_url=team.url, **CORRECTION_SETTINGS)
+    now = time.time()
+    ops = corrected_endpoints(now)
+    early = [o for o in ops if o["timestamp"] < ago(143, now)]  # the first half of each before-minute
+    late = [o for o in ops if o not in early]
+    # 300 KB of other ops between them: a read of the journal's last block sees /broke's last 15 ops
+    # before its correction (none failed) and the 30 after (18 failed): hurt, on a read cut short.
+    post_ops(server.client(), early + [op("/noise", timestamp=ago(143, now), pad="x" * 300) for _ in range(1000)]
+             + late)
+    wait_for_analyses(server.client(), 5)
+    status, answer, _ = server.client().get("/observer/corrections")
+    assert status == 200 and answer["truncated"] and answer["count"] == 4
+    broke = next(e for e in answer["corrections"] if e["correction"]["endpoint"] == "/broke")
+    assert (broke["verdict"], broke["truncated"], broke["comparison"]["baseline"]["ops"]) == ("hurt", True, 15)
+    assert team.received == []
