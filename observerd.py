@@ -602,8 +602,9 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         if values[f"{backend}_url"] and not values[f"{backend}_model"]:
             problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
 
-    if not values["run_field"]:
-        problems.append(f"{given['run_field'].where} must name a field")
+    if not values["run_field"] or "=" in values["run_field"]:
+        # A run is found by the field filter, key=value: a key holding = could not be asked for.
+        problems.append(f"{given['run_field'].where} must name a field, without =")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
