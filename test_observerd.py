@@ -6682,3 +6682,16 @@ def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(s
     broke = next(e for e in answer["corrections"] if e["correction"]["endpoint"] == "/broke")
     assert (broke["verdict"], broke["truncated"], broke["comparison"]["baseline"]["ops"]) == ("hurt", True, 15)
     assert team.received == []
+
+
+def test_the_corrections_of_one_listing_share_max_scan_bytes(serve):
+    server = serve(max_scan_bytes=300_000, verdict_window_s=60)
+    now = time.time()
+    # 2 MB of ops stamped now, then ten corrections stamped an hour back (sent late): each
+    # verdict's read goes back through all of it, looking for its endpoint's ops of that hour.
+    post_ops(server.client(), [op("/noise", timestamp=ago(1, now), pad="x" * 2000) for _ in range(1000)]
+             + [op(f"/fix/{n}", source="overseer_correction", timestamp=ago(3600, now)) for n in range(10)])
+    status, answer, _ = server.client().get("/observer/corrections")
+    assert status == 200 and answer["count"] == 10 and answer["truncated"]
+    # Ten reads of 300 KB each would be 3 MB; shared, the later ones read a block (64 KiB) each.
+    assert answer["scanned_bytes"] < 300_000 + 11 * od.HISTORY_BLOCK_BYTES
