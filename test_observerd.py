@@ -6695,3 +6695,22 @@ def test_the_corrections_of_one_listing_share_max_scan_bytes(serve):
     assert status == 200 and answer["count"] == 10 and answer["truncated"]
     # Ten reads of 300 KB each would be 3 MB; shared, the later ones read a block (64 KiB) each.
     assert answer["scanned_bytes"] < 300_000 + 11 * od.HISTORY_BLOCK_BYTES
+
+
+@in_chromium
+def test_chromium_shows_the_latest_correction_verdicts(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, **CORRECTION_SETTINGS)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(daemon.client().get("/observer/timeline")[1]["corrections"]) == 4, what="four verdicts")
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
+        rows = tab.wait("(r => r.length === 4 && r[0].length > 1 && r)(Array.from("
+                        "document.querySelectorAll('#corrections-body tr'), (tr) => Array.from(tr.cells, (td) => td.textContent)))",
+                        "the correction verdicts")
+        assert [row[1:3] for row in rows] == [["/later", "pending"], ["/broke", "hurt"], ["/idle", "no change"],
+                                              ["/fixed", "helped"]]
+        assert rows[1][3] == "0 % → 60 %" and tab.problems() == []
+    finally:
+        browser.close()
