@@ -6582,22 +6582,23 @@ def test_runs_are_bounded_by_max_scan_bytes_and_go_on_by_cursor(serve):
 
 
 def corrected_endpoints(now: float) -> list[dict]:
-    """Three endpoints each corrected 100 s ago, 30 ops in the minute before and 30 in the
-    minute after: /fixed goes from 50% failures to none, /idle stays at 50%, /broke goes from
-    none to 60%. A fourth correction, 10 s ago, still waits for its minute after."""
+    """Three endpoints each corrected 125 s ago (verdict_window_s 120: its after-window closed 5 s
+    ago, and it stays among the corrections an analysis judges for another 115 s), 30 ops in the
+    30 s before and 30 in the 30 s after: /fixed goes from 50% failures to none, /idle stays at
+    50%, /broke goes from none to 60%. A fourth correction, 10 s ago, still waits."""
     ops = []
     for endpoint, (before, after) in {"/fixed": (5, 0), "/idle": (5, 5), "/broke": (0, 6)}.items():
         for i in range(30):
-            ops.append(op(endpoint, timestamp=ago(158 - i, now), success=i % 10 >= before, duration_ms=10.0 + i,
+            ops.append(op(endpoint, timestamp=ago(155 - i, now), success=i % 10 >= before, duration_ms=10.0 + i,
                           error=f"upstream 502 for job {i}"))
-            ops.append(op(endpoint, timestamp=ago(98 - i, now), success=i % 10 >= after, duration_ms=10.5 + i,
+            ops.append(op(endpoint, timestamp=ago(120 - i, now), success=i % 10 >= after, duration_ms=10.5 + i,
                           error=f"upstream 502 for job {i}"))
-        ops.append(op(endpoint, source="overseer_correction", timestamp=ago(100, now), input_summary="retries=5"))
+        ops.append(op(endpoint, source="overseer_correction", timestamp=ago(125, now), input_summary="retries=5"))
     ops.append(op("/later", source="overseer_correction", timestamp=ago(10, now)))
     return ops
 
 
-CORRECTION_SETTINGS = dict(verdict_window_s=60, analyze_interval_s=0.05, escalate_threshold=1_000_000,
+CORRECTION_SETTINGS = dict(verdict_window_s=120, analyze_interval_s=0.05, escalate_threshold=1_000_000,
                            escalate_window_s=3600)
 
 
@@ -6670,11 +6671,11 @@ def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(s
     server = serve(max_scan_bytes=1, escalate_url=team.url, **CORRECTION_SETTINGS)
     now = time.time()
     ops = corrected_endpoints(now)
-    early = [o for o in ops if o["timestamp"] < ago(143, now)]  # the first half of each before-minute
+    early = [o for o in ops if o["timestamp"] < ago(140.5, now)]  # the first half of each before-window
     late = [o for o in ops if o not in early]
     # 300 KB of other ops between them: a read of the journal's last block sees /broke's last 15 ops
     # before its correction (none failed) and the 30 after (18 failed): hurt, on a read cut short.
-    post_ops(server.client(), early + [op("/noise", timestamp=ago(143, now), pad="x" * 300) for _ in range(1000)]
+    post_ops(server.client(), early + [op("/noise", timestamp=ago(140, now), pad="x" * 300) for _ in range(1000)]
              + late)
     wait_for_analyses(server.client(), 5)
     status, answer, _ = server.client().get("/observer/corrections")
