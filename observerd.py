@@ -8,11 +8,13 @@ keeps the newest ``ring_size`` ops in a ring for live statistics, restores that 
 journal's tail on restart, and watches what it records: failure clusters, playbooks, escalations.
 
 Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and nothing else.
-``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops).
+``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops, runs, compare,
+corrections).
 
 The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
-outbound -> HTTP protocol -> browser page -> API -> background loops -> CLI/main.
+logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> statistics ->
+comparisons -> insights -> outbound -> HTTP protocol -> browser page -> API -> background loops ->
+CLI/main.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ import traceback
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field as dataclass_field, make_dataclass
 from typing import NamedTuple
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -387,11 +389,14 @@ SETTINGS = (
             'tmpfs folder recording journal bytes whose fsync failed, until reboot; "" = none', path=True),
     Setting("max_scan_bytes", int, 64 * 1024 * 1024, "journal bytes one GET /observer/history reads",
             minimum=1),
+    Setting("run_field", str, "run_id", "the op field naming the run an op belongs to"),
     Setting("analyze_interval_s", float, 30.0, "failure clustering period; 0 = off",
             minimum=0, maximum=MAX_SECONDS),
     Setting("corrections_path", str, "", 'the overseer\'s corrections JSONL; "" = off', path=True),
     Setting("corrections_interval_s", float, 5.0, "corrections tailing period",
             minimum=0, maximum=MAX_SECONDS),
+    Setting("verdict_window_s", float, 900.0, "ops compared before and after each correction",
+            minimum=0.001, maximum=MAX_SECONDS),
     Setting("playbooks_path", str, "", 'where playbooks are written; "" = serve only', path=True),
     Setting("consolidate_interval_s", float, 60.0, "playbook folding period; 0 = off",
             minimum=0, maximum=MAX_SECONDS),
@@ -669,6 +674,9 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         if values[f"{backend}_url"] and not values[f"{backend}_model"]:
             problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
 
+    if not values["run_field"] or "=" in values["run_field"]:
+        # A run is found by the field filter, key=value: a key holding = could not be asked for.
+        problems.append(f"{given['run_field'].where} must name a field, without =")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         problems.append("[observerd] tls_cert and tls_key must be set together")
 
@@ -2676,6 +2684,12 @@ def refuse_command_line_only(names) -> None:
                             "plain text")
 
 
+def field_text(value: object) -> str:
+    """A field's value as filters match it and comparisons group by it: a string as is,
+    anything else as its JSON."""
+    return value if isinstance(value, str) else _LINE_ENCODER.encode(value)
+
+
 class OpFilter:
     """What a history query keeps: the ops passing every filter given (none given: all).
 
@@ -2874,8 +2888,7 @@ class OpFilter:
             key, wanted = self.field
             if key not in op:
                 return False
-            value = op[key]
-            return (value if isinstance(value, str) else _LINE_ENCODER.encode(value)) == wanted
+            return field_text(op[key]) == wanted
         return True
 
     def head_is_recent(self, line: bytes) -> bool:
@@ -3111,17 +3124,19 @@ def candidate_lines(chunk: bytes, op_filter: OpFilter):
 class HistoryPage(NamedTuple):
     """What read_history found, and where it stopped."""
 
-    ops: list[RingOp]  # newest first (or what read_history was given as into)
+    ops: list  # newest first (or what read_history was given as into), each as kept_as made it
     cursor: str | None  # where the next page starts; None: nothing older is kept, or wanted
     scanned_bytes: int
     truncated: bool  # max_scan_bytes stopped the scan before it found limit ops
 
 
 def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor: str | None = None,
-                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None, into=None) -> HistoryPage:
+                 max_scan_bytes: float = math.inf, skipped: SkippedLines | None = None, into=None,
+                 kept_as: Callable[[dict], object] = RingOp) -> HistoryPage:
     """The newest `limit` ops op_filter keeps, before cursor (or from the end), newest first;
     into: where they are appended (anything with append and len; default a new list), which
-    the page returns as its ops.
+    the page returns as its ops; each as kept_as makes it of the decoded op (a RingOp, or for
+    a reader that only counts, the op itself: it spares encoding each op again).
 
     Stops at limit ops; once max_scan_bytes are read (at the end of the chunk of whole
     lines in hand, so a page always moves on); with since, once SINCE_RUN_BYTES in a row have
@@ -3152,7 +3167,7 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor:
                 if op_filter.since is not None and _seconds(op["timestamp"]) >= op_filter.since:
                     recent_at = behind + top - offset - start
                 if op_filter.accepts(op):
-                    ops.append(RingOp(op))
+                    ops.append(kept_as(op))
                     if len(ops) == limit:
                         return HistoryPage(ops, files.cursor(index, offset + start),
                                            scanned + reader.read_bytes, False)
@@ -3561,6 +3576,434 @@ def llm_prompt(reviews: list[dict]) -> str:
 
 
 # =============================================================================
+# Statistics: the tests a comparison runs (Fisher exact, Mann–Whitney U, Benjamini–Hochberg)
+# =============================================================================
+
+# Two tables whose probabilities differ by less than this (relatively) are equally likely:
+# floating-point sums must not make the observed table rarer than its mirror (R, SciPy).
+FISHER_RELATIVE_TOLERANCE = 1e-7
+# SciPy's method="auto": the exact U distribution when a side has at most this many values and
+# none are tied. Past MWU_EXACT_MAX_CELLS (n1·n2) it would cost seconds for a p the normal
+# approximation already gives to three digits, so that is used instead.
+MWU_EXACT_MAX_OPS = 8
+MWU_EXACT_MAX_CELLS = 20_000
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def fisher_exact_p(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided p of Fisher's exact test of the 2×2 table [[a, b], [c, d]]: given its margins,
+    the probability of every table no more likely than the observed one."""
+    row, other_row, column = a + b, c + d, a + c
+    low, high = max(0, column - other_row), min(column, row)
+    if low == high:
+        return 1.0
+    logs = [_log_comb(row, x) + _log_comb(other_row, column - x) for x in range(low, high + 1)]
+    top = max(logs)
+    densities = [math.exp(value - top) for value in logs]
+    observed = densities[a - low] * (1 + FISHER_RELATIVE_TOLERANCE)
+    return min(1.0, math.fsum(p for p in densities if p <= observed) / math.fsum(densities))
+
+
+def _u_counts(m: int, n: int) -> list[int]:
+    """How many of the C(m+n, m) orderings of m and n distinct values give each U from 0 to
+    m·n: the coefficients of the Gaussian binomial [m+n choose m]."""
+    m, n = sorted((m, n))
+    top = m * n
+    counts = [1] + [0] * top
+    for i in range(1, m + 1):
+        for j in range(top, n + i - 1, -1):  # times (1 - q^(n+i))
+            counts[j] -= counts[j - n - i]
+        for j in range(i, top + 1):  # divided by (1 - q^i)
+            counts[j] += counts[j - i]
+    return counts
+
+
+def normal_sf(z: float) -> float:
+    """P(Z > z) for a standard normal Z."""
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def mann_whitney_u(baseline: list[float], candidate: list[float]) -> tuple[float, float]:
+    """(U, p) of the two-sided Mann–Whitney U test, as SciPy's method="auto" computes it.
+
+    U is the candidate's: the pairs in which its value is the larger (a tie counts one half),
+    so U above n1·n2/2 says the candidate's values tend to be larger. p is exact when a side
+    has at most MWU_EXACT_MAX_OPS values and there are no ties; otherwise the normal
+    approximation with the tie correction of the variance and a continuity correction.
+    """
+    n1, n2 = len(baseline), len(candidate)
+    ranked = sorted(itertools.chain(((value, 0) for value in baseline), ((value, 1) for value in candidate)))
+    rank_sum = 0.0  # of the candidate's values, ties given their mean rank
+    tie_term = 0  # Σ (t³ - t) over groups of t tied values
+    start = 0
+    for _, group in itertools.groupby(ranked, key=lambda pair: pair[0]):
+        sides = [side for _, side in group]
+        size = len(sides)
+        rank_sum += (start + 1 + start + size) / 2 * sum(sides)
+        tie_term += size ** 3 - size
+        start += size
+    u = rank_sum - n2 * (n2 + 1) / 2
+    larger = max(u, n1 * n2 - u)
+    if min(n1, n2) <= MWU_EXACT_MAX_OPS and not tie_term and n1 * n2 <= MWU_EXACT_MAX_CELLS:
+        counts = _u_counts(n1, n2)
+        p = 2 * sum(counts[int(larger):]) / math.comb(n1 + n2, n1)
+    else:
+        n = n1 + n2
+        spread = math.sqrt(n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1))))
+        p = 1.0 if spread == 0 else 2 * normal_sf((larger - n1 * n2 / 2 - 0.5) / spread)
+    return u, min(1.0, p)
+
+
+def benjamini_hochberg(ps: list[float]) -> list[float]:
+    """The adjusted p (q) of each p in one family: the false discovery rate at which it would
+    first count as significant (Benjamini–Hochberg step-up)."""
+    order = sorted(range(len(ps)), key=ps.__getitem__)
+    qs = [1.0] * len(ps)
+    running = 1.0
+    for rank in range(len(ps), 0, -1):
+        index = order[rank - 1]
+        running = min(running, ps[index] * len(ps) / rank)
+        qs[index] = running
+    return qs
+
+
+# =============================================================================
+# Comparisons: runs, two sets of ops compared with significance, and a verdict on each
+# overseer correction; read from the journal by History, judged by Statistics
+# =============================================================================
+
+SCAN_PAGE_OPS = 1000  # decoded ops a scan holds at once: read_history hands them over a page at a time
+MIN_COMPARED_OPS = 5  # a side with fewer is "too few" for a test
+SIGNIFICANCE = 0.05  # the false discovery rate of one comparison (Benjamini–Hochberg)
+COMPARE_SIGNATURES = 20  # new and gone error signatures listed per row, the most frequent first
+TOO_FEW = "too few"
+# A row's own keys: grouping by a field of one of these names would overwrite one of them.
+COMPARE_ROW_KEYS = ("verdict", "baseline", "candidate", "failure_rate", "duration", "new_signatures",
+                    "gone_signatures")
+COMPARE_FILTERS = ("endpoint", "source", "grep", "regex", "field")  # regex: the command line's only
+_VERDICT_ORDER = {"worse": 0, "better": 1, "~": 2, TOO_FEW: 3}
+CORRECTION_VERDICTS = {"better": "helped", "worse": "hurt", "~": "no change", TOO_FEW: "too few ops"}
+PENDING = "pending"
+# The verdicts that leave a correction's endpoint no better: escalated while it still fails.
+UNHELPFUL = ("no change", "hurt")
+
+
+def rfc3339_of(seconds: float) -> str:
+    """A time as UTC RFC 3339 with microseconds, as observerd stamps ops."""
+    whole = math.floor(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e6):06d}Z"
+
+
+def chronological(timestamp: str) -> str:
+    """A valid timestamp spelled as rfc3339_of spells times, so that such spellings sort as the
+    times do: most are already (observerd's own stamps), and cost no parsing."""
+    if len(timestamp) == 27 and timestamp[10] == "T" and timestamp[19] == "." and timestamp[26] == "Z":
+        return timestamp
+    return rfc3339_of(_seconds(timestamp))
+
+
+class Scan(NamedTuple):
+    scanned_bytes: int
+    truncated: bool  # max_scan_bytes stopped it before the filters' range ended
+    cursor: str | None  # where the rest of a truncated scan starts
+
+
+def _the_op(op: dict) -> dict:
+    return op
+
+
+def scan_journal(files: JournalFiles, op_filter: OpFilter, visit: Callable[[dict], None],
+                 max_scan_bytes: float, cursor: str | None = None, skipped: SkippedLines | None = None) -> Scan:
+    """Hand visit every op op_filter keeps (decoded), newest first, read_history's page at a
+    time: a scan holds one page of ops however many it reads, and stops where history would."""
+    scanned = 0
+    while True:
+        page = read_history(files, op_filter, SCAN_PAGE_OPS, cursor, max_scan_bytes - scanned, skipped,
+                            kept_as=_the_op)
+        scanned += page.scanned_bytes
+        for op in page.ops:
+            visit(op)
+        if page.truncated or page.cursor is None:
+            return Scan(scanned, page.truncated, page.cursor)
+        cursor = page.cursor
+
+
+class Tally:
+    """One group's ops on one side of a comparison, counted as a scan hands them over.
+
+    An op sent without a duration is stored with duration_ms 0, so 0 means none: such ops
+    count in ops and failures, not in the durations (a failure that never ran must not make
+    an endpoint look faster).
+    """
+
+    __slots__ = ("ops", "failures", "durations", "signatures")
+
+    def __init__(self):
+        self.ops = self.failures = 0
+        self.durations: list[float] = []
+        self.signatures: Counter[str] = Counter()
+
+    def add(self, op: dict) -> None:
+        self.ops += 1
+        if op["success"] is not True:
+            self.failures += 1
+            self.signatures[signature_of(op)] += 1
+        if op["duration_ms"]:
+            self.durations.append(op["duration_ms"])
+
+    def summary(self) -> dict:
+        durations = sorted(self.durations)
+        return {"ops": self.ops, "failures": self.failures,
+                "failure_rate": round(self.failures / self.ops, 4) if self.ops else None,
+                "p50_ms": percentile(durations, 50), "p95_ms": percentile(durations, 95)}
+
+
+def combined_verdict(verdicts: list[str]) -> str:
+    """worse if any is, better if any is and none is worse, too few if all are, else ~."""
+    if "worse" in verdicts:
+        return "worse"
+    if "better" in verdicts:
+        return "better"
+    return TOO_FEW if verdicts and all(v == TOO_FEW for v in verdicts) else "~"
+
+
+def _signature_counts(counts: Counter[str], absent_from: Counter[str]) -> list[dict]:
+    found = [(signature, count) for signature, count in counts.most_common() if signature not in absent_from]
+    return [{"signature": signature, "count": count} for signature, count in found[:COMPARE_SIGNATURES]]
+
+
+def compare_tallies(by: str, baseline: dict[str | None, Tally],
+                    candidate: dict[str | None, Tally]) -> tuple[str, list[dict]]:
+    """(the comparison's verdict, its rows): each group's failure rate (Fisher exact) and
+    durations (Mann–Whitney U), every test of every row one Benjamini–Hochberg family at
+    SIGNIFICANCE; rows worst verdict first, then by group."""
+    rows, tests = [], []
+    for key in sorted(baseline.keys() | candidate.keys(), key=lambda k: (k is None, k or "")):
+        old, new = baseline.get(key) or Tally(), candidate.get(key) or Tally()
+        row = {by: key, "verdict": TOO_FEW, "baseline": old.summary(), "candidate": new.summary(),
+               "failure_rate": {"p": None, "q": None, "verdict": TOO_FEW},
+               "duration": {"p": None, "q": None, "verdict": TOO_FEW},
+               "new_signatures": _signature_counts(new.signatures, old.signatures),
+               "gone_signatures": _signature_counts(old.signatures, new.signatures)}
+        if min(old.ops, new.ops) >= MIN_COMPARED_OPS:
+            p = fisher_exact_p(old.failures, old.ops - old.failures, new.failures, new.ops - new.failures)
+            tests.append((row["failure_rate"], p, new.failures * old.ops - old.failures * new.ops))
+        if min(len(old.durations), len(new.durations)) >= MIN_COMPARED_OPS:
+            u, p = mann_whitney_u(old.durations, new.durations)
+            tests.append((row["duration"], p, u - len(old.durations) * len(new.durations) / 2))
+        rows.append(row)
+    for (metric, p, direction), q in zip(tests, benjamini_hochberg([p for _, p, _ in tests])):
+        significant = q <= SIGNIFICANCE and direction != 0
+        metric.update(p=p, q=q, verdict=("worse" if direction > 0 else "better") if significant else "~")
+    for row in rows:
+        row["verdict"] = combined_verdict([row["failure_rate"]["verdict"], row["duration"]["verdict"]])
+    rows.sort(key=lambda row: _VERDICT_ORDER[row["verdict"]])
+    verdict = combined_verdict([row["verdict"] for row in rows])
+    return ("~" if verdict == TOO_FEW else verdict), rows
+
+
+def compare_side(text: str, name: str, now: float, zone: tzinfo | None = None) -> dict[str, str] | str:
+    """One side of a comparison: the since and until of a time range SINCE..UNTIL (both ends in
+    the --since grammar), or else a run id."""
+    if not text:
+        raise InvalidOp(name, "is required: a time range SINCE..UNTIL like 2h..1h, or a run id")
+    since, dots, until = text.partition("..")
+    if dots:
+        try:
+            start, end = (parse_time_bound(since, name, now, zone=zone),
+                          parse_time_bound(until, name, now, zone=zone))
+        except InvalidOp:
+            return text
+        if start > end:
+            raise InvalidOp(name, f"starts after it ends: {since} is later than {until}")
+        return {"since": since, "until": until}
+    return text
+
+
+def check_by(by: str) -> str:
+    if not by:
+        raise InvalidOp("by", "must name a field")
+    if by in COMPARE_ROW_KEYS:
+        raise InvalidOp("by", f"cannot be {by!r}, a key of each row itself ({', '.join(COMPARE_ROW_KEYS)})")
+    return by
+
+
+def compare_journal(files: JournalFiles, baseline: str, candidate: str, given: dict[str, str], by: str,
+                    run_field: str, now: float, max_scan_bytes: float, zone: tzinfo | None = None,
+                    skipped: SkippedLines | None = None) -> dict:
+    """Compare the ops of two sides (compare_side) passing the filters given (COMPARE_FILTERS),
+    grouped by the field by; corrections are never among them. Each side reads up to
+    max_scan_bytes. Raises InvalidOp naming the parameter."""
+    reject_unknown(given, COMPARE_FILTERS, "filter")
+    check_by(by)
+    sides = [compare_side(text, name, now, zone) for name, text in (("baseline", baseline), ("candidate", candidate))]
+    tallies, scanned, truncated = [], 0, False
+    for side in sides:
+        side_given, run = dict(given), None
+        if isinstance(side, dict):
+            side_given.update(side)
+        elif "field" in side_given:
+            run = side  # the filter holds the user's field: the run is checked on the decoded op
+        else:
+            side_given["field"] = f"{run_field}={side}"
+        op_filter = OpFilter(side_given, now, zone=zone)
+        groups: dict[str | None, Tally] = {}
+
+        def visit(op: dict) -> None:
+            if op["source"] == CORRECTION_SOURCE:
+                return
+            if run is not None and (run_field not in op or field_text(op[run_field]) != run):
+                return
+            key = field_text(op[by]) if by in op else None
+            (groups.get(key) or groups.setdefault(key, Tally())).add(op)
+
+        scan = scan_journal(files, op_filter, visit, max_scan_bytes, skipped=skipped)
+        tallies.append(groups)
+        scanned += scan.scanned_bytes
+        truncated = truncated or scan.truncated
+    verdict, rows = compare_tallies(by, *tallies)
+    return {"verdict": verdict, "baseline": baseline, "candidate": candidate, "by": by,
+            "scanned_bytes": scanned, "truncated": truncated, "rows": rows}
+
+
+class RunTally:
+    """One run's ops, counted as a scan hands them over."""
+
+    __slots__ = ("run", "first", "last", "first_at", "last_at", "ops", "failures", "durations", "endpoints")
+
+    def __init__(self, run: object):
+        self.run = run
+        self.first = self.last = None
+        self.first_at = self.last_at = ""  # chronological(first), chronological(last)
+        self.ops = self.failures = 0
+        self.durations: list[float] = []
+        self.endpoints: set[str] = set()
+
+    def add(self, op: dict) -> None:
+        at = chronological(op["timestamp"])
+        if at < self.first_at or not self.first_at:
+            self.first, self.first_at = op["timestamp"], at
+        if at > self.last_at:
+            self.last, self.last_at = op["timestamp"], at
+        self.ops += 1
+        self.failures += op["success"] is not True
+        if op["duration_ms"]:  # as a comparison counts it (see Tally)
+            self.durations.append(op["duration_ms"])
+        self.endpoints.add(op["endpoint"])
+
+    def describe(self) -> dict:
+        durations = sorted(self.durations)
+        return {"run": self.run, "first": self.first, "last": self.last, "ops": self.ops,
+                "failures": self.failures, "failure_rate": round(self.failures / self.ops, 4),
+                "p50_ms": percentile(durations, 50), "p95_ms": percentile(durations, 95),
+                "endpoints": sorted(self.endpoints)}
+
+
+def list_runs(files: JournalFiles, op_filter: OpFilter, run_field: str, limit: int, cursor: str | None,
+              max_scan_bytes: float, skipped: SkippedLines | None = None) -> dict:
+    """The runs among the ops op_filter keeps (an op is in the run its run_field names), the
+    limit last active first. A run the scan limit cuts shows only its part read: the cursor
+    reads on."""
+    runs: dict[str | tuple[str], RunTally] = {}
+
+    def visit(op: dict) -> None:
+        if run_field in op:
+            value = op[run_field]
+            # 42 and "42" are two runs, as the journal tells them apart.
+            key = value if isinstance(value, str) else (_LINE_ENCODER.encode(value),)
+            (runs.get(key) or runs.setdefault(key, RunTally(value))).add(op)
+
+    scan = scan_journal(files, op_filter, visit, max_scan_bytes, cursor, skipped)
+    newest = sorted(runs.values(), key=lambda run: run.last_at, reverse=True)[:limit]
+    return {"runs": [run.describe() for run in newest], "count": len(newest), "cursor": scan.cursor,
+            "scanned_bytes": scan.scanned_bytes, "truncated": scan.truncated}
+
+
+def correction_key(correction: RingOp) -> str:
+    """What names a correction across restarts: a digest of its journal line."""
+    return hashlib.sha256(correction.line).hexdigest()[:32]
+
+
+def judge_correction(files: JournalFiles, correction: RingOp, window_s: float, now: float,
+                     max_scan_bytes: float, skipped: SkippedLines | None = None) -> dict:
+    """A correction's verdict: its endpoint's ops in the window_s before it against those in
+    the window_s from it on, compared as compare_journal does; pending until that has passed."""
+    at = _seconds(correction.timestamp)
+    before, after = Tally(), Tally()
+    op_filter = OpFilter({"endpoint": correction.endpoint, "since": rfc3339_of(at - window_s),
+                          "until": rfc3339_of(at + window_s)}, now)
+
+    def visit(op: dict) -> None:
+        # The endpoint again: a filter takes one with * ? [ as a glob.
+        if op["source"] != CORRECTION_SOURCE and op["endpoint"] == correction.endpoint:
+            (before if _seconds(op["timestamp"]) < at else after).add(op)
+
+    scan = scan_journal(files, op_filter, visit, max_scan_bytes, skipped=skipped)
+    _, (row,) = compare_tallies("endpoint", {correction.endpoint: before}, {correction.endpoint: after})
+    return {"correction": correction, "key": correction_key(correction),
+            "verdict": PENDING if now < at + window_s else CORRECTION_VERDICTS[row["verdict"]],
+            "before": {"since": rfc3339_of(at - window_s), "until": correction.timestamp},
+            "after": {"since": correction.timestamp, "until": rfc3339_of(at + window_s)},
+            "comparison": row, "scanned_bytes": scan.scanned_bytes, "truncated": scan.truncated}
+
+
+def escalated_corrections_path(persist_path: Path) -> Path:
+    """The sidecar file listing the corrections already escalated, so a restart sends none twice."""
+    return persist_path.with_name(persist_path.name + ".escalated-corrections")
+
+
+class EscalatedCorrections:
+    """The keys of the corrections escalated, newest last, kept in a sidecar (None: in memory)."""
+
+    KEEP = 10_000  # far more than the corrections of any verdict horizon
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.keys: list[str] = []
+        if path is not None and path.exists():
+            try:
+                keys = parse_json_strict(path.read_bytes(), "escalated corrections")
+            except (OSError, InvalidOp) as exc:
+                log("WARN", "ignoring unreadable escalated corrections", path=path, error=exc)
+            else:
+                if isinstance(keys, list) and all(isinstance(key, str) for key in keys):
+                    self.keys = keys
+                else:
+                    log("WARN", "ignoring escalated corrections of the wrong shape", path=path)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def add(self, key: str) -> None:
+        self.keys = [*self.keys, key][-self.KEEP:]
+        if self.path is not None:
+            write_file_atomically(self.path, json.dumps(self.keys).encode())
+
+
+def list_corrections(files: JournalFiles, given: dict[str, str | list[str]], limit: int, window_s: float,
+                     now: float, max_scan_bytes: float, escalated: EscalatedCorrections,
+                     skipped: SkippedLines | None = None, zone: tzinfo | None = None) -> dict:
+    """The limit newest corrections passing the filters given, each judged; all the scans
+    together read about max_scan_bytes at most (a correction judged on a read cut short says
+    truncated)."""
+    op_filter = OpFilter({**given, "source": CORRECTION_SOURCE}, now, zone=zone)
+    page = read_history(files, op_filter, limit, None, max_scan_bytes, skipped)
+    scanned, truncated = page.scanned_bytes, page.truncated
+    judged = []
+    for correction in page.ops:
+        entry = judge_correction(files, correction, window_s, now, max_scan_bytes - scanned, skipped)
+        scanned += entry.pop("scanned_bytes")
+        truncated = truncated or entry["truncated"]
+        entry["escalated"] = entry["key"] in escalated
+        judged.append(entry)
+    return {"corrections": judged, "count": len(judged), "window_s": window_s,
+            "scanned_bytes": scanned, "truncated": truncated}
+
+
+# =============================================================================
 # Insights: what the background loops found last, read by the API
 # =============================================================================
 
@@ -3574,10 +4017,11 @@ class Insights:
         self._lock = threading.Lock()
         self.clusters: dict = {"analyzed_at": None, "clusters": []}
         self.playbooks: dict = {"consolidated_at": None, "playbooks": []}
+        self.corrections: list[dict] = []  # the newest corrections judged, newest first
         # Escalation attempts as (sequence, attempt), each collection oldest first. Kept apart
         # so that a target that keeps failing never pushes the delivered ones out of sight.
         self._attempts = 0
-        self._delivered: dict[tuple[str, str], tuple[int, dict]] = {}
+        self._delivered: dict[tuple[str, str, str | None], tuple[int, dict]] = {}
         self._failed: deque[tuple[int, dict]] = deque(maxlen=self.MAX_ESCALATIONS)
 
     def publish_clusters(self, clusters: list[dict]) -> None:
@@ -3587,6 +4031,9 @@ class Insights:
         self.playbooks = {"consolidated_at": utc_now_rfc3339(), "playbooks": playbooks}
         return self.playbooks
 
+    def publish_corrections(self, judged: list[dict]) -> None:
+        self.corrections = judged
+
     def record_escalation(self, attempt: dict) -> None:
         with self._lock:
             self._attempts += 1
@@ -3594,7 +4041,7 @@ class Insights:
             if attempt["outcome"] != "sent":
                 self._failed.append(entry)
                 return
-            key = (attempt["endpoint"], attempt["signature"])
+            key = (attempt["endpoint"], attempt["signature"], attempt.get("correction"))
             self._delivered.pop(key, None)
             self._delivered[key] = entry
             if len(self._delivered) > self.MAX_ESCALATIONS:
@@ -4722,6 +5169,7 @@ async function refresh() {
     showEndpoints();
     showClusters(t.clusters, t.clusters_analyzed_at);
     showEscalations(t.escalations);
+    showCorrections(t.corrections);
   }
   if (stats) showStats(stats);
   if (playbooks) showPlaybooks(playbooks);
@@ -4884,6 +5332,17 @@ function showEscalations(escalations) {
     ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
     ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
   ]}, "no escalations");
+}
+
+function showCorrections(corrections) {
+  const bad = {"hurt": "bad", "no change": "warn", "helped": "ok"};
+  fill($("corrections-body"), corrections, {columns: [
+    ["t", (c) => when(c.timestamp)], ["", (c) => endpointButton(c.endpoint)],
+    ["", (c) => el("span", bad[c.verdict] || "", c.verdict)],
+    ["n", (c) => pct(c.before.failure_rate) + " → " + pct(c.after.failure_rate)],
+    ["n", (c) => ms(c.before.p50_ms) + " → " + ms(c.after.p50_ms)],
+    ["", (c) => (c.escalated ? "escalated" : "")],
+  ]}, "no corrections judged");
 }
 
 function showPlaybooks(p) {
@@ -5055,6 +5514,12 @@ click a header to sort, an endpoint for its ops from the journal.</p>
 <tbody id="escalations-body"></tbody></table></div>
 </section>
 <section>
+<h2>Correction verdicts</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th>verdict</th><th class="n">failure rate before → after</th><th class="n">p50 before → after</th><th></th></tr></thead>
+<tbody id="corrections-body"></tbody></table></div>
+</section>
+<section>
 <h2>Playbooks</h2>
 <div class="scroll"><table>
 <thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
@@ -5107,6 +5572,11 @@ OPS_QUERY_PARAMS = HISTORY_FILTERS + ("limit",)
 DEFAULT_LIMIT = 100
 HISTORY_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor", "count_by")
 MAX_HISTORY_LIMIT = 1000
+COMPARE_QUERY_PARAMS = ("baseline", "candidate", "by") + COMPARE_FILTERS
+CORRECTIONS_QUERY_PARAMS = ("since", "until", "endpoint", "limit")
+RUNS_QUERY_PARAMS = HISTORY_FILTERS + ("limit", "cursor")
+DEFAULT_CORRECTIONS = 20
+MAX_CORRECTIONS = 100  # each is judged by a scan of its own
 # History calls reading at once; others wait their turn. Each holds up to about max_scan_bytes
 # of ops, and one decoded line, so this bounds their memory whatever the connections.
 HISTORY_READS = 2
@@ -5155,6 +5625,7 @@ DEFAULT_TIMELINE_SECONDS = 60
 TIMELINE_ENDPOINTS = 20
 TIMELINE_CLUSTERS = 10
 TIMELINE_ESCALATIONS = 10
+TIMELINE_CORRECTIONS = 10
 
 
 def timeline_query(query: str) -> tuple[int, str]:
@@ -5283,47 +5754,87 @@ class ObserverHandler(HTTPHandler):
             "clusters_analyzed_at": clusters["analyzed_at"],
             "clusters": clusters["clusters"][:TIMELINE_CLUSTERS],
             "escalations": server.insights.escalations()[:TIMELINE_ESCALATIONS],
+            "corrections": [{"timestamp": entry["correction"].timestamp, "endpoint": entry["correction"].endpoint,
+                             "verdict": entry["verdict"], "escalated": entry["escalated"],
+                             "before": entry["comparison"]["baseline"], "after": entry["comparison"]["candidate"]}
+                            for entry in server.insights.corrections[:TIMELINE_CORRECTIONS]],
+            "verdict_window_s": server.config.verdict_window_s,
         }
 
-    def get_history(self):
+    @contextmanager
+    def journal_files(self):
         """The journal on disk, read through this thread's own descriptors and no lock of the
         store, so ingest goes on meanwhile; at most HISTORY_READS calls read at once, and
-        max_scan_bytes bounds the work of each."""
-        given = query_params(self.target.query, HISTORY_QUERY_PARAMS)
-        count_by = given["count_by"][0] if "count_by" in given else None
-        limit = count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT) if "limit" in given else DEFAULT_LIMIT
-        cursor = given["cursor"][0] if "cursor" in given else None
-        op_filter = OpFilter.from_query(given, time.time())
-        counter = None
-        if count_by is not None:
-            counter = GroupCounter(count_by)
-            if cursor is not None:
-                raise InvalidOp("cursor", "does not go with count_by: its one scan has no next page")
-            op_filter, failed_only = op_filter.counting()
-            limit = math.inf
+        max_scan_bytes bounds the work of each scan."""
         config = self.server.config
         if config.persist_path is None:
             raise RequestError(409, "no journal: observerd runs ephemeral")
         try:
-            skipped = SkippedLines()
             with self.server.history_reads, JournalFiles(config.persist_path, config.keep_files,
                                                          self.server.store.journal.record) as files:
-                page = read_history(files, op_filter, limit, cursor, config.max_scan_bytes, skipped, counter)
+                yield files
         except RotatedAway as exc:
             raise RequestError(410, str(exc)) from None
         except OSError as exc:
             raise RequestError(503, f"cannot read the journal: {exc.strerror or exc}",
                                "journal_unreadable") from None
+
+    def history_query(self, allowed: tuple[str, ...], default_limit: int, max_limit: int) -> tuple[dict, int]:
+        """(the query's parameters, its limit), checked; raises InvalidOp naming the parameter."""
+        given = query_params(self.target.query, allowed)
+        return given, count_param(given["limit"][0], "limit", max_limit) if "limit" in given else default_limit
+
+    def get_history(self):
+        given, limit = self.history_query(HISTORY_QUERY_PARAMS, DEFAULT_LIMIT, MAX_HISTORY_LIMIT)
+        count_by = given["count_by"][0] if "count_by" in given else None
+        cursor = given["cursor"][0] if "cursor" in given else None
+        op_filter = OpFilter.from_query(given, time.time())
+        counter, skipped = None, SkippedLines()
+        if count_by is not None:
+            counter = GroupCounter(count_by)
+            if cursor is not None:
+                raise InvalidOp("cursor", "does not go with count_by: its one scan has no next page")
+            op_filter, failed_only = op_filter.counting()
+        with self.journal_files() as files:
+            page = read_history(files, op_filter, math.inf if counter is not None else limit, cursor,
+                                self.server.config.max_scan_bytes, skipped, counter)
         if counter is not None:
             groups = counter.rows(failed_only)
             if "limit" in given:
-                groups = groups[:count_param(given["limit"][0], "limit", MAX_HISTORY_LIMIT)]
+                groups = groups[:limit]
             return 200, {"count_by": count_by, "groups": groups, "count": len(groups),
                          "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
                          "skipped_lines": skipped.count}
         return 200, {"ops": page.ops, "count": len(page.ops), "cursor": page.cursor,
                      "scanned_bytes": page.scanned_bytes, "truncated": page.truncated,
                      "skipped_lines": skipped.count}
+
+    def get_runs(self):
+        given, limit = self.history_query(RUNS_QUERY_PARAMS, DEFAULT_LIMIT, MAX_HISTORY_LIMIT)
+        op_filter = OpFilter.from_query(given, time.time())
+        config, skipped = self.server.config, SkippedLines()
+        with self.journal_files() as files:
+            answer = list_runs(files, op_filter, config.run_field, limit, given.get("cursor", [None])[0],
+                               config.max_scan_bytes, skipped)
+        return 200, {**answer, "skipped_lines": skipped.count}
+
+    def get_compare(self):
+        given = query_params(self.target.query, COMPARE_QUERY_PARAMS)
+        config, now = self.server.config, time.time()
+        with self.journal_files() as files:
+            return 200, compare_journal(
+                files, given.get("baseline", [""])[0], given.get("candidate", [""])[0],
+                {name: given[name] for name in COMPARE_FILTERS if name in given}, given.get("by", ["endpoint"])[0],
+                config.run_field, now, config.max_scan_bytes, zone=timezone.utc)
+
+    def get_corrections(self):
+        given, limit = self.history_query(CORRECTIONS_QUERY_PARAMS, DEFAULT_CORRECTIONS, MAX_CORRECTIONS)
+        config = self.server.config
+        filters = {name: given[name] for name in CORRECTIONS_QUERY_PARAMS if name in given and name != "limit"}
+        with self.journal_files() as files:
+            escalated = EscalatedCorrections(escalated_corrections_path(config.persist_path))
+            return 200, list_corrections(files, filters, limit, config.verdict_window_s, time.time(),
+                                         config.max_scan_bytes, escalated, zone=timezone.utc)
 
     def get_metrics(self):
         metrics = self.server.metrics
@@ -5397,6 +5908,9 @@ class ObserverHandler(HTTPHandler):
         "/observer/ops": Route({"GET": get_ops}, parses="query"),
         # It reads the files on disk, not the ring: whole while the ring is being restored.
         "/observer/history": Route({"GET": get_history}, parses="query", answers_unready=True),
+        "/observer/runs": Route({"GET": get_runs}, parses="query", answers_unready=True),
+        "/observer/compare": Route({"GET": get_compare}, parses="query", answers_unready=True),
+        "/observer/corrections": Route({"GET": get_corrections}, parses="query", answers_unready=True),
         # What top and the page show, "restoring" included, so it answers before the ring is whole.
         "/observer/timeline": Route({"GET": get_timeline}, parses="query", answers_unready=True),
         "/metrics": Route({"GET": get_metrics}, answers_unready=True),
@@ -5490,8 +6004,8 @@ class ObserverServer(ThreadingHTTPServer):
 
 
 # =============================================================================
-# Background loops: clusters, corrections, playbooks, escalation (one scheduler thread; serve
-# runs the connection reaper on another)
+# Background loops: clusters, corrections and their verdicts, playbooks, escalation (one
+# scheduler thread; serve runs the connection reaper on another)
 # =============================================================================
 
 
@@ -5761,7 +6275,8 @@ class Escalator:
     def __init__(self, config: Config, insights: Insights):
         self.config = config
         self.insights = insights
-        self._held: dict[tuple[str, str], EscalationHold] = {}
+        self._held: dict[tuple[str, str], EscalationHold] = {}  # by cluster
+        self._held_corrections: dict[str, EscalationHold] = {}  # by correction_key
 
     def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
         now = time.monotonic()
@@ -5772,21 +6287,51 @@ class Escalator:
             recent = [op for op in members if op_time(op) >= window_start]
             if len(recent) < self.config.escalate_threshold:
                 continue
-            until, failures = self._held.get(key, EscalationHold(now, 0))
-            if now < until:
+            if self._held_back(self._held, key):
                 continue
-            if not self._escalate(key, describe_cluster(key, recent), recent[-5:], failures):
+            if not self._escalate(self._held, key, key, recent, {}):
                 # The target is down or slow: the other clusters wait for the next analysis
                 # rather than hold the loop thread for outbound_timeout_s each.
                 return
 
-    def _escalate(self, key: tuple[str, str], cluster: dict, recent_failures: list[dict],
-                  failures: int) -> bool:
-        """Deliver one cluster; returns whether it was delivered."""
+    def recent_cluster(self, endpoint: str, groups: dict[tuple[str, str], list[dict]]
+                       ) -> tuple[tuple[str, str], list[dict]] | None:
+        """The endpoint's largest failure cluster with failures in escalate_window_s, if any."""
+        window_start = datetime.now(timezone.utc) - timedelta(seconds=self.config.escalate_window_s)
+        found = [(key, [op for op in members if op_time(op) >= window_start])
+                 for key, members in groups.items() if key[0] == endpoint]
+        found = [(key, recent) for key, recent in found if recent]
+        return max(found, key=lambda pair: len(pair[1]), default=None)
+
+    def escalate_correction(self, judged: dict, cluster_key: tuple[str, str], members: list[dict]) -> bool:
+        """Deliver a correction judged no change or hurt with its endpoint's failure cluster and
+        its comparison, by the rules a cluster is delivered by; returns whether it was."""
+        extra = {"correction": judged["correction"], "verdict": judged["verdict"],
+                 "comparison": judged["comparison"]}
+        holds, hold_key = self._held_corrections, judged["key"]
+        return not self._held_back(holds, hold_key) and self._escalate(holds, hold_key, cluster_key, members, extra)
+
+    def keep_corrections(self, keys: set[str]) -> None:
+        """Forget the holds of corrections no longer judged, or this would grow for ever."""
+        self._held_corrections = {key: hold for key, hold in self._held_corrections.items() if key in keys}
+
+    @staticmethod
+    def _held_back(holds: dict, hold_key: object) -> bool:
+        hold = holds.get(hold_key)
+        return hold is not None and time.monotonic() < hold.until
+
+    def _escalate(self, holds: dict, hold_key: object, key: tuple[str, str], members: list[dict],
+                  extra: dict) -> bool:
+        """Deliver one cluster (and what extra adds to it); returns whether it was delivered.
+        A failure holds hold_key back in holds for escalation_retry_delay()."""
+        failures = holds[hold_key].failures if hold_key in holds else 0
+        cluster = describe_cluster(key, members)
         payload = {"mode": "code_review", "source": SERVICE, "cluster": cluster,
-                   "recent_failures": recent_failures}
+                   "recent_failures": members[-5:], **extra}
         attempt = {"at": utc_now_rfc3339(), "endpoint": key[0], "signature": key[1],
                    "count": cluster["count"], "url": self.config.escalate_url}
+        if extra:
+            attempt.update(correction=extra["correction"].timestamp, verdict=extra["verdict"])
         try:
             call_json(self.config.escalate_url, self.config.outbound_timeout_s, payload,
                       self.config.escalate_token)
@@ -5794,27 +6339,79 @@ class Escalator:
             failures += 1
             delay = escalation_retry_delay(failures, self.config.analyze_interval_s,
                                            self.config.escalate_cooldown_s)
-            self._held[key] = EscalationHold(time.monotonic() + delay, failures)
+            holds[hold_key] = EscalationHold(time.monotonic() + delay, failures)
             attempt.update(outcome="failed", error=str(exc))
             log("WARN", "escalation failed", endpoint=key[0], error=attempt["error"], retry_in_s=delay)
         else:
-            self._held[key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
+            holds[hold_key] = EscalationHold(time.monotonic() + self.config.escalate_cooldown_s, 0)
             attempt["outcome"] = "sent"
-            log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
+            log("INFO", "escalated correction" if extra else "escalated failure cluster", endpoint=key[0],
+                count=cluster["count"], **({"verdict": extra["verdict"]} if extra else {}))
         self.insights.record_escalation(attempt)
         return attempt["outcome"] == "sent"
+
+
+# The newest corrections each analysis judges (those of the last 2 × verdict_window_s).
+VERDICT_CORRECTIONS = 100
+
+
+class CorrectionVerdicts:
+    """Judges the recent corrections at each analysis, publishes their verdicts, and escalates
+    each judged no change or hurt while its endpoint still has a failure cluster: once, as the
+    sidecar remembers across restarts. A verdict, once its after-window has passed (on a whole
+    read), is kept rather than judged again each analysis (GET /observer/corrections judges
+    afresh); all the scans of one analysis read about max_scan_bytes at most."""
+
+    def __init__(self, config: Config, insights: Insights, escalator: Escalator | None):
+        self.config, self.insights, self.escalator = config, insights, escalator
+        self.escalated = EscalatedCorrections(escalated_corrections_path(config.persist_path))
+        self._final: dict[str, dict] = {}
+
+    def judge(self, groups: dict[tuple[str, str], list[dict]]) -> None:
+        config, now = self.config, time.time()
+        recent = OpFilter({"source": CORRECTION_SOURCE, "since": rfc3339_of(now - 2 * config.verdict_window_s)},
+                          now)
+        judged = []
+        with JournalFiles(config.persist_path, config.keep_files) as files:
+            page = read_history(files, recent, VERDICT_CORRECTIONS, None, config.max_scan_bytes)
+            budget = config.max_scan_bytes - page.scanned_bytes  # for all the scans of one analysis
+            for correction in page.ops:
+                entry = self._final.get(correction_key(correction))
+                if entry is None:
+                    entry = judge_correction(files, correction, config.verdict_window_s, now, budget)
+                    budget -= entry.pop("scanned_bytes")
+                judged.append(entry)
+        self._final = {entry["key"]: entry for entry in judged
+                       if entry["verdict"] != PENDING and not entry["truncated"]}
+        for entry in judged:
+            entry["escalated"] = entry["key"] in self.escalated
+        self.insights.publish_corrections(judged)
+        if self.escalator is None:
+            return
+        self.escalator.keep_corrections({entry["key"] for entry in judged})
+        for entry in reversed(judged):  # the oldest first
+            if entry["verdict"] not in UNHELPFUL or entry["escalated"] or entry["truncated"]:
+                continue  # a read cut short may have missed what would change the verdict
+            cluster = self.escalator.recent_cluster(entry["correction"].endpoint, groups)
+            if cluster is not None and self.escalator.escalate_correction(entry, *cluster):
+                self.escalated.add(entry["key"])
+                entry["escalated"] = True
 
 
 def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> Scheduler:
     """Schedule every loop whose setting is on, on one thread; returns it started."""
     loops = Scheduler("observer-loops")
     escalator = Escalator(config, insights) if config.escalate_url else None
+    # Verdicts come from the journal: an ephemeral daemon has none to judge by.
+    verdicts = CorrectionVerdicts(config, insights, escalator) if config.persist_path is not None else None
 
     def analyze_errors() -> None:
         groups = group_failures(store.snapshot())
         insights.publish_clusters(rank_clusters(groups))
         if escalator is not None:
             escalator.check(groups)
+        if verdicts is not None:
+            verdicts.judge(groups)
 
     def consolidate() -> None:
         published = insights.publish_playbooks(consolidate_playbooks(store.snapshot()))
@@ -5837,7 +6434,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# CLI and main: serve, check, stats, top, ops
+# CLI and main: serve, check, stats, top, ops, runs, compare, corrections
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
@@ -5853,6 +6450,7 @@ EXAMPLES = """examples:
   python observerd.py stats --config lakehouse.toml  the stats a restart from its journal would serve
   python observerd.py top --config lakehouse.toml    a live view of the daemon that config runs
   python observerd.py ops --since 10m --failed --count-by endpoint   what failed lately, and where
+  python observerd.py compare 2h..1h 1h..now         did the last hour do better than the one before?
   OBSERVERD_TOKEN=s3cret python observerd.py         the token from the environment
 
 Every subcommand takes --config (default: lakehouse.toml): the journal, the daemon's URL and its
@@ -5892,6 +6490,22 @@ Changed in 2.0, as journalctl: ops print oldest first (-r: newest first), -n is 
 -f starts with the newest 10, --grep is plain text (--regex takes a regex), and --endpoint and
 --source may be repeated. Ctrl-C ending -f, and a pipe's reader that stops reading (| head),
 are exit 0.
+"""
+RUNS_EXAMPLES = """examples:
+  python observerd.py runs --since 24h                        the runs of the last day, newest first
+  python observerd.py runs --endpoint '/mcp/*' --failed -o json   runs with failures on /mcp/ tools
+"""
+COMPARE_EXAMPLES = """examples:
+  python observerd.py compare 2h..1h 1h..now                  the last hour against the one before
+  python observerd.py compare run-41 run-42                   two runs (ops whose run_field names them)
+  python observerd.py compare yesterday..today 1h..now --by model --source scenario
+  python observerd.py compare 2026-12-06T03:00:00Z..2026-12-06T04:00:00Z 1h..now -o json | jq .verdict
+
+A side is a time range SINCE..UNTIL when both ends read as --since does; anything else is a run id.
+"""
+CORRECTIONS_EXAMPLES = """examples:
+  python observerd.py corrections                             the newest corrections and their verdicts
+  python observerd.py corrections --endpoint /pay --since 7d -o json
 """
 FOLLOW_POLL_S = 0.2
 CLIENT_TIMEOUT_S = 3.0  # for one answer: past it the daemon counts as gone (top retries)
@@ -5974,7 +6588,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and serves live stats over HTTP.")
     parser.add_argument("--version", action="version", version=f"{SERVICE} {VERSION}")
     add_serve_flags(parser)
-    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top,ops}")
+    commands = parser.add_subparsers(dest="command", metavar="{serve,check,stats,top,ops,runs,compare,corrections}")
     # SUPPRESS: flags given before the subcommand are not reset by its own defaults.
     add_serve_flags(commands.add_parser("serve", help="run the daemon (the default)", examples=SERVE_EXAMPLES,
                                         description="Run the daemon until SIGTERM or SIGINT."),
@@ -6008,6 +6622,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=refresh_interval, default=1.0, help="seconds between refreshes (default: 1)")
     top.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
     add_ops_parser(commands, add_config_flag)
+    add_comparison_parsers(commands, add_config_flag)
     parser.set_defaults(subcommands=commands.choices)
     return parser
 
@@ -6034,9 +6649,9 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
-def add_filter_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per filter of FILTERS, named as its HTTP query parameter."""
-    for spec in FILTERS:
+def add_filter_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One flag per filter of FILTERS (or of those of names), named as its HTTP query parameter."""
+    for spec in FILTERS if names is None else [FILTER[name] for name in names]:
         if spec.metavar is None:
             parser.add_argument(f"--{spec.name}", action="store_true", default=None, help=spec.help)
         else:  # each taken as often as given, so a filter given twice is named, as over HTTP
@@ -6632,6 +7247,15 @@ def top_lines(timeline: dict, url: str, width: int, sort: int) -> list[str]:
                      + (f"  ({e['error']})" if e.get("error") else ""))
     if not timeline["escalations"]:
         lines.append("(none)")
+    window = format_duration(timeline["verdict_window_s"])
+    lines += ["", f"CORRECTIONS, newest first: each endpoint {window} before against {window} after",
+              f"{'TIME':>8} {'VERDICT':<11} {'FAIL% BEFORE → AFTER':>20}  ENDPOINT"]
+    for c in timeline["corrections"]:
+        change = f"{percent(c['before']['failures'], c['before']['ops'])} → {percent(c['after']['failures'], c['after']['ops'])}"
+        lines.append(f"{clock(c['timestamp']):>8} {c['verdict']:<11} {change:>20}  {c['endpoint']}"
+                     + ("  (escalated)" if c["escalated"] else ""))
+    if not timeline["corrections"]:
+        lines.append("(none judged)")
     return [screen_line(line, width) for line in lines]
 
 
@@ -6934,6 +7558,209 @@ def print_ops_of_daemon(args: argparse.Namespace, op_filter: OpFilter, output: s
     return 0
 
 
+def add_comparison_parsers(commands, add_config_flag) -> None:
+    def add_journal_flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("file", nargs="?", help="the JSONL journal, its rotated segments with it "
+                            "(default: the config's persist_path)")
+        add_config_flag(parser, argparse.SUPPRESS)
+        parser.add_argument("-o", "--output", choices=("table", "json"),
+                            help="table on a terminal, else json (what the HTTP route answers)")
+
+    runs = commands.add_parser(
+        "runs", help="the runs in the journal: ops, failures, durations, endpoints", examples=RUNS_EXAMPLES,
+        description="The runs among the journal's ops passing every filter (an op is in the run its\n"
+                    "run_field names), the last active first; what GET /observer/runs answers.")
+    add_journal_flags(runs)
+    add_filter_flags(runs)
+    runs.add_argument("-n", type=non_negative_int, default=DEFAULT_LIMIT, metavar="N",
+                      help=f"the N last active (default {DEFAULT_LIMIT})")
+    runs.add_argument("--cursor", help="go on where a truncated answer stopped (its cursor)")
+    compare = commands.add_parser(
+        "compare", help="did it get better? two time ranges or runs compared, with significance",
+        examples=COMPARE_EXAMPLES,
+        description="Each endpoint's (or --by field's) failure rate and durations in BASELINE against\n"
+                    "CANDIDATE, with Fisher's exact and the Mann-Whitney U tests, corrected for the many\n"
+                    "rows compared; what GET /observer/compare answers.")
+    compare.add_argument("baseline", metavar="BASELINE", help="SINCE..UNTIL (2h..1h, yesterday..today) or a run id")
+    compare.add_argument("candidate", metavar="CANDIDATE", help="the same forms")
+    add_journal_flags(compare)
+    add_filter_flags(compare, COMPARE_FILTERS)
+    compare.add_argument("--by", default="endpoint", metavar="FIELD", help="group rows by this field (default endpoint)")
+    corrections = commands.add_parser(
+        "corrections", help="the overseer's corrections, each with its verdict", examples=CORRECTIONS_EXAMPLES,
+        description="The newest overseer corrections, each judged on its endpoint's ops verdict_window_s\n"
+                    "before against as long after; what GET /observer/corrections answers.")
+    add_journal_flags(corrections)
+    add_filter_flags(corrections, ("since", "until", "endpoint"))
+    corrections.add_argument("-n", type=non_negative_int, default=DEFAULT_CORRECTIONS, metavar="N",
+                             help=f"the newest N (default {DEFAULT_CORRECTIONS}, at most {MAX_CORRECTIONS})")
+
+
+def read_journal_answer(args: argparse.Namespace, answer: Callable[[JournalFiles, Config, SkippedLines], dict],
+                        positionals: tuple[str, ...] = ()) -> dict | int:
+    """What answer() computes from the journal the arguments name, or the exit status once the
+    problem is printed: a usage problem naming the flag (2), a file that cannot be read (1)."""
+    found = journal_of(args, args.command)
+    if isinstance(found, int):
+        return found
+    path, config = found
+    skipped = SkippedLines()
+    try:
+        with JournalFiles(path, config.keep_files, UnsyncedRecord.of_journal(path)) as files:
+            if not files.listed:
+                print(no_journal(path, args, config), file=sys.stderr)
+                return 2
+            return answer(files, config, skipped)
+    except InvalidOp as exc:
+        name = (exc.field if exc.field in positionals
+                else ("-" if len(exc.field) == 1 else "--") + exc.field.replace("_", "-"))
+        print(f"observerd.py {args.command}: {name} {exc.reason} (see observerd.py {args.command} --help)",
+              file=sys.stderr)
+        return 2
+    except RotatedAway as exc:
+        print(f"observerd.py {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        if skipped.count:
+            where, offset = skipped.first
+            print(f"observerd.py {args.command}: skipped {skipped.count} line(s) no read can serve (malformed "
+                  f"or invalid; the first in {where} at byte {offset})", file=sys.stderr)
+
+
+def write_answer(args: argparse.Namespace, answer: dict, table: Callable[[dict], list[str]]) -> int:
+    """The answer as JSON (what the HTTP route serves) or, on a terminal or with -o table, as text."""
+    if (args.output or ("table" if sys.stdout.isatty() else "json")) == "json":
+        print(json.dumps(json.loads(encode_json(answer)), ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(showable(line) for line in table(answer)))
+    return 0
+
+
+def format_rate(summary: dict) -> str:
+    if not summary["ops"]:
+        return "-"
+    return f"{summary['failure_rate']:.1%} ({summary['failures']:,}/{summary['ops']:,})"
+
+
+def runs_table(answer: dict) -> list[str]:
+    lines = [f"{'RUN':<24} {'FIRST':<27} {'LAST':<27} {'OPS':>7} {'FAILED':>7} {'FAIL%':>6} "
+             f"{'P50 MS':>8} {'P95 MS':>8}  ENDPOINTS"]
+    for run in answer["runs"]:
+        endpoints = ", ".join(run["endpoints"][:3]) + (f" +{len(run['endpoints']) - 3}" if len(run["endpoints"]) > 3 else "")
+        lines.append(f"{field_text(run['run'])[:24]:<24} {run['first']:<27} {run['last']:<27} {run['ops']:>7,} "
+                     f"{run['failures']:>7,} {percent(run['failures'], run['ops']):>6} {format_ms(run['p50_ms']):>8} "
+                     f"{format_ms(run['p95_ms']):>8}  {endpoints}")
+    if not answer["runs"]:
+        lines.append("(no ops with the run field in what was read)")
+    if answer["truncated"]:
+        lines.append(f"(max_scan_bytes read: older ops were not; --cursor {answer['cursor']} reads on)")
+    return lines
+
+
+COMPARE_FOOTNOTE = f"""
+~        no significant change: the difference may well be noise. A test counts only when its q
+         (its p adjusted for every test of this comparison, Benjamini–Hochberg) is at most
+         {SIGNIFICANCE}, so fifty unchanged endpoints do not light up by chance.
+too few  fewer than {MIN_COMPARED_OPS} ops (or ops with a duration) on a side: no test is run.
+Failure rates: Fisher's exact test. Durations: the Mann–Whitney U test (is one side's typically
+longer?); ops sent without a duration (stored as 0 ms) are left out of it. How many ops a
+difference needs, for one test alone: 10% → 30% failures about 40 a side, 5% → 10% about 260;
+durations that do not overlap at all, 5 a side. Compare more ops, not a lower bar."""
+
+
+def _delta(old: float | None, new: float | None, unit: str) -> str:
+    if old is None or new is None:
+        return ""
+    if unit == "pp":
+        return f"{(new - old) * 100:+.1f}pp"
+    return f"{(new - old) / old:+.0%}" if old else ""
+
+
+def compare_table(answer: dict) -> list[str]:
+    """benchstat's layout: old → new, delta, p (q), and ~ where nothing changed."""
+    by = answer["by"]
+    lines = [f"baseline {answer['baseline']} → candidate {answer['candidate']}, by {by}: {answer['verdict']}"]
+    if answer["truncated"]:
+        lines.append("(max_scan_bytes read before a side's range ended: it holds only the newest ops)")
+    width = max([len(by)] + [len(field_text(row[by]) if row[by] is not None else "(none)") for row in answer["rows"]])
+    width = min(width, TABLE_ENDPOINT_WIDTH)
+    for title, metric, cell, unit in (
+            ("FAILURE RATE", "failure_rate", format_rate, "pp"),
+            ("P50 MS (P95)", "duration",
+             lambda s: "-" if s["p50_ms"] is None else f"{format_ms(s['p50_ms'])} ({format_ms(s['p95_ms'])})", "%")):
+        lines += ["", f"{by.upper()[:width]:<{width}}  {title + ' OLD':>22}  {'NEW':>22}  {'DELTA':>8}  P (Q)"]
+        for row in answer["rows"]:
+            old, new, test = row["baseline"], row["candidate"], row[metric]
+            value = "failure_rate" if unit == "pp" else "p50_ms"
+            verdict = test["verdict"]
+            delta = {"~": "~", TOO_FEW: TOO_FEW}.get(verdict) or _delta(old[value], new[value], unit)
+            tested = "" if test["p"] is None else f"p={test['p']:.3g} (q={test['q']:.3g})"
+            name = "(none)" if row[by] is None else field_text(row[by])
+            if len(name) > width:
+                name = name[:width - 1] + "…"
+            lines.append(f"{name:<{width}}  {cell(old):>22}  {cell(new):>22}  {delta:>8}  {tested}"
+                         + (f"  {verdict}" if verdict in ("worse", "better") else ""))
+    signatures = [(row, kind, s) for row in answer["rows"] for kind in ("new", "gone")
+                  for s in row[f"{kind}_signatures"]]
+    if signatures:
+        lines += ["", "ERROR SIGNATURES new in the candidate (+) and gone from it (-)"]
+        for row, kind, s in signatures:
+            lines.append(f"{'+' if kind == 'new' else '-'}{s['count']:>6,}  {field_text(row[by]) if row[by] is not None else '(none)'}: {s['signature']}")
+    return lines + COMPARE_FOOTNOTE.splitlines()
+
+
+def corrections_table(answer: dict) -> list[str]:
+    window = format_duration(answer["window_s"])
+    lines = [f"{'TIME':<27} {'VERDICT':<11} {'FAIL% BEFORE → AFTER':>28} {'P50 MS BEFORE → AFTER':>23}  "
+             f"ESC  ENDPOINT  (each: {window} before against {window} after)"]
+    for entry in answer["corrections"]:
+        row, correction = entry["comparison"], entry["correction"]
+        before, after = row["baseline"], row["candidate"]
+        lines.append(f"{correction.timestamp:<27} {entry['verdict']:<11} "
+                     f"{format_rate(before) + ' → ' + format_rate(after):>28} "
+                     f"{format_ms(before['p50_ms']) + ' → ' + format_ms(after['p50_ms']):>23}  "
+                     f"{'yes' if entry['escalated'] else '':<3}  {correction.endpoint}")
+    if not answer["corrections"]:
+        lines.append("(no corrections in what was read)")
+    return lines
+
+
+def print_runs(args: argparse.Namespace) -> int:
+    """`runs`: what GET /observer/runs answers, from the journal on disk."""
+    def answer(files: JournalFiles, config: Config, skipped: SkippedLines) -> dict:
+        op_filter = OpFilter.from_args(args, time.time())
+        return {**list_runs(files, op_filter, config.run_field, args.n, args.cursor, config.max_scan_bytes, skipped),
+                "skipped_lines": skipped.count}
+
+    found = read_journal_answer(args, answer)
+    return found if isinstance(found, int) else write_answer(args, found, runs_table)
+
+
+def print_comparison(args: argparse.Namespace) -> int:
+    """`compare`: what GET /observer/compare answers, from the journal on disk."""
+    def answer(files: JournalFiles, config: Config, skipped: SkippedLines) -> dict:
+        return compare_journal(files, args.baseline, args.candidate, filter_args(args), args.by,
+                               config.run_field, time.time(), config.max_scan_bytes, skipped=skipped)
+
+    found = read_journal_answer(args, answer, positionals=("baseline", "candidate"))
+    return found if isinstance(found, int) else write_answer(args, found, compare_table)
+
+
+def print_corrections(args: argparse.Namespace) -> int:
+    """`corrections`: what GET /observer/corrections answers, from the journal on disk."""
+    def answer(files: JournalFiles, config: Config, skipped: SkippedLines) -> dict:
+        limit = check_positive_int(args.n, "n", MAX_CORRECTIONS)
+        escalated = EscalatedCorrections(escalated_corrections_path(files.path))
+        return list_corrections(files, filter_args(args), limit,
+                                config.verdict_window_s, time.time(), config.max_scan_bytes, escalated, skipped)
+
+    found = read_journal_answer(args, answer)
+    return found if isinstance(found, int) else write_answer(args, found, corrections_table)
+
+
 def open_store(config: Config) -> OpStore:
     """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
     the store's restore(). Raises JournalLocked, UntrustedJournal or OSError."""
@@ -7073,7 +7900,8 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the subcommand they were given to, whose --help lists its own
         args.subcommands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops}.get(args.command)
+    command = {"check": check, "stats": print_stats, "top": show_top, "ops": print_ops, "runs": print_runs,
+               "compare": print_comparison, "corrections": print_corrections}.get(args.command)
     if command is None:
         try:
             config = load_config(args.config, **setting_flags(args))

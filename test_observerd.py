@@ -15,6 +15,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -774,6 +775,8 @@ def test_a_duration_that_no_timer_takes_is_a_config_problem(tmp_path, value, pro
     ({"ring_size": 0}, "ring_size must be >= 1"),
     ({"max_body_bytes": True}, "max_body_bytes must be int"),
     ({"bind": "nohostport"}, "host:port"),
+    ({"run_field": ""}, "run_field must name a field, without ="),
+    ({"run_field": "run=id"}, "run_field must name a field, without ="),
 ])
 def test_config_problems_are_named(tmp_path, table, needle):
     with pytest.raises(od.ConfigError) as info:
@@ -2328,6 +2331,107 @@ def test_each_failure_is_signed_once_however_often_analysis_runs(monkeypatch):
     assert od.rank_clusters(od.group_failures(ring)) == first
     assert od.review_ops(ring)[0]["top_error_signatures"][0]["count"] == 17
     assert calls == []
+
+
+# -----------------------------------------------------------------------------
+# Statistics: Fisher exact, Mann–Whitney U, Benjamini–Hochberg
+# -----------------------------------------------------------------------------
+
+
+def fisher_by_enumeration(a, b, c, d) -> float:
+    """Two-sided Fisher p by exact rational arithmetic over every table with the margins."""
+    from fractions import Fraction
+    row, other, column = a + b, c + d, a + c
+    tables = {x: Fraction(math.comb(row, x) * math.comb(other, column - x), math.comb(row + other, column))
+              for x in range(max(0, column - other), min(column, row) + 1)}
+    return float(sum(p for p in tables.values() if p <= tables[a]))
+
+
+def u_by_enumeration(baseline, candidate) -> tuple[float, float]:
+    """The candidate's U by counting pairs, and the exact two-sided p by trying every way of
+    splitting the pooled values into two groups of those sizes (values distinct)."""
+    def u_of(old, new):
+        return sum((n > o) + 0.5 * (n == o) for n in new for o in old)
+    pooled = baseline + candidate
+    u = u_of(baseline, candidate)
+    extreme = max(u, len(baseline) * len(candidate) - u)
+    splits = list(itertools.combinations(range(len(pooled)), len(candidate)))
+    at_least = sum(u_of([pooled[i] for i in range(len(pooled)) if i not in chosen], [pooled[i] for i in chosen])
+                   >= extreme for chosen in splits)
+    return u, min(1.0, 2 * at_least / len(splits))
+
+
+@pytest.mark.parametrize("table, expected", [
+    ((3, 1, 1, 3), 0.4857142857142857),  # Fisher's tea: 34/70
+    ((1, 9, 11, 3), 0.0027594561852200836),
+    ((3, 17, 1, 19), 0.6049896049896051),  # 3 failures in 20 against 1 in 20: nothing
+    ((10, 90, 30, 70), 0.0006504107076034208),  # 10 in 100 against 30 in 100: something
+    ((0, 5, 0, 5), 1.0),
+    ((5, 5, 5, 5), 1.0),  # every table as likely as its mirror: the tolerance keeps both
+])
+def test_fisher_exact_p_matches_hand_computed_values_and_exact_enumeration(table, expected):
+    assert od.fisher_exact_p(*table) == pytest.approx(expected, rel=1e-9)
+    assert od.fisher_exact_p(*table) == pytest.approx(fisher_by_enumeration(*table), rel=1e-9)
+
+
+def test_fisher_counts_tables_as_likely_as_the_observed_one_within_a_relative_1e_7():
+    # [[2, 8], [8, 2]] and its mirror are equally likely; float sums must not drop either.
+    rng = random.Random(3)
+    for _ in range(200):
+        table = [rng.randint(0, 12) for _ in range(4)]
+        assert od.fisher_exact_p(*table) == pytest.approx(fisher_by_enumeration(*table), rel=1e-9), table
+
+
+@pytest.mark.parametrize("baseline, candidate, u, p", [
+    ([1, 2, 3, 4, 5], [6, 7, 8, 9, 10], 25.0, 2 / 252),  # exact: the most extreme of 252 splits
+    ([6, 7, 8, 9, 10], [1, 2, 3, 4, 5], 0.0, 2 / 252),
+    ([1, 2, 3, 4, 5, 6, 7], [1.5, 2.5, 9, 11, 12], 24.0, 0.3434343434343435),
+])
+def test_mann_whitney_u_exact_for_small_samples_without_ties(baseline, candidate, u, p):
+    assert od.mann_whitney_u(baseline, candidate) == pytest.approx((u, p), rel=1e-12)
+    assert od.mann_whitney_u(baseline, candidate) == pytest.approx(u_by_enumeration(baseline, candidate), rel=1e-12)
+
+
+def test_mann_whitney_u_with_ties_is_the_normal_approximation_with_tie_and_continuity_corrections():
+    baseline = [12, 15, 15, 18, 20, 20, 20, 22, 25]
+    candidate = [18, 20, 24, 24, 27, 30, 30, 31, 35, 40]
+    n1, n2 = len(baseline), len(candidate)
+    u = sum((c > b) + 0.5 * (c == b) for c in candidate for b in baseline)
+    ties = Counter(baseline + candidate).values()
+    n = n1 + n2
+    sigma = math.sqrt(n1 * n2 / 12 * ((n + 1) - sum(t ** 3 - t for t in ties) / (n * (n - 1))))
+    z = (max(u, n1 * n2 - u) - n1 * n2 / 2 - 0.5) / sigma
+    by_hand = math.erfc(z / math.sqrt(2))  # 2 · P(Z > z)
+    assert (u, by_hand) == pytest.approx((79.0, 0.005919358687252546), rel=1e-9)  # SciPy 1.17's answer
+    assert od.mann_whitney_u(baseline, candidate) == pytest.approx((u, by_hand), rel=1e-12)
+
+
+def test_zero_spread_on_both_sides_at_different_values_is_a_real_difference():
+    # benchstat once called this "no difference" (golang/go#19634): every new value is larger.
+    u, p = od.mann_whitney_u([10.0] * 6, [20.0] * 6)
+    assert u == 36 and p == pytest.approx(0.0012619447673879731, rel=1e-9)
+    assert od.mann_whitney_u([5.0] * 6, [5.0] * 6) == (18.0, 1.0)
+
+
+def test_benjamini_hochberg_adjusts_a_family_as_by_hand():
+    # sorted: .005 .01 .03 .04 .2 → ·5/rank: .025 .025 .05 .05 .2, each the minimum of those after
+    assert od.benjamini_hochberg([0.01, 0.04, 0.03, 0.2, 0.005]) == pytest.approx([0.025, 0.05, 0.05, 0.2, 0.025])
+    # ·4/rank: .04 .04 .04 .035: each takes the smallest of those ranked after it
+    assert od.benjamini_hochberg([0.03, 0.01, 0.035, 0.02]) == pytest.approx([0.035] * 4)
+    assert od.benjamini_hochberg([]) == []
+
+
+def test_scipy_agrees_where_it_is_installed():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is not installed: the hand-computed tests stand alone")
+    rng = random.Random(11)
+    for trial in range(40):
+        old = [rng.choice([rng.random(), rng.randint(0, 9)]) for _ in range(rng.randint(5, 30))]
+        new = [rng.choice([rng.random(), rng.randint(0, 9)]) + trial % 3 for _ in range(rng.randint(5, 30))]
+        expected = stats.mannwhitneyu(new, old, method="auto")
+        assert od.mann_whitney_u(old, new) == pytest.approx((expected.statistic, expected.pvalue), rel=1e-9)
+        table = [rng.randint(0, 60) for _ in range(4)]
+        expected = stats.fisher_exact([table[:2], table[2:]]).pvalue
+        assert od.fisher_exact_p(*table) == pytest.approx(expected, rel=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -4872,7 +4976,7 @@ import termios  # noqa: E402
 
 TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "reason", "now", "seconds", "sources", "totals", "ring",
                  "journal", "fsync_p99_ms", "endpoints_window", "endpoints_since", "endpoints", "clusters_analyzed_at",
-                 "clusters", "escalations"}
+                 "clusters", "escalations", "corrections", "verdict_window_s"}
 KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
     [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
      ("scenario", "/scenario/checkout", True, 100, 4), ("langfuse", "/langfuse/trace", False, 5, 1)])
@@ -7386,5 +7490,307 @@ def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons
         assert tab.js("location.href") == url and tab.js('document.getElementById("token").value') == ""
         assert "/observer/timeline" in daemon.log and "s3cret" not in daemon.log
         assert tab.problems() == []
+    finally:
+        browser.close()
+
+
+# --- issue 21: runs, comparisons, correction verdicts ---
+
+
+def ago(seconds: float, now: float | None = None) -> str:
+    return od.rfc3339_of((time.time() if now is None else now) - seconds)
+
+
+def two_hours_of_ops(now: float) -> list[dict]:
+    """An hour (2h..1h ago, run r1) and the next (1h..now, run r2) of four endpoints: /triples'
+    failure rate triples, /doubles' durations double, /steady stays as it was, /rare has 3 ops a
+    side. Candidate failures of /triples bring a new error; one of /steady's goes away."""
+    rng = random.Random(21)
+    ops = []
+    for side, (start, end) in enumerate(((7000, 3700), (3500, 100))):
+        run = f"r{side + 1}"
+        for i in range(100):
+            at = ago(start - (start - end) * i / 100, now)
+            fails = i % 10 < (1, 3)[side]
+            ops.append(op("/triples", timestamp=at, run_id=run, success=not fails, duration_ms=rng.uniform(10, 20),
+                          error=("connection reset by peer" if side and i % 2 else "upstream 502 for job 9")))
+            ops.append(op("/doubles", timestamp=at, run_id=run, success=True,
+                          duration_ms=rng.uniform(10, 20) * (1, 2)[side], model=f"m{i % 2}"))
+            ops.append(op("/steady", timestamp=at, run_id=run, success=i % 10 != 0, duration_ms=rng.uniform(10, 20),
+                          error="disk full" if (side, i) == (0, 0) else "boom"))
+        ops += [op("/rare", timestamp=ago(start - i, now), run_id=run, success=True, duration_ms=5.0) for i in range(3)]
+    ops.append(op("/triples", timestamp=ago(200, now), source="overseer_correction", run_id="r2"))
+    return ops
+
+
+def post_ops(client, ops) -> None:
+    for start in range(0, len(ops), 500):
+        status, body, _ = client.post("/observer/events", ops[start:start + 500])
+        assert status == 200, body
+
+
+def verdicts_of(answer) -> dict[str, tuple[str, str, str]]:
+    return {row["endpoint"]: (row["verdict"], row["failure_rate"]["verdict"], row["duration"]["verdict"])
+            for row in answer["rows"]}
+
+
+EXPECTED_VERDICTS = {"/triples": ("worse", "worse", "~"), "/doubles": ("worse", "~", "worse"),
+                     "/steady": ("~", "~", "~"), "/rare": ("too few", "too few", "too few")}
+
+
+def test_compare_finds_exactly_what_changed_over_http_and_on_the_command_line(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()))
+    status, answer, _ = server.client().get("/observer/compare?baseline=2h..1h&candidate=1h..now")
+    assert status == 200, answer
+    assert list(answer) == ["verdict", "baseline", "candidate", "by", "scanned_bytes", "truncated", "rows"]
+    assert (answer["verdict"], answer["baseline"], answer["candidate"], answer["by"], answer["truncated"]) == (
+        "worse", "2h..1h", "1h..now", "endpoint", False)
+    assert verdicts_of(answer) == EXPECTED_VERDICTS
+    assert [row["verdict"] for row in answer["rows"]] == ["worse", "worse", "~", "too few"]
+    triples = next(row for row in answer["rows"] if row["endpoint"] == "/triples")
+    assert list(triples) == ["endpoint", "verdict", "baseline", "candidate", "failure_rate", "duration",
+                             "new_signatures", "gone_signatures"]
+    assert triples["baseline"] == {"ops": 100, "failures": 10, "failure_rate": 0.1,
+                                   "p50_ms": triples["baseline"]["p50_ms"], "p95_ms": triples["baseline"]["p95_ms"]}
+    assert (triples["candidate"]["ops"], triples["candidate"]["failures"]) == (100, 30)  # the correction is not an op
+    assert triples["failure_rate"]["p"] == pytest.approx(od.fisher_exact_p(10, 90, 30, 70))
+    assert triples["failure_rate"]["q"] >= triples["failure_rate"]["p"]
+    assert triples["new_signatures"] == [{"signature": "connection reset by peer", "count": 10}]  # i % 10 == 1
+    steady = next(row for row in answer["rows"] if row["endpoint"] == "/steady")
+    assert steady["gone_signatures"] == [{"signature": "disk full", "count": 1}]
+    rare = next(row for row in answer["rows"] if row["endpoint"] == "/rare")
+    assert rare["failure_rate"] == rare["duration"] == {"p": None, "q": None, "verdict": "too few"}
+
+    cli = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["rows"] == answer["rows"]
+    table = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "table").stdout
+    assert "/triples" in table and "+20.0pp" in table and "too few  fewer than 5 ops" in table
+    assert re.search(r"/steady .* ~ ", table)
+
+
+def test_compare_two_runs_and_by_any_field(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()))
+    status, by_run, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2")
+    assert status == 200 and verdicts_of(by_run) == EXPECTED_VERDICTS
+    status, by_model, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2&by=model&endpoint=/doubles")
+    assert status == 200, by_model
+    assert {row["model"]: row["verdict"] for row in by_model["rows"]} == {"m0": "worse", "m1": "worse"}
+    cli = run_cli("compare", "r1", "r2", str(server.config.persist_path), "--by", "model", "--endpoint", "/doubles")
+    assert json.loads(cli.stdout)["rows"] == by_model["rows"]
+
+
+@pytest.mark.parametrize("query, name", [
+    ("candidate=1h..now", "baseline"),
+    ("baseline=2h..1h", "candidate"),
+    ("baseline=1h..2h&candidate=1h..now", "baseline"),
+    ("baseline=r1&candidate=r2&by=verdict", "by"),
+    ("baseline=r1&candidate=r2&by=", "by"),
+    ("baseline=r1&candidate=r2&success=false", "success"),
+])
+def test_bad_comparisons_are_400_naming_the_parameter(serve, query, name):
+    status, body, _ = serve().client().get("/observer/compare?" + query)
+    assert status == 400 and name in body["error"], body
+
+
+def test_compare_on_the_command_line_names_the_bad_argument(tmp_path):
+    journal = tmp_path / "ops.jsonl"
+    journal.write_text(json.dumps(op("/a", timestamp=ago(10))) + "\n")
+    cli = run_cli("compare", "1h..2h", "1h..now", str(journal))
+    assert cli.returncode == 2 and cli.stderr.startswith("observerd.py compare: baseline starts after it ends")
+    cli = run_cli("compare", "r1", "r2", str(journal), "--by", "duration")
+    assert cli.returncode == 2 and "--by cannot be 'duration'" in cli.stderr
+
+
+def test_fifty_unchanged_endpoints_with_noise_light_up_no_row():
+    """Twenty comparisons (seeds 0-19) of fifty endpoints that did not change: each has 100
+    tests, so raw p < 0.05 turns up by chance in nearly all; after Benjamini–Hochberg none."""
+    chance_findings = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        sides = []
+        for _ in range(2):
+            groups = {}
+            for n in range(50):
+                tally = groups[f"/e{n}"] = od.Tally()
+                for _ in range(40):
+                    tally.add(od.RingOp(od.validate_op(op(f"/e{n}", success=rng.random() > 0.2,
+                                                          duration_ms=rng.lognormvariate(3, 0.5)))))
+            sides.append(groups)
+        verdict, rows = od.compare_tallies("endpoint", *sides)
+        chance_findings += min(row[metric]["p"] for row in rows for metric in ("failure_rate", "duration")) < 0.05
+        assert verdict == "~" and {row["verdict"] for row in rows} == {"~"}, seed
+    assert chance_findings >= 15, "the noise must hold chance 'findings' for the test to mean anything"
+
+
+def test_runs_newest_first_with_their_numbers_over_http_and_on_the_command_line(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()) + [op("/no-run")])
+    status, answer, _ = server.client().get("/observer/runs")
+    assert status == 200, answer
+    assert [run["run"] for run in answer["runs"]] == ["r2", "r1"]
+    r2 = answer["runs"][0]
+    assert (r2["ops"], r2["failures"], r2["endpoints"]) == (
+        304, 40, ["/doubles", "/rare", "/steady", "/triples"])  # 303 ops and the correction
+    assert r2["failure_rate"] == round(40 / 304, 4) and r2["first"] < r2["last"]
+    assert list(r2) == ["run", "first", "last", "ops", "failures", "failure_rate", "p50_ms", "p95_ms", "endpoints"]
+    cli = run_cli("runs", str(server.config.persist_path), "-o", "json")
+    assert json.loads(cli.stdout)["runs"] == answer["runs"]
+    status, failed, _ = server.client().get("/observer/runs?endpoint=/triples&success=false&since=1h")
+    assert [(run["run"], run["ops"]) for run in failed["runs"]] == [("r2", 30)]
+    cli = run_cli("runs", str(server.config.persist_path), "--endpoint", "/triples", "--failed", "--since", "1h")
+    assert json.loads(cli.stdout)["runs"] == failed["runs"]
+
+
+def test_runs_are_bounded_by_max_scan_bytes_and_go_on_by_cursor(serve):
+    server = serve(max_scan_bytes=1)
+    post_ops(server.client(), [op("/a", run_id=f"r{i // 1000}", pad="x" * 200) for i in range(3000)])
+    status, first, _ = server.client().get("/observer/runs")
+    assert first["truncated"] and first["cursor"] and sum(run["ops"] for run in first["runs"]) < 3000
+    seen = Counter({run["run"]: run["ops"] for run in first["runs"]})
+    cursor = first["cursor"]
+    for _ in range(1000):  # each page reads at least a block: ~15 of them hold it all
+        page = server.client().get(f"/observer/runs?cursor={cursor}")[1]
+        seen.update({run["run"]: run["ops"] for run in page["runs"]})
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == {"r0": 1000, "r1": 1000, "r2": 1000}
+
+
+def corrected_endpoints(now: float) -> list[dict]:
+    """Three endpoints each corrected 125 s ago (verdict_window_s 120: its after-window closed 5 s
+    ago, and it stays among the corrections an analysis judges for another 115 s), 30 ops in the
+    30 s before and 30 in the 30 s after: /fixed goes from 50% failures to none, /idle stays at
+    50%, /broke goes from none to 60%. A fourth correction, 10 s ago, still waits."""
+    ops = []
+    for endpoint, (before, after) in {"/fixed": (5, 0), "/idle": (5, 5), "/broke": (0, 6)}.items():
+        for i in range(30):
+            ops.append(op(endpoint, timestamp=ago(155 - i, now), success=i % 10 >= before, duration_ms=10.0 + i,
+                          error=f"upstream 502 for job {i}"))
+            ops.append(op(endpoint, timestamp=ago(120 - i, now), success=i % 10 >= after, duration_ms=10.5 + i,
+                          error=f"upstream 502 for job {i}"))
+        ops.append(op(endpoint, source="overseer_correction", timestamp=ago(125, now), input_summary="retries=5"))
+    ops.append(op("/later", source="overseer_correction", timestamp=ago(10, now)))
+    return ops
+
+
+CORRECTION_SETTINGS = dict(verdict_window_s=120, analyze_interval_s=0.05, escalate_threshold=1_000_000,
+                           escalate_window_s=3600)
+
+
+def correction_verdicts(client) -> dict[str, tuple[str, bool]]:
+    status, answer, _ = client.get("/observer/corrections")
+    assert status == 200, answer
+    return {entry["correction"]["endpoint"]: (entry["verdict"], entry["escalated"]) for entry in answer["corrections"]}
+
+
+def test_each_correction_gets_a_verdict_and_an_unhelpful_one_is_escalated_once_across_restarts(
+        tmp_path, daemons, fake_service):
+    team = fake_service()
+    settings = dict(CORRECTION_SETTINGS, escalate_url=team.url + "/api/run")
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(team.received) == 2, what="the escalations of the two unhelpful corrections")
+    sent = {body["correction"]["endpoint"]: body for _, body in team.received}
+    assert set(sent) == {"/idle", "/broke"}
+    idle = sent["/idle"]
+    assert (idle["mode"], idle["source"], idle["verdict"], idle["cluster"]["endpoint"]) == (
+        "code_review", "observerd", "no change", "/idle")
+    assert idle["comparison"]["baseline"]["failures"] == idle["comparison"]["candidate"]["failures"] == 15
+    assert sent["/broke"]["verdict"] == "hurt" and sent["/broke"]["comparison"]["failure_rate"]["verdict"] == "worse"
+    expected = {"/later": ("pending", False), "/broke": ("hurt", True), "/idle": ("no change", True),
+                "/fixed": ("helped", False)}
+    assert correction_verdicts(daemon.client()) == expected
+    assert list(correction_verdicts(daemon.client())) == ["/later", "/broke", "/idle", "/fixed"]  # newest first
+    cli = run_cli("corrections", "--config", str(tmp_path / "lakehouse.toml"), "-o", "json")
+    assert {e["correction"]["endpoint"]: (e["verdict"], e["escalated"]) for e in json.loads(cli.stdout)["corrections"]} == expected
+    escalations = daemon.client().get("/observer/escalations")[1]["escalations"]
+    assert sorted((e["endpoint"], e["verdict"], e["outcome"]) for e in escalations) == [
+        ("/broke", "hurt", "sent"), ("/idle", "no change", "sent")]
+    wait_for_analyses(daemon.client())
+    assert len(team.received) == 2, "a correction was escalated twice"
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    wait_for_analyses(daemon.client())
+    assert correction_verdicts(daemon.client()) == expected
+    top = run_cli("top", "--once", "--url", f"http://127.0.0.1:{daemon.port}")
+    assert re.search(r"hurt +0\.0% → 60\.0%  /broke  \(escalated\)", top.stdout), top.stdout
+    assert re.search(r"helped +50\.0% → 0\.0%  /fixed\n", top.stdout), top.stdout
+    assert len(team.received) == 2, "a restart escalated a correction again"
+
+
+def test_a_failed_correction_escalation_is_retried_and_delivered_once(tmp_path, daemons, fake_service):
+    down = fake_service(status=503)
+    settings = dict(CORRECTION_SETTINGS, escalate_url=down.url + "/api/run", escalate_cooldown_s=3600)
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(down.received) >= 2, what="the first deliveries")
+    wait_for_analyses(daemon.client(), 40)
+    # Every analysis would be 80 attempts; doubling from 0.05 s, 30 would take hours.
+    assert 2 <= len(down.received) < 30, len(down.received)
+    assert {body["correction"]["endpoint"] for _, body in down.received} == {"/idle", "/broke"}
+    assert correction_verdicts(daemon.client())["/idle"] == ("no change", False)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    up = fake_service()
+    daemon = start_durable_daemon(daemons, tmp_path, **dict(settings, escalate_url=up.url))
+    wait_for(lambda: len(up.received) == 2, what="the deliveries once the target is up")
+    wait_for_analyses(daemon.client())
+    assert len(up.received) == 2
+    assert correction_verdicts(daemon.client())["/idle"] == ("no change", True)
+
+
+def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(serve, fake_service):
+    team = fake_service()
+    server = serve(max_scan_bytes=1, escalate_url=team.url, **CORRECTION_SETTINGS)
+    now = time.time()
+    ops = corrected_endpoints(now)
+    early = [o for o in ops if o["timestamp"] < ago(140.5, now)]  # the first half of each before-window
+    late = [o for o in ops if o not in early]
+    # 300 KB of other ops between them: a read of the journal's last block sees /broke's last 15 ops
+    # before its correction (none failed) and the 30 after (18 failed): hurt, on a read cut short.
+    post_ops(server.client(), early + [op("/noise", timestamp=ago(140, now), pad="x" * 300) for _ in range(1000)]
+             + late)
+    wait_for_analyses(server.client(), 5)
+    status, answer, _ = server.client().get("/observer/corrections")
+    assert status == 200 and answer["truncated"] and answer["count"] == 4
+    broke = next(e for e in answer["corrections"] if e["correction"]["endpoint"] == "/broke")
+    assert (broke["verdict"], broke["truncated"], broke["comparison"]["baseline"]["ops"]) == ("hurt", True, 15)
+    assert team.received == []
+
+
+def test_the_corrections_of_one_listing_share_max_scan_bytes(serve):
+    server = serve(max_scan_bytes=300_000, verdict_window_s=60)
+    now = time.time()
+    # 2 MB of ops stamped now, then ten corrections stamped an hour back (sent late): each
+    # verdict's read goes back through all of it, looking for its endpoint's ops of that hour.
+    post_ops(server.client(), [op("/noise", timestamp=ago(1, now), pad="x" * 2000) for _ in range(1000)]
+             + [op(f"/fix/{n}", source="overseer_correction", timestamp=ago(3600, now)) for n in range(10)])
+    status, answer, _ = server.client().get("/observer/corrections")
+    assert status == 200 and answer["count"] == 10 and answer["truncated"]
+    # Ten reads of 300 KB each would be 3 MB; shared, the later ones read a block (64 KiB) each.
+    assert answer["scanned_bytes"] < 300_000 + 11 * od.HISTORY_BLOCK_BYTES
+
+
+@in_chromium
+def test_chromium_shows_the_latest_correction_verdicts(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, **CORRECTION_SETTINGS)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(daemon.client().get("/observer/timeline")[1]["corrections"]) == 4, what="four verdicts")
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
+        rows = tab.wait("(r => r.length === 4 && r[0].length > 1 && r)(Array.from("
+                        "document.querySelectorAll('#corrections-body tr'), (tr) => Array.from(tr.cells, (td) => td.textContent)))",
+                        "the correction verdicts")
+        assert [row[1:3] for row in rows] == [["/later", "pending"], ["/broke", "hurt"], ["/idle", "no change"],
+                                              ["/fixed", "helped"]]
+        assert rows[1][3] == "0 % → 60 %" and tab.problems() == []
     finally:
         browser.close()

@@ -9,11 +9,14 @@ multi-process keep-alive generator. Then it times a restart over a 1,000,000-lin
 answer, and to GET /observer/ready's 200), measures GET /observer/stats p99 while durable ingest
 runs flat out, and prints the README's targets with each result. Last, it times
 `observerd.py ops` over a generated 1,000,000-line journal: a --since 1h query whose window
-holds the newest ~10,000 ops, and full-history filtered scans. Everything it writes lives in
+holds the newest ~10,000 ops, and full-history filtered scans; and `compare` (two 1-hour
+windows, two runs) and `runs --since 24h` over such a journal with a run_id on every op.
+Everything it writes lives in
 one temporary folder, removed at the end, on failure, on Ctrl-C and on SIGTERM.
 
     make bench                      # or: python3 bench/bench.py --duration 5
     python3 bench/bench.py --history-only   # just the journal queries
+    python3 bench/bench.py --comparisons-only   # just compare and runs
 """
 
 from __future__ import annotations
@@ -269,41 +272,70 @@ def stats_latency_under_load(port: int, duration: float, load) -> tuple[float, d
 
 # --- journal queries (observerd.py ops) ---------------------------------------------------
 
-def write_history(path: Path, lines: int, recent: int = 10_000) -> None:
+def write_history(path: Path, lines: int, recent: int = 10_000, runs: bool = False) -> None:
     """A journal of `lines` ops over the last week, the newest `recent` of them in the last hour
-    (3,500 s), 30 endpoints, 5% failures, each op with a trace id, timestamps in file order."""
+    (3,500 s), 30 endpoints, 5% failures, each op with a trace id, timestamps in file order;
+    with runs, each op also in a run (run_id) of 1,000 ops in a row."""
     now = time.time()
     old = lines - recent
     template = ('{"endpoint":"/mcp/tool%d","source":"mcp","timestamp":"%s.%06dZ","success":%s,'
                 '"duration_ms":%d.5,"input_summary":"query=lakehouse things","output_summary":"3 hits",'
-                '%s"trace_id":"%032x"}\n')
+                '%s"trace_id":"%032x"' + (',"run_id":"run-%d"}\n' if runs else '}\n'))
     with open(path, "w") as f:
         for start in range(0, lines, 10000):
             chunk = []
             for i in range(start, min(lines, start + 10000)):
                 at = now - 3500 + (i - old) * 3500 / recent if i >= old else now - 3600 - 7 * 86400 * (old - i) / old
                 failed = i % 20 == 7
-                chunk.append(template % (i % 30, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)),
-                                         int(at % 1 * 1e6), "false" if failed else "true", i % 100,
-                                         '"error":"Timeout after 30s calling 10.0.0.12:8080",' if failed else "",
-                                         i * 2654435761 % 2 ** 128))
+                chunk.append(template % ((i % 30, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)),
+                                          int(at % 1 * 1e6), "false" if failed else "true", i % 100,
+                                          '"error":"Timeout after 30s calling 10.0.0.12:8080",' if failed else "",
+                                          i * 2654435761 % 2 ** 128) + ((i // 1000,) if runs else ())))
             f.write("".join(chunk))
 
 
-def time_ops(path: Path, *args: str, runs: int = 5) -> tuple[float, float, int]:
-    """Median wall and CPU seconds of `observerd.py ops FILE args -o ndjson`, Python's start
-    included, and how many ops it printed. On a shared machine the CPU time is the steadier."""
-    walls, cpus, printed = [], [], 0
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM), 0 once it is gone. Not ru_maxrss: Linux carries
+    the forking parent's peak over into the child's across exec."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def time_command(argv: list[str], runs: int = 5) -> tuple[float, float, bytes, int]:
+    """Median wall and CPU seconds of `observerd.py argv`, Python's start included, its last
+    output, and the largest peak RSS (KiB, polled every 5 ms) of its runs. On a shared machine
+    the CPU time is the steadier."""
+    walls, cpus, out, peak = [], [], b"", 0
     for _ in range(runs):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
-        out = subprocess.run([sys.executable, "observerd.py", "ops", str(path), "-o", "ndjson", *args],
-                             cwd=ROOT, capture_output=True, check=True).stdout
+        child = subprocess.Popen([sys.executable, "observerd.py", *argv], cwd=ROOT, stdout=subprocess.PIPE)
+        chunks: list[bytes] = []
+        reader = threading.Thread(target=lambda: chunks.append(child.stdout.read()))
+        reader.start()
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, peak_rss_kib(child.pid))
+            time.sleep(0.005)
+        reader.join()
+        child.returncode = status
+        if status:
+            raise subprocess.CalledProcessError(status, argv)
         walls.append(time.perf_counter() - started)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-        printed = out.count(b"\n")
-    return statistics.median(walls), statistics.median(cpus), printed
+        cpus.append(usage.ru_utime + usage.ru_stime)
+        out = chunks[0]
+    return statistics.median(walls), statistics.median(cpus), out, peak
+
+
+def time_ops(path: Path, *args: str, runs: int = 5) -> tuple[float, float, int]:
+    """Median wall and CPU seconds of `observerd.py ops FILE args -o ndjson`, and how many ops
+    it printed."""
+    wall, cpu, out, _ = time_command(["ops", str(path), "-o", "ndjson", *args], runs)
+    return wall, cpu, out.count(b"\n")
 
 
 def history_bench(work: Path, lines: int) -> list[tuple[str, str, bool]]:
@@ -335,6 +367,42 @@ def history_bench(work: Path, lines: int) -> list[tuple[str, str, bool]]:
          f"{results['--since 1h'][1]:.2f} s the newest 50; Python's start alone {start_cpu:.2f} s", window_cpu < 0.5),
         ("full-history filtered scan ≥ 150 MB/s", f"**{size / scan_cpu:,.0f} MB/s** by CPU time "
          "(`--endpoint --failed`, Python's start included)", size / scan_cpu >= 150),
+    ]
+
+
+def comparison_bench(work: Path, lines: int) -> list[tuple[str, str, bool]]:
+    """compare and runs over the history journal with a run_id on every op (runs of 1,000)."""
+    path = work / "runs.jsonl"
+    write_history(path, lines, runs=True)
+    size = path.stat().st_size / 1e6
+    print(f"\n| `observerd.py …` over a {lines:,}-line journal with runs ({size:.0f} MB) "
+          "| answer | wall s | CPU s | peak RSS MB |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    results = {}
+    for name, argv, summary in [
+            ("compare 2h..1h 1h..now", ["compare", "2h..1h", "1h..now"],
+             lambda a: f"{a['verdict']}, {len(a['rows'])} rows, {sum(r['baseline']['ops'] for r in a['rows']):,} "
+                       f"→ {sum(r['candidate']['ops'] for r in a['rows']):,} ops"),
+            ("compare run-980 run-989", ["compare", "run-980", "run-989"],
+             lambda a: f"{a['verdict']}, {len(a['rows'])} rows, {a['scanned_bytes'] / 1e6:.0f} MB read"),
+            ("runs --since 24h", ["runs", "--since", "24h"],
+             lambda a: f"{a['count']} runs, {sum(r['ops'] for r in a['runs']):,} ops"),
+            ("runs --since 24h -n 1000", ["runs", "--since", "24h", "-n", "1000"],
+             lambda a: f"{a['count']} runs, {sum(r['ops'] for r in a['runs']):,} ops"),
+            # The history engine alone over the same ops: what a scan of the window costs.
+            ("ops --since 24h -n 1000000", ["ops", "--since", "24h", "-n", "1000000"],
+             lambda a: f"{len(a):,} ops")]:
+        wall, cpu, out, peak = results[name] = time_command(argv + [str(path), "-o", "json"])
+        print(f"| `{name}` | {summary(json.loads(out))} | {wall:.2f} | {cpu:.2f} | {peak / 1024:.0f} |")
+    compare_wall, compare_cpu, _, _ = results["compare 2h..1h 1h..now"]
+    runs_wall, runs_cpu, _, runs_peak = results["runs --since 24h -n 1000"]
+    scan_cpu = results["ops --since 24h -n 1000000"][1]
+    return [
+        (f"compare two 1-hour windows over {lines:,} lines < 1.5 s",
+         f"**{compare_cpu:.2f} s** CPU ({compare_wall:.2f} s wall), Python's start included", compare_cpu < 1.5),
+        (f"`runs --since 24h` over {lines:,} lines < 3 s",
+         f"**{runs_cpu:.2f} s** CPU ({runs_wall:.2f} s wall; `ops` over the same window {scan_cpu:.2f} s CPU), "
+         f"{runs_peak / 1024:.0f} MB peak RSS", runs_cpu < 3),
     ]
 
 
@@ -371,6 +439,7 @@ def main() -> int:
     parser.add_argument("--big-lines", type=int, default=1_000_000, help="lines in the big restart log")
     parser.add_argument("--stdlib-load", action="store_true", help="use the stdlib generator even if wrk exists")
     parser.add_argument("--history-only", action="store_true", help="time only the journal queries (ops)")
+    parser.add_argument("--comparisons-only", action="store_true", help="time only compare and runs")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers are stopped and the folder removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -385,6 +454,9 @@ def main() -> int:
 def run(args: argparse.Namespace, work: Path) -> int:
     if args.history_only:
         print_targets(history_bench(work, args.big_lines))
+        return 0
+    if args.comparisons_only:
+        print_targets(comparison_bench(work, args.big_lines))
         return 0
     use_wrk = shutil.which("wrk") and not args.stdlib_load
     load = run_wrk if use_wrk else run_stdlib_load
@@ -438,7 +510,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
           f"({during['rps']:,.0f} req/s): {stats_p99:.2f} ms")
 
     met = targets(rows, args.big_lines, small_answer, big_answer, big_ready, big_restore, stats_p99)
-    print_targets(met + history_bench(work, args.big_lines))
+    print_targets(met + history_bench(work, args.big_lines) + comparison_bench(work, args.big_lines))
     return 0
 
 
