@@ -128,6 +128,7 @@ def log(level: str, msg: str, **fields: object) -> None:
 # Metrics: counters, gauges and histograms in Prometheus text format 0.0.4
 # =============================================================================
 
+ENDPOINT_LABELS = 32  # endpoints observerd_endpoint_events_total names; the rest are OTHER_LABEL
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -154,11 +155,12 @@ class Metric:
     declared, so that increase() sees the first event instead of a series appearing at 1.
     """
 
-    def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = ()):
+    def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = (),
+                 from_zero: bool = True):
         self.name, self.kind, self.help_text, self.labels = name, kind, help_text, labels
         self.values: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
-        if not labels:
+        if not labels and from_zero:  # else no sample until set: a gauge of something absent
             self.declare([()])
 
     def _zero(self) -> object:
@@ -248,6 +250,33 @@ class Histogram(Metric):
             yield f"{self.name}_count{_format_labels(self.labels, label_values)} {count}"
 
 
+OTHER_LABEL = "(other)"  # the label value standing for every value a cap leaves unnamed
+
+
+class CappedLabel:
+    """Client text (an endpoint) as a label value, from a bounded set: the first `cap` values
+    named keep their names, every later one is OTHER_LABEL, so the series a scrape holds stay
+    bounded whatever clients send. Names are never given up: a counter's series must not move.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def name(self, value: str) -> tuple[str, bool]:
+        """(the label value for value, whether it was named just now)."""
+        if value in self._named:
+            return value, False
+        with self._lock:
+            if value in self._named:
+                return value, False
+            if len(self._named) < self.cap:
+                self._named.add(value)
+                return value, True
+        return OTHER_LABEL, False
+
+
 class Metrics:
     """Every metric observerd exports, rendered for GET /metrics.
 
@@ -256,11 +285,18 @@ class Metrics:
     """
 
     LLM_OUTCOMES = ("answered", "failed")
+    ESCALATION_OUTCOMES = ("sent", "failed")
+    SUCCESS = ("true", "false")
 
     def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = (),
                  llm_backends: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
+        self.endpoint_events = Metric(
+            "observerd_endpoint_events_total", "counter",
+            f"Ops accepted and made durable, by endpoint and success: the {ENDPOINT_LABELS} busiest endpoints "
+            f"in the ring at restore, then the first new ones, by name; every other as {OTHER_LABEL}.",
+            ("endpoint", "success"))
         self.duplicates = Metric("observerd_duplicates_total", "counter",
                                  "Ops acknowledged but not stored again: their op_id was already stored.")
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
@@ -274,6 +310,21 @@ class Metrics:
                                      "Checks of a journal that could not be written, by what they found.",
                                      ("found",))
         self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL journal.")
+        self.ready = Metric("observerd_ready", "gauge",
+                            "1 when a write would be accepted now (GET /observer/ready is 200), else 0.")
+        self.journal_writable = Metric(
+            "observerd_journal_writable", "gauge",
+            "1 while the journal takes appends, 0 from a failed append until one succeeds or the probe "
+            "finds one would; absent without a journal.", from_zero=False)
+        self.journal_disk_free = Metric(
+            "observerd_journal_disk_free_bytes", "gauge",
+            "Bytes observerd may still write on the filesystem holding the journal; absent without one.",
+            from_zero=False)
+        self.journal_disk_size = Metric(
+            "observerd_journal_disk_size_bytes", "gauge",
+            "Size of the filesystem holding the journal; absent without one.", from_zero=False)
+        self.escalations = Metric("observerd_escalations_total", "counter",
+                                  "Deliveries of failure clusters to escalate_url, by outcome.", ("outcome",))
         self.http_requests = Metric("observerd_http_requests_total", "counter",
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
@@ -287,7 +338,9 @@ class Metrics:
                                  "Always 1; the labels say what is running.", ("version", "python"))
         self.start_time.set(time.time())
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
-        self.events.declare((source, success) for source in sources for success in ("true", "false"))
+        self.events.declare((source, success) for source in sources for success in self.SUCCESS)
+        self.endpoint_events.declare((OTHER_LABEL, success) for success in self.SUCCESS)
+        self.escalations.declare((outcome,) for outcome in self.ESCALATION_OUTCOMES)
         self.rejected.declare((reason,) for reason in rejection_reasons)
         self.journal_probes.declare([("failing",), ("writable",)])
         self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
@@ -1334,9 +1387,13 @@ class Journal:
         limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
         if limit != resource.RLIM_INFINITY and file_end > limit:
             return False
+        return self.disk_space()[0] >= appended
+
+    def disk_space(self) -> tuple[int, int]:
+        """(bytes observerd may write, bytes in all) of the filesystem holding the journal."""
         disk = os.statvfs(self.path.parent)
         free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
-        return free_blocks * disk.f_frsize >= appended
+        return free_blocks * disk.f_frsize, disk.f_blocks * disk.f_frsize
 
     def _writable(self, found_by: str) -> None:
         if self.failure is not None:
@@ -1626,8 +1683,7 @@ class Ring:
 
 
 TIMELINE_SECONDS = 300  # how far back GET /observer/timeline reaches
-TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_SOURCES
-OTHER_SOURCES = "(other)"
+TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_LABEL
 
 
 class ArrivalCounts:
@@ -1660,7 +1716,7 @@ class ArrivalCounts:
                 counts = bucket.get(source)
                 if counts is None:
                     if len(bucket) >= TIMELINE_SOURCES:
-                        source = OTHER_SOURCES
+                        source = OTHER_LABEL
                     counts = bucket.setdefault(source, [0, 0])
                 counts[not ok] += count
 
@@ -1787,7 +1843,10 @@ class OpStore:
         self.metrics = metrics or Metrics()
         self.window = window  # None: deduplication off
         self.arrivals = ArrivalCounts()
+        self.endpoint_labels = CappedLabel(ENDPOINT_LABELS)
         self.restored = journal is None
+        # When the committer took the batch it is committing now (monotonic); None while it waits.
+        self.committing_since: float | None = None
         self._ring_lock = threading.Lock()
         self._commit_lock = threading.Lock()  # ephemeral: the callers' turn to commit
         self._queue: list[_PendingCommit] = []
@@ -1811,6 +1870,9 @@ class OpStore:
                     self.ring.apply(op)
                 if self.window is not None:
                     self.window.restore(op_ids)
+            # The busiest endpoints of the ring are named first: a restart converges on them.
+            for endpoint, _ in Counter(op.endpoint for op in ops).most_common(ENDPOINT_LABELS):
+                self._endpoint_label(endpoint)
             self.restored = True
             log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
                 ms=round((time.perf_counter() - started) * 1000, 1))
@@ -1872,7 +1934,19 @@ class OpStore:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
+                self.committing_since = time.monotonic()
             self._answer(batch, *self._commit(batch))
+            self.committing_since = None
+
+    def committer_stuck_s(self) -> float:
+        """Seconds the committer has spent on the batch it holds (0 while it waits, or without
+        a journal); inf once it has died."""
+        if self._committer is None:
+            return 0.0
+        if not self._committer.is_alive():
+            return 0.0 if self._closing else math.inf
+        since = self.committing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def _commit(self, batch: list[_PendingCommit]) -> tuple[int, Exception | None]:
         """Store the batch's ops but duplicates: write and fsync them (with a journal), then
@@ -1944,14 +2018,29 @@ class OpStore:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
     def _count(self, ops) -> None:
-        """Count stored ops in the metrics and by arrival second, once per (source, success)."""
+        """Count stored ops in the metrics and by arrival second, once per (source, success)
+        and per (endpoint, success)."""
         tally: dict[tuple[str, bool], int] = {}
+        by_endpoint: dict[tuple[str, bool], int] = {}
         for op in ops:
             key = (op.source, op.success is True)
             tally[key] = tally.get(key, 0) + 1
+            key = (op.endpoint, op.success is True)
+            by_endpoint[key] = by_endpoint.get(key, 0) + 1
         for (source, ok), count in tally.items():
             self.metrics.events.inc(source, "true" if ok else "false", amount=count)
+        for (endpoint, ok), count in by_endpoint.items():
+            self.metrics.endpoint_events.inc(self._endpoint_label(endpoint), "true" if ok else "false",
+                                             amount=count)
         self.arrivals.add(tally)
+
+    def _endpoint_label(self, endpoint: str) -> str:
+        """endpoint as observerd_endpoint_events_total labels it; a newly named one is exported
+        from 0 for both outcomes, so increase() sees its first op of either."""
+        label, new = self.endpoint_labels.name(endpoint)
+        if new:
+            self.metrics.endpoint_events.declare((label, success) for success in Metrics.SUCCESS)
+        return label
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -4483,9 +4572,19 @@ class ObserverHandler(HTTPHandler):
                      "skipped_lines": skipped.count}
 
     def get_metrics(self):
-        metrics = self.server.metrics
-        metrics.ring_ops.set(len(self.server.store))
-        metrics.ring_bytes.set(self.server.store.ring.bytes)
+        server, metrics, journal = self.server, self.server.metrics, self.server.store.journal
+        metrics.ring_ops.set(len(server.store))
+        metrics.ring_bytes.set(server.store.ring.bytes)
+        metrics.ready.set(int(server.unready_reason() is None))
+        if journal is not None:
+            metrics.journal_writable.set(int(journal.failure is None))
+            try:
+                free, size = journal.disk_space()
+            except OSError:
+                pass  # the folder is gone for now: the last values stand, as the append will say
+            else:
+                metrics.journal_disk_free.set(free)
+                metrics.journal_disk_size.set(size)
         return 200, Document(metrics.render().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8", {})
 
     def get_errors(self):
@@ -4903,9 +5002,10 @@ class Escalator:
     analysis.
     """
 
-    def __init__(self, config: Config, insights: Insights):
+    def __init__(self, config: Config, insights: Insights, metrics: Metrics):
         self.config = config
         self.insights = insights
+        self.metrics = metrics
         self._held: dict[tuple[str, str], EscalationHold] = {}
 
     def check(self, groups: dict[tuple[str, str], list[dict]]) -> None:
@@ -4947,13 +5047,14 @@ class Escalator:
             attempt["outcome"] = "sent"
             log("INFO", "escalated failure cluster", endpoint=key[0], count=cluster["count"])
         self.insights.record_escalation(attempt)
+        self.metrics.escalations.inc(attempt["outcome"])
         return attempt["outcome"] == "sent"
 
 
 def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> Scheduler:
     """Schedule every loop whose setting is on, on one thread; returns it started."""
     loops = Scheduler("observer-loops")
-    escalator = Escalator(config, insights) if config.escalate_url else None
+    escalator = Escalator(config, insights, store.metrics) if config.escalate_url else None
 
     def analyze_errors() -> None:
         groups = group_failures(store.snapshot())

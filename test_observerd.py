@@ -636,6 +636,89 @@ def test_every_counter_is_exported_from_0_at_startup(serve):
             assert sample(families, "observerd_events_total", source=source, success=success) == 0
 
 
+def endpoint_series(families) -> dict[tuple[str, str], float]:
+    return {(labels["endpoint"], labels["success"]): value
+            for _, labels, value in families["observerd_endpoint_events_total"]["samples"]}
+
+
+def test_endpoint_series_name_the_busiest_endpoints_and_count_the_rest_as_other(serve, tmp_path):
+    journal = tmp_path / "busy.jsonl"
+    # 40 endpoints in the journal, /busy/i stored i + 1 times: the 32 busiest are /busy/8 … /busy/39.
+    journal.write_bytes(b"".join(od.encode_line(od.validate_op(op(f"/busy/{i}", success=True)))
+                                 for i in range(40) for _ in range(i + 1)))
+    server = serve(persist_path=str(journal), ring_size=2000)
+    client = server.client()
+    families = scrape(client)
+    busiest = {f"/busy/{i}" for i in range(8, 40)}
+    assert {endpoint for endpoint, _ in endpoint_series(families)} == busiest | {od.OTHER_LABEL}
+    assert set(endpoint_series(families).values()) == {0}, "restored ops are not counted again"
+
+    client.post("/observer/events", [op("/busy/0"), op("/busy/39", success=True), op("/busy/39"),
+                                     op("/brand-new"), op("/brand-new", success=True)])
+    series = endpoint_series(scrape(client))
+    assert series[("/busy/39", "true")] == 1 and series[("/busy/39", "false")] == 1
+    # The cap is full: an endpoint outside the restored busiest, old or new, is (other).
+    assert series[(od.OTHER_LABEL, "false")] == 2 and series[(od.OTHER_LABEL, "true")] == 1
+    assert ("/brand-new", "false") not in series and ("/busy/0", "false") not in series
+    assert len(series) == 2 * (od.ENDPOINT_LABELS + 1)
+    # By source and by endpoint, the same ops are counted.
+    by_source = sum(value for _, _, value in scrape(client)["observerd_events_total"]["samples"])
+    assert by_source == sum(series.values()) == 5
+
+
+def test_new_endpoints_are_named_until_the_cap_and_each_from_0_for_both_outcomes(serve):
+    client = serve(persist_path="").client()
+    client.post("/observer/events", [op(f"/e/{i}", success=True) for i in range(od.ENDPOINT_LABELS + 5)])
+    series = endpoint_series(scrape(client))
+    named = {endpoint for endpoint, _ in series} - {od.OTHER_LABEL}
+    assert len(named) == od.ENDPOINT_LABELS
+    assert series[(od.OTHER_LABEL, "true")] == 5
+    assert all(series[(endpoint, "false")] == 0 and series[(endpoint, "true")] == 1 for endpoint in named)
+
+
+def test_ready_and_journal_gauges_follow_a_real_fault_and_its_end(tmp_path, daemons):
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1 << 40)).wait_listening()
+    client = daemon.client()
+
+    def gauges():
+        families = scrape(client)
+        return {name: sample(families, name) for name in ("observerd_ready", "observerd_journal_writable")}
+
+    assert gauges() == {"observerd_ready": 1, "observerd_journal_writable": 1}
+    families = scrape(client)
+    free, size = (sample(families, f"observerd_journal_disk_{kind}_bytes") for kind in ("free", "size"))
+    disk = os.statvfs(tmp_path)
+    assert size == disk.f_blocks * disk.f_frsize and 0 < free <= size
+
+    assert client.post("/observer/event", op("/a"))[0] == 200
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "ops.jsonl").stat().st_size,
+                                                              resource.RLIM_INFINITY))
+    assert client.post("/observer/event", op("/b"))[0] == 503
+    assert gauges() == {"observerd_ready": 0, "observerd_journal_writable": 0}
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: gauges() == {"observerd_ready": 1, "observerd_journal_writable": 1},
+             what="the probe to find the journal writable")
+
+
+def test_an_ephemeral_daemon_exports_no_journal_gauges(serve):
+    families = scrape(serve(persist_path="").client())
+    assert sample(families, "observerd_ready") == 1
+    for name in ("observerd_journal_writable", "observerd_journal_disk_free_bytes",
+                 "observerd_journal_disk_size_bytes"):
+        assert families[name]["samples"] == [], name
+
+
+def test_escalations_are_counted_by_outcome_from_0(tmp_path, fake_service):
+    metrics = od.Metrics()
+    assert sample(parse_exposition(metrics.render()), "observerd_escalations_total", outcome="failed") == 0
+    groups = od.group_failures([od.RingOp(op("/x", error="boom"))])
+    for service, outcome in ((fake_service(status=503), "failed"), (fake_service(), "sent")):
+        config = make_config(tmp_path, escalate_url=service.url, escalate_threshold=1)
+        od.Escalator(config, od.Insights(), metrics).check(groups)
+        assert sample(parse_exposition(metrics.render()), "observerd_escalations_total", outcome=outcome) == 1
+
+
 # -----------------------------------------------------------------------------
 # Config: settings, their checks and where they come from
 # -----------------------------------------------------------------------------
@@ -3325,7 +3408,7 @@ def test_the_daemons_corrections_tailer_skips_unstorable_lines_and_goes_on(tmp_p
 def test_a_target_that_fails_ends_the_round_instead_of_holding_the_loop(tmp_path, fake_service):
     down = fake_service(status=503)
     config = make_config(tmp_path, escalate_url=down.url, escalate_threshold=1, escalate_cooldown_s=3600)
-    escalator = od.Escalator(config, od.Insights())
+    escalator = od.Escalator(config, od.Insights(), od.Metrics())
     groups = od.group_failures([od.RingOp(op(f"/{i}", error="boom")) for i in range(5)])
     escalator.check(groups)
     assert len(down.received) == 1  # not five: each would cost up to outbound_timeout_s
