@@ -6391,3 +6391,56 @@ def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons
         assert tab.problems() == []
     finally:
         browser.close()
+
+
+# -----------------------------------------------------------------------------
+# Deploy: the shipped rules (promtool), a real Prometheus over two daemons, systemd notify,
+# the unit file and the scaling-out configs
+# -----------------------------------------------------------------------------
+
+DEPLOY = HERE / "deploy"
+RULES = DEPLOY / "observerd.rules.yml"
+PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (apt-get install prometheus)")
+
+
+def alerts_and_runbooks() -> dict[str, str]:
+    """Each alert of the shipped rules, with its runbook annotation (read without a YAML parser:
+    the file keeps one key a line)."""
+    found, alert = {}, None
+    for line in RULES.read_text().splitlines():
+        if match := re.fullmatch(r"\s*- alert: (\w+)", line):
+            alert = match[1]
+            found[alert] = None
+        elif match := re.fullmatch(r"\s*runbook: (\S+)", line):
+            found[alert] = match[1]
+    return found
+
+
+@needs_promtool
+def test_the_shipped_rules_pass_promtool_check_and_their_unit_tests():
+    for argv in (["check", "rules", RULES], ["test", "rules", DEPLOY / "observerd.rules.test.yml"]):
+        result = subprocess.run([PROMTOOL, *map(str, argv)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_runbook_section_in_the_docs_and_every_section_an_alert():
+    alerts = alerts_and_runbooks()
+    assert len(alerts) >= 8
+    runbook = HERE / "docs" / "alerts.md"
+    sections = re.findall(r"^## (\w+)$", runbook.read_text(), re.M)
+    assert sorted(sections) == sorted(alerts)
+    for alert, target in alerts.items():
+        assert target == f"docs/alerts.md#{alert.lower()}", alert
+
+
+def test_the_rules_read_only_metrics_observerd_exports_and_the_readme_lists_every_one():
+    families = parse_exposition(od.Metrics().render())
+    exported = set(families) | {f"{name}_{part}" for name, family in families.items()
+                                if family["type"] == "histogram" for part in ("bucket", "sum", "count")}
+    exprs = " ".join(re.findall(r"expr: (.*(?:\n {10,}.*)*)", RULES.read_text()))
+    read = set(re.findall(r"(?<![\w:])observerd_\w+", exprs))
+    assert read and read <= exported, read - exported
+    readme_metrics = next(line for line in (HERE / "README.md").read_text().splitlines()
+                          if line.startswith("| `GET /metrics` |"))
+    assert [name for name in families if f"`{name}" not in readme_metrics] == []
