@@ -12,7 +12,7 @@ Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and noth
 
 The file reads top to bottom, each section depending only on those above it:
 logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> insights ->
-outbound -> HTTP protocol -> browser page -> API -> background loops -> CLI/main.
+outbound -> HTTP protocol -> browser page -> API -> background loops -> supervisor -> CLI/main.
 """
 
 from __future__ import annotations
@@ -4682,6 +4682,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.store = store
         self.insights = insights or Insights()
         self.started = time.monotonic()
+        self.loop_turned = self.started  # when serve_forever last went round (service_actions)
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
@@ -4705,6 +4706,11 @@ class ObserverServer(ThreadingHTTPServer):
         if self.connections.closing:
             return SHUTTING_DOWN
         return self.store.unready_reason()
+
+    def service_actions(self):
+        # serve_forever calls this at every turn, at least once a poll interval: the
+        # supervisor's sign that the accept loop is alive.
+        self.loop_turned = time.monotonic()
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
@@ -5080,6 +5086,95 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
         loops.every(config.corrections_interval_s, tailer.poll)
     loops.start()
     return loops
+
+
+# =============================================================================
+# Supervisor: systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG) over NOTIFY_SOCKET
+# =============================================================================
+
+
+class SystemdNotifier:
+    """Tells systemd what the daemon is doing, as a Type=notify unit expects: READY=1 once the
+    ring is restored, a STATUS= line `systemctl status` shows (restoring, ready, or why not),
+    STOPPING=1 at shutdown, and WATCHDOG=1 every half WATCHDOG_USEC, sent only while the accept
+    loop goes round and the committer is not held in one commit that long: a hung daemon is
+    killed and restarted by systemd (WatchdogSec=), a slow one is not.
+
+    One datagram per message on an AF_UNIX socket, as sd_notify sends them; an address starting
+    with @ is in the abstract namespace. Without NOTIFY_SOCKET every call does nothing. A message
+    that cannot be sent is logged, never raised: the daemon's work does not depend on it.
+    """
+
+    STATUS_INTERVAL_S = 1.0
+
+    def __init__(self, server: ObserverServer, environ=os.environ):
+        self.server = server
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address and address[0] not in "/@":
+            log("WARN", "NOTIFY_SOCKET is neither a path nor an abstract address; not notifying systemd",
+                notify_socket=address)
+            address = ""
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        usec = environ.get("WATCHDOG_USEC", "")
+        watched = environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        # Pinged at half the timeout, as systemd advises; a WATCHDOG_PID of another process
+        # (a wrapper's) means the watchdog is not ours.
+        self.ping_interval_s = int(usec) / 2e6 if usec.isascii() and usec.isdigit() and int(usec) and watched else None
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) if self.address else None
+        self._status: str | None = None
+        self._send_failed = False
+        self._loop = Scheduler("supervisor")
+        if self._socket is not None:
+            self._loop.every(self.STATUS_INTERVAL_S, self._show_status)
+            if self.ping_interval_s is not None:
+                self._loop.every(self.ping_interval_s, self._ping)
+            self._loop.start()
+        self._show_status()
+
+    def ready(self) -> None:
+        self._show_status(prefix="READY=1\n")
+
+    def stopping(self) -> None:
+        self._loop.stop()
+        self._send("STOPPING=1\nSTATUS=shutting down")
+
+    def _hung(self) -> str | None:
+        """Why the daemon would not be alive now for the watchdog, or None."""
+        held = self.ping_interval_s
+        if time.monotonic() - self.server.loop_turned > held:
+            return f"the accept loop has not gone round for {held:g} s"
+        stuck = self.server.store.committer_stuck_s()
+        if stuck > held:
+            return f"the committer has held one commit for {stuck:.1f} s"
+        return None
+
+    def _show_status(self, prefix: str = "") -> None:
+        hung = self._hung() if self.ping_interval_s is not None else None
+        reason = self.server.unready_reason()
+        status = (f"not pinging the watchdog: {hung}" if hung else
+                  "ready" if reason is None else f"not ready: {reason}")
+        if prefix or status != self._status:
+            self._status = status
+            self._send(f"{prefix}STATUS={status}")
+
+    def _ping(self) -> None:
+        if self._hung() is None:
+            self._send("WATCHDOG=1")
+        else:
+            self._show_status()
+
+    def _send(self, message: str) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto(message.encode("utf-8", "replace"), self.address)
+        except OSError as exc:
+            if not self._send_failed:
+                log("WARN", "cannot notify systemd", notify_socket=self.address.replace("\0", "@"),
+                    error=exc.strerror or exc)
+            self._send_failed = True
+        else:
+            self._send_failed = False
 
 
 # =============================================================================
@@ -5825,6 +5920,7 @@ def serve(config: Config) -> int:
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
+    supervisor = SystemdNotifier(server)
     # Answering before restoring: health and ready answer at once, however long the restore
     # takes; the routes that serve or store ops answer 503 until it is done.
     status, loops = 0, None
@@ -5835,6 +5931,7 @@ def serve(config: Config) -> int:
         status = 2
     else:
         loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+        supervisor.ready()
         while signal.sigwait(signals) == signal.SIGHUP:
             try:
                 store.reopen_journal()
@@ -5842,6 +5939,7 @@ def serve(config: Config) -> int:
                 log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
 
     log("INFO", "shutting down", open_connections=len(server.connections))
+    supervisor.stopping()
     # Closing comes first, and the listener keeps answering while the drain runs: ready
     # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)

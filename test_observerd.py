@@ -6444,3 +6444,151 @@ def test_the_rules_read_only_metrics_observerd_exports_and_the_readme_lists_ever
     readme_metrics = next(line for line in (HERE / "README.md").read_text().splitlines()
                           if line.startswith("| `GET /metrics` |"))
     assert [name for name in families if f"`{name}" not in readme_metrics] == []
+
+
+class FakeSystemd:
+    """A datagram socket standing in for systemd's notify socket: collects each message sent to
+    it (a path, or with abstract=True an @name in the abstract namespace)."""
+
+    def __init__(self, abstract: bool = False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._folder = None
+        if abstract:
+            name = f"observerd-test-{os.getpid()}-{random.randrange(1 << 30)}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:  # a short folder of its own: a socket path holds at most 107 bytes
+            import tempfile
+            self._folder = tempfile.TemporaryDirectory(prefix="sd-")
+            self.address = os.path.join(self._folder.name, "notify")
+            self.sock.bind(self.address)
+        self.messages: list[str] = []
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self._arrived:
+                self.messages.append(data.decode())
+                self._arrived.notify_all()
+
+    def wait(self, predicate, what: str, after: int = 0, timeout: float = 60) -> int:
+        """The index of the first message from `after` on that predicate accepts."""
+        def found():
+            return next((i for i in range(after, len(self.messages)) if predicate(self.messages[i])), None)
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no notify message {what}; got {self.messages[after:]}")
+            return found()
+
+    def statuses(self, start: int = 0) -> list[str]:
+        return [line[len("STATUS="):] for message in self.messages[start:]
+                for line in message.split("\n") if line.startswith("STATUS=")]
+
+    def close(self):
+        self.sock.close()
+        if self._folder is not None:
+            self._folder.cleanup()
+
+
+@pytest.fixture
+def fake_systemd():
+    yield from started_by_test(FakeSystemd, FakeSystemd.close)
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_systemd_hears_restoring_ready_not_writable_and_stopping(tmp_path, daemons, fake_systemd, abstract):
+    systemd = fake_systemd(abstract=abstract)
+    gate = tmp_path / "restore-gate"
+    os.mkfifo(gate)
+    script = hooked_daemon_script(tmp_path, f"""
+restore_journal = observerd.restore_journal
+def held_restore_journal(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_journal(*args, **kwargs)
+observerd.restore_journal = held_restore_journal
+""")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, script=script, env={"NOTIFY_SOCKET": systemd.address},
+                     preexec_fn=limit_file_size(1 << 40)).wait_listening(restored=False)
+    systemd.wait(lambda m: m == f"STATUS=not ready: {od.RESTORING}", "saying it restores")
+    assert not any("READY=1" in m for m in systemd.messages)
+    with open(gate, "wb"):
+        pass  # the restore goes on
+    ready = systemd.wait(lambda m: "READY=1" in m.split("\n"), "READY=1")
+    assert systemd.messages[ready] == "READY=1\nSTATUS=ready"
+    client = daemon.client()
+    assert client.post("/observer/event", op("/a"))[0] == 200
+
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "ops.jsonl").stat().st_size,
+                                                              resource.RLIM_INFINITY))
+    assert client.post("/observer/event", op("/b"))[0] == 503
+    failing = systemd.wait(lambda m: m.startswith("STATUS=not ready: journal cannot be written: File too large"),
+                           "saying the journal cannot be written")
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    systemd.wait(lambda m: m == "STATUS=ready", "ready again", after=failing)
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    assert systemd.messages[-1] == "STOPPING=1\nSTATUS=shutting down"
+    assert not any("WATCHDOG" in m for m in systemd.messages), "no WATCHDOG_USEC: no pings"
+
+
+def test_the_watchdog_is_pinged_while_alive_and_not_while_the_committer_is_wedged(tmp_path, daemons, fake_systemd):
+    systemd = fake_systemd(abstract=True)
+    daemon = daemons(tmp_path, config=write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"}),
+                     env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"}).wait_listening()
+    first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
+    systemd.wait(lambda m: m == "WATCHDOG=1", "a second ping", after=first + 1)
+
+    # A real fault: the journal's path now names a FIFO no one reads (as a hung NFS server or
+    # a dead disk would hold a write), and an append fills its buffer and blocks in write().
+    journal = tmp_path / "ops.jsonl"
+    journal.unlink()
+    os.mkfifo(journal)
+    batch = json.dumps([op(f"/wedge/{i}", pad="x" * 1024) for i in range(200)]).encode()
+    wedged = socket.create_connection(("127.0.0.1", daemon.port))
+    wedged.sendall(b"POST /observer/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(batch) + batch)
+    stuck = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the committer has held one commit"),
+                         "the watchdog withheld")
+    # The status counts the seconds held: once it says 3 s or more, six pings would have been due.
+    held = systemd.wait(lambda m: re.search(r"held one commit for ([3-9]|\d\d+)\.\d s$", m) is not None,
+                        "three seconds held", after=stuck)
+    assert "WATCHDOG=1" not in systemd.messages[stuck:held + 1]
+    assert daemon.client().get("/observer/health")[0] == 200, "the accept loop still answers"
+
+    # Reading the FIFO lets the write through (its fsync then fails: a FIFO is no file):
+    # the committer is free, and the pings resume.
+    drained = threading.Thread(target=lambda: open(journal, "rb").read(), daemon=True)
+    drained.start()
+    systemd.wait(lambda m: m == "WATCHDOG=1", "the pings to resume", after=held)
+    wedged.close()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    assert systemd.messages[-1] == "STOPPING=1\nSTATUS=shutting down"
+
+
+def test_the_readme_unit_is_the_shipped_one_type_notify_with_a_watchdog_and_check_first(tmp_path):
+    readme = (HERE / "README.md").read_text()
+    unit = (DEPLOY / "observerd.service").read_text()
+    shown = readme.split("`/etc/systemd/system/observerd.service`", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
+    assert shown == unit
+    settings = [line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")]
+    assert ["Type", "notify"] in settings
+    assert [value for key, value in settings if key == "WatchdogSec"] == ["30"]
+    (pre,) = [shlex.split(value) for key, value in settings if key == "ExecStartPre"]
+    (start,) = [shlex.split(value) for key, value in settings if key == "ExecStart"]
+    assert pre[:3] == start[:2] + ["check"] and pre[3:] == start[2:]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not on PATH: the unit's syntax is not verified")
+    shutil.copy(DEPLOY / "observerd.service", tmp_path / "observerd.service")
+    result = subprocess.run([analyze, "verify", str(tmp_path / "observerd.service")], capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
