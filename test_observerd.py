@@ -13,6 +13,7 @@ import http.client
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -26,6 +27,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -33,6 +35,8 @@ import tracemalloc
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import urlencode
+from urllib.request import urlopen
 
 import pytest
 
@@ -6458,7 +6462,6 @@ class FakeSystemd:
             self.sock.bind("\0" + name)
             self.address = "@" + name
         else:  # a short folder of its own: a socket path holds at most 107 bytes
-            import tempfile
             self._folder = tempfile.TemporaryDirectory(prefix="sd-")
             self.address = os.path.join(self._folder.name, "notify")
             self.sock.bind(self.address)
@@ -6592,3 +6595,133 @@ def test_the_readme_unit_is_the_shipped_one_type_notify_with_a_watchdog_and_chec
     result = subprocess.run([analyze, "verify", str(tmp_path / "observerd.service")], capture_output=True,
                             text=True, timeout=120)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Prometheus:
+    """A real Prometheus on 127.0.0.1 scraping targets as job "observerd" with the shipped
+    rules, scrape and evaluation every half second; its data in folder."""
+
+    def __init__(self, folder: Path, targets: list[str]):
+        folder.mkdir()
+        config = folder / "prometheus.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms", "scrape_timeout": "400ms"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "observerd", "static_configs": [{"targets": targets}]}],
+        }))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = folder / "prometheus.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+                 f"--web.listen-address={self.url[len('http://'):]}"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+        wait_for(self._ready, timeout=120, what="prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return self.get("/-/ready", raw=True) == 200
+        except OSError:
+            return False
+
+    def get(self, path: str, raw: bool = False, **query):
+        with urlopen(f"{self.url}{path}" + (f"?{urlencode(query)}" if query else ""), timeout=30) as answer:
+            if raw:
+                return answer.status
+            body = json.loads(answer.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str, **at) -> dict[tuple, float]:
+        """{labels as sorted (name, value) pairs: value} of an instant vector."""
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1])
+                for r in self.get("/api/v1/query", query=promql, **at)["result"]}
+
+    def by_instance(self, promql: str) -> dict[str, float]:
+        """{instance: value} of an instant vector with one series per instance."""
+        return {dict(labels)["instance"]: value for labels, value in self.query(promql).items()}
+
+    def firing(self, alertname: str) -> set[str]:
+        """The instances alertname fires for now."""
+        return {a["labels"].get("instance") for a in self.get("/api/v1/alerts")["alerts"]
+                if a["labels"]["alertname"] == alertname and a["state"] == "firing"}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def prometheus():
+    yield from started_by_test(Prometheus, Prometheus.stop)
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (apt-get install prometheus)")
+def test_a_real_prometheus_over_two_daemons_sums_the_fleet_and_alerts_on_one_journal(tmp_path, daemons, prometheus):
+    started = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+        started.append(daemons(folder, config=config, preexec_fn=limit_file_size(1 << 40)).wait_listening())
+    a, b = started
+    instance = {daemon: f"127.0.0.1:{daemon.port}" for daemon in started}
+    prom = prometheus(tmp_path / "prometheus", list(instance.values()))
+    wait_for(lambda: prom.by_instance("up") == {i: 1.0 for i in instance.values()}, timeout=120,
+             what="prometheus to scrape both")
+    # Traffic after the first scrape, so that the rates see it.
+    for daemon, ops in ((a, [op(f"/a/{i % 3}", success=i % 4 != 0) for i in range(30)]),
+                        (b, [op("/b", success=True)] * 10 + [op("/b", source="scenario")] * 10)):
+        assert daemon.client().post("/observer/events", ops)[0] == 200
+
+    # Both scraped, with every op each instance stored.
+    counts = {instance[a]: 30.0, instance[b]: 20.0}
+    wait_for(lambda: prom.by_instance("sum by (instance) (observerd_events_total)") == counts,
+             timeout=120, what=f"prometheus to scrape {counts}")
+    assert prom.query("sum(observerd_events_total)") == {(): 50.0}
+
+    # The fleet rule, at an evaluation's own timestamp, is the sum of both instances' rates
+    # computed from the raw counters at that time (retried: a scrape may land between the two).
+    def fleet_is_the_sum() -> bool:
+        recorded = prom.get("/api/v1/query", query="job_source:observerd_events:rate5m[5s]")["result"]
+        if not recorded:
+            return False
+        for series in recorded:
+            at, value = series["values"][-1]
+            source = series["metric"]["source"]
+            per_instance = prom.query(f'sum by (instance) (rate(observerd_events_total{{source="{source}"}}[5m]))',
+                                      time=at)
+            if len(per_instance) != 2 or not math.isclose(float(value), sum(per_instance.values()), rel_tol=1e-9):
+                return False
+            if source == "mcp" and not all(rate > 0 for rate in per_instance.values()):
+                return False  # both instances' mcp ops are in the window: the sum has two terms
+        return True
+    wait_for(fleet_is_the_sum, timeout=120, what="the fleet rule to equal the sum of the instances")
+
+    assert prom.firing("ObserverdJournalNotWritable") == set()
+    # A real fault on a's journal only: its file may not grow (a full disk, as the process sees it).
+    resource.prlimit(a.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "a" / "ops.jsonl").stat().st_size,
+                                                         resource.RLIM_INFINITY))
+    assert a.client().post("/observer/event", op("/a/lost"))[0] == 503
+    assert b.client().post("/observer/event", op("/b"))[0] == 200
+    wait_for(lambda: prom.firing("ObserverdJournalNotWritable") == {instance[a]}, timeout=120,
+             what="the not-writable alert for a")
+    assert prom.firing("ObserverdNotReady") == set() and prom.firing("ObserverdDown") == set()
+
+    resource.prlimit(a.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: prom.firing("ObserverdJournalNotWritable") == set(), timeout=120,
+             what="the not-writable alert to resolve")
+    assert prom.by_instance("observerd_journal_writable") == {i: 1.0 for i in instance.values()}
