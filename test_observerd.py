@@ -6725,3 +6725,61 @@ def test_a_real_prometheus_over_two_daemons_sums_the_fleet_and_alerts_on_one_jou
     wait_for(lambda: prom.firing("ObserverdJournalNotWritable") == set(), timeout=120,
              what="the not-writable alert to resolve")
     assert prom.by_instance("observerd_journal_writable") == {i: 1.0 for i in instance.values()}
+
+
+def shown_deploy_files() -> dict[str, str]:
+    """The deploy/ files docs/scaling-out.md shows, each as the block after its name."""
+    page = (HERE / "docs" / "scaling-out.md").read_text()
+    return dict(re.findall(r"^`deploy/([\w.-]+)`:\n\n```\w*\n(.*?)```$", page, re.M | re.S))
+
+
+def test_the_scaling_out_page_shows_the_deploy_files_exactly():
+    shown = shown_deploy_files()
+    assert sorted(shown) == ["clickhouse.sql", "fluent-bit.conf", "prometheus-global.yml", "prometheus.yml",
+                             "vector.toml"]
+    for name, text in shown.items():
+        assert text == (DEPLOY / name).read_text(), name
+
+
+@needs_promtool
+def test_the_shipped_prometheus_configs_pass_promtool_check_config(tmp_path):
+    # As installed: beside the rules, with the token file the scrape config names.
+    for name in ("prometheus.yml", "prometheus-global.yml", "observerd.rules.yml"):
+        shutil.copy(DEPLOY / name, tmp_path / name)
+    (tmp_path / "observerd.token").write_text("s3cret\n")
+    for name in ("prometheus.yml", "prometheus-global.yml"):
+        result = subprocess.run([PROMTOOL, "check", "config", str(tmp_path / name)], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_shippers_read_the_journal_and_its_segments_and_nothing_else_beside_them():
+    journal = Path("/var/lib/observerd/ops.jsonl")
+    vector = tomllib.loads((DEPLOY / "vector.toml").read_text())
+    fluent_bit = re.search(r"^\s+Path\s+(\S+)$", (DEPLOY / "fluent-bit.conf").read_text(), re.M)[1].split(",")
+    wanted = list(od.segment_paths(journal, 12))
+    beside = [od.corrections_position_path(journal), od.probe_scratch_path(journal),
+              *od.rotation_scratch_paths(journal), od.scratch_path(od.corrections_position_path(journal))]
+    for patterns in (vector["sources"]["observerd_journal"]["include"], fluent_bit):
+        def read(path):
+            return any(fnmatch.fnmatchcase(str(path), pattern) for pattern in patterns)
+        assert all(map(read, wanted)), patterns
+        assert not any(map(read, beside)), patterns
+    # Every column Vector fills is in the ClickHouse table.
+    columns = set(re.findall(r"^    (\w+) ", (DEPLOY / "clickhouse.sql").read_text(), re.M))
+    remap = vector["transforms"]["observerd_ops"]["source"]
+    filled = set(re.findall(r'"(\w+)": ', remap)) | set(re.findall(r"row\.(\w+) =", remap))
+    assert filled and filled <= columns, filled - columns
+    assert vector["sinks"]["clickhouse"]["table"] == "ops" and "CREATE TABLE IF NOT EXISTS observerd.ops" in (
+        DEPLOY / "clickhouse.sql").read_text()
+
+
+@pytest.mark.parametrize("tool, argv", [("vector", ["validate", "--no-environment", "vector.toml"]),
+                                        ("fluent-bit", ["--dry-run", "-c", "fluent-bit.conf"])])
+def test_the_shipper_configs_pass_their_own_tools_check_where_installed(tool, argv):
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} not on PATH: deploy/{argv[-1]} is untested here (docs/scaling-out.md says so)")
+    result = subprocess.run([path, *argv], capture_output=True, text=True, timeout=120, cwd=DEPLOY,
+                            env={**os.environ, "CLICKHOUSE_PASSWORD": "x", "HOSTNAME": "host-a"})
+    assert result.returncode == 0, result.stdout + result.stderr
