@@ -5125,6 +5125,7 @@ class SystemdNotifier:
         self._send_failed = False
         self._loop = Scheduler("supervisor")
         if self._socket is not None:
+            log("INFO", "notifying systemd", notify_socket=address, watchdog_ping_s=self.ping_interval_s or "off")
             self._loop.every(self.STATUS_INTERVAL_S, self._show_status)
             if self.ping_interval_s is not None:
                 self._loop.every(self.ping_interval_s, self._ping)
@@ -5141,8 +5142,9 @@ class SystemdNotifier:
     def _hung(self) -> str | None:
         """Why the daemon would not be alive now for the watchdog, or None."""
         held = self.ping_interval_s
-        if time.monotonic() - self.server.loop_turned > held:
-            return f"the accept loop has not gone round for {held:g} s"
+        idle = time.monotonic() - self.server.loop_turned
+        if idle > held:
+            return f"the accept loop has not gone round for {idle:.1f} s"
         stuck = self.server.store.committer_stuck_s()
         if stuck > held:
             return f"the committer has held one commit for {stuck:.1f} s"
@@ -5160,8 +5162,7 @@ class SystemdNotifier:
     def _ping(self) -> None:
         if self._hung() is None:
             self._send("WATCHDOG=1")
-        else:
-            self._show_status()
+        self._show_status()  # at once, not at the next status beat: the pings stopped or resumed
 
     def _send(self, message: str) -> None:
         if self._socket is None:

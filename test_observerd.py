@@ -6538,7 +6538,8 @@ observerd.restore_journal = held_restore_journal
 
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.exit_status() == 0
-    assert systemd.messages[-1] == "STOPPING=1\nSTATUS=shutting down"
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
     assert not any("WATCHDOG" in m for m in systemd.messages), "no WATCHDOG_USEC: no pings"
 
 
@@ -6574,7 +6575,8 @@ def test_the_watchdog_is_pinged_while_alive_and_not_while_the_committer_is_wedge
     wedged.close()
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.exit_status() == 0
-    assert systemd.messages[-1] == "STOPPING=1\nSTATUS=shutting down"
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
 
 
 def test_the_readme_unit_is_the_shipped_one_type_notify_with_a_watchdog_and_check_first(tmp_path):
@@ -6783,3 +6785,21 @@ def test_the_shipper_configs_pass_their_own_tools_check_where_installed(tool, ar
     result = subprocess.run([path, *argv], capture_output=True, text=True, timeout=120, cwd=DEPLOY,
                             env={**os.environ, "CLICKHOUSE_PASSWORD": "x", "HOSTNAME": "host-a"})
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_watchdog_is_not_pinged_once_the_accept_loop_stops_going_round(serve, fake_systemd):
+    systemd = fake_systemd(abstract=True)
+    server = serve()
+    notifier = od.SystemdNotifier(server.server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "400000"})
+    try:
+        first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
+        server.server.shutdown()  # serve_forever returns: nothing accepts connections any more
+        stopped = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the accept loop"),
+                               "the watchdog withheld", after=first)
+        held = systemd.wait(lambda m: re.search(r"has not gone round for ([2-9]|\d\d+)\.\d s$", m) is not None,
+                            "two seconds without a turn", after=stopped)
+        assert "WATCHDOG=1" not in systemd.messages[stopped:held + 1]
+    finally:
+        notifier.stopping()
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
