@@ -638,6 +638,10 @@ def test_every_counter_is_exported_from_0_at_startup(serve):
     for source in ("mcp", "scenario", "langfuse", "overseer_correction"):
         for success in ("true", "false"):
             assert sample(families, "observerd_events_total", source=source, success=success) == 0
+    for success in ("true", "false"):
+        assert sample(families, "observerd_endpoint_events_total", endpoint=od.OTHER_LABEL, success=success) == 0
+    for outcome in ("sent", "failed"):
+        assert sample(families, "observerd_escalations_total", outcome=outcome) == 0
 
 
 def endpoint_series(families) -> dict[tuple[str, str], float]:
