@@ -125,7 +125,8 @@ def log(level: str, msg: str, **fields: object) -> None:
 
 
 # =============================================================================
-# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4
+# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4, and the cap on
+# label values clients choose
 # =============================================================================
 
 ENDPOINT_LABELS = 32  # endpoints observerd_endpoint_events_total names; the rest are OTHER_LABEL
