@@ -5107,6 +5107,7 @@ class SystemdNotifier:
     """
 
     STATUS_INTERVAL_S = 1.0
+    MIN_PING_INTERVAL_S = 0.05  # a WatchdogSec of a few ms would otherwise spin this thread
 
     def __init__(self, server: ObserverServer, environ=os.environ):
         self.server = server
@@ -5121,6 +5122,10 @@ class SystemdNotifier:
         # Pinged at half the timeout, as systemd advises; a WATCHDOG_PID of another process
         # (a wrapper's) means the watchdog is not ours.
         self.ping_interval_s = int(usec) / 2e6 if usec.isascii() and usec.isdigit() and int(usec) and watched else None
+        if self.ping_interval_s is not None and self.ping_interval_s < self.MIN_PING_INTERVAL_S:
+            log("WARN", "WatchdogSec is too short to be kept; pinging as often as allowed",
+                watchdog_usec=usec, ping_s=self.MIN_PING_INTERVAL_S)
+            self.ping_interval_s = self.MIN_PING_INTERVAL_S
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) if self.address else None
         self._status: str | None = None
         self._send_failed = False
