@@ -6688,15 +6688,16 @@ def test_a_real_prometheus_over_two_daemons_sums_the_fleet_and_alerts_on_one_jou
     prom = prometheus(tmp_path / "prometheus", list(instance.values()))
     wait_for(lambda: prom.by_instance("up") == {i: 1.0 for i in instance.values()}, timeout=120,
              what="prometheus to scrape both")
-    # Traffic after the first scrape, so that the rates see it.
-    for daemon, ops in ((a, [op(f"/a/{i % 3}", success=i % 4 != 0) for i in range(30)]),
-                        (b, [op("/b", success=True)] * 10 + [op("/b", source="scenario")] * 10)):
-        assert daemon.client().post("/observer/events", ops)[0] == 200
-
-    # Both scraped, with every op each instance stored.
-    counts = {instance[a]: 30.0, instance[b]: 20.0}
-    wait_for(lambda: prom.by_instance("sum by (instance) (observerd_events_total)") == counts,
-             timeout=120, what=f"prometheus to scrape {counts}")
+    # Traffic after the first scrape, so that the rates see it; in two rounds, each scraped,
+    # as an endpoint's series starts at its first count (a client library's new label does too).
+    for round_ in (1, 2):
+        for daemon, ops in ((a, [op(f"/a/{i % 3}", success=i % 4 != 0) for i in range(15)]),
+                            (b, [op("/b", success=True)] * 5 + [op("/b", source="scenario")] * 5)):
+            assert daemon.client().post("/observer/events", ops)[0] == 200
+        # Both scraped, with every op each instance stored.
+        counts = {instance[a]: 15.0 * round_, instance[b]: 10.0 * round_}
+        wait_for(lambda: prom.by_instance("sum by (instance) (observerd_events_total)") == counts,
+                 timeout=120, what=f"prometheus to scrape {counts}")
     assert prom.query("sum(observerd_events_total)") == {(): 50.0}
 
     # The fleet rule, at an evaluation's own timestamp, is the sum of both instances' rates
@@ -6716,6 +6717,9 @@ def test_a_real_prometheus_over_two_daemons_sums_the_fleet_and_alerts_on_one_jou
                 return False  # both instances' mcp ops are in the window: the sum has two terms
         return True
     wait_for(fleet_is_the_sum, timeout=120, what="the fleet rule to equal the sum of the instances")
+    # Per endpoint too, over the fleet.
+    wait_for(lambda: {dict(labels)["endpoint"] for labels in prom.query("job_endpoint:observerd_events:rate5m > 0")}
+             == {"/a/0", "/a/1", "/a/2", "/b"}, timeout=120, what="the endpoints' fleet rates")
 
     assert prom.firing("ObserverdJournalNotWritable") == set()
     # A real fault on a's journal only: its file may not grow (a full disk, as the process sees it).
