@@ -6763,13 +6763,15 @@ def test_the_shipped_prometheus_configs_pass_promtool_check_config(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_shippers_read_the_journal_and_its_segments_and_nothing_else_beside_them():
-    journal = Path("/var/lib/observerd/ops.jsonl")
+def test_the_shippers_read_the_journal_and_its_segments_and_nothing_else_beside_them(tmp_path):
     vector = tomllib.loads((DEPLOY / "vector.toml").read_text())
     fluent_bit = re.search(r"^\s+Path\s+(\S+)$", (DEPLOY / "fluent-bit.conf").read_text(), re.M)[1].split(",")
-    wanted = list(od.segment_paths(journal, 12))
-    beside = [od.corrections_position_path(journal), od.probe_scratch_path(journal),
-              *od.rotation_scratch_paths(journal), od.scratch_path(od.corrections_position_path(journal))]
+    # Every file observerd keeps beside the journal the configs name, as check knows them.
+    config = make_config(tmp_path, persist_path="/var/lib/observerd/ops.jsonl", keep_files=12)
+    wanted = list(od.segment_paths(config.persist_path, config.keep_files))
+    beside = [path for setting, _, path in od.files_of_settings(config)
+              if setting == "persist_path" and path not in wanted]
+    assert len(beside) >= 4
     for patterns in (vector["sources"]["observerd_journal"]["include"], fluent_bit):
         def read(path):
             return any(fnmatch.fnmatchcase(str(path), pattern) for pattern in patterns)
