@@ -177,6 +177,12 @@ class Metric:
         with self._lock:
             self.values[label_values] = self.values.get(label_values, 0) + amount
 
+    def add(self, amounts: dict[tuple[str, ...], float]) -> None:
+        """inc() of each label value tuple by its amount, under one lock."""
+        with self._lock:
+            for label_values, amount in amounts.items():
+                self.values[label_values] = self.values.get(label_values, 0) + amount
+
     def set(self, value: float, *label_values: str) -> None:
         self.values[label_values] = value
 
@@ -265,10 +271,16 @@ class CappedLabel:
         self._named: set[str] = set()
         self._lock = threading.Lock()
 
+    def __contains__(self, value: str) -> bool:
+        """Whether value is named already (read without the lock: names are only ever added)."""
+        return value in self._named
+
     def name(self, value: str) -> tuple[str, bool]:
         """(the label value for value, whether it was named just now)."""
         if value in self._named:
             return value, False
+        if len(self._named) >= self.cap:  # full for good: no lock to find that
+            return OTHER_LABEL, False
         with self._lock:
             if value in self._named:
                 return value, False
@@ -2021,18 +2033,22 @@ class OpStore:
     def _count(self, ops) -> None:
         """Count stored ops in the metrics and by arrival second, once per (source, success)
         and per (endpoint, success)."""
-        tally: dict[tuple[str, bool], int] = {}
-        by_endpoint: dict[tuple[str, bool], int] = {}
+        each: dict[tuple[str, str, bool], int] = {}  # one dict update per op, the rest per key
         for op in ops:
-            key = (op.source, op.success is True)
-            tally[key] = tally.get(key, 0) + 1
-            key = (op.endpoint, op.success is True)
-            by_endpoint[key] = by_endpoint.get(key, 0) + 1
-        for (source, ok), count in tally.items():
-            self.metrics.events.inc(source, "true" if ok else "false", amount=count)
-        for (endpoint, ok), count in by_endpoint.items():
-            self.metrics.endpoint_events.inc(self._endpoint_label(endpoint), "true" if ok else "false",
-                                             amount=count)
+            key = (op.source, op.endpoint, op.success is True)
+            each[key] = each.get(key, 0) + 1
+        tally: dict[tuple[str, bool], int] = {}
+        by_source: dict[tuple[str, str], int] = {}
+        by_endpoint: dict[tuple[str, str], int] = {}
+        named = self.endpoint_labels
+        for (source, endpoint, ok), count in each.items():
+            tally[source, ok] = tally.get((source, ok), 0) + count
+            success = "true" if ok else "false"
+            by_source[source, success] = by_source.get((source, success), 0) + count
+            label = (endpoint if endpoint in named else self._endpoint_label(endpoint), success)
+            by_endpoint[label] = by_endpoint.get(label, 0) + count
+        self.metrics.events.add(by_source)
+        self.metrics.endpoint_events.add(by_endpoint)
         self.arrivals.add(tally)
 
     def _endpoint_label(self, endpoint: str) -> str:
