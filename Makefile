@@ -9,7 +9,10 @@ PYTEST := $(shell $(PYTHON) -c "import pytest" 2>/dev/null && echo "$(PYTHON) -m
 run:
 	$(PYTHON) observerd.py --config lakehouse.toml
 
+# The shipped rules' promtool tests and the end-to-end test over a real Prometheus need Debian's
+# prometheus package; without it they are skipped, and this says so in one line.
 test: $(if $(findstring $(VENV),$(PYTEST)),$(VENV)/bin/pytest)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || echo "make test: no promtool/prometheus on PATH: skipping the rules' promtool tests and the real-Prometheus test (apt-get install prometheus)"
 	$(PYTEST) -q test_observerd.py
 
 # The browser page in a real headless Chromium (Debian's, installed if missing); its screenshots go to bench/.

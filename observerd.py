@@ -14,7 +14,7 @@ corrections).
 The file reads top to bottom, each section depending only on those above it:
 logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> statistics ->
 comparisons -> insights -> outbound -> HTTP protocol -> browser page -> API -> background loops ->
-CLI/main.
+supervisor -> CLI/main.
 """
 
 from __future__ import annotations
@@ -140,9 +140,11 @@ def log(level: str, msg: str, **fields: object) -> None:
 
 
 # =============================================================================
-# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4
+# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4, and the cap on
+# label values clients choose
 # =============================================================================
 
+ENDPOINT_LABELS = 32  # endpoints observerd_endpoint_events_total names; the rest are OTHER_LABEL
 SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -169,11 +171,12 @@ class Metric:
     declared, so that increase() sees the first event instead of a series appearing at 1.
     """
 
-    def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = ()):
+    def __init__(self, name: str, kind: str, help_text: str, labels: tuple[str, ...] = (),
+                 from_zero: bool = True):
         self.name, self.kind, self.help_text, self.labels = name, kind, help_text, labels
         self.values: dict[tuple[str, ...], object] = {}
         self._lock = threading.Lock()
-        if not labels:
+        if not labels and from_zero:  # else no sample until set: a gauge of something absent
             self.declare([()])
 
     def _zero(self) -> object:
@@ -188,6 +191,12 @@ class Metric:
     def inc(self, *label_values: str, amount: float = 1) -> None:
         with self._lock:
             self.values[label_values] = self.values.get(label_values, 0) + amount
+
+    def add(self, amounts: dict[tuple[str, ...], float]) -> None:
+        """inc() of each label value tuple by its amount, under one lock."""
+        with self._lock:
+            for label_values, amount in amounts.items():
+                self.values[label_values] = self.values.get(label_values, 0) + amount
 
     def set(self, value: float, *label_values: str) -> None:
         self.values[label_values] = value
@@ -263,6 +272,39 @@ class Histogram(Metric):
             yield f"{self.name}_count{_format_labels(self.labels, label_values)} {count}"
 
 
+OTHER_LABEL = "(other)"  # the label value standing for every value a cap leaves unnamed
+
+
+class CappedLabel:
+    """Client text (an endpoint) as a label value, from a bounded set: the first `cap` values
+    named keep their names, every later one is OTHER_LABEL, so the series a scrape holds stay
+    bounded whatever clients send. Names are never given up: a counter's series must not move.
+    """
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self._named: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __contains__(self, value: str) -> bool:
+        """Whether value is named already (read without the lock: names are only ever added)."""
+        return value in self._named
+
+    def name(self, value: str) -> tuple[str, bool]:
+        """(the label value for value, whether it was named just now)."""
+        if value in self._named:
+            return value, False
+        if len(self._named) >= self.cap:  # full for good: no lock to find that
+            return OTHER_LABEL, False
+        with self._lock:
+            if value in self._named:
+                return value, False
+            if len(self._named) < self.cap:
+                self._named.add(value)
+                return value, True
+        return OTHER_LABEL, False
+
+
 class Metrics:
     """Every metric observerd exports, rendered for GET /metrics.
 
@@ -271,11 +313,18 @@ class Metrics:
     """
 
     LLM_OUTCOMES = ("answered", "failed")
+    ESCALATION_OUTCOMES = ("sent", "failed")
+    SUCCESS = ("true", "false")
 
     def __init__(self, sources: tuple[str, ...] = (), rejection_reasons: tuple[str, ...] = (),
                  llm_backends: tuple[str, ...] = ()):
         self.events = Metric("observerd_events_total", "counter",
                              "Ops accepted and made durable, by source and success.", ("source", "success"))
+        self.endpoint_events = Metric(
+            "observerd_endpoint_events_total", "counter",
+            f"Ops accepted and made durable, by endpoint and success: the {ENDPOINT_LABELS} busiest endpoints "
+            f"in the ring at restore, then the first new ones, by name; every other as {OTHER_LABEL}.",
+            ("endpoint", "success"))
         self.duplicates = Metric("observerd_duplicates_total", "counter",
                                  "Ops acknowledged but not stored again: their op_id was already stored.")
         self.ring_ops = Metric("observerd_ring_ops", "gauge", "Ops currently in the in-memory ring.")
@@ -289,6 +338,21 @@ class Metrics:
                                      "Checks of a journal that could not be written, by what they found.",
                                      ("found",))
         self.fsync_seconds = Histogram("observerd_fsync_seconds", "Time spent in fsync of the JSONL journal.")
+        self.ready = Metric("observerd_ready", "gauge",
+                            "1 when a write would be accepted now (GET /observer/ready is 200), else 0.")
+        self.journal_writable = Metric(
+            "observerd_journal_writable", "gauge",
+            "1 while the journal takes appends, 0 from a failed append until one succeeds or the probe "
+            "finds one would; absent without a journal.", from_zero=False)
+        self.journal_disk_free = Metric(
+            "observerd_journal_disk_free_bytes", "gauge",
+            "Bytes observerd may still write on the filesystem holding the journal; absent without one.",
+            from_zero=False)
+        self.journal_disk_size = Metric(
+            "observerd_journal_disk_size_bytes", "gauge",
+            "Size of the filesystem holding the journal; absent without one.", from_zero=False)
+        self.escalations = Metric("observerd_escalations_total", "counter",
+                                  "Deliveries of failure clusters to escalate_url, by outcome.", ("outcome",))
         self.http_requests = Metric("observerd_http_requests_total", "counter",
                                     "HTTP responses, by route and status code.", ("route", "code"))
         self.http_seconds = Histogram("observerd_http_request_seconds",
@@ -302,7 +366,9 @@ class Metrics:
                                  "Always 1; the labels say what is running.", ("version", "python"))
         self.start_time.set(time.time())
         self.build_info.set(1, VERSION, ".".join(map(str, sys.version_info[:3])))
-        self.events.declare((source, success) for source in sources for success in ("true", "false"))
+        self.events.declare((source, success) for source in sources for success in self.SUCCESS)
+        self.endpoint_events.declare((OTHER_LABEL, success) for success in self.SUCCESS)
+        self.escalations.declare((outcome,) for outcome in self.ESCALATION_OUTCOMES)
         self.rejected.declare((reason,) for reason in rejection_reasons)
         self.journal_probes.declare([("failing",), ("writable",)])
         self.llm_requests.declare((backend, outcome) for backend in llm_backends for outcome in self.LLM_OUTCOMES)
@@ -1627,6 +1693,13 @@ def overlaps(ranges: tuple[tuple[int, int], ...], start: int, length: int) -> bo
     return any(start < end and begin < start + length for begin, end in ranges)
 
 
+def disk_space(folder: Path) -> tuple[int, int]:
+    """(bytes observerd may write, bytes in all) of the filesystem holding folder."""
+    disk = os.statvfs(folder)
+    free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
+    return free_blocks * disk.f_frsize, disk.f_blocks * disk.f_frsize
+
+
 def try_append_room(path: Path, length: int) -> None:
     """Raise OSError if an append of length bytes to the file at path would fail now.
 
@@ -1644,9 +1717,7 @@ def try_append_room(path: Path, length: int) -> None:
     except FileNotFoundError:
         end = 0  # the next append makes the path again
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    disk = os.statvfs(path.parent)
-    free_blocks = disk.f_bfree if os.geteuid() == 0 else disk.f_bavail  # root may use the reserve
-    if (limit != resource.RLIM_INFINITY and end + length > limit) or free_blocks * disk.f_frsize < length:
+    if (limit != resource.RLIM_INFINITY and end + length > limit) or disk_space(path.parent)[0] < length:
         raise OSError("no room for the failed append")
     scratch = probe_scratch_path(path)
     scratch.unlink(missing_ok=True)
@@ -2150,8 +2221,7 @@ class Ring:
 
 TIMELINE_SECONDS = 300  # how far back GET /observer/timeline reaches
 DEFAULT_ENDPOINTS_WINDOW = "5m"  # the ops top and the page rank endpoints over, by their timestamps
-TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_SOURCES
-OTHER_SOURCES = "(other)"
+TIMELINE_SOURCES = 32  # distinct sources a second counts by name; the rest go to OTHER_LABEL
 
 
 class ArrivalCounts:
@@ -2184,7 +2254,7 @@ class ArrivalCounts:
                 counts = bucket.get(source)
                 if counts is None:
                     if len(bucket) >= TIMELINE_SOURCES:
-                        source = OTHER_SOURCES
+                        source = OTHER_LABEL
                     counts = bucket.setdefault(source, [0, 0])
                 counts[not ok] += count
 
@@ -2311,7 +2381,10 @@ class OpStore:
         self.metrics = metrics or Metrics()
         self.window = window  # None: deduplication off
         self.arrivals = ArrivalCounts()
+        self.endpoint_labels = CappedLabel(ENDPOINT_LABELS)
         self.restored = journal is None
+        # When the committer took the batch it is committing now (monotonic); None while it waits.
+        self.committing_since: float | None = None
         self._ring_lock = threading.Lock()
         self._commit_lock = threading.Lock()  # ephemeral: the callers' turn to commit
         self._queue: list[_PendingCommit] = []
@@ -2340,6 +2413,9 @@ class OpStore:
                     self.ring.apply(op)
                 if self.window is not None:
                     self.window.restore(op_ids)
+            # The busiest endpoints of the ring are named first: a restart converges on them.
+            for endpoint, _ in Counter(op.endpoint for op in ops).most_common(ENDPOINT_LABELS):
+                self._endpoint_label(endpoint)
             self.restored = True
             log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
                 ms=round((time.perf_counter() - started) * 1000, 1))
@@ -2401,7 +2477,19 @@ class OpStore:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
+                self.committing_since = time.monotonic()
             self._answer(batch, *self._commit(batch))
+            self.committing_since = None
+
+    def committer_stuck_s(self) -> float:
+        """Seconds the committer has spent on the batch it holds (0 while it waits, or without
+        a journal); inf once it has died."""
+        if self._committer is None:
+            return 0.0
+        if not self._committer.is_alive():
+            return 0.0 if self._closing else math.inf
+        since = self.committing_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def _commit(self, batch: list[_PendingCommit]) -> tuple[int, Exception | None]:
         """Store the batch's ops but duplicates: write and fsync them (with a journal), then
@@ -2473,14 +2561,33 @@ class OpStore:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
     def _count(self, ops) -> None:
-        """Count stored ops in the metrics and by arrival second, once per (source, success)."""
-        tally: dict[tuple[str, bool], int] = {}
+        """Count stored ops in the metrics and by arrival second, once per (source, success)
+        and per (endpoint, success)."""
+        each: dict[tuple[str, str, bool], int] = {}  # one dict update per op, the rest per key
         for op in ops:
-            key = (op.source, op.success is True)
-            tally[key] = tally.get(key, 0) + 1
-        for (source, ok), count in tally.items():
-            self.metrics.events.inc(source, "true" if ok else "false", amount=count)
+            key = (op.source, op.endpoint, op.success is True)
+            each[key] = each.get(key, 0) + 1
+        tally: dict[tuple[str, bool], int] = {}
+        by_source: dict[tuple[str, str], int] = {}
+        by_endpoint: dict[tuple[str, str], int] = {}
+        named = self.endpoint_labels
+        for (source, endpoint, ok), count in each.items():
+            tally[source, ok] = tally.get((source, ok), 0) + count
+            success = "true" if ok else "false"
+            by_source[source, success] = by_source.get((source, success), 0) + count
+            label = (endpoint if endpoint in named else self._endpoint_label(endpoint), success)
+            by_endpoint[label] = by_endpoint.get(label, 0) + count
+        self.metrics.events.add(by_source)
+        self.metrics.endpoint_events.add(by_endpoint)
         self.arrivals.add(tally)
+
+    def _endpoint_label(self, endpoint: str) -> str:
+        """endpoint as observerd_endpoint_events_total labels it; a newly named one is exported
+        from 0 for both outcomes, so increase() sees its first op of either."""
+        label, new = self.endpoint_labels.name(endpoint)
+        if new:
+            self.metrics.endpoint_events.declare((label, success) for success in Metrics.SUCCESS)
+        return label
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -5837,9 +5944,19 @@ class ObserverHandler(HTTPHandler):
                                          config.max_scan_bytes, escalated, zone=timezone.utc)
 
     def get_metrics(self):
-        metrics = self.server.metrics
-        metrics.ring_ops.set(len(self.server.store))
-        metrics.ring_bytes.set(self.server.store.ring.bytes)
+        server, metrics, journal = self.server, self.server.metrics, self.server.store.journal
+        metrics.ring_ops.set(len(server.store))
+        metrics.ring_bytes.set(server.store.ring.bytes)
+        metrics.ready.set(int(server.unready_reason() is None))
+        if journal is not None:
+            metrics.journal_writable.set(int(journal.failure is None))
+            try:
+                free, size = disk_space(journal.path.parent)
+            except OSError:
+                pass  # the folder is gone for now: the last values stand, as the append will say
+            else:
+                metrics.journal_disk_free.set(free)
+                metrics.journal_disk_size.set(size)
         return 200, Document(metrics.render().encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8", {})
 
     def get_errors(self):
@@ -5953,6 +6070,7 @@ class ObserverServer(ThreadingHTTPServer):
         self.store = store
         self.insights = insights or Insights()
         self.started = time.monotonic()
+        self.loop_turned = self.started  # when serve_forever last went round (service_actions)
         self.connections = ConnectionTracker(config.max_connections, config.request_timeout_s)
         self.large_parses = threading.BoundedSemaphore(LARGE_BODY_PARSES)
         self.history_reads = threading.BoundedSemaphore(HISTORY_READS)
@@ -5975,6 +6093,11 @@ class ObserverServer(ThreadingHTTPServer):
         if self.connections.closing:
             return SHUTTING_DOWN
         return self.store.unready_reason()
+
+    def service_actions(self):
+        # serve_forever calls this at every turn, at least once a poll interval: the
+        # supervisor's sign that the accept loop is alive.
+        self.loop_turned = time.monotonic()
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
@@ -6272,9 +6395,10 @@ class Escalator:
     analysis.
     """
 
-    def __init__(self, config: Config, insights: Insights):
+    def __init__(self, config: Config, insights: Insights, metrics: Metrics):
         self.config = config
         self.insights = insights
+        self.metrics = metrics
         self._held: dict[tuple[str, str], EscalationHold] = {}  # by cluster
         self._held_corrections: dict[str, EscalationHold] = {}  # by correction_key
 
@@ -6348,6 +6472,7 @@ class Escalator:
             log("INFO", "escalated correction" if extra else "escalated failure cluster", endpoint=key[0],
                 count=cluster["count"], **({"verdict": extra["verdict"]} if extra else {}))
         self.insights.record_escalation(attempt)
+        self.metrics.escalations.inc(attempt["outcome"])
         return attempt["outcome"] == "sent"
 
 
@@ -6401,7 +6526,7 @@ class CorrectionVerdicts:
 def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> Scheduler:
     """Schedule every loop whose setting is on, on one thread; returns it started."""
     loops = Scheduler("observer-loops")
-    escalator = Escalator(config, insights) if config.escalate_url else None
+    escalator = Escalator(config, insights, store.metrics) if config.escalate_url else None
     # Verdicts come from the journal: an ephemeral daemon has none to judge by.
     verdicts = CorrectionVerdicts(config, insights, escalator) if config.persist_path is not None else None
 
@@ -6431,6 +6556,101 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
         loops.every(config.corrections_interval_s, tailer.poll)
     loops.start()
     return loops
+
+
+# =============================================================================
+# Supervisor: systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG) over NOTIFY_SOCKET
+# =============================================================================
+
+
+class SystemdNotifier:
+    """Tells systemd what the daemon is doing, as a Type=notify unit expects: READY=1 once the
+    ring is restored, a STATUS= line `systemctl status` shows (restoring, ready, or why not),
+    STOPPING=1 at shutdown, and WATCHDOG=1 every half WATCHDOG_USEC, sent only while the accept
+    loop goes round and the committer is not held in one commit that long: a hung daemon is
+    killed and restarted by systemd (WatchdogSec=), a slow one is not.
+
+    One datagram per message on an AF_UNIX socket, as sd_notify sends them; an address starting
+    with @ is in the abstract namespace. Without NOTIFY_SOCKET every call does nothing. A message
+    that cannot be sent is logged, never raised: the daemon's work does not depend on it.
+    """
+
+    STATUS_INTERVAL_S = 1.0
+    MIN_PING_INTERVAL_S = 0.05  # a WatchdogSec of a few ms would otherwise spin this thread
+
+    def __init__(self, server: ObserverServer, environ=os.environ):
+        self.server = server
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address and address[0] not in "/@":
+            log("WARN", "NOTIFY_SOCKET is neither a path nor an abstract address; not notifying systemd",
+                notify_socket=address)
+            address = ""
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        usec = environ.get("WATCHDOG_USEC", "")
+        watched = environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+        # Pinged at half the timeout, as systemd advises; a WATCHDOG_PID of another process
+        # (a wrapper's) means the watchdog is not ours.
+        self.ping_interval_s = int(usec) / 2e6 if usec.isascii() and usec.isdigit() and int(usec) and watched else None
+        if self.ping_interval_s is not None and self.ping_interval_s < self.MIN_PING_INTERVAL_S:
+            log("WARN", "WatchdogSec is too short to be kept; pinging as often as allowed",
+                watchdog_usec=usec, ping_s=self.MIN_PING_INTERVAL_S)
+            self.ping_interval_s = self.MIN_PING_INTERVAL_S
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) if self.address else None
+        self._status: str | None = None
+        self._send_failed = False
+        self._loop = Scheduler("supervisor")
+        if self._socket is not None:
+            log("INFO", "notifying systemd", notify_socket=address, watchdog_ping_s=self.ping_interval_s or "off")
+            self._loop.every(self.STATUS_INTERVAL_S, self._show_status)
+            if self.ping_interval_s is not None:
+                self._loop.every(self.ping_interval_s, self._ping)
+            self._loop.start()
+        self._show_status()
+
+    def ready(self) -> None:
+        self._show_status(prefix="READY=1\n")
+
+    def stopping(self) -> None:
+        self._loop.stop()
+        self._send("STOPPING=1\nSTATUS=shutting down")
+
+    def _hung(self) -> str | None:
+        """Why the daemon would not be alive now for the watchdog, or None."""
+        held = self.ping_interval_s
+        idle = time.monotonic() - self.server.loop_turned
+        if idle > held:
+            return f"the accept loop has not gone round for {idle:.1f} s"
+        stuck = self.server.store.committer_stuck_s()
+        if stuck > held:
+            return f"the committer has held one commit for {stuck:.1f} s"
+        return None
+
+    def _show_status(self, prefix: str = "") -> None:
+        hung = self._hung() if self.ping_interval_s is not None else None
+        reason = self.server.unready_reason()
+        status = (f"not pinging the watchdog: {hung}" if hung else
+                  "ready" if reason is None else f"not ready: {reason}")
+        if prefix or status != self._status:
+            self._status = status
+            self._send(f"{prefix}STATUS={status}")
+
+    def _ping(self) -> None:
+        if self._hung() is None:
+            self._send("WATCHDOG=1")
+        self._show_status()  # at once, not at the next status beat: the pings stopped or resumed
+
+    def _send(self, message: str) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto(message.encode("utf-8", "replace"), self.address)
+        except OSError as exc:
+            if not self._send_failed:
+                log("WARN", "cannot notify systemd", notify_socket=self.address.replace("\0", "@"),
+                    error=exc.strerror or exc)
+            self._send_failed = True
+        else:
+            self._send_failed = False
 
 
 # =============================================================================
@@ -7863,6 +8083,7 @@ def serve(config: Config) -> int:
     accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
                                      daemon=True)
     accept_thread.start()
+    supervisor = SystemdNotifier(server)
     # Answering before restoring: health and ready answer at once, however long the restore
     # takes; the routes that serve or store ops answer 503 until it is done.
     status, loops, stop = 0, None, {}
@@ -7874,6 +8095,7 @@ def serve(config: Config) -> int:
     else:
         if store.restored:
             loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
+            supervisor.ready()
         while (signum := received.next()) == signal.SIGHUP:
             try:
                 store.reopen_journal()
@@ -7882,6 +8104,7 @@ def serve(config: Config) -> int:
         stop = {"signal": signal.Signals(signum).name, "restored": store.restored}
 
     log("INFO", "shutting down", **stop, open_connections=len(server.connections))
+    supervisor.stopping()
     # Closing comes first, and the listener keeps answering while the drain runs: ready
     # says shutting down from the signal on, to every client that asks.
     left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)

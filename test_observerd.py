@@ -30,6 +30,7 @@ import stat
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -39,6 +40,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlencode
+from urllib.request import urlopen
 
 import pytest
 
@@ -667,6 +669,93 @@ def test_every_counter_is_exported_from_0_at_startup(serve):
     for source in ("mcp", "scenario", "langfuse", "overseer_correction"):
         for success in ("true", "false"):
             assert sample(families, "observerd_events_total", source=source, success=success) == 0
+    for success in ("true", "false"):
+        assert sample(families, "observerd_endpoint_events_total", endpoint=od.OTHER_LABEL, success=success) == 0
+    for outcome in ("sent", "failed"):
+        assert sample(families, "observerd_escalations_total", outcome=outcome) == 0
+
+
+def endpoint_series(families) -> dict[tuple[str, str], float]:
+    return {(labels["endpoint"], labels["success"]): value
+            for _, labels, value in families["observerd_endpoint_events_total"]["samples"]}
+
+
+def test_endpoint_series_name_the_busiest_endpoints_and_count_the_rest_as_other(serve, tmp_path):
+    journal = tmp_path / "busy.jsonl"
+    # 40 endpoints in the journal, /busy/i stored i + 1 times: the 32 busiest are /busy/8 … /busy/39.
+    journal.write_bytes(b"".join(od.encode_line(od.validate_op(op(f"/busy/{i}", success=True)))
+                                 for i in range(40) for _ in range(i + 1)))
+    server = serve(persist_path=str(journal), ring_size=2000)
+    client = server.client()
+    families = scrape(client)
+    busiest = {f"/busy/{i}" for i in range(8, 40)}
+    assert {endpoint for endpoint, _ in endpoint_series(families)} == busiest | {od.OTHER_LABEL}
+    assert set(endpoint_series(families).values()) == {0}, "restored ops are not counted again"
+
+    client.post("/observer/events", [op("/busy/0"), op("/busy/39", success=True), op("/busy/39"),
+                                     op("/brand-new"), op("/brand-new", success=True)])
+    series = endpoint_series(scrape(client))
+    assert series[("/busy/39", "true")] == 1 and series[("/busy/39", "false")] == 1
+    # The cap is full: an endpoint outside the restored busiest, old or new, is (other).
+    assert series[(od.OTHER_LABEL, "false")] == 2 and series[(od.OTHER_LABEL, "true")] == 1
+    assert ("/brand-new", "false") not in series and ("/busy/0", "false") not in series
+    assert len(series) == 2 * (od.ENDPOINT_LABELS + 1)
+    # By source and by endpoint, the same ops are counted.
+    by_source = sum(value for _, _, value in scrape(client)["observerd_events_total"]["samples"])
+    assert by_source == sum(series.values()) == 5
+
+
+def test_new_endpoints_are_named_until_the_cap_and_each_from_0_for_both_outcomes(serve):
+    client = serve(persist_path="").client()
+    client.post("/observer/events", [op(f"/e/{i}", success=True) for i in range(od.ENDPOINT_LABELS + 5)])
+    series = endpoint_series(scrape(client))
+    named = {endpoint for endpoint, _ in series} - {od.OTHER_LABEL}
+    assert len(named) == od.ENDPOINT_LABELS
+    assert series[(od.OTHER_LABEL, "true")] == 5
+    assert all(series[(endpoint, "false")] == 0 and series[(endpoint, "true")] == 1 for endpoint in named)
+
+
+def test_ready_and_journal_gauges_follow_a_real_fault_and_its_end(tmp_path, daemons):
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1 << 40)).wait_listening()
+    client = daemon.client()
+
+    def gauges():
+        families = scrape(client)
+        return {name: sample(families, name) for name in ("observerd_ready", "observerd_journal_writable")}
+
+    assert gauges() == {"observerd_ready": 1, "observerd_journal_writable": 1}
+    families = scrape(client)
+    free, size = (sample(families, f"observerd_journal_disk_{kind}_bytes") for kind in ("free", "size"))
+    disk = os.statvfs(tmp_path)
+    assert size == disk.f_blocks * disk.f_frsize and 0 < free <= size
+
+    assert client.post("/observer/event", op("/a"))[0] == 200
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "ops.jsonl").stat().st_size,
+                                                              resource.RLIM_INFINITY))
+    assert client.post("/observer/event", op("/b"))[0] == 503
+    assert gauges() == {"observerd_ready": 0, "observerd_journal_writable": 0}
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: gauges() == {"observerd_ready": 1, "observerd_journal_writable": 1},
+             what="the probe to find the journal writable")
+
+
+def test_an_ephemeral_daemon_exports_no_journal_gauges(serve):
+    families = scrape(serve(persist_path="").client())
+    assert sample(families, "observerd_ready") == 1
+    for name in ("observerd_journal_writable", "observerd_journal_disk_free_bytes",
+                 "observerd_journal_disk_size_bytes"):
+        assert families[name]["samples"] == [], name
+
+
+def test_escalations_are_counted_by_outcome_from_0(tmp_path, fake_service):
+    metrics = od.Metrics()
+    assert sample(parse_exposition(metrics.render()), "observerd_escalations_total", outcome="failed") == 0
+    groups = od.group_failures([od.RingOp(op("/x", error="boom"))])
+    for service, outcome in ((fake_service(status=503), "failed"), (fake_service(), "sent")):
+        config = make_config(tmp_path, escalate_url=service.url, escalate_threshold=1)
+        od.Escalator(config, od.Insights(), metrics).check(groups)
+        assert sample(parse_exposition(metrics.render()), "observerd_escalations_total", outcome=outcome) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -3914,7 +4003,7 @@ def test_the_daemons_corrections_tailer_skips_unstorable_lines_and_goes_on(tmp_p
 def test_a_target_that_fails_ends_the_round_instead_of_holding_the_loop(tmp_path, fake_service):
     down = fake_service(status=503)
     config = make_config(tmp_path, escalate_url=down.url, escalate_threshold=1, escalate_cooldown_s=3600)
-    escalator = od.Escalator(config, od.Insights())
+    escalator = od.Escalator(config, od.Insights(), od.Metrics())
     groups = od.group_failures([od.RingOp(op(f"/{i}", error="boom")) for i in range(5)])
     escalator.check(groups)
     assert len(down.received) == 1  # not five: each would cost up to outbound_timeout_s
@@ -7794,3 +7883,425 @@ def test_chromium_shows_the_latest_correction_verdicts(tmp_path, daemons):
         assert rows[1][3] == "0 % → 60 %" and tab.problems() == []
     finally:
         browser.close()
+
+
+# -----------------------------------------------------------------------------
+# Deploy: the shipped rules (promtool), a real Prometheus over two daemons, systemd notify,
+# the unit file and the scaling-out configs
+# -----------------------------------------------------------------------------
+
+DEPLOY = HERE / "deploy"
+RULES = DEPLOY / "observerd.rules.yml"
+PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (apt-get install prometheus)")
+
+
+def alerts_and_runbooks() -> dict[str, str]:
+    """Each alert of the shipped rules, with its runbook annotation (read without a YAML parser:
+    the file keeps one key a line)."""
+    found, alert = {}, None
+    for line in RULES.read_text().splitlines():
+        if match := re.fullmatch(r"\s*- alert: (\w+)", line):
+            alert = match[1]
+            found[alert] = None
+        elif match := re.fullmatch(r"\s*runbook: (\S+)", line):
+            found[alert] = match[1]
+    return found
+
+
+@needs_promtool
+def test_the_shipped_rules_pass_promtool_check_and_their_unit_tests():
+    for argv in (["check", "rules", RULES], ["test", "rules", DEPLOY / "observerd.rules.test.yml"]):
+        result = subprocess.run([PROMTOOL, *map(str, argv)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_runbook_section_in_the_docs_and_every_section_an_alert():
+    alerts = alerts_and_runbooks()
+    assert len(alerts) >= 8
+    runbook = HERE / "docs" / "alerts.md"
+    sections = re.findall(r"^## (\w+)$", runbook.read_text(), re.M)
+    assert sorted(sections) == sorted(alerts)
+    for alert, target in alerts.items():
+        assert target == f"docs/alerts.md#{alert.lower()}", alert
+
+
+def test_the_rules_read_only_metrics_observerd_exports_and_the_readme_lists_every_one():
+    families = parse_exposition(od.Metrics().render())
+    exported = set(families) | {f"{name}_{part}" for name, family in families.items()
+                                if family["type"] == "histogram" for part in ("bucket", "sum", "count")}
+    exprs = " ".join(re.findall(r"expr: (.*(?:\n {10,}.*)*)", RULES.read_text()))
+    read = set(re.findall(r"(?<![\w:])observerd_\w+", exprs))
+    assert read and read <= exported, read - exported
+    readme_metrics = next(line for line in (HERE / "README.md").read_text().splitlines()
+                          if line.startswith("| `GET /metrics` |"))
+    assert [name for name in families if f"`{name}" not in readme_metrics] == []
+
+
+class FakeSystemd:
+    """A datagram socket standing in for systemd's notify socket: collects each message sent to
+    it (a path, or with abstract=True an @name in the abstract namespace)."""
+
+    def __init__(self, abstract: bool = False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._folder = None
+        if abstract:
+            name = f"observerd-test-{os.getpid()}-{random.randrange(1 << 30)}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:  # a short folder of its own: a socket path holds at most 107 bytes
+            self._folder = tempfile.TemporaryDirectory(prefix="sd-")
+            self.address = os.path.join(self._folder.name, "notify")
+            self.sock.bind(self.address)
+        self.messages: list[str] = []
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self._arrived:
+                self.messages.append(data.decode())
+                self._arrived.notify_all()
+
+    def wait(self, predicate, what: str, after: int = 0, timeout: float = 60) -> int:
+        """The index of the first message from `after` on that predicate accepts."""
+        def found():
+            return next((i for i in range(after, len(self.messages)) if predicate(self.messages[i])), None)
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no notify message {what}; got {self.messages[after:]}")
+            return found()
+
+    def statuses(self, start: int = 0) -> list[str]:
+        return [line[len("STATUS="):] for message in self.messages[start:]
+                for line in message.split("\n") if line.startswith("STATUS=")]
+
+    def close(self):
+        self.sock.close()
+        if self._folder is not None:
+            self._folder.cleanup()
+
+
+@pytest.fixture
+def fake_systemd():
+    yield from started_by_test(FakeSystemd, FakeSystemd.close)
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_systemd_hears_restoring_ready_not_writable_and_stopping(tmp_path, daemons, fake_systemd, abstract):
+    systemd = fake_systemd(abstract=abstract)
+    gate = tmp_path / "restore-gate"
+    os.mkfifo(gate)
+    script = hooked_daemon_script(tmp_path, f"""
+restore_journal = observerd.restore_journal
+def held_restore_journal(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_journal(*args, **kwargs)
+observerd.restore_journal = held_restore_journal
+""")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, script=script, env={"NOTIFY_SOCKET": systemd.address},
+                     preexec_fn=limit_file_size(1 << 40)).wait_listening(restored=False)
+    systemd.wait(lambda m: m == f"STATUS=not ready: {od.RESTORING}", "saying it restores")
+    assert not any("READY=1" in m for m in systemd.messages)
+    with open(gate, "wb"):
+        pass  # the restore goes on
+    ready = systemd.wait(lambda m: "READY=1" in m.split("\n"), "READY=1")
+    assert systemd.messages[ready] == "READY=1\nSTATUS=ready"
+    client = daemon.client()
+    assert client.post("/observer/event", op("/a"))[0] == 200
+
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "ops.jsonl").stat().st_size,
+                                                              resource.RLIM_INFINITY))
+    assert client.post("/observer/event", op("/b"))[0] == 503
+    failing = systemd.wait(lambda m: m.startswith("STATUS=not ready: journal cannot be written: File too large"),
+                           "saying the journal cannot be written")
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    systemd.wait(lambda m: m == "STATUS=ready", "ready again", after=failing)
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
+    assert not any("WATCHDOG" in m for m in systemd.messages), "no WATCHDOG_USEC: no pings"
+
+
+def test_the_watchdog_is_pinged_while_alive_and_not_while_the_committer_is_wedged(tmp_path, daemons, fake_systemd):
+    systemd = fake_systemd(abstract=True)
+    daemon = daemons(tmp_path, config=write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"}),
+                     env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"}).wait_listening()
+    first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
+    systemd.wait(lambda m: m == "WATCHDOG=1", "a second ping", after=first + 1)
+
+    # A real fault: the journal's path now names a FIFO no one reads (as a hung NFS server or
+    # a dead disk would hold a write), and an append fills its buffer and blocks in write().
+    journal = tmp_path / "ops.jsonl"
+    journal.unlink()
+    os.mkfifo(journal)
+    batch = json.dumps([op(f"/wedge/{i}", pad="x" * 1024) for i in range(200)]).encode()
+    wedged = socket.create_connection(("127.0.0.1", daemon.port))
+    wedged.sendall(b"POST /observer/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(batch) + batch)
+    stuck = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the committer has held one commit"),
+                         "the watchdog withheld")
+    # The status counts the seconds held: once it says 3 s or more, six pings would have been due.
+    held = systemd.wait(lambda m: re.search(r"held one commit for ([3-9]|\d\d+)\.\d s$", m) is not None,
+                        "three seconds held", after=stuck)
+    assert "WATCHDOG=1" not in systemd.messages[stuck:held + 1]
+    assert daemon.client().get("/observer/health")[0] == 200, "the accept loop still answers"
+
+    # Reading the FIFO lets the write through (its fsync then fails: a FIFO is no file):
+    # the committer is free, and the pings resume.
+    drained = threading.Thread(target=lambda: open(journal, "rb").read(), daemon=True)
+    drained.start()
+    systemd.wait(lambda m: m == "WATCHDOG=1", "the pings to resume", after=held)
+    wedged.close()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
+
+
+def test_the_readme_unit_is_the_shipped_one_type_notify_with_a_watchdog_and_check_first(tmp_path):
+    readme = (HERE / "README.md").read_text()
+    unit = (DEPLOY / "observerd.service").read_text()
+    shown = readme.split("`/etc/systemd/system/observerd.service`", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
+    assert shown == unit
+    settings = [line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")]
+    assert ["Type", "notify"] in settings
+    assert [value for key, value in settings if key == "WatchdogSec"] == ["30"]
+    (pre,) = [shlex.split(value) for key, value in settings if key == "ExecStartPre"]
+    (start,) = [shlex.split(value) for key, value in settings if key == "ExecStart"]
+    assert pre[:3] == start[:2] + ["check"] and pre[3:] == start[2:]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not on PATH: the unit's syntax is not verified")
+    shutil.copy(DEPLOY / "observerd.service", tmp_path / "observerd.service")
+    result = subprocess.run([analyze, "verify", str(tmp_path / "observerd.service")], capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Prometheus:
+    """A real Prometheus on 127.0.0.1 scraping targets as job "observerd" with the shipped
+    rules, scrape and evaluation every half second; its data in folder."""
+
+    def __init__(self, folder: Path, targets: list[str]):
+        folder.mkdir()
+        config = folder / "prometheus.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms", "scrape_timeout": "400ms"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "observerd", "static_configs": [{"targets": targets}]}],
+        }))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = folder / "prometheus.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+                 f"--web.listen-address={self.url[len('http://'):]}"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+        wait_for(self._ready, timeout=120, what="prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return self.get("/-/ready", raw=True) == 200
+        except OSError:
+            return False
+
+    def get(self, path: str, raw: bool = False, **query):
+        with urlopen(f"{self.url}{path}" + (f"?{urlencode(query)}" if query else ""), timeout=30) as answer:
+            if raw:
+                return answer.status
+            body = json.loads(answer.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str, **at) -> dict[tuple, float]:
+        """{labels as sorted (name, value) pairs: value} of an instant vector."""
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1])
+                for r in self.get("/api/v1/query", query=promql, **at)["result"]}
+
+    def by_instance(self, promql: str) -> dict[str, float]:
+        """{instance: value} of an instant vector with one series per instance."""
+        return {dict(labels)["instance"]: value for labels, value in self.query(promql).items()}
+
+    def firing(self, alertname: str) -> set[str]:
+        """The instances alertname fires for now."""
+        return {a["labels"].get("instance") for a in self.get("/api/v1/alerts")["alerts"]
+                if a["labels"]["alertname"] == alertname and a["state"] == "firing"}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def prometheus():
+    yield from started_by_test(Prometheus, Prometheus.stop)
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (apt-get install prometheus)")
+def test_a_real_prometheus_over_two_daemons_sums_the_fleet_and_alerts_on_one_journal(tmp_path, daemons, prometheus):
+    started = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+        started.append(daemons(folder, config=config, preexec_fn=limit_file_size(1 << 40)).wait_listening())
+    a, b = started
+    instance = {daemon: f"127.0.0.1:{daemon.port}" for daemon in started}
+    prom = prometheus(tmp_path / "prometheus", list(instance.values()))
+    wait_for(lambda: prom.by_instance("up") == {i: 1.0 for i in instance.values()}, timeout=120,
+             what="prometheus to scrape both")
+    # Traffic after the first scrape, so that the rates see it; in two rounds, each scraped,
+    # as an endpoint's series starts at its first count (a client library's new label does too).
+    for round_ in (1, 2):
+        for daemon, ops in ((a, [op(f"/a/{i % 3}", success=i % 4 != 0) for i in range(15)]),
+                            (b, [op("/b", success=True)] * 5 + [op("/b", source="scenario")] * 5)):
+            assert daemon.client().post("/observer/events", ops)[0] == 200
+        # Both scraped, with every op each instance stored.
+        counts = {instance[a]: 15.0 * round_, instance[b]: 10.0 * round_}
+        wait_for(lambda: prom.by_instance("sum by (instance) (observerd_events_total)") == counts,
+                 timeout=120, what=f"prometheus to scrape {counts}")
+    assert prom.query("sum(observerd_events_total)") == {(): 50.0}
+
+    # The fleet rule, at an evaluation's own timestamp, is the sum of both instances' rates
+    # computed from the raw counters at that time (retried: a scrape may land between the two).
+    def fleet_is_the_sum() -> bool:
+        recorded = prom.get("/api/v1/query", query="job_source:observerd_events:rate5m[5s]")["result"]
+        if not recorded:
+            return False
+        for series in recorded:
+            at, value = series["values"][-1]
+            source = series["metric"]["source"]
+            per_instance = prom.query(f'sum by (instance) (rate(observerd_events_total{{source="{source}"}}[5m]))',
+                                      time=at)
+            if len(per_instance) != 2 or not math.isclose(float(value), sum(per_instance.values()), rel_tol=1e-9):
+                return False
+            if source == "mcp" and not all(rate > 0 for rate in per_instance.values()):
+                return False  # both instances' mcp ops are in the window: the sum has two terms
+        return True
+    wait_for(fleet_is_the_sum, timeout=120, what="the fleet rule to equal the sum of the instances")
+    # Per endpoint too, over the fleet.
+    wait_for(lambda: {dict(labels)["endpoint"] for labels in prom.query("job_endpoint:observerd_events:rate5m > 0")}
+             == {"/a/0", "/a/1", "/a/2", "/b"}, timeout=120, what="the endpoints' fleet rates")
+
+    assert prom.firing("ObserverdJournalNotWritable") == set()
+    # A real fault on a's journal only: its file may not grow (a full disk, as the process sees it).
+    resource.prlimit(a.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "a" / "ops.jsonl").stat().st_size,
+                                                         resource.RLIM_INFINITY))
+    assert a.client().post("/observer/event", op("/a/lost"))[0] == 503
+    assert b.client().post("/observer/event", op("/b"))[0] == 200
+    wait_for(lambda: prom.firing("ObserverdJournalNotWritable") == {instance[a]}, timeout=120,
+             what="the not-writable alert for a")
+    assert prom.firing("ObserverdNotReady") == set() and prom.firing("ObserverdDown") == set()
+
+    resource.prlimit(a.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: prom.firing("ObserverdJournalNotWritable") == set(), timeout=120,
+             what="the not-writable alert to resolve")
+    assert prom.by_instance("observerd_journal_writable") == {i: 1.0 for i in instance.values()}
+
+
+def shown_deploy_files() -> dict[str, str]:
+    """The deploy/ files docs/scaling-out.md shows, each as the block after its name."""
+    page = (HERE / "docs" / "scaling-out.md").read_text()
+    return dict(re.findall(r"^`deploy/([\w.-]+)`:\n\n```\w*\n(.*?)```$", page, re.M | re.S))
+
+
+def test_the_scaling_out_page_shows_the_deploy_files_exactly():
+    shown = shown_deploy_files()
+    assert sorted(shown) == ["clickhouse.sql", "fluent-bit.conf", "prometheus-global.yml", "prometheus.yml",
+                             "vector.toml"]
+    for name, text in shown.items():
+        assert text == (DEPLOY / name).read_text(), name
+
+
+@needs_promtool
+def test_the_shipped_prometheus_configs_pass_promtool_check_config(tmp_path):
+    # As installed: beside the rules, with the token file the scrape config names.
+    for name in ("prometheus.yml", "prometheus-global.yml", "observerd.rules.yml"):
+        shutil.copy(DEPLOY / name, tmp_path / name)
+    (tmp_path / "observerd.token").write_text("s3cret\n")
+    for name in ("prometheus.yml", "prometheus-global.yml"):
+        result = subprocess.run([PROMTOOL, "check", "config", str(tmp_path / name)], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_shippers_read_the_journal_and_its_segments_and_nothing_else_beside_them(tmp_path):
+    vector = tomllib.loads((DEPLOY / "vector.toml").read_text())
+    fluent_bit = re.search(r"^\s+Path\s+(\S+)$", (DEPLOY / "fluent-bit.conf").read_text(), re.M)[1].split(",")
+    # Every file observerd keeps beside the journal the configs name, as check knows them.
+    config = make_config(tmp_path, persist_path="/var/lib/observerd/ops.jsonl", keep_files=12)
+    wanted = list(od.segment_paths(config.persist_path, config.keep_files))
+    beside = [path for setting, _, path in od.files_of_settings(config)
+              if setting == "persist_path" and path not in wanted]
+    assert len(beside) >= 4
+    for patterns in (vector["sources"]["observerd_journal"]["include"], fluent_bit):
+        def read(path):
+            return any(fnmatch.fnmatchcase(str(path), pattern) for pattern in patterns)
+        assert all(map(read, wanted)), patterns
+        assert not any(map(read, beside)), patterns
+    # Every column Vector fills is in the ClickHouse table.
+    columns = set(re.findall(r"^    (\w+) ", (DEPLOY / "clickhouse.sql").read_text(), re.M))
+    remap = vector["transforms"]["observerd_ops"]["source"]
+    filled = set(re.findall(r'"(\w+)": ', remap)) | set(re.findall(r"row\.(\w+) =", remap))
+    assert filled and filled <= columns, filled - columns
+    assert vector["sinks"]["clickhouse"]["table"] == "ops" and "CREATE TABLE IF NOT EXISTS observerd.ops" in (
+        DEPLOY / "clickhouse.sql").read_text()
+
+
+@pytest.mark.parametrize("tool, argv", [("vector", ["validate", "--no-environment", "vector.toml"]),
+                                        ("fluent-bit", ["--dry-run", "-c", "fluent-bit.conf"])])
+def test_the_shipper_configs_pass_their_own_tools_check_where_installed(tool, argv):
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} not on PATH: deploy/{argv[-1]} is untested here (docs/scaling-out.md says so)")
+    result = subprocess.run([path, *argv], capture_output=True, text=True, timeout=120, cwd=DEPLOY,
+                            env={**os.environ, "CLICKHOUSE_PASSWORD": "x", "HOSTNAME": "host-a"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_watchdog_is_not_pinged_once_the_accept_loop_stops_going_round(serve, fake_systemd):
+    systemd = fake_systemd(abstract=True)
+    server = serve()
+    notifier = od.SystemdNotifier(server.server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "400000"})
+    try:
+        first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
+        server.server.shutdown()  # serve_forever returns: nothing accepts connections any more
+        stopped = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the accept loop"),
+                               "the watchdog withheld", after=first)
+        held = systemd.wait(lambda m: re.search(r"has not gone round for ([2-9]|\d\d+)\.\d s$", m) is not None,
+                            "two seconds without a turn", after=stopped)
+        assert "WATCHDOG=1" not in systemd.messages[stopped:held + 1]
+    finally:
+        notifier.stopping()
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
+
+
+def test_a_watchdog_too_short_to_keep_is_said_and_pinged_as_often_as_allowed(serve, fake_systemd, capsys):
+    systemd = fake_systemd(abstract=True)
+    notifier = od.SystemdNotifier(serve().server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1"})
+    notifier.stopping()
+    assert notifier.ping_interval_s == od.SystemdNotifier.MIN_PING_INTERVAL_S
+    assert 'msg="WatchdogSec is too short to be kept; pinging as often as allowed" watchdog_usec=1' in capsys.readouterr().err
