@@ -4710,6 +4710,18 @@ def test_every_link_between_the_docs_resolves_to_a_file_and_heading():
     assert broken == []
 
 
+def test_one_table_in_the_docs_lists_each_filter_with_its_flag_and_its_query_parameter():
+    tables = [(page, table) for page in DOC_PAGES
+              for table in re.findall(r"^\| flag \| query parameter \|.*\n(?:\|.*\n)+", page.read_text(), re.M)]
+    assert len(tables) == 1, [page.name for page, _ in tables]
+    rows = [row.split(" | ")[:2] for row in tables[0][1].splitlines()[2:]]
+    flags = [flag for flag_cell, _ in rows for flag in re.findall(r"`--([a-z-]+)", flag_cell)]
+    assert flags == [f.name for f in od.FILTERS]
+    for spec in od.FILTERS:
+        (parameters,) = [parameter for flag_cell, parameter in rows if f"`--{spec.name}" in flag_cell]
+        assert (f"`{spec.name}" in parameters) == spec.http, spec.name
+
+
 def doc_command_lines(page: Path) -> list[str]:
     """Each command line of a page's code blocks, a `\\` continuation joined and a `$ ` prompt
     left out; then each `curl …` of the page's inline code."""
@@ -4742,7 +4754,8 @@ def shell_commands(line: str) -> list[list[str]]:
 
 
 def doc_examples(program: str) -> list[tuple[str, str, list[str]]]:
-    """(page, line, words) of every example in the docs running `program`."""
+    """(page, line, words) of every example in the docs running `program`; for observerd.py the
+    words are the variables set for it (`OBSERVERD_TOKEN=…`), then its arguments."""
     examples = []
     for page in DOC_PAGES:
         for line in doc_command_lines(page):
@@ -4754,7 +4767,8 @@ def doc_examples(program: str) -> list[tuple[str, str, list[str]]]:
                                or word == "observerd.py"), None)
                     # `python3 …/observerd.py ARGS`, not `install observerd.py /opt/…`
                     if at and re.search(r"(^|/)python3?(\.\d+)?$", words[at - 1]):
-                        examples.append((page.name, line, words[:at - 1] + words[at:]))
+                        env = [word for word in words[:at - 1] if re.match(r"[A-Z_]+=", word)]
+                        examples.append((page.name, line, env + words[at + 1:]))
                 elif words[0] == program:
                     examples.append((page.name, line, words))
     return examples
@@ -4781,19 +4795,19 @@ def test_every_observerd_example_of_the_docs_runs(daemons, tmp_path):
     assert len(examples) >= 20 and {"README.md", "debugging.md", "comparisons.md"} <= {e[0] for e in examples}
     ran = Counter()
     for page, line, words in examples:
-        env = dict(word.split("=", 1) for word in words[:words.index(next(w for w in words if w.endswith("observerd.py")))])
-        argv = words[len(env) + 1:]
+        env = dict(word.split("=", 1) for word in itertools.takewhile(lambda w: re.match(r"[A-Z_]+=", w), words))
+        argv = words[len(env):]
         taken = {"--config": str(config), "--url": url, "--bind": "127.0.0.1:0"}
         for i, word in enumerate(argv):
-            if argv[i - 1] in taken and i:
+            if i and argv[i - 1] in taken:
                 argv[i] = taken[argv[i - 1]]
             elif word.endswith(".jsonl"):
                 argv[i] = str(journal)
         if any(word.startswith("[") for word in argv):  # a synopsis: each flag its command's
             sub = next((word for word in argv if word in SUBCOMMANDS), None)
-            usage = run_cli(*[sub] * (sub is not None), "--help").stdout
-            assert all(re.search(rf"{flag}\b", usage) for flag in re.findall(r"--?[a-z][\w-]*", line)
-                       if not flag.endswith("observerd")), f"{page}: {line}"
+            usage = run_cli(*([sub] if sub else []), "--help").stdout
+            assert all(re.search(rf"{flag}\b", usage) for flag in re.findall(r"--?[a-z][\w-]*", line)), \
+                f"{page}: {line}"
             continue
         parser = od.build_parser()
         try:
