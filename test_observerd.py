@@ -4670,6 +4670,198 @@ def test_a_combined_pem_may_be_both_tls_cert_and_tls_key(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Docs: a README a newcomer finishes, links that resolve, every example honest
+# -----------------------------------------------------------------------------
+
+README_MAX_LINES = 400
+# The pages a person reads: the README, every page of docs/, and the benchmark's.
+DOC_PAGES = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md")), HERE / "bench" / "README.md"]
+SUBCOMMANDS = ("serve", "check", "stats", "top", "ops", "runs", "compare", "corrections")
+
+
+def test_the_readme_stays_at_most_400_lines():
+    lines = len((HERE / "README.md").read_text().splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move the detail into docs/"
+
+
+def without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The #anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as -."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#{1,6} (.+)$", without_code_blocks(text), re.M)}
+
+
+def test_every_link_between_the_docs_resolves_to_a_file_and_heading():
+    broken = []
+    for page in DOC_PAGES:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", without_code_blocks(text)):
+            if re.match(r"[a-z]+:", target):
+                continue  # another site's page
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(HERE)}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file.read_text()):
+                broken.append(f"{page.relative_to(HERE)}: {target} (no such heading)")
+    assert broken == []
+
+
+def test_one_table_in_the_docs_lists_each_filter_with_its_flag_and_its_query_parameter():
+    tables = [(page, table) for page in DOC_PAGES
+              for table in re.findall(r"^\| flag \| query parameter \|.*\n(?:\|.*\n)+", page.read_text(), re.M)]
+    assert len(tables) == 1, [page.name for page, _ in tables]
+    rows = [row.split(" | ")[:2] for row in tables[0][1].splitlines()[2:]]
+    flags = [flag for flag_cell, _ in rows for flag in re.findall(r"`--([a-z-]+)", flag_cell)]
+    assert flags == [f.name for f in od.FILTERS]
+    for spec in od.FILTERS:
+        (parameters,) = [parameter for flag_cell, parameter in rows if f"`--{spec.name}" in flag_cell]
+        assert (f"`{spec.name}" in parameters) == spec.http, spec.name
+
+
+def doc_command_lines(page: Path) -> list[str]:
+    """Each command line of a page's code blocks, a `\\` continuation joined and a `$ ` prompt
+    left out; then each `curl …` of the page's inline code."""
+    lines, in_block, pending = [], False, ""
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            in_block, pending = not in_block, ""
+        elif in_block:
+            line = pending + line.strip()
+            if line.endswith("\\"):
+                pending = line[:-1]
+                continue
+            pending = ""
+            lines.append(line.removeprefix("$ "))
+    return lines + re.findall(r"`(curl [^`]+)`", without_code_blocks(page.read_text()))
+
+
+def shell_commands(line: str) -> list[list[str]]:
+    """The simple commands of a shell line (split at |, &&, ;), as words; comments left out."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars="|&;<>")
+    lexer.whitespace_split = True
+    commands, words = [], []
+    for word in lexer:
+        if word in ("|", "||", "&&", ";", "&", ">", ">>", "<"):
+            commands.append(words)
+            words = []
+        else:
+            words.append(word)
+    return [words for words in commands + [words] if words]
+
+
+def doc_examples(program: str) -> list[tuple[str, str, list[str]]]:
+    """(page, line, words) of every example in the docs running `program`; for observerd.py the
+    words are the variables set for it (`OBSERVERD_TOKEN=…`), then its arguments."""
+    examples = []
+    for page in DOC_PAGES:
+        for line in doc_command_lines(page):
+            if program not in line:
+                continue  # other code: Python, Go, TOML, output
+            for words in shell_commands(line):
+                if program == "observerd.py":
+                    at = next((i for i, word in enumerate(words) if word.endswith("/observerd.py")
+                               or word == "observerd.py"), None)
+                    # `python3 …/observerd.py ARGS`, not `install observerd.py /opt/…`
+                    if at and re.search(r"(^|/)python3?(\.\d+)?$", words[at - 1]):
+                        env = [word for word in words[:at - 1] if re.match(r"[A-Z_]+=", word)]
+                        examples.append((page.name, line, env + words[at + 1:]))
+                elif words[0] == program:
+                    examples.append((page.name, line, words))
+    return examples
+
+
+def test_every_observerd_example_of_the_docs_runs(daemons, tmp_path):
+    """Each `python3 observerd.py …` line of the README and docs/ through the real parser, and
+    the read-only ones for real against a daemon and its journal: a flag, subcommand or value the
+    code does not take fails here. serve runs as check with the same flags; `-f` runs without
+    following; the config, --url and a FILE are this test's."""
+    now = time.time()
+    journal = tmp_path / "ops.jsonl"
+    journal.write_bytes(b"".join(od.encode_line(op(
+        endpoint, source=endpoint.split("/")[1], success=i % 3 != 0, duration_ms=i,
+        error=None if i % 3 else "upstream timeout after 3000 ms", run_id=f"run-{980 + i // 20}",
+        trace_id=f"{i:016x}", timestamp=od.rfc3339_of(now - 7200 + i * 36)))
+        for i in range(200) for endpoint in ("/mcp/search", "/scenario/checkout")))
+    settings = {"persist_path": "ops.jsonl", "runtime_dir": "run"}
+    daemon = daemons(tmp_path, config=write_settings(tmp_path, {"bind": "127.0.0.1:0", **settings}))
+    daemon.wait_listening()
+    url = f"http://127.0.0.1:{daemon.port}"
+    config = write_settings(tmp_path, {"bind": f"127.0.0.1:{daemon.port}", **settings})  # the default
+    examples = doc_examples("observerd.py")
+    assert len(examples) >= 20 and {"README.md", "debugging.md", "comparisons.md"} <= {e[0] for e in examples}
+    ran = Counter()
+    for page, line, words in examples:
+        env = dict(word.split("=", 1) for word in itertools.takewhile(lambda w: re.match(r"[A-Z_]+=", w), words))
+        argv = words[len(env):]
+        taken = {"--config": str(config), "--url": url, "--bind": "127.0.0.1:0"}
+        for i, word in enumerate(argv):
+            if i and argv[i - 1] in taken:
+                argv[i] = taken[argv[i - 1]]
+            elif word.endswith(".jsonl"):
+                argv[i] = str(journal)
+        if any(word.startswith("[") for word in argv):  # a synopsis: each flag its command's
+            sub = next((word for word in argv if word in SUBCOMMANDS), None)
+            usage = run_cli(*([sub] if sub else []), "--help").stdout
+            assert all(re.search(rf"{flag}\b", usage) for flag in re.findall(r"--?[a-z][\w-]*", line)), \
+                f"{page}: {line}"
+            continue
+        parser = od.build_parser()
+        try:
+            args, unknown = parser.parse_known_args(argv)
+        except SystemExit as exc:
+            assert exc.code == 0 and {"--help", "--version"} & set(argv), f"{page}: {line}"
+            continue
+        assert unknown == [], f"{page}: {line}: {unknown}"
+        command = args.command or "serve"
+        if command == "serve":
+            argv = ["check", *(word for word in argv if word != "serve")]
+        argv = [word for word in argv if word not in ("-f", "--follow")]
+        result = subprocess.run([sys.executable, str(DAEMON), *argv], capture_output=True, text=True,
+                                timeout=60, cwd=tmp_path, env={**os.environ, **env},
+                                preexec_fn=default_sigint())
+        assert result.returncode == 0 and "Traceback" not in result.stderr, \
+            f"{page}: {line}\n{argv}\n{result.stderr}"
+        ran[command] += 1
+    assert set(ran) == set(SUBCOMMANDS), ran
+
+
+def test_every_curl_example_of_the_docs_names_a_route_and_method_the_daemon_serves(serve):
+    """Each `curl …` of the README and docs/, sent to a real daemon: its route and method exist,
+    a GET's query parameters are all known (an unknown one is a 400), a JSON body is taken."""
+    server = serve()
+    examples = doc_examples("curl")
+    assert len(examples) >= 15 and "README.md" in {page for page, _, _ in examples}
+    for page, line, words in examples:
+        flags_with_values = {"-X", "-H", "-d", "--data", "--data-binary", "-o", "-w", "--cacert"}
+        values = {flag: words[i + 1] for i, flag in enumerate(words[:-1]) if flag in flags_with_values}
+        (target,) = [word for i, word in enumerate(words[1:], 1)
+                     if ":3219" in word and words[i - 1] not in flags_with_values]
+        parts = urllib.parse.urlsplit(target if "://" in target else "http://" + target)
+        body = values.get("-d", values.get("--data", values.get("--data-binary")))
+        method = values.get("-X", "POST" if body is not None else "GET")
+        route = od.ObserverHandler.ROUTES.get(parts.path)
+        assert route is not None and method in route.methods, f"{page}: {line}"
+        if body is not None and body.startswith(("{", "[")):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request(method, parts.path, body=body.encode())
+            status = conn.getresponse().status
+            conn.close()
+            assert status == 200, f"{page}: {line}: {status}"
+        elif method == "GET":
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""))
+            answer = conn.getresponse()
+            error = answer.read()
+            conn.close()
+            # 410: a cursor of the example's journal, not of this one
+            assert answer.status in (200, 302, 410), f"{page}: {line}: {answer.status} {error[:300]}"
+
+
+# -----------------------------------------------------------------------------
 # End to end: crashes under load, fuzzing, restarts
 # -----------------------------------------------------------------------------
 

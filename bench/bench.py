@@ -7,7 +7,7 @@ batches of 100. The load comes from wrk (Debian package `wrk`) when installed, e
 multi-process keep-alive generator. Then it times a restart over a 1,000,000-line log and a
 2,000-line log (every line with an op_id, so the op_id window is rebuilt too; spawn to the first
 answer, and to GET /observer/ready's 200), measures GET /observer/stats p99 while durable ingest
-runs flat out, and prints the README's targets with each result. Last, it times
+runs flat out, and prints the targets of bench/README.md with each result. Last, it times
 `observerd.py ops` over a generated 1,000,000-line journal: a --since 1h query whose window
 holds the newest ~10,000 ops, and full-history filtered scans; and `compare` (two 1-hour
 windows, two runs) and `runs --since 24h` over such a journal with a run_id on every op.
@@ -410,7 +410,7 @@ def comparison_bench(work: Path, lines: int) -> list[tuple[str, str, bool]]:
 
 def targets(rows: list, big_lines: int, small_answer: float, big_answer: float, big_ready: float,
             big_restore_ms: float, stats_p99_ms: float) -> list[tuple[str, str, bool]]:
-    """The README's performance targets: (target, result, met)."""
+    """The performance targets bench/README.md lists: (target, result, met)."""
     ratio = {(kind, conns, name): r for kind, conns, name, _, _, r in rows}
     events = {(kind, conns, name): result["rps"] * per for kind, conns, name, result, per, _ in rows}
     ephemeral = ratio["single", 16, "observerd ephemeral"]
