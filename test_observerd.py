@@ -7984,7 +7984,8 @@ def test_each_correction_gets_a_verdict_and_an_unhelpful_one_is_escalated_once_a
     assert sent["/broke"]["verdict"] == "hurt" and sent["/broke"]["comparison"]["failure_rate"]["verdict"] == "worse"
     expected = {"/later": ("pending", False), "/broke": ("hurt", True), "/idle": ("no change", True),
                 "/fixed": ("helped", False)}
-    assert correction_verdicts(daemon.client()) == expected
+    # The receiver has the POSTs; the daemon records each delivery once it has the answer.
+    wait_for(lambda: correction_verdicts(daemon.client()) == expected, what="both deliveries recorded")
     assert list(correction_verdicts(daemon.client())) == ["/later", "/broke", "/idle", "/fixed"]  # newest first
     cli = run_cli("corrections", "--config", str(tmp_path / "lakehouse.toml"), "-o", "json")
     assert {e["correction"]["endpoint"]: (e["verdict"], e["escalated"]) for e in json.loads(cli.stdout)["corrections"]} == expected
@@ -8023,7 +8024,7 @@ def test_a_failed_correction_escalation_is_retried_and_delivered_once(tmp_path, 
     wait_for(lambda: len(up.received) == 2, what="the deliveries once the target is up")
     wait_for_analyses(daemon.client())
     assert len(up.received) == 2
-    assert correction_verdicts(daemon.client())["/idle"] == ("no change", True)
+    wait_for(lambda: correction_verdicts(daemon.client())["/idle"] == ("no change", True), what="the delivery recorded")
 
 
 def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(serve, fake_service):
