@@ -11,10 +11,11 @@ Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and noth
 ``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops, runs, compare,
 corrections).
 
-The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> statistics ->
-comparisons -> insights -> outbound -> HTTP protocol -> browser page -> API -> background loops ->
-supervisor -> CLI/main.
+The file reads top to bottom, each section depending only on those above it, but for the data
+at the end (the page the API serves, as templates go last); ``grep -n '^# \[SECTION\]'`` lists them:
+Logging, Metrics, Config, Model, Journal, Store, History, Analysis, Statistics, Comparisons,
+Insights, Outbound, HTTP protocol, API, Background loops, Supervisor, CLI and main; then the data:
+Browser page.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ SERVICE = "observerd"
 
 
 # =============================================================================
-# Logging: one key=value line per event on stderr, like Go's slog text handler
+# [SECTION] Logging: one key=value line per event on stderr, like Go's slog text handler
 # =============================================================================
 
 _LOG_LOCK = threading.Lock()
@@ -140,7 +141,7 @@ def log(level: str, msg: str, **fields: object) -> None:
 
 
 # =============================================================================
-# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4, and the cap on
+# [SECTION] Metrics: counters, gauges and histograms in Prometheus text format 0.0.4, and the cap on
 # label values clients choose
 # =============================================================================
 
@@ -383,7 +384,7 @@ class Metrics:
 
 
 # =============================================================================
-# Config: the [observerd] and [auth] tables of the shared lakehouse.toml
+# [SECTION] Config: the [observerd] and [auth] tables of the shared lakehouse.toml
 # =============================================================================
 
 DEFAULT_CONFIG_PATH = "lakehouse.toml"
@@ -763,7 +764,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
 
 
 # =============================================================================
-# Model: ObservedOp, its validation and defaults, strict JSON, gzip and batch bodies
+# [SECTION] Model: ObservedOp, its validation and defaults, strict JSON, gzip and batch bodies
 # =============================================================================
 
 CORRECTION_SOURCE = "overseer_correction"
@@ -1109,7 +1110,7 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 
 
 # =============================================================================
-# Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
+# [SECTION] Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
 # torn-tail repair, the write probe, tail and op_id restore) and the atomic file writes the
 # loops use too
 # =============================================================================
@@ -2164,7 +2165,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
 
 
 # =============================================================================
-# Store: the ring with live counters, per-second arrivals and the op_id window, fed through
+# [SECTION] Store: the ring with live counters, per-second arrivals and the op_id window, fed through
 # group commit, and whether a write would be taken now
 # =============================================================================
 
@@ -2618,7 +2619,7 @@ class OpStore:
 
 
 # =============================================================================
-# History: the filter language (FILTERS, times as journalctl reads them), and the journal on
+# [SECTION] History: the filter language (FILTERS, times as journalctl reads them), and the journal on
 # disk (live file and rotated segments) read backwards through it, from a position that
 # survives appends and rotation, or followed as it grows
 # =============================================================================
@@ -3404,7 +3405,7 @@ class JournalFollower:
 
 
 # =============================================================================
-# Analysis: failure signatures, clusters, playbooks, reviews (pure, but for cached signatures)
+# [SECTION] Analysis: failure signatures, clusters, playbooks, reviews (pure, but for cached signatures)
 # =============================================================================
 
 _SIGNATURE_RULES = [
@@ -3683,7 +3684,7 @@ def llm_prompt(reviews: list[dict]) -> str:
 
 
 # =============================================================================
-# Statistics: the tests a comparison runs (Fisher exact, Mann–Whitney U, Benjamini–Hochberg)
+# [SECTION] Statistics: the tests a comparison runs (Fisher exact, Mann–Whitney U, Benjamini–Hochberg)
 # =============================================================================
 
 # Two tables whose probabilities differ by less than this (relatively) are equally likely:
@@ -3778,7 +3779,7 @@ def benjamini_hochberg(ps: list[float]) -> list[float]:
 
 
 # =============================================================================
-# Comparisons: runs, two sets of ops compared with significance, and a verdict on each
+# [SECTION] Comparisons: runs, two sets of ops compared with significance, and a verdict on each
 # overseer correction; read from the journal by History, judged by Statistics
 # =============================================================================
 
@@ -4111,7 +4112,7 @@ def list_corrections(files: JournalFiles, given: dict[str, str | list[str]], lim
 
 
 # =============================================================================
-# Insights: what the background loops found last, read by the API
+# [SECTION] Insights: what the background loops found last, read by the API
 # =============================================================================
 
 
@@ -4164,7 +4165,7 @@ class Insights:
 
 
 # =============================================================================
-# Outbound: HTTP calls to other services (escalation, LLM review; top to the daemon), each
+# [SECTION] Outbound: HTTP calls to other services (escalation, LLM review; top to the daemon), each
 # within a deadline
 # =============================================================================
 
@@ -4329,7 +4330,7 @@ def ask_llm(backend: LLMBackend, prompt: str, timeout_s: float) -> str:
 
 
 # =============================================================================
-# HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS, and
+# [SECTION] HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS, and
 # the handler every route runs in (storing ops and answering, from this thread or the committer)
 # =============================================================================
 
@@ -5045,633 +5046,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
 
 # =============================================================================
-# Browser page: GET /observer/ui, one HTML document with its style and script inline; it
-# carries no data, only fetches the API, and its Content-Security-Policy allows nothing else
-# =============================================================================
-
-UI_STYLE = """
-:root{--bg:#fff;--fg:#1f2328;--mute:#59636e;--line:#d1d9e0;--card:#f6f8fa;--ok:#1a7f37;--bad:#cf222e;
---warn:#9a6700;--link:#0550ae;--c0:#0969da;--c1:#8250df;--c2:#b35900;--c3:#1a7f37;--c4:#6e7781;color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--mute:#9198a1;--line:#3d444d;
---card:#151b23;--ok:#3fb950;--bad:#f85149;--warn:#d29922;--link:#4493f8;--c0:#4493f8;--c1:#ab7df8;
---c2:#e3b341;--c3:#3fb950;--c4:#9198a1}}
-*{box-sizing:border-box}
-[hidden]{display:none!important}
-body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
-header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 20px;padding:10px 16px;border-bottom:1px solid var(--line)}
-h1{font-size:18px;margin:0}
-h1 small{font-size:13px;font-weight:400;color:var(--mute)}
-h2{font-size:15px;margin:0 0 8px}
-dl{display:flex;flex-wrap:wrap;gap:4px 20px;margin:0}
-dl div{display:flex;gap:6px;align-items:baseline}
-dt{color:var(--mute);font-size:12px}
-dd{margin:0;font-variant-numeric:tabular-nums}
-#conn{margin:0 0 0 auto;padding:2px 10px;border-radius:12px;border:1px solid var(--line);font-size:13px}
-.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
-#auth{margin:12px 16px;padding:12px;border:2px solid var(--warn);border-radius:6px;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
-#auth p{flex-basis:100%;margin:0;font-weight:600}
-main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,540px),1fr));gap:12px;padding:12px 16px}
-section{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px 12px;min-width:0}
-.wide{grid-column:1/-1}
-.stale section{opacity:.55}
-.note{color:var(--mute);font-size:12px;margin:4px 0}
-.scroll{overflow-x:auto}
-.tall{max-height:75vh;overflow-y:auto}
-.tall th{position:sticky;top:0;background:var(--card)}
-#by-source{display:flex;flex-wrap:wrap;gap:2px 14px;list-style:none;padding:0;margin:2px 0}
-table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
-th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid var(--line);vertical-align:top}
-th{font-size:12px;color:var(--mute);white-space:nowrap}
-.n{text-align:right}
-td.t{white-space:nowrap}
-td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-td.w{min-width:12ch;overflow-wrap:anywhere}
-tr.f td:nth-child(4){color:var(--bad);font-weight:600}
-button,input,select{font:inherit;color:inherit}
-input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
-button.link,button.sort{background:none;border:0;padding:0;cursor:pointer;text-align:left}
-button.link{color:var(--link);text-decoration:underline;overflow-wrap:break-word}
-button.sort{color:inherit;font-weight:600}
-:focus-visible{outline:2px solid var(--link);outline-offset:1px}
-#filters{display:flex;flex-wrap:wrap;gap:6px 14px;margin-bottom:6px}
-#filters label{display:flex;gap:6px;align-items:center;font-size:13px}
-#chart{display:block;width:100%}
-#chart text{fill:var(--mute);font-size:11px}
-#chart .axis{font-size:12px}
-#chart .grid{stroke:var(--line)}
-#chart polyline{fill:none;stroke-width:1.5;stroke-linejoin:round}
-#legend{display:flex;flex-wrap:wrap;gap:4px 16px;list-style:none;padding:0;margin:6px 0 0;font-size:13px}
-.sw{display:inline-block;width:14px;height:3px;margin-right:6px;vertical-align:middle}
-.s0{stroke:var(--c0);background:var(--c0)}.s1{stroke:var(--c1);background:var(--c1)}
-.s2{stroke:var(--c2);background:var(--c2)}.s3{stroke:var(--c3);background:var(--c3)}
-.s4{stroke:var(--c4);background:var(--c4)}
-#chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
-.sf{background:var(--bad)}
-@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}
-/* A row is a card of labelled cells: six columns fit no phone, and a header scrolled out of sight is no header. */
-table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#endpoints thead tr{display:flex;flex-wrap:wrap;gap:0 14px}
-#endpoints th{border:0;padding:0 0 4px}
-tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
-td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
-td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
-td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}td:empty{display:none}}
-"""
-
-UI_SCRIPT = r"""
-"use strict";
-const $ = (id) => document.getElementById(id);
-const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
-const ENDPOINTS_WINDOW = "DEFAULT_ENDPOINTS_WINDOW";
-let endpointsWindow = ENDPOINTS_WINDOW;
-const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
-const SVG = $("chart").namespaceURI;
-let token = sessionStorage.getItem(TOKEN_KEY) || "";
-let timer = 0, busy = false, again = false, needToken = false, ringCapacity = 0, updated = "";
-let ops = [], endpoints = [], timeline = null, sortBy = {key: "failures", desc: true}, shown = null;
-const drawn = new Map();  /* tbody -> the rows it shows, as JSON */
-
-class HttpError extends Error {
-  constructor(status, reason, path) {
-    super(path ? "GET " + path + ": " + status + " " + reason : reason);
-    this.status = status;
-    this.reason = reason;
-  }
-}
-
-async function api(path, accept = []) {
-  const headers = token ? {Authorization: "Bearer " + token} : {};
-  const resp = await fetch(path, {headers, cache: "no-store", signal: AbortSignal.timeout(8000)});
-  const body = await resp.json().catch(() => null);
-  if (resp.status === 401) throw new HttpError(401, "token refused");
-  if (!resp.ok && !accept.includes(resp.status)) {
-    throw new HttpError(resp.status, (body && body.error) || resp.statusText, path.split("?")[0]);
-  }
-  return body;
-}
-
-/* Elements are built with text nodes only: ops carry whatever strings their senders chose. */
-function el(tag, cls, ...children) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  e.append(...children.map((c) => (c instanceof Node ? c : String(c ?? ""))));
-  return e;
-}
-
-const nf = new Intl.NumberFormat("en");
-const count = (n, unit) => (n == null ? "–" : nf.format(n) + (unit ? " " + unit : ""));
-const ms = (n) => (n == null ? "–" : (n < 10 && !Number.isInteger(n) ? n.toFixed(1) : nf.format(Math.round(n))) + " ms");
-const pct = (r) => (r == null ? "–" : (r * 100).toFixed(r > 0 && r < 0.1 ? 1 : 0) + " %");
-/* Times as sent, without fractions; today's (by the server's clock) without their date. */
-function when(ts) {
-  const s = String(ts ?? "").replace("T", " ").replace(/\.\d+/, "");
-  return timeline && s.startsWith(timeline.now.slice(0, 10)) ? s.slice(11) : s;
-}
-
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + units[i];
-}
-
-function uptime(s) {
-  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
-  if (d) return d + " d " + h + " h";
-  if (h) return h + " h " + m + " min";
-  return m ? m + " min " + Math.floor(s % 60) + " s" : Math.floor(s) + " s";
-}
-
-/* An endpoint as a history query: fnmatch brackets make *, ? and [ literal. */
-const exact = (endpoint) => endpoint.replace(/[[*?]/g, "[$&]");
-
-function endpointButton(endpoint, failedOnly = false) {
-  const b = el("button", "link", endpoint);
-  b.type = "button";
-  b.title = "Open " + (failedOnly ? "its failed ops" : "its ops") + " from the journal";
-  b.dataset.k = (failedOnly ? "F" : "A") + endpoint;
-  b.addEventListener("click", () => openHistory(endpoint, failedOnly));
-  return b;
-}
-
-/* Rows are rebuilt only when their data changed, and the focused button keeps focus. */
-function fill(body, rows, cells, empty) {
-  const key = JSON.stringify(rows);
-  if (drawn.get(body) === key) return;
-  drawn.set(body, key);
-  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
-  const labels = [...body.parentElement.tHead.rows[0].cells].map((th) => th.textContent);
-  const trs = rows.map((row) => {
-    const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
-    cells.columns.forEach(([cls, make], n) => {
-      const td = tr.appendChild(el("td", cls, make(row)));
-      td.dataset.label = labels[n];  /* what a narrow screen shows before it, in place of the header */
-      if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
-    });
-    return tr;
-  });
-  if (!trs.length) {
-    const td = el("td", "note", empty);
-    td.colSpan = cells.columns.length;
-    trs.push(el("tr", "", td));
-  }
-  body.replaceChildren(...trs);
-  if (focused != null) {
-    for (const b of body.querySelectorAll("button")) if (b.dataset.k === focused) { b.focus(); break; }
-  }
-}
-
-function setConn(text, cls) {
-  const c = $("conn");
-  c.textContent = text;
-  c.className = cls;
-  document.body.classList.toggle("stale", cls !== "ok");
-}
-
-function askToken(why) {
-  needToken = true;
-  $("auth-msg").textContent = why || (token
-    ? "The token was refused (401 Unauthorized). Enter the right one."
-    : "This observerd needs its bearer token to show data.");
-  $("auth").hidden = false;
-  $("token").focus();
-  setConn("waiting for a token", "warn");
-}
-
-$("auth").addEventListener("submit", (ev) => {
-  ev.preventDefault();
-  const given = $("token").value.trim();
-  $("token").value = "";
-  /* observerd's tokens are printable ASCII; fetch could not even send another. */
-  if (!/^[\x20-\x7e]+$/.test(given)) return askToken("That cannot be the token: tokens are printable ASCII.");
-  token = given;
-  sessionStorage.setItem(TOKEN_KEY, token);
-  $("auth").hidden = true;
-  needToken = false;
-  tick();
-});
-
-function opsPath() {
-  const q = new URLSearchParams();
-  if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
-  if ($("f-source").value) q.set("source", $("f-source").value);
-  if ($("f-failed").checked) q.set("failed", "true");
-  return "ops?" + q;
-}
-
-/* Shows what answered (the timeline does while restoring, stats does not), then throws the
-   first failure, a refused token before any other. */
-async function refresh() {
-  const settled = await Promise.allSettled(
-    [api("timeline?seconds=" + WINDOW_S + "&window=" + endpointsWindow), api("stats"), api("playbooks"),
-     api(opsPath())]);
-  const [t, stats, playbooks, recent] = settled.map((r) => r.value);
-  if (t) {
-    const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
-    showReady(t.ready, ready && ready.reason);
-    ringCapacity = t.ring.capacity;
-    timeline = t;
-    showHeader(t);
-    drawChart(t);
-    endpoints = t.endpoints;
-    showEndpoints();
-    showClusters(t.clusters, t.clusters_analyzed_at);
-    showEscalations(t.escalations);
-    showCorrections(t.corrections);
-  }
-  if (stats) showStats(stats);
-  if (playbooks) showPlaybooks(playbooks);
-  if (recent) {
-    ops = recent.ops;
-    showOps();
-  }
-  const failures = settled.filter((r) => r.status === "rejected").map((r) => r.reason);
-  if (failures.length) throw failures.find((e) => e.status === 401) || failures[0];
-}
-
-function showReady(ready, reason) {
-  $("ready").textContent = ready ? "ready" : "not ready: " + (reason || "no reason given");
-  $("ready").className = ready ? "ok" : "bad";
-}
-
-function showHeader(t) {
-  $("version").textContent = "v" + t.version;
-  $("uptime").textContent = uptime(t.uptime_s);
-  $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
-  $("journal").title = t.journal ? t.journal.path : "";
-  $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
-    pct(t.ring.ops / t.ring.capacity) + ", " + bytes(t.ring.bytes) + ")";
-  $("fsync").textContent = t.fsync_p99_ms == null ? "no fsync yet" : ms(t.fsync_p99_ms);
-}
-
-function showStats(stats) {
-  $("stat-total").textContent = count(stats.total, "ops");
-  $("stat-ok").textContent = count(stats.successes, "ok");
-  $("stat-failed").textContent = count(stats.failures, "failed");
-  const items = Object.entries(stats.by_source).sort().map(([source, n]) => {
-    const li = el("li", "", el("span", "sw s" + sourceIndex(source)), source + ": ", el("b", "", count(n, "ops")));
-    li.dataset.source = source;
-    li.dataset.count = n;
-    return li;
-  });
-  $("by-source").replaceChildren(...items);
-}
-
-const sourceIndex = (name) => { const i = SOURCES.indexOf(name); return i < 0 ? 4 : i; };
-
-function niceStep(x) {
-  const p = Math.pow(10, Math.floor(Math.log10(x)));
-  return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= x);
-}
-
-function svg(tag, attrs, text) {
-  const e = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  if (text != null) e.textContent = text;
-  return e;
-}
-
-function drawChart(t) {
-  const chart = $("chart"), n = t.seconds;
-  const w = Math.max(300, chart.clientWidth || 800), h = w < 600 ? 200 : 240;
-  const L = 46, R = 12, T = 10, B = 38, pw = w - L - R, ph = h - T - B;
-  const series = Object.keys(t.sources).sort().map((name) => ({
-    name, cls: "s" + sourceIndex(name),
-    values: t.sources[name].ok.map((ok, i) => ok + t.sources[name].failed[i]),
-  }));
-  series.push({name: "failures (all sources)", cls: "sf", values: t.totals.failed});
-  /* Seconds are averaged in bins of at least 3 px, so a narrow chart stays readable. */
-  const bin = [1, 2, 5, 10, 15, 30].find((b) => (pw * b) / n >= 3) || 30;
-  const rebin = (values) => {
-    const out = [];
-    for (let end = values.length; end > 0; end -= bin) {
-      const part = values.slice(Math.max(0, end - bin), end);
-      out.unshift(part.reduce((a, b) => a + b, 0) / part.length);
-    }
-    return out;
-  };
-  const lines = series.map((s) => rebin(s.values));
-  const max = Math.max(1, ...lines.flat());
-  const step = Math.max(1, niceStep(max / 4)), top = Math.ceil(max / step) * step;
-  const ago = (s) => L + pw * (1 - s / (n - 1 || 1)), y = (v) => T + ph - (ph * v) / top;
-  const parts = [svg("title", {}, "Events per second by source, and failures per second, over the last " + n + " s")];
-  for (let v = 0; v <= top; v += step) {
-    parts.push(svg("line", {class: "grid", x1: L, x2: L + pw, y1: y(v), y2: y(v)}));
-    parts.push(svg("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, nf.format(v)));
-  }
-  const every = [10, 30, 60, 120, 300].find((s) => (pw * s) / n >= 70) || n;
-  const marks = [];
-  for (let s = 0; s < n; s += every) marks.push(s);
-  if (((n - 1 - marks[marks.length - 1]) * pw) / n >= 70) marks.push(n - 1);
-  for (const s of marks) {
-    parts.push(svg("line", {class: "grid", x1: ago(s), x2: ago(s), y1: T + ph, y2: T + ph + 4}));
-    parts.push(svg("text", {x: ago(s), y: T + ph + 16, "text-anchor": s ? (s === n - 1 ? "start" : "middle") : "end"},
-      s ? "−" + (s === n - 1 ? n : s) + " s" : "now"));
-  }
-  parts.push(svg("text", {class: "axis", x: L + pw / 2, y: h - 4, "text-anchor": "middle"},
-    "seconds before " + String(t.now).slice(11, 19) + " UTC"));
-  parts.push(svg("text", {class: "axis", x: 12, y: T + ph / 2, "text-anchor": "middle",
-    transform: "rotate(-90 12 " + (T + ph / 2) + ")"}, bin > 1 ? "events/s (" + bin + " s averages)" : "events/s"));
-  lines.forEach((values, k) => {
-    const points = values.map((v, j) => ago((values.length - 1 - j) * bin).toFixed(1) + "," + y(v).toFixed(1));
-    parts.push(svg("polyline", {class: series[k].cls, points: points.join(" ")}));
-  });
-  chart.setAttribute("viewBox", "0 0 " + w + " " + h);
-  chart.setAttribute("height", h);
-  chart.replaceChildren(...parts);
-  $("legend").replaceChildren(...series.map((s) => {
-    const total = s.values.reduce((a, b) => a + b, 0);
-    return el("li", "", el("span", "sw " + s.cls), s.name + ": " + count(total, "ops") + " in " + n + " s, peak " +
-      count(Math.max(...s.values), "ops/s"));
-  }));
-}
-
-const COLUMNS = {
-  endpoint: (e) => e.endpoint, ops: (e) => e.ops, failures: (e) => e.failures,
-  failure_rate: (e) => e.failure_rate, p50_ms: (e) => e.p50_ms ?? -1, p95_ms: (e) => e.p95_ms ?? -1,
-};
-
-for (const b of $("endpoints").querySelectorAll("button.sort")) {
-  b.addEventListener("click", () => {
-    const key = b.dataset.sort;
-    sortBy = {key, desc: sortBy.key === key ? !sortBy.desc : key !== "endpoint"};
-    showEndpoints();
-  });
-}
-
-/* The endpoints are ranked over the ops of the last 5 minutes, or of the whole ring. */
-$("endpoints-window").addEventListener("click", () => {
-  endpointsWindow = endpointsWindow === "ring" ? ENDPOINTS_WINDOW : "ring";
-  $("endpoints-window").textContent = endpointsWindow === "ring" ? "rank over the last " + ENDPOINTS_WINDOW
-                                                                 : "rank over the whole ring";
-  tick();
-});
-
-function showEndpoints() {
-  $("endpoints-over").textContent = !timeline ? "" : timeline.endpoints_since
-    ? "Over the ops of the ring stamped since " + when(timeline.endpoints_since) : "Over the ops in the ring";
-  const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
-  const rows = [...endpoints].sort((a, b) => {
-    const p = get(a), q = get(b);
-    return (p < q ? -1 : p > q ? 1 : 0) * dir || (a.endpoint < b.endpoint ? -1 : 1);
-  });
-  for (const th of $("endpoints").querySelectorAll("th")) {
-    const key = th.querySelector("button").dataset.sort;
-    th.setAttribute("aria-sort", key === sortBy.key ? (sortBy.desc ? "descending" : "ascending") : "none");
-  }
-  fill($("endpoints-body"), rows, {columns: [
-    ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
-    ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
-  ]}, timeline && timeline.endpoints_since ? "no ops in the last " + ENDPOINTS_WINDOW : "no ops in the ring");
-}
-
-function showClusters(clusters, analyzedAt) {
-  $("clusters-note").textContent = analyzedAt ? "As the analysis at " + when(analyzedAt) + " found them."
-                                              : "Not analysed yet.";
-  fill($("clusters-body"), clusters, {columns: [
-    ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
-    ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
-    ["t", (c) => when(c.last_seen)], ["w", (c) => c.signature],  /* whole: it is what to read here */
-  ]}, "no failure clusters");
-}
-
-function showEscalations(escalations) {
-  fill($("escalations-body"), escalations, {rowClass: (e) => (e.outcome === "sent" ? "" : "bad"), columns: [
-    ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
-    ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
-  ]}, "no escalations");
-}
-
-function showCorrections(corrections) {
-  const bad = {"hurt": "bad", "no change": "warn", "helped": "ok"};
-  fill($("corrections-body"), corrections, {columns: [
-    ["t", (c) => when(c.timestamp)], ["", (c) => endpointButton(c.endpoint)],
-    ["", (c) => el("span", bad[c.verdict] || "", c.verdict)],
-    ["n", (c) => pct(c.before.failure_rate) + " → " + pct(c.after.failure_rate)],
-    ["n", (c) => ms(c.before.p50_ms) + " → " + ms(c.after.p50_ms)],
-    ["", (c) => (c.escalated ? "escalated" : "")],
-  ]}, "no corrections judged");
-}
-
-function showPlaybooks(p) {
-  fill($("playbooks-body"), p.playbooks, {columns: [
-    ["", (b) => endpointButton(b.endpoint)], ["n", (b) => count(b.runs)], ["n", (b) => pct(b.success_rate)],
-    ["n", (b) => ms(b.p50_duration_ms)], ["n", (b) => ms(b.p95_duration_ms)], ["t", (b) => when(b.last_failure) || "–"],
-  ]}, "no scenario runs in the ring");
-}
-
-const OP_COLUMNS = {rowClass: (o) => (o.success === true ? "" : "f"), columns: [
-  ["t", (o) => when(o.timestamp)], ["", (o) => o.source], ["", (o) => endpointButton(o.endpoint)],
-  ["", (o) => (o.success === true ? "ok" : "FAIL")], ["n", (o) => ms(o.duration_ms)],
-  ["x", (o) => o.error || o.output_summary || o.input_summary || ""],
-]};
-
-function showOps() {
-  const where = $("f-endpoint").value.toLowerCase(), text = $("f-text").value.toLowerCase();
-  const rows = ops.filter((o) => o.endpoint.toLowerCase().includes(where) &&
-    (!text || [o.error, o.input_summary, o.output_summary].some((s) => typeof s === "string" && s.toLowerCase().includes(text))));
-  $("ops-note").textContent = count(rows.length, "ops") + " shown of the newest " + count(ops.length, "ops") +
-    " in the ring that match source and outcome; click an endpoint for its ops from the journal.";
-  fill($("ops-body"), rows, OP_COLUMNS, "no ops match");
-}
-
-$("f-endpoint").addEventListener("input", showOps);
-$("f-text").addEventListener("input", showOps);
-$("f-source").addEventListener("change", tick);
-$("f-failed").addEventListener("change", tick);
-$("filters").addEventListener("submit", (ev) => ev.preventDefault());
-
-async function openHistory(endpoint, failedOnly) {
-  shown = {endpoint, failedOnly, cursor: null, ops: []};
-  $("history").hidden = false;
-  $("history-title").textContent = (failedOnly ? "Failed ops of " : "Ops of ") + endpoint + ", from the journal";
-  $("history-body").replaceChildren();
-  drawn.delete($("history-body"));
-  $("history-title").focus();
-  await loadHistory();
-}
-
-async function loadHistory() {
-  const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
-  if (h.failedOnly) q.set("failed", "true");
-  if (h.cursor) q.set("cursor", h.cursor);
-  $("history-older").disabled = true;
-  try {
-    const r = await api("history?" + q);
-    if (shown !== h) return;
-    h.cursor = r.cursor;
-    h.ops.push(...r.ops);
-    fill($("history-body"), h.ops, OP_COLUMNS, "no ops in the journal");
-    $("history-note").textContent = count(h.ops.length, "ops") + ", newest first; last page read " +
-      bytes(r.scanned_bytes) + " of journal" + (r.truncated ? " and stopped at its scan limit" : "") +
-      (r.cursor ? "." : "; no older ops.");
-    $("history-older").hidden = !r.cursor;
-  } catch (e) {
-    if (e.status === 401) return askToken();
-    $("history-note").textContent = e.status ? e.message : "disconnected — press older to retry";
-  } finally {
-    $("history-older").disabled = false;
-  }
-}
-
-$("history-older").addEventListener("click", loadHistory);
-$("history-close").addEventListener("click", () => { shown = null; $("history").hidden = true; });
-
-async function tick() {
-  clearTimeout(timer);
-  if (busy) { again = true; return; }
-  if (needToken || document.hidden) return;
-  busy = true;
-  try {
-    await refresh();
-    updated = new Date().toLocaleTimeString();
-    setConn("live, refreshed every " + EVERY_MS / 1000 + " s", "ok");
-    $("conn").title = "last refreshed " + updated;
-  } catch (e) {
-    if (e.status === 401) askToken();
-    else if (e.status) setConn(e.message + " — retrying", "bad");
-    else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
-      setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
-    } else setConn("page error: " + e.message, "bad");
-  } finally {
-    busy = false;
-    if (!needToken && !document.hidden) timer = setTimeout(tick, again ? 0 : EVERY_MS);
-    again = false;
-  }
-}
-
-document.addEventListener("visibilitychange", tick);
-window.addEventListener("resize", () => timeline && drawChart(timeline));
-tick();
-""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS)).replace(  # the whole window the daemon keeps
-    "DEFAULT_ENDPOINTS_WINDOW", DEFAULT_ENDPOINTS_WINDOW)
-
-
-def _ui_html(style: str, script: str) -> str:
-    sources = "".join(f"<option>{source}</option>" for source in SOURCES)
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<title>observerd</title>
-<link rel="icon" href="data:,">
-<style>{style}</style>
-</head>
-<body>
-<header>
-<h1>observerd <small id="version"></small></h1>
-<dl>
-<div><dt>state</dt><dd id="ready">…</dd></div>
-<div><dt>uptime</dt><dd id="uptime">…</dd></div>
-<div><dt>journal</dt><dd id="journal">…</dd></div>
-<div><dt>ring</dt><dd id="ring">…</dd></div>
-<div><dt>fsync p99</dt><dd id="fsync">…</dd></div>
-</dl>
-<p id="conn" role="status">loading…</p>
-</header>
-<form id="auth" hidden>
-<p id="auth-msg" role="alert"></p>
-<label for="token">Bearer token</label>
-<input id="token" type="password" autocomplete="off" required>
-<button>Use this token</button>
-<span class="note">kept in this tab only (sessionStorage)</span>
-</form>
-<main>
-<section class="wide" id="history" hidden aria-labelledby="history-title">
-<h2 id="history-title" tabindex="-1"></h2>
-<p class="note" id="history-note"></p>
-<div class="scroll"><table>
-<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
-<tbody id="history-body"></tbody></table></div>
-<p><button type="button" id="history-older">older</button> <button type="button" id="history-close">close</button></p>
-</section>
-<section class="wide">
-<h2>Events per second, last 5 minutes</h2>
-<svg id="chart" role="img" aria-label="events per second by source and failures per second"></svg>
-<ul id="legend"></ul>
-<p class="note">In the ring: <b id="stat-total">…</b>, <span id="stat-ok">…</span>, <span id="stat-failed">…</span>; by source:</p>
-<ul id="by-source" class="note"></ul>
-</section>
-<section>
-<h2>Endpoints with the most failures</h2>
-<div class="scroll"><table id="endpoints">
-<thead><tr><th><button class="sort" data-sort="endpoint">endpoint</button></th>
-<th class="n"><button class="sort" data-sort="ops">ops</button></th>
-<th class="n"><button class="sort" data-sort="failures">failures (ops)</button></th>
-<th class="n"><button class="sort" data-sort="failure_rate">failure rate</button></th>
-<th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
-<th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
-<tbody id="endpoints-body"></tbody></table></div>
-<p class="note"><span id="endpoints-over">Over the ops in the ring</span>
-(<button type="button" class="link" id="endpoints-window">rank over the whole ring</button>);
-click a header to sort, an endpoint for its ops from the journal.</p>
-</section>
-<section>
-<h2>Failure clusters</h2>
-<div class="scroll"><table>
-<thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
-<tbody id="clusters-body"></tbody></table></div>
-<p class="note" id="clusters-note"></p>
-</section>
-<section>
-<h2>Recent escalations</h2>
-<div class="scroll"><table>
-<thead><tr><th>time (UTC)</th><th>endpoint</th><th class="n">failures (ops)</th><th>outcome</th><th>error or signature</th></tr></thead>
-<tbody id="escalations-body"></tbody></table></div>
-</section>
-<section>
-<h2>Correction verdicts</h2>
-<div class="scroll"><table>
-<thead><tr><th>time (UTC)</th><th>endpoint</th><th>verdict</th><th class="n">failure rate before → after</th><th class="n">p50 before → after</th><th></th></tr></thead>
-<tbody id="corrections-body"></tbody></table></div>
-</section>
-<section>
-<h2>Playbooks</h2>
-<div class="scroll"><table>
-<thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
-<tbody id="playbooks-body"></tbody></table></div>
-</section>
-<section class="wide">
-<h2>Recent ops</h2>
-<form id="filters" role="search">
-<label>endpoint contains <input id="f-endpoint" type="search"></label>
-<label>source <select id="f-source"><option value="">any</option>{sources}</select></label>
-<label><input id="f-failed" type="checkbox"> failed only</label>
-<label>text in error or summary <input id="f-text" type="search"></label>
-</form>
-<p class="note" id="ops-note"></p>
-<div class="scroll tall"><table>
-<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
-<tbody id="ops-body"></tbody></table></div>
-</section>
-</main>
-<script>{script}</script>
-</body>
-</html>
-"""
-
-
-def csp_hash(text: str) -> str:
-    """A CSP source that allows exactly this inline script or style."""
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
-
-
-_UI_PAGE = _ui_html(UI_STYLE, UI_SCRIPT).encode("utf-8")
-UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
-    # The page may run its own script and style, fetch this origin's API, and nothing else.
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {csp_hash(UI_SCRIPT)}; style-src {csp_hash(UI_STYLE)}; "
-        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",  # revalidate: a new observerd serves a new page
-    "ETag": '"' + hashlib.sha256(_UI_PAGE).hexdigest()[:32] + '"',
-})
-
-
-# =============================================================================
-# API: the routes, what they parse, and the server that serves them
+# [SECTION] API: the routes, what they parse, and the server that serves them
 # =============================================================================
 
 
@@ -6127,7 +5502,7 @@ class ObserverServer(ThreadingHTTPServer):
 
 
 # =============================================================================
-# Background loops: clusters, corrections and their verdicts, playbooks, escalation (one
+# [SECTION] Background loops: clusters, corrections and their verdicts, playbooks, escalation (one
 # scheduler thread; serve runs the connection reaper on another)
 # =============================================================================
 
@@ -6559,7 +5934,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
 
 
 # =============================================================================
-# Supervisor: systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG) over NOTIFY_SOCKET
+# [SECTION] Supervisor: systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG) over NOTIFY_SOCKET
 # =============================================================================
 
 
@@ -6654,7 +6029,7 @@ class SystemdNotifier:
 
 
 # =============================================================================
-# CLI and main: serve, check, stats, top, ops, runs, compare, corrections
+# [SECTION] CLI and main: serve, check, stats, top, ops, runs, compare, corrections
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
@@ -8148,6 +7523,633 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return status
+
+
+# =============================================================================
+# [SECTION] Browser page, the data at the end: GET /observer/ui, one HTML document with its style
+# and script inline; it holds no ops, only fetches the API, and its Content-Security-Policy allows
+# nothing else
+# =============================================================================
+
+UI_STYLE = """
+:root{--bg:#fff;--fg:#1f2328;--mute:#59636e;--line:#d1d9e0;--card:#f6f8fa;--ok:#1a7f37;--bad:#cf222e;
+--warn:#9a6700;--link:#0550ae;--c0:#0969da;--c1:#8250df;--c2:#b35900;--c3:#1a7f37;--c4:#6e7781;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--mute:#9198a1;--line:#3d444d;
+--card:#151b23;--ok:#3fb950;--bad:#f85149;--warn:#d29922;--link:#4493f8;--c0:#4493f8;--c1:#ab7df8;
+--c2:#e3b341;--c3:#3fb950;--c4:#9198a1}}
+*{box-sizing:border-box}
+[hidden]{display:none!important}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 20px;padding:10px 16px;border-bottom:1px solid var(--line)}
+h1{font-size:18px;margin:0}
+h1 small{font-size:13px;font-weight:400;color:var(--mute)}
+h2{font-size:15px;margin:0 0 8px}
+dl{display:flex;flex-wrap:wrap;gap:4px 20px;margin:0}
+dl div{display:flex;gap:6px;align-items:baseline}
+dt{color:var(--mute);font-size:12px}
+dd{margin:0;font-variant-numeric:tabular-nums}
+#conn{margin:0 0 0 auto;padding:2px 10px;border-radius:12px;border:1px solid var(--line);font-size:13px}
+.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
+#auth{margin:12px 16px;padding:12px;border:2px solid var(--warn);border-radius:6px;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+#auth p{flex-basis:100%;margin:0;font-weight:600}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,540px),1fr));gap:12px;padding:12px 16px}
+section{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px 12px;min-width:0}
+.wide{grid-column:1/-1}
+.stale section{opacity:.55}
+.note{color:var(--mute);font-size:12px;margin:4px 0}
+.scroll{overflow-x:auto}
+.tall{max-height:75vh;overflow-y:auto}
+.tall th{position:sticky;top:0;background:var(--card)}
+#by-source{display:flex;flex-wrap:wrap;gap:2px 14px;list-style:none;padding:0;margin:2px 0}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:12px;color:var(--mute);white-space:nowrap}
+.n{text-align:right}
+td.t{white-space:nowrap}
+td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+td.w{min-width:12ch;overflow-wrap:anywhere}
+tr.f td:nth-child(4){color:var(--bad);font-weight:600}
+button,input,select{font:inherit;color:inherit}
+input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
+button.link,button.sort{background:none;border:0;padding:0;cursor:pointer;text-align:left}
+button.link{color:var(--link);text-decoration:underline;overflow-wrap:break-word}
+button.sort{color:inherit;font-weight:600}
+:focus-visible{outline:2px solid var(--link);outline-offset:1px}
+#filters{display:flex;flex-wrap:wrap;gap:6px 14px;margin-bottom:6px}
+#filters label{display:flex;gap:6px;align-items:center;font-size:13px}
+#chart{display:block;width:100%}
+#chart text{fill:var(--mute);font-size:11px}
+#chart .axis{font-size:12px}
+#chart .grid{stroke:var(--line)}
+#chart polyline{fill:none;stroke-width:1.5;stroke-linejoin:round}
+#legend{display:flex;flex-wrap:wrap;gap:4px 16px;list-style:none;padding:0;margin:6px 0 0;font-size:13px}
+.sw{display:inline-block;width:14px;height:3px;margin-right:6px;vertical-align:middle}
+.s0{stroke:var(--c0);background:var(--c0)}.s1{stroke:var(--c1);background:var(--c1)}
+.s2{stroke:var(--c2);background:var(--c2)}.s3{stroke:var(--c3);background:var(--c3)}
+.s4{stroke:var(--c4);background:var(--c4)}
+#chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
+.sf{background:var(--bad)}
+@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}
+/* A row is a card of labelled cells: six columns fit no phone, and a header scrolled out of sight is no header. */
+table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#endpoints thead tr{display:flex;flex-wrap:wrap;gap:0 14px}
+#endpoints th{border:0;padding:0 0 4px}
+tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
+td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
+td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
+td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}td:empty{display:none}}
+"""
+
+UI_SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
+const ENDPOINTS_WINDOW = "DEFAULT_ENDPOINTS_WINDOW";
+let endpointsWindow = ENDPOINTS_WINDOW;
+const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
+const SVG = $("chart").namespaceURI;
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let timer = 0, busy = false, again = false, needToken = false, ringCapacity = 0, updated = "";
+let ops = [], endpoints = [], timeline = null, sortBy = {key: "failures", desc: true}, shown = null;
+const drawn = new Map();  /* tbody -> the rows it shows, as JSON */
+
+class HttpError extends Error {
+  constructor(status, reason, path) {
+    super(path ? "GET " + path + ": " + status + " " + reason : reason);
+    this.status = status;
+    this.reason = reason;
+  }
+}
+
+async function api(path, accept = []) {
+  const headers = token ? {Authorization: "Bearer " + token} : {};
+  const resp = await fetch(path, {headers, cache: "no-store", signal: AbortSignal.timeout(8000)});
+  const body = await resp.json().catch(() => null);
+  if (resp.status === 401) throw new HttpError(401, "token refused");
+  if (!resp.ok && !accept.includes(resp.status)) {
+    throw new HttpError(resp.status, (body && body.error) || resp.statusText, path.split("?")[0]);
+  }
+  return body;
+}
+
+/* Elements are built with text nodes only: ops carry whatever strings their senders chose. */
+function el(tag, cls, ...children) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  e.append(...children.map((c) => (c instanceof Node ? c : String(c ?? ""))));
+  return e;
+}
+
+const nf = new Intl.NumberFormat("en");
+const count = (n, unit) => (n == null ? "–" : nf.format(n) + (unit ? " " + unit : ""));
+const ms = (n) => (n == null ? "–" : (n < 10 && !Number.isInteger(n) ? n.toFixed(1) : nf.format(Math.round(n))) + " ms");
+const pct = (r) => (r == null ? "–" : (r * 100).toFixed(r > 0 && r < 0.1 ? 1 : 0) + " %");
+/* Times as sent, without fractions; today's (by the server's clock) without their date. */
+function when(ts) {
+  const s = String(ts ?? "").replace("T", " ").replace(/\.\d+/, "");
+  return timeline && s.startsWith(timeline.now.slice(0, 10)) ? s.slice(11) : s;
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + units[i];
+}
+
+function uptime(s) {
+  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " min";
+  return m ? m + " min " + Math.floor(s % 60) + " s" : Math.floor(s) + " s";
+}
+
+/* An endpoint as a history query: fnmatch brackets make *, ? and [ literal. */
+const exact = (endpoint) => endpoint.replace(/[[*?]/g, "[$&]");
+
+function endpointButton(endpoint, failedOnly = false) {
+  const b = el("button", "link", endpoint);
+  b.type = "button";
+  b.title = "Open " + (failedOnly ? "its failed ops" : "its ops") + " from the journal";
+  b.dataset.k = (failedOnly ? "F" : "A") + endpoint;
+  b.addEventListener("click", () => openHistory(endpoint, failedOnly));
+  return b;
+}
+
+/* Rows are rebuilt only when their data changed, and the focused button keeps focus. */
+function fill(body, rows, cells, empty) {
+  const key = JSON.stringify(rows);
+  if (drawn.get(body) === key) return;
+  drawn.set(body, key);
+  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
+  const labels = [...body.parentElement.tHead.rows[0].cells].map((th) => th.textContent);
+  const trs = rows.map((row) => {
+    const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
+    cells.columns.forEach(([cls, make], n) => {
+      const td = tr.appendChild(el("td", cls, make(row)));
+      td.dataset.label = labels[n];  /* what a narrow screen shows before it, in place of the header */
+      if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
+    });
+    return tr;
+  });
+  if (!trs.length) {
+    const td = el("td", "note", empty);
+    td.colSpan = cells.columns.length;
+    trs.push(el("tr", "", td));
+  }
+  body.replaceChildren(...trs);
+  if (focused != null) {
+    for (const b of body.querySelectorAll("button")) if (b.dataset.k === focused) { b.focus(); break; }
+  }
+}
+
+function setConn(text, cls) {
+  const c = $("conn");
+  c.textContent = text;
+  c.className = cls;
+  document.body.classList.toggle("stale", cls !== "ok");
+}
+
+function askToken(why) {
+  needToken = true;
+  $("auth-msg").textContent = why || (token
+    ? "The token was refused (401 Unauthorized). Enter the right one."
+    : "This observerd needs its bearer token to show data.");
+  $("auth").hidden = false;
+  $("token").focus();
+  setConn("waiting for a token", "warn");
+}
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const given = $("token").value.trim();
+  $("token").value = "";
+  /* observerd's tokens are printable ASCII; fetch could not even send another. */
+  if (!/^[\x20-\x7e]+$/.test(given)) return askToken("That cannot be the token: tokens are printable ASCII.");
+  token = given;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("auth").hidden = true;
+  needToken = false;
+  tick();
+});
+
+function opsPath() {
+  const q = new URLSearchParams();
+  if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
+  if ($("f-source").value) q.set("source", $("f-source").value);
+  if ($("f-failed").checked) q.set("failed", "true");
+  return "ops?" + q;
+}
+
+/* Shows what answered (the timeline does while restoring, stats does not), then throws the
+   first failure, a refused token before any other. */
+async function refresh() {
+  const settled = await Promise.allSettled(
+    [api("timeline?seconds=" + WINDOW_S + "&window=" + endpointsWindow), api("stats"), api("playbooks"),
+     api(opsPath())]);
+  const [t, stats, playbooks, recent] = settled.map((r) => r.value);
+  if (t) {
+    const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
+    showReady(t.ready, ready && ready.reason);
+    ringCapacity = t.ring.capacity;
+    timeline = t;
+    showHeader(t);
+    drawChart(t);
+    endpoints = t.endpoints;
+    showEndpoints();
+    showClusters(t.clusters, t.clusters_analyzed_at);
+    showEscalations(t.escalations);
+    showCorrections(t.corrections);
+  }
+  if (stats) showStats(stats);
+  if (playbooks) showPlaybooks(playbooks);
+  if (recent) {
+    ops = recent.ops;
+    showOps();
+  }
+  const failures = settled.filter((r) => r.status === "rejected").map((r) => r.reason);
+  if (failures.length) throw failures.find((e) => e.status === 401) || failures[0];
+}
+
+function showReady(ready, reason) {
+  $("ready").textContent = ready ? "ready" : "not ready: " + (reason || "no reason given");
+  $("ready").className = ready ? "ok" : "bad";
+}
+
+function showHeader(t) {
+  $("version").textContent = "v" + t.version;
+  $("uptime").textContent = uptime(t.uptime_s);
+  $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
+  $("journal").title = t.journal ? t.journal.path : "";
+  $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
+    pct(t.ring.ops / t.ring.capacity) + ", " + bytes(t.ring.bytes) + ")";
+  $("fsync").textContent = t.fsync_p99_ms == null ? "no fsync yet" : ms(t.fsync_p99_ms);
+}
+
+function showStats(stats) {
+  $("stat-total").textContent = count(stats.total, "ops");
+  $("stat-ok").textContent = count(stats.successes, "ok");
+  $("stat-failed").textContent = count(stats.failures, "failed");
+  const items = Object.entries(stats.by_source).sort().map(([source, n]) => {
+    const li = el("li", "", el("span", "sw s" + sourceIndex(source)), source + ": ", el("b", "", count(n, "ops")));
+    li.dataset.source = source;
+    li.dataset.count = n;
+    return li;
+  });
+  $("by-source").replaceChildren(...items);
+}
+
+const sourceIndex = (name) => { const i = SOURCES.indexOf(name); return i < 0 ? 4 : i; };
+
+function niceStep(x) {
+  const p = Math.pow(10, Math.floor(Math.log10(x)));
+  return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= x);
+}
+
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function drawChart(t) {
+  const chart = $("chart"), n = t.seconds;
+  const w = Math.max(300, chart.clientWidth || 800), h = w < 600 ? 200 : 240;
+  const L = 46, R = 12, T = 10, B = 38, pw = w - L - R, ph = h - T - B;
+  const series = Object.keys(t.sources).sort().map((name) => ({
+    name, cls: "s" + sourceIndex(name),
+    values: t.sources[name].ok.map((ok, i) => ok + t.sources[name].failed[i]),
+  }));
+  series.push({name: "failures (all sources)", cls: "sf", values: t.totals.failed});
+  /* Seconds are averaged in bins of at least 3 px, so a narrow chart stays readable. */
+  const bin = [1, 2, 5, 10, 15, 30].find((b) => (pw * b) / n >= 3) || 30;
+  const rebin = (values) => {
+    const out = [];
+    for (let end = values.length; end > 0; end -= bin) {
+      const part = values.slice(Math.max(0, end - bin), end);
+      out.unshift(part.reduce((a, b) => a + b, 0) / part.length);
+    }
+    return out;
+  };
+  const lines = series.map((s) => rebin(s.values));
+  const max = Math.max(1, ...lines.flat());
+  const step = Math.max(1, niceStep(max / 4)), top = Math.ceil(max / step) * step;
+  const ago = (s) => L + pw * (1 - s / (n - 1 || 1)), y = (v) => T + ph - (ph * v) / top;
+  const parts = [svg("title", {}, "Events per second by source, and failures per second, over the last " + n + " s")];
+  for (let v = 0; v <= top; v += step) {
+    parts.push(svg("line", {class: "grid", x1: L, x2: L + pw, y1: y(v), y2: y(v)}));
+    parts.push(svg("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, nf.format(v)));
+  }
+  const every = [10, 30, 60, 120, 300].find((s) => (pw * s) / n >= 70) || n;
+  const marks = [];
+  for (let s = 0; s < n; s += every) marks.push(s);
+  if (((n - 1 - marks[marks.length - 1]) * pw) / n >= 70) marks.push(n - 1);
+  for (const s of marks) {
+    parts.push(svg("line", {class: "grid", x1: ago(s), x2: ago(s), y1: T + ph, y2: T + ph + 4}));
+    parts.push(svg("text", {x: ago(s), y: T + ph + 16, "text-anchor": s ? (s === n - 1 ? "start" : "middle") : "end"},
+      s ? "−" + (s === n - 1 ? n : s) + " s" : "now"));
+  }
+  parts.push(svg("text", {class: "axis", x: L + pw / 2, y: h - 4, "text-anchor": "middle"},
+    "seconds before " + String(t.now).slice(11, 19) + " UTC"));
+  parts.push(svg("text", {class: "axis", x: 12, y: T + ph / 2, "text-anchor": "middle",
+    transform: "rotate(-90 12 " + (T + ph / 2) + ")"}, bin > 1 ? "events/s (" + bin + " s averages)" : "events/s"));
+  lines.forEach((values, k) => {
+    const points = values.map((v, j) => ago((values.length - 1 - j) * bin).toFixed(1) + "," + y(v).toFixed(1));
+    parts.push(svg("polyline", {class: series[k].cls, points: points.join(" ")}));
+  });
+  chart.setAttribute("viewBox", "0 0 " + w + " " + h);
+  chart.setAttribute("height", h);
+  chart.replaceChildren(...parts);
+  $("legend").replaceChildren(...series.map((s) => {
+    const total = s.values.reduce((a, b) => a + b, 0);
+    return el("li", "", el("span", "sw " + s.cls), s.name + ": " + count(total, "ops") + " in " + n + " s, peak " +
+      count(Math.max(...s.values), "ops/s"));
+  }));
+}
+
+const COLUMNS = {
+  endpoint: (e) => e.endpoint, ops: (e) => e.ops, failures: (e) => e.failures,
+  failure_rate: (e) => e.failure_rate, p50_ms: (e) => e.p50_ms ?? -1, p95_ms: (e) => e.p95_ms ?? -1,
+};
+
+for (const b of $("endpoints").querySelectorAll("button.sort")) {
+  b.addEventListener("click", () => {
+    const key = b.dataset.sort;
+    sortBy = {key, desc: sortBy.key === key ? !sortBy.desc : key !== "endpoint"};
+    showEndpoints();
+  });
+}
+
+/* The endpoints are ranked over the ops of the last 5 minutes, or of the whole ring. */
+$("endpoints-window").addEventListener("click", () => {
+  endpointsWindow = endpointsWindow === "ring" ? ENDPOINTS_WINDOW : "ring";
+  $("endpoints-window").textContent = endpointsWindow === "ring" ? "rank over the last " + ENDPOINTS_WINDOW
+                                                                 : "rank over the whole ring";
+  tick();
+});
+
+function showEndpoints() {
+  $("endpoints-over").textContent = !timeline ? "" : timeline.endpoints_since
+    ? "Over the ops of the ring stamped since " + when(timeline.endpoints_since) : "Over the ops in the ring";
+  const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
+  const rows = [...endpoints].sort((a, b) => {
+    const p = get(a), q = get(b);
+    return (p < q ? -1 : p > q ? 1 : 0) * dir || (a.endpoint < b.endpoint ? -1 : 1);
+  });
+  for (const th of $("endpoints").querySelectorAll("th")) {
+    const key = th.querySelector("button").dataset.sort;
+    th.setAttribute("aria-sort", key === sortBy.key ? (sortBy.desc ? "descending" : "ascending") : "none");
+  }
+  fill($("endpoints-body"), rows, {columns: [
+    ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
+    ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
+  ]}, timeline && timeline.endpoints_since ? "no ops in the last " + ENDPOINTS_WINDOW : "no ops in the ring");
+}
+
+function showClusters(clusters, analyzedAt) {
+  $("clusters-note").textContent = analyzedAt ? "As the analysis at " + when(analyzedAt) + " found them."
+                                              : "Not analysed yet.";
+  fill($("clusters-body"), clusters, {columns: [
+    ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
+    ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
+    ["t", (c) => when(c.last_seen)], ["w", (c) => c.signature],  /* whole: it is what to read here */
+  ]}, "no failure clusters");
+}
+
+function showEscalations(escalations) {
+  fill($("escalations-body"), escalations, {rowClass: (e) => (e.outcome === "sent" ? "" : "bad"), columns: [
+    ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
+    ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
+  ]}, "no escalations");
+}
+
+function showCorrections(corrections) {
+  const bad = {"hurt": "bad", "no change": "warn", "helped": "ok"};
+  fill($("corrections-body"), corrections, {columns: [
+    ["t", (c) => when(c.timestamp)], ["", (c) => endpointButton(c.endpoint)],
+    ["", (c) => el("span", bad[c.verdict] || "", c.verdict)],
+    ["n", (c) => pct(c.before.failure_rate) + " → " + pct(c.after.failure_rate)],
+    ["n", (c) => ms(c.before.p50_ms) + " → " + ms(c.after.p50_ms)],
+    ["", (c) => (c.escalated ? "escalated" : "")],
+  ]}, "no corrections judged");
+}
+
+function showPlaybooks(p) {
+  fill($("playbooks-body"), p.playbooks, {columns: [
+    ["", (b) => endpointButton(b.endpoint)], ["n", (b) => count(b.runs)], ["n", (b) => pct(b.success_rate)],
+    ["n", (b) => ms(b.p50_duration_ms)], ["n", (b) => ms(b.p95_duration_ms)], ["t", (b) => when(b.last_failure) || "–"],
+  ]}, "no scenario runs in the ring");
+}
+
+const OP_COLUMNS = {rowClass: (o) => (o.success === true ? "" : "f"), columns: [
+  ["t", (o) => when(o.timestamp)], ["", (o) => o.source], ["", (o) => endpointButton(o.endpoint)],
+  ["", (o) => (o.success === true ? "ok" : "FAIL")], ["n", (o) => ms(o.duration_ms)],
+  ["x", (o) => o.error || o.output_summary || o.input_summary || ""],
+]};
+
+function showOps() {
+  const where = $("f-endpoint").value.toLowerCase(), text = $("f-text").value.toLowerCase();
+  const rows = ops.filter((o) => o.endpoint.toLowerCase().includes(where) &&
+    (!text || [o.error, o.input_summary, o.output_summary].some((s) => typeof s === "string" && s.toLowerCase().includes(text))));
+  $("ops-note").textContent = count(rows.length, "ops") + " shown of the newest " + count(ops.length, "ops") +
+    " in the ring that match source and outcome; click an endpoint for its ops from the journal.";
+  fill($("ops-body"), rows, OP_COLUMNS, "no ops match");
+}
+
+$("f-endpoint").addEventListener("input", showOps);
+$("f-text").addEventListener("input", showOps);
+$("f-source").addEventListener("change", tick);
+$("f-failed").addEventListener("change", tick);
+$("filters").addEventListener("submit", (ev) => ev.preventDefault());
+
+async function openHistory(endpoint, failedOnly) {
+  shown = {endpoint, failedOnly, cursor: null, ops: []};
+  $("history").hidden = false;
+  $("history-title").textContent = (failedOnly ? "Failed ops of " : "Ops of ") + endpoint + ", from the journal";
+  $("history-body").replaceChildren();
+  drawn.delete($("history-body"));
+  $("history-title").focus();
+  await loadHistory();
+}
+
+async function loadHistory() {
+  const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
+  if (h.failedOnly) q.set("failed", "true");
+  if (h.cursor) q.set("cursor", h.cursor);
+  $("history-older").disabled = true;
+  try {
+    const r = await api("history?" + q);
+    if (shown !== h) return;
+    h.cursor = r.cursor;
+    h.ops.push(...r.ops);
+    fill($("history-body"), h.ops, OP_COLUMNS, "no ops in the journal");
+    $("history-note").textContent = count(h.ops.length, "ops") + ", newest first; last page read " +
+      bytes(r.scanned_bytes) + " of journal" + (r.truncated ? " and stopped at its scan limit" : "") +
+      (r.cursor ? "." : "; no older ops.");
+    $("history-older").hidden = !r.cursor;
+  } catch (e) {
+    if (e.status === 401) return askToken();
+    $("history-note").textContent = e.status ? e.message : "disconnected — press older to retry";
+  } finally {
+    $("history-older").disabled = false;
+  }
+}
+
+$("history-older").addEventListener("click", loadHistory);
+$("history-close").addEventListener("click", () => { shown = null; $("history").hidden = true; });
+
+async function tick() {
+  clearTimeout(timer);
+  if (busy) { again = true; return; }
+  if (needToken || document.hidden) return;
+  busy = true;
+  try {
+    await refresh();
+    updated = new Date().toLocaleTimeString();
+    setConn("live, refreshed every " + EVERY_MS / 1000 + " s", "ok");
+    $("conn").title = "last refreshed " + updated;
+  } catch (e) {
+    if (e.status === 401) askToken();
+    else if (e.status) setConn(e.message + " — retrying", "bad");
+    else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
+      setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
+    } else setConn("page error: " + e.message, "bad");
+  } finally {
+    busy = false;
+    if (!needToken && !document.hidden) timer = setTimeout(tick, again ? 0 : EVERY_MS);
+    again = false;
+  }
+}
+
+document.addEventListener("visibilitychange", tick);
+window.addEventListener("resize", () => timeline && drawChart(timeline));
+tick();
+""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS)).replace(  # the whole window the daemon keeps
+    "DEFAULT_ENDPOINTS_WINDOW", DEFAULT_ENDPOINTS_WINDOW)
+
+
+def _ui_html(style: str, script: str) -> str:
+    sources = "".join(f"<option>{source}</option>" for source in SOURCES)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>observerd</title>
+<link rel="icon" href="data:,">
+<style>{style}</style>
+</head>
+<body>
+<header>
+<h1>observerd <small id="version"></small></h1>
+<dl>
+<div><dt>state</dt><dd id="ready">…</dd></div>
+<div><dt>uptime</dt><dd id="uptime">…</dd></div>
+<div><dt>journal</dt><dd id="journal">…</dd></div>
+<div><dt>ring</dt><dd id="ring">…</dd></div>
+<div><dt>fsync p99</dt><dd id="fsync">…</dd></div>
+</dl>
+<p id="conn" role="status">loading…</p>
+</header>
+<form id="auth" hidden>
+<p id="auth-msg" role="alert"></p>
+<label for="token">Bearer token</label>
+<input id="token" type="password" autocomplete="off" required>
+<button>Use this token</button>
+<span class="note">kept in this tab only (sessionStorage)</span>
+</form>
+<main>
+<section class="wide" id="history" hidden aria-labelledby="history-title">
+<h2 id="history-title" tabindex="-1"></h2>
+<p class="note" id="history-note"></p>
+<div class="scroll"><table>
+<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
+<tbody id="history-body"></tbody></table></div>
+<p><button type="button" id="history-older">older</button> <button type="button" id="history-close">close</button></p>
+</section>
+<section class="wide">
+<h2>Events per second, last 5 minutes</h2>
+<svg id="chart" role="img" aria-label="events per second by source and failures per second"></svg>
+<ul id="legend"></ul>
+<p class="note">In the ring: <b id="stat-total">…</b>, <span id="stat-ok">…</span>, <span id="stat-failed">…</span>; by source:</p>
+<ul id="by-source" class="note"></ul>
+</section>
+<section>
+<h2>Endpoints with the most failures</h2>
+<div class="scroll"><table id="endpoints">
+<thead><tr><th><button class="sort" data-sort="endpoint">endpoint</button></th>
+<th class="n"><button class="sort" data-sort="ops">ops</button></th>
+<th class="n"><button class="sort" data-sort="failures">failures (ops)</button></th>
+<th class="n"><button class="sort" data-sort="failure_rate">failure rate</button></th>
+<th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
+<th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
+<tbody id="endpoints-body"></tbody></table></div>
+<p class="note"><span id="endpoints-over">Over the ops in the ring</span>
+(<button type="button" class="link" id="endpoints-window">rank over the whole ring</button>);
+click a header to sort, an endpoint for its ops from the journal.</p>
+</section>
+<section>
+<h2>Failure clusters</h2>
+<div class="scroll"><table>
+<thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
+<tbody id="clusters-body"></tbody></table></div>
+<p class="note" id="clusters-note"></p>
+</section>
+<section>
+<h2>Recent escalations</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th class="n">failures (ops)</th><th>outcome</th><th>error or signature</th></tr></thead>
+<tbody id="escalations-body"></tbody></table></div>
+</section>
+<section>
+<h2>Correction verdicts</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th>verdict</th><th class="n">failure rate before → after</th><th class="n">p50 before → after</th><th></th></tr></thead>
+<tbody id="corrections-body"></tbody></table></div>
+</section>
+<section>
+<h2>Playbooks</h2>
+<div class="scroll"><table>
+<thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
+<tbody id="playbooks-body"></tbody></table></div>
+</section>
+<section class="wide">
+<h2>Recent ops</h2>
+<form id="filters" role="search">
+<label>endpoint contains <input id="f-endpoint" type="search"></label>
+<label>source <select id="f-source"><option value="">any</option>{sources}</select></label>
+<label><input id="f-failed" type="checkbox"> failed only</label>
+<label>text in error or summary <input id="f-text" type="search"></label>
+</form>
+<p class="note" id="ops-note"></p>
+<div class="scroll tall"><table>
+<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
+<tbody id="ops-body"></tbody></table></div>
+</section>
+</main>
+<script>{script}</script>
+</body>
+</html>
+"""
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source that allows exactly this inline script or style."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+_UI_PAGE = _ui_html(UI_STYLE, UI_SCRIPT).encode("utf-8")
+UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
+    # The page may run its own script and style, fetch this origin's API, and nothing else.
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {csp_hash(UI_SCRIPT)}; style-src {csp_hash(UI_STYLE)}; "
+        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # revalidate: a new observerd serves a new page
+    "ETag": '"' + hashlib.sha256(_UI_PAGE).hexdigest()[:32] + '"',
+})
 
 
 if __name__ == "__main__":
