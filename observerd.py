@@ -95,20 +95,39 @@ _UNSHOWABLE = re.compile(f"[{_UNSHOWABLE_CHARS}]")
 _BARE_VALUE = re.compile(f"[^\\s\"=\\\\{_UNSHOWABLE_CHARS}]+")
 
 
-_second_cache: tuple[int, str] = (-1, "")
+class PerSecond:
+    """A text that changes once a second (a timestamp's date part, the Date header), formatted
+    once for each second asked: formatting is most of what stamping costs."""
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self._render = render
+        self._last: tuple[int, str] = (-1, "")  # replaced whole: a reader never sees half of it
+
+    def __call__(self, second: int) -> str:
+        last_second, text = self._last
+        if second != last_second:
+            text = self._render(second)
+            self._last = (second, text)
+        return text
+
+
+def rfc3339_second(second: int) -> str:
+    """A whole UTC second as RFC 3339 spells it: YYYY-MM-DDTHH:MM:SS (no zone)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+_rfc3339_second_now = PerSecond(rfc3339_second)
+
+
+def rfc3339_of(seconds: float) -> str:
+    """A time as UTC RFC 3339 with microseconds and a Z suffix, as observerd stamps ops."""
+    whole = math.floor(seconds)
+    return f"{_rfc3339_second_now(whole)}.{int((seconds - whole) * 1_000_000):06d}Z"
 
 
 def utc_now_rfc3339() -> str:
     """The current UTC time as RFC 3339 with microseconds and a Z suffix."""
-    # Formatting the date part is most of the cost and changes once a second: reuse it.
-    global _second_cache
-    now = time.time()
-    second = int(now)
-    cached_second, prefix = _second_cache
-    if second != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second_cache = (second, prefix)
-    return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
+    return rfc3339_of(time.time())
 
 
 def showable(text: str) -> str:
@@ -1774,10 +1793,10 @@ def rotate_segments(path: Path, keep_files: int, record: UnsyncedRecord | None) 
         if shifted:
             # No op is lost: each file is under a neighbour's name. The next append makes the
             # path again if it is gone; stop observerd and run these, in order, to restore it.
-            log("ERROR", "cannot rotate log; its folder is left shifted", path=path, error=exc,
+            log("ERROR", "cannot rotate journal; its folder is left shifted", path=path, error=exc,
                 to_recover="; ".join(shifted))
         else:
-            log("ERROR", "cannot rotate log; left as it was", path=path, error=exc)
+            log("ERROR", "cannot rotate journal; left as it was", path=path, error=exc)
         raise
     if moves[0][1] == dropped:
         try:
@@ -1787,7 +1806,7 @@ def rotate_segments(path: Path, keep_files: int, record: UnsyncedRecord | None) 
                 record.remove(status.st_dev, status.st_ino)  # its inode may be reused
         except (OSError, ValueError):
             pass  # replaced by the next rotation's oldest segment
-    log("INFO", "rotated log", path=path, keep_files=keep_files)
+    log("INFO", "rotated journal", path=path, keep_files=keep_files)
     return fd
 
 
@@ -1831,7 +1850,7 @@ class Journal:
             if self.path.exists():
                 dropped = repair_torn_tail(self.path)
                 if dropped:
-                    log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
+                    log("WARN", "repaired torn tail of journal", path=self.path, dropped_bytes=dropped)
             self._fd = self._open_for_append()
             probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
         except BaseException:
@@ -1862,7 +1881,7 @@ class Journal:
             except OSError as exc:
                 self.metrics.persist_errors.inc()
                 if self.failure is None:
-                    log("WARN", "log not writable; not ready until a write succeeds", path=self.path,
+                    log("WARN", "journal not writable; not ready until a write succeeds", path=self.path,
                         error=exc.strerror or exc)
                 self.failure, self._failed_bytes = f"{exc.strerror or exc} ({self.path})", len(data)
                 raise PersistError(self.failure) from exc
@@ -1893,7 +1912,7 @@ class Journal:
     def _writable(self, found_by: str) -> None:
         if self.failure is not None:
             self.failure = None
-            log("INFO", "log writable again", path=self.path, found_by=found_by)
+            log("INFO", "journal writable again", path=self.path, found_by=found_by)
 
     def _append(self, data: bytes) -> None:
         if self._pending is not None:
@@ -1913,10 +1932,10 @@ class Journal:
             # creates its own, and the next append follows; those ops are in the .backup.
             # An rm racing this very append takes it along, as it would a moment earlier.
             if named is None:
-                log("WARN", "log file is gone from its path; making the path again", path=self.path,
+                log("WARN", "journal file is gone from its path; making the path again", path=self.path,
                     links_left=status.st_nlink)
             else:
-                log("INFO", "log path names another file; reopening it", path=self.path)
+                log("INFO", "journal path names another file; reopening it", path=self.path)
             self._reopen()
             status = os.fstat(self._fd)
         size = status.st_size
@@ -2151,7 +2170,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
                         # Whatever a stored line makes decoding or encoding raise (InvalidOp,
                         # RecursionError, UnicodeEncodeError, a rule added later), it is one bad
                         # line, never a reason to stop startup.
-                        log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
+                        log("WARN", "skipped invalid journal line", path=segment, offset=offset, reason=exc)
                     else:
                         if ops and held + ring_op.size > max_bytes:
                             ring_full = True
@@ -2196,6 +2215,11 @@ class Ring:
             self.recent_scenarios.append(op)
         while len(self.ops) > self.ring_size or (self.bytes > self.max_bytes and len(self.ops) > 1):
             self._evict(self.ops.popleft())
+
+    def refill(self, ops: list[RingOp]) -> None:
+        """Apply restored ops, oldest first, as if they had just arrived."""
+        for op in ops:
+            self.apply(op)
 
     def _evict(self, op: RingOp) -> None:
         self.bytes -= op.size
@@ -2410,8 +2434,7 @@ class OpStore:
                 return
             ops, op_ids = restored
             with self._ring_lock:
-                for op in ops:
-                    self.ring.apply(op)
+                self.ring.refill(ops)
                 if self.window is not None:
                     self.window.restore(op_ids)
             # The busiest endpoints of the ring are named first: a restart converges on them.
@@ -2605,7 +2628,7 @@ class OpStore:
     def reopen_journal(self) -> None:
         if self.journal is not None:
             self.journal.reopen()
-            log("INFO", "reopened log", path=self.journal.path)
+            log("INFO", "reopened journal", path=self.journal.path)
 
     def close(self) -> None:
         """Commit what is queued, stop the committer, close the journal."""
@@ -2712,7 +2735,7 @@ def _utc_second(seconds: float) -> bytes | None:
     """The UTC second a time falls in, as RFC 3339 spells it (YYYY-MM-DDTHH:MM:SS); None if the
     year has not four digits, where spellings stop sorting as times do."""
     try:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(seconds)))
+        text = rfc3339_second(math.floor(seconds))
     except (OverflowError, OSError, ValueError):
         return None
     return text.encode() if len(text) == 19 else None
@@ -3799,12 +3822,6 @@ PENDING = "pending"
 UNHELPFUL = ("no change", "hurt")
 
 
-def rfc3339_of(seconds: float) -> str:
-    """A time as UTC RFC 3339 with microseconds, as observerd stamps ops."""
-    whole = math.floor(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e6):06d}Z"
-
-
 def chronological(timestamp: str) -> str:
     """A valid timestamp spelled as rfc3339_of spells times, so that such spellings sort as the
     times do: most are already (observerd's own stamps), and cost no parsing."""
@@ -4381,16 +4398,12 @@ def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
     return INTERNAL_ERROR
 
 
-_date_cache: tuple[int, str] = (-1, "")
+_http_date_of = PerSecond(lambda second: formatdate(second, usegmt=True))
 
 
 def http_date() -> str:
-    """The Date header value, formatted once per second."""
-    global _date_cache
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache = (second, formatdate(second, usegmt=True))
-    return _date_cache[1]
+    """The Date header value."""
+    return _http_date_of(int(time.time()))
 
 
 class Document(NamedTuple):
@@ -5139,7 +5152,7 @@ def ranked_endpoints(ops: list[RingOp], window: str, now: float) -> tuple[list[d
         return rank_endpoints(ops, TIMELINE_ENDPOINTS), None
     recent = OpFilter({"since": f"{span}s"}, now)
     ops = [op for op in ops if recent.stamped_in_window(op.timestamp)]
-    since = datetime.fromtimestamp(now - span, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    since = rfc3339_second(math.floor(now - span)) + "Z"
     return rank_endpoints(ops, TIMELINE_ENDPOINTS), since
 
 
@@ -5223,7 +5236,7 @@ class ObserverHandler(HTTPHandler):
             "uptime_s": round(time.monotonic() - server.started, 1),
             "ready": server.unready_reason() is None,  # as GET /observer/ready says, and why not
             "reason": server.unready_reason(),
-            "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
+            "now": rfc3339_second(newest) + "Z",
             "seconds": seconds,
             "sources": sources,
             "totals": totals,
@@ -6713,8 +6726,7 @@ def print_stats(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    for op in ring_ops:
-        ring.apply(op)
+    ring.refill(ring_ops)
     print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
     return 0
 
@@ -7465,7 +7477,7 @@ def serve(config: Config) -> int:
     try:
         store.restore(received.stopping)
     except OSError as exc:
-        log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
+        log("ERROR", "cannot restore from journal", path=exc.filename, error=exc.strerror or exc)
         status = 2
     else:
         if store.restored:
@@ -7475,7 +7487,7 @@ def serve(config: Config) -> int:
             try:
                 store.reopen_journal()
             except OSError as exc:
-                log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
+                log("ERROR", "cannot reopen journal; still appending to the old file", error=exc)
         stop = {"signal": signal.Signals(signum).name, "restored": store.restored}
 
     log("INFO", "shutting down", **stop, open_connections=len(server.connections))

@@ -1377,7 +1377,7 @@ def test_replay_skips_a_corrupt_line_and_keeps_the_rest(tmp_path, capsys):
     good = [op("/a"), op("/b")]
     path.write_bytes(od.encode_line(good[0]) + b'{"endpoint": "/broken", \n' + od.encode_line(good[1]))
     assert dicts(od.restore_journal(path, 2000).ops) == good
-    assert "skipped invalid log line" in capsys.readouterr().err
+    assert "skipped invalid journal line" in capsys.readouterr().err
 
 
 def test_torn_tail_is_cut_back_before_the_first_append(tmp_path, capsys):
@@ -1511,7 +1511,7 @@ def test_rotation_keeps_only_keep_files_segments_and_restart_restores_the_tail(t
     before = client.get("/observer/stats")[1]
     names = sorted(p.name for p in tmp_path.glob("ops.jsonl*"))
     assert names == ["ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
-    assert "msg=\"rotated log\"" in daemon.log
+    assert "msg=\"rotated journal\"" in daemon.log
     daemon.stop()
     daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1000, keep_files=2, ring_size=12)
     assert daemon.client().get("/observer/stats")[1] == before
@@ -1562,7 +1562,7 @@ def test_an_op_after_another_writers_unfinished_line_starts_its_own_line(tmp_pat
     daemon.stop()
     daemon = start_durable_daemon(daemons, tmp_path)
     assert daemon.client().get("/observer/stats")[1]["total"] == 2
-    assert "skipped invalid log line" in daemon.log  # the fragment, on a line of its own
+    assert "skipped invalid journal line" in daemon.log  # the fragment, on a line of its own
 
 
 @pytest.mark.parametrize("spare_fds", [0, 1])  # 0: the new file cannot be created; 1: the folder cannot be opened
@@ -1598,7 +1598,7 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
     for _ in range(5):  # more failed attempts than keep_files
         assert post(i) == 503
         assert folder_contents(tmp_path) == before, "a failed rotation changed the folder"
-    assert "cannot rotate log" in daemon.log
+    assert "cannot rotate journal" in daemon.log
     assert len(open_fds(pid)) == limit - spare_fds, "a failed rotation leaked a file descriptor"
     for sock in idle:
         sock.close()
@@ -1903,7 +1903,7 @@ def test_a_failed_fsync_at_startup_refuses_this_start_and_every_one_until_the_re
     faulty.inject("fsync")
     daemon = faulty.start(wait=False)
     assert daemon.exit_status() == 2
-    assert f'msg="cannot restore from log" path={faulty.journal}' in daemon.log
+    assert f'msg="cannot restore from journal" path={faulty.journal}' in daemon.log
     assert "fsync of a journal file failed at startup" in daemon.log and "Traceback" not in daemon.log
     [entry] = faulty.records()
     assert entry[2:4] == [0, faulty.journal.stat().st_size] and entry[6] is True
@@ -1969,7 +1969,7 @@ def test_a_rotation_whose_undo_fails_says_the_folder_is_left_shifted_and_how_to_
         journal.append_durably(b"y" * 20 + b"\n")
     journal.close()
     err = capsys.readouterr().err
-    assert 'msg="cannot rotate log; its folder is left shifted"' in err
+    assert 'msg="cannot rotate journal; its folder is left shifted"' in err
     assert f"to_recover=\"mv {tmp_path / 'ops.jsonl.1'} {path}\"" in err
     assert "left as it was" not in err
 
@@ -1980,7 +1980,7 @@ def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path,
     assert post("/before-rm") == 200
     path.unlink()  # an operator's rm
     assert post("/after-rm") == 200
-    assert "log file is gone from its path" in daemon.log
+    assert "journal file is gone from its path" in daemon.log
     assert endpoints_in(path) == ["/after-rm"]
     # Another file renamed over the path (a restore from backup): appends follow the path.
     replacement = folder / "from-backup.jsonl"
@@ -2087,7 +2087,7 @@ def test_a_restart_skips_stored_lines_that_would_break_a_read(tmp_path, daemons)
     client = daemon.client()
     assert client.get("/observer/stats")[1]["total"] == 2
     assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/good/1", "/good/0"]
-    assert daemon.log.count("skipped invalid log line") == len(bad)
+    assert daemon.log.count("skipped invalid journal line") == len(bad)
     cli = run_cli("stats", str(path))
     assert cli.returncode == 0 and json.loads(cli.stdout)["total"] == 2
 
@@ -2107,7 +2107,7 @@ def test_restore_skips_log_lines_no_read_could_serve(tmp_path, capsys):
     finally:
         server.close()
     err = capsys.readouterr().err
-    assert err.count("skipped invalid log line") == 2 and "MAX_JSON_DEPTH=64" in err and "surrogate" in err
+    assert err.count("skipped invalid journal line") == 2 and "MAX_JSON_DEPTH=64" in err and "surrogate" in err
 
 
 def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons):
@@ -2119,7 +2119,7 @@ def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons)
     assert post("/b") == 200
     assert endpoints_in(path) == ["/b"]
     assert endpoints_in(tmp_path / "backup.jsonl") == ["/a"]
-    assert "log file is gone from its path" in daemon.log
+    assert "journal file is gone from its path" in daemon.log
     folder.rename(tmp_path / "data.old")  # the folder moved away, file and all
     assert post("/c") == 200
     assert endpoints_in(path) == ["/c"]
@@ -2129,9 +2129,9 @@ def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons)
     path.touch()
     assert post("/d") == 200
     assert endpoints_in(path) == ["/d"]
-    assert "log path names another file" in daemon.log
+    assert "journal path names another file" in daemon.log
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, what="the SIGHUP reopen")
+    wait_for(lambda: "reopened journal" in daemon.log, what="the SIGHUP reopen")
     assert post("/e") == 200
     assert endpoints_in(path) == ["/d", "/e"]
     assert endpoints_in(folder / "ops.jsonl.1") == ["/c"]
@@ -4456,7 +4456,7 @@ def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_pat
     wait_for(lambda: len(acked) > 200, timeout=120, what="load")
     os.rename(live, rotated)  # what logrotate does before signalling, with `create`
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
+    wait_for(lambda: "reopened journal" in daemon.log, timeout=60, what="the reopen")
     wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, timeout=120, interval=0.1,
              what="ops in the new file")
     writers.stop()
@@ -4534,7 +4534,7 @@ def test_sighup_during_startup_is_not_fatal_and_reopens_the_log(held_daemon, tmp
         daemon.proc.send_signal(signal.SIGHUP)
     daemon.release()
     daemon.wait_listening()
-    wait_for(lambda: "reopened log" in daemon.log, what="the reopen the SIGHUP asked for")
+    wait_for(lambda: "reopened journal" in daemon.log, what="the reopen the SIGHUP asked for")
     assert daemon.client().post("/observer/event", {"endpoint": "/after-early-hup"})[0] == 200
     assert replay_forward(tmp_path / "ops.jsonl")[-1]["endpoint"] == "/after-early-hup"
     daemon.proc.send_signal(signal.SIGTERM)
@@ -6540,9 +6540,9 @@ def test_ops_follow_prints_appended_ops_across_the_daemons_rotations(tmp_path, d
     # Stopped while the daemon rotates several times: on waking it reads the segments rotated
     # meanwhile too, not only the file the path names now.
     follower.proc.send_signal(signal.SIGSTOP)
-    rotations = daemon.log.count('msg="rotated log"')
+    rotations = daemon.log.count('msg="rotated journal"')
     post_seqs(client, range(30, 80), keep="yes")
-    assert daemon.log.count('msg="rotated log"') - rotations >= 3
+    assert daemon.log.count('msg="rotated journal"') - rotations >= 3
     follower.proc.send_signal(signal.SIGCONT)
     follower.wait_seqs([10] + list(range(14, 80)), "the ops of every segment rotated while it slept")
     status, stderr = follower.interrupt()
@@ -6590,7 +6590,7 @@ def test_ops_follow_moves_to_the_new_file_after_logrotate_and_sighup(tmp_path, d
     follower.wait_seqs([4, 5, 6, 7], "ops before the rotation")
     os.rename(live, tmp_path / "ops.jsonl-20261126")  # logrotate's move, without `create`
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
+    wait_for(lambda: "reopened journal" in daemon.log, timeout=60, what="the reopen")
     post_seqs(client, range(8, 12))
     follower.wait_seqs(list(range(4, 12)), "ops after the SIGHUP, in the new file")
     os.rename(live, tmp_path / "ops.jsonl-20261127")
