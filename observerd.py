@@ -6042,11 +6042,195 @@ class SystemdNotifier:
 
 
 # =============================================================================
-# [SECTION] CLI and main: serve, check, stats, top, ops, runs, compare, corrections
+# [SECTION] Daemon: the one place that builds a running daemon from a config (journal, store,
+# server, housekeeping, loops, systemd) and stops it; serve and the tests' server both use it
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
 JOURNAL_PROBE_INTERVAL_S = 1.0  # how often a journal that cannot be written is tried again
+
+
+def _privileged_ports_end() -> int:
+    """The first port an unprivileged user may listen on (Linux lowers it with a sysctl)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+_TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
+
+
+def port_holders(port: int) -> dict[int, str]:
+    """The processes listening on a TCP port, pid -> name, as far as this user may see them:
+    Linux's /proc, matching each listening socket's inode to the descriptors holding it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = {}
+    for pid in (name for name in os.listdir("/proc") if name.isdigit()) if inodes else ():
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as descriptors:
+                if any(os.readlink(fd.path) in inodes for fd in descriptors):
+                    holders[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # another user's process, or one that just ended
+            continue
+    return holders
+
+
+def port_in_use_problem(config: Config) -> str:
+    """What check and serve say when another socket holds bind's port (but for the daemon of
+    this journal: see bind_problem)."""
+    holders = port_holders(config.port)
+    by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"
+    return f"bind {config.bind}: port {config.port} is in use by {by}"
+
+
+def listen_problem(config: Config, error: OSError) -> str:
+    """Why serve cannot listen on bind, in the words check uses too."""
+    if isinstance(error, socket.gaierror):
+        return f"bind {config.bind}: host {config.host!r} does not resolve ({error.strerror})"
+    if error.errno == errno.EADDRINUSE:
+        return port_in_use_problem(config)
+    if error.errno == errno.EACCES and 0 < config.port < _privileged_ports_end():
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        return (f"bind {config.bind}: port {config.port} is privileged (below {_privileged_ports_end()}) "
+                f"and user {user} may not listen on it: grant CAP_NET_BIND_SERVICE or pick a higher port")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"bind {config.bind}: {config.host} is not an address of this host"
+    return f"bind {config.bind}: {error.strerror or error}"
+
+
+def open_store(config: Config) -> OpStore:
+    """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
+    the store's restore(). Raises JournalLocked, UntrustedJournal or OSError."""
+    ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
+    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
+    journal = None
+    if config.persist_path is not None:
+        record = None if config.runtime_dir is None else UnsyncedRecord.in_folder(config.runtime_dir,
+                                                                                   config.persist_path)
+        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics,
+                          JournalLock(config.persist_path, record and record.path), record)
+        journal.open()
+    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
+    return OpStore(ring, journal, metrics, window)
+
+
+def close_store(store: OpStore) -> int:
+    """Close the store; 0, or 1 once an error closing the journal (an EIO) is logged."""
+    try:
+        store.close()
+    except OSError as exc:  # the last appends' fate is the disk's to tell
+        log("ERROR", "cannot close journal", path=exc.filename, error=exc.strerror or exc)
+        return 1
+    return 0
+
+
+class DaemonNotStarted(Exception):
+    """The daemon could not start; why is logged already."""
+
+
+class RunningDaemon:
+    """A daemon answering on its port: built from a config, restored, stopped.
+
+    Answering comes before restoring: health and ready answer at once, however long the restore
+    takes; the routes that serve or store ops answer 503 until it is done.
+    """
+
+    def __init__(self, config: Config, reap_every_s: float = 0.25, accept_poll_s: float = 0.1):
+        """Open the journal and listen; raises DaemonNotStarted once the reason is logged."""
+        self.config = config
+        try:
+            if config.playbooks_path is not None:
+                make_dirs_durably(config.playbooks_path.parent)
+            self.store = open_store(config)
+        except JournalLocked as exc:
+            log("ERROR", "journal in use by another observerd; not starting", path=config.persist_path,
+                pid=exc.pid or "unknown", lock=lock_path(config.persist_path))
+            raise DaemonNotStarted from None
+        except UntrustedJournal as exc:
+            log("ERROR", "journal not trusted; not starting", problem=exc)
+            raise DaemonNotStarted from None
+        except OSError as exc:  # the checks passed: the disk failed or changed under us
+            log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
+            raise DaemonNotStarted from None
+        try:
+            self.server = ObserverServer(config, self.store)
+        except StartupError as exc:
+            log("ERROR", "cannot serve TLS", problem=exc)
+            close_store(self.store)
+            raise DaemonNotStarted from None
+        except OSError as exc:  # the check passed: another process took the port since
+            log("ERROR", "cannot listen", bind=config.bind, problem=listen_problem(config, exc))
+            close_store(self.store)
+            raise DaemonNotStarted from None
+        host, self.port = self.server.server_address[:2]
+        log("INFO", "listening", addr=format_hostport(host, self.port), tls=config.tls_cert is not None)
+        self.housekeeping = Scheduler("housekeeping")
+        self.housekeeping.every(reap_every_s, self.server.connections.close_expired)
+        if self.store.journal is not None:
+            self.housekeeping.every(JOURNAL_PROBE_INTERVAL_S, self.store.journal.probe)
+        self.housekeeping.start()
+        threading.Thread(target=self.server.serve_forever, args=(accept_poll_s,), name="accept",
+                         daemon=True).start()
+        self.supervisor = SystemdNotifier(self.server)
+        self.loops: Scheduler | None = None
+
+    def restore(self, stopping: threading.Event | None = None) -> bool:
+        """Restore the ring, then start the loops and tell systemd it is ready (unless stopping
+        came first); False once a journal that cannot be read is logged."""
+        try:
+            self.store.restore(stopping)
+        except OSError as exc:
+            log("ERROR", "cannot restore from journal", path=exc.filename, error=exc.strerror or exc)
+            return False
+        if self.store.restored:
+            # The tailer reads the restored ring.
+            self.loops = start_observer_loops(self.config, self.store, self.server.insights)
+            self.supervisor.ready()
+        return True
+
+    def reopen_journal(self) -> None:
+        """What SIGHUP asks for: the journal's path opened again (after logrotate moved it)."""
+        try:
+            self.store.reopen_journal()
+        except OSError as exc:
+            log("ERROR", "cannot reopen journal; still appending to the old file", error=exc)
+
+    def stop(self, status: int = 0, grace_s: float = SHUTDOWN_GRACE_S, **why: object) -> int:
+        """Drain, stop every thread and close the journal; returns the exit status (status, or
+        1 if closing the journal failed)."""
+        server = self.server
+        log("INFO", "shutting down", **why, open_connections=len(server.connections))
+        self.supervisor.stopping()
+        # Closing comes first, and the listener keeps answering while the drain runs: ready
+        # says shutting down from the signal on, to every client that asks.
+        left = server.connections.close_idle_and_drain(grace_s)
+        if self.loops is not None:
+            self.loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+        server.shutdown()
+        self.housekeeping.stop()
+        server.server_close()
+        status = status or close_store(self.store)
+        log("INFO", "stopped", ops=len(self.store), abandoned_connections=left, status=status)
+        return status
+
+
+# =============================================================================
+# [SECTION] CLI and main: serve, check, stats, top, ops, runs, compare, corrections
+# =============================================================================
+
 EXIT_STATUS = """
 exit status: 0 ok; 1 runtime error (a file cannot be read, the daemon cannot be reached);
   2 usage or config error (a bad flag or setting, or anything that keeps the daemon from starting)
@@ -6390,67 +6574,6 @@ def _runtime_dir_problem(folder: Path) -> str | None:
     if status.st_mode & 0o022:
         return f"is writable by others (mode {stat.S_IMODE(status.st_mode):o}): chmod go-w it"
     return None
-
-
-def _privileged_ports_end() -> int:
-    """The first port an unprivileged user may listen on (Linux lowers it with a sysctl)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    except (OSError, ValueError):
-        return 1024
-
-
-_TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
-
-
-def port_holders(port: int) -> dict[int, str]:
-    """The processes listening on a TCP port, pid -> name, as far as this user may see them:
-    Linux's /proc, matching each listening socket's inode to the descriptors holding it."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    holders = {}
-    for pid in (name for name in os.listdir("/proc") if name.isdigit()) if inodes else ():
-        try:
-            with os.scandir(f"/proc/{pid}/fd") as descriptors:
-                if any(os.readlink(fd.path) in inodes for fd in descriptors):
-                    holders[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:  # another user's process, or one that just ended
-            continue
-    return holders
-
-
-def port_in_use_problem(config: Config) -> str:
-    """What check and serve say when another socket holds bind's port (but for the daemon of
-    this journal: see bind_problem)."""
-    holders = port_holders(config.port)
-    by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"
-    return f"bind {config.bind}: port {config.port} is in use by {by}"
-
-
-def listen_problem(config: Config, error: OSError) -> str:
-    """Why serve cannot listen on bind, in the words check uses too."""
-    if isinstance(error, socket.gaierror):
-        return f"bind {config.bind}: host {config.host!r} does not resolve ({error.strerror})"
-    if error.errno == errno.EADDRINUSE:
-        return port_in_use_problem(config)
-    if error.errno == errno.EACCES and 0 < config.port < _privileged_ports_end():
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:
-            user = f"uid {os.geteuid()}"
-        return (f"bind {config.bind}: port {config.port} is privileged (below {_privileged_ports_end()}) "
-                f"and user {user} may not listen on it: grant CAP_NET_BIND_SERVICE or pick a higher port")
-    if error.errno == errno.EADDRNOTAVAIL:
-        return f"bind {config.bind}: {config.host} is not an address of this host"
-    return f"bind {config.bind}: {error.strerror or error}"
 
 
 def bind_problem(config: Config) -> str | None:
@@ -7368,32 +7491,6 @@ def print_corrections(args: argparse.Namespace) -> int:
     return found if isinstance(found, int) else write_answer(args, found, corrections_table)
 
 
-def open_store(config: Config) -> OpStore:
-    """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
-    the store's restore(). Raises JournalLocked, UntrustedJournal or OSError."""
-    ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
-    journal = None
-    if config.persist_path is not None:
-        record = None if config.runtime_dir is None else UnsyncedRecord.in_folder(config.runtime_dir,
-                                                                                   config.persist_path)
-        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics,
-                          JournalLock(config.persist_path, record and record.path), record)
-        journal.open()
-    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
-    return OpStore(ring, journal, metrics, window)
-
-
-def close_store(store: OpStore) -> int:
-    """Close the store; 0, or 1 once an error closing the journal (an EIO) is logged."""
-    try:
-        store.close()
-    except OSError as exc:  # the last appends' fate is the disk's to tell
-        log("ERROR", "cannot close journal", path=exc.filename, error=exc.strerror or exc)
-        return 1
-    return 0
-
-
 class ReceivedSignals:
     """The signals serve acts on, in the order they came, taken by sigwait on a thread of
     their own: startup goes on meanwhile, and a stop signal is seen at once by the restore,
@@ -7436,73 +7533,14 @@ def serve(config: Config) -> int:
         log("ERROR", "invalid config", file=config.source, problem="; ".join(problems))
         return 2
     try:
-        if config.playbooks_path is not None:
-            make_dirs_durably(config.playbooks_path.parent)
-        store = open_store(config)
-    except JournalLocked as exc:
-        log("ERROR", "journal in use by another observerd; not starting", path=config.persist_path,
-            pid=exc.pid or "unknown", lock=lock_path(config.persist_path))
+        daemon = RunningDaemon(config)
+    except DaemonNotStarted:
         return 2
-    except UntrustedJournal as exc:
-        log("ERROR", "journal not trusted; not starting", problem=exc)
-        return 2
-    except OSError as exc:  # the checks passed: the disk failed or changed under us
-        log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
-        return 2
-    insights = Insights()
-    try:
-        server = ObserverServer(config, store, insights)
-    except StartupError as exc:
-        log("ERROR", "cannot serve TLS", problem=exc)
-        close_store(store)
-        return 2
-    except OSError as exc:  # the check passed: another process took the port since
-        log("ERROR", "cannot listen", bind=config.bind, problem=listen_problem(config, exc))
-        close_store(store)
-        return 2
-    host, port = server.server_address[:2]
-    log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
-    housekeeping = Scheduler("housekeeping")
-    housekeeping.every(0.25, server.connections.close_expired)
-    if store.journal is not None:
-        housekeeping.every(JOURNAL_PROBE_INTERVAL_S, store.journal.probe)
-    housekeeping.start()
-    accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
-                                     daemon=True)
-    accept_thread.start()
-    supervisor = SystemdNotifier(server)
-    # Answering before restoring: health and ready answer at once, however long the restore
-    # takes; the routes that serve or store ops answer 503 until it is done.
-    status, loops, stop = 0, None, {}
-    try:
-        store.restore(received.stopping)
-    except OSError as exc:
-        log("ERROR", "cannot restore from journal", path=exc.filename, error=exc.strerror or exc)
-        status = 2
-    else:
-        if store.restored:
-            loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
-            supervisor.ready()
-        while (signum := received.next()) == signal.SIGHUP:
-            try:
-                store.reopen_journal()
-            except OSError as exc:
-                log("ERROR", "cannot reopen journal; still appending to the old file", error=exc)
-        stop = {"signal": signal.Signals(signum).name, "restored": store.restored}
-
-    log("INFO", "shutting down", **stop, open_connections=len(server.connections))
-    supervisor.stopping()
-    # Closing comes first, and the listener keeps answering while the drain runs: ready
-    # says shutting down from the signal on, to every client that asks.
-    left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
-    if loops is not None:
-        loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
-    server.shutdown()
-    housekeeping.stop()
-    server.server_close()
-    status = status or close_store(store)
-    log("INFO", "stopped", ops=len(store), abandoned_connections=left, status=status)
-    return status
+    if not daemon.restore(received.stopping):
+        return daemon.stop(status=2)
+    while (signum := received.next()) == signal.SIGHUP:
+        daemon.reopen_journal()
+    return daemon.stop(signal=signal.Signals(signum).name, restored=daemon.store.restored)
 
 
 def main(argv: list[str] | None = None) -> int:

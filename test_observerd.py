@@ -142,31 +142,19 @@ class Client:
 
 
 class InProcessServer:
-    """observerd's server and store running on threads of the test process."""
+    """observerd's daemon, built as serve builds it, running on threads of the test process."""
 
     def __init__(self, config: od.Config):
         self.config = config
-        self.store = od.open_store(config)
-        self.store.restore()
-        self.server = od.ObserverServer(config, self.store)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.housekeeping = od.Scheduler("test-housekeeping")
-        self.housekeeping.every(0.05, self.server.connections.close_expired)
-        self.housekeeping.start()
-        self.loops = od.start_observer_loops(config, self.store, self.server.insights)
+        self.daemon = od.RunningDaemon(config, reap_every_s=0.05, accept_poll_s=0.05)
+        self.store, self.server, self.port = self.daemon.store, self.daemon.server, self.daemon.port
+        self.daemon.restore()
 
     def client(self, **kw) -> Client:
         return Client(self.port, **kw)
 
     def close(self):
-        self.server.shutdown()
-        self.loops.stop()
-        self.server.connections.close_idle_and_drain(1.0)
-        self.housekeeping.stop()
-        self.server.server_close()
-        self.store.close()
+        self.daemon.stop(grace_s=1.0)
 
 
 def started_by_test(make, stop):
@@ -5645,18 +5633,17 @@ def test_a_failed_commit_makes_observerd_unready_and_the_next_good_commit_ready(
 
 def test_the_probe_never_follows_what_is_planted_at_its_scratch_name(serve, monkeypatch, tmp_path):
     server = serve()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    scratch = od.probe_scratch_path(server.store.journal.path)
+    scratch.symlink_to(victim)
     FsyncSpy(monkeypatch, fail_calls={1})
     client = server.client()
     assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"precious\n")
-    journal = server.store.journal
-    scratch = od.probe_scratch_path(journal.path)
-    scratch.symlink_to(victim)
-    journal.probe()  # the disk works again: the probe finds it, through its own new file
+    # The disk works again: the daemon's own probe finds it, through its own new file.
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
     assert victim.read_bytes() == b"precious\n"
     assert not scratch.exists() and not scratch.is_symlink()
-    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
 
 
 def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_without_traffic(tmp_path, daemons):
