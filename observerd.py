@@ -1129,13 +1129,99 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 
 
 # =============================================================================
+# [SECTION] Files: a file read a block at a time, forward or backward, and its lines backward;
+# every reader of the journal, the unsynced record and the corrections file reads through it
+# =============================================================================
+
+BLOCK_BYTES = 64 * 1024  # one read of a file; the most a reader holds of a line it has not ended
+
+
+def blocks(fd: int, start: int, end: int):
+    """(offset, block) of the bytes [start, end) of a file, in order; stops where the file ends."""
+    while start < end:
+        block = os.pread(fd, min(end - start, BLOCK_BYTES), start)
+        if not block:
+            return
+        yield start, block
+        start += len(block)
+
+
+def blocks_backward(fd: int, end: int, floor: int = 0):
+    """(offset, block) of the bytes [floor, end) of a file, newest first; raises OSError if the
+    file holds fewer (it shrank while it was read)."""
+    while end > floor:
+        start = max(floor, end - BLOCK_BYTES)
+        block = os.pread(fd, end - start, start)
+        if len(block) != end - start:
+            raise OSError(f"the file shrank while it was read (at byte {start + len(block)})")
+        yield start, block
+        end = start
+
+
+def complete_end(fd: int, end: int, floor: int = 0) -> int:
+    """Just after the last newline before end (floor if there is none after floor)."""
+    for start, block in blocks_backward(fd, end, floor):
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+    return floor
+
+
+def _joined(pieces: list[bytes]) -> bytes:
+    """The pieces as one bytes, the list emptied: only the result stays held."""
+    whole = b"".join(pieces)
+    pieces.clear()
+    return whole
+
+
+class LinesBackward:
+    """A file's lines before an offset, newest first, read a block at a time: each byte is read
+    once and copied once more; a line longer than a block is held whole, never twice over."""
+
+    def __init__(self, fd: int, end: int):
+        self.fd = fd
+        self.end = end
+        self.read_bytes = 0
+
+    def chunks(self):
+        """(offset, lines) from end back to the file's start, newest chunk first; lines start at
+        offset, in file order, each ending in a newline but for whatever follows the last
+        newline before end (a line still being written)."""
+        carry: list[bytes] = []  # the end of a line whose start is further back, newest first
+        for start, block in blocks_backward(self.fd, self.end):
+            self.read_bytes += len(block)
+            cut = block.find(b"\n") + 1 if start else 0
+            if start and not cut:
+                carry.append(block)
+                continue
+            pieces = [block[cut:], *reversed(carry)]
+            carry = [block[:cut]]
+            if len(pieces[0]) or len(pieces) > 1:
+                yield start + cut, _joined(pieces)
+
+    def lines(self):
+        """(offset, line) newest first, each without its newline; the bytes after the last
+        newline before end, if any, come first."""
+        for offset, chunk in self.chunks():
+            lines = chunk.split(b"\n")
+            pos = offset + len(chunk) + 1
+            del chunk  # from here on only the lines are held
+            if not lines[-1]:
+                lines.pop()
+                pos -= 1
+            while lines:
+                line = lines.pop()
+                pos -= len(line) + 1
+                yield pos, line
+
+
+# =============================================================================
 # [SECTION] Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
 # torn-tail repair, the write probe, tail and op_id restore) and the atomic file writes the
 # loops use too
 # =============================================================================
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-RESTORE_BLOCK_BYTES = 64 * 1024
 
 
 class PersistError(Exception):
@@ -1322,36 +1408,6 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _blocks_backward(f, end: int):
-    """(start, block) of f's blocks from end back to the start of the file, newest first."""
-    pos = end
-    while pos > 0:
-        start = max(0, pos - RESTORE_BLOCK_BYTES)
-        f.seek(start)
-        yield start, f.read(pos - start)
-        pos = start
-
-
-def _lines_backward(f, end: int):
-    """Yield (offset, line) from end back to the start of the file, newest first.
-
-    The pieces of a line that spans blocks are kept until its start is found, then joined
-    once: each byte is read once and copied once more, so the work is linear in the bytes
-    read, and a long line costs twice its length at most while it is joined.
-    """
-    pieces: list[bytes] = []  # the newest line not yet whole, newest piece first
-    for start, block in _blocks_backward(f, end):
-        cut = len(block)
-        while (newline := block.rfind(b"\n", 0, cut)) >= 0:
-            pieces.append(block[newline + 1:cut])
-            line = pieces[0] if len(pieces) == 1 else b"".join(reversed(pieces))
-            pieces = []
-            yield start + newline + 1, line
-            cut = newline
-        pieces.append(block[:cut])
-    yield 0, b"".join(reversed(pieces))
-
-
 def repair_torn_tail(path: Path) -> int:
     """Cut a file back to the end of its last complete line; returns bytes dropped.
 
@@ -1360,12 +1416,7 @@ def repair_torn_tail(path: Path) -> int:
     """
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
-        end = 0
-        for start, block in _blocks_backward(f, size):
-            newline = block.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
+        end = complete_end(f.fileno(), size)
         if end == size:
             return 0
         f.truncate(end)
@@ -1510,25 +1561,10 @@ class Unsynced(NamedTuple):
         """Whether the file open at fd still holds these bytes: only then do they count."""
         if os.fstat(fd).st_size < self.end:
             return False
-        crc, pos = 0, self.start
-        while pos < self.end:
-            block = os.pread(fd, min(self.end - pos, RESTORE_BLOCK_BYTES), pos)
-            if not block:
-                return False
-            crc, pos = zlib.crc32(block, crc), pos + len(block)
-        return crc == self.crc
-
-
-def _has_newline(fd: int, start: int, end: int) -> bool:
-    """Whether the bytes [start, end) of a file hold a newline, read a block at a time."""
-    while start < end:
-        block = os.pread(fd, min(end - start, RESTORE_BLOCK_BYTES), start)
-        if not block:
-            return False
-        if b"\n" in block:
-            return True
-        start += len(block)
-    return False
+        crc, read = 0, 0
+        for _, block in blocks(fd, self.start, self.end):
+            crc, read = zlib.crc32(block, crc), read + len(block)
+        return read == self.end - self.start and crc == self.crc
 
 
 class UntrustedJournal(Exception):
@@ -1673,7 +1709,7 @@ class UnsyncedRecord:
         """Cut a range off the end of its file, its bytes kept as .NAME.unsynced-INO-START; False
         (the range stays recorded) if lines follow it or its bytes cannot be kept."""
         size = os.fstat(fd).st_size
-        if _has_newline(fd, entry.end, size):
+        if any(b"\n" in block for _, block in blocks(fd, entry.end, size)):
             # Complete lines follow it (written after it): it stays, and readers skip it.
             log("WARN", "journal holds bytes whose fsync failed; every reader skips them",
                 path=name, start=entry.start, end=entry.end)
@@ -2094,7 +2130,7 @@ def _make_durable(fd: int, path: Path, status: os.stat_result, record: UnsyncedR
             if record is None:
                 raise OSError("runtime_dir is not set") from None
             crc = 0
-            for block in iter(functools.partial(os.read, fd, RESTORE_BLOCK_BYTES), b""):
+            for _, block in blocks(fd, 0, status.st_size):
                 crc = zlib.crc32(block, crc)
             record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size, crc, path.name,
                                 at_startup=True))
@@ -2151,7 +2187,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
             if durable:
                 _make_durable(f.fileno(), segment, status, record)
             skip = unsynced.of(f.fileno())
-            for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+            for offset, line in LinesBackward(f.fileno(), status.st_size).lines():
                 if stopping is not None and stopping.is_set():
                     return None
                 if not line.strip() or (skip and overlaps(skip, offset, len(line) + 1)):
@@ -2678,7 +2714,6 @@ FILTER = {f.name: f for f in FILTERS}
 # success=true|false: ok and failed as the page and clients of 1.x spell them, kept over HTTP.
 SUCCESS_ALIAS = "success"
 HISTORY_FILTERS = tuple(f.name for f in FILTERS if f.http) + (SUCCESS_ALIAS,)
-HISTORY_BLOCK_BYTES = 64 * 1024
 # Timestamps are the clients': batches arrive late and clocks differ, so the file is not in
 # timestamp order. A scan with since goes on past the first older op, and stops only once
 # this much of the file in a row has shown nothing at or after since.
@@ -3060,18 +3095,6 @@ class Segment(NamedTuple):
     unsynced: tuple[tuple[int, int], ...]  # recorded ranges no reader trusts (see UnsyncedRecord)
 
 
-def _complete_end(fd: int, size: int) -> int:
-    """Just after the file's last newline (0 if it has none)."""
-    pos = size
-    while pos > 0:
-        start = max(0, pos - HISTORY_BLOCK_BYTES)
-        newline = os.pread(fd, pos - start, start).rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        pos = start
-    return 0
-
-
 def _open_for_reading(path: Path) -> int | None:
     """A descriptor of the regular file at path, None if there is none."""
     try:
@@ -3127,7 +3150,7 @@ class JournalFiles:
                     continue
                 status = os.fstat(fd)
                 if status.st_ino == ino:
-                    self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size),
+                    self._opened[index] = Segment(name, fd, ino, complete_end(fd, status.st_size),
                                                   self._unsynced.of(fd))
                     break
                 os.close(fd)
@@ -3178,38 +3201,6 @@ class JournalFiles:
                 return index, offset
         raise RotatedAway("the ops at this cursor were rotated away (segments beyond keep_files are "
                           "deleted); start again without a cursor")
-
-
-class _WholeLinesBackward:
-    """A file's complete lines before an offset, in chunks of whole lines, newest chunk first,
-    read a block at a time: each byte is read once and copied once more; a line longer than a
-    block is held whole."""
-
-    def __init__(self, fd: int, end: int):
-        self.fd = fd
-        self.pos = end  # where the next block read ends
-        self.carry: list[bytes] = []  # the end of a line whose start is further back, newest first
-        self.read_bytes = 0
-
-    def next_chunk(self) -> tuple[int, bytes] | None:
-        """(offset, lines) just before the chunks returned so far, None at the file's start;
-        lines start at offset, in file order, each ending in a newline."""
-        while self.pos > 0:
-            start = max(0, self.pos - HISTORY_BLOCK_BYTES)
-            block = os.pread(self.fd, self.pos - start, start)
-            if len(block) != self.pos - start:
-                raise OSError(f"the file shrank while it was read (at byte {start + len(block)})")
-            self.read_bytes += len(block)
-            self.pos = start
-            cut = block.find(b"\n") + 1 if start else 0
-            if start and not cut:
-                self.carry.append(block)
-                continue
-            lines = block[cut:] + b"".join(reversed(self.carry))
-            self.carry = [block[:cut]]
-            if lines:
-                return start + cut, lines
-        return None
 
 
 def candidate_lines(chunk: bytes, op_filter: OpFilter):
@@ -3284,9 +3275,8 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor:
         if segment is None:
             break  # deleted while this read ran, and everything older with it
         top = resume_at if index == first and resume_at is not None else segment.end
-        reader = _WholeLinesBackward(segment.fd, top)
-        while (chunk := reader.next_chunk()) is not None:
-            offset, lines = chunk
+        reader = LinesBackward(segment.fd, top)
+        for offset, lines in reader.chunks():
             for start, line in candidate_lines(lines, op_filter):
                 if not line.strip() or (op_filter.judges_raw and op_filter.rules_out(line)):
                     continue
@@ -5655,30 +5645,22 @@ class CorrectionsTailer:
         """Whether op is what poll() records for the line ending at position, reading f from
         base (offset, line) in blocks: memory stays bounded however far the ref is."""
         inode, offset, line = position
-        f.seek(offset - 1)
-        if f.read(1) != b"\n":
+        fd = f.fileno()
+        if os.pread(fd, 1, offset - 1) != b"\n":
             return False
         # The line itself: the bytes before its newline, back to the one before it.
-        pieces, size = [], 0
-        for _, block in _blocks_backward(f, offset - 1):
-            newline = block.rfind(b"\n")
-            pieces.append(block[newline + 1:])
-            size += len(pieces[-1])
-            if newline >= 0 or size > self.max_bytes:
-                break
-        if size > self.max_bytes:
+        start = complete_end(fd, offset - 1, max(0, offset - 2 - self.max_bytes))
+        if offset - 1 - start > self.max_bytes:
             return False  # longer than any line poll() records
         try:
-            expected = self._as_op(b"".join(reversed(pieces)), {"inode": inode, "offset": offset, "line": line})
+            expected = self._as_op(os.pread(fd, offset - 1 - start, start),
+                                   {"inode": inode, "offset": offset, "line": line})
         except InvalidOp:
             return False
         # A line without a timestamp was stamped when it was recorded.
         if {**expected, "timestamp": op["timestamp"]} != op:
             return False
-        f.seek(base[0])
-        newlines = 0
-        for block in iter(lambda: f.read(min(RESTORE_BLOCK_BYTES, offset - f.tell())), b""):
-            newlines += block.count(b"\n")
+        newlines = sum(block.count(b"\n") for _, block in blocks(fd, base[0], offset))
         return newlines == line - base[1]
 
     @staticmethod
@@ -5754,7 +5736,7 @@ class CorrectionsTailer:
         """Read past the rest of an overlong line, keeping none of it: its length, newline
         included, or None if the file ends first."""
         while True:
-            piece = f.readline(RESTORE_BLOCK_BYTES)
+            piece = f.readline(BLOCK_BYTES)
             if not piece:
                 return None
             read += len(piece)

@@ -1310,7 +1310,15 @@ def count_reads(monkeypatch) -> list[int]:
         def __exit__(self, *exc):
             self.f.close()
 
+    real_pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        reads.append(len(data))
+        return data
+
     monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(os, "pread", counting_pread)
     return reads
 
 
@@ -1433,7 +1441,7 @@ def test_full_disk_is_503_with_ring_and_file_clean_then_recovers(tmp_path, daemo
 
 @pytest.mark.parametrize("seed", range(8))
 def test_tail_restore_equals_a_full_forward_replay(tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(od, "RESTORE_BLOCK_BYTES", 97)  # many block boundaries, mid-line and mid-char
+    monkeypatch.setattr(od, "BLOCK_BYTES", 97)  # many block boundaries, mid-line and mid-char
     rng = random.Random(seed)
     path = tmp_path / "ops.jsonl"
     path.write_bytes(messy_log(rng, rng.choice([0, 3, 40, 400])))
@@ -1460,7 +1468,7 @@ def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
     path.write_bytes(line * 50000)
     reads = count_reads(monkeypatch)
     assert len(od.restore_journal(path, 100).ops) == 100
-    assert sum(reads) < 2 * od.RESTORE_BLOCK_BYTES < path.stat().st_size / 10
+    assert sum(reads) < 2 * od.BLOCK_BYTES < path.stat().st_size / 10
 
 
 def test_rotation_under_concurrent_load_loses_nothing_and_splits_no_line(serve):
@@ -1513,7 +1521,7 @@ def test_restore_honours_the_ring_byte_bound_and_reads_only_what_it_keeps(tmp_pa
     restored = od.restore_journal(path, 2000, max_bytes=500_000).ops
     assert [o.endpoint for o in restored] == ["/36", "/37", "/38", "/39"]
     assert sum(o.size for o in restored) <= 500_000
-    assert sum(reads) < 6 * len(lines[0]) + 2 * od.RESTORE_BLOCK_BYTES
+    assert sum(reads) < 6 * len(lines[0]) + 2 * od.BLOCK_BYTES
 
 
 def test_a_failed_append_rolls_back_only_its_own_bytes_after_another_writer_appended(tmp_path, daemons):
@@ -2003,7 +2011,7 @@ def test_backward_reads_take_each_byte_once_and_hold_a_long_line_at_most_twice(t
     assert peak < 2.5 * run
     reads.clear()
     assert od.repair_torn_tail(torn) == run
-    assert sum(reads) <= run + od.RESTORE_BLOCK_BYTES
+    assert sum(reads) <= run + od.BLOCK_BYTES
     assert endpoints_in(torn) == ["/whole"]
 
 
@@ -2012,7 +2020,7 @@ def test_restoring_a_long_run_without_newlines_is_linear_work(tmp_path):
     # size. Linear, that is about a second of CPU; re-copying what was read, hours.
     path = tmp_path / "ops.jsonl"
     path.write_bytes(od.encode_line(op("/first")) + b"\0" * (16 << 20) + b"\n" + od.encode_line(op("/last")))
-    code = "import sys, observerd; observerd.RESTORE_BLOCK_BYTES = 64; sys.exit(observerd.main(sys.argv[1:]))"
+    code = "import sys, observerd; observerd.BLOCK_BYTES = 64; sys.exit(observerd.main(sys.argv[1:]))"
     result = subprocess.run([sys.executable, "-c", code, "stats", str(path)], cwd=HERE, capture_output=True,
                             text=True, timeout=300, preexec_fn=limit_cpu_seconds(30))
     assert result.returncode == 0, result.stderr[-500:]
@@ -6223,7 +6231,7 @@ def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(t
     """Every spelling another writer may use, escapes, decoys, corrupt lines, three segments,
     blocks smaller than a line: the byte needles and raw checks never drop an op the filters
     keep, nor keep another."""
-    monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", [64 * 1024, 700, 97][seed % 3])
+    monkeypatch.setattr(od, "BLOCK_BYTES", [64 * 1024, 700, 97][seed % 3])
     rng = random.Random(seed)
     now = time.time()
     path = tmp_path / "ops.jsonl"
@@ -6277,7 +6285,7 @@ def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
 
 def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run_of_older_ones(
         tmp_path, monkeypatch):
-    monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", 512)
+    monkeypatch.setattr(od, "BLOCK_BYTES", 512)
     monkeypatch.setattr(od, "SINCE_RUN_BYTES", 8 * 1024)
     now = time.time()
     path = tmp_path / "ops.jsonl"
@@ -6705,7 +6713,7 @@ def test_history_is_bounded_by_max_scan_bytes_and_goes_on_where_it_stopped(serve
     seen, truncated = [], 0
     body = history_page(client, "success=true&limit=1000")
     while True:
-        assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
+        assert body["scanned_bytes"] < 1000 + 2 * od.BLOCK_BYTES
         seen.extend(seqs(body["ops"]))
         truncated += body["truncated"]
         if body["cursor"] is None:
@@ -7034,7 +7042,7 @@ def test_count_by_over_http_is_one_scan_bounded_by_max_scan_bytes(serve):
     assert body["truncated"] is True and body["count"] == 3  # limit: the first groups
     whole = history_page(client, "count_by=error")
     assert whole["truncated"] is True and 0 < whole["groups"][0]["ops"] < 100
-    assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
+    assert body["scanned_bytes"] < 1000 + 2 * od.BLOCK_BYTES
     cursor = history_page(client, "limit=1")["cursor"]
     assert history_page(client, f"count_by=endpoint&cursor={cursor}", expect=400)["error"].startswith(
         "invalid query: cursor does not go with count_by")
@@ -7850,7 +7858,7 @@ def test_the_corrections_of_one_listing_share_max_scan_bytes(serve):
     status, answer, _ = server.client().get("/observer/corrections")
     assert status == 200 and answer["count"] == 10 and answer["truncated"]
     # Ten reads of 300 KB each would be 3 MB; shared, the later ones read a block (64 KiB) each.
-    assert answer["scanned_bytes"] < 300_000 + 11 * od.HISTORY_BLOCK_BYTES
+    assert answer["scanned_bytes"] < 300_000 + 11 * od.BLOCK_BYTES
 
 
 @in_chromium
