@@ -1174,6 +1174,86 @@ def _joined(pieces: list[bytes]) -> bytes:
     return whole
 
 
+def open_for_reading(path: Path) -> int | None:
+    """A descriptor of the regular file at path, None if there is none."""
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the reader; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+class FollowedFile:
+    """A file read as it grows, as tail -F reads one: its complete lines from an offset on (a
+    line still being written waits for its newline), read again from the top once truncated
+    in place (copytruncate), and told apart from the file its path names next by its inode,
+    so that a reader drains it to its end before it moves to the new one."""
+
+    __slots__ = ("path", "fd", "ino", "offset", "retire_at")
+
+    def __init__(self, path: Path, fd: int, offset: int = 0, retire_at: float | None = None):
+        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
+        self.offset, self.retire_at = offset, retire_at
+
+    @classmethod
+    def open(cls, path: Path) -> FollowedFile | None:
+        """The regular file at path, followed from its start; None if there is none."""
+        fd = open_for_reading(path)
+        return None if fd is None else cls(path, fd)
+
+    def truncated(self) -> bool:
+        """Whether the file is now shorter than what was read of it; if so, it is read from
+        its start again."""
+        if os.fstat(self.fd).st_size >= self.offset:
+            return False
+        self.offset = 0
+        return True
+
+    def replaced(self) -> bool:
+        """Whether the path names another file now (or none)."""
+        fd = open_for_reading(self.path)
+        if fd is None:
+            return False  # gone: nothing newer to move to yet
+        try:
+            return os.fstat(fd).st_ino != self.ino
+        finally:
+            os.close(fd)
+
+    def lines(self, max_line: float = math.inf):
+        """(start, end, line) of the complete lines from offset on, in order, each without its
+        newline; line is None for one longer than max_line, read past and never held whole.
+        The caller moves offset (to an end) as it takes lines."""
+        start, pieces, held, too_long = self.offset, [], 0, False
+        for at, block in blocks(self.fd, self.offset, os.fstat(self.fd).st_size):
+            cut = 0
+            while (newline := block.find(b"\n", cut)) >= 0:
+                end = at + newline + 1
+                too_long = too_long or held + newline - cut > max_line
+                if too_long:
+                    yield start, end, None
+                else:
+                    pieces.append(block[cut:newline])
+                    yield start, end, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                start, pieces, held, too_long, cut = end, [], 0, False, newline + 1
+            if not too_long:
+                pieces.append(block[cut:])
+                held += len(block) - cut
+                too_long = held > max_line
+                if too_long:
+                    pieces = []
+
+    def rest(self) -> bytes:
+        """The bytes after offset: a last line that never got its newline."""
+        return os.pread(self.fd, max(0, os.fstat(self.fd).st_size - self.offset), self.offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class LinesBackward:
     """A file's lines before an offset, newest first, read a block at a time: each byte is read
     once and copied once more; a line longer than a block is held whole, never twice over."""
@@ -3095,19 +3175,6 @@ class Segment(NamedTuple):
     unsynced: tuple[tuple[int, int], ...]  # recorded ranges no reader trusts (see UnsyncedRecord)
 
 
-def _open_for_reading(path: Path) -> int | None:
-    """A descriptor of the regular file at path, None if there is none."""
-    try:
-        # O_NONBLOCK: a FIFO put there must not hang the reader; a regular file ignores it.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
 class JournalFiles:
     """The journal's files as they were when listed, newest first, each opened when it is first
     read and read through that descriptor: a rotation or deletion meanwhile changes nothing
@@ -3145,7 +3212,7 @@ class JournalFiles:
         if index not in self._opened:
             place, ino = self.listed[index]
             for name in itertools.islice(segment_paths(self.path, self.keep_files), place, None):
-                fd = _open_for_reading(name)
+                fd = open_for_reading(name)
                 if fd is None:
                     continue
                 status = os.fstat(fd)
@@ -3306,16 +3373,6 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor:
     return HistoryPage(ops, None, scanned, False)
 
 
-class _FollowedFile:
-    """A file being followed: where its unread bytes begin, and a line not yet complete."""
-
-    __slots__ = ("path", "fd", "ino", "offset", "partial", "retire_at")
-
-    def __init__(self, path: Path, fd: int, offset: int, retire_at: float | None = None):
-        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
-        self.offset, self.partial, self.retire_at = offset, b"", retire_at
-
-
 class JournalFollower:
     """The ops appended to the journal from a point on, as `tail -F` follows a path.
 
@@ -3335,10 +3392,10 @@ class JournalFollower:
         self._unsynced = UnsyncedRanges(None)
         self.op_filter = op_filter
         self.skipped = skipped
-        self._files: list[_FollowedFile] = []  # in the order they are read: oldest first
-        self._current: _FollowedFile | None = None  # the one the path named when last looked at
+        self._files: list[FollowedFile] = []  # in the order they are read: oldest first
+        self._current: FollowedFile | None = None  # the one the path named when last looked at
         if live is not None:
-            self._current = _FollowedFile(live.path, os.dup(live.fd), live.end)
+            self._current = FollowedFile(live.path, os.dup(live.fd), live.end)
             self._files.append(self._current)
 
     def poll(self) -> list[RingOp]:
@@ -3347,17 +3404,14 @@ class JournalFollower:
         self._unsynced = UnsyncedRanges(self.record)  # a range may be recorded while followed
         for followed in self._files:
             self._read(followed, kept)
-        named = _open_for_reading(self.path)
-        if named is not None:
-            moved = self._current is None or os.fstat(named).st_ino != self._current.ino
-            os.close(named)
-            if moved:
-                self._take_new_files(kept)
+        if self._current.replaced() if self._current is not None else self.path.is_file():
+            self._take_new_files(kept)
         now = time.monotonic()
         for followed in [f for f in self._files if f.retire_at is not None and f.retire_at <= now]:
-            if followed.partial.strip():
-                self.skipped.decode(followed.partial, followed.path, followed.offset - len(followed.partial))
-            os.close(followed.fd)
+            rest = followed.rest()
+            if rest.strip():
+                self.skipped.decode(rest, followed.path, followed.offset)
+            followed.close()
             self._files.remove(followed)
         return kept
 
@@ -3382,38 +3436,27 @@ class JournalFollower:
                 if segment is None:
                     continue
                 live = segment is files.live()
-                followed = _FollowedFile(segment.path, os.dup(segment.fd), 0, None if live else retire_at)
+                followed = FollowedFile(segment.path, os.dup(segment.fd), 0, None if live else retire_at)
                 self._files.append(followed)
                 self._read(followed, kept)
                 if live:
                     self._current = followed
 
-    def _read(self, followed: _FollowedFile, kept: list[RingOp]) -> None:
-        size = os.fstat(followed.fd).st_size
-        if size < followed.offset:  # truncated in place (copytruncate): it starts again
-            followed.offset, followed.partial = 0, b""
+    def _read(self, followed: FollowedFile, kept: list[RingOp]) -> None:
+        followed.truncated()
         skip = self._unsynced.of(followed.fd)
-        while followed.offset < size:
-            data = os.pread(followed.fd, min(size - followed.offset, 1024 * 1024), followed.offset)
-            if not data:
-                break
-            line_at = followed.offset - len(followed.partial)
-            followed.offset += len(data)
-            data = followed.partial + data
-            cut = data.rfind(b"\n") + 1
-            followed.partial = data[cut:]
-            for line in data[:cut].split(b"\n")[:-1]:
-                if skip and overlaps(skip, line_at, len(line) + 1):
-                    pass
-                elif line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
-                    op = self.skipped.decode(line, followed.path, line_at)
-                    if op is not None and self.op_filter.accepts(op):
-                        kept.append(RingOp(op))
-                line_at += len(line) + 1
+        for start, end, line in followed.lines():
+            followed.offset = end
+            if skip and overlaps(skip, start, end - start):
+                continue
+            if line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
+                op = self.skipped.decode(line, followed.path, start)
+                if op is not None and self.op_filter.accepts(op):
+                    kept.append(RingOp(op))
 
     def close(self) -> None:
         for followed in self._files:
-            os.close(followed.fd)
+            followed.close()
         self._files, self._current = [], None
 
 
@@ -5525,11 +5568,16 @@ class Scheduler:
     def __init__(self, name: str):
         self.name = name
         self._tasks: list[PeriodicTask] = []
+        self._at_exit: list[Callable[[], object]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def every(self, interval_s: float, task: Callable[[], object]) -> None:
         self._tasks.append(PeriodicTask(interval_s, time.monotonic() + interval_s, task))
+
+    def at_exit(self, cleanup: Callable[[], object]) -> None:
+        """Run cleanup on the loop's thread once it stops: never while a task runs."""
+        self._at_exit.append(cleanup)
 
     def start(self) -> None:
         if self._tasks:
@@ -5553,6 +5601,8 @@ class Scheduler:
                             task=getattr(task.run, "__name__", repr(task.run)), error=repr(exc))
             next_due = min(task.due for task in self._tasks)
             self._stop.wait(max(0.0, next_due - time.monotonic()))
+        for cleanup in self._at_exit:
+            cleanup()
 
 
 def corrections_position_path(persist_path: Path) -> Path:
@@ -5579,6 +5629,7 @@ class CorrectionsTailer:
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self.inode, self.offset, self.line = self._read_sidecar()
+        self._followed: FollowedFile | None = None
         self._repair_position()
 
     @staticmethod
@@ -5678,52 +5729,54 @@ class CorrectionsTailer:
 
     def poll(self) -> int:
         """Store the complete lines appended since the last poll, chunk by chunk; returns how
-        many ops. Lines appended while it runs wait for the next poll."""
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            return 0
-        stored = 0
-        with f:
-            status = os.fstat(f.fileno())
-            if status.st_ino != self.inode or status.st_size < self.offset:
-                if self.inode is not None:
-                    log("INFO", "corrections file replaced or truncated; reading from its start",
-                        path=self.path)
-                self.inode, self.offset, self.line = status.st_ino, 0, 0
-            while self.offset < status.st_size:
-                f.seek(self.offset)
-                ops, offset, line_no = self._read_chunk(f)
-                if offset == self.offset:
-                    break  # only a partial line left: it waits until it is complete
-                if ops:
-                    stored += len(ops) - self.store.submit_and_wait(ops).duplicates
-                self.offset, self.line = offset, line_no
-                self._save_position()
+        many ops. Lines appended while it runs wait for the next poll. Once the path names
+        another file, the one followed so far is read to its end first."""
+        if self._followed is None:
+            self._followed = FollowedFile.open(self.path)
+            if self._followed is None:
+                return 0
+            if self._followed.ino != self.inode:
+                self._start_over()
+            self._followed.offset = self.offset
+        stored = self._read_to_end()
+        if self._followed.replaced():
+            self._followed.close()
+            self._followed = None
+            stored += self.poll()
         return stored
 
-    def _read_chunk(self, f) -> tuple[list[dict], int, int]:
-        """The ops of the next complete lines of f, at most max_ops of them and max_bytes of
-        lines (or one line, if it alone is larger), and where they end: (ops, offset, line)."""
+    def _start_over(self) -> None:
+        if self.inode is not None:
+            log("INFO", "corrections file replaced or truncated; reading from its start", path=self.path)
+        self.inode, self.offset, self.line = self._followed.ino, 0, 0
+
+    def _read_to_end(self) -> int:
+        followed, stored = self._followed, 0
+        if followed.truncated():
+            self._start_over()
+        while True:
+            ops, offset, line_no = self._read_chunk(followed)
+            if offset == self.offset:
+                return stored  # only a partial line left, if any: it waits until it is complete
+            if ops:
+                stored += len(ops) - self.store.submit_and_wait(ops).duplicates
+            self.offset, self.line = offset, line_no
+            followed.offset = offset
+            self._save_position()
+
+    def _read_chunk(self, followed: FollowedFile) -> tuple[list[dict], int, int]:
+        """The ops of the next complete lines, at most max_ops of them and max_bytes of lines
+        (or one line, if it alone is larger), and where they end: (ops, offset, line)."""
         ops, offset, line_no, taken = [], self.offset, self.line, 0
-        while len(ops) < self.max_ops:
-            raw = f.readline(self.max_bytes + 1)
-            if not raw.endswith(b"\n"):
-                if len(raw) <= self.max_bytes:
-                    break  # the end of the file, maybe inside a line still being written
-                skipped = self._skip_line(f, len(raw))
-                if skipped is None:
-                    break  # its end is not written yet
-                offset += skipped
-                line_no += 1
+        for start, end, raw in followed.lines(self.max_bytes):
+            if len(ops) == self.max_ops or (taken and raw is not None and taken + end - start > self.max_bytes):
+                break  # it starts the next chunk
+            offset, line_no = end, line_no + 1
+            if raw is None:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no,
                     reason=f"line is longer than max_body_bytes={self.max_bytes}")
                 continue
-            if taken and taken + len(raw) > self.max_bytes:
-                break  # it starts the next chunk
-            taken += len(raw)
-            offset += len(raw)
-            line_no += 1
+            taken += end - start
             if not raw.strip():
                 continue
             try:
@@ -5732,16 +5785,10 @@ class CorrectionsTailer:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no, reason=exc)
         return ops, offset, line_no
 
-    def _skip_line(self, f, read: int) -> int | None:
-        """Read past the rest of an overlong line, keeping none of it: its length, newline
-        included, or None if the file ends first."""
-        while True:
-            piece = f.readline(BLOCK_BYTES)
-            if not piece:
-                return None
-            read += len(piece)
-            if piece.endswith(b"\n"):
-                return read
+    def close(self) -> None:
+        if self._followed is not None:
+            self._followed.close()
+            self._followed = None
 
 
 def escalation_retry_delay(failures: int, interval_s: float, cooldown_s: float) -> float:
@@ -5924,6 +5971,7 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
         tailer = CorrectionsTailer(config.corrections_path, store, sidecar, config.max_batch,
                                    config.max_body_bytes)
         loops.every(config.corrections_interval_s, tailer.poll)
+        loops.at_exit(tailer.close)
     loops.start()
     return loops
 

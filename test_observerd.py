@@ -3802,6 +3802,20 @@ def test_a_truncated_or_replaced_corrections_file_is_read_from_its_start(tmp_pat
     store.close()
 
 
+def test_a_replaced_corrections_file_is_read_to_its_end_before_the_new_one(tmp_path):
+    corrections = tmp_path / "corrections.jsonl"
+    corrections.write_bytes(correction(1))
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 1
+    append_to(corrections, correction(2))  # written just before logrotate moved the file
+    os.replace(corrections, tmp_path / "corrections.jsonl.1")
+    corrections.write_bytes(correction(3))
+    assert tailer.poll() == 2
+    assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3"]
+    tailer.close()
+    store.close()
+
+
 def test_the_daemon_tails_corrections_into_its_stats(tmp_path, daemons):
     corrections = tmp_path / "overseer.jsonl"
     daemon = start_durable_daemon(daemons, tmp_path, corrections_path="overseer.jsonl",
