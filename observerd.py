@@ -4380,8 +4380,9 @@ def ask_llm(backend: LLMBackend, prompt: str, timeout_s: float) -> str:
 
 
 # =============================================================================
-# [SECTION] HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS, and
-# the handler every route runs in (storing ops and answering, from this thread or the committer)
+# [SECTION] HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS,
+# the one place every answer is counted, and the handler every route runs in, which answers from
+# its own thread or, deferred, from another
 # =============================================================================
 
 
@@ -4766,6 +4767,20 @@ def _send_without_blocking(sock: socket.socket, data: bytes) -> bool:
         return False
 
 
+def account(server, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
+    """Every answer passes here, before it is sent (the overload 503 too): counted, timed and
+    (with access_log) logged, so a client that has its answer sees it counted."""
+    metrics = server.metrics
+    seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
+    metrics.http_requests.inc(exchange.route, str(status))
+    metrics.http_seconds.observe(seconds, exchange.route)
+    if type(body) is RequestError and body.reason is not None:
+        metrics.rejected.inc(body.reason)
+    if server.config.access_log:
+        log("INFO", "request", method=exchange.command, path=exchange.path[:200], status=status,
+            bytes=sent_bytes, duration_ms=round(seconds * 1000, 3), remote=exchange.remote)
+
+
 class HTTPHandler(BaseHTTPRequestHandler):
     """Reads requests, routes them through ROUTES, and writes each answer, a RequestError's
     too, in one send. The API below says what the routes are."""
@@ -4834,6 +4849,10 @@ class HTTPHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.dispatch()
 
+    def admit(self, route: Route) -> None:
+        """Raise a RequestError to refuse a routed request before its handler runs (who may
+        ask, and when): the application's to say; this admits every one."""
+
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def dispatch(self) -> None:
@@ -4869,10 +4888,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
                 allow = ", ".join([*route.methods, "HEAD"] if "GET" in route.methods else route.methods)
                 raise RequestError(405, f"method {self.command} not allowed; use {allow}",
                                    headers={"Allow": allow})
-            if route.auth:
-                self.authorize()
-            if not route.answers_unready:
-                self.check_available(route.stores)
+            self.admit(route)
             status, body = handler(self)
             if status is DEFERRED:
                 return
@@ -4887,26 +4903,6 @@ class HTTPHandler(BaseHTTPRequestHandler):
         if self._body_unread:
             self.close_connection = True
         self.send_answer(status, body)
-
-    def authorize(self) -> None:
-        token = self.server.config.token
-        if not token:
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, credential = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credential.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
-        ):
-            raise RequestError(401, "missing or invalid bearer token", "unauthorized",
-                               {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
-
-    def check_available(self, stores: bool) -> None:
-        """503 while the ring is being restored, and for a write once shutting down (one whose
-        request was dispatched before still completes: that is what the drain waits for)."""
-        if not self.server.store.restored:
-            raise RequestError(503, RESTORING, "not_ready")
-        if stores and self.server.connections.closing:
-            raise RequestError(503, SHUTTING_DOWN, "not_ready")
 
     def read_body(self) -> bytes:
         """The request body, sized or chunked, bounded by max_body_bytes while it is read."""
@@ -5002,35 +4998,25 @@ class HTTPHandler(BaseHTTPRequestHandler):
         why = self.server.connections.cut_reason(self.connection)
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
-    def store_and_answer(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
+    def can_answer_later(self) -> bool:
+        """Whether another thread may send this request's answer: not on TLS, as an SSL object
+        must not be written by one thread while another reads it."""
+        return not isinstance(self.request, ssl.SSLSocket)
 
-        On a plain TCP connection the committer thread sends the answer itself as soon as the
-        batch is fsynced, so this thread goes straight back to reading the next request: one
-        thread wake per request fewer, which is most of the cost of durability here. TLS
-        connections (an SSL object must not be written by one thread while another reads
-        it) and the ephemeral store answer from this thread.
-        """
-        store, op_count = self.server.store, len(ops)
-        if store.journal is None or isinstance(self.request, ssl.SSLSocket):
-            try:
-                return 200, make_body(store.submit_and_wait(ops))
-            except PersistError as exc:
-                raise store_failure(exc, op_count) from None
+    def answer_later(self) -> Callable[[int, object], None]:
+        """Take this connection's turn and return what sends its answer, once, from any thread;
+        the handler returns (DEFERRED, None) and this thread goes back to reading the next
+        request meanwhile. Answers still leave in request order: the next request waits for
+        the turn."""
         exchange, close, sock = self.exchange(), self.close_connection, self.connection
         connections = self.server.connections
         self._turn.acquire()  # free: dispatch waited for it
         connections.answer_deferred(sock)
 
-        def answer(stored: Stored | None, error: BaseException | None) -> None:
+        def answer(status: int, body: object) -> None:
             try:
-                if error is None:
-                    status, body = 200, make_body(stored)
-                else:
-                    body = store_failure(error, op_count)
-                    status = body.status
                 data, size = render_answer(status, body, close or connections.closing, exchange.command == "HEAD")
-                self.account(exchange, status, body, size)
+                account(self.server, exchange, status, body, size)
                 if not self._dropped and not _send_without_blocking(sock, data):
                     self._dropped = True
                     log("INFO", "connection dropped", remote=exchange.remote, error="client not reading answers")
@@ -5039,12 +5025,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
                 connections.answer_sent(sock)
                 self._turn.release()
 
-        try:
-            store.submit(ops, answer)
-        except Exception as exc:  # never leave the turn held: the connection would hang
-            log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            answer(None, exc)
-        return DEFERRED, None
+        return answer
 
     def exchange(self) -> Exchange:
         return Exchange(self.command or "-", self.path or "-", self._route, self._started,
@@ -5056,22 +5037,9 @@ class HTTPHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         exchange = self.exchange()
         data, size = render_answer(status, body, self.close_connection, exchange.command == "HEAD")
-        self.account(exchange, status, body, size)
+        account(self.server, exchange, status, body, size)
         self.server.connections.answering(self.connection)
         self.wfile.write(data)
-
-    def account(self, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
-        """Every answer passes here, before it is sent: counted, timed and (with access_log)
-        logged, so a client that has its answer sees it counted."""
-        metrics = self.server.metrics
-        seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
-        metrics.http_requests.inc(exchange.route, str(status))
-        metrics.http_seconds.observe(seconds, exchange.route)
-        if type(body) is RequestError and body.reason is not None:
-            metrics.rejected.inc(body.reason)
-        if self.server.config.access_log:
-            log("INFO", "request", method=exchange.command, path=exchange.path[:200], status=status,
-                bytes=sent_bytes, duration_ms=round(seconds * 1000, 3), remote=exchange.remote)
 
     def refuse(self, error: RequestError) -> None:
         """Answer a request that cannot be read, and close the connection."""
@@ -5085,14 +5053,11 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log("WARN", format % args, remote=self.client_address[0])
-    def decoding(self, body: bytes):
-        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
-        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
-
 
 
 # =============================================================================
-# [SECTION] API: the routes, what they parse, and the server that serves them
+# [SECTION] API: who may ask and when, storing ops, the routes, what they parse, and the server
+# that serves them
 # =============================================================================
 
 
@@ -5206,7 +5171,73 @@ def parse_review_request(query: object) -> tuple[str | None, str | None, int | N
     return endpoint, source, last_n, check_type(use_llm, bool, "llm")
 
 
-class ObserverHandler(HTTPHandler):
+class APIHandler(HTTPHandler):
+    """What every route of the API shares: who may ask and when, the bound on bodies decoded
+    at once, and storing ops durably before the answer."""
+
+    def admit(self, route: Route) -> None:
+        if route.auth:
+            self.authorize()
+        if not route.answers_unready:
+            self.check_available(route.stores)
+
+    def authorize(self) -> None:
+        token = self.server.config.token
+        if not token:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+        ):
+            raise RequestError(401, "missing or invalid bearer token", "unauthorized",
+                               {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+
+    def check_available(self, stores: bool) -> None:
+        """503 while the ring is being restored, and for a write once shutting down (one whose
+        request was dispatched before still completes: that is what the drain waits for)."""
+        if not self.server.store.restored:
+            raise RequestError(503, RESTORING, "not_ready")
+        if stores and self.server.connections.closing:
+            raise RequestError(503, SHUTTING_DOWN, "not_ready")
+
+    def decoding(self, body: bytes):
+        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
+        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
+
+    def store_and_answer(self, ops: list[dict], make_body):
+        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
+
+        On a plain TCP connection the committer thread sends the answer itself as soon as the
+        batch is fsynced, so this thread goes straight back to reading the next request: one
+        thread wake per request fewer, which is most of the cost of durability here. TLS
+        connections (an SSL object must not be written by one thread while another reads
+        it) and the ephemeral store answer from this thread.
+        """
+        store, op_count = self.server.store, len(ops)
+        if store.journal is None or not self.can_answer_later():
+            try:
+                return 200, make_body(store.submit_and_wait(ops))
+            except PersistError as exc:
+                raise store_failure(exc, op_count) from None
+        answer = self.answer_later()
+
+        def stored_or_failed(stored: Stored | None, error: BaseException | None) -> None:
+            if error is None:
+                answer(200, make_body(stored))
+            else:
+                failure = store_failure(error, op_count)
+                answer(failure.status, failure)
+
+        try:
+            store.submit(ops, stored_or_failed)
+        except Exception as exc:  # never leave the turn held: the connection would hang
+            log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
+            stored_or_failed(None, exc)
+        return DEFERRED, None
+
+
+class ObserverHandler(APIHandler):
     """The API: one method per route, and the table that routes to them."""
 
     def get_index(self):
@@ -5455,16 +5486,19 @@ class ObserverHandler(HTTPHandler):
     }
 
 
-def _refuse_overloaded(sock: socket.socket) -> None:
+def _refuse_overloaded(server, sock: socket.socket, remote: str) -> None:
     """Answer 503 without a thread; drain what the client sent so close is not a reset."""
+    data, size = render_answer(OVERLOADED.status, OVERLOADED, close=True)
     if isinstance(sock, ssl.SSLSocket):
-        return  # no handshake yet, so nothing can be said in TLS: just close
-    try:
-        sock.setblocking(False)
-        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
-        sock.recv(65536)
-    except OSError:
-        pass
+        size = 0  # no handshake yet, so nothing can be said in TLS: just close
+    account(server, Exchange("-", "-", "unparsed", None, remote), OVERLOADED.status, OVERLOADED, size)
+    if size:
+        try:
+            sock.setblocking(False)
+            sock.send(data)
+            sock.recv(65536)
+        except OSError:
+            pass
 
 
 # The answer of / and /observer. Its Location is relative, so that behind a gateway serving
@@ -5522,8 +5556,7 @@ class ObserverServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
-            self.metrics.rejected.inc(OVERLOADED.reason)
-            _refuse_overloaded(request)
+            _refuse_overloaded(self, request, client_address[0])
             self.shutdown_request(request)
             return
         try:

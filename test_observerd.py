@@ -3303,6 +3303,11 @@ def test_a_connection_refused_at_the_cap_is_counted_and_told_to_retry(serve, mon
     assert b"Retry-After: 1" in head and b"Connection: close" in head
     wait_for(lambda: len(server.server.connections) == 0, what="the slot to free up")
     assert rejections(server) == {**before, "too_many_connections": 1}
+    # Counted as every answer is, though no thread read its request.
+    client = server.client()
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    assert sample(families, "observerd_http_requests_total", route="unparsed", code="503") == 1
 
 
 def test_a_malformed_request_target_is_400_not_500(serve):
