@@ -4767,6 +4767,46 @@ def _send_without_blocking(sock: socket.socket, data: bytes) -> bool:
         return False
 
 
+def _read_framing_line(rfile, what: str, cut_short: Callable[[str], RequestError]) -> bytes:
+    """One CRLF-ended line of a body's framing, at most MAX_LINE_BYTES."""
+    line = rfile.readline(MAX_LINE_BYTES + 1)
+    if len(line) > MAX_LINE_BYTES:
+        raise RequestError(400, f"{what} too long", "invalid")
+    if not line.endswith(b"\n"):
+        raise cut_short(f"body ended in a {what}")
+    return line
+
+
+def read_chunks(rfile, limit: int, cut_short: Callable[[str], RequestError]) -> bytes:
+    """The chunks of a chunked body, joined (RFC 9112 7.1): extensions and trailers read and
+    ignored, and 413 as soon as the chunks pass limit, before the rest is read; cut_short
+    says why a body that ended early did."""
+    chunks, size = [], 0
+    while True:
+        line = _read_framing_line(rfile, "chunk size line", cut_short)
+        size_text = line.partition(b";")[0].strip()
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            raise RequestError(400, "malformed chunk size", "invalid")
+        digits = size_text.lstrip(b"0")  # leading zeros are allowed, however many
+        chunk_size = int(digits or b"0", 16) if len(digits) <= 16 else limit + 1
+        if chunk_size == 0:
+            break
+        size += chunk_size
+        if size > limit:
+            raise TooLarge(f"chunked body exceeds max_body_bytes={limit}")
+        chunk = rfile.read(chunk_size) or b""
+        if len(chunk) < chunk_size:
+            raise cut_short(f"chunk ended after {len(chunk)} of {chunk_size} bytes")
+        if _read_framing_line(rfile, "chunk end", cut_short).strip(b"\r\n"):
+            raise RequestError(400, "chunk data is not followed by CRLF", "invalid")
+        chunks.append(chunk)
+    try:
+        read_fields(rfile, "trailer")  # read to the end of the body, and ignored
+    except IncompleteRequest as exc:
+        raise cut_short(str(exc)) from None
+    return b"".join(chunks)
+
+
 def account(server, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
     """Every answer passes here, before it is sent (the overload 503 too): counted, timed and
     (with access_log) logged, so a client that has its answer sees it counted."""
@@ -4955,39 +4995,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
             raise RequestError(501, f"Transfer-Encoding {codings[:40]!r} is not supported; "
                                "use chunked, or Content-Length")
         self.continue_if_expected()
-        chunks, size = [], 0
-        while True:
-            line = self.read_protocol_line("chunk size line")
-            size_text = line.partition(b";")[0].strip()
-            if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-                raise RequestError(400, "malformed chunk size", "invalid")
-            digits = size_text.lstrip(b"0")  # leading zeros are allowed, however many
-            chunk_size = int(digits or b"0", 16) if len(digits) <= 16 else limit + 1
-            if chunk_size == 0:
-                break
-            size += chunk_size
-            if size > limit:
-                raise TooLarge(f"chunked body exceeds max_body_bytes={limit}")
-            chunk = self.rfile.read(chunk_size) or b""
-            if len(chunk) < chunk_size:
-                raise self.cut_short(f"chunk ended after {len(chunk)} of {chunk_size} bytes")
-            if self.read_protocol_line("chunk end").strip(b"\r\n"):
-                raise RequestError(400, "chunk data is not followed by CRLF", "invalid")
-            chunks.append(chunk)
-        try:
-            read_fields(self.rfile, "trailer")  # read to the end of the body, and ignored
-        except IncompleteRequest as exc:
-            raise self.cut_short(str(exc)) from None
-        return b"".join(chunks)
-
-    def read_protocol_line(self, what: str) -> bytes:
-        """One CRLF-ended line of the body's framing, at most MAX_LINE_BYTES."""
-        line = self.rfile.readline(MAX_LINE_BYTES + 1)
-        if len(line) > MAX_LINE_BYTES:
-            raise RequestError(400, f"{what} too long", "invalid")
-        if not line.endswith(b"\n"):
-            raise self.cut_short(f"body ended in a {what}")
-        return line
+        return read_chunks(self.rfile, limit, self.cut_short)
 
     def continue_if_expected(self) -> None:
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
