@@ -677,52 +677,26 @@ def _read_top_level(document: dict, named: bool, problems: list[str], warnings: 
         problems.append("no [observerd] table: observerd reads its settings from [observerd]")
 
 
-def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
-    """Read the config file (path None = the default file, optional), then apply overrides.
-
-    flags are settings given on the command line by name (None = not given), e.g. bind="…".
-    Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
-    relative to the folder it was given in: the config file's for file values (and defaults),
-    the working directory for CLI flags. The keys of the *_env settings come only from the
-    variables they name, in environ. Raises ConfigError listing every problem found.
-    """
-    environ = os.environ if environ is None else environ
-    source = path or DEFAULT_CONFIG_PATH
-    document: dict = {}
-    file_folder = Path.cwd()
-    warnings: list[str] = []
+def _read_config_file(source: str, named: bool, warnings: list[str]) -> tuple[dict, Path]:
+    """The config file's document and the folder its relative paths start from; a missing
+    file is a warning unless it was named (--config). Raises ConfigError."""
     try:
         with open(source, "rb") as f:
-            document = tomllib.load(f)
-        file_folder = Path(source).resolve().parent
+            return tomllib.load(f), Path(source).resolve().parent
     except FileNotFoundError:
-        if path is not None:
+        if named:
             raise ConfigError(source, ["file not found (--config names another)"]) from None
         warnings.append("config file not found, using defaults")
+        return {}, Path.cwd()
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
-    problems: list[str] = []
-    _read_top_level(document, path is not None, problems, warnings)
-    given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
-    _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
-    # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
-    _read_table("auth", document.get("auth"), file_folder, given, problems, warnings)
-    for name, value in flags.items():
-        setting = SETTING[name]
-        if value is not None:
-            value = _checked(setting, value, setting.flag, problems)
-        if value is not None:
-            given[name] = GivenValue(value, setting.flag, Path.cwd())
 
-    host, port, bind_parsed = "127.0.0.1", 0, True
-    try:
-        host, port = parse_bind(given["bind"].value)
-    except ValueError as exc:
-        problems.append(str(exc))
-        bind_parsed = False
+def _resolved_values(given: dict[str, GivenValue], problems: list[str]) -> dict[str, object]:
+    """Each setting's value as Config holds it: paths resolved, URLs, choices and variable
+    names checked."""
     values = {}
     for setting in SETTINGS:
         value = given[setting.name].value
@@ -745,7 +719,12 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
             problems.append(f"{given[setting.name].where} must be the name of an environment variable "
                             "(letters, digits and _, not starting with a digit)")
         values[setting.name] = value
+    return values
 
+
+def _read_keys(values: dict, given: dict[str, GivenValue], environ, problems: list[str],
+               warnings: list[str]) -> None:
+    """The keys of the *_env settings, from the variables they name."""
     for setting in (s for s in SETTINGS if s.env):
         # A key is read from the variable its setting names, never from the file.
         name, where = values[setting.name], given[setting.name].where
@@ -756,6 +735,42 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         elif not fits_a_header(key):
             problems.append(f"{where}: {name} must hold printable ASCII without leading or trailing spaces")
         values[setting.env_value] = key
+
+
+def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
+    """Read the config file (path None = the default file, optional), then apply overrides.
+
+    flags are settings given on the command line by name (None = not given), e.g. bind="…".
+    Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
+    relative to the folder it was given in: the config file's for file values (and defaults),
+    the working directory for CLI flags. The keys of the *_env settings come only from the
+    variables they name, in environ. Raises ConfigError listing every problem found.
+    """
+    environ = os.environ if environ is None else environ
+    source = path or DEFAULT_CONFIG_PATH
+    warnings: list[str] = []
+    document, file_folder = _read_config_file(source, path is not None, warnings)
+    problems: list[str] = []
+    _read_top_level(document, path is not None, problems, warnings)
+    given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
+    _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
+    # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
+    _read_table("auth", document.get("auth"), file_folder, given, problems, warnings)
+    for name, value in flags.items():
+        setting = SETTING[name]
+        if value is not None:
+            value = _checked(setting, value, setting.flag, problems)
+        if value is not None:
+            given[name] = GivenValue(value, setting.flag, Path.cwd())
+
+    host, port, bind_parsed = "127.0.0.1", 0, True
+    try:
+        host, port = parse_bind(given["bind"].value)
+    except ValueError as exc:
+        problems.append(str(exc))
+        bind_parsed = False
+    values = _resolved_values(given, problems)
+    _read_keys(values, given, environ, problems, warnings)
     for backend in ("review_llm", "review_fallback"):
         if values[f"{backend}_url"] and not values[f"{backend}_model"]:
             problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
