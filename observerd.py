@@ -2951,6 +2951,37 @@ def field_text(value: object) -> str:
     return value if isinstance(value, str) else _LINE_ENCODER.encode(value)
 
 
+def _wanted_outcome(one: dict[str, str]) -> bool | None:
+    """The success the outcome filters (failed, ok, the success alias) ask for; None: any.
+    Raises InvalidOp naming one that contradicts another."""
+    success, outcome_named = None, None
+    for name, wanted in (("failed", False), ("ok", True), (SUCCESS_ALIAS, None)):
+        if name not in one:
+            continue
+        if name == SUCCESS_ALIAS:
+            if one[name] not in ("true", "false"):
+                raise InvalidOp(name, "must be true or false")
+            wanted = one[name] == "true"
+        elif one[name] not in ("", "true"):
+            raise InvalidOp(name, "must be true, or given without a value")
+        if success is not None and success != wanted:
+            raise InvalidOp(name, f"contradicts {outcome_named}")
+        success, outcome_named = wanted, name
+    return success
+
+
+def _field_filter(text: str) -> tuple[tuple[str, str], bytes]:
+    """(key, value) of a field filter's key=value, and the bytes a line it keeps must hold."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InvalidOp("field", "must be key=value")
+    try:  # a number or a structure may be spelled otherwise in a line: then the key
+        spelled_freely = not isinstance(json.loads(value), (str, bool, type(None)))
+    except ValueError:
+        spelled_freely = False
+    return (key, value), (b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
+
+
 class OpFilter:
     """What a history query keeps: the ops passing every filter given (none given: all).
 
@@ -2979,19 +3010,7 @@ class OpFilter:
         for name in ("since", "until"):
             if name in one:
                 setattr(self, name, parse_time_bound(one[name], name, now, zone=zone))
-        self.success, outcome_named = None, None
-        for name, wanted in (("failed", False), ("ok", True), (SUCCESS_ALIAS, None)):
-            if name not in one:
-                continue
-            if name == SUCCESS_ALIAS:
-                if one[name] not in ("true", "false"):
-                    raise InvalidOp(name, "must be true or false")
-                wanted = one[name] == "true"
-            elif one[name] not in ("", "true"):
-                raise InvalidOp(name, "must be true, or given without a value")
-            if self.success is not None and self.success != wanted:
-                raise InvalidOp(name, f"contradicts {outcome_named}")
-            self.success, outcome_named = wanted, name
+        self.success = _wanted_outcome(one)
         needles: list[bytes] = []  # the likely rarest first
         endpoints = values.get("endpoint", [])
         self.endpoints = frozenset(e for e in endpoints if not any(c in e for c in "*?["))
@@ -3001,15 +3020,8 @@ class OpFilter:
             needles.append(b'"' + _escaped(endpoints[0]) + b'"')
         self.field = None
         if "field" in one:
-            key, sep, value = one["field"].partition("=")
-            if not sep or not key:
-                raise InvalidOp("field", "must be key=value")
-            self.field = (key, value)
-            try:  # a number or a structure may be spelled otherwise in a line: then the key
-                spelled_freely = not isinstance(json.loads(value), (str, bool, type(None)))
-            except ValueError:
-                spelled_freely = False
-            needles.append(b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
+            self.field, needle = _field_filter(one["field"])
+            needles.append(needle)
         # Each a line's error, input_summary or output_summary must hold, with whether it can
         # be tried on a line's raw text (no anchors or lookarounds, which the text around
         # a field would fool).
