@@ -1151,6 +1151,23 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 BLOCK_BYTES = 64 * 1024  # one read of a file; the most a reader holds of a line it has not ended
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file path names now, None if it names none."""
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def file_size(path: Path) -> int:
+    """Bytes of the file path names now; 0 while it names none."""
+    try:
+        return os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
 def blocks(fd: int, start: int, end: int):
     """(offset, block) of the bytes [start, end) of a file, in order; stops where the file ends."""
     while start < end:
@@ -2051,7 +2068,7 @@ class Journal:
         # An fstat and a stat per group commit (a few µs beside the fsync): an op is acked
         # only into the file persist_path names, whatever became of the one we hold.
         status = os.fstat(self._fd)
-        named = self._file_at_path()
+        named = file_identity(self.path)
         if named != (status.st_dev, status.st_ino):
             # Another file there: logrotate's `create`, or a restore from backup; reopening
             # before logrotate's SIGHUP is what the SIGHUP will do. Nothing there: rm, mv of
@@ -2107,14 +2124,6 @@ class Journal:
                     pass  # logged; retried before the next append, by the probe and at close
             raise
 
-    def _file_at_path(self) -> tuple[int, int] | None:
-        """(st_dev, st_ino) of the file the path names now, None if it names none."""
-        try:
-            status = os.stat(self.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return status.st_dev, status.st_ino
-
     def _settle(self) -> None:
         """Cut the failed append's bytes away, or else record them; raises OSError while
         neither is done, and until then nothing more is appended (nothing is acknowledged).
@@ -2152,13 +2161,6 @@ class Journal:
                 "trusts them", path=self.path, start=pending.start, end=pending.end, record=self.record.path,
                 error=cut_error.strerror or cut_error)
         self._pending = None
-
-    def size(self) -> int:
-        """Bytes of the file the path names now; 0 while it names none."""
-        try:
-            return os.stat(self.path).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return 0
 
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file away (SIGHUP).
@@ -2509,6 +2511,43 @@ RESTORING = "observerd is restoring its ring from the journal"
 SHUTTING_DOWN = "observerd is shutting down"
 
 
+class StoredCounts:
+    """Stored ops counted in the metrics and by arrival second, once per (source, success) and
+    per (endpoint, success); each endpoint as observerd_endpoint_events_total labels it."""
+
+    def __init__(self, metrics: Metrics, arrivals: ArrivalCounts):
+        self.metrics, self.arrivals = metrics, arrivals
+        self.endpoint_labels = CappedLabel(ENDPOINT_LABELS)
+
+    def add(self, ops) -> None:
+        """Count stored ops."""
+        each: dict[tuple[str, str, bool], int] = {}  # one dict update per op, the rest per key
+        for op in ops:
+            key = (op.source, op.endpoint, op.success is True)
+            each[key] = each.get(key, 0) + 1
+        tally: dict[tuple[str, bool], int] = {}
+        by_source: dict[tuple[str, str], int] = {}
+        by_endpoint: dict[tuple[str, str], int] = {}
+        named = self.endpoint_labels
+        for (source, endpoint, ok), count in each.items():
+            tally[source, ok] = tally.get((source, ok), 0) + count
+            success = "true" if ok else "false"
+            by_source[source, success] = by_source.get((source, success), 0) + count
+            label = (endpoint if endpoint in named else self.endpoint_label(endpoint), success)
+            by_endpoint[label] = by_endpoint.get(label, 0) + count
+        self.metrics.events.add(by_source)
+        self.metrics.endpoint_events.add(by_endpoint)
+        self.arrivals.add(tally)
+
+    def endpoint_label(self, endpoint: str) -> str:
+        """endpoint as observerd_endpoint_events_total labels it; a newly named one is exported
+        from 0 for both outcomes, so increase() sees its first op of either."""
+        label, new = self.endpoint_labels.name(endpoint)
+        if new:
+            self.metrics.endpoint_events.declare((label, success) for success in Metrics.SUCCESS)
+        return label
+
+
 class OpStore:
     """Persist-then-apply: ops reach the ring only after their lines are fsynced.
 
@@ -2537,7 +2576,7 @@ class OpStore:
         self.metrics = metrics or Metrics()
         self.window = window  # None: deduplication off
         self.arrivals = ArrivalCounts()
-        self.endpoint_labels = CappedLabel(ENDPOINT_LABELS)
+        self.counts = StoredCounts(self.metrics, self.arrivals)
         self.restored = journal is None
         # When the committer took the batch it is committing now (monotonic); None while it waits.
         self.committing_since: float | None = None
@@ -2570,7 +2609,7 @@ class OpStore:
                     self.window.restore(op_ids)
             # The busiest endpoints of the ring are named first: a restart converges on them.
             for endpoint, _ in Counter(op.endpoint for op in ops).most_common(ENDPOINT_LABELS):
-                self._endpoint_label(endpoint)
+                self.counts.endpoint_label(endpoint)
             self.restored = True
             log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
                 ms=round((time.perf_counter() - started) * 1000, 1))
@@ -2671,7 +2710,7 @@ class OpStore:
         except Exception as exc:
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
             return 0, exc
-        self._count(fresh)
+        self.counts.add(fresh)
         duplicates = sum(pending.duplicates for pending in batch)
         if duplicates:
             self.metrics.duplicates.inc(amount=duplicates)
@@ -2714,35 +2753,6 @@ class OpStore:
                 pending.on_done(None if error else Stored(ring_len, pending.duplicates), error)
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
-
-    def _count(self, ops) -> None:
-        """Count stored ops in the metrics and by arrival second, once per (source, success)
-        and per (endpoint, success)."""
-        each: dict[tuple[str, str, bool], int] = {}  # one dict update per op, the rest per key
-        for op in ops:
-            key = (op.source, op.endpoint, op.success is True)
-            each[key] = each.get(key, 0) + 1
-        tally: dict[tuple[str, bool], int] = {}
-        by_source: dict[tuple[str, str], int] = {}
-        by_endpoint: dict[tuple[str, str], int] = {}
-        named = self.endpoint_labels
-        for (source, endpoint, ok), count in each.items():
-            tally[source, ok] = tally.get((source, ok), 0) + count
-            success = "true" if ok else "false"
-            by_source[source, success] = by_source.get((source, success), 0) + count
-            label = (endpoint if endpoint in named else self._endpoint_label(endpoint), success)
-            by_endpoint[label] = by_endpoint.get(label, 0) + count
-        self.metrics.events.add(by_source)
-        self.metrics.endpoint_events.add(by_endpoint)
-        self.arrivals.add(tally)
-
-    def _endpoint_label(self, endpoint: str) -> str:
-        """endpoint as observerd_endpoint_events_total labels it; a newly named one is exported
-        from 0 for both outcomes, so increase() sees its first op of either."""
-        label, new = self.endpoint_labels.name(endpoint)
-        if new:
-            self.metrics.endpoint_events.declare((label, success) for success in Metrics.SUCCESS)
-        return label
 
     def stats(self) -> dict:
         with self._ring_lock:
@@ -5340,7 +5350,7 @@ class ObserverHandler(APIHandler):
             "sources": sources,
             "totals": totals,
             "ring": {"ops": len(store), "capacity": server.config.ring_size, "bytes": store.ring.bytes},
-            "journal": None if journal is None else {"path": str(journal.path), "bytes": journal.size()},
+            "journal": None if journal is None else {"path": str(journal.path), "bytes": file_size(journal.path)},
             "fsync_p99_ms": None if fsync_p99 is None else round(fsync_p99 * 1000, 3),
             "endpoints_window": window,
             "endpoints_since": endpoints_since,
