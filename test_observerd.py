@@ -1532,8 +1532,9 @@ def get_fresh(port: int, path: str, method: str = "GET", body=None) -> tuple[int
         client.close()
 
 
-def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
-    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk would."""
+def daemon_holding_its_restore(daemons, folder: Path, **kw) -> tuple[Daemon, Path]:
+    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk
+    would; kw: as daemons takes them."""
     gate = folder / "restore-gate"
     os.mkfifo(gate)
     script = hooked_daemon_script(folder, f"""
@@ -1545,7 +1546,7 @@ def held_restore_journal(*args, **kwargs):
 observerd.restore_journal = held_restore_journal
 """)
     config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
+    return daemons(folder, config=config, script=script, **kw).wait_listening(restored=False), gate
 
 
 def scrape(client: Client) -> dict[str, dict]:
@@ -6624,19 +6625,8 @@ def test_a_lost_corrections_position_is_repaired_reading_the_file_in_blocks(serv
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
 def test_systemd_hears_restoring_ready_not_writable_and_stopping(tmp_path, daemons, fake_systemd, abstract):
     systemd = fake_systemd(abstract=abstract)
-    gate = tmp_path / "restore-gate"
-    os.mkfifo(gate)
-    script = hooked_daemon_script(tmp_path, f"""
-restore_journal = observerd.restore_journal
-def held_restore_journal(*args, **kwargs):
-    with open({str(gate)!r}, "rb") as fifo:
-        fifo.read()
-    return restore_journal(*args, **kwargs)
-observerd.restore_journal = held_restore_journal
-""")
-    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    daemon = daemons(tmp_path, config=config, script=script, env={"NOTIFY_SOCKET": systemd.address},
-                     preexec_fn=limit_file_size(1 << 40)).wait_listening(restored=False)
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path, env={"NOTIFY_SOCKET": systemd.address},
+                                              preexec_fn=limit_file_size(1 << 40))
     systemd.wait(lambda m: m == f"STATUS=not ready: {od.RESTORING}", "saying it restores")
     assert not any("READY=1" in m for m in systemd.messages)
     with open(gate, "wb"):
