@@ -12,7 +12,7 @@ Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and noth
 corrections).
 
 The file reads top to bottom, each section depending only on those above it, but for the data
-at the end (the page the API serves, as templates go last); ``grep -n '^# \[SECTION\]'`` lists them:
+at the end (the page the API serves, as templates go last); ``grep -nF '# [SECTION]'`` lists them:
 Logging, Metrics, Config, Model, Journal, Store, History, Analysis, Statistics, Comparisons,
 Insights, Outbound, HTTP protocol, API, Background loops, Supervisor, CLI and main; then the data:
 Browser page.

@@ -3,7 +3,7 @@
 In-process servers run on an ephemeral loopback port; crash, restart, signal and disk-full
 behaviour runs the daemon as a real subprocess. Waits poll with a deadline, never sleep blindly.
 
-The sections follow observerd.py's, in its order and under its names (``grep -n '^# \[SECTION\]'``
+The sections follow observerd.py's, in its order and under its names (``grep -nF '# [SECTION]'``
 lists both), after one Helpers section holding every fixture and helper; the scenarios no one
 section owns (crashes under load, fuzzing) come last, then the tests of the deploy files.
 """
@@ -4856,7 +4856,8 @@ def test_each_correction_gets_a_verdict_and_an_unhelpful_one_is_escalated_once_a
     assert sent["/broke"]["verdict"] == "hurt" and sent["/broke"]["comparison"]["failure_rate"]["verdict"] == "worse"
     expected = {"/later": ("pending", False), "/broke": ("hurt", True), "/idle": ("no change", True),
                 "/fixed": ("helped", False)}
-    assert correction_verdicts(daemon.client()) == expected
+    # The team has an escalation before the daemon has its answer, and records it as sent.
+    wait_for(lambda: correction_verdicts(daemon.client()) == expected, what="both escalations recorded")
     assert list(correction_verdicts(daemon.client())) == ["/later", "/broke", "/idle", "/fixed"]  # newest first
     cli = run_cli("corrections", "--config", str(tmp_path / "lakehouse.toml"), "-o", "json")
     assert {e["correction"]["endpoint"]: (e["verdict"], e["escalated"]) for e in json.loads(cli.stdout)["corrections"]} == expected
