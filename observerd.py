@@ -13,9 +13,9 @@ corrections).
 
 The file reads top to bottom, each section depending only on those above it, but for the data
 at the end (the page the API serves, as templates go last); ``grep -nF '# [SECTION]'`` lists them:
-Logging, Metrics, Config, Model, Journal, Store, History, Analysis, Statistics, Comparisons,
-Insights, Outbound, HTTP protocol, API, Background loops, Supervisor, CLI and main; then the data:
-Browser page.
+Logging, Metrics, Config, Model, Files, Journal, Store, History, Analysis, Statistics,
+Comparisons, Insights, Outbound, HTTP protocol, API, Background loops, Supervisor, Daemon, CLI and
+main; then the data: Browser page.
 """
 
 from __future__ import annotations
