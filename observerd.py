@@ -11,10 +11,11 @@ Run it as ``python observerd.py --config lakehouse.toml``; Python 3.11+ and noth
 ``python observerd.py --help`` lists the subcommands (serve, check, stats, top, ops, runs, compare,
 corrections).
 
-The file reads top to bottom, each section depending only on those above it:
-logging -> metrics -> config -> model -> journal -> store -> history -> analysis -> statistics ->
-comparisons -> insights -> outbound -> HTTP protocol -> browser page -> API -> background loops ->
-supervisor -> CLI/main.
+The file reads top to bottom, each section depending only on those above it, but for the data
+at the end (the page the API serves, as templates go last); ``grep -nF '# [SECTION]'`` lists them:
+Logging, Metrics, Config, Model, Files, Journal, Store, History, Analysis, Statistics,
+Comparisons, Insights, Outbound, HTTP protocol, API, Background loops, Supervisor, Daemon, CLI and
+main; then the data: Browser page.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ SERVICE = "observerd"
 
 
 # =============================================================================
-# Logging: one key=value line per event on stderr, like Go's slog text handler
+# [SECTION] Logging: one key=value line per event on stderr, like Go's slog text handler
 # =============================================================================
 
 _LOG_LOCK = threading.Lock()
@@ -94,20 +95,39 @@ _UNSHOWABLE = re.compile(f"[{_UNSHOWABLE_CHARS}]")
 _BARE_VALUE = re.compile(f"[^\\s\"=\\\\{_UNSHOWABLE_CHARS}]+")
 
 
-_second_cache: tuple[int, str] = (-1, "")
+class PerSecond:
+    """A text that changes once a second (a timestamp's date part, the Date header), formatted
+    once for each second asked: formatting is most of what stamping costs."""
+
+    def __init__(self, render: Callable[[int], str]) -> None:
+        self._render = render
+        self._last: tuple[int, str] = (-1, "")  # replaced whole: a reader never sees half of it
+
+    def __call__(self, second: int) -> str:
+        last_second, text = self._last
+        if second != last_second:
+            text = self._render(second)
+            self._last = (second, text)
+        return text
+
+
+def rfc3339_second(second: int) -> str:
+    """A whole UTC second as RFC 3339 spells it: YYYY-MM-DDTHH:MM:SS (no zone)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+_rfc3339_second_now = PerSecond(rfc3339_second)
+
+
+def rfc3339_of(seconds: float) -> str:
+    """A time as UTC RFC 3339 with microseconds and a Z suffix, as observerd stamps ops."""
+    whole = math.floor(seconds)
+    return f"{_rfc3339_second_now(whole)}.{int((seconds - whole) * 1_000_000):06d}Z"
 
 
 def utc_now_rfc3339() -> str:
     """The current UTC time as RFC 3339 with microseconds and a Z suffix."""
-    # Formatting the date part is most of the cost and changes once a second: reuse it.
-    global _second_cache
-    now = time.time()
-    second = int(now)
-    cached_second, prefix = _second_cache
-    if second != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second_cache = (second, prefix)
-    return f"{prefix}.{int((now - second) * 1_000_000):06d}Z"
+    return rfc3339_of(time.time())
 
 
 def showable(text: str) -> str:
@@ -140,7 +160,7 @@ def log(level: str, msg: str, **fields: object) -> None:
 
 
 # =============================================================================
-# Metrics: counters, gauges and histograms in Prometheus text format 0.0.4, and the cap on
+# [SECTION] Metrics: counters, gauges and histograms in Prometheus text format 0.0.4, and the cap on
 # label values clients choose
 # =============================================================================
 
@@ -383,7 +403,7 @@ class Metrics:
 
 
 # =============================================================================
-# Config: the [observerd] and [auth] tables of the shared lakehouse.toml
+# [SECTION] Config: the [observerd] and [auth] tables of the shared lakehouse.toml
 # =============================================================================
 
 DEFAULT_CONFIG_PATH = "lakehouse.toml"
@@ -657,52 +677,26 @@ def _read_top_level(document: dict, named: bool, problems: list[str], warnings: 
         problems.append("no [observerd] table: observerd reads its settings from [observerd]")
 
 
-def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
-    """Read the config file (path None = the default file, optional), then apply overrides.
-
-    flags are settings given on the command line by name (None = not given), e.g. bind="…".
-    Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
-    relative to the folder it was given in: the config file's for file values (and defaults),
-    the working directory for CLI flags. The keys of the *_env settings come only from the
-    variables they name, in environ. Raises ConfigError listing every problem found.
-    """
-    environ = os.environ if environ is None else environ
-    source = path or DEFAULT_CONFIG_PATH
-    document: dict = {}
-    file_folder = Path.cwd()
-    warnings: list[str] = []
+def _read_config_file(source: str, named: bool, warnings: list[str]) -> tuple[dict, Path]:
+    """The config file's document and the folder its relative paths start from; a missing
+    file is a warning unless it was named (--config). Raises ConfigError."""
     try:
         with open(source, "rb") as f:
-            document = tomllib.load(f)
-        file_folder = Path(source).resolve().parent
+            return tomllib.load(f), Path(source).resolve().parent
     except FileNotFoundError:
-        if path is not None:
+        if named:
             raise ConfigError(source, ["file not found (--config names another)"]) from None
         warnings.append("config file not found, using defaults")
+        return {}, Path.cwd()
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"invalid TOML: {exc}"]) from None
     except OSError as exc:
         raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
 
-    problems: list[str] = []
-    _read_top_level(document, path is not None, problems, warnings)
-    given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
-    _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
-    # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
-    _read_table("auth", document.get("auth"), file_folder, given, problems, warnings)
-    for name, value in flags.items():
-        setting = SETTING[name]
-        if value is not None:
-            value = _checked(setting, value, setting.flag, problems)
-        if value is not None:
-            given[name] = GivenValue(value, setting.flag, Path.cwd())
 
-    host, port, bind_parsed = "127.0.0.1", 0, True
-    try:
-        host, port = parse_bind(given["bind"].value)
-    except ValueError as exc:
-        problems.append(str(exc))
-        bind_parsed = False
+def _resolved_values(given: dict[str, GivenValue], problems: list[str]) -> dict[str, object]:
+    """Each setting's value as Config holds it: paths resolved, URLs, choices and variable
+    names checked."""
     values = {}
     for setting in SETTINGS:
         value = given[setting.name].value
@@ -725,7 +719,12 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
             problems.append(f"{given[setting.name].where} must be the name of an environment variable "
                             "(letters, digits and _, not starting with a digit)")
         values[setting.name] = value
+    return values
 
+
+def _read_keys(values: dict, given: dict[str, GivenValue], environ, problems: list[str],
+               warnings: list[str]) -> None:
+    """The keys of the *_env settings, from the variables they name."""
     for setting in (s for s in SETTINGS if s.env):
         # A key is read from the variable its setting names, never from the file.
         name, where = values[setting.name], given[setting.name].where
@@ -736,6 +735,42 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
         elif not fits_a_header(key):
             problems.append(f"{where}: {name} must hold printable ASCII without leading or trailing spaces")
         values[setting.env_value] = key
+
+
+def load_config(path: str | None, environ: dict[str, str] | None = None, **flags: object) -> Config:
+    """Read the config file (path None = the default file, optional), then apply overrides.
+
+    flags are settings given on the command line by name (None = not given), e.g. bind="…".
+    Precedence: CLI flags > OBSERVERD_TOKEN env var > file > defaults. A relative path is
+    relative to the folder it was given in: the config file's for file values (and defaults),
+    the working directory for CLI flags. The keys of the *_env settings come only from the
+    variables they name, in environ. Raises ConfigError listing every problem found.
+    """
+    environ = os.environ if environ is None else environ
+    source = path or DEFAULT_CONFIG_PATH
+    warnings: list[str] = []
+    document, file_folder = _read_config_file(source, path is not None, warnings)
+    problems: list[str] = []
+    _read_top_level(document, path is not None, problems, warnings)
+    given = {s.name: GivenValue(s.default, s.in_file, file_folder) for s in SETTINGS}
+    _read_table("observerd", document.get("observerd"), file_folder, given, problems, problems)
+    # [auth] is shared with the other lakehouse daemons, which may read keys observerd does not.
+    _read_table("auth", document.get("auth"), file_folder, given, problems, warnings)
+    for name, value in flags.items():
+        setting = SETTING[name]
+        if value is not None:
+            value = _checked(setting, value, setting.flag, problems)
+        if value is not None:
+            given[name] = GivenValue(value, setting.flag, Path.cwd())
+
+    host, port, bind_parsed = "127.0.0.1", 0, True
+    try:
+        host, port = parse_bind(given["bind"].value)
+    except ValueError as exc:
+        problems.append(str(exc))
+        bind_parsed = False
+    values = _resolved_values(given, problems)
+    _read_keys(values, given, environ, problems, warnings)
     for backend in ("review_llm", "review_fallback"):
         if values[f"{backend}_url"] and not values[f"{backend}_model"]:
             problems.append(f"{given[f'{backend}_model'].where} must be set when {backend}_url is")
@@ -763,7 +798,7 @@ def load_config(path: str | None, environ: dict[str, str] | None = None, **flags
 
 
 # =============================================================================
-# Model: ObservedOp, its validation and defaults, strict JSON, gzip and batch bodies
+# [SECTION] Model: ObservedOp, its validation and defaults, strict JSON, gzip and batch bodies
 # =============================================================================
 
 CORRECTION_SOURCE = "overseer_correction"
@@ -1109,13 +1144,196 @@ def parse_batch(body: bytes, ndjson: bool, max_batch: int) -> list[dict]:
 
 
 # =============================================================================
-# Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
+# [SECTION] Files: a file read a block at a time, forward or backward, and its lines backward;
+# every reader of the journal, the unsynced record and the corrections file reads through it
+# =============================================================================
+
+BLOCK_BYTES = 64 * 1024  # one read of a file; the most a reader holds of a line it has not ended
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file path names now, None if it names none."""
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return status.st_dev, status.st_ino
+
+
+def file_size(path: Path) -> int:
+    """Bytes of the file path names now; 0 while it names none."""
+    try:
+        return os.stat(path).st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def blocks(fd: int, start: int, end: int):
+    """(offset, block) of the bytes [start, end) of a file, in order; stops where the file ends."""
+    while start < end:
+        block = os.pread(fd, min(end - start, BLOCK_BYTES), start)
+        if not block:
+            return
+        yield start, block
+        start += len(block)
+
+
+def blocks_backward(fd: int, end: int, floor: int = 0):
+    """(offset, block) of the bytes [floor, end) of a file, newest first; raises OSError if the
+    file holds fewer (it shrank while it was read)."""
+    while end > floor:
+        start = max(floor, end - BLOCK_BYTES)
+        block = os.pread(fd, end - start, start)
+        if len(block) != end - start:
+            raise OSError(f"the file shrank while it was read (at byte {start + len(block)})")
+        yield start, block
+        end = start
+
+
+def complete_end(fd: int, end: int, floor: int = 0) -> int:
+    """Just after the last newline before end (floor if there is none after floor)."""
+    for start, block in blocks_backward(fd, end, floor):
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+    return floor
+
+
+def _joined(pieces: list[bytes]) -> bytes:
+    """The pieces as one bytes, the list emptied: only the result stays held."""
+    whole = b"".join(pieces)
+    pieces.clear()
+    return whole
+
+
+def open_for_reading(path: Path) -> int | None:
+    """A descriptor of the regular file at path, None if there is none."""
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the reader; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+class FollowedFile:
+    """A file read as it grows, as tail -F reads one: its complete lines from an offset on (a
+    line still being written waits for its newline), read again from the top once truncated
+    in place (copytruncate), and told apart from the file its path names next by its inode,
+    so that a reader drains it to its end before it moves to the new one."""
+
+    __slots__ = ("path", "fd", "ino", "offset", "retire_at")
+
+    def __init__(self, path: Path, fd: int, offset: int = 0, retire_at: float | None = None):
+        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
+        self.offset, self.retire_at = offset, retire_at
+
+    @classmethod
+    def open(cls, path: Path) -> FollowedFile | None:
+        """The regular file at path, followed from its start; None if there is none."""
+        fd = open_for_reading(path)
+        return None if fd is None else cls(path, fd)
+
+    def truncated(self) -> bool:
+        """Whether the file is now shorter than what was read of it; if so, it is read from
+        its start again."""
+        if os.fstat(self.fd).st_size >= self.offset:
+            return False
+        self.offset = 0
+        return True
+
+    def replaced(self) -> bool:
+        """Whether the path names another file now (or none)."""
+        fd = open_for_reading(self.path)
+        if fd is None:
+            return False  # gone: nothing newer to move to yet
+        try:
+            return os.fstat(fd).st_ino != self.ino
+        finally:
+            os.close(fd)
+
+    def lines(self, max_line: float = math.inf):
+        """(start, end, line) of the complete lines from offset on, in order, each without its
+        newline; line is None for one longer than max_line, read past and never held whole.
+        The caller moves offset (to an end) as it takes lines."""
+        start, pieces, held, too_long = self.offset, [], 0, False
+        for at, block in blocks(self.fd, self.offset, os.fstat(self.fd).st_size):
+            cut = 0
+            while (newline := block.find(b"\n", cut)) >= 0:
+                end = at + newline + 1
+                too_long = too_long or held + newline - cut > max_line
+                if too_long:
+                    yield start, end, None
+                else:
+                    pieces.append(block[cut:newline])
+                    yield start, end, pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                start, pieces, held, too_long, cut = end, [], 0, False, newline + 1
+            if not too_long:
+                pieces.append(block[cut:])
+                held += len(block) - cut
+                too_long = held > max_line
+                if too_long:
+                    pieces = []
+
+    def rest(self) -> bytes:
+        """The bytes after offset: a last line that never got its newline."""
+        return os.pread(self.fd, max(0, os.fstat(self.fd).st_size - self.offset), self.offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LinesBackward:
+    """A file's lines before an offset, newest first, read a block at a time: each byte is read
+    once and copied once more; a line longer than a block is held whole, never twice over."""
+
+    def __init__(self, fd: int, end: int):
+        self.fd = fd
+        self.end = end
+        self.read_bytes = 0
+
+    def chunks(self):
+        """(offset, lines) from end back to the file's start, newest chunk first; lines start at
+        offset, in file order, each ending in a newline but for whatever follows the last
+        newline before end (a line still being written)."""
+        carry: list[bytes] = []  # the end of a line whose start is further back, newest first
+        for start, block in blocks_backward(self.fd, self.end):
+            self.read_bytes += len(block)
+            cut = block.find(b"\n") + 1 if start else 0
+            if start and not cut:
+                carry.append(block)
+                continue
+            pieces = [block[cut:], *reversed(carry)]
+            carry = [block[:cut]]
+            if len(pieces[0]) or len(pieces) > 1:
+                yield start + cut, _joined(pieces)
+
+    def lines(self):
+        """(offset, line) newest first, each without its newline; the bytes after the last
+        newline before end, if any, come first."""
+        for offset, chunk in self.chunks():
+            lines = chunk.split(b"\n")
+            pos = offset + len(chunk) + 1
+            del chunk  # from here on only the lines are held
+            if not lines[-1]:
+                lines.pop()
+                pos -= 1
+            while lines:
+                line = lines.pop()
+                pos -= len(line) + 1
+                yield pos, line
+
+
+# =============================================================================
+# [SECTION] Journal: the durable JSONL file (its lines as ring ops and in answers, appends, rotation,
 # torn-tail repair, the write probe, tail and op_id restore) and the atomic file writes the
 # loops use too
 # =============================================================================
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-RESTORE_BLOCK_BYTES = 64 * 1024
 
 
 class PersistError(Exception):
@@ -1145,7 +1363,7 @@ def window_entry(line: bytes) -> tuple[str, int] | None:
 
     Restore trusts these marks instead of validating each of up to dedupe_window lines (a
     second per 100,000 here): every line observerd writes has them, and a foreign line
-    that imitates them is taken at its word (see README, Idempotent ops). A byte that is
+    that imitates them is taken at its word (see docs/clients.md, Idempotent ops). A byte that is
     not UTF-8 becomes a lone surrogate, which no op_id a client sends can hold.
 
     The digest is what a duplicate is compared with: a hash of the line without its
@@ -1302,36 +1520,6 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _blocks_backward(f, end: int):
-    """(start, block) of f's blocks from end back to the start of the file, newest first."""
-    pos = end
-    while pos > 0:
-        start = max(0, pos - RESTORE_BLOCK_BYTES)
-        f.seek(start)
-        yield start, f.read(pos - start)
-        pos = start
-
-
-def _lines_backward(f, end: int):
-    """Yield (offset, line) from end back to the start of the file, newest first.
-
-    The pieces of a line that spans blocks are kept until its start is found, then joined
-    once: each byte is read once and copied once more, so the work is linear in the bytes
-    read, and a long line costs twice its length at most while it is joined.
-    """
-    pieces: list[bytes] = []  # the newest line not yet whole, newest piece first
-    for start, block in _blocks_backward(f, end):
-        cut = len(block)
-        while (newline := block.rfind(b"\n", 0, cut)) >= 0:
-            pieces.append(block[newline + 1:cut])
-            line = pieces[0] if len(pieces) == 1 else b"".join(reversed(pieces))
-            pieces = []
-            yield start + newline + 1, line
-            cut = newline
-        pieces.append(block[:cut])
-    yield 0, b"".join(reversed(pieces))
-
-
 def repair_torn_tail(path: Path) -> int:
     """Cut a file back to the end of its last complete line; returns bytes dropped.
 
@@ -1340,12 +1528,7 @@ def repair_torn_tail(path: Path) -> int:
     """
     with open(path, "rb+") as f:
         size = f.seek(0, os.SEEK_END)
-        end = 0
-        for start, block in _blocks_backward(f, size):
-            newline = block.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
+        end = complete_end(f.fileno(), size)
         if end == size:
             return 0
         f.truncate(end)
@@ -1490,25 +1673,10 @@ class Unsynced(NamedTuple):
         """Whether the file open at fd still holds these bytes: only then do they count."""
         if os.fstat(fd).st_size < self.end:
             return False
-        crc, pos = 0, self.start
-        while pos < self.end:
-            block = os.pread(fd, min(self.end - pos, RESTORE_BLOCK_BYTES), pos)
-            if not block:
-                return False
-            crc, pos = zlib.crc32(block, crc), pos + len(block)
-        return crc == self.crc
-
-
-def _has_newline(fd: int, start: int, end: int) -> bool:
-    """Whether the bytes [start, end) of a file hold a newline, read a block at a time."""
-    while start < end:
-        block = os.pread(fd, min(end - start, RESTORE_BLOCK_BYTES), start)
-        if not block:
-            return False
-        if b"\n" in block:
-            return True
-        start += len(block)
-    return False
+        crc, read = 0, 0
+        for _, block in blocks(fd, self.start, self.end):
+            crc, read = zlib.crc32(block, crc), read + len(block)
+        return read == self.end - self.start and crc == self.crc
 
 
 class UntrustedJournal(Exception):
@@ -1653,7 +1821,7 @@ class UnsyncedRecord:
         """Cut a range off the end of its file, its bytes kept as .NAME.unsynced-INO-START; False
         (the range stays recorded) if lines follow it or its bytes cannot be kept."""
         size = os.fstat(fd).st_size
-        if _has_newline(fd, entry.end, size):
+        if any(b"\n" in block for _, block in blocks(fd, entry.end, size)):
             # Complete lines follow it (written after it): it stays, and readers skip it.
             log("WARN", "journal holds bytes whose fsync failed; every reader skips them",
                 path=name, start=entry.start, end=entry.end)
@@ -1773,10 +1941,10 @@ def rotate_segments(path: Path, keep_files: int, record: UnsyncedRecord | None) 
         if shifted:
             # No op is lost: each file is under a neighbour's name. The next append makes the
             # path again if it is gone; stop observerd and run these, in order, to restore it.
-            log("ERROR", "cannot rotate log; its folder is left shifted", path=path, error=exc,
+            log("ERROR", "cannot rotate journal; its folder is left shifted", path=path, error=exc,
                 to_recover="; ".join(shifted))
         else:
-            log("ERROR", "cannot rotate log; left as it was", path=path, error=exc)
+            log("ERROR", "cannot rotate journal; left as it was", path=path, error=exc)
         raise
     if moves[0][1] == dropped:
         try:
@@ -1786,7 +1954,7 @@ def rotate_segments(path: Path, keep_files: int, record: UnsyncedRecord | None) 
                 record.remove(status.st_dev, status.st_ino)  # its inode may be reused
         except (OSError, ValueError):
             pass  # replaced by the next rotation's oldest segment
-    log("INFO", "rotated log", path=path, keep_files=keep_files)
+    log("INFO", "rotated journal", path=path, keep_files=keep_files)
     return fd
 
 
@@ -1830,7 +1998,7 @@ class Journal:
             if self.path.exists():
                 dropped = repair_torn_tail(self.path)
                 if dropped:
-                    log("WARN", "repaired torn tail of log", path=self.path, dropped_bytes=dropped)
+                    log("WARN", "repaired torn tail of journal", path=self.path, dropped_bytes=dropped)
             self._fd = self._open_for_append()
             probe_scratch_path(self.path).unlink(missing_ok=True)  # left only by a crash mid-probe
         except BaseException:
@@ -1861,7 +2029,7 @@ class Journal:
             except OSError as exc:
                 self.metrics.persist_errors.inc()
                 if self.failure is None:
-                    log("WARN", "log not writable; not ready until a write succeeds", path=self.path,
+                    log("WARN", "journal not writable; not ready until a write succeeds", path=self.path,
                         error=exc.strerror or exc)
                 self.failure, self._failed_bytes = f"{exc.strerror or exc} ({self.path})", len(data)
                 raise PersistError(self.failure) from exc
@@ -1892,7 +2060,7 @@ class Journal:
     def _writable(self, found_by: str) -> None:
         if self.failure is not None:
             self.failure = None
-            log("INFO", "log writable again", path=self.path, found_by=found_by)
+            log("INFO", "journal writable again", path=self.path, found_by=found_by)
 
     def _append(self, data: bytes) -> None:
         if self._pending is not None:
@@ -1900,7 +2068,7 @@ class Journal:
         # An fstat and a stat per group commit (a few µs beside the fsync): an op is acked
         # only into the file persist_path names, whatever became of the one we hold.
         status = os.fstat(self._fd)
-        named = self._file_at_path()
+        named = file_identity(self.path)
         if named != (status.st_dev, status.st_ino):
             # Another file there: logrotate's `create`, or a restore from backup; reopening
             # before logrotate's SIGHUP is what the SIGHUP will do. Nothing there: rm, mv of
@@ -1912,10 +2080,10 @@ class Journal:
             # creates its own, and the next append follows; those ops are in the .backup.
             # An rm racing this very append takes it along, as it would a moment earlier.
             if named is None:
-                log("WARN", "log file is gone from its path; making the path again", path=self.path,
+                log("WARN", "journal file is gone from its path; making the path again", path=self.path,
                     links_left=status.st_nlink)
             else:
-                log("INFO", "log path names another file; reopening it", path=self.path)
+                log("INFO", "journal path names another file; reopening it", path=self.path)
             self._reopen()
             status = os.fstat(self._fd)
         size = status.st_size
@@ -1956,14 +2124,6 @@ class Journal:
                     pass  # logged; retried before the next append, by the probe and at close
             raise
 
-    def _file_at_path(self) -> tuple[int, int] | None:
-        """(st_dev, st_ino) of the file the path names now, None if it names none."""
-        try:
-            status = os.stat(self.path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        return status.st_dev, status.st_ino
-
     def _settle(self) -> None:
         """Cut the failed append's bytes away, or else record them; raises OSError while
         neither is done, and until then nothing more is appended (nothing is acknowledged).
@@ -2001,13 +2161,6 @@ class Journal:
                 "trusts them", path=self.path, start=pending.start, end=pending.end, record=self.record.path,
                 error=cut_error.strerror or cut_error)
         self._pending = None
-
-    def size(self) -> int:
-        """Bytes of the file the path names now; 0 while it names none."""
-        try:
-            return os.stat(self.path).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return 0
 
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file away (SIGHUP).
@@ -2074,7 +2227,7 @@ def _make_durable(fd: int, path: Path, status: os.stat_result, record: UnsyncedR
             if record is None:
                 raise OSError("runtime_dir is not set") from None
             crc = 0
-            for block in iter(functools.partial(os.read, fd, RESTORE_BLOCK_BYTES), b""):
+            for _, block in blocks(fd, 0, status.st_size):
                 crc = zlib.crc32(block, crc)
             record.add(Unsynced(status.st_dev, status.st_ino, 0, status.st_size, crc, path.name,
                                 at_startup=True))
@@ -2131,7 +2284,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
             if durable:
                 _make_durable(f.fileno(), segment, status, record)
             skip = unsynced.of(f.fileno())
-            for offset, line in _lines_backward(f, f.seek(0, os.SEEK_END)):
+            for offset, line in LinesBackward(f.fileno(), status.st_size).lines():
                 if stopping is not None and stopping.is_set():
                     return None
                 if not line.strip() or (skip and overlaps(skip, offset, len(line) + 1)):
@@ -2150,7 +2303,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
                         # Whatever a stored line makes decoding or encoding raise (InvalidOp,
                         # RecursionError, UnicodeEncodeError, a rule added later), it is one bad
                         # line, never a reason to stop startup.
-                        log("WARN", "skipped invalid log line", path=segment, offset=offset, reason=exc)
+                        log("WARN", "skipped invalid journal line", path=segment, offset=offset, reason=exc)
                     else:
                         if ops and held + ring_op.size > max_bytes:
                             ring_full = True
@@ -2164,7 +2317,7 @@ def restore_journal(path: Path, ring_size: int, keep_files: int = 0, max_bytes: 
 
 
 # =============================================================================
-# Store: the ring with live counters, per-second arrivals and the op_id window, fed through
+# [SECTION] Store: the ring with live counters, per-second arrivals and the op_id window, fed through
 # group commit, and whether a write would be taken now
 # =============================================================================
 
@@ -2195,6 +2348,11 @@ class Ring:
             self.recent_scenarios.append(op)
         while len(self.ops) > self.ring_size or (self.bytes > self.max_bytes and len(self.ops) > 1):
             self._evict(self.ops.popleft())
+
+    def refill(self, ops: list[RingOp]) -> None:
+        """Apply restored ops, oldest first, as if they had just arrived."""
+        for op in ops:
+            self.apply(op)
 
     def _evict(self, op: RingOp) -> None:
         self.bytes -= op.size
@@ -2286,7 +2444,7 @@ class OpIdWindow:
 
     Every stored op takes a slot, with an op_id or without (None), so the window covers the
     same ops a restart reads back (restore_journal). An id is held once: a duplicate is never
-    stored. Memory: `size` slots of 8 bytes, plus each id held (see README).
+    stored. Memory: `size` slots of 8 bytes, plus each id held (see docs/clients.md, Idempotent ops).
     """
 
     def __init__(self, size: int):
@@ -2353,6 +2511,43 @@ RESTORING = "observerd is restoring its ring from the journal"
 SHUTTING_DOWN = "observerd is shutting down"
 
 
+class StoredCounts:
+    """Stored ops counted in the metrics and by arrival second, once per (source, success) and
+    per (endpoint, success); each endpoint as observerd_endpoint_events_total labels it."""
+
+    def __init__(self, metrics: Metrics, arrivals: ArrivalCounts):
+        self.metrics, self.arrivals = metrics, arrivals
+        self.endpoint_labels = CappedLabel(ENDPOINT_LABELS)
+
+    def add(self, ops) -> None:
+        """Count stored ops."""
+        each: dict[tuple[str, str, bool], int] = {}  # one dict update per op, the rest per key
+        for op in ops:
+            key = (op.source, op.endpoint, op.success is True)
+            each[key] = each.get(key, 0) + 1
+        tally: dict[tuple[str, bool], int] = {}
+        by_source: dict[tuple[str, str], int] = {}
+        by_endpoint: dict[tuple[str, str], int] = {}
+        named = self.endpoint_labels
+        for (source, endpoint, ok), count in each.items():
+            tally[source, ok] = tally.get((source, ok), 0) + count
+            success = "true" if ok else "false"
+            by_source[source, success] = by_source.get((source, success), 0) + count
+            label = (endpoint if endpoint in named else self.endpoint_label(endpoint), success)
+            by_endpoint[label] = by_endpoint.get(label, 0) + count
+        self.metrics.events.add(by_source)
+        self.metrics.endpoint_events.add(by_endpoint)
+        self.arrivals.add(tally)
+
+    def endpoint_label(self, endpoint: str) -> str:
+        """endpoint as observerd_endpoint_events_total labels it; a newly named one is exported
+        from 0 for both outcomes, so increase() sees its first op of either."""
+        label, new = self.endpoint_labels.name(endpoint)
+        if new:
+            self.metrics.endpoint_events.declare((label, success) for success in Metrics.SUCCESS)
+        return label
+
+
 class OpStore:
     """Persist-then-apply: ops reach the ring only after their lines are fsynced.
 
@@ -2381,7 +2576,7 @@ class OpStore:
         self.metrics = metrics or Metrics()
         self.window = window  # None: deduplication off
         self.arrivals = ArrivalCounts()
-        self.endpoint_labels = CappedLabel(ENDPOINT_LABELS)
+        self.counts = StoredCounts(self.metrics, self.arrivals)
         self.restored = journal is None
         # When the committer took the batch it is committing now (monotonic); None while it waits.
         self.committing_since: float | None = None
@@ -2409,13 +2604,12 @@ class OpStore:
                 return
             ops, op_ids = restored
             with self._ring_lock:
-                for op in ops:
-                    self.ring.apply(op)
+                self.ring.refill(ops)
                 if self.window is not None:
                     self.window.restore(op_ids)
             # The busiest endpoints of the ring are named first: a restart converges on them.
             for endpoint, _ in Counter(op.endpoint for op in ops).most_common(ENDPOINT_LABELS):
-                self._endpoint_label(endpoint)
+                self.counts.endpoint_label(endpoint)
             self.restored = True
             log("INFO", "restored ops", count=len(self), op_ids=len(self.window or ()), path=path,
                 ms=round((time.perf_counter() - started) * 1000, 1))
@@ -2516,7 +2710,7 @@ class OpStore:
         except Exception as exc:
             log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
             return 0, exc
-        self._count(fresh)
+        self.counts.add(fresh)
         duplicates = sum(pending.duplicates for pending in batch)
         if duplicates:
             self.metrics.duplicates.inc(amount=duplicates)
@@ -2560,35 +2754,6 @@ class OpStore:
             except Exception as exc:
                 log("ERROR", "commit callback failed", error=repr(exc), traceback=traceback.format_exc())
 
-    def _count(self, ops) -> None:
-        """Count stored ops in the metrics and by arrival second, once per (source, success)
-        and per (endpoint, success)."""
-        each: dict[tuple[str, str, bool], int] = {}  # one dict update per op, the rest per key
-        for op in ops:
-            key = (op.source, op.endpoint, op.success is True)
-            each[key] = each.get(key, 0) + 1
-        tally: dict[tuple[str, bool], int] = {}
-        by_source: dict[tuple[str, str], int] = {}
-        by_endpoint: dict[tuple[str, str], int] = {}
-        named = self.endpoint_labels
-        for (source, endpoint, ok), count in each.items():
-            tally[source, ok] = tally.get((source, ok), 0) + count
-            success = "true" if ok else "false"
-            by_source[source, success] = by_source.get((source, success), 0) + count
-            label = (endpoint if endpoint in named else self._endpoint_label(endpoint), success)
-            by_endpoint[label] = by_endpoint.get(label, 0) + count
-        self.metrics.events.add(by_source)
-        self.metrics.endpoint_events.add(by_endpoint)
-        self.arrivals.add(tally)
-
-    def _endpoint_label(self, endpoint: str) -> str:
-        """endpoint as observerd_endpoint_events_total labels it; a newly named one is exported
-        from 0 for both outcomes, so increase() sees its first op of either."""
-        label, new = self.endpoint_labels.name(endpoint)
-        if new:
-            self.metrics.endpoint_events.declare((label, success) for success in Metrics.SUCCESS)
-        return label
-
     def stats(self) -> dict:
         with self._ring_lock:
             return self.ring.stats()
@@ -2604,7 +2769,7 @@ class OpStore:
     def reopen_journal(self) -> None:
         if self.journal is not None:
             self.journal.reopen()
-            log("INFO", "reopened log", path=self.journal.path)
+            log("INFO", "reopened journal", path=self.journal.path)
 
     def close(self) -> None:
         """Commit what is queued, stop the committer, close the journal."""
@@ -2618,7 +2783,7 @@ class OpStore:
 
 
 # =============================================================================
-# History: the filter language (FILTERS, times as journalctl reads them), and the journal on
+# [SECTION] History: the filter language (FILTERS, times as journalctl reads them), and the journal on
 # disk (live file and rotated segments) read backwards through it, from a position that
 # survives appends and rotation, or followed as it grows
 # =============================================================================
@@ -2654,7 +2819,6 @@ FILTER = {f.name: f for f in FILTERS}
 # success=true|false: ok and failed as the page and clients of 1.x spell them, kept over HTTP.
 SUCCESS_ALIAS = "success"
 HISTORY_FILTERS = tuple(f.name for f in FILTERS if f.http) + (SUCCESS_ALIAS,)
-HISTORY_BLOCK_BYTES = 64 * 1024
 # Timestamps are the clients': batches arrive late and clocks differ, so the file is not in
 # timestamp order. A scan with since goes on past the first older op, and stops only once
 # this much of the file in a row has shown nothing at or after since.
@@ -2711,7 +2875,7 @@ def _utc_second(seconds: float) -> bytes | None:
     """The UTC second a time falls in, as RFC 3339 spells it (YYYY-MM-DDTHH:MM:SS); None if the
     year has not four digits, where spellings stop sorting as times do."""
     try:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(math.floor(seconds)))
+        text = rfc3339_second(math.floor(seconds))
     except (OverflowError, OSError, ValueError):
         return None
     return text.encode() if len(text) == 19 else None
@@ -2797,6 +2961,37 @@ def field_text(value: object) -> str:
     return value if isinstance(value, str) else _LINE_ENCODER.encode(value)
 
 
+def _wanted_outcome(one: dict[str, str]) -> bool | None:
+    """The success the outcome filters (failed, ok, the success alias) ask for; None: any.
+    Raises InvalidOp naming one that contradicts another."""
+    success, outcome_named = None, None
+    for name, wanted in (("failed", False), ("ok", True), (SUCCESS_ALIAS, None)):
+        if name not in one:
+            continue
+        if name == SUCCESS_ALIAS:
+            if one[name] not in ("true", "false"):
+                raise InvalidOp(name, "must be true or false")
+            wanted = one[name] == "true"
+        elif one[name] not in ("", "true"):
+            raise InvalidOp(name, "must be true, or given without a value")
+        if success is not None and success != wanted:
+            raise InvalidOp(name, f"contradicts {outcome_named}")
+        success, outcome_named = wanted, name
+    return success
+
+
+def _field_filter(text: str) -> tuple[tuple[str, str], bytes]:
+    """(key, value) of a field filter's key=value, and the bytes a line it keeps must hold."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InvalidOp("field", "must be key=value")
+    try:  # a number or a structure may be spelled otherwise in a line: then the key
+        spelled_freely = not isinstance(json.loads(value), (str, bool, type(None)))
+    except ValueError:
+        spelled_freely = False
+    return (key, value), (b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
+
+
 class OpFilter:
     """What a history query keeps: the ops passing every filter given (none given: all).
 
@@ -2825,19 +3020,7 @@ class OpFilter:
         for name in ("since", "until"):
             if name in one:
                 setattr(self, name, parse_time_bound(one[name], name, now, zone=zone))
-        self.success, outcome_named = None, None
-        for name, wanted in (("failed", False), ("ok", True), (SUCCESS_ALIAS, None)):
-            if name not in one:
-                continue
-            if name == SUCCESS_ALIAS:
-                if one[name] not in ("true", "false"):
-                    raise InvalidOp(name, "must be true or false")
-                wanted = one[name] == "true"
-            elif one[name] not in ("", "true"):
-                raise InvalidOp(name, "must be true, or given without a value")
-            if self.success is not None and self.success != wanted:
-                raise InvalidOp(name, f"contradicts {outcome_named}")
-            self.success, outcome_named = wanted, name
+        self.success = _wanted_outcome(one)
         needles: list[bytes] = []  # the likely rarest first
         endpoints = values.get("endpoint", [])
         self.endpoints = frozenset(e for e in endpoints if not any(c in e for c in "*?["))
@@ -2847,15 +3030,8 @@ class OpFilter:
             needles.append(b'"' + _escaped(endpoints[0]) + b'"')
         self.field = None
         if "field" in one:
-            key, sep, value = one["field"].partition("=")
-            if not sep or not key:
-                raise InvalidOp("field", "must be key=value")
-            self.field = (key, value)
-            try:  # a number or a structure may be spelled otherwise in a line: then the key
-                spelled_freely = not isinstance(json.loads(value), (str, bool, type(None)))
-            except ValueError:
-                spelled_freely = False
-            needles.append(b'"' + _escaped(key) + b'"' if spelled_freely or not value else _escaped(value))
+            self.field, needle = _field_filter(one["field"])
+            needles.append(needle)
         # Each a line's error, input_summary or output_summary must hold, with whether it can
         # be tried on a line's raw text (no anchors or lookarounds, which the text around
         # a field would fool).
@@ -3036,31 +3212,6 @@ class Segment(NamedTuple):
     unsynced: tuple[tuple[int, int], ...]  # recorded ranges no reader trusts (see UnsyncedRecord)
 
 
-def _complete_end(fd: int, size: int) -> int:
-    """Just after the file's last newline (0 if it has none)."""
-    pos = size
-    while pos > 0:
-        start = max(0, pos - HISTORY_BLOCK_BYTES)
-        newline = os.pread(fd, pos - start, start).rfind(b"\n")
-        if newline >= 0:
-            return start + newline + 1
-        pos = start
-    return 0
-
-
-def _open_for_reading(path: Path) -> int | None:
-    """A descriptor of the regular file at path, None if there is none."""
-    try:
-        # O_NONBLOCK: a FIFO put there must not hang the reader; a regular file ignores it.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return None
-    return fd
-
-
 class JournalFiles:
     """The journal's files as they were when listed, newest first, each opened when it is first
     read and read through that descriptor: a rotation or deletion meanwhile changes nothing
@@ -3098,12 +3249,12 @@ class JournalFiles:
         if index not in self._opened:
             place, ino = self.listed[index]
             for name in itertools.islice(segment_paths(self.path, self.keep_files), place, None):
-                fd = _open_for_reading(name)
+                fd = open_for_reading(name)
                 if fd is None:
                     continue
                 status = os.fstat(fd)
                 if status.st_ino == ino:
-                    self._opened[index] = Segment(name, fd, ino, _complete_end(fd, status.st_size),
+                    self._opened[index] = Segment(name, fd, ino, complete_end(fd, status.st_size),
                                                   self._unsynced.of(fd))
                     break
                 os.close(fd)
@@ -3154,38 +3305,6 @@ class JournalFiles:
                 return index, offset
         raise RotatedAway("the ops at this cursor were rotated away (segments beyond keep_files are "
                           "deleted); start again without a cursor")
-
-
-class _WholeLinesBackward:
-    """A file's complete lines before an offset, in chunks of whole lines, newest chunk first,
-    read a block at a time: each byte is read once and copied once more; a line longer than a
-    block is held whole."""
-
-    def __init__(self, fd: int, end: int):
-        self.fd = fd
-        self.pos = end  # where the next block read ends
-        self.carry: list[bytes] = []  # the end of a line whose start is further back, newest first
-        self.read_bytes = 0
-
-    def next_chunk(self) -> tuple[int, bytes] | None:
-        """(offset, lines) just before the chunks returned so far, None at the file's start;
-        lines start at offset, in file order, each ending in a newline."""
-        while self.pos > 0:
-            start = max(0, self.pos - HISTORY_BLOCK_BYTES)
-            block = os.pread(self.fd, self.pos - start, start)
-            if len(block) != self.pos - start:
-                raise OSError(f"the file shrank while it was read (at byte {start + len(block)})")
-            self.read_bytes += len(block)
-            self.pos = start
-            cut = block.find(b"\n") + 1 if start else 0
-            if start and not cut:
-                self.carry.append(block)
-                continue
-            lines = block[cut:] + b"".join(reversed(self.carry))
-            self.carry = [block[:cut]]
-            if lines:
-                return start + cut, lines
-        return None
 
 
 def candidate_lines(chunk: bytes, op_filter: OpFilter):
@@ -3260,9 +3379,8 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor:
         if segment is None:
             break  # deleted while this read ran, and everything older with it
         top = resume_at if index == first and resume_at is not None else segment.end
-        reader = _WholeLinesBackward(segment.fd, top)
-        while (chunk := reader.next_chunk()) is not None:
-            offset, lines = chunk
+        reader = LinesBackward(segment.fd, top)
+        for offset, lines in reader.chunks():
             for start, line in candidate_lines(lines, op_filter):
                 if not line.strip() or (op_filter.judges_raw and op_filter.rules_out(line)):
                     continue
@@ -3292,16 +3410,6 @@ def read_history(files: JournalFiles, op_filter: OpFilter, limit: float, cursor:
     return HistoryPage(ops, None, scanned, False)
 
 
-class _FollowedFile:
-    """A file being followed: where its unread bytes begin, and a line not yet complete."""
-
-    __slots__ = ("path", "fd", "ino", "offset", "partial", "retire_at")
-
-    def __init__(self, path: Path, fd: int, offset: int, retire_at: float | None = None):
-        self.path, self.fd, self.ino = path, fd, os.fstat(fd).st_ino
-        self.offset, self.partial, self.retire_at = offset, b"", retire_at
-
-
 class JournalFollower:
     """The ops appended to the journal from a point on, as `tail -F` follows a path.
 
@@ -3321,10 +3429,10 @@ class JournalFollower:
         self._unsynced = UnsyncedRanges(None)
         self.op_filter = op_filter
         self.skipped = skipped
-        self._files: list[_FollowedFile] = []  # in the order they are read: oldest first
-        self._current: _FollowedFile | None = None  # the one the path named when last looked at
+        self._files: list[FollowedFile] = []  # in the order they are read: oldest first
+        self._current: FollowedFile | None = None  # the one the path named when last looked at
         if live is not None:
-            self._current = _FollowedFile(live.path, os.dup(live.fd), live.end)
+            self._current = FollowedFile(live.path, os.dup(live.fd), live.end)
             self._files.append(self._current)
 
     def poll(self) -> list[RingOp]:
@@ -3333,17 +3441,14 @@ class JournalFollower:
         self._unsynced = UnsyncedRanges(self.record)  # a range may be recorded while followed
         for followed in self._files:
             self._read(followed, kept)
-        named = _open_for_reading(self.path)
-        if named is not None:
-            moved = self._current is None or os.fstat(named).st_ino != self._current.ino
-            os.close(named)
-            if moved:
-                self._take_new_files(kept)
+        if self._current.replaced() if self._current is not None else self.path.is_file():
+            self._take_new_files(kept)
         now = time.monotonic()
         for followed in [f for f in self._files if f.retire_at is not None and f.retire_at <= now]:
-            if followed.partial.strip():
-                self.skipped.decode(followed.partial, followed.path, followed.offset - len(followed.partial))
-            os.close(followed.fd)
+            rest = followed.rest()
+            if rest.strip():
+                self.skipped.decode(rest, followed.path, followed.offset)
+            followed.close()
             self._files.remove(followed)
         return kept
 
@@ -3368,43 +3473,32 @@ class JournalFollower:
                 if segment is None:
                     continue
                 live = segment is files.live()
-                followed = _FollowedFile(segment.path, os.dup(segment.fd), 0, None if live else retire_at)
+                followed = FollowedFile(segment.path, os.dup(segment.fd), 0, None if live else retire_at)
                 self._files.append(followed)
                 self._read(followed, kept)
                 if live:
                     self._current = followed
 
-    def _read(self, followed: _FollowedFile, kept: list[RingOp]) -> None:
-        size = os.fstat(followed.fd).st_size
-        if size < followed.offset:  # truncated in place (copytruncate): it starts again
-            followed.offset, followed.partial = 0, b""
+    def _read(self, followed: FollowedFile, kept: list[RingOp]) -> None:
+        followed.truncated()
         skip = self._unsynced.of(followed.fd)
-        while followed.offset < size:
-            data = os.pread(followed.fd, min(size - followed.offset, 1024 * 1024), followed.offset)
-            if not data:
-                break
-            line_at = followed.offset - len(followed.partial)
-            followed.offset += len(data)
-            data = followed.partial + data
-            cut = data.rfind(b"\n") + 1
-            followed.partial = data[cut:]
-            for line in data[:cut].split(b"\n")[:-1]:
-                if skip and overlaps(skip, line_at, len(line) + 1):
-                    pass
-                elif line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
-                    op = self.skipped.decode(line, followed.path, line_at)
-                    if op is not None and self.op_filter.accepts(op):
-                        kept.append(RingOp(op))
-                line_at += len(line) + 1
+        for start, end, line in followed.lines():
+            followed.offset = end
+            if skip and overlaps(skip, start, end - start):
+                continue
+            if line.strip() and not (self.op_filter.judges_raw and self.op_filter.rules_out(line)):
+                op = self.skipped.decode(line, followed.path, start)
+                if op is not None and self.op_filter.accepts(op):
+                    kept.append(RingOp(op))
 
     def close(self) -> None:
         for followed in self._files:
-            os.close(followed.fd)
+            followed.close()
         self._files, self._current = [], None
 
 
 # =============================================================================
-# Analysis: failure signatures, clusters, playbooks, reviews (pure, but for cached signatures)
+# [SECTION] Analysis: failure signatures, clusters, playbooks, reviews (pure, but for cached signatures)
 # =============================================================================
 
 _SIGNATURE_RULES = [
@@ -3517,7 +3611,7 @@ def consolidate_playbooks(ops: list[dict]) -> list[dict]:
     return playbooks
 
 
-# Review verdicts, in order of precedence. Documented in the README.
+# Review verdicts, in order of precedence. Documented in docs/internals.md.
 REVIEW_MIN_OPS = 5
 REVIEW_FAILING_RATE = 0.5
 REVIEW_DEGRADED_RATE = 0.1
@@ -3649,7 +3743,7 @@ def review_ops(ops: list[dict]) -> list[dict]:
 
 
 # What an LLM review sends, whatever the ring holds: a ring of a thousand endpoints failing
-# with 4 KB errors must not become a prompt of megabytes. Documented in the README.
+# with 4 KB errors must not become a prompt of megabytes. Documented in docs/internals.md.
 LLM_PROMPT_MAX_BYTES = 16 * 1024
 LLM_PROMPT_TEXT_CHARS = 200  # each endpoint, signature and reason is cut to this
 LLM_PROMPT = ("You review the health of services observed by the lakehouse. Given these heuristic "
@@ -3683,7 +3777,7 @@ def llm_prompt(reviews: list[dict]) -> str:
 
 
 # =============================================================================
-# Statistics: the tests a comparison runs (Fisher exact, Mann–Whitney U, Benjamini–Hochberg)
+# [SECTION] Statistics: the tests a comparison runs (Fisher exact, Mann–Whitney U, Benjamini–Hochberg)
 # =============================================================================
 
 # Two tables whose probabilities differ by less than this (relatively) are equally likely:
@@ -3778,7 +3872,7 @@ def benjamini_hochberg(ps: list[float]) -> list[float]:
 
 
 # =============================================================================
-# Comparisons: runs, two sets of ops compared with significance, and a verdict on each
+# [SECTION] Comparisons: runs, two sets of ops compared with significance, and a verdict on each
 # overseer correction; read from the journal by History, judged by Statistics
 # =============================================================================
 
@@ -3796,12 +3890,6 @@ CORRECTION_VERDICTS = {"better": "helped", "worse": "hurt", "~": "no change", TO
 PENDING = "pending"
 # The verdicts that leave a correction's endpoint no better: escalated while it still fails.
 UNHELPFUL = ("no change", "hurt")
-
-
-def rfc3339_of(seconds: float) -> str:
-    """A time as UTC RFC 3339 with microseconds, as observerd stamps ops."""
-    whole = math.floor(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1e6):06d}Z"
 
 
 def chronological(timestamp: str) -> str:
@@ -4111,7 +4199,7 @@ def list_corrections(files: JournalFiles, given: dict[str, str | list[str]], lim
 
 
 # =============================================================================
-# Insights: what the background loops found last, read by the API
+# [SECTION] Insights: what the background loops found last, read by the API
 # =============================================================================
 
 
@@ -4164,7 +4252,7 @@ class Insights:
 
 
 # =============================================================================
-# Outbound: HTTP calls to other services (escalation, LLM review; top to the daemon), each
+# [SECTION] Outbound: HTTP calls to other services (escalation, LLM review; top to the daemon), each
 # within a deadline
 # =============================================================================
 
@@ -4329,8 +4417,9 @@ def ask_llm(backend: LLMBackend, prompt: str, timeout_s: float) -> str:
 
 
 # =============================================================================
-# HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS, and
-# the handler every route runs in (storing ops and answering, from this thread or the committer)
+# [SECTION] HTTP protocol: one error path, request parsing, connection limits and deadlines, TLS,
+# the one place every answer is counted, and the handler every route runs in, which answers from
+# its own thread or, deferred, from another
 # =============================================================================
 
 
@@ -4380,16 +4469,12 @@ def request_error(exc: Exception, parsed: str | None = None) -> RequestError:
     return INTERNAL_ERROR
 
 
-_date_cache: tuple[int, str] = (-1, "")
+_http_date_of = PerSecond(lambda second: formatdate(second, usegmt=True))
 
 
 def http_date() -> str:
-    """The Date header value, formatted once per second."""
-    global _date_cache
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache = (second, formatdate(second, usegmt=True))
-    return _date_cache[1]
+    """The Date header value."""
+    return _http_date_of(int(time.time()))
 
 
 class Document(NamedTuple):
@@ -4719,6 +4804,60 @@ def _send_without_blocking(sock: socket.socket, data: bytes) -> bool:
         return False
 
 
+def _read_framing_line(rfile, what: str, cut_short: Callable[[str], RequestError]) -> bytes:
+    """One CRLF-ended line of a body's framing, at most MAX_LINE_BYTES."""
+    line = rfile.readline(MAX_LINE_BYTES + 1)
+    if len(line) > MAX_LINE_BYTES:
+        raise RequestError(400, f"{what} too long", "invalid")
+    if not line.endswith(b"\n"):
+        raise cut_short(f"body ended in a {what}")
+    return line
+
+
+def read_chunks(rfile, limit: int, cut_short: Callable[[str], RequestError]) -> bytes:
+    """The chunks of a chunked body, joined (RFC 9112 7.1): extensions and trailers read and
+    ignored, and 413 as soon as the chunks pass limit, before the rest is read; cut_short
+    says why a body that ended early did."""
+    chunks, size = [], 0
+    while True:
+        line = _read_framing_line(rfile, "chunk size line", cut_short)
+        size_text = line.partition(b";")[0].strip()
+        if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+            raise RequestError(400, "malformed chunk size", "invalid")
+        digits = size_text.lstrip(b"0")  # leading zeros are allowed, however many
+        chunk_size = int(digits or b"0", 16) if len(digits) <= 16 else limit + 1
+        if chunk_size == 0:
+            break
+        size += chunk_size
+        if size > limit:
+            raise TooLarge(f"chunked body exceeds max_body_bytes={limit}")
+        chunk = rfile.read(chunk_size) or b""
+        if len(chunk) < chunk_size:
+            raise cut_short(f"chunk ended after {len(chunk)} of {chunk_size} bytes")
+        if _read_framing_line(rfile, "chunk end", cut_short).strip(b"\r\n"):
+            raise RequestError(400, "chunk data is not followed by CRLF", "invalid")
+        chunks.append(chunk)
+    try:
+        read_fields(rfile, "trailer")  # read to the end of the body, and ignored
+    except IncompleteRequest as exc:
+        raise cut_short(str(exc)) from None
+    return b"".join(chunks)
+
+
+def account(server, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
+    """Every answer passes here, before it is sent (the overload 503 too): counted, timed and
+    (with access_log) logged, so a client that has its answer sees it counted."""
+    metrics = server.metrics
+    seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
+    metrics.http_requests.inc(exchange.route, str(status))
+    metrics.http_seconds.observe(seconds, exchange.route)
+    if type(body) is RequestError and body.reason is not None:
+        metrics.rejected.inc(body.reason)
+    if server.config.access_log:
+        log("INFO", "request", method=exchange.command, path=exchange.path[:200], status=status,
+            bytes=sent_bytes, duration_ms=round(seconds * 1000, 3), remote=exchange.remote)
+
+
 class HTTPHandler(BaseHTTPRequestHandler):
     """Reads requests, routes them through ROUTES, and writes each answer, a RequestError's
     too, in one send. The API below says what the routes are."""
@@ -4787,6 +4926,10 @@ class HTTPHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.dispatch()
 
+    def admit(self, route: Route) -> None:
+        """Raise a RequestError to refuse a routed request before its handler runs (who may
+        ask, and when): the application's to say; this admits every one."""
+
     do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
 
     def dispatch(self) -> None:
@@ -4822,10 +4965,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
                 allow = ", ".join([*route.methods, "HEAD"] if "GET" in route.methods else route.methods)
                 raise RequestError(405, f"method {self.command} not allowed; use {allow}",
                                    headers={"Allow": allow})
-            if route.auth:
-                self.authorize()
-            if not route.answers_unready:
-                self.check_available(route.stores)
+            self.admit(route)
             status, body = handler(self)
             if status is DEFERRED:
                 return
@@ -4840,26 +4980,6 @@ class HTTPHandler(BaseHTTPRequestHandler):
         if self._body_unread:
             self.close_connection = True
         self.send_answer(status, body)
-
-    def authorize(self) -> None:
-        token = self.server.config.token
-        if not token:
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, credential = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            credential.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
-        ):
-            raise RequestError(401, "missing or invalid bearer token", "unauthorized",
-                               {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
-
-    def check_available(self, stores: bool) -> None:
-        """503 while the ring is being restored, and for a write once shutting down (one whose
-        request was dispatched before still completes: that is what the drain waits for)."""
-        if not self.server.store.restored:
-            raise RequestError(503, RESTORING, "not_ready")
-        if stores and self.server.connections.closing:
-            raise RequestError(503, SHUTTING_DOWN, "not_ready")
 
     def read_body(self) -> bytes:
         """The request body, sized or chunked, bounded by max_body_bytes while it is read."""
@@ -4912,39 +5032,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
             raise RequestError(501, f"Transfer-Encoding {codings[:40]!r} is not supported; "
                                "use chunked, or Content-Length")
         self.continue_if_expected()
-        chunks, size = [], 0
-        while True:
-            line = self.read_protocol_line("chunk size line")
-            size_text = line.partition(b";")[0].strip()
-            if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
-                raise RequestError(400, "malformed chunk size", "invalid")
-            digits = size_text.lstrip(b"0")  # leading zeros are allowed, however many
-            chunk_size = int(digits or b"0", 16) if len(digits) <= 16 else limit + 1
-            if chunk_size == 0:
-                break
-            size += chunk_size
-            if size > limit:
-                raise TooLarge(f"chunked body exceeds max_body_bytes={limit}")
-            chunk = self.rfile.read(chunk_size) or b""
-            if len(chunk) < chunk_size:
-                raise self.cut_short(f"chunk ended after {len(chunk)} of {chunk_size} bytes")
-            if self.read_protocol_line("chunk end").strip(b"\r\n"):
-                raise RequestError(400, "chunk data is not followed by CRLF", "invalid")
-            chunks.append(chunk)
-        try:
-            read_fields(self.rfile, "trailer")  # read to the end of the body, and ignored
-        except IncompleteRequest as exc:
-            raise self.cut_short(str(exc)) from None
-        return b"".join(chunks)
-
-    def read_protocol_line(self, what: str) -> bytes:
-        """One CRLF-ended line of the body's framing, at most MAX_LINE_BYTES."""
-        line = self.rfile.readline(MAX_LINE_BYTES + 1)
-        if len(line) > MAX_LINE_BYTES:
-            raise RequestError(400, f"{what} too long", "invalid")
-        if not line.endswith(b"\n"):
-            raise self.cut_short(f"body ended in a {what}")
-        return line
+        return read_chunks(self.rfile, limit, self.cut_short)
 
     def continue_if_expected(self) -> None:
         if self.headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
@@ -4955,35 +5043,25 @@ class HTTPHandler(BaseHTTPRequestHandler):
         why = self.server.connections.cut_reason(self.connection)
         return RequestError(400, message, "invalid") if why is None else RequestError(408, why, "timeout")
 
-    def store_and_answer(self, ops: list[dict], make_body):
-        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
+    def can_answer_later(self) -> bool:
+        """Whether another thread may send this request's answer: not on TLS, as an SSL object
+        must not be written by one thread while another reads it."""
+        return not isinstance(self.request, ssl.SSLSocket)
 
-        On a plain TCP connection the committer thread sends the answer itself as soon as the
-        batch is fsynced, so this thread goes straight back to reading the next request: one
-        thread wake per request fewer, which is most of the cost of durability here. TLS
-        connections (an SSL object must not be written by one thread while another reads
-        it) and the ephemeral store answer from this thread.
-        """
-        store, op_count = self.server.store, len(ops)
-        if store.journal is None or isinstance(self.request, ssl.SSLSocket):
-            try:
-                return 200, make_body(store.submit_and_wait(ops))
-            except PersistError as exc:
-                raise store_failure(exc, op_count) from None
+    def answer_later(self) -> Callable[[int, object], None]:
+        """Take this connection's turn and return what sends its answer, once, from any thread;
+        the handler returns (DEFERRED, None) and this thread goes back to reading the next
+        request meanwhile. Answers still leave in request order: the next request waits for
+        the turn."""
         exchange, close, sock = self.exchange(), self.close_connection, self.connection
         connections = self.server.connections
         self._turn.acquire()  # free: dispatch waited for it
         connections.answer_deferred(sock)
 
-        def answer(stored: Stored | None, error: BaseException | None) -> None:
+        def answer(status: int, body: object) -> None:
             try:
-                if error is None:
-                    status, body = 200, make_body(stored)
-                else:
-                    body = store_failure(error, op_count)
-                    status = body.status
                 data, size = render_answer(status, body, close or connections.closing, exchange.command == "HEAD")
-                self.account(exchange, status, body, size)
+                account(self.server, exchange, status, body, size)
                 if not self._dropped and not _send_without_blocking(sock, data):
                     self._dropped = True
                     log("INFO", "connection dropped", remote=exchange.remote, error="client not reading answers")
@@ -4992,12 +5070,7 @@ class HTTPHandler(BaseHTTPRequestHandler):
                 connections.answer_sent(sock)
                 self._turn.release()
 
-        try:
-            store.submit(ops, answer)
-        except Exception as exc:  # never leave the turn held: the connection would hang
-            log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
-            answer(None, exc)
-        return DEFERRED, None
+        return answer
 
     def exchange(self) -> Exchange:
         return Exchange(self.command or "-", self.path or "-", self._route, self._started,
@@ -5009,22 +5082,9 @@ class HTTPHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         exchange = self.exchange()
         data, size = render_answer(status, body, self.close_connection, exchange.command == "HEAD")
-        self.account(exchange, status, body, size)
+        account(self.server, exchange, status, body, size)
         self.server.connections.answering(self.connection)
         self.wfile.write(data)
-
-    def account(self, exchange: Exchange, status: int, body: object, sent_bytes: int) -> None:
-        """Every answer passes here, before it is sent: counted, timed and (with access_log)
-        logged, so a client that has its answer sees it counted."""
-        metrics = self.server.metrics
-        seconds = time.perf_counter() - exchange.started if exchange.started is not None else 0.0
-        metrics.http_requests.inc(exchange.route, str(status))
-        metrics.http_seconds.observe(seconds, exchange.route)
-        if type(body) is RequestError and body.reason is not None:
-            metrics.rejected.inc(body.reason)
-        if self.server.config.access_log:
-            log("INFO", "request", method=exchange.command, path=exchange.path[:200], status=status,
-                bytes=sent_bytes, duration_ms=round(seconds * 1000, 3), remote=exchange.remote)
 
     def refuse(self, error: RequestError) -> None:
         """Answer a request that cannot be read, and close the connection."""
@@ -5038,640 +5098,11 @@ class HTTPHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log("WARN", format % args, remote=self.client_address[0])
-    def decoding(self, body: bytes):
-        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
-        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
-
 
 
 # =============================================================================
-# Browser page: GET /observer/ui, one HTML document with its style and script inline; it
-# carries no data, only fetches the API, and its Content-Security-Policy allows nothing else
-# =============================================================================
-
-UI_STYLE = """
-:root{--bg:#fff;--fg:#1f2328;--mute:#59636e;--line:#d1d9e0;--card:#f6f8fa;--ok:#1a7f37;--bad:#cf222e;
---warn:#9a6700;--link:#0550ae;--c0:#0969da;--c1:#8250df;--c2:#b35900;--c3:#1a7f37;--c4:#6e7781;color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--mute:#9198a1;--line:#3d444d;
---card:#151b23;--ok:#3fb950;--bad:#f85149;--warn:#d29922;--link:#4493f8;--c0:#4493f8;--c1:#ab7df8;
---c2:#e3b341;--c3:#3fb950;--c4:#9198a1}}
-*{box-sizing:border-box}
-[hidden]{display:none!important}
-body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
-header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 20px;padding:10px 16px;border-bottom:1px solid var(--line)}
-h1{font-size:18px;margin:0}
-h1 small{font-size:13px;font-weight:400;color:var(--mute)}
-h2{font-size:15px;margin:0 0 8px}
-dl{display:flex;flex-wrap:wrap;gap:4px 20px;margin:0}
-dl div{display:flex;gap:6px;align-items:baseline}
-dt{color:var(--mute);font-size:12px}
-dd{margin:0;font-variant-numeric:tabular-nums}
-#conn{margin:0 0 0 auto;padding:2px 10px;border-radius:12px;border:1px solid var(--line);font-size:13px}
-.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
-#auth{margin:12px 16px;padding:12px;border:2px solid var(--warn);border-radius:6px;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
-#auth p{flex-basis:100%;margin:0;font-weight:600}
-main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,540px),1fr));gap:12px;padding:12px 16px}
-section{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px 12px;min-width:0}
-.wide{grid-column:1/-1}
-.stale section{opacity:.55}
-.note{color:var(--mute);font-size:12px;margin:4px 0}
-.scroll{overflow-x:auto}
-.tall{max-height:75vh;overflow-y:auto}
-.tall th{position:sticky;top:0;background:var(--card)}
-#by-source{display:flex;flex-wrap:wrap;gap:2px 14px;list-style:none;padding:0;margin:2px 0}
-table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
-th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid var(--line);vertical-align:top}
-th{font-size:12px;color:var(--mute);white-space:nowrap}
-.n{text-align:right}
-td.t{white-space:nowrap}
-td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-td.w{min-width:12ch;overflow-wrap:anywhere}
-tr.f td:nth-child(4){color:var(--bad);font-weight:600}
-button,input,select{font:inherit;color:inherit}
-input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
-button.link,button.sort{background:none;border:0;padding:0;cursor:pointer;text-align:left}
-button.link{color:var(--link);text-decoration:underline;overflow-wrap:break-word}
-button.sort{color:inherit;font-weight:600}
-:focus-visible{outline:2px solid var(--link);outline-offset:1px}
-#filters{display:flex;flex-wrap:wrap;gap:6px 14px;margin-bottom:6px}
-#filters label{display:flex;gap:6px;align-items:center;font-size:13px}
-#chart{display:block;width:100%}
-#chart text{fill:var(--mute);font-size:11px}
-#chart .axis{font-size:12px}
-#chart .grid{stroke:var(--line)}
-#chart polyline{fill:none;stroke-width:1.5;stroke-linejoin:round}
-#legend{display:flex;flex-wrap:wrap;gap:4px 16px;list-style:none;padding:0;margin:6px 0 0;font-size:13px}
-.sw{display:inline-block;width:14px;height:3px;margin-right:6px;vertical-align:middle}
-.s0{stroke:var(--c0);background:var(--c0)}.s1{stroke:var(--c1);background:var(--c1)}
-.s2{stroke:var(--c2);background:var(--c2)}.s3{stroke:var(--c3);background:var(--c3)}
-.s4{stroke:var(--c4);background:var(--c4)}
-#chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
-.sf{background:var(--bad)}
-@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}
-/* A row is a card of labelled cells: six columns fit no phone, and a header scrolled out of sight is no header. */
-table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#endpoints thead tr{display:flex;flex-wrap:wrap;gap:0 14px}
-#endpoints th{border:0;padding:0 0 4px}
-tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
-td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
-td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
-td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}td:empty{display:none}}
-"""
-
-UI_SCRIPT = r"""
-"use strict";
-const $ = (id) => document.getElementById(id);
-const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
-const ENDPOINTS_WINDOW = "DEFAULT_ENDPOINTS_WINDOW";
-let endpointsWindow = ENDPOINTS_WINDOW;
-const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
-const SVG = $("chart").namespaceURI;
-let token = sessionStorage.getItem(TOKEN_KEY) || "";
-let timer = 0, busy = false, again = false, needToken = false, ringCapacity = 0, updated = "";
-let ops = [], endpoints = [], timeline = null, sortBy = {key: "failures", desc: true}, shown = null;
-const drawn = new Map();  /* tbody -> the rows it shows, as JSON */
-
-class HttpError extends Error {
-  constructor(status, reason, path) {
-    super(path ? "GET " + path + ": " + status + " " + reason : reason);
-    this.status = status;
-    this.reason = reason;
-  }
-}
-
-async function api(path, accept = []) {
-  const headers = token ? {Authorization: "Bearer " + token} : {};
-  const resp = await fetch(path, {headers, cache: "no-store", signal: AbortSignal.timeout(8000)});
-  const body = await resp.json().catch(() => null);
-  if (resp.status === 401) throw new HttpError(401, "token refused");
-  if (!resp.ok && !accept.includes(resp.status)) {
-    throw new HttpError(resp.status, (body && body.error) || resp.statusText, path.split("?")[0]);
-  }
-  return body;
-}
-
-/* Elements are built with text nodes only: ops carry whatever strings their senders chose. */
-function el(tag, cls, ...children) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  e.append(...children.map((c) => (c instanceof Node ? c : String(c ?? ""))));
-  return e;
-}
-
-const nf = new Intl.NumberFormat("en");
-const count = (n, unit) => (n == null ? "–" : nf.format(n) + (unit ? " " + unit : ""));
-const ms = (n) => (n == null ? "–" : (n < 10 && !Number.isInteger(n) ? n.toFixed(1) : nf.format(Math.round(n))) + " ms");
-const pct = (r) => (r == null ? "–" : (r * 100).toFixed(r > 0 && r < 0.1 ? 1 : 0) + " %");
-/* Times as sent, without fractions; today's (by the server's clock) without their date. */
-function when(ts) {
-  const s = String(ts ?? "").replace("T", " ").replace(/\.\d+/, "");
-  return timeline && s.startsWith(timeline.now.slice(0, 10)) ? s.slice(11) : s;
-}
-
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + units[i];
-}
-
-function uptime(s) {
-  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
-  if (d) return d + " d " + h + " h";
-  if (h) return h + " h " + m + " min";
-  return m ? m + " min " + Math.floor(s % 60) + " s" : Math.floor(s) + " s";
-}
-
-/* An endpoint as a history query: fnmatch brackets make *, ? and [ literal. */
-const exact = (endpoint) => endpoint.replace(/[[*?]/g, "[$&]");
-
-function endpointButton(endpoint, failedOnly = false) {
-  const b = el("button", "link", endpoint);
-  b.type = "button";
-  b.title = "Open " + (failedOnly ? "its failed ops" : "its ops") + " from the journal";
-  b.dataset.k = (failedOnly ? "F" : "A") + endpoint;
-  b.addEventListener("click", () => openHistory(endpoint, failedOnly));
-  return b;
-}
-
-/* Rows are rebuilt only when their data changed, and the focused button keeps focus. */
-function fill(body, rows, cells, empty) {
-  const key = JSON.stringify(rows);
-  if (drawn.get(body) === key) return;
-  drawn.set(body, key);
-  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
-  const labels = [...body.parentElement.tHead.rows[0].cells].map((th) => th.textContent);
-  const trs = rows.map((row) => {
-    const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
-    cells.columns.forEach(([cls, make], n) => {
-      const td = tr.appendChild(el("td", cls, make(row)));
-      td.dataset.label = labels[n];  /* what a narrow screen shows before it, in place of the header */
-      if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
-    });
-    return tr;
-  });
-  if (!trs.length) {
-    const td = el("td", "note", empty);
-    td.colSpan = cells.columns.length;
-    trs.push(el("tr", "", td));
-  }
-  body.replaceChildren(...trs);
-  if (focused != null) {
-    for (const b of body.querySelectorAll("button")) if (b.dataset.k === focused) { b.focus(); break; }
-  }
-}
-
-function setConn(text, cls) {
-  const c = $("conn");
-  c.textContent = text;
-  c.className = cls;
-  document.body.classList.toggle("stale", cls !== "ok");
-}
-
-function askToken(why) {
-  needToken = true;
-  $("auth-msg").textContent = why || (token
-    ? "The token was refused (401 Unauthorized). Enter the right one."
-    : "This observerd needs its bearer token to show data.");
-  $("auth").hidden = false;
-  $("token").focus();
-  setConn("waiting for a token", "warn");
-}
-
-$("auth").addEventListener("submit", (ev) => {
-  ev.preventDefault();
-  const given = $("token").value.trim();
-  $("token").value = "";
-  /* observerd's tokens are printable ASCII; fetch could not even send another. */
-  if (!/^[\x20-\x7e]+$/.test(given)) return askToken("That cannot be the token: tokens are printable ASCII.");
-  token = given;
-  sessionStorage.setItem(TOKEN_KEY, token);
-  $("auth").hidden = true;
-  needToken = false;
-  tick();
-});
-
-function opsPath() {
-  const q = new URLSearchParams();
-  if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
-  if ($("f-source").value) q.set("source", $("f-source").value);
-  if ($("f-failed").checked) q.set("failed", "true");
-  return "ops?" + q;
-}
-
-/* Shows what answered (the timeline does while restoring, stats does not), then throws the
-   first failure, a refused token before any other. */
-async function refresh() {
-  const settled = await Promise.allSettled(
-    [api("timeline?seconds=" + WINDOW_S + "&window=" + endpointsWindow), api("stats"), api("playbooks"),
-     api(opsPath())]);
-  const [t, stats, playbooks, recent] = settled.map((r) => r.value);
-  if (t) {
-    const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
-    showReady(t.ready, ready && ready.reason);
-    ringCapacity = t.ring.capacity;
-    timeline = t;
-    showHeader(t);
-    drawChart(t);
-    endpoints = t.endpoints;
-    showEndpoints();
-    showClusters(t.clusters, t.clusters_analyzed_at);
-    showEscalations(t.escalations);
-    showCorrections(t.corrections);
-  }
-  if (stats) showStats(stats);
-  if (playbooks) showPlaybooks(playbooks);
-  if (recent) {
-    ops = recent.ops;
-    showOps();
-  }
-  const failures = settled.filter((r) => r.status === "rejected").map((r) => r.reason);
-  if (failures.length) throw failures.find((e) => e.status === 401) || failures[0];
-}
-
-function showReady(ready, reason) {
-  $("ready").textContent = ready ? "ready" : "not ready: " + (reason || "no reason given");
-  $("ready").className = ready ? "ok" : "bad";
-}
-
-function showHeader(t) {
-  $("version").textContent = "v" + t.version;
-  $("uptime").textContent = uptime(t.uptime_s);
-  $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
-  $("journal").title = t.journal ? t.journal.path : "";
-  $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
-    pct(t.ring.ops / t.ring.capacity) + ", " + bytes(t.ring.bytes) + ")";
-  $("fsync").textContent = t.fsync_p99_ms == null ? "no fsync yet" : ms(t.fsync_p99_ms);
-}
-
-function showStats(stats) {
-  $("stat-total").textContent = count(stats.total, "ops");
-  $("stat-ok").textContent = count(stats.successes, "ok");
-  $("stat-failed").textContent = count(stats.failures, "failed");
-  const items = Object.entries(stats.by_source).sort().map(([source, n]) => {
-    const li = el("li", "", el("span", "sw s" + sourceIndex(source)), source + ": ", el("b", "", count(n, "ops")));
-    li.dataset.source = source;
-    li.dataset.count = n;
-    return li;
-  });
-  $("by-source").replaceChildren(...items);
-}
-
-const sourceIndex = (name) => { const i = SOURCES.indexOf(name); return i < 0 ? 4 : i; };
-
-function niceStep(x) {
-  const p = Math.pow(10, Math.floor(Math.log10(x)));
-  return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= x);
-}
-
-function svg(tag, attrs, text) {
-  const e = document.createElementNS(SVG, tag);
-  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
-  if (text != null) e.textContent = text;
-  return e;
-}
-
-function drawChart(t) {
-  const chart = $("chart"), n = t.seconds;
-  const w = Math.max(300, chart.clientWidth || 800), h = w < 600 ? 200 : 240;
-  const L = 46, R = 12, T = 10, B = 38, pw = w - L - R, ph = h - T - B;
-  const series = Object.keys(t.sources).sort().map((name) => ({
-    name, cls: "s" + sourceIndex(name),
-    values: t.sources[name].ok.map((ok, i) => ok + t.sources[name].failed[i]),
-  }));
-  series.push({name: "failures (all sources)", cls: "sf", values: t.totals.failed});
-  /* Seconds are averaged in bins of at least 3 px, so a narrow chart stays readable. */
-  const bin = [1, 2, 5, 10, 15, 30].find((b) => (pw * b) / n >= 3) || 30;
-  const rebin = (values) => {
-    const out = [];
-    for (let end = values.length; end > 0; end -= bin) {
-      const part = values.slice(Math.max(0, end - bin), end);
-      out.unshift(part.reduce((a, b) => a + b, 0) / part.length);
-    }
-    return out;
-  };
-  const lines = series.map((s) => rebin(s.values));
-  const max = Math.max(1, ...lines.flat());
-  const step = Math.max(1, niceStep(max / 4)), top = Math.ceil(max / step) * step;
-  const ago = (s) => L + pw * (1 - s / (n - 1 || 1)), y = (v) => T + ph - (ph * v) / top;
-  const parts = [svg("title", {}, "Events per second by source, and failures per second, over the last " + n + " s")];
-  for (let v = 0; v <= top; v += step) {
-    parts.push(svg("line", {class: "grid", x1: L, x2: L + pw, y1: y(v), y2: y(v)}));
-    parts.push(svg("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, nf.format(v)));
-  }
-  const every = [10, 30, 60, 120, 300].find((s) => (pw * s) / n >= 70) || n;
-  const marks = [];
-  for (let s = 0; s < n; s += every) marks.push(s);
-  if (((n - 1 - marks[marks.length - 1]) * pw) / n >= 70) marks.push(n - 1);
-  for (const s of marks) {
-    parts.push(svg("line", {class: "grid", x1: ago(s), x2: ago(s), y1: T + ph, y2: T + ph + 4}));
-    parts.push(svg("text", {x: ago(s), y: T + ph + 16, "text-anchor": s ? (s === n - 1 ? "start" : "middle") : "end"},
-      s ? "−" + (s === n - 1 ? n : s) + " s" : "now"));
-  }
-  parts.push(svg("text", {class: "axis", x: L + pw / 2, y: h - 4, "text-anchor": "middle"},
-    "seconds before " + String(t.now).slice(11, 19) + " UTC"));
-  parts.push(svg("text", {class: "axis", x: 12, y: T + ph / 2, "text-anchor": "middle",
-    transform: "rotate(-90 12 " + (T + ph / 2) + ")"}, bin > 1 ? "events/s (" + bin + " s averages)" : "events/s"));
-  lines.forEach((values, k) => {
-    const points = values.map((v, j) => ago((values.length - 1 - j) * bin).toFixed(1) + "," + y(v).toFixed(1));
-    parts.push(svg("polyline", {class: series[k].cls, points: points.join(" ")}));
-  });
-  chart.setAttribute("viewBox", "0 0 " + w + " " + h);
-  chart.setAttribute("height", h);
-  chart.replaceChildren(...parts);
-  $("legend").replaceChildren(...series.map((s) => {
-    const total = s.values.reduce((a, b) => a + b, 0);
-    return el("li", "", el("span", "sw " + s.cls), s.name + ": " + count(total, "ops") + " in " + n + " s, peak " +
-      count(Math.max(...s.values), "ops/s"));
-  }));
-}
-
-const COLUMNS = {
-  endpoint: (e) => e.endpoint, ops: (e) => e.ops, failures: (e) => e.failures,
-  failure_rate: (e) => e.failure_rate, p50_ms: (e) => e.p50_ms ?? -1, p95_ms: (e) => e.p95_ms ?? -1,
-};
-
-for (const b of $("endpoints").querySelectorAll("button.sort")) {
-  b.addEventListener("click", () => {
-    const key = b.dataset.sort;
-    sortBy = {key, desc: sortBy.key === key ? !sortBy.desc : key !== "endpoint"};
-    showEndpoints();
-  });
-}
-
-/* The endpoints are ranked over the ops of the last 5 minutes, or of the whole ring. */
-$("endpoints-window").addEventListener("click", () => {
-  endpointsWindow = endpointsWindow === "ring" ? ENDPOINTS_WINDOW : "ring";
-  $("endpoints-window").textContent = endpointsWindow === "ring" ? "rank over the last " + ENDPOINTS_WINDOW
-                                                                 : "rank over the whole ring";
-  tick();
-});
-
-function showEndpoints() {
-  $("endpoints-over").textContent = !timeline ? "" : timeline.endpoints_since
-    ? "Over the ops of the ring stamped since " + when(timeline.endpoints_since) : "Over the ops in the ring";
-  const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
-  const rows = [...endpoints].sort((a, b) => {
-    const p = get(a), q = get(b);
-    return (p < q ? -1 : p > q ? 1 : 0) * dir || (a.endpoint < b.endpoint ? -1 : 1);
-  });
-  for (const th of $("endpoints").querySelectorAll("th")) {
-    const key = th.querySelector("button").dataset.sort;
-    th.setAttribute("aria-sort", key === sortBy.key ? (sortBy.desc ? "descending" : "ascending") : "none");
-  }
-  fill($("endpoints-body"), rows, {columns: [
-    ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
-    ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
-  ]}, timeline && timeline.endpoints_since ? "no ops in the last " + ENDPOINTS_WINDOW : "no ops in the ring");
-}
-
-function showClusters(clusters, analyzedAt) {
-  $("clusters-note").textContent = analyzedAt ? "As the analysis at " + when(analyzedAt) + " found them."
-                                              : "Not analysed yet.";
-  fill($("clusters-body"), clusters, {columns: [
-    ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
-    ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
-    ["t", (c) => when(c.last_seen)], ["w", (c) => c.signature],  /* whole: it is what to read here */
-  ]}, "no failure clusters");
-}
-
-function showEscalations(escalations) {
-  fill($("escalations-body"), escalations, {rowClass: (e) => (e.outcome === "sent" ? "" : "bad"), columns: [
-    ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
-    ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
-  ]}, "no escalations");
-}
-
-function showCorrections(corrections) {
-  const bad = {"hurt": "bad", "no change": "warn", "helped": "ok"};
-  fill($("corrections-body"), corrections, {columns: [
-    ["t", (c) => when(c.timestamp)], ["", (c) => endpointButton(c.endpoint)],
-    ["", (c) => el("span", bad[c.verdict] || "", c.verdict)],
-    ["n", (c) => pct(c.before.failure_rate) + " → " + pct(c.after.failure_rate)],
-    ["n", (c) => ms(c.before.p50_ms) + " → " + ms(c.after.p50_ms)],
-    ["", (c) => (c.escalated ? "escalated" : "")],
-  ]}, "no corrections judged");
-}
-
-function showPlaybooks(p) {
-  fill($("playbooks-body"), p.playbooks, {columns: [
-    ["", (b) => endpointButton(b.endpoint)], ["n", (b) => count(b.runs)], ["n", (b) => pct(b.success_rate)],
-    ["n", (b) => ms(b.p50_duration_ms)], ["n", (b) => ms(b.p95_duration_ms)], ["t", (b) => when(b.last_failure) || "–"],
-  ]}, "no scenario runs in the ring");
-}
-
-const OP_COLUMNS = {rowClass: (o) => (o.success === true ? "" : "f"), columns: [
-  ["t", (o) => when(o.timestamp)], ["", (o) => o.source], ["", (o) => endpointButton(o.endpoint)],
-  ["", (o) => (o.success === true ? "ok" : "FAIL")], ["n", (o) => ms(o.duration_ms)],
-  ["x", (o) => o.error || o.output_summary || o.input_summary || ""],
-]};
-
-function showOps() {
-  const where = $("f-endpoint").value.toLowerCase(), text = $("f-text").value.toLowerCase();
-  const rows = ops.filter((o) => o.endpoint.toLowerCase().includes(where) &&
-    (!text || [o.error, o.input_summary, o.output_summary].some((s) => typeof s === "string" && s.toLowerCase().includes(text))));
-  $("ops-note").textContent = count(rows.length, "ops") + " shown of the newest " + count(ops.length, "ops") +
-    " in the ring that match source and outcome; click an endpoint for its ops from the journal.";
-  fill($("ops-body"), rows, OP_COLUMNS, "no ops match");
-}
-
-$("f-endpoint").addEventListener("input", showOps);
-$("f-text").addEventListener("input", showOps);
-$("f-source").addEventListener("change", tick);
-$("f-failed").addEventListener("change", tick);
-$("filters").addEventListener("submit", (ev) => ev.preventDefault());
-
-async function openHistory(endpoint, failedOnly) {
-  shown = {endpoint, failedOnly, cursor: null, ops: []};
-  $("history").hidden = false;
-  $("history-title").textContent = (failedOnly ? "Failed ops of " : "Ops of ") + endpoint + ", from the journal";
-  $("history-body").replaceChildren();
-  drawn.delete($("history-body"));
-  $("history-title").focus();
-  await loadHistory();
-}
-
-async function loadHistory() {
-  const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
-  if (h.failedOnly) q.set("failed", "true");
-  if (h.cursor) q.set("cursor", h.cursor);
-  $("history-older").disabled = true;
-  try {
-    const r = await api("history?" + q);
-    if (shown !== h) return;
-    h.cursor = r.cursor;
-    h.ops.push(...r.ops);
-    fill($("history-body"), h.ops, OP_COLUMNS, "no ops in the journal");
-    $("history-note").textContent = count(h.ops.length, "ops") + ", newest first; last page read " +
-      bytes(r.scanned_bytes) + " of journal" + (r.truncated ? " and stopped at its scan limit" : "") +
-      (r.cursor ? "." : "; no older ops.");
-    $("history-older").hidden = !r.cursor;
-  } catch (e) {
-    if (e.status === 401) return askToken();
-    $("history-note").textContent = e.status ? e.message : "disconnected — press older to retry";
-  } finally {
-    $("history-older").disabled = false;
-  }
-}
-
-$("history-older").addEventListener("click", loadHistory);
-$("history-close").addEventListener("click", () => { shown = null; $("history").hidden = true; });
-
-async function tick() {
-  clearTimeout(timer);
-  if (busy) { again = true; return; }
-  if (needToken || document.hidden) return;
-  busy = true;
-  try {
-    await refresh();
-    updated = new Date().toLocaleTimeString();
-    setConn("live, refreshed every " + EVERY_MS / 1000 + " s", "ok");
-    $("conn").title = "last refreshed " + updated;
-  } catch (e) {
-    if (e.status === 401) askToken();
-    else if (e.status) setConn(e.message + " — retrying", "bad");
-    else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
-      setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
-    } else setConn("page error: " + e.message, "bad");
-  } finally {
-    busy = false;
-    if (!needToken && !document.hidden) timer = setTimeout(tick, again ? 0 : EVERY_MS);
-    again = false;
-  }
-}
-
-document.addEventListener("visibilitychange", tick);
-window.addEventListener("resize", () => timeline && drawChart(timeline));
-tick();
-""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS)).replace(  # the whole window the daemon keeps
-    "DEFAULT_ENDPOINTS_WINDOW", DEFAULT_ENDPOINTS_WINDOW)
-
-
-def _ui_html(style: str, script: str) -> str:
-    sources = "".join(f"<option>{source}</option>" for source in SOURCES)
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark">
-<title>observerd</title>
-<link rel="icon" href="data:,">
-<style>{style}</style>
-</head>
-<body>
-<header>
-<h1>observerd <small id="version"></small></h1>
-<dl>
-<div><dt>state</dt><dd id="ready">…</dd></div>
-<div><dt>uptime</dt><dd id="uptime">…</dd></div>
-<div><dt>journal</dt><dd id="journal">…</dd></div>
-<div><dt>ring</dt><dd id="ring">…</dd></div>
-<div><dt>fsync p99</dt><dd id="fsync">…</dd></div>
-</dl>
-<p id="conn" role="status">loading…</p>
-</header>
-<form id="auth" hidden>
-<p id="auth-msg" role="alert"></p>
-<label for="token">Bearer token</label>
-<input id="token" type="password" autocomplete="off" required>
-<button>Use this token</button>
-<span class="note">kept in this tab only (sessionStorage)</span>
-</form>
-<main>
-<section class="wide" id="history" hidden aria-labelledby="history-title">
-<h2 id="history-title" tabindex="-1"></h2>
-<p class="note" id="history-note"></p>
-<div class="scroll"><table>
-<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
-<tbody id="history-body"></tbody></table></div>
-<p><button type="button" id="history-older">older</button> <button type="button" id="history-close">close</button></p>
-</section>
-<section class="wide">
-<h2>Events per second, last 5 minutes</h2>
-<svg id="chart" role="img" aria-label="events per second by source and failures per second"></svg>
-<ul id="legend"></ul>
-<p class="note">In the ring: <b id="stat-total">…</b>, <span id="stat-ok">…</span>, <span id="stat-failed">…</span>; by source:</p>
-<ul id="by-source" class="note"></ul>
-</section>
-<section>
-<h2>Endpoints with the most failures</h2>
-<div class="scroll"><table id="endpoints">
-<thead><tr><th><button class="sort" data-sort="endpoint">endpoint</button></th>
-<th class="n"><button class="sort" data-sort="ops">ops</button></th>
-<th class="n"><button class="sort" data-sort="failures">failures (ops)</button></th>
-<th class="n"><button class="sort" data-sort="failure_rate">failure rate</button></th>
-<th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
-<th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
-<tbody id="endpoints-body"></tbody></table></div>
-<p class="note"><span id="endpoints-over">Over the ops in the ring</span>
-(<button type="button" class="link" id="endpoints-window">rank over the whole ring</button>);
-click a header to sort, an endpoint for its ops from the journal.</p>
-</section>
-<section>
-<h2>Failure clusters</h2>
-<div class="scroll"><table>
-<thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
-<tbody id="clusters-body"></tbody></table></div>
-<p class="note" id="clusters-note"></p>
-</section>
-<section>
-<h2>Recent escalations</h2>
-<div class="scroll"><table>
-<thead><tr><th>time (UTC)</th><th>endpoint</th><th class="n">failures (ops)</th><th>outcome</th><th>error or signature</th></tr></thead>
-<tbody id="escalations-body"></tbody></table></div>
-</section>
-<section>
-<h2>Correction verdicts</h2>
-<div class="scroll"><table>
-<thead><tr><th>time (UTC)</th><th>endpoint</th><th>verdict</th><th class="n">failure rate before → after</th><th class="n">p50 before → after</th><th></th></tr></thead>
-<tbody id="corrections-body"></tbody></table></div>
-</section>
-<section>
-<h2>Playbooks</h2>
-<div class="scroll"><table>
-<thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
-<tbody id="playbooks-body"></tbody></table></div>
-</section>
-<section class="wide">
-<h2>Recent ops</h2>
-<form id="filters" role="search">
-<label>endpoint contains <input id="f-endpoint" type="search"></label>
-<label>source <select id="f-source"><option value="">any</option>{sources}</select></label>
-<label><input id="f-failed" type="checkbox"> failed only</label>
-<label>text in error or summary <input id="f-text" type="search"></label>
-</form>
-<p class="note" id="ops-note"></p>
-<div class="scroll tall"><table>
-<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
-<tbody id="ops-body"></tbody></table></div>
-</section>
-</main>
-<script>{script}</script>
-</body>
-</html>
-"""
-
-
-def csp_hash(text: str) -> str:
-    """A CSP source that allows exactly this inline script or style."""
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
-
-
-_UI_PAGE = _ui_html(UI_STYLE, UI_SCRIPT).encode("utf-8")
-UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
-    # The page may run its own script and style, fetch this origin's API, and nothing else.
-    "Content-Security-Policy": (
-        f"default-src 'none'; script-src {csp_hash(UI_SCRIPT)}; style-src {csp_hash(UI_STYLE)}; "
-        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",  # revalidate: a new observerd serves a new page
-    "ETag": '"' + hashlib.sha256(_UI_PAGE).hexdigest()[:32] + '"',
-})
-
-
-# =============================================================================
-# API: the routes, what they parse, and the server that serves them
+# [SECTION] API: who may ask and when, storing ops, the routes, what they parse, and the server
+# that serves them
 # =============================================================================
 
 
@@ -5764,7 +5195,7 @@ def ranked_endpoints(ops: list[RingOp], window: str, now: float) -> tuple[list[d
         return rank_endpoints(ops, TIMELINE_ENDPOINTS), None
     recent = OpFilter({"since": f"{span}s"}, now)
     ops = [op for op in ops if recent.stamped_in_window(op.timestamp)]
-    since = datetime.fromtimestamp(now - span, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    since = rfc3339_second(math.floor(now - span)) + "Z"
     return rank_endpoints(ops, TIMELINE_ENDPOINTS), since
 
 
@@ -5785,7 +5216,73 @@ def parse_review_request(query: object) -> tuple[str | None, str | None, int | N
     return endpoint, source, last_n, check_type(use_llm, bool, "llm")
 
 
-class ObserverHandler(HTTPHandler):
+class APIHandler(HTTPHandler):
+    """What every route of the API shares: who may ask and when, the bound on bodies decoded
+    at once, and storing ops durably before the answer."""
+
+    def admit(self, route: Route) -> None:
+        if route.auth:
+            self.authorize()
+        if not route.answers_unready:
+            self.check_available(route.stores)
+
+    def authorize(self) -> None:
+        token = self.server.config.token
+        if not token:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, credential = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            credential.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+        ):
+            raise RequestError(401, "missing or invalid bearer token", "unauthorized",
+                               {"WWW-Authenticate": f'Bearer realm="{SERVICE}"'})
+
+    def check_available(self, stores: bool) -> None:
+        """503 while the ring is being restored, and for a write once shutting down (one whose
+        request was dispatched before still completes: that is what the drain waits for)."""
+        if not self.server.store.restored:
+            raise RequestError(503, RESTORING, "not_ready")
+        if stores and self.server.connections.closing:
+            raise RequestError(503, SHUTTING_DOWN, "not_ready")
+
+    def decoding(self, body: bytes):
+        """Held while a body is decoded and until its ops are stored as RingOps (or dropped)."""
+        return self.server.large_parses if len(body) >= LARGE_BODY_BYTES else nullcontext()
+
+    def store_and_answer(self, ops: list[dict], make_body):
+        """Store ops durably, then answer 200 with make_body(stored), or store_failure's.
+
+        On a plain TCP connection the committer thread sends the answer itself as soon as the
+        batch is fsynced, so this thread goes straight back to reading the next request: one
+        thread wake per request fewer, which is most of the cost of durability here. TLS
+        connections (an SSL object must not be written by one thread while another reads
+        it) and the ephemeral store answer from this thread.
+        """
+        store, op_count = self.server.store, len(ops)
+        if store.journal is None or not self.can_answer_later():
+            try:
+                return 200, make_body(store.submit_and_wait(ops))
+            except PersistError as exc:
+                raise store_failure(exc, op_count) from None
+        answer = self.answer_later()
+
+        def stored_or_failed(stored: Stored | None, error: BaseException | None) -> None:
+            if error is None:
+                answer(200, make_body(stored))
+            else:
+                failure = store_failure(error, op_count)
+                answer(failure.status, failure)
+
+        try:
+            store.submit(ops, stored_or_failed)
+        except Exception as exc:  # never leave the turn held: the connection would hang
+            log("ERROR", "commit failed", error=repr(exc), traceback=traceback.format_exc())
+            stored_or_failed(None, exc)
+        return DEFERRED, None
+
+
+class ObserverHandler(APIHandler):
     """The API: one method per route, and the table that routes to them."""
 
     def get_index(self):
@@ -5848,12 +5345,12 @@ class ObserverHandler(HTTPHandler):
             "uptime_s": round(time.monotonic() - server.started, 1),
             "ready": server.unready_reason() is None,  # as GET /observer/ready says, and why not
             "reason": server.unready_reason(),
-            "now": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(newest)),
+            "now": rfc3339_second(newest) + "Z",
             "seconds": seconds,
             "sources": sources,
             "totals": totals,
             "ring": {"ops": len(store), "capacity": server.config.ring_size, "bytes": store.ring.bytes},
-            "journal": None if journal is None else {"path": str(journal.path), "bytes": journal.size()},
+            "journal": None if journal is None else {"path": str(journal.path), "bytes": file_size(journal.path)},
             "fsync_p99_ms": None if fsync_p99 is None else round(fsync_p99 * 1000, 3),
             "endpoints_window": window,
             "endpoints_since": endpoints_since,
@@ -6034,16 +5531,19 @@ class ObserverHandler(HTTPHandler):
     }
 
 
-def _refuse_overloaded(sock: socket.socket) -> None:
+def _refuse_overloaded(server, sock: socket.socket, remote: str) -> None:
     """Answer 503 without a thread; drain what the client sent so close is not a reset."""
+    data, size = render_answer(OVERLOADED.status, OVERLOADED, close=True)
     if isinstance(sock, ssl.SSLSocket):
-        return  # no handshake yet, so nothing can be said in TLS: just close
-    try:
-        sock.setblocking(False)
-        sock.send(render_answer(OVERLOADED.status, OVERLOADED, close=True)[0])
-        sock.recv(65536)
-    except OSError:
-        pass
+        size = 0  # no handshake yet, so nothing can be said in TLS: just close
+    account(server, Exchange("-", "-", "unparsed", None, remote), OVERLOADED.status, OVERLOADED, size)
+    if size:
+        try:
+            sock.setblocking(False)
+            sock.send(data)
+            sock.recv(65536)
+        except OSError:
+            pass
 
 
 # The answer of / and /observer. Its Location is relative, so that behind a gateway serving
@@ -6101,8 +5601,7 @@ class ObserverServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         if not self.connections.admit(request):
-            self.metrics.rejected.inc(OVERLOADED.reason)
-            _refuse_overloaded(request)
+            _refuse_overloaded(self, request, client_address[0])
             self.shutdown_request(request)
             return
         try:
@@ -6127,7 +5626,7 @@ class ObserverServer(ThreadingHTTPServer):
 
 
 # =============================================================================
-# Background loops: clusters, corrections and their verdicts, playbooks, escalation (one
+# [SECTION] Background loops: clusters, corrections and their verdicts, playbooks, escalation (one
 # scheduler thread; serve runs the connection reaper on another)
 # =============================================================================
 
@@ -6147,11 +5646,16 @@ class Scheduler:
     def __init__(self, name: str):
         self.name = name
         self._tasks: list[PeriodicTask] = []
+        self._at_exit: list[Callable[[], object]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def every(self, interval_s: float, task: Callable[[], object]) -> None:
         self._tasks.append(PeriodicTask(interval_s, time.monotonic() + interval_s, task))
+
+    def at_exit(self, cleanup: Callable[[], object]) -> None:
+        """Run cleanup on the loop's thread once it stops: never while a task runs."""
+        self._at_exit.append(cleanup)
 
     def start(self) -> None:
         if self._tasks:
@@ -6175,6 +5679,8 @@ class Scheduler:
                             task=getattr(task.run, "__name__", repr(task.run)), error=repr(exc))
             next_due = min(task.due for task in self._tasks)
             self._stop.wait(max(0.0, next_due - time.monotonic()))
+        for cleanup in self._at_exit:
+            cleanup()
 
 
 def corrections_position_path(persist_path: Path) -> Path:
@@ -6201,6 +5707,7 @@ class CorrectionsTailer:
         self.max_ops = max_ops
         self.max_bytes = max_bytes
         self.inode, self.offset, self.line = self._read_sidecar()
+        self._followed: FollowedFile | None = None
         self._repair_position()
 
     @staticmethod
@@ -6267,30 +5774,22 @@ class CorrectionsTailer:
         """Whether op is what poll() records for the line ending at position, reading f from
         base (offset, line) in blocks: memory stays bounded however far the ref is."""
         inode, offset, line = position
-        f.seek(offset - 1)
-        if f.read(1) != b"\n":
+        fd = f.fileno()
+        if os.pread(fd, 1, offset - 1) != b"\n":
             return False
         # The line itself: the bytes before its newline, back to the one before it.
-        pieces, size = [], 0
-        for _, block in _blocks_backward(f, offset - 1):
-            newline = block.rfind(b"\n")
-            pieces.append(block[newline + 1:])
-            size += len(pieces[-1])
-            if newline >= 0 or size > self.max_bytes:
-                break
-        if size > self.max_bytes:
+        start = complete_end(fd, offset - 1, max(0, offset - 2 - self.max_bytes))
+        if offset - 1 - start > self.max_bytes:
             return False  # longer than any line poll() records
         try:
-            expected = self._as_op(b"".join(reversed(pieces)), {"inode": inode, "offset": offset, "line": line})
+            expected = self._as_op(os.pread(fd, offset - 1 - start, start),
+                                   {"inode": inode, "offset": offset, "line": line})
         except InvalidOp:
             return False
         # A line without a timestamp was stamped when it was recorded.
         if {**expected, "timestamp": op["timestamp"]} != op:
             return False
-        f.seek(base[0])
-        newlines = 0
-        for block in iter(lambda: f.read(min(RESTORE_BLOCK_BYTES, offset - f.tell())), b""):
-            newlines += block.count(b"\n")
+        newlines = sum(block.count(b"\n") for _, block in blocks(fd, base[0], offset))
         return newlines == line - base[1]
 
     @staticmethod
@@ -6308,52 +5807,54 @@ class CorrectionsTailer:
 
     def poll(self) -> int:
         """Store the complete lines appended since the last poll, chunk by chunk; returns how
-        many ops. Lines appended while it runs wait for the next poll."""
-        try:
-            f = open(self.path, "rb")
-        except FileNotFoundError:
-            return 0
-        stored = 0
-        with f:
-            status = os.fstat(f.fileno())
-            if status.st_ino != self.inode or status.st_size < self.offset:
-                if self.inode is not None:
-                    log("INFO", "corrections file replaced or truncated; reading from its start",
-                        path=self.path)
-                self.inode, self.offset, self.line = status.st_ino, 0, 0
-            while self.offset < status.st_size:
-                f.seek(self.offset)
-                ops, offset, line_no = self._read_chunk(f)
-                if offset == self.offset:
-                    break  # only a partial line left: it waits until it is complete
-                if ops:
-                    stored += len(ops) - self.store.submit_and_wait(ops).duplicates
-                self.offset, self.line = offset, line_no
-                self._save_position()
+        many ops. Lines appended while it runs wait for the next poll. Once the path names
+        another file, the one followed so far is read to its end first."""
+        if self._followed is None:
+            self._followed = FollowedFile.open(self.path)
+            if self._followed is None:
+                return 0
+            if self._followed.ino != self.inode:
+                self._start_over()
+            self._followed.offset = self.offset
+        stored = self._read_to_end()
+        if self._followed.replaced():
+            self._followed.close()
+            self._followed = None
+            stored += self.poll()
         return stored
 
-    def _read_chunk(self, f) -> tuple[list[dict], int, int]:
-        """The ops of the next complete lines of f, at most max_ops of them and max_bytes of
-        lines (or one line, if it alone is larger), and where they end: (ops, offset, line)."""
+    def _start_over(self) -> None:
+        if self.inode is not None:
+            log("INFO", "corrections file replaced or truncated; reading from its start", path=self.path)
+        self.inode, self.offset, self.line = self._followed.ino, 0, 0
+
+    def _read_to_end(self) -> int:
+        followed, stored = self._followed, 0
+        if followed.truncated():
+            self._start_over()
+        while True:
+            ops, offset, line_no = self._read_chunk(followed)
+            if offset == self.offset:
+                return stored  # only a partial line left, if any: it waits until it is complete
+            if ops:
+                stored += len(ops) - self.store.submit_and_wait(ops).duplicates
+            self.offset, self.line = offset, line_no
+            followed.offset = offset
+            self._save_position()
+
+    def _read_chunk(self, followed: FollowedFile) -> tuple[list[dict], int, int]:
+        """The ops of the next complete lines, at most max_ops of them and max_bytes of lines
+        (or one line, if it alone is larger), and where they end: (ops, offset, line)."""
         ops, offset, line_no, taken = [], self.offset, self.line, 0
-        while len(ops) < self.max_ops:
-            raw = f.readline(self.max_bytes + 1)
-            if not raw.endswith(b"\n"):
-                if len(raw) <= self.max_bytes:
-                    break  # the end of the file, maybe inside a line still being written
-                skipped = self._skip_line(f, len(raw))
-                if skipped is None:
-                    break  # its end is not written yet
-                offset += skipped
-                line_no += 1
+        for start, end, raw in followed.lines(self.max_bytes):
+            if len(ops) == self.max_ops or (taken and raw is not None and taken + end - start > self.max_bytes):
+                break  # it starts the next chunk
+            offset, line_no = end, line_no + 1
+            if raw is None:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no,
                     reason=f"line is longer than max_body_bytes={self.max_bytes}")
                 continue
-            if taken and taken + len(raw) > self.max_bytes:
-                break  # it starts the next chunk
-            taken += len(raw)
-            offset += len(raw)
-            line_no += 1
+            taken += end - start
             if not raw.strip():
                 continue
             try:
@@ -6362,16 +5863,10 @@ class CorrectionsTailer:
                 log("WARN", "skipped invalid corrections line", path=self.path, line=line_no, reason=exc)
         return ops, offset, line_no
 
-    def _skip_line(self, f, read: int) -> int | None:
-        """Read past the rest of an overlong line, keeping none of it: its length, newline
-        included, or None if the file ends first."""
-        while True:
-            piece = f.readline(RESTORE_BLOCK_BYTES)
-            if not piece:
-                return None
-            read += len(piece)
-            if piece.endswith(b"\n"):
-                return read
+    def close(self) -> None:
+        if self._followed is not None:
+            self._followed.close()
+            self._followed = None
 
 
 def escalation_retry_delay(failures: int, interval_s: float, cooldown_s: float) -> float:
@@ -6554,12 +6049,13 @@ def start_observer_loops(config: Config, store: OpStore, insights: Insights) -> 
         tailer = CorrectionsTailer(config.corrections_path, store, sidecar, config.max_batch,
                                    config.max_body_bytes)
         loops.every(config.corrections_interval_s, tailer.poll)
+        loops.at_exit(tailer.close)
     loops.start()
     return loops
 
 
 # =============================================================================
-# Supervisor: systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG) over NOTIFY_SOCKET
+# [SECTION] Supervisor: systemd's notify protocol (READY, STATUS, STOPPING, WATCHDOG) over NOTIFY_SOCKET
 # =============================================================================
 
 
@@ -6654,11 +6150,195 @@ class SystemdNotifier:
 
 
 # =============================================================================
-# CLI and main: serve, check, stats, top, ops, runs, compare, corrections
+# [SECTION] Daemon: the one place that builds a running daemon from a config (journal, store,
+# server, housekeeping, loops, systemd) and stops it; serve and the tests' server both use it
 # =============================================================================
 
 SHUTDOWN_GRACE_S = 1.5
 JOURNAL_PROBE_INTERVAL_S = 1.0  # how often a journal that cannot be written is tried again
+
+
+def _privileged_ports_end() -> int:
+    """The first port an unprivileged user may listen on (Linux lowers it with a sysctl)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+_TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
+
+
+def port_holders(port: int) -> dict[int, str]:
+    """The processes listening on a TCP port, pid -> name, as far as this user may see them:
+    Linux's /proc, matching each listening socket's inode to the descriptors holding it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = {}
+    for pid in (name for name in os.listdir("/proc") if name.isdigit()) if inodes else ():
+        try:
+            with os.scandir(f"/proc/{pid}/fd") as descriptors:
+                if any(os.readlink(fd.path) in inodes for fd in descriptors):
+                    holders[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:  # another user's process, or one that just ended
+            continue
+    return holders
+
+
+def port_in_use_problem(config: Config) -> str:
+    """What check and serve say when another socket holds bind's port (but for the daemon of
+    this journal: see bind_problem)."""
+    holders = port_holders(config.port)
+    by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"
+    return f"bind {config.bind}: port {config.port} is in use by {by}"
+
+
+def listen_problem(config: Config, error: OSError) -> str:
+    """Why serve cannot listen on bind, in the words check uses too."""
+    if isinstance(error, socket.gaierror):
+        return f"bind {config.bind}: host {config.host!r} does not resolve ({error.strerror})"
+    if error.errno == errno.EADDRINUSE:
+        return port_in_use_problem(config)
+    if error.errno == errno.EACCES and 0 < config.port < _privileged_ports_end():
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        return (f"bind {config.bind}: port {config.port} is privileged (below {_privileged_ports_end()}) "
+                f"and user {user} may not listen on it: grant CAP_NET_BIND_SERVICE or pick a higher port")
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"bind {config.bind}: {config.host} is not an address of this host"
+    return f"bind {config.bind}: {error.strerror or error}"
+
+
+def open_store(config: Config) -> OpStore:
+    """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
+    the store's restore(). Raises JournalLocked, UntrustedJournal or OSError."""
+    ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
+    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
+    journal = None
+    if config.persist_path is not None:
+        record = None if config.runtime_dir is None else UnsyncedRecord.in_folder(config.runtime_dir,
+                                                                                   config.persist_path)
+        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics,
+                          JournalLock(config.persist_path, record and record.path), record)
+        journal.open()
+    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
+    return OpStore(ring, journal, metrics, window)
+
+
+def close_store(store: OpStore) -> int:
+    """Close the store; 0, or 1 once an error closing the journal (an EIO) is logged."""
+    try:
+        store.close()
+    except OSError as exc:  # the last appends' fate is the disk's to tell
+        log("ERROR", "cannot close journal", path=exc.filename, error=exc.strerror or exc)
+        return 1
+    return 0
+
+
+class DaemonNotStarted(Exception):
+    """The daemon could not start; why is logged already."""
+
+
+class RunningDaemon:
+    """A daemon answering on its port: built from a config, restored, stopped.
+
+    Answering comes before restoring: health and ready answer at once, however long the restore
+    takes; the routes that serve or store ops answer 503 until it is done.
+    """
+
+    def __init__(self, config: Config, reap_every_s: float = 0.25, accept_poll_s: float = 0.1):
+        """Open the journal and listen; raises DaemonNotStarted once the reason is logged."""
+        self.config = config
+        try:
+            if config.playbooks_path is not None:
+                make_dirs_durably(config.playbooks_path.parent)
+            self.store = open_store(config)
+        except JournalLocked as exc:
+            log("ERROR", "journal in use by another observerd; not starting", path=config.persist_path,
+                pid=exc.pid or "unknown", lock=lock_path(config.persist_path))
+            raise DaemonNotStarted from None
+        except UntrustedJournal as exc:
+            log("ERROR", "journal not trusted; not starting", problem=exc)
+            raise DaemonNotStarted from None
+        except OSError as exc:  # the checks passed: the disk failed or changed under us
+            log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
+            raise DaemonNotStarted from None
+        try:
+            self.server = ObserverServer(config, self.store)
+        except StartupError as exc:
+            log("ERROR", "cannot serve TLS", problem=exc)
+            close_store(self.store)
+            raise DaemonNotStarted from None
+        except OSError as exc:  # the check passed: another process took the port since
+            log("ERROR", "cannot listen", bind=config.bind, problem=listen_problem(config, exc))
+            close_store(self.store)
+            raise DaemonNotStarted from None
+        host, self.port = self.server.server_address[:2]
+        log("INFO", "listening", addr=format_hostport(host, self.port), tls=config.tls_cert is not None)
+        self.housekeeping = Scheduler("housekeeping")
+        self.housekeeping.every(reap_every_s, self.server.connections.close_expired)
+        if self.store.journal is not None:
+            self.housekeeping.every(JOURNAL_PROBE_INTERVAL_S, self.store.journal.probe)
+        self.housekeeping.start()
+        threading.Thread(target=self.server.serve_forever, args=(accept_poll_s,), name="accept",
+                         daemon=True).start()
+        self.supervisor = SystemdNotifier(self.server)
+        self.loops: Scheduler | None = None
+
+    def restore(self, stopping: threading.Event | None = None) -> bool:
+        """Restore the ring, then start the loops and tell systemd it is ready (unless stopping
+        came first); False once a journal that cannot be read is logged."""
+        try:
+            self.store.restore(stopping)
+        except OSError as exc:
+            log("ERROR", "cannot restore from journal", path=exc.filename, error=exc.strerror or exc)
+            return False
+        if self.store.restored:
+            # The tailer reads the restored ring.
+            self.loops = start_observer_loops(self.config, self.store, self.server.insights)
+            self.supervisor.ready()
+        return True
+
+    def reopen_journal(self) -> None:
+        """What SIGHUP asks for: the journal's path opened again (after logrotate moved it)."""
+        try:
+            self.store.reopen_journal()
+        except OSError as exc:
+            log("ERROR", "cannot reopen journal; still appending to the old file", error=exc)
+
+    def stop(self, status: int = 0, grace_s: float = SHUTDOWN_GRACE_S, **why: object) -> int:
+        """Drain, stop every thread and close the journal; returns the exit status (status, or
+        1 if closing the journal failed)."""
+        server = self.server
+        log("INFO", "shutting down", **why, open_connections=len(server.connections))
+        self.supervisor.stopping()
+        # Closing comes first, and the listener keeps answering while the drain runs: ready
+        # says shutting down from the signal on, to every client that asks.
+        left = server.connections.close_idle_and_drain(grace_s)
+        if self.loops is not None:
+            self.loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
+        server.shutdown()
+        self.housekeeping.stop()
+        server.server_close()
+        status = status or close_store(self.store)
+        log("INFO", "stopped", ops=len(self.store), abandoned_connections=left, status=status)
+        return status
+
+
+# =============================================================================
+# [SECTION] CLI and main: serve, check, stats, top, ops, runs, compare, corrections
+# =============================================================================
+
 EXIT_STATUS = """
 exit status: 0 ok; 1 runtime error (a file cannot be read, the daemon cannot be reached);
   2 usage or config error (a bad flag or setting, or anything that keeps the daemon from starting)
@@ -7004,67 +6684,6 @@ def _runtime_dir_problem(folder: Path) -> str | None:
     return None
 
 
-def _privileged_ports_end() -> int:
-    """The first port an unprivileged user may listen on (Linux lowers it with a sysctl)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
-    except (OSError, ValueError):
-        return 1024
-
-
-_TCP_LISTEN = "0A"  # the st column of /proc/net/tcp for a listening socket
-
-
-def port_holders(port: int) -> dict[int, str]:
-    """The processes listening on a TCP port, pid -> name, as far as this user may see them:
-    Linux's /proc, matching each listening socket's inode to the descriptors holding it."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if fields[3] == _TCP_LISTEN and int(fields[1].rpartition(":")[2], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    holders = {}
-    for pid in (name for name in os.listdir("/proc") if name.isdigit()) if inodes else ():
-        try:
-            with os.scandir(f"/proc/{pid}/fd") as descriptors:
-                if any(os.readlink(fd.path) in inodes for fd in descriptors):
-                    holders[int(pid)] = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:  # another user's process, or one that just ended
-            continue
-    return holders
-
-
-def port_in_use_problem(config: Config) -> str:
-    """What check and serve say when another socket holds bind's port (but for the daemon of
-    this journal: see bind_problem)."""
-    holders = port_holders(config.port)
-    by = ", ".join(f"pid {pid} ({name})" for pid, name in sorted(holders.items())) or "another process"
-    return f"bind {config.bind}: port {config.port} is in use by {by}"
-
-
-def listen_problem(config: Config, error: OSError) -> str:
-    """Why serve cannot listen on bind, in the words check uses too."""
-    if isinstance(error, socket.gaierror):
-        return f"bind {config.bind}: host {config.host!r} does not resolve ({error.strerror})"
-    if error.errno == errno.EADDRINUSE:
-        return port_in_use_problem(config)
-    if error.errno == errno.EACCES and 0 < config.port < _privileged_ports_end():
-        try:
-            user = pwd.getpwuid(os.geteuid()).pw_name
-        except KeyError:
-            user = f"uid {os.geteuid()}"
-        return (f"bind {config.bind}: port {config.port} is privileged (below {_privileged_ports_end()}) "
-                f"and user {user} may not listen on it: grant CAP_NET_BIND_SERVICE or pick a higher port")
-    if error.errno == errno.EADDRNOTAVAIL:
-        return f"bind {config.bind}: {config.host} is not an address of this host"
-    return f"bind {config.bind}: {error.strerror or error}"
-
-
 def bind_problem(config: Config) -> str | None:
     """Why serve could not listen on bind now, or None: found by binding a socket there as the
     server binds its own (SO_REUSEADDR, so a port a restart left in TIME_WAIT is free), then
@@ -7338,8 +6957,7 @@ def print_stats(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{exc.filename or path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    for op in ring_ops:
-        ring.apply(op)
+    ring.refill(ring_ops)
     print(json.dumps(json.loads(encode_json(ring.stats())), ensure_ascii=False, indent=2))
     return 0
 
@@ -7981,32 +7599,6 @@ def print_corrections(args: argparse.Namespace) -> int:
     return found if isinstance(found, int) else write_answer(args, found, corrections_table)
 
 
-def open_store(config: Config) -> OpStore:
-    """Lock and open (and repair) the journal; the ring and the op_id window stay empty until
-    the store's restore(). Raises JournalLocked, UntrustedJournal or OSError."""
-    ring = Ring(config.ring_size, config.recent_scenarios, config.max_ring_bytes)
-    metrics = Metrics(SOURCES, REJECTION_REASONS, LLM_BACKENDS)
-    journal = None
-    if config.persist_path is not None:
-        record = None if config.runtime_dir is None else UnsyncedRecord.in_folder(config.runtime_dir,
-                                                                                   config.persist_path)
-        journal = Journal(config.persist_path, config.max_file_bytes, config.keep_files, metrics,
-                          JournalLock(config.persist_path, record and record.path), record)
-        journal.open()
-    window = OpIdWindow(config.dedupe_window) if config.dedupe_window else None
-    return OpStore(ring, journal, metrics, window)
-
-
-def close_store(store: OpStore) -> int:
-    """Close the store; 0, or 1 once an error closing the journal (an EIO) is logged."""
-    try:
-        store.close()
-    except OSError as exc:  # the last appends' fate is the disk's to tell
-        log("ERROR", "cannot close journal", path=exc.filename, error=exc.strerror or exc)
-        return 1
-    return 0
-
-
 class ReceivedSignals:
     """The signals serve acts on, in the order they came, taken by sigwait on a thread of
     their own: startup goes on meanwhile, and a stop signal is seen at once by the restore,
@@ -8049,73 +7641,14 @@ def serve(config: Config) -> int:
         log("ERROR", "invalid config", file=config.source, problem="; ".join(problems))
         return 2
     try:
-        if config.playbooks_path is not None:
-            make_dirs_durably(config.playbooks_path.parent)
-        store = open_store(config)
-    except JournalLocked as exc:
-        log("ERROR", "journal in use by another observerd; not starting", path=config.persist_path,
-            pid=exc.pid or "unknown", lock=lock_path(config.persist_path))
+        daemon = RunningDaemon(config)
+    except DaemonNotStarted:
         return 2
-    except UntrustedJournal as exc:
-        log("ERROR", "journal not trusted; not starting", problem=exc)
-        return 2
-    except OSError as exc:  # the checks passed: the disk failed or changed under us
-        log("ERROR", "cannot open files", path=exc.filename, error=exc.strerror or exc)
-        return 2
-    insights = Insights()
-    try:
-        server = ObserverServer(config, store, insights)
-    except StartupError as exc:
-        log("ERROR", "cannot serve TLS", problem=exc)
-        close_store(store)
-        return 2
-    except OSError as exc:  # the check passed: another process took the port since
-        log("ERROR", "cannot listen", bind=config.bind, problem=listen_problem(config, exc))
-        close_store(store)
-        return 2
-    host, port = server.server_address[:2]
-    log("INFO", "listening", addr=format_hostport(host, port), tls=config.tls_cert is not None)
-    housekeeping = Scheduler("housekeeping")
-    housekeeping.every(0.25, server.connections.close_expired)
-    if store.journal is not None:
-        housekeeping.every(JOURNAL_PROBE_INTERVAL_S, store.journal.probe)
-    housekeeping.start()
-    accept_thread = threading.Thread(target=server.serve_forever, args=(0.1,), name="accept",
-                                     daemon=True)
-    accept_thread.start()
-    supervisor = SystemdNotifier(server)
-    # Answering before restoring: health and ready answer at once, however long the restore
-    # takes; the routes that serve or store ops answer 503 until it is done.
-    status, loops, stop = 0, None, {}
-    try:
-        store.restore(received.stopping)
-    except OSError as exc:
-        log("ERROR", "cannot restore from log", path=exc.filename, error=exc.strerror or exc)
-        status = 2
-    else:
-        if store.restored:
-            loops = start_observer_loops(config, store, insights)  # the tailer reads the restored ring
-            supervisor.ready()
-        while (signum := received.next()) == signal.SIGHUP:
-            try:
-                store.reopen_journal()
-            except OSError as exc:
-                log("ERROR", "cannot reopen log; still appending to the old file", error=exc)
-        stop = {"signal": signal.Signals(signum).name, "restored": store.restored}
-
-    log("INFO", "shutting down", **stop, open_connections=len(server.connections))
-    supervisor.stopping()
-    # Closing comes first, and the listener keeps answering while the drain runs: ready
-    # says shutting down from the signal on, to every client that asks.
-    left = server.connections.close_idle_and_drain(SHUTDOWN_GRACE_S)
-    if loops is not None:
-        loops.stop(timeout_s=0.2)  # a loop blocked on a slow outbound call is a daemon thread
-    server.shutdown()
-    housekeeping.stop()
-    server.server_close()
-    status = status or close_store(store)
-    log("INFO", "stopped", ops=len(store), abandoned_connections=left, status=status)
-    return status
+    if not daemon.restore(received.stopping):
+        return daemon.stop(status=2)
+    while (signum := received.next()) == signal.SIGHUP:
+        daemon.reopen_journal()
+    return daemon.stop(signal=signal.Signals(signum).name, restored=daemon.store.restored)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -8148,6 +7681,633 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return status
+
+
+# =============================================================================
+# [SECTION] Browser page, the data at the end: GET /observer/ui, one HTML document with its style
+# and script inline; it holds no ops, only fetches the API, and its Content-Security-Policy allows
+# nothing else
+# =============================================================================
+
+UI_STYLE = """
+:root{--bg:#fff;--fg:#1f2328;--mute:#59636e;--line:#d1d9e0;--card:#f6f8fa;--ok:#1a7f37;--bad:#cf222e;
+--warn:#9a6700;--link:#0550ae;--c0:#0969da;--c1:#8250df;--c2:#b35900;--c3:#1a7f37;--c4:#6e7781;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--fg:#e6edf3;--mute:#9198a1;--line:#3d444d;
+--card:#151b23;--ok:#3fb950;--bad:#f85149;--warn:#d29922;--link:#4493f8;--c0:#4493f8;--c1:#ab7df8;
+--c2:#e3b341;--c3:#3fb950;--c4:#9198a1}}
+*{box-sizing:border-box}
+[hidden]{display:none!important}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,sans-serif}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 20px;padding:10px 16px;border-bottom:1px solid var(--line)}
+h1{font-size:18px;margin:0}
+h1 small{font-size:13px;font-weight:400;color:var(--mute)}
+h2{font-size:15px;margin:0 0 8px}
+dl{display:flex;flex-wrap:wrap;gap:4px 20px;margin:0}
+dl div{display:flex;gap:6px;align-items:baseline}
+dt{color:var(--mute);font-size:12px}
+dd{margin:0;font-variant-numeric:tabular-nums}
+#conn{margin:0 0 0 auto;padding:2px 10px;border-radius:12px;border:1px solid var(--line);font-size:13px}
+.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
+#auth{margin:12px 16px;padding:12px;border:2px solid var(--warn);border-radius:6px;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+#auth p{flex-basis:100%;margin:0;font-weight:600}
+main{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,540px),1fr));gap:12px;padding:12px 16px}
+section{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:10px 12px;min-width:0}
+.wide{grid-column:1/-1}
+.stale section{opacity:.55}
+.note{color:var(--mute);font-size:12px;margin:4px 0}
+.scroll{overflow-x:auto}
+.tall{max-height:75vh;overflow-y:auto}
+.tall th{position:sticky;top:0;background:var(--card)}
+#by-source{display:flex;flex-wrap:wrap;gap:2px 14px;list-style:none;padding:0;margin:2px 0}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:12px;color:var(--mute);white-space:nowrap}
+.n{text-align:right}
+td.t{white-space:nowrap}
+td.x{max-width:36ch;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+td.w{min-width:12ch;overflow-wrap:anywhere}
+tr.f td:nth-child(4){color:var(--bad);font-weight:600}
+button,input,select{font:inherit;color:inherit}
+input,select,button:not(.link):not(.sort){background:var(--bg);border:1px solid var(--line);border-radius:4px;padding:3px 8px}
+button.link,button.sort{background:none;border:0;padding:0;cursor:pointer;text-align:left}
+button.link{color:var(--link);text-decoration:underline;overflow-wrap:break-word}
+button.sort{color:inherit;font-weight:600}
+:focus-visible{outline:2px solid var(--link);outline-offset:1px}
+#filters{display:flex;flex-wrap:wrap;gap:6px 14px;margin-bottom:6px}
+#filters label{display:flex;gap:6px;align-items:center;font-size:13px}
+#chart{display:block;width:100%}
+#chart text{fill:var(--mute);font-size:11px}
+#chart .axis{font-size:12px}
+#chart .grid{stroke:var(--line)}
+#chart polyline{fill:none;stroke-width:1.5;stroke-linejoin:round}
+#legend{display:flex;flex-wrap:wrap;gap:4px 16px;list-style:none;padding:0;margin:6px 0 0;font-size:13px}
+.sw{display:inline-block;width:14px;height:3px;margin-right:6px;vertical-align:middle}
+.s0{stroke:var(--c0);background:var(--c0)}.s1{stroke:var(--c1);background:var(--c1)}
+.s2{stroke:var(--c2);background:var(--c2)}.s3{stroke:var(--c3);background:var(--c3)}
+.s4{stroke:var(--c4);background:var(--c4)}
+#chart polyline.sf{stroke:var(--bad);stroke-width:2;stroke-dasharray:5 3}
+.sf{background:var(--bad)}
+@media (max-width:600px){header,main{padding-left:8px;padding-right:8px}#conn{margin-left:0}
+/* A row is a card of labelled cells: six columns fit no phone, and a header scrolled out of sight is no header. */
+table,tbody{display:block}thead{display:none}#endpoints thead{display:block}#endpoints thead tr{display:flex;flex-wrap:wrap;gap:0 14px}
+#endpoints th{border:0;padding:0 0 4px}
+tbody tr{display:flex;flex-wrap:wrap;gap:0 14px;padding:4px 0;border-bottom:1px solid var(--line)}
+td{display:block;border:0;padding:0;text-align:left}td:first-child{flex-basis:100%}
+td[data-label]:not(:first-child)::before{content:attr(data-label) " ";color:var(--mute);font-size:12px}
+td.x{max-width:100%;white-space:normal;overflow-wrap:anywhere}td:empty{display:none}}
+"""
+
+UI_SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "observerd.token", EVERY_MS = 2000, WINDOW_S = TIMELINE_SECONDS, HISTORY_PAGE = 50;
+const ENDPOINTS_WINDOW = "DEFAULT_ENDPOINTS_WINDOW";
+let endpointsWindow = ENDPOINTS_WINDOW;
+const SOURCES = [...$("f-source").options].map((o) => o.value).filter(Boolean);
+const SVG = $("chart").namespaceURI;
+let token = sessionStorage.getItem(TOKEN_KEY) || "";
+let timer = 0, busy = false, again = false, needToken = false, ringCapacity = 0, updated = "";
+let ops = [], endpoints = [], timeline = null, sortBy = {key: "failures", desc: true}, shown = null;
+const drawn = new Map();  /* tbody -> the rows it shows, as JSON */
+
+class HttpError extends Error {
+  constructor(status, reason, path) {
+    super(path ? "GET " + path + ": " + status + " " + reason : reason);
+    this.status = status;
+    this.reason = reason;
+  }
+}
+
+async function api(path, accept = []) {
+  const headers = token ? {Authorization: "Bearer " + token} : {};
+  const resp = await fetch(path, {headers, cache: "no-store", signal: AbortSignal.timeout(8000)});
+  const body = await resp.json().catch(() => null);
+  if (resp.status === 401) throw new HttpError(401, "token refused");
+  if (!resp.ok && !accept.includes(resp.status)) {
+    throw new HttpError(resp.status, (body && body.error) || resp.statusText, path.split("?")[0]);
+  }
+  return body;
+}
+
+/* Elements are built with text nodes only: ops carry whatever strings their senders chose. */
+function el(tag, cls, ...children) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  e.append(...children.map((c) => (c instanceof Node ? c : String(c ?? ""))));
+  return e;
+}
+
+const nf = new Intl.NumberFormat("en");
+const count = (n, unit) => (n == null ? "–" : nf.format(n) + (unit ? " " + unit : ""));
+const ms = (n) => (n == null ? "–" : (n < 10 && !Number.isInteger(n) ? n.toFixed(1) : nf.format(Math.round(n))) + " ms");
+const pct = (r) => (r == null ? "–" : (r * 100).toFixed(r > 0 && r < 0.1 ? 1 : 0) + " %");
+/* Times as sent, without fractions; today's (by the server's clock) without their date. */
+function when(ts) {
+  const s = String(ts ?? "").replace("T", " ").replace(/\.\d+/, "");
+  return timeline && s.startsWith(timeline.now.slice(0, 10)) ? s.slice(11) : s;
+}
+
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(n < 10 ? 1 : 0) : n) + " " + units[i];
+}
+
+function uptime(s) {
+  const d = Math.floor(s / 86400), h = Math.floor(s / 3600) % 24, m = Math.floor(s / 60) % 60;
+  if (d) return d + " d " + h + " h";
+  if (h) return h + " h " + m + " min";
+  return m ? m + " min " + Math.floor(s % 60) + " s" : Math.floor(s) + " s";
+}
+
+/* An endpoint as a history query: fnmatch brackets make *, ? and [ literal. */
+const exact = (endpoint) => endpoint.replace(/[[*?]/g, "[$&]");
+
+function endpointButton(endpoint, failedOnly = false) {
+  const b = el("button", "link", endpoint);
+  b.type = "button";
+  b.title = "Open " + (failedOnly ? "its failed ops" : "its ops") + " from the journal";
+  b.dataset.k = (failedOnly ? "F" : "A") + endpoint;
+  b.addEventListener("click", () => openHistory(endpoint, failedOnly));
+  return b;
+}
+
+/* Rows are rebuilt only when their data changed, and the focused button keeps focus. */
+function fill(body, rows, cells, empty) {
+  const key = JSON.stringify(rows);
+  if (drawn.get(body) === key) return;
+  drawn.set(body, key);
+  const focused = body.contains(document.activeElement) ? document.activeElement.dataset.k : null;
+  const labels = [...body.parentElement.tHead.rows[0].cells].map((th) => th.textContent);
+  const trs = rows.map((row) => {
+    const tr = el("tr", cells.rowClass ? cells.rowClass(row) : "");
+    cells.columns.forEach(([cls, make], n) => {
+      const td = tr.appendChild(el("td", cls, make(row)));
+      td.dataset.label = labels[n];  /* what a narrow screen shows before it, in place of the header */
+      if (cls === "x") td.title = td.textContent;  /* cut to fit: the whole text on hover */
+    });
+    return tr;
+  });
+  if (!trs.length) {
+    const td = el("td", "note", empty);
+    td.colSpan = cells.columns.length;
+    trs.push(el("tr", "", td));
+  }
+  body.replaceChildren(...trs);
+  if (focused != null) {
+    for (const b of body.querySelectorAll("button")) if (b.dataset.k === focused) { b.focus(); break; }
+  }
+}
+
+function setConn(text, cls) {
+  const c = $("conn");
+  c.textContent = text;
+  c.className = cls;
+  document.body.classList.toggle("stale", cls !== "ok");
+}
+
+function askToken(why) {
+  needToken = true;
+  $("auth-msg").textContent = why || (token
+    ? "The token was refused (401 Unauthorized). Enter the right one."
+    : "This observerd needs its bearer token to show data.");
+  $("auth").hidden = false;
+  $("token").focus();
+  setConn("waiting for a token", "warn");
+}
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const given = $("token").value.trim();
+  $("token").value = "";
+  /* observerd's tokens are printable ASCII; fetch could not even send another. */
+  if (!/^[\x20-\x7e]+$/.test(given)) return askToken("That cannot be the token: tokens are printable ASCII.");
+  token = given;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("auth").hidden = true;
+  needToken = false;
+  tick();
+});
+
+function opsPath() {
+  const q = new URLSearchParams();
+  if (ringCapacity) q.set("limit", Math.min(200, ringCapacity));
+  if ($("f-source").value) q.set("source", $("f-source").value);
+  if ($("f-failed").checked) q.set("failed", "true");
+  return "ops?" + q;
+}
+
+/* Shows what answered (the timeline does while restoring, stats does not), then throws the
+   first failure, a refused token before any other. */
+async function refresh() {
+  const settled = await Promise.allSettled(
+    [api("timeline?seconds=" + WINDOW_S + "&window=" + endpointsWindow), api("stats"), api("playbooks"),
+     api(opsPath())]);
+  const [t, stats, playbooks, recent] = settled.map((r) => r.value);
+  if (t) {
+    const ready = t.ready ? null : await api("ready", [503]).catch((e) => ({reason: e.message}));
+    showReady(t.ready, ready && ready.reason);
+    ringCapacity = t.ring.capacity;
+    timeline = t;
+    showHeader(t);
+    drawChart(t);
+    endpoints = t.endpoints;
+    showEndpoints();
+    showClusters(t.clusters, t.clusters_analyzed_at);
+    showEscalations(t.escalations);
+    showCorrections(t.corrections);
+  }
+  if (stats) showStats(stats);
+  if (playbooks) showPlaybooks(playbooks);
+  if (recent) {
+    ops = recent.ops;
+    showOps();
+  }
+  const failures = settled.filter((r) => r.status === "rejected").map((r) => r.reason);
+  if (failures.length) throw failures.find((e) => e.status === 401) || failures[0];
+}
+
+function showReady(ready, reason) {
+  $("ready").textContent = ready ? "ready" : "not ready: " + (reason || "no reason given");
+  $("ready").className = ready ? "ok" : "bad";
+}
+
+function showHeader(t) {
+  $("version").textContent = "v" + t.version;
+  $("uptime").textContent = uptime(t.uptime_s);
+  $("journal").textContent = t.journal ? bytes(t.journal.bytes) : "none (ephemeral)";
+  $("journal").title = t.journal ? t.journal.path : "";
+  $("ring").textContent = count(t.ring.ops) + " / " + count(t.ring.capacity, "ops") + " (" +
+    pct(t.ring.ops / t.ring.capacity) + ", " + bytes(t.ring.bytes) + ")";
+  $("fsync").textContent = t.fsync_p99_ms == null ? "no fsync yet" : ms(t.fsync_p99_ms);
+}
+
+function showStats(stats) {
+  $("stat-total").textContent = count(stats.total, "ops");
+  $("stat-ok").textContent = count(stats.successes, "ok");
+  $("stat-failed").textContent = count(stats.failures, "failed");
+  const items = Object.entries(stats.by_source).sort().map(([source, n]) => {
+    const li = el("li", "", el("span", "sw s" + sourceIndex(source)), source + ": ", el("b", "", count(n, "ops")));
+    li.dataset.source = source;
+    li.dataset.count = n;
+    return li;
+  });
+  $("by-source").replaceChildren(...items);
+}
+
+const sourceIndex = (name) => { const i = SOURCES.indexOf(name); return i < 0 ? 4 : i; };
+
+function niceStep(x) {
+  const p = Math.pow(10, Math.floor(Math.log10(x)));
+  return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= x);
+}
+
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text != null) e.textContent = text;
+  return e;
+}
+
+function drawChart(t) {
+  const chart = $("chart"), n = t.seconds;
+  const w = Math.max(300, chart.clientWidth || 800), h = w < 600 ? 200 : 240;
+  const L = 46, R = 12, T = 10, B = 38, pw = w - L - R, ph = h - T - B;
+  const series = Object.keys(t.sources).sort().map((name) => ({
+    name, cls: "s" + sourceIndex(name),
+    values: t.sources[name].ok.map((ok, i) => ok + t.sources[name].failed[i]),
+  }));
+  series.push({name: "failures (all sources)", cls: "sf", values: t.totals.failed});
+  /* Seconds are averaged in bins of at least 3 px, so a narrow chart stays readable. */
+  const bin = [1, 2, 5, 10, 15, 30].find((b) => (pw * b) / n >= 3) || 30;
+  const rebin = (values) => {
+    const out = [];
+    for (let end = values.length; end > 0; end -= bin) {
+      const part = values.slice(Math.max(0, end - bin), end);
+      out.unshift(part.reduce((a, b) => a + b, 0) / part.length);
+    }
+    return out;
+  };
+  const lines = series.map((s) => rebin(s.values));
+  const max = Math.max(1, ...lines.flat());
+  const step = Math.max(1, niceStep(max / 4)), top = Math.ceil(max / step) * step;
+  const ago = (s) => L + pw * (1 - s / (n - 1 || 1)), y = (v) => T + ph - (ph * v) / top;
+  const parts = [svg("title", {}, "Events per second by source, and failures per second, over the last " + n + " s")];
+  for (let v = 0; v <= top; v += step) {
+    parts.push(svg("line", {class: "grid", x1: L, x2: L + pw, y1: y(v), y2: y(v)}));
+    parts.push(svg("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, nf.format(v)));
+  }
+  const every = [10, 30, 60, 120, 300].find((s) => (pw * s) / n >= 70) || n;
+  const marks = [];
+  for (let s = 0; s < n; s += every) marks.push(s);
+  if (((n - 1 - marks[marks.length - 1]) * pw) / n >= 70) marks.push(n - 1);
+  for (const s of marks) {
+    parts.push(svg("line", {class: "grid", x1: ago(s), x2: ago(s), y1: T + ph, y2: T + ph + 4}));
+    parts.push(svg("text", {x: ago(s), y: T + ph + 16, "text-anchor": s ? (s === n - 1 ? "start" : "middle") : "end"},
+      s ? "−" + (s === n - 1 ? n : s) + " s" : "now"));
+  }
+  parts.push(svg("text", {class: "axis", x: L + pw / 2, y: h - 4, "text-anchor": "middle"},
+    "seconds before " + String(t.now).slice(11, 19) + " UTC"));
+  parts.push(svg("text", {class: "axis", x: 12, y: T + ph / 2, "text-anchor": "middle",
+    transform: "rotate(-90 12 " + (T + ph / 2) + ")"}, bin > 1 ? "events/s (" + bin + " s averages)" : "events/s"));
+  lines.forEach((values, k) => {
+    const points = values.map((v, j) => ago((values.length - 1 - j) * bin).toFixed(1) + "," + y(v).toFixed(1));
+    parts.push(svg("polyline", {class: series[k].cls, points: points.join(" ")}));
+  });
+  chart.setAttribute("viewBox", "0 0 " + w + " " + h);
+  chart.setAttribute("height", h);
+  chart.replaceChildren(...parts);
+  $("legend").replaceChildren(...series.map((s) => {
+    const total = s.values.reduce((a, b) => a + b, 0);
+    return el("li", "", el("span", "sw " + s.cls), s.name + ": " + count(total, "ops") + " in " + n + " s, peak " +
+      count(Math.max(...s.values), "ops/s"));
+  }));
+}
+
+const COLUMNS = {
+  endpoint: (e) => e.endpoint, ops: (e) => e.ops, failures: (e) => e.failures,
+  failure_rate: (e) => e.failure_rate, p50_ms: (e) => e.p50_ms ?? -1, p95_ms: (e) => e.p95_ms ?? -1,
+};
+
+for (const b of $("endpoints").querySelectorAll("button.sort")) {
+  b.addEventListener("click", () => {
+    const key = b.dataset.sort;
+    sortBy = {key, desc: sortBy.key === key ? !sortBy.desc : key !== "endpoint"};
+    showEndpoints();
+  });
+}
+
+/* The endpoints are ranked over the ops of the last 5 minutes, or of the whole ring. */
+$("endpoints-window").addEventListener("click", () => {
+  endpointsWindow = endpointsWindow === "ring" ? ENDPOINTS_WINDOW : "ring";
+  $("endpoints-window").textContent = endpointsWindow === "ring" ? "rank over the last " + ENDPOINTS_WINDOW
+                                                                 : "rank over the whole ring";
+  tick();
+});
+
+function showEndpoints() {
+  $("endpoints-over").textContent = !timeline ? "" : timeline.endpoints_since
+    ? "Over the ops of the ring stamped since " + when(timeline.endpoints_since) : "Over the ops in the ring";
+  const get = COLUMNS[sortBy.key], dir = sortBy.desc ? -1 : 1;
+  const rows = [...endpoints].sort((a, b) => {
+    const p = get(a), q = get(b);
+    return (p < q ? -1 : p > q ? 1 : 0) * dir || (a.endpoint < b.endpoint ? -1 : 1);
+  });
+  for (const th of $("endpoints").querySelectorAll("th")) {
+    const key = th.querySelector("button").dataset.sort;
+    th.setAttribute("aria-sort", key === sortBy.key ? (sortBy.desc ? "descending" : "ascending") : "none");
+  }
+  fill($("endpoints-body"), rows, {columns: [
+    ["", (e) => endpointButton(e.endpoint)], ["n", (e) => count(e.ops)], ["n", (e) => count(e.failures)],
+    ["n", (e) => pct(e.failure_rate)], ["n", (e) => ms(e.p50_ms)], ["n", (e) => ms(e.p95_ms)],
+  ]}, timeline && timeline.endpoints_since ? "no ops in the last " + ENDPOINTS_WINDOW : "no ops in the ring");
+}
+
+function showClusters(clusters, analyzedAt) {
+  $("clusters-note").textContent = analyzedAt ? "As the analysis at " + when(analyzedAt) + " found them."
+                                              : "Not analysed yet.";
+  fill($("clusters-body"), clusters, {columns: [
+    ["", (c) => endpointButton(c.endpoint, true)], ["n", (c) => count(c.count)],
+    ["", (c) => Object.entries(c.sources).map(([s, n]) => s + " " + n).join(", ")],
+    ["t", (c) => when(c.last_seen)], ["w", (c) => c.signature],  /* whole: it is what to read here */
+  ]}, "no failure clusters");
+}
+
+function showEscalations(escalations) {
+  fill($("escalations-body"), escalations, {rowClass: (e) => (e.outcome === "sent" ? "" : "bad"), columns: [
+    ["t", (e) => when(e.at)], ["", (e) => endpointButton(e.endpoint, true)], ["n", (e) => count(e.count)],
+    ["", (e) => e.outcome], ["x", (e) => e.error || e.signature],
+  ]}, "no escalations");
+}
+
+function showCorrections(corrections) {
+  const bad = {"hurt": "bad", "no change": "warn", "helped": "ok"};
+  fill($("corrections-body"), corrections, {columns: [
+    ["t", (c) => when(c.timestamp)], ["", (c) => endpointButton(c.endpoint)],
+    ["", (c) => el("span", bad[c.verdict] || "", c.verdict)],
+    ["n", (c) => pct(c.before.failure_rate) + " → " + pct(c.after.failure_rate)],
+    ["n", (c) => ms(c.before.p50_ms) + " → " + ms(c.after.p50_ms)],
+    ["", (c) => (c.escalated ? "escalated" : "")],
+  ]}, "no corrections judged");
+}
+
+function showPlaybooks(p) {
+  fill($("playbooks-body"), p.playbooks, {columns: [
+    ["", (b) => endpointButton(b.endpoint)], ["n", (b) => count(b.runs)], ["n", (b) => pct(b.success_rate)],
+    ["n", (b) => ms(b.p50_duration_ms)], ["n", (b) => ms(b.p95_duration_ms)], ["t", (b) => when(b.last_failure) || "–"],
+  ]}, "no scenario runs in the ring");
+}
+
+const OP_COLUMNS = {rowClass: (o) => (o.success === true ? "" : "f"), columns: [
+  ["t", (o) => when(o.timestamp)], ["", (o) => o.source], ["", (o) => endpointButton(o.endpoint)],
+  ["", (o) => (o.success === true ? "ok" : "FAIL")], ["n", (o) => ms(o.duration_ms)],
+  ["x", (o) => o.error || o.output_summary || o.input_summary || ""],
+]};
+
+function showOps() {
+  const where = $("f-endpoint").value.toLowerCase(), text = $("f-text").value.toLowerCase();
+  const rows = ops.filter((o) => o.endpoint.toLowerCase().includes(where) &&
+    (!text || [o.error, o.input_summary, o.output_summary].some((s) => typeof s === "string" && s.toLowerCase().includes(text))));
+  $("ops-note").textContent = count(rows.length, "ops") + " shown of the newest " + count(ops.length, "ops") +
+    " in the ring that match source and outcome; click an endpoint for its ops from the journal.";
+  fill($("ops-body"), rows, OP_COLUMNS, "no ops match");
+}
+
+$("f-endpoint").addEventListener("input", showOps);
+$("f-text").addEventListener("input", showOps);
+$("f-source").addEventListener("change", tick);
+$("f-failed").addEventListener("change", tick);
+$("filters").addEventListener("submit", (ev) => ev.preventDefault());
+
+async function openHistory(endpoint, failedOnly) {
+  shown = {endpoint, failedOnly, cursor: null, ops: []};
+  $("history").hidden = false;
+  $("history-title").textContent = (failedOnly ? "Failed ops of " : "Ops of ") + endpoint + ", from the journal";
+  $("history-body").replaceChildren();
+  drawn.delete($("history-body"));
+  $("history-title").focus();
+  await loadHistory();
+}
+
+async function loadHistory() {
+  const h = shown, q = new URLSearchParams({endpoint: exact(h.endpoint), limit: HISTORY_PAGE});
+  if (h.failedOnly) q.set("failed", "true");
+  if (h.cursor) q.set("cursor", h.cursor);
+  $("history-older").disabled = true;
+  try {
+    const r = await api("history?" + q);
+    if (shown !== h) return;
+    h.cursor = r.cursor;
+    h.ops.push(...r.ops);
+    fill($("history-body"), h.ops, OP_COLUMNS, "no ops in the journal");
+    $("history-note").textContent = count(h.ops.length, "ops") + ", newest first; last page read " +
+      bytes(r.scanned_bytes) + " of journal" + (r.truncated ? " and stopped at its scan limit" : "") +
+      (r.cursor ? "." : "; no older ops.");
+    $("history-older").hidden = !r.cursor;
+  } catch (e) {
+    if (e.status === 401) return askToken();
+    $("history-note").textContent = e.status ? e.message : "disconnected — press older to retry";
+  } finally {
+    $("history-older").disabled = false;
+  }
+}
+
+$("history-older").addEventListener("click", loadHistory);
+$("history-close").addEventListener("click", () => { shown = null; $("history").hidden = true; });
+
+async function tick() {
+  clearTimeout(timer);
+  if (busy) { again = true; return; }
+  if (needToken || document.hidden) return;
+  busy = true;
+  try {
+    await refresh();
+    updated = new Date().toLocaleTimeString();
+    setConn("live, refreshed every " + EVERY_MS / 1000 + " s", "ok");
+    $("conn").title = "last refreshed " + updated;
+  } catch (e) {
+    if (e.status === 401) askToken();
+    else if (e.status) setConn(e.message + " — retrying", "bad");
+    else if (e instanceof TypeError || e.name === "TimeoutError" || e.name === "AbortError") {
+      setConn("disconnected — retrying" + (updated ? " (data from " + updated + ")" : ""), "bad");
+    } else setConn("page error: " + e.message, "bad");
+  } finally {
+    busy = false;
+    if (!needToken && !document.hidden) timer = setTimeout(tick, again ? 0 : EVERY_MS);
+    again = false;
+  }
+}
+
+document.addEventListener("visibilitychange", tick);
+window.addEventListener("resize", () => timeline && drawChart(timeline));
+tick();
+""".replace("TIMELINE_SECONDS", str(TIMELINE_SECONDS)).replace(  # the whole window the daemon keeps
+    "DEFAULT_ENDPOINTS_WINDOW", DEFAULT_ENDPOINTS_WINDOW)
+
+
+def _ui_html(style: str, script: str) -> str:
+    sources = "".join(f"<option>{source}</option>" for source in SOURCES)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>observerd</title>
+<link rel="icon" href="data:,">
+<style>{style}</style>
+</head>
+<body>
+<header>
+<h1>observerd <small id="version"></small></h1>
+<dl>
+<div><dt>state</dt><dd id="ready">…</dd></div>
+<div><dt>uptime</dt><dd id="uptime">…</dd></div>
+<div><dt>journal</dt><dd id="journal">…</dd></div>
+<div><dt>ring</dt><dd id="ring">…</dd></div>
+<div><dt>fsync p99</dt><dd id="fsync">…</dd></div>
+</dl>
+<p id="conn" role="status">loading…</p>
+</header>
+<form id="auth" hidden>
+<p id="auth-msg" role="alert"></p>
+<label for="token">Bearer token</label>
+<input id="token" type="password" autocomplete="off" required>
+<button>Use this token</button>
+<span class="note">kept in this tab only (sessionStorage)</span>
+</form>
+<main>
+<section class="wide" id="history" hidden aria-labelledby="history-title">
+<h2 id="history-title" tabindex="-1"></h2>
+<p class="note" id="history-note"></p>
+<div class="scroll"><table>
+<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
+<tbody id="history-body"></tbody></table></div>
+<p><button type="button" id="history-older">older</button> <button type="button" id="history-close">close</button></p>
+</section>
+<section class="wide">
+<h2>Events per second, last 5 minutes</h2>
+<svg id="chart" role="img" aria-label="events per second by source and failures per second"></svg>
+<ul id="legend"></ul>
+<p class="note">In the ring: <b id="stat-total">…</b>, <span id="stat-ok">…</span>, <span id="stat-failed">…</span>; by source:</p>
+<ul id="by-source" class="note"></ul>
+</section>
+<section>
+<h2>Endpoints with the most failures</h2>
+<div class="scroll"><table id="endpoints">
+<thead><tr><th><button class="sort" data-sort="endpoint">endpoint</button></th>
+<th class="n"><button class="sort" data-sort="ops">ops</button></th>
+<th class="n"><button class="sort" data-sort="failures">failures (ops)</button></th>
+<th class="n"><button class="sort" data-sort="failure_rate">failure rate</button></th>
+<th class="n"><button class="sort" data-sort="p50_ms">p50 duration</button></th>
+<th class="n"><button class="sort" data-sort="p95_ms">p95 duration</button></th></tr></thead>
+<tbody id="endpoints-body"></tbody></table></div>
+<p class="note"><span id="endpoints-over">Over the ops in the ring</span>
+(<button type="button" class="link" id="endpoints-window">rank over the whole ring</button>);
+click a header to sort, an endpoint for its ops from the journal.</p>
+</section>
+<section>
+<h2>Failure clusters</h2>
+<div class="scroll"><table>
+<thead><tr><th>endpoint</th><th class="n">failures (ops)</th><th>sources (ops)</th><th>last seen</th><th>error signature</th></tr></thead>
+<tbody id="clusters-body"></tbody></table></div>
+<p class="note" id="clusters-note"></p>
+</section>
+<section>
+<h2>Recent escalations</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th class="n">failures (ops)</th><th>outcome</th><th>error or signature</th></tr></thead>
+<tbody id="escalations-body"></tbody></table></div>
+</section>
+<section>
+<h2>Correction verdicts</h2>
+<div class="scroll"><table>
+<thead><tr><th>time (UTC)</th><th>endpoint</th><th>verdict</th><th class="n">failure rate before → after</th><th class="n">p50 before → after</th><th></th></tr></thead>
+<tbody id="corrections-body"></tbody></table></div>
+</section>
+<section>
+<h2>Playbooks</h2>
+<div class="scroll"><table>
+<thead><tr><th>scenario endpoint</th><th class="n">runs</th><th class="n">success rate</th><th class="n">p50 duration</th><th class="n">p95 duration</th><th>last failure</th></tr></thead>
+<tbody id="playbooks-body"></tbody></table></div>
+</section>
+<section class="wide">
+<h2>Recent ops</h2>
+<form id="filters" role="search">
+<label>endpoint contains <input id="f-endpoint" type="search"></label>
+<label>source <select id="f-source"><option value="">any</option>{sources}</select></label>
+<label><input id="f-failed" type="checkbox"> failed only</label>
+<label>text in error or summary <input id="f-text" type="search"></label>
+</form>
+<p class="note" id="ops-note"></p>
+<div class="scroll tall"><table>
+<thead><tr><th>time (as sent)</th><th>source</th><th>endpoint</th><th>outcome</th><th class="n">duration</th><th>error or summary</th></tr></thead>
+<tbody id="ops-body"></tbody></table></div>
+</section>
+</main>
+<script>{script}</script>
+</body>
+</html>
+"""
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source that allows exactly this inline script or style."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+_UI_PAGE = _ui_html(UI_STYLE, UI_SCRIPT).encode("utf-8")
+UI_DOCUMENT = Document(_UI_PAGE, "text/html; charset=utf-8", {
+    # The page may run its own script and style, fetch this origin's API, and nothing else.
+    "Content-Security-Policy": (
+        f"default-src 'none'; script-src {csp_hash(UI_SCRIPT)}; style-src {csp_hash(UI_STYLE)}; "
+        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",  # revalidate: a new observerd serves a new page
+    "ETag": '"' + hashlib.sha256(_UI_PAGE).hexdigest()[:32] + '"',
+})
 
 
 if __name__ == "__main__":

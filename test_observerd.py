@@ -2,6 +2,10 @@
 
 In-process servers run on an ephemeral loopback port; crash, restart, signal and disk-full
 behaviour runs the daemon as a real subprocess. Waits poll with a deadline, never sleep blindly.
+
+The sections follow observerd.py's, in its order and under its names (``grep -nF '# [SECTION]'``
+lists both), after one Helpers section holding every fixture and helper; the scenarios no one
+section owns (crashes under load, fuzzing) come last, then the tests of the deploy files.
 """
 
 from __future__ import annotations
@@ -51,9 +55,8 @@ DAEMON = HERE / "observerd.py"
 
 
 # -----------------------------------------------------------------------------
-# Helpers
+# [SECTION] Helpers
 # -----------------------------------------------------------------------------
-
 
 def wait_for(predicate, timeout=30.0, interval=0.01, what="condition"):
     """Poll predicate until it returns truthy; fail the test after timeout seconds.
@@ -142,31 +145,19 @@ class Client:
 
 
 class InProcessServer:
-    """observerd's server and store running on threads of the test process."""
+    """observerd's daemon, built as serve builds it, running on threads of the test process."""
 
     def __init__(self, config: od.Config):
         self.config = config
-        self.store = od.open_store(config)
-        self.store.restore()
-        self.server = od.ObserverServer(config, self.store)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.housekeeping = od.Scheduler("test-housekeeping")
-        self.housekeeping.every(0.05, self.server.connections.close_expired)
-        self.housekeeping.start()
-        self.loops = od.start_observer_loops(config, self.store, self.server.insights)
+        self.daemon = od.RunningDaemon(config, reap_every_s=0.05, accept_poll_s=0.05)
+        self.store, self.server, self.port = self.daemon.store, self.daemon.server, self.daemon.port
+        self.daemon.restore()
 
     def client(self, **kw) -> Client:
         return Client(self.port, **kw)
 
     def close(self):
-        self.server.shutdown()
-        self.loops.stop()
-        self.server.connections.close_idle_and_drain(1.0)
-        self.housekeeping.stop()
-        self.server.server_close()
-        self.store.close()
+        self.daemon.stop(grace_s=1.0)
 
 
 def started_by_test(make, stop):
@@ -587,10 +578,1719 @@ def nested(levels: int) -> str:
     return "[" * levels + "]" * levels
 
 
-# -----------------------------------------------------------------------------
-# Logging
-# -----------------------------------------------------------------------------
+KNOWN_REJECTION_REASONS = ("invalid", "unauthorized", "length_required", "too_large", "unsupported_encoding",
+                           "persist_failed", "too_many_connections")
 
+
+def endpoint_series(families) -> dict[tuple[str, str], float]:
+    return {(labels["endpoint"], labels["success"]): value
+            for _, labels, value in families["observerd_endpoint_events_total"]["samples"]}
+
+
+def readme_settings_table() -> list[tuple[str, object, object, object]]:
+    """(key, default, minimum, maximum) for each key of README.md's Configuration table, as TOML values."""
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("## Configuration"):]
+    section = section[:section.index("\n## ", 1)]
+
+    def toml_value(cell):
+        literal = cell.strip().strip("`")
+        return tomllib.loads(f"v = {literal}")["v"] if literal else None
+
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            keys, default, minimum, maximum = line.split(" | ")[:4]
+            for key in re.findall(r"`([^`]+)`", keys):
+                rows.append((key, toml_value(default), toml_value(minimum), toml_value(maximum)))
+    return rows
+
+
+def check_and_serve_refuse(folder: Path, settings: dict, daemons) -> list[str]:
+    """The problems check prints for these settings; serve must refuse with the same ones."""
+    config = write_config(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl", **settings})
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 2, result.stdout + result.stderr
+    printed = [line.split(": ", 1)[1] for line in result.stderr.splitlines()[:-1]]
+    daemon = daemons(folder, config=config)
+    assert daemon.exit_status() == 2
+    assert logged_problems(daemon.log) == printed
+    assert "msg=listening" not in daemon.log and "Traceback" not in daemon.log
+    return printed
+
+
+def link_to_journal(kind: str):
+    def make(folder: Path) -> None:
+        (folder / "ops.jsonl").write_bytes(od.encode_line(op("/acked")))
+        (os.symlink if kind == "symlink" else os.link)(folder / "ops.jsonl", folder / "other.jsonl")
+    return make
+
+
+def make_fifo(name):
+    return lambda folder: os.mkfifo(folder / name)
+
+
+def make_folder(name, mode=None, owner=None):
+    def make(folder: Path) -> None:
+        (folder / name).mkdir()
+        if mode is not None:
+            os.chmod(folder / name, mode)
+        if owner is not None:
+            os.chown(folder / name, owner, -1)
+    return make
+
+
+def make_symlink_loop(name):
+    def make(folder: Path) -> None:
+        os.symlink(f"{name}.again", folder / name)
+        os.symlink(name, folder / f"{name}.again")
+    return make
+
+
+LONE_SURROGATE_OPS = [
+    ('{"endpoint": "/e\\ud800"}', "endpoint"),
+    ('{"endpoint": "/e", "error": "bad \\udfff"}', "error"),
+    ('{"endpoint": "/e", "extra": {"spans": [1, "\\ud83d"]}}', "extra.spans[1]"),
+    ('{"endpoint": "/e", "extra": {"\\ud800": 1}}', "extra"),
+    ('{"endpoint": "/e", "\\udc00": 1}', "body"),
+]
+
+
+def dicts(ring_ops) -> list[dict]:
+    return [o.to_dict() for o in ring_ops]
+
+
+def limit_file_size(max_bytes):
+    """preexec_fn: writes past max_bytes fail with EFBIG instead of killing the process."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        # Only the soft limit: the test raises it again later to play a disk that recovers.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
+    return apply
+
+
+def messy_log(rng: random.Random, n: int) -> bytes:
+    """JSONL with corrupt lines, invalid ops, blank lines, unicode, and maybe a torn tail."""
+    out = []
+    for i in range(n):
+        roll = rng.random()
+        if roll < 0.1:
+            out.append(b'{"endpoint": "/corrupt", ' + b"x" * rng.randint(0, 300) + b"\n")
+        elif roll < 0.15:
+            out.append(b'{"source": "mcp"}\n')
+        elif roll < 0.2:
+            out.append(b"\n" * rng.randint(1, 3) + b"   \n")
+        else:
+            o = op(f"/op{i}", source=rng.choice(od.SOURCES), success=rng.random() < 0.5,
+                   note="é" * rng.randint(0, 200))
+            out.append(od.encode_line(o))
+    data = b"".join(out)
+    if rng.random() < 0.5:
+        data += b'{"endpoint": "/torn", "sou'
+    return data
+
+
+def count_reads(monkeypatch) -> list[int]:
+    """The sizes of every read observerd makes from files it opens from now on."""
+    reads = []
+    real_open = open
+
+    class CountingFile:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real_pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        data = real_pread(fd, n, offset)
+        reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(os, "pread", counting_pread)
+    return reads
+
+
+def endpoints_in(path: Path) -> list[str]:
+    """The endpoints of a JSONL file, every line of which must be a whole, valid op."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), f"{path.name} ends in a partial line"
+    return [od.validate_op(od.parse_json_strict(line))["endpoint"] for line in data.splitlines()]
+
+
+def open_fds(pid: int) -> set[int]:
+    return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+
+def limit_cpu_seconds(seconds):
+    """preexec_fn: the process is killed after using this much CPU time, however busy the machine."""
+    def apply():
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
+    return apply
+
+
+def start_journaling_in_a_folder(daemons, tmp_path: Path):
+    """A daemon whose journal is data/ops.jsonl, that path, and post(endpoint) -> status."""
+    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
+    client = daemon.client()
+
+    def post(endpoint):
+        return client.post("/observer/event", {"endpoint": endpoint})[0]
+
+    return daemon, tmp_path / "data" / "ops.jsonl", post
+
+
+# observerd's main with faults in the journal's system calls, as a control file names them
+# (fsync, ftruncate, record, close): EIO, as a failing disk gives. The product has no hook.
+FAULTY_OBSERVERD = """
+import errno, os, sys
+sys.path.insert(0, sys.argv.pop(1))
+control = sys.argv.pop(1)
+import observerd
+
+def faults():
+    try:
+        with open(control) as f:
+            return f.read().split()
+    except FileNotFoundError:
+        return []
+
+def journal(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith("/ops.jsonl")
+    except OSError:
+        return False
+
+def failing(name, real, applies):
+    def call(*args):
+        if applies(*args) and name in faults():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(*args)
+    return call
+
+os.fsync = failing("fsync", os.fsync, journal)
+os.ftruncate = failing("ftruncate", os.ftruncate, lambda fd, length: journal(fd))
+os.replace = failing("record", os.replace, lambda source, target: str(target).endswith(".unsynced"))
+os.replace = failing("forensics", os.replace, lambda source, target: ".unsynced-" in str(target))
+os.close = failing("close", os.close, journal)
+sys.argv[0] = observerd.__file__
+sys.exit(observerd.main())
+"""
+
+
+class FaultyDaemon:
+    """A daemon whose journal's system calls fail while its control file names them."""
+
+    def __init__(self, daemons, folder: Path):
+        self.daemons, self.folder = daemons, folder
+        self.script = folder / "faulty_observerd.py"
+        self.script.write_text(FAULTY_OBSERVERD)
+        self.control = folder / "faults"
+        self.config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                              "runtime_dir": "run"})
+        self.journal = folder / "ops.jsonl"
+
+    def inject(self, *faults: str) -> None:
+        self.control.write_text(" ".join(faults))
+
+    def start(self, wait=True) -> Daemon:
+        daemon = self.daemons(self.folder, args=[str(HERE), str(self.control), "--config", str(self.config)],
+                              script=self.script)
+        return daemon.wait_listening() if wait else daemon
+
+    def records(self) -> list[list]:
+        return [entry for record in (self.folder / "run").glob("*.unsynced")
+                for entry in json.loads(record.read_text())["ranges"]]
+
+
+def post_op(client, op_id: str, endpoint: str = "/e"):
+    return client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id,
+                                           "timestamp": "2026-12-06T04:00:00Z"})
+
+
+# Ops of about n encoded bytes whose decoded form costs far more (or far less) than n.
+HOSTILE_SHAPES = {
+    "empty objects": lambda n: op("/h", x=[{}] * (n // 3)),
+    "empty arrays": lambda n: op("/h", x=[[]] * (n // 3)),
+    "one-char strings": lambda n: op("/h", x=["a"] * (n // 4)),
+    "small numbers": lambda n: op("/h", x=[1.5] * (n // 4)),
+    "nested": lambda n: op("/h", x=[[[[{"a": [1]}]]]] * (n // 20)),
+    "huge error": lambda n: op("/h", error="boom " * (n // 5)),
+    "huge endpoint": lambda n: op("/h" * (n // 2)),
+    "astral error": lambda n: op("/h", error="\U0001F525" + "e" * n),
+}
+
+
+def fisher_by_enumeration(a, b, c, d) -> float:
+    """Two-sided Fisher p by exact rational arithmetic over every table with the margins."""
+    from fractions import Fraction
+    row, other, column = a + b, c + d, a + c
+    tables = {x: Fraction(math.comb(row, x) * math.comb(other, column - x), math.comb(row + other, column))
+              for x in range(max(0, column - other), min(column, row) + 1)}
+    return float(sum(p for p in tables.values() if p <= tables[a]))
+
+
+def u_by_enumeration(baseline, candidate) -> tuple[float, float]:
+    """The candidate's U by counting pairs, and the exact two-sided p by trying every way of
+    splitting the pooled values into two groups of those sizes (values distinct)."""
+    def u_of(old, new):
+        return sum((n > o) + 0.5 * (n == o) for n in new for o in old)
+    pooled = baseline + candidate
+    u = u_of(baseline, candidate)
+    extreme = max(u, len(baseline) * len(candidate) - u)
+    splits = list(itertools.combinations(range(len(pooled)), len(candidate)))
+    at_least = sum(u_of([pooled[i] for i in range(len(pooled)) if i not in chosen], [pooled[i] for i in chosen])
+                   >= extreme for chosen in splits)
+    return u, min(1.0, 2 * at_least / len(splits))
+
+
+class RawService:
+    """A loopback HTTP service that answers every request with `response`, raw: the first
+    `at_once` bytes at once, then one byte every `byte_interval_s`, then it closes."""
+
+    def __init__(self, response: bytes, at_once: int | None = None, byte_interval_s: float = 0.0):
+        self.response, self.byte_interval_s = response, byte_interval_s
+        self.at_once = len(response) if at_once is None else at_once
+        self.requests = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(sock,), daemon=True).start()
+
+    def _answer(self, sock):
+        with sock:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += sock.recv(65536) or b"\r\n\r\n"
+            head, _, body = received.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(65536) or b" " * length
+            self.requests += 1
+            try:
+                sock.sendall(self.response[:self.at_once])
+                for i in range(self.at_once, len(self.response)):
+                    if self._stop.wait(self.byte_interval_s):
+                        return
+                    sock.sendall(self.response[i:i + 1])
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop.set()
+        self._listener.close()
+
+
+@pytest.fixture
+def raw_service():
+    yield from started_by_test(RawService, RawService.close)
+
+
+def http_answer(body: bytes, content_length: int | None = None) -> bytes:
+    length = len(body) if content_length is None else content_length
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length) + body
+
+
+SLOW_ANSWER = http_answer(json.dumps({"response": "x" * 60, "done": True}).encode())
+
+
+def raw_post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
+
+
+def assert_healthy(port) -> None:
+    status, _ = parse_response(raw_exchange(port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert status == 200
+
+
+def open_slow_requests(port: int, count: int) -> list[socket.socket]:
+    """Connections that each send the start of a request and then stall."""
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
+    for sock in slow:
+        sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
+    return slow
+
+
+HUGE_DIGITS = b'{"endpoint": "/e", "n": ' + b"9" * 10000 + b"}"
+
+
+MALFORMED = {
+    "garbage request line": b"GARBAGE\r\n\r\n",
+    "request line with too many words": b"GET / HTTP/1.1 extra\r\n\r\n",
+    "huge request line": b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+    "huge header": b"GET /observer/health HTTP/1.1\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n",
+    "too many headers": b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 200 + b"\r\n",
+    "non-numeric length": b"POST /observer/event HTTP/1.1\r\nContent-Length: ten\r\n\r\n{}",
+    "negative length": b"POST /observer/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n{}",
+    "conflicting lengths": b"POST /observer/event HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    "absurd length": b"POST /observer/event HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+    "truncated body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"endpoint\":",
+    "invalid UTF-8": b"POST /observer/event HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"endpoint\": \"\xff\xfe\"}  ",
+    "deep nesting": b"POST /observer/event HTTP/1.1\r\nContent-Length: 200000\r\n\r\n" + b"[" * 200000,
+    "NaN": b"POST /observer/event HTTP/1.1\r\nContent-Length: 36\r\n\r\n{\"endpoint\": \"/e\", \"duration_ms\": NaN}",
+    "Infinity": b"POST /observer/event HTTP/1.1\r\nContent-Length: 27\r\n\r\n{\"endpoint\": \"/e\", \"x\": -Infinity}",
+    "duplicate keys": b"POST /observer/event HTTP/1.1\r\nContent-Length: 34\r\n\r\n{\"endpoint\": \"/a\", \"endpoint\": \"/b\"}",
+    "10,000-digit number": b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(HUGE_DIGITS) + HUGE_DIGITS,
+    "body is a string": b"POST /observer/event HTTP/1.1\r\nContent-Length: 5\r\n\r\n\"abc\"",
+    "body is an array": b"POST /observer/event HTTP/1.1\r\nContent-Length: 18\r\n\r\n[{\"endpoint\":\"/e\"}]",
+    "body is null": b"POST /observer/event HTTP/1.1\r\nContent-Length: 4\r\n\r\nnull",
+    "empty body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+def send_until_refused(sock: socket.socket, data: bytes) -> None:
+    """sendall that stops quietly when the peer closes or resets the connection."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def served_keep_alive(server: InProcessServer) -> socket.socket:
+    """A connection that has had one request answered and whose handler waits for the next."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_responses(sock, 1)[0][0] == 200
+    client_end = sock.getsockname()
+
+    def waiting_for_next_request():
+        for server_end, (phase, _) in list(server.server.connections._open.items()):
+            try:
+                if server_end.getpeername() == client_end:
+                    return phase == od.ConnectionTracker.IDLE
+            except OSError:
+                pass
+        return False
+
+    wait_for(waiting_for_next_request, what="the handler to wait for the next request")
+    return sock
+
+
+GET_ROUTES = ["/observer/health", "/observer/stats", "/observer/errors", "/observer/playbooks",
+              "/observer/escalations", "/observer/ops", "/metrics"]
+
+
+def op_of_size(size: int) -> bytes:
+    """A valid op encoded in exactly size bytes."""
+    head = b'{"endpoint": "/sized", "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def rejections(server: InProcessServer, token: str | None = None) -> dict[str, float]:
+    """observerd_rejected_total by reason, as GET /metrics exports it."""
+    client = server.client(token=token)
+    try:
+        client.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
+        families = parse_exposition(client.conn.getresponse().read().decode())
+    finally:
+        client.close()
+    return {labels["reason"]: value for _, labels, value in families["observerd_rejected_total"]["samples"]}
+
+
+def fail_reviews(monkeypatch):
+    def review_ops(ops):
+        raise RuntimeError("a bug in a handler")
+    monkeypatch.setattr(od, "review_ops", review_ops)
+
+
+# (settings, request, status, reason it is counted under or None, fault to inject)
+ERROR_ANSWERS = {
+    "invalid op": ({}, raw_post(b"/observer/event", b'{"endpoint": ""}'), 400, "invalid", None),
+    "invalid query": ({}, b"GET /observer/ops?limit=0 HTTP/1.1\r\n\r\n", 400, "invalid", None),
+    "malformed request line": ({}, b"GET /observer/health\r\n\r\n", 400, "invalid", None),
+    "request line ended early": ({}, b"GET /observer/hea", 400, "invalid", None),
+    "conflicting lengths": ({}, b"POST /observer/event HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}",
+                            400, "invalid", None),
+    "bad gzip": ({}, raw_post(b"/observer/event", b"\x1f\x8bnot gzip", b"Content-Encoding: gzip\r\n"),
+                 400, "invalid", None),
+    "no token": ({"token": "t0ken"}, b"GET /observer/stats HTTP/1.1\r\n\r\n", 401, "unauthorized", None),
+    "no route": ({}, b"GET /nowhere HTTP/1.1\r\n\r\n", 404, None, None),
+    "wrong method": ({}, b"DELETE /observer/event HTTP/1.1\r\n\r\n", 405, None, None),
+    "no length": ({}, b"POST /observer/review HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length_required", None),
+    "body over the cap": ({"max_body_bytes": 100}, raw_post(b"/observer/event", b"{}" * 60), 413, "too_large", None),
+    "batch over the cap": ({"max_batch": 1}, raw_post(b"/observer/events", b'[{"endpoint": "/a"}, {"endpoint": "/b"}]'),
+                           413, "too_large", None),
+    "unknown encoding": ({}, raw_post(b"/observer/event", b"{}", b"Content-Encoding: br\r\n"),
+                         415, "unsupported_encoding", None),
+    "too many headers": ({}, b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 101 + b"\r\n", 431, "invalid", None),
+    "handler bug": ({}, raw_post(b"/observer/review", b"{}"), 500, None, fail_reviews),
+    "unknown method": ({}, b"BREW /observer/health HTTP/1.1\r\n\r\n", 501, None, None),
+    "disk full": ({"persist_path": dev_full}, raw_post(b"/observer/event", b'{"endpoint": "/e"}'),
+                  503, "persist_failed", None),
+    "HTTP/2": ({}, b"GET /observer/health HTTP/2.0\r\n\r\n", 505, None, None),
+    "request line too long": ({}, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414, None, None),
+}
+
+
+def chunked(body: bytes, sizes=(7,), extension=b"", trailers=b"") -> bytes:
+    """body in chunks of the given sizes (the last repeated), then the last chunk and trailers."""
+    out, at, sizes = [], 0, list(sizes)
+    while at < len(body):
+        size = sizes.pop(0) if len(sizes) > 1 else sizes[0]
+        piece = body[at:at + size]
+        out.append(b"%x%s\r\n%s\r\n" % (len(piece), extension, piece))
+        at += size
+    return b"".join(out) + b"0\r\n" + trailers + b"\r\n"
+
+
+def post_chunked(port: int, path: bytes, framed: bytes, headers: bytes = b"") -> tuple[int, dict | None]:
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n%s\r\n" % (path, headers)
+    return parse_response(raw_exchange(port, head + framed))
+
+
+GUARDED_ROUTES = [
+    ("GET", "/observer/stats", None), ("POST", "/observer/event", {"endpoint": "/e"}),
+    ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/errors", None),
+    ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
+    ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
+    ("GET", "/observer/timeline", None),
+    ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
+    ("GET", "/observer/ready", None), ("HEAD", "/observer/ready", None),
+    ("GET", "/observer/history", None),
+]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/api/run"
+
+
+def make_tailer(tmp_path, corrections: Path):
+    config = make_config(tmp_path)
+    store = od.open_store(config)
+    store.restore()
+    sidecar = tmp_path / "ops.jsonl.corrections-position"
+    return od.CorrectionsTailer(corrections, store, sidecar, config.max_batch, config.max_body_bytes), store
+
+
+def wait_for_analyses(client, count=3):
+    """Block until the error analysis has run `count` more times."""
+    seen = set()
+
+    def analyses_seen():
+        seen.add(client.get("/observer/errors")[1]["analyzed_at"])
+        return len(seen) > count
+
+    wait_for(analyses_seen, what=f"{count} analyses")
+
+
+def journal_corrections(folder: Path) -> list[str]:
+    return [o["endpoint"] for o in replay_forward(folder / "ops.jsonl") if o["endpoint"].startswith("/fix/")]
+
+
+def padded_correction(n: int, pad: int) -> bytes:
+    return json.dumps({"endpoint": f"/fix/{n}", "note": "n" * pad}).encode() + b"\n"
+
+
+def position_line(sidecar: Path) -> int | None:
+    """The line number the corrections tailer saved, None before it saved one."""
+    return json.loads(sidecar.read_bytes())["line"] if sidecar.exists() else None
+
+
+def record_commits(server: InProcessServer) -> list[int]:
+    """How many lines each durable append of the server's journal holds, from now on."""
+    commits = []
+    journal = server.store.journal
+    append = journal.append_durably
+
+    def recording(data):
+        commits.append(data.count(b"\n"))
+        append(data)
+
+    journal.append_durably = recording
+    return commits
+
+
+def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if shutil.which("openssl"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        return cert, key
+    test_dir = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "test"
+    bundled = next((p for p in (test_dir / "keycert.pem", test_dir / "certdata" / "keycert.pem") if p.exists()), None)
+    if bundled is None:
+        pytest.skip("no openssl and no CPython test certificate to make a TLS cert from")
+    shutil.copy(bundled, cert)
+    shutil.copy(bundled, key)
+    return cert, key
+
+
+def older_pythons() -> list[str]:
+    """Interpreters older than 3.11 on PATH that really run (a pyenv shim may not)."""
+    found = []
+    for minor in (8, 9, 10):
+        path = shutil.which(f"python3.{minor}")
+        if path is None:
+            continue
+        probe = subprocess.run([path, "-c", "import sys; print(sys.version_info < (3, 11))"],
+                               capture_output=True, text=True, timeout=60)
+        if probe.stdout.strip() == "True":
+            found.append(path)
+    return found
+
+
+SUBCOMMANDS = [[], ["serve"], ["check"], ["stats", "ops.jsonl"], ["--version"], ["--help"]]
+
+
+WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}
+
+
+class StartupHeldDaemon(Daemon):
+    """observerd whose stderr pipe is full before it starts, so it blocks in its first log
+    write until release(): a signal sent meanwhile arrives during startup, on any machine."""
+
+    def __init__(self, folder: Path, config: Path):
+        if platform.machine() not in WRITE_SYSCALL:
+            pytest.skip(f"no write syscall number known for {platform.machine()}")
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        self._filler = b"#" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        os.write(write_end, self._filler)
+        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder,
+                                     preexec_fn=default_sigint())
+        os.close(write_end)
+        self._stderr = os.fdopen(read_end, "rb")
+        self._lines: list[str] = []
+        self._released = threading.Event()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        self.port = None
+        wait_for(self._blocked_writing_stderr, what="the daemon to block in its first log line")
+
+    def _blocked_writing_stderr(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {self.proc.returncode} before its first log line")
+        fields = Path(f"/proc/{self.proc.pid}/syscall").read_text().split()
+        return fields[:2] == [WRITE_SYSCALL[platform.machine()], "0x2"]
+
+    def _collect(self):
+        self._released.wait()
+        assert self._stderr.read(len(self._filler)) == self._filler
+        for line in self._stderr:
+            self._lines.append(line.decode(errors="replace"))
+
+    def release(self) -> None:
+        self._released.set()
+
+    def stop(self):
+        self.release()
+        super().stop()
+
+
+@pytest.fixture
+def held_daemon(tmp_path):
+    started = []
+
+    def start(**settings) -> StartupHeldDaemon:
+        settings.setdefault("bind", "127.0.0.1:0")
+        settings.setdefault("persist_path", "ops.jsonl")
+        daemon = StartupHeldDaemon(tmp_path, write_config(tmp_path, settings))
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def write_rotated_journal(path: Path, counts: list[int]) -> None:
+    """The live file and its rotated segments, newest first, holding counts[i] ops each."""
+    for n, (segment, count) in enumerate(zip(od.segment_paths(path, len(counts) - 1), counts)):
+        segment.write_bytes(b"".join(od.encode_line(op(f"/segment{n}/{i}")) + b"\n" for i in range(count)))
+
+
+LISTENABLE = '[observerd]\nbind = "127.0.0.1:0"\npersist_path = ""\n'
+
+
+# Each config serve must refuse: check must refuse it too, naming the same problem in the same words.
+REFUSED_CONFIGS = {
+    "a scheme": ('[observerd]\nbind = "http://127.0.0.1:3374"\n', "without http://"),
+    "a space": ('[observerd]\nbind = "127.0.0.1 :3373"\n', "without spaces"),
+    "a port out of range": ('[observerd]\nbind = "127.0.0.1:65536"\n', "port must be 0-65535"),
+    "a host that does not resolve": ('[observerd]\nbind = "locahost.invalid:3376"\n'
+                                     "allow_unauthenticated = true\n", "'locahost.invalid' does not resolve"),
+    "a port in use": ('[observerd]\nbind = "127.0.0.1:{port}"\n', "port {port} is in use by pid {pid} ("),
+    "a privileged port": ('[observerd]\nbind = "127.0.0.1:80"\n', "port 80 is privileged (below"),
+    "an address of another host": ('[observerd]\nbind = "192.0.2.1:3219"\nallow_unauthenticated = true\n',
+                                   "192.0.2.1 is not an address of this host"),
+    "a misspelled table": ('[observed]\nbind = "127.0.0.1:0"\n', "table [observed] is not read: "
+                           "did you mean [observerd]?"),
+    "a setting above any table": ('bind = "127.0.0.1:0"\n[observerd]\n',
+                                  "bind is above any table, where it is not read: it belongs in [observerd]"),
+    "no [observerd] table": ('[auth]\ntoken = "s3cret"\n', "no [observerd] table"),
+    "a misspelled key": (LISTENABLE + "rign_size = 5\n", "unknown key 'rign_size' in [observerd] ("
+                         "did you mean 'ring_size'?)"),
+    "a key in the wrong table": (LISTENABLE + 'token = "s3cret"\n', "token in [observerd] is not read there: "
+                                 "it belongs in [auth]"),
+}
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: a child imports nothing
+
+
+PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE = 24, 10
+
+
+def without_privileged_ports():
+    """preexec_fn: the child may not listen below the privileged port limit, even as root."""
+    if os.geteuid() == 0 and LIBC.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
+        os._exit(99)
+
+
+def can_listen_on_port_80_without_privilege() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.socket().bind(('127.0.0.1', 80))"],
+                           capture_output=True, text=True, timeout=60, preexec_fn=without_privileged_ports)
+    return "Permission denied" not in probe.stderr
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.random()
+        pos = rng.randrange(len(data) + 1)
+        if kind < 0.3 and data:
+            data[min(pos, len(data) - 1)] = rng.randrange(256)
+        elif kind < 0.55:
+            data[pos:pos] = rng.choice([b"\x00", b"\r\n", b'"', b"{", b"9" * rng.randint(1, 50), b"\xc3", b" "])
+        elif kind < 0.8:
+            del data[pos:pos + rng.randint(1, 8)]
+        else:
+            data = data[:pos]
+    return bytes(data)
+
+
+def fuzz_request(rng: random.Random, i: int) -> bytes:
+    body = {"endpoint": f"/fuzz/{i}", "source": rng.choice(od.SOURCES + ("", "bad")),
+            "success": rng.choice([True, False, 1, None]), "duration_ms": rng.choice([0, 1.5, -1, "x"])}
+    if rng.random() < 0.3:
+        body["extra"] = {"nested": [rng.random(), None, "é"]}
+    payload = json.dumps(body).encode()
+    valid = b"POST /observer/event HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload
+    roll = rng.random()
+    if roll < 0.35:
+        return valid
+    if roll < 0.9:
+        return mutate(rng, valid)
+    return bytes(rng.randrange(256) for _ in range(rng.randint(0, 300)))
+
+
+def openai_reply(text: str) -> dict:
+    return {"id": "c1", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+
+
+LLM_PATHS = {"ollama": "/api/generate", "openai": "/v1/chat/completions"}
+
+
+def llm_reply(api: str, text: str) -> dict:
+    return {"model": "m", "response": text, "done": True} if api == "ollama" else openai_reply(text)
+
+
+@pytest.fixture
+def backend():
+    """backend(api, text=…, status=…, reason=…, held=…): a fake LLM speaking api, or with
+    api=None the LLM team's /api/run."""
+    def make(api: str | None, text: str = "an answer", status: int = 200, reason: str | None = None,
+             held: bool = False) -> FakeService:
+        path, reply = ("/api/run", {"ok": True}) if api is None else (LLM_PATHS[api], llm_reply(api, text))
+        return FakeService(status, reply, threading.Event() if held else None, path, reason)
+    yield from started_by_test(make, FakeService.close)
+
+
+def chain(primary, fallback, primary_api="ollama", fallback_api="openai", **settings) -> dict:
+    """The settings of a review chain over these backends (each a FakeService, a RawService or a URL)."""
+    primary_url, fallback_url = (b if isinstance(b, str) else b.url for b in (primary, fallback))
+    return {"review_llm_url": primary_url, "review_llm_model": "local-test", "review_llm_api": primary_api,
+            "review_fallback_url": fallback_url, "review_fallback_model": "hosted-test",
+            "review_fallback_api": fallback_api, **settings}
+
+
+def llm_counts(port: int) -> dict[tuple[str, str], float]:
+    client = Client(port)
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    client.close()
+    return {(labels["backend"], labels["outcome"]): value
+            for _, labels, value in families["observerd_llm_requests_total"]["samples"]}
+
+
+def no_port_url() -> str:
+    return closed_port_url().removesuffix("/api/run")
+
+
+def chunked_answer(body: bytes) -> bytes:
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                      for i in range(0, len(body), 65536))
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+
+
+HUGE_ANSWER = b'{"response": "' + b"x" * od.OUTBOUND_MAX_ANSWER_BYTES + b'"}'
+
+
+KEY_VARS = {"primary": "OBSERVERD_TEST_PRIMARY_KEY", "fallback": "OBSERVERD_TEST_FALLBACK_KEY",
+            "escalation": "OBSERVERD_TEST_ESCALATE_TOKEN"}
+
+
+import pty  # noqa: E402  (stdlib; only this block drives a terminal)
+
+
+import struct  # noqa: E402
+
+
+import termios  # noqa: E402
+
+
+TIMELINE_KEYS = {"service", "version", "uptime_s", "ready", "reason", "now", "seconds", "sources", "totals", "ring",
+                 "journal", "fsync_p99_ms", "endpoints_window", "endpoints_since", "endpoints", "clusters_analyzed_at",
+                 "clusters", "escalations", "corrections", "verdict_window_s"}
+
+
+KNOWN_TRAFFIC = (  # (source, endpoint, success, duration_ms, how many)
+    [("mcp", "/mcp/search", True, 10, 3), ("mcp", "/mcp/search", False, 30, 2),
+     ("scenario", "/scenario/checkout", True, 100, 4), ("langfuse", "/langfuse/trace", False, 5, 1)])
+
+
+def known_traffic() -> list[dict]:
+    return [{"endpoint": endpoint, "source": source, "success": success, "duration_ms": duration,
+             **({} if success else {"error": f"upstream 502 for job {i}"})}
+            for source, endpoint, success, duration, count in KNOWN_TRAFFIC for i in range(count)]
+
+
+def timeline_once_whole(client, count: int, query: str = "") -> dict:
+    """GET /observer/timeline once the second the last of count ops arrived in is whole."""
+    def answered():
+        status, body, _ = client.get(f"/observer/timeline{query}")
+        assert status == 200, body
+        return body if sum(body["totals"]["ok"]) + sum(body["totals"]["failed"]) == count else None
+    return wait_for(answered, what="the ops' second to be whole")
+
+
+def top_snapshot_rows(text: str) -> dict[str, list[int]]:
+    """The source rows of a top snapshot: name -> [events/s, ok, failed]."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 5 and words[-1 if len(words) == 5 else 4].endswith(("%", "-")) and \
+                all(w.replace(",", "").isdigit() for w in words[1:4]):
+            rows[words[0]] = [int(w.replace(",", "")) for w in words[1:4]]
+    return rows
+
+
+class Screen:
+    """A program on a pseudo-terminal of its own: the bytes it draws, collected by a thread;
+    keys and resizes sent to it as a terminal would."""
+
+    def __init__(self, argv, rows=40, cols=100, env=None):
+        master, terminal = pty.openpty()
+        self.master = master
+        self.resize(rows, cols, signal_it=False)
+        # LINES and COLUMNS would override the terminal's size in curses.
+        environ = {k: v for k, v in os.environ.items() if k not in ("LINES", "COLUMNS")}
+        self.proc = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal,
+                                     env={**environ, "TERM": "xterm", **(env or {})}, start_new_session=True,
+                                     preexec_fn=default_sigint())
+        os.close(terminal)
+        self.output = bytearray()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the program closed the terminal's last descriptor
+                return
+            if not data:
+                return
+            self.output += data
+
+    def mark(self) -> int:
+        return len(self.output)
+
+    def shows(self, needle: str, since: int = 0, what: str | None = None) -> None:
+        """Wait until needle is drawn after the mark since; the program must stay alive."""
+        def drawn():
+            if len(self.output) > since and needle.encode() in self.output[since:]:
+                return True
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.text()}"
+            return False
+        wait_for(drawn, timeout=60, what=what or f"{needle!r} on the screen")
+
+    def text(self) -> str:
+        return bytes(self.output).decode("utf-8", "replace")
+
+    def resize(self, rows: int, cols: int, signal_it: bool = True) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        if signal_it:  # the kernel signals only a terminal's own session; this is not its one
+            self.proc.send_signal(signal.SIGWINCH)
+
+    def press(self, key: bytes) -> None:
+        os.write(self.master, key)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+        self._reader.join(10)
+        os.close(self.master)
+
+
+@pytest.fixture
+def screens():
+    yield from started_by_test(Screen, Screen.stop)
+
+
+class TmuxScreen:
+    """A program in a window of a tmux server of its own: capture-pane gives the screen a person
+    would see, whatever bytes drew it."""
+
+    def __init__(self, folder: Path, argv, rows=40, cols=100, env=None):
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed, so no screen of top is looked at")
+        self.tmux = ["tmux", "-S", str(folder / "tmux.sock"), "-f", "/dev/null"]
+        subprocess.run([*self.tmux, "new-session", "-d", "-x", str(cols), "-y", str(rows), shlex.join(argv)],
+                       check=True, timeout=60, env={**os.environ, **(env or {})})
+
+    def text(self) -> str:
+        return subprocess.run([*self.tmux, "capture-pane", "-p"], capture_output=True, text=True,
+                              timeout=60).stdout
+
+    def shows(self, needle: str) -> str:
+        """The screen once it shows needle."""
+        return wait_for(lambda: (lambda text: needle in text and text)(self.text()), timeout=60,
+                        what=f"{needle!r} on the screen")
+
+    def stop(self) -> None:
+        subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def tmux_screens(tmp_path):
+    yield from started_by_test(lambda argv, **kw: TmuxScreen(tmp_path, argv, **kw), TmuxScreen.stop)
+
+
+def run_into_a_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """The CLI with a stdout nobody reads any more, as after `| head -1` has its line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, str(DAEMON), *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+HOOKED_DAEMON = """\
+import sys
+sys.path.insert(0, {here!r})
+import observerd
+{hook}
+sys.exit(observerd.main(sys.argv[1:]))
+"""
+
+
+def hooked_daemon_script(folder: Path, hook: str) -> Path:
+    """observerd.py's main run after hook, Python that patches the observerd module: a way to
+    hold the real daemon at a chosen point for as long as a test needs."""
+    script = folder / "hooked_observerd.py"
+    script.write_text(HOOKED_DAEMON.format(here=str(HERE), hook=hook))
+    return script
+
+
+def get_fresh(port: int, path: str, method: str = "GET", body=None) -> tuple[int, dict | None, object]:
+    """One request on a connection of its own, closed after the answer."""
+    client = Client(port)
+    try:
+        return client.request(method, path, body)
+    finally:
+        client.close()
+
+
+def daemon_holding_its_restore(daemons, folder: Path, **kw) -> tuple[Daemon, Path]:
+    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk
+    would; kw: as daemons takes them."""
+    gate = folder / "restore-gate"
+    os.mkfifo(gate)
+    script = hooked_daemon_script(folder, f"""
+restore_journal = observerd.restore_journal
+def held_restore_journal(*args, **kwargs):
+    with open({str(gate)!r}, "rb") as fifo:
+        fifo.read()
+    return restore_journal(*args, **kwargs)
+observerd.restore_journal = held_restore_journal
+""")
+    config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    return daemons(folder, config=config, script=script, **kw).wait_listening(restored=False), gate
+
+
+def scrape(client: Client) -> dict[str, dict]:
+    client.conn.request("GET", "/metrics")
+    return parse_exposition(client.conn.getresponse().read().decode())
+
+
+def journal_op_ids(path: Path, keep_files: int = 0) -> list[str | None]:
+    """The op_id of every line of a journal and its segments, oldest first."""
+    segments = reversed([p for p in od.segment_paths(path, keep_files) if p.exists()])
+    return [json.loads(line).get("op_id") for p in segments for line in p.read_bytes().splitlines()]
+
+
+def answer_body(raw: bytes) -> bytes:
+    return raw.partition(b"\r\n\r\n")[2]
+
+
+ODD_OP_IDS = ['q"uo\\te', "é" * 128, "😀" * 128, " spaced ", "x" * 128, "{\"op_id\":\"nested\"}"]
+
+
+def history_op(i: int, seconds_ago: float, now: float | None = None, **fields) -> dict:
+    """A valid op numbered i, stamped seconds_ago before now."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now or time.time()) - seconds_ago))
+    return op(fields.pop("endpoint", f"/h/{i}"), timestamp=f"{stamp}.{i % 1000000:06d}Z", seq=i, **fields)
+
+
+def seqs(ops) -> list[int]:
+    return [o["seq"] for o in ops]
+
+
+def run_ops(*args, cwd=None, env=None):
+    return run_cli("ops", *args, cwd=cwd, env=env)
+
+
+def ndjson(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def spelled(o: dict, how: int) -> bytes:
+    """One op as one line, in one of the spellings another writer might use."""
+    if how == 1:  # spaces, and every non-ASCII character escaped
+        return json.dumps(o).encode() + b"\n"
+    if how == 2:  # escaped slashes, as PHP writes them
+        return json.dumps(o, ensure_ascii=False).replace("/", "\\/").encode() + b"\n"
+    if how == 3:  # another key order, with decoys of the filtered fields nested inside
+        decoy = {"endpoint": "/decoy", "success": not o["success"], "source": "langfuse",
+                 "timestamp": "2000-01-01T00:00:00Z", "error": "timeout decoy"}
+        return json.dumps({"nested": decoy, **dict(reversed(list(o.items())))},
+                          separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    if how == 5:  # defaults spelled as "" or null, in observerd's own key order and spacing
+        return od.encode_line({**o, "source": "" if o["source"] == "mcp" else o["source"],
+                               "success": None if o == od.validate_op({**o, "success": None}) else o["success"]})
+    if how == 4:  # defaults left out: source mcp, success false, duration 0
+        return json.dumps({k: v for k, v in o.items() if not (k in ("source", "success", "duration_ms")
+                           and v == od.validate_op({"endpoint": "/", "timestamp": o["timestamp"]})[k])},
+                          ensure_ascii=False).encode() + b"\n"
+    return od.encode_line(o)
+
+
+HISTORY_ENDPOINTS = ["/mcp/search", "/mcp/é", '/mcp/a"b', "/scenario/x/y", "/mcp/[x]"]
+
+
+def random_history_op(rng, i: int, now: float) -> dict:
+    fields = {"endpoint": rng.choice(HISTORY_ENDPOINTS), "source": rng.choice(od.SOURCES),
+              "success": rng.random() < 0.6, "duration_ms": rng.choice([0, 1.5, 12, 300])}
+    if rng.random() < 0.5:
+        fields["error"] = rng.choice(["Timeout after 30s", "a\"b failed", "é broke", "refused\nretry"])
+    if rng.random() < 0.5:
+        fields["input_summary"] = rng.choice(["q=timeout", "plain"])
+    fields.update(rng.choice([{}, {"trace": f"t{i % 5}"}, {"n": i % 4}, {"flag": i % 2 == 0},
+                              {"obj": {"a": i % 2}}, {"n": "3"}]))
+    if rng.random() < 0.3:  # written first, before the fields a canonical head holds
+        fields["op_id"] = rng.choice([f"id-{i}", f'id "{i}"'])
+    # Out of order: each op up to a minute either side of its place.
+    o = history_op(i, 3600 - i + rng.uniform(-60, 60), now, **fields)
+    if rng.random() < 0.2:  # the same instant an hour east, or spelled partly in lower case
+        at = od.parse_rfc3339(o["timestamp"]).astimezone(od.timezone(od.timedelta(hours=1)))
+        o["timestamp"] = rng.choice([at.isoformat(), o["timestamp"].lower(),
+                                     o["timestamp"][:10] + "t" + o["timestamp"][11:]])
+    return o
+
+
+def brute_force_keeps(o: dict, given: dict) -> bool:
+    """The filters as the README states them, written out plainly: the reference."""
+    endpoints = given.get("endpoint")
+    if endpoints is not None and not any(fnmatch.fnmatchcase(o["endpoint"], e) if any(c in e for c in "*?[")
+                                         else o["endpoint"] == e for e in endpoints):
+        return False
+    if "source" in given and o["source"] not in given["source"]:
+        return False
+    wanted = {"failed": False, "ok": True}
+    for name in ("failed", "ok", "success"):
+        if name in given and o["success"] != wanted.get(name, given[name] == "true"):
+            return False
+    if "until" in given and od.parse_rfc3339(o["timestamp"]) > od.parse_rfc3339(given["until"]):
+        return False
+    if "since" in given and od.parse_rfc3339(o["timestamp"]) < od.parse_rfc3339(given["since"]):
+        return False
+    texts = [o[k] for k in ("error", "input_summary", "output_summary") if isinstance(o.get(k), str)]
+    if "grep" in given and not any(given["grep"] in text for text in texts):
+        return False
+    if "regex" in given and not any(re.search(given["regex"], text) for text in texts):
+        return False
+    if "field" in given:
+        key, value = given["field"].split("=", 1)
+        if key not in o:
+            return False
+        text = o[key] if isinstance(o[key], str) else json.dumps(o[key], separators=(",", ":"), ensure_ascii=False)
+        return text == value
+    return True
+
+
+HISTORY_FILTER_CHOICES = {
+    "endpoint": HISTORY_ENDPOINTS + ["/mcp/*", "*é", "/scenario/?/*", "/mcp/[[]x]", "/nothing"],
+    "source": list(od.SOURCES),
+    "grep": ["timeout", "Timeout after 30s", "é", 'a"b', "q=", "\nretry", "broke", ""],
+    "regex": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
+              "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
+    "field": ["trace=t3", "n=3", "flag=true", 'obj={"a":1}', "n=", "seq=7"],
+}
+
+
+OUTCOME_CHOICES = [{"success": "true"}, {"success": "false"}, {"failed": "true"}, {"ok": ""},
+                   {"failed": "", "success": "false"}]
+
+
+def random_filters(rng) -> dict:
+    """Filters as OpFilter takes them: each maybe, repeatable ones once or twice."""
+    given = {}
+    for name, values in HISTORY_FILTER_CHOICES.items():
+        if rng.random() < 0.4:
+            given[name] = rng.sample(values, rng.choice([1, 1, 2])) if od.FILTER[name].repeatable else rng.choice(values)
+    if rng.random() < 0.4:
+        given.update(rng.choice(OUTCOME_CHOICES))
+    return given
+
+
+def write_history_segments(folder: Path, now: float) -> list[dict]:
+    """ops.jsonl.2, .1 and the live file, with corrupt lines and out-of-order timestamps;
+    returns the valid ops, oldest first in file order."""
+    ops, n = [], 0
+    for name in ("ops.jsonl.2", "ops.jsonl.1", "ops.jsonl"):
+        lines = []
+        for _ in range(30):
+            # Every fifth op is stamped ten minutes early (a late batch): out of order.
+            o = history_op(n, 3 * 3600 - n * 300 + (600 if n % 5 == 0 else 0), now,
+                           source="scenario" if n % 3 == 0 else "mcp", success=n % 4 != 0,
+                           error=None if n % 4 else f"upstream 502 for job {n}", trace=f"t{n % 7}")
+            o = {k: v for k, v in o.items() if v is not None}
+            ops.append(o)
+            lines.append(od.encode_line(o))
+            n += 1
+        lines.insert(10, b'{"endpoint":"/torn","source":"mcp","timest\n')
+        lines.insert(20, b"garbage\n")
+        (folder / name).write_bytes(b"".join(lines))
+    return ops
+
+
+class OpsFollower:
+    """`ops -f` as a real subprocess; the lines it prints are collected by a reader thread."""
+
+    def __init__(self, *args, stdout=subprocess.PIPE):
+        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "ops", "-o", "ndjson", "-f", *args],
+                                     stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=default_sigint())
+        self.lines: list[str] = []
+        if stdout is subprocess.PIPE:
+            threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+
+    def ops(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines)]
+
+    def wait_seqs(self, expected: list[int], what: str) -> None:
+        wait_for(lambda: len(self.lines) >= len(expected) or self.proc.poll() is not None,
+                 timeout=60, interval=0.05, what=what)
+        wait_for(lambda: len(self.lines) >= len(expected), timeout=5, what=what)
+        assert seqs(self.ops()) == expected, what
+
+    def interrupt(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGINT)
+        status = self.proc.wait(60)
+        return status, self.proc.stderr.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(60)
+
+
+@pytest.fixture
+def followers():
+    yield from started_by_test(OpsFollower, OpsFollower.stop)
+
+
+def post_seqs(client, numbers, **fields) -> None:
+    for i in numbers:
+        status, body, _ = client.post("/observer/event", {"endpoint": f"/h/{i}", "seq": i, **fields})
+        assert status == 200, body
+
+
+def history_page(client, query: str = "", expect: int = 200):
+    status, body, _ = client.get(f"/observer/history{'?' if query else ''}{query}")
+    assert status == expect, body
+    return body
+
+
+def hold_history_reads(monkeypatch, on_read) -> threading.Event:
+    """Hold every read of the journal's blocks but the committer's (its one-byte reads pass)
+    until the event returned is set; on_read() is called as each one begins."""
+    release = threading.Event()
+    real_pread = os.pread
+
+    def held_pread(fd, size, offset):
+        if threading.current_thread().name != "committer" and size > 1:
+            on_read()
+            release.wait(60)
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(os, "pread", held_pread)
+    return release
+
+
+NOW_FOR_TIMES = od.parse_rfc3339("2026-12-06T05:30:00Z").timestamp()  # a Sunday
+
+
+def filter_cli_args(given: dict) -> list[str]:
+    """A filter dict (name: text, or texts when repeated; a switch: "") as ops' flags."""
+    args = []
+    for name, value in given.items():
+        spec = od.FILTER[name]
+        for text in value if isinstance(value, list) else [value]:
+            args += [f"--{name}"] if spec.metavar is None else [f"--{name}", text]
+    return args
+
+
+FILTERS_SPOKEN_ALIKE = [
+    {"endpoint": ["/mcp/a,b", "/scenario/*"]},  # free text: never split on commas
+    {"source": ["scenario", "langfuse"], "failed": ""},
+    {"ok": "", "endpoint": ["/mcp/*"]},
+    {"grep": "(a+)+b"},  # plain text in both
+    {"grep": "502", "field": "trace=t1"},
+    {"since": "2h", "until": "30m", "failed": ""},
+    {"endpoint": ["/nothing"]},
+]
+
+
+def count_rows(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+from html.parser import HTMLParser  # noqa: E402  (this block's own import, for merges)
+
+
+class PageParts(HTMLParser):
+    """What a page holds: element ids, attributes, and the text of its script and style."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.ids: list[str] = []
+        self.attributes: list[tuple[str, str, str]] = []
+        self.scripts: list[str] = []
+        self.styles: list[str] = []
+        self._inside = None
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            self.attributes.append((tag, name, value or ""))
+            if name == "id":
+                self.ids.append(value)
+        if tag in ("script", "style"):
+            self._inside = self.scripts if tag == "script" else self.styles
+            self._inside.append("")
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style"):
+            self._inside = None
+
+    def handle_data(self, data):
+        if self._inside is not None:
+            self._inside[-1] += data
+
+
+def get_page(port: int, headers: dict | None = None, method: str = "GET"):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, "/observer/ui", headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp, body
+
+
+def csp_directives(header: str) -> dict[str, list[str]]:
+    return {name: values for name, *values in (part.split() for part in header.split(";"))}
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe: it reads commands on its
+    fd 3 and writes answers and events on its fd 4, each a JSON text ended by a NUL byte."""
+
+    def __init__(self, folder: Path):
+        commands_read, self._commands = os.pipe()
+        self._answers_fd, answers_write = os.pipe()
+        chromium = shutil.which("chromium")
+        assert chromium, "no chromium: make test-browser installs Debian's"
+        # bash (dash takes single-digit fds only) moves the pipe ends to fds 3 and 4, then
+        # becomes chromium.
+        argv = ["bash", "-c", f'exec "$@" 3<&{commands_read} 4>&{answers_write}', "sh", chromium,
+                "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
+                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars", f"--user-data-dir={folder / 'chromium-profile'}", "about:blank"]
+        self.log_path = folder / "chromium.log"
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(argv, pass_fds=(commands_read, answers_write),
+                                         stdout=log_file, stderr=log_file)
+        os.close(commands_read)
+        os.close(answers_write)
+        self._ids = itertools.count(1)
+        self._answers: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self._closed = False
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        pending = b""
+        while chunk := os.read(self._answers_fd, 1 << 16):
+            *messages, pending = (pending + chunk).split(b"\0")
+            with self._arrived:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self._answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self._arrived.notify_all()
+        with self._arrived:
+            self._closed = True
+            self._arrived.notify_all()
+
+    def send(self, method: str, session: str | None = None, **params):
+        number = next(self._ids)
+        message = {"id": number, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        try:
+            os.write(self._commands, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise AssertionError(f"chromium exited: {self.log_path.read_text()[-2000:]}") from None
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: number in self._answers or self._closed, 60):
+                raise AssertionError(f"chromium did not answer {method}")
+            if self._closed and number not in self._answers:
+                raise AssertionError(f"chromium exited: {self.log_path.read_text()[-2000:]}")
+            answer = self._answers.pop(number)
+        assert "error" not in answer, (method, answer["error"])
+        return answer["result"]
+
+    def tab(self, width: int, height: int, dark: bool = False) -> "Tab":
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        tab = Tab(self, self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"])
+        for domain in ("Page", "Runtime", "Log"):
+            tab.call(f"{domain}.enable")
+        tab.view(width, height, dark)
+        return tab
+
+    def close(self):
+        try:
+            self.send("Browser.close")
+        except AssertionError:
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._commands)
+
+
+class Tab:
+    """One page of a Browser, attached as a flat session."""
+
+    def __init__(self, browser: Browser, session: str):
+        self.browser, self.session = browser, session
+
+    def call(self, method: str, **params):
+        return self.browser.send(method, self.session, **params)
+
+    def view(self, width: int, height: int, dark: bool = False):
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                  deviceScaleFactor=1, mobile=width < 600)
+        self.call("Emulation.setEmulatedMedia",
+                  features=[{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
+
+    def go(self, url: str):
+        self.call("Page.navigate", url=url)
+        self.wait(f"location.href === {json.dumps(url)} && document.readyState === 'complete'", f"{url} to load")
+
+    def js(self, expression: str):
+        """The value of a JavaScript expression in the page (awaited if a promise)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, (expression, result["exceptionDetails"])
+        return result["result"].get("value")
+
+    def wait(self, expression: str, what: str, timeout: float = 60):
+        return wait_for(lambda: self.js(expression), timeout, interval=0.1, what=what)
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(od.base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def events(self, *methods: str) -> list[dict]:
+        return [e for e in self.browser.events if e.get("sessionId") == self.session and e["method"] in methods]
+
+    def problems(self) -> list[dict]:
+        """Script errors, CSP violations and dialogs: a page that works has none."""
+        logged = [e for e in self.events("Log.entryAdded")
+                  if e["params"]["entry"]["source"] in ("security", "javascript")
+                  or "Content Security Policy" in e["params"]["entry"]["text"]]
+        return logged + self.events("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
+
+
+# A real browser is slow to install and start, and needs Debian's chromium: `make test-browser`.
+in_chromium = pytest.mark.skipif(os.environ.get("OBSERVERD_BROWSER") != "1",
+                                 reason="drives a real browser: run make test-browser")
+
+
+def screenshot_folder(tmp_path: Path) -> Path:
+    """Where make test-browser keeps the README's screenshots (bench/), else tmp_path."""
+    return Path(os.environ.get("OBSERVERD_SCREENSHOTS") or tmp_path)
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+LONG_ERROR = ("connection reset by peer while reading the answer of https://search.internal.example/api/v2/"
+              "query/expanded-with-synonyms-and-typo-tolerance after the upstream closed its keep-alive socket")
+
+
+# What a person at that width could not read: a table scrolling sideways (its headers out of
+# sight), a header cut, a failure cluster's signature cut.
+PAGE_LAYOUT = """(() => {
+  const shown = (e) => e.offsetParent !== null;
+  return {sideways: [...document.querySelectorAll(".scroll")].filter((d) => shown(d) && d.scrollWidth > d.clientWidth)
+      .map((d) => d.parentElement.querySelector("h2").textContent),
+    cutHeaders: [...document.querySelectorAll("th")].filter((th) => shown(th) &&
+      (th.scrollWidth > th.clientWidth || th.getBoundingClientRect().right > window.innerWidth)).map((th) => th.textContent),
+    cutSignatures: [...document.querySelectorAll("#clusters-body td")].filter((td) => td.scrollWidth > td.clientWidth)
+      .map((td) => td.textContent),
+    pageSideways: document.documentElement.scrollWidth > window.innerWidth};
+})()"""
+
+
+def page_traffic() -> list[dict]:
+    """Ops with a cluster of failures, playbooks, a hostile endpoint and one glob-like endpoint,
+    in a fixed shuffled order."""
+    ops = [{"endpoint": "/mcp/search", "duration_ms": 10 + i, "success": True} for i in range(40)]
+    ops += [{"endpoint": "/mcp/fail", "duration_ms": 200 + i, "error": f"upstream 502 for job {i}"}
+            for i in range(60)]
+    ops += [{"endpoint": "/scenario/checkout", "source": "scenario", "duration_ms": 900 + i,
+             "success": i % 5 != 0, "error": None if i % 5 else f"timeout after {i} s"} for i in range(12)]
+    ops += [{"endpoint": "/langfuse/trace", "source": "langfuse", "success": True, "duration_ms": 3}] * 5
+    ops += [{"endpoint": HOSTILE, "error": "<script>alert(2)</script>", "input_summary": "<b onclick=alert(3)>"},
+            {"endpoint": "/q[1]", "error": "glob-like endpoint"}, {"endpoint": "/mcp/fetch", "error": LONG_ERROR}]
+    ops += [{"endpoint": "/q1", "success": True}] * 3
+    ops = [{key: value for key, value in o.items() if value is not None} for o in ops]
+    random.Random(14).shuffle(ops)
+    return ops
+
+
+def post_over_time(client: Client, ops: list[dict], seconds: int):
+    """Post ops in one batch a second, so the chart has a shape to draw."""
+    size = -(-len(ops) // seconds)
+    for start in range(0, len(ops), size):
+        assert client.post("/observer/events", ops[start:start + size])[0] == 200
+        time.sleep(1)
+
+
+PAGE_STATE = """(() => {
+  const text = (id) => document.getElementById(id).textContent;
+  const rows = (id) => [...document.getElementById(id).rows].map((r) => [...r.cells].map((c) => c.textContent));
+  return {conn: text("conn"), connClass: document.getElementById("conn").className,
+    total: text("stat-total"), ok: text("stat-ok"), failed: text("stat-failed"),
+    bySource: Object.fromEntries([...document.querySelectorAll("#by-source li")].map((li) => [li.dataset.source, +li.dataset.count])),
+    endpoints: rows("endpoints-body"), clusters: rows("clusters-body"), escalations: rows("escalations-body"),
+    playbooks: rows("playbooks-body"), ops: rows("ops-body"), history: rows("history-body"),
+    historyHidden: document.getElementById("history").hidden, historyNote: text("history-note"),
+    olderHidden: document.getElementById("history-older").hidden,
+    polylines: [...document.querySelectorAll("#chart polyline")].map((p) => p.getAttribute("points").split(" ").length),
+    legend: text("legend"), ready: text("ready"), images: document.images.length,
+    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg"),
+    endpointsOver: text("endpoints-over"), clustersNote: text("clusters-note")};
+})()"""
+
+
+def number_in(text: str) -> int:
+    return int(re.sub(r"[^0-9]", "", text))
+
+
+def click(tab: Tab, body_id: str, text: str):
+    """Click the button in tbody body_id whose text is exactly text (as a keyboard user would)."""
+    assert tab.js(f"""(() => {{
+      const b = [...document.querySelectorAll("#{body_id} button")].find((b) => b.textContent === {json.dumps(text)});
+      if (b) {{ b.focus(); b.click(); }}
+      return !!b; }})()"""), (body_id, text)
+
+
+def type_into(tab: Tab, element_id: str, text: str):
+    tab.js(f"""(() => {{ const f = document.getElementById("{element_id}"); f.focus(); f.value = {json.dumps(text)};
+      f.dispatchEvent(new Event("input", {{bubbles: true}})); }})()""")
+
+
+def start_observed_daemon(daemons, folder: Path, **settings) -> Daemon:
+    return start_durable_daemon(daemons, folder, analyze_interval_s=0.2, consolidate_interval_s=0.2, **settings)
+
+
+def ago(seconds: float, now: float | None = None) -> str:
+    return od.rfc3339_of((time.time() if now is None else now) - seconds)
+
+
+def two_hours_of_ops(now: float) -> list[dict]:
+    """An hour (2h..1h ago, run r1) and the next (1h..now, run r2) of four endpoints: /triples'
+    failure rate triples, /doubles' durations double, /steady stays as it was, /rare has 3 ops a
+    side. Candidate failures of /triples bring a new error; one of /steady's goes away."""
+    rng = random.Random(21)
+    ops = []
+    for side, (start, end) in enumerate(((7000, 3700), (3500, 100))):
+        run = f"r{side + 1}"
+        for i in range(100):
+            at = ago(start - (start - end) * i / 100, now)
+            fails = i % 10 < (1, 3)[side]
+            ops.append(op("/triples", timestamp=at, run_id=run, success=not fails, duration_ms=rng.uniform(10, 20),
+                          error=("connection reset by peer" if side and i % 2 else "upstream 502 for job 9")))
+            ops.append(op("/doubles", timestamp=at, run_id=run, success=True,
+                          duration_ms=rng.uniform(10, 20) * (1, 2)[side], model=f"m{i % 2}"))
+            ops.append(op("/steady", timestamp=at, run_id=run, success=i % 10 != 0, duration_ms=rng.uniform(10, 20),
+                          error="disk full" if (side, i) == (0, 0) else "boom"))
+        ops += [op("/rare", timestamp=ago(start - i, now), run_id=run, success=True, duration_ms=5.0) for i in range(3)]
+    ops.append(op("/triples", timestamp=ago(200, now), source="overseer_correction", run_id="r2"))
+    return ops
+
+
+def post_ops(client, ops) -> None:
+    for start in range(0, len(ops), 500):
+        status, body, _ = client.post("/observer/events", ops[start:start + 500])
+        assert status == 200, body
+
+
+def verdicts_of(answer) -> dict[str, tuple[str, str, str]]:
+    return {row["endpoint"]: (row["verdict"], row["failure_rate"]["verdict"], row["duration"]["verdict"])
+            for row in answer["rows"]}
+
+
+EXPECTED_VERDICTS = {"/triples": ("worse", "worse", "~"), "/doubles": ("worse", "~", "worse"),
+                     "/steady": ("~", "~", "~"), "/rare": ("too few", "too few", "too few")}
+
+
+def corrected_endpoints(now: float) -> list[dict]:
+    """Three endpoints each corrected 125 s ago (verdict_window_s 120: its after-window closed 5 s
+    ago, and it stays among the corrections an analysis judges for another 115 s), 30 ops in the
+    30 s before and 30 in the 30 s after: /fixed goes from 50% failures to none, /idle stays at
+    50%, /broke goes from none to 60%. A fourth correction, 10 s ago, still waits."""
+    ops = []
+    for endpoint, (before, after) in {"/fixed": (5, 0), "/idle": (5, 5), "/broke": (0, 6)}.items():
+        for i in range(30):
+            ops.append(op(endpoint, timestamp=ago(155 - i, now), success=i % 10 >= before, duration_ms=10.0 + i,
+                          error=f"upstream 502 for job {i}"))
+            ops.append(op(endpoint, timestamp=ago(120 - i, now), success=i % 10 >= after, duration_ms=10.5 + i,
+                          error=f"upstream 502 for job {i}"))
+        ops.append(op(endpoint, source="overseer_correction", timestamp=ago(125, now), input_summary="retries=5"))
+    ops.append(op("/later", source="overseer_correction", timestamp=ago(10, now)))
+    return ops
+
+
+CORRECTION_SETTINGS = dict(verdict_window_s=120, analyze_interval_s=0.05, escalate_threshold=1_000_000,
+                           escalate_window_s=3600)
+
+
+def correction_verdicts(client) -> dict[str, tuple[str, bool]]:
+    status, answer, _ = client.get("/observer/corrections")
+    assert status == 200, answer
+    return {entry["correction"]["endpoint"]: (entry["verdict"], entry["escalated"]) for entry in answer["corrections"]}
+
+
+DEPLOY = HERE / "deploy"
+
+
+RULES = DEPLOY / "observerd.rules.yml"
+
+
+PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
+
+
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (apt-get install prometheus)")
+
+
+def alerts_and_runbooks() -> dict[str, str]:
+    """Each alert of the shipped rules, with its runbook annotation (read without a YAML parser:
+    the file keeps one key a line)."""
+    found, alert = {}, None
+    for line in RULES.read_text().splitlines():
+        if match := re.fullmatch(r"\s*- alert: (\w+)", line):
+            alert = match[1]
+            found[alert] = None
+        elif match := re.fullmatch(r"\s*runbook: (\S+)", line):
+            found[alert] = match[1]
+    return found
+
+
+class FakeSystemd:
+    """A datagram socket standing in for systemd's notify socket: collects each message sent to
+    it (a path, or with abstract=True an @name in the abstract namespace)."""
+
+    def __init__(self, abstract: bool = False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._folder = None
+        if abstract:
+            name = f"observerd-test-{os.getpid()}-{random.randrange(1 << 30)}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:  # a short folder of its own: a socket path holds at most 107 bytes
+            self._folder = tempfile.TemporaryDirectory(prefix="sd-")
+            self.address = os.path.join(self._folder.name, "notify")
+            self.sock.bind(self.address)
+        self.messages: list[str] = []
+        self._arrived = threading.Condition()
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self._arrived:
+                self.messages.append(data.decode())
+                self._arrived.notify_all()
+
+    def wait(self, predicate, what: str, after: int = 0, timeout: float = 60) -> int:
+        """The index of the first message from `after` on that predicate accepts."""
+        def found():
+            return next((i for i in range(after, len(self.messages)) if predicate(self.messages[i])), None)
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no notify message {what}; got {self.messages[after:]}")
+            return found()
+
+    def statuses(self, start: int = 0) -> list[str]:
+        return [line[len("STATUS="):] for message in self.messages[start:]
+                for line in message.split("\n") if line.startswith("STATUS=")]
+
+    def close(self):
+        self.sock.close()
+        if self._folder is not None:
+            self._folder.cleanup()
+
+
+@pytest.fixture
+def fake_systemd():
+    yield from started_by_test(FakeSystemd, FakeSystemd.close)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Prometheus:
+    """A real Prometheus on 127.0.0.1 scraping targets as job "observerd" with the shipped
+    rules, scrape and evaluation every half second; its data in folder."""
+
+    def __init__(self, folder: Path, targets: list[str]):
+        folder.mkdir()
+        config = folder / "prometheus.yml"
+        config.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms", "scrape_timeout": "400ms"},
+            "rule_files": [str(RULES)],
+            "scrape_configs": [{"job_name": "observerd", "static_configs": [{"targets": targets}]}],
+        }))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = folder / "prometheus.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+                 f"--web.listen-address={self.url[len('http://'):]}"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=folder)
+        wait_for(self._ready, timeout=120, what="prometheus to be ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return self.get("/-/ready", raw=True) == 200
+        except OSError:
+            return False
+
+    def get(self, path: str, raw: bool = False, **query):
+        with urlopen(f"{self.url}{path}" + (f"?{urlencode(query)}" if query else ""), timeout=30) as answer:
+            if raw:
+                return answer.status
+            body = json.loads(answer.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, promql: str, **at) -> dict[tuple, float]:
+        """{labels as sorted (name, value) pairs: value} of an instant vector."""
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1])
+                for r in self.get("/api/v1/query", query=promql, **at)["result"]}
+
+    def by_instance(self, promql: str) -> dict[str, float]:
+        """{instance: value} of an instant vector with one series per instance."""
+        return {dict(labels)["instance"]: value for labels, value in self.query(promql).items()}
+
+    def firing(self, alertname: str) -> set[str]:
+        """The instances alertname fires for now."""
+        return {a["labels"].get("instance") for a in self.get("/api/v1/alerts")["alerts"]
+                if a["labels"]["alertname"] == alertname and a["state"] == "firing"}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def prometheus():
+    yield from started_by_test(Prometheus, Prometheus.stop)
+
+
+def shown_deploy_files() -> dict[str, str]:
+    """The deploy/ files docs/scaling-out.md shows, each as the block after its name."""
+    page = (HERE / "docs" / "scaling-out.md").read_text()
+    return dict(re.findall(r"^`deploy/([\w.-]+)`:\n\n```\w*\n(.*?)```$", page, re.M | re.S))
+
+
+# -----------------------------------------------------------------------------
+# [SECTION] Logging
+# -----------------------------------------------------------------------------
 
 def test_log_lines_are_key_value_with_level_and_msg(tmp_path, daemons):
     daemon = start_durable_daemon(daemons, tmp_path)
@@ -610,13 +2310,8 @@ def test_log_values_show_controls_and_bidi_marks_escaped_never_raw(capsys):
 
 
 # -----------------------------------------------------------------------------
-# Metrics
+# [SECTION] Metrics
 # -----------------------------------------------------------------------------
-
-
-KNOWN_REJECTION_REASONS = ("invalid", "unauthorized", "length_required", "too_large", "unsupported_encoding",
-                           "persist_failed", "too_many_connections")
-
 
 def test_metrics_follow_the_exposition_format_and_count_what_happened(serve):
     server = serve(token="tok")
@@ -673,11 +2368,6 @@ def test_every_counter_is_exported_from_0_at_startup(serve):
         assert sample(families, "observerd_endpoint_events_total", endpoint=od.OTHER_LABEL, success=success) == 0
     for outcome in ("sent", "failed"):
         assert sample(families, "observerd_escalations_total", outcome=outcome) == 0
-
-
-def endpoint_series(families) -> dict[tuple[str, str], float]:
-    return {(labels["endpoint"], labels["success"]): value
-            for _, labels, value in families["observerd_endpoint_events_total"]["samples"]}
 
 
 def test_endpoint_series_name_the_busiest_endpoints_and_count_the_rest_as_other(serve, tmp_path):
@@ -758,70 +2448,23 @@ def test_escalations_are_counted_by_outcome_from_0(tmp_path, fake_service):
         assert sample(parse_exposition(metrics.render()), "observerd_escalations_total", outcome=outcome) == 1
 
 
+def test_fsync_p99_is_estimated_from_the_histogram_buckets():
+    histogram = od.Histogram("x_seconds", "x")
+    assert histogram.quantile(0.99) is None
+    for _ in range(98):
+        histogram.observe(0.0003)  # (0.00025, 0.0005]
+    histogram.observe(0.002)  # (0.001, 0.0025]
+    histogram.observe(0.002)
+    # Rank 99 falls in (0.001, 0.0025], holding ranks 99-100: half-way through it.
+    assert histogram.quantile(0.99) == pytest.approx(0.00175)
+    assert histogram.quantile(0.5) == pytest.approx(0.00025 + 0.00025 * 50 / 98)
+    histogram.observe(60)  # past the last bound: reported as that bound
+    assert histogram.quantile(1.0) == 5
+
+
 # -----------------------------------------------------------------------------
-# Config: settings, their checks and where they come from
+# [SECTION] Config
 # -----------------------------------------------------------------------------
-
-
-def readme_settings_table() -> list[tuple[str, object, object, object]]:
-    """(key, default, minimum, maximum) for each key of README.md's Configuration table, as TOML values."""
-    text = (HERE / "README.md").read_text()
-    section = text[text.index("## Configuration"):]
-    section = section[:section.index("\n## ", 1)]
-
-    def toml_value(cell):
-        literal = cell.strip().strip("`")
-        return tomllib.loads(f"v = {literal}")["v"] if literal else None
-
-    rows = []
-    for line in section.splitlines():
-        if line.startswith("| `"):
-            keys, default, minimum, maximum = line.split(" | ")[:4]
-            for key in re.findall(r"`([^`]+)`", keys):
-                rows.append((key, toml_value(default), toml_value(minimum), toml_value(maximum)))
-    return rows
-
-
-def check_and_serve_refuse(folder: Path, settings: dict, daemons) -> list[str]:
-    """The problems check prints for these settings; serve must refuse with the same ones."""
-    config = write_config(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl", **settings})
-    result = run_cli("check", "--config", str(config))
-    assert result.returncode == 2, result.stdout + result.stderr
-    printed = [line.split(": ", 1)[1] for line in result.stderr.splitlines()[:-1]]
-    daemon = daemons(folder, config=config)
-    assert daemon.exit_status() == 2
-    assert logged_problems(daemon.log) == printed
-    assert "msg=listening" not in daemon.log and "Traceback" not in daemon.log
-    return printed
-
-
-def link_to_journal(kind: str):
-    def make(folder: Path) -> None:
-        (folder / "ops.jsonl").write_bytes(od.encode_line(op("/acked")))
-        (os.symlink if kind == "symlink" else os.link)(folder / "ops.jsonl", folder / "other.jsonl")
-    return make
-
-
-def make_fifo(name):
-    return lambda folder: os.mkfifo(folder / name)
-
-
-def make_folder(name, mode=None, owner=None):
-    def make(folder: Path) -> None:
-        (folder / name).mkdir()
-        if mode is not None:
-            os.chmod(folder / name, mode)
-        if owner is not None:
-            os.chown(folder / name, owner, -1)
-    return make
-
-
-def make_symlink_loop(name):
-    def make(folder: Path) -> None:
-        os.symlink(f"{name}.again", folder / name)
-        os.symlink(name, folder / f"{name}.again")
-    return make
-
 
 def test_config_defaults_are_exactly_the_documented_ones(tmp_path):
     path = tmp_path / "lakehouse.toml"
@@ -1019,18 +2662,8 @@ def test_keep_files_is_bounded_by_check_and_serve(tmp_path, daemons):
 
 
 # -----------------------------------------------------------------------------
-# Model: op validation, strict JSON, gzip, batches
+# [SECTION] Model
 # -----------------------------------------------------------------------------
-
-
-LONE_SURROGATE_OPS = [
-    ('{"endpoint": "/e\\ud800"}', "endpoint"),
-    ('{"endpoint": "/e", "error": "bad \\udfff"}', "error"),
-    ('{"endpoint": "/e", "extra": {"spans": [1, "\\ud83d"]}}', "extra.spans[1]"),
-    ('{"endpoint": "/e", "extra": {"\\ud800": 1}}', "extra"),
-    ('{"endpoint": "/e", "\\udc00": 1}', "body"),
-]
-
 
 @pytest.mark.parametrize("raw, field", [
     ({}, "endpoint"),
@@ -1261,99 +2894,47 @@ def test_a_batch_of_exactly_max_batch_ops_is_accepted(serve):
 
 
 # -----------------------------------------------------------------------------
-# Journal: ring ops, appends, rotation, torn tails, restore
+# [SECTION] Files
 # -----------------------------------------------------------------------------
 
-
-def dicts(ring_ops) -> list[dict]:
-    return [o.to_dict() for o in ring_ops]
-
-
-def limit_file_size(max_bytes):
-    """preexec_fn: writes past max_bytes fail with EFBIG instead of killing the process."""
-    def apply():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        # Only the soft limit: the test raises it again later to play a disk that recovers.
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
-    return apply
-
-
-def messy_log(rng: random.Random, n: int) -> bytes:
-    """JSONL with corrupt lines, invalid ops, blank lines, unicode, and maybe a torn tail."""
-    out = []
-    for i in range(n):
-        roll = rng.random()
-        if roll < 0.1:
-            out.append(b'{"endpoint": "/corrupt", ' + b"x" * rng.randint(0, 300) + b"\n")
-        elif roll < 0.15:
-            out.append(b'{"source": "mcp"}\n')
-        elif roll < 0.2:
-            out.append(b"\n" * rng.randint(1, 3) + b"   \n")
-        else:
-            o = op(f"/op{i}", source=rng.choice(od.SOURCES), success=rng.random() < 0.5,
-                   note="é" * rng.randint(0, 200))
-            out.append(od.encode_line(o))
-    data = b"".join(out)
-    if rng.random() < 0.5:
-        data += b'{"endpoint": "/torn", "sou'
-    return data
+def test_backward_reads_take_each_byte_once_and_hold_a_long_line_at_most_twice(tmp_path, monkeypatch):
+    run = 8 * 1024 * 1024  # a run without a newline: NULs left by a crash, or a hostile line
+    reads = count_reads(monkeypatch)
+    restored = tmp_path / "ops.jsonl"
+    restored.write_bytes(od.encode_line(op("/first")) + b"\0" * run + b"\n" + od.encode_line(op("/last")))
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(od.encode_line(op("/whole")) + b"\0" * run)
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        assert [o["endpoint"] for o in od.restore_journal(restored, 10).ops] == ["/first", "/last"]
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    assert sum(reads) == restored.stat().st_size
+    # The run is joined once from its blocks, then decoded once for the parser: never a third copy.
+    assert peak < 2.5 * run
+    reads.clear()
+    assert od.repair_torn_tail(torn) == run
+    assert sum(reads) <= run + od.BLOCK_BYTES
+    assert endpoints_in(torn) == ["/whole"]
 
 
-def count_reads(monkeypatch) -> list[int]:
-    """The sizes of every read observerd makes from files it opens from now on."""
-    reads = []
-    real_open = open
-
-    class CountingFile:
-        def __init__(self, f):
-            self.f = f
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def read(self, n=-1):
-            data = self.f.read(n)
-            reads.append(len(data))
-            return data
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(od, "open", lambda *a, **k: CountingFile(real_open(*a, **k)), raising=False)
-    return reads
+def test_restoring_a_long_run_without_newlines_is_linear_work(tmp_path):
+    # A scale model: with 64-byte blocks, 16 MiB is as many blocks as 16 GiB at the real block
+    # size. Linear, that is about a second of CPU; re-copying what was read, hours.
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(od.encode_line(op("/first")) + b"\0" * (16 << 20) + b"\n" + od.encode_line(op("/last")))
+    code = "import sys, observerd; observerd.BLOCK_BYTES = 64; sys.exit(observerd.main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, "stats", str(path)], cwd=HERE, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limit_cpu_seconds(30))
+    assert result.returncode == 0, result.stderr[-500:]
+    assert json.loads(result.stdout)["total"] == 2
 
 
-def endpoints_in(path: Path) -> list[str]:
-    """The endpoints of a JSONL file, every line of which must be a whole, valid op."""
-    data = path.read_bytes()
-    assert data.endswith(b"\n"), f"{path.name} ends in a partial line"
-    return [od.validate_op(od.parse_json_strict(line))["endpoint"] for line in data.splitlines()]
-
-
-def open_fds(pid: int) -> set[int]:
-    return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
-
-
-def limit_cpu_seconds(seconds):
-    """preexec_fn: the process is killed after using this much CPU time, however busy the machine."""
-    def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds + 1))
-    return apply
-
-
-def start_journaling_in_a_folder(daemons, tmp_path: Path):
-    """A daemon whose journal is data/ops.jsonl, that path, and post(endpoint) -> status."""
-    daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
-    client = daemon.client()
-
-    def post(endpoint):
-        return client.post("/observer/event", {"endpoint": endpoint})[0]
-
-    return daemon, tmp_path / "data" / "ops.jsonl", post
-
+# -----------------------------------------------------------------------------
+# [SECTION] Journal
+# -----------------------------------------------------------------------------
 
 def test_jsonl_round_trip_restores_the_same_stats(tmp_path):
     config = make_config(tmp_path)
@@ -1377,7 +2958,7 @@ def test_replay_skips_a_corrupt_line_and_keeps_the_rest(tmp_path, capsys):
     good = [op("/a"), op("/b")]
     path.write_bytes(od.encode_line(good[0]) + b'{"endpoint": "/broken", \n' + od.encode_line(good[1]))
     assert dicts(od.restore_journal(path, 2000).ops) == good
-    assert "skipped invalid log line" in capsys.readouterr().err
+    assert "skipped invalid journal line" in capsys.readouterr().err
 
 
 def test_torn_tail_is_cut_back_before_the_first_append(tmp_path, capsys):
@@ -1445,7 +3026,7 @@ def test_full_disk_is_503_with_ring_and_file_clean_then_recovers(tmp_path, daemo
 
 @pytest.mark.parametrize("seed", range(8))
 def test_tail_restore_equals_a_full_forward_replay(tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(od, "RESTORE_BLOCK_BYTES", 97)  # many block boundaries, mid-line and mid-char
+    monkeypatch.setattr(od, "BLOCK_BYTES", 97)  # many block boundaries, mid-line and mid-char
     rng = random.Random(seed)
     path = tmp_path / "ops.jsonl"
     path.write_bytes(messy_log(rng, rng.choice([0, 3, 40, 400])))
@@ -1472,7 +3053,7 @@ def test_restore_reads_only_the_tail_of_a_big_file(tmp_path, monkeypatch):
     path.write_bytes(line * 50000)
     reads = count_reads(monkeypatch)
     assert len(od.restore_journal(path, 100).ops) == 100
-    assert sum(reads) < 2 * od.RESTORE_BLOCK_BYTES < path.stat().st_size / 10
+    assert sum(reads) < 2 * od.BLOCK_BYTES < path.stat().st_size / 10
 
 
 def test_rotation_under_concurrent_load_loses_nothing_and_splits_no_line(serve):
@@ -1511,7 +3092,7 @@ def test_rotation_keeps_only_keep_files_segments_and_restart_restores_the_tail(t
     before = client.get("/observer/stats")[1]
     names = sorted(p.name for p in tmp_path.glob("ops.jsonl*"))
     assert names == ["ops.jsonl", "ops.jsonl.1", "ops.jsonl.2"]
-    assert "msg=\"rotated log\"" in daemon.log
+    assert "msg=\"rotated journal\"" in daemon.log
     daemon.stop()
     daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1000, keep_files=2, ring_size=12)
     assert daemon.client().get("/observer/stats")[1] == before
@@ -1525,7 +3106,7 @@ def test_restore_honours_the_ring_byte_bound_and_reads_only_what_it_keeps(tmp_pa
     restored = od.restore_journal(path, 2000, max_bytes=500_000).ops
     assert [o.endpoint for o in restored] == ["/36", "/37", "/38", "/39"]
     assert sum(o.size for o in restored) <= 500_000
-    assert sum(reads) < 6 * len(lines[0]) + 2 * od.RESTORE_BLOCK_BYTES
+    assert sum(reads) < 6 * len(lines[0]) + 2 * od.BLOCK_BYTES
 
 
 def test_a_failed_append_rolls_back_only_its_own_bytes_after_another_writer_appended(tmp_path, daemons):
@@ -1562,7 +3143,7 @@ def test_an_op_after_another_writers_unfinished_line_starts_its_own_line(tmp_pat
     daemon.stop()
     daemon = start_durable_daemon(daemons, tmp_path)
     assert daemon.client().get("/observer/stats")[1]["total"] == 2
-    assert "skipped invalid log line" in daemon.log  # the fragment, on a line of its own
+    assert "skipped invalid journal line" in daemon.log  # the fragment, on a line of its own
 
 
 @pytest.mark.parametrize("spare_fds", [0, 1])  # 0: the new file cannot be created; 1: the folder cannot be opened
@@ -1598,7 +3179,7 @@ def test_a_rotation_that_fails_for_want_of_fds_changes_nothing_then_proceeds(tmp
     for _ in range(5):  # more failed attempts than keep_files
         assert post(i) == 503
         assert folder_contents(tmp_path) == before, "a failed rotation changed the folder"
-    assert "cannot rotate log" in daemon.log
+    assert "cannot rotate journal" in daemon.log
     assert len(open_fds(pid)) == limit - spare_fds, "a failed rotation leaked a file descriptor"
     for sock in idle:
         sock.close()
@@ -1663,76 +3244,6 @@ def test_an_ephemeral_daemon_takes_no_lock(tmp_path, daemons):
     for _ in range(2):
         start_durable_daemon(daemons, tmp_path, persist_path="")
     assert not list(tmp_path.glob(".*.lock"))
-
-
-# A failed fsync across restarts ------------------------------------------------
-
-# observerd's main with faults in the journal's system calls, as a control file names them
-# (fsync, ftruncate, record, close): EIO, as a failing disk gives. The product has no hook.
-FAULTY_OBSERVERD = """
-import errno, os, sys
-sys.path.insert(0, sys.argv.pop(1))
-control = sys.argv.pop(1)
-import observerd
-
-def faults():
-    try:
-        with open(control) as f:
-            return f.read().split()
-    except FileNotFoundError:
-        return []
-
-def journal(fd):
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}").endswith("/ops.jsonl")
-    except OSError:
-        return False
-
-def failing(name, real, applies):
-    def call(*args):
-        if applies(*args) and name in faults():
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return real(*args)
-    return call
-
-os.fsync = failing("fsync", os.fsync, journal)
-os.ftruncate = failing("ftruncate", os.ftruncate, lambda fd, length: journal(fd))
-os.replace = failing("record", os.replace, lambda source, target: str(target).endswith(".unsynced"))
-os.replace = failing("forensics", os.replace, lambda source, target: ".unsynced-" in str(target))
-os.close = failing("close", os.close, journal)
-sys.argv[0] = observerd.__file__
-sys.exit(observerd.main())
-"""
-
-
-class FaultyDaemon:
-    """A daemon whose journal's system calls fail while its control file names them."""
-
-    def __init__(self, daemons, folder: Path):
-        self.daemons, self.folder = daemons, folder
-        self.script = folder / "faulty_observerd.py"
-        self.script.write_text(FAULTY_OBSERVERD)
-        self.control = folder / "faults"
-        self.config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
-                                              "runtime_dir": "run"})
-        self.journal = folder / "ops.jsonl"
-
-    def inject(self, *faults: str) -> None:
-        self.control.write_text(" ".join(faults))
-
-    def start(self, wait=True) -> Daemon:
-        daemon = self.daemons(self.folder, args=[str(HERE), str(self.control), "--config", str(self.config)],
-                              script=self.script)
-        return daemon.wait_listening() if wait else daemon
-
-    def records(self) -> list[list]:
-        return [entry for record in (self.folder / "run").glob("*.unsynced")
-                for entry in json.loads(record.read_text())["ranges"]]
-
-
-def post_op(client, op_id: str, endpoint: str = "/e"):
-    return client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id,
-                                           "timestamp": "2026-12-06T04:00:00Z"})
 
 
 def test_an_op_whose_fsync_failed_is_stored_anew_after_a_restart_never_acked_as_a_duplicate(tmp_path, daemons):
@@ -1903,7 +3414,7 @@ def test_a_failed_fsync_at_startup_refuses_this_start_and_every_one_until_the_re
     faulty.inject("fsync")
     daemon = faulty.start(wait=False)
     assert daemon.exit_status() == 2
-    assert f'msg="cannot restore from log" path={faulty.journal}' in daemon.log
+    assert f'msg="cannot restore from journal" path={faulty.journal}' in daemon.log
     assert "fsync of a journal file failed at startup" in daemon.log and "Traceback" not in daemon.log
     [entry] = faulty.records()
     assert entry[2:4] == [0, faulty.journal.stat().st_size] and entry[6] is True
@@ -1969,7 +3480,7 @@ def test_a_rotation_whose_undo_fails_says_the_folder_is_left_shifted_and_how_to_
         journal.append_durably(b"y" * 20 + b"\n")
     journal.close()
     err = capsys.readouterr().err
-    assert 'msg="cannot rotate log; its folder is left shifted"' in err
+    assert 'msg="cannot rotate journal; its folder is left shifted"' in err
     assert f"to_recover=\"mv {tmp_path / 'ops.jsonl.1'} {path}\"" in err
     assert "left as it was" not in err
 
@@ -1980,7 +3491,7 @@ def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path,
     assert post("/before-rm") == 200
     path.unlink()  # an operator's rm
     assert post("/after-rm") == 200
-    assert "log file is gone from its path" in daemon.log
+    assert "journal file is gone from its path" in daemon.log
     assert endpoints_in(path) == ["/after-rm"]
     # Another file renamed over the path (a restore from backup): appends follow the path.
     replacement = folder / "from-backup.jsonl"
@@ -1994,41 +3505,6 @@ def test_deleting_the_live_file_reopens_its_path_and_loses_no_later_op(tmp_path,
     daemon.stop()  # SIGKILL: only what reached the file counts
     daemon = start_durable_daemon(daemons, tmp_path, persist_path="data/ops.jsonl")
     assert [o["endpoint"] for o in daemon.client().get("/observer/ops")[1]["ops"]] == ["/after-rmtree"]
-
-
-def test_backward_reads_take_each_byte_once_and_hold_a_long_line_at_most_twice(tmp_path, monkeypatch):
-    run = 8 * 1024 * 1024  # a run without a newline: NULs left by a crash, or a hostile line
-    reads = count_reads(monkeypatch)
-    restored = tmp_path / "ops.jsonl"
-    restored.write_bytes(od.encode_line(op("/first")) + b"\0" * run + b"\n" + od.encode_line(op("/last")))
-    torn = tmp_path / "torn.jsonl"
-    torn.write_bytes(od.encode_line(op("/whole")) + b"\0" * run)
-    tracemalloc.start()
-    try:
-        baseline = tracemalloc.get_traced_memory()[0]
-        assert [o["endpoint"] for o in od.restore_journal(restored, 10).ops] == ["/first", "/last"]
-        peak = tracemalloc.get_traced_memory()[1] - baseline
-    finally:
-        tracemalloc.stop()
-    assert sum(reads) == restored.stat().st_size
-    # The run is joined once from its blocks, then decoded once for the parser: never a third copy.
-    assert peak < 2.5 * run
-    reads.clear()
-    assert od.repair_torn_tail(torn) == run
-    assert sum(reads) <= run + od.RESTORE_BLOCK_BYTES
-    assert endpoints_in(torn) == ["/whole"]
-
-
-def test_restoring_a_long_run_without_newlines_is_linear_work(tmp_path):
-    # A scale model: with 64-byte blocks, 16 MiB is as many blocks as 16 GiB at the real block
-    # size. Linear, that is about a second of CPU; re-copying what was read, hours.
-    path = tmp_path / "ops.jsonl"
-    path.write_bytes(od.encode_line(op("/first")) + b"\0" * (16 << 20) + b"\n" + od.encode_line(op("/last")))
-    code = "import sys, observerd; observerd.RESTORE_BLOCK_BYTES = 64; sys.exit(observerd.main(sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", code, "stats", str(path)], cwd=HERE, capture_output=True,
-                            text=True, timeout=300, preexec_fn=limit_cpu_seconds(30))
-    assert result.returncode == 0, result.stderr[-500:]
-    assert json.loads(result.stdout)["total"] == 2
 
 
 def test_rotation_and_a_reopened_path_fsync_the_folder_before_the_next_op(tmp_path, monkeypatch):
@@ -2087,7 +3563,7 @@ def test_a_restart_skips_stored_lines_that_would_break_a_read(tmp_path, daemons)
     client = daemon.client()
     assert client.get("/observer/stats")[1]["total"] == 2
     assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/good/1", "/good/0"]
-    assert daemon.log.count("skipped invalid log line") == len(bad)
+    assert daemon.log.count("skipped invalid journal line") == len(bad)
     cli = run_cli("stats", str(path))
     assert cli.returncode == 0 and json.loads(cli.stdout)["total"] == 2
 
@@ -2107,7 +3583,7 @@ def test_restore_skips_log_lines_no_read_could_serve(tmp_path, capsys):
     finally:
         server.close()
     err = capsys.readouterr().err
-    assert err.count("skipped invalid log line") == 2 and "MAX_JSON_DEPTH=64" in err and "surrogate" in err
+    assert err.count("skipped invalid journal line") == 2 and "MAX_JSON_DEPTH=64" in err and "surrogate" in err
 
 
 def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons):
@@ -2119,7 +3595,7 @@ def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons)
     assert post("/b") == 200
     assert endpoints_in(path) == ["/b"]
     assert endpoints_in(tmp_path / "backup.jsonl") == ["/a"]
-    assert "log file is gone from its path" in daemon.log
+    assert "journal file is gone from its path" in daemon.log
     folder.rename(tmp_path / "data.old")  # the folder moved away, file and all
     assert post("/c") == 200
     assert endpoints_in(path) == ["/c"]
@@ -2129,9 +3605,9 @@ def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons)
     path.touch()
     assert post("/d") == 200
     assert endpoints_in(path) == ["/d"]
-    assert "log path names another file" in daemon.log
+    assert "journal path names another file" in daemon.log
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, what="the SIGHUP reopen")
+    wait_for(lambda: "reopened journal" in daemon.log, what="the SIGHUP reopen")
     assert post("/e") == 200
     assert endpoints_in(path) == ["/d", "/e"]
     assert endpoints_in(folder / "ops.jsonl.1") == ["/c"]
@@ -2140,23 +3616,33 @@ def test_an_acked_op_is_always_in_the_file_persist_path_names(tmp_path, daemons)
     assert [o["endpoint"] for o in daemon.client().get("/observer/ops")[1]["ops"]] == ["/e", "/d", "/c"]
 
 
+def test_the_probe_never_follows_what_is_planted_at_its_scratch_name(serve, monkeypatch, tmp_path):
+    server = serve()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    scratch = od.probe_scratch_path(server.store.journal.path)
+    scratch.symlink_to(victim)
+    FsyncSpy(monkeypatch, fail_calls={1})
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
+    # The disk works again: the daemon's own probe finds it, through its own new file.
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
+    assert victim.read_bytes() == b"precious\n"
+    assert not scratch.exists() and not scratch.is_symlink()
+
+
+def test_a_probe_file_left_by_a_crash_mid_probe_is_removed_at_start(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    od.probe_scratch_path(path).write_bytes(b"\n")
+    journal = od.Journal(path)
+    journal.open()
+    journal.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.jsonl"]
+
+
 # -----------------------------------------------------------------------------
-# Store: the ring and group commit
+# [SECTION] Store
 # -----------------------------------------------------------------------------
-
-
-# Ops of about n encoded bytes whose decoded form costs far more (or far less) than n.
-HOSTILE_SHAPES = {
-    "empty objects": lambda n: op("/h", x=[{}] * (n // 3)),
-    "empty arrays": lambda n: op("/h", x=[[]] * (n // 3)),
-    "one-char strings": lambda n: op("/h", x=["a"] * (n // 4)),
-    "small numbers": lambda n: op("/h", x=[1.5] * (n // 4)),
-    "nested": lambda n: op("/h", x=[[[[{"a": [1]}]]]] * (n // 20)),
-    "huge error": lambda n: op("/h", error="boom " * (n // 5)),
-    "huge endpoint": lambda n: op("/h" * (n // 2)),
-    "astral error": lambda n: op("/h", error="\U0001F525" + "e" * n),
-}
-
 
 def test_stats_aggregate_over_the_ring():
     stats = stats_of([op(success=True), op(success=False), op(source="scenario", success=True),
@@ -2316,10 +3802,739 @@ def test_an_op_is_answered_only_after_its_fsync_returns(serve, monkeypatch):
         assert read_responses(sock, 1)[0] == (200, {"accepted": True, "ring_size": 1})
 
 
+def test_arrival_counts_keep_32_sources_a_second_and_forget_seconds_past_the_window(monkeypatch):
+    clock = [1_000_000.5]
+    monkeypatch.setattr(od.time, "time", lambda: clock[0])
+    counts = od.ArrivalCounts()
+    counts.add({(f"s{n:02d}", True): 1 for n in range(40)})
+    counts.add({("s00", False): 2, ("s39", False): 5})
+    sources, totals = counts.series(1, 1_000_000)
+    assert len(sources) == 33 and sources["s00"] == {"ok": [1], "failed": [2]}
+    assert sources["(other)"] == {"ok": [8], "failed": [5]}
+    assert totals == {"ok": [40], "failed": [7]}
+    clock[0] += 300  # counting the second 300 later leaves a whole 300-second window before it
+    counts.add({("mcp", True): 1})
+    sources, totals = counts.series(300, 1_000_299)
+    assert totals["ok"][0] == 40 and set(sources) > {"s00", "(other)"}
+    clock[0] += 1  # one more, and the first second's slot counts the new one
+    counts.add({("mcp", True): 1})
+    sources, totals = counts.series(300, 1_000_300)
+    assert set(sources) == {"mcp"} and sum(totals["ok"]) == 1 and totals["ok"][-1] == 1
+    assert set(counts.series(300, 1_000_301)[0]) == {"mcp"}
+
+
+def test_answers_say_whether_an_op_was_a_duplicate_and_stay_byte_identical_without_op_id(serve):
+    server = serve()
+    port = server.port
+    # Without an op_id, the original answers, byte for byte.
+    assert answer_body(raw_exchange(port, raw_post(b"/observer/event", b'{"endpoint":"/plain"}'))) == \
+        b'{"accepted": true, "ring_size": 1}'
+    assert answer_body(raw_exchange(port, raw_post(b"/observer/events", b'[{"endpoint":"/a"},{"endpoint":"/b"}]'))) == \
+        b'{"accepted": 2, "ring_size": 3}'
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
+        (200, {"accepted": True, "duplicate": False, "ring_size": 4})
+    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
+        (200, {"accepted": True, "duplicate": True, "ring_size": 4})
+    # Two of one op_id in a batch: the second is the duplicate; ops without one are stored.
+    status, body, _ = client.post("/observer/events", [
+        {"endpoint": "/x", "op_id": "x"}, {"endpoint": "/y", "op_id": "y"}, {"endpoint": "/y", "op_id": "y"},
+        {"endpoint": "/no-id"}])
+    assert (status, list(body.items())) == (200, [("accepted", 2), ("duplicates", 2), ("ring_size", 6)])
+    assert journal_op_ids(server.config.persist_path) == [None, None, None, "x", "y", None]
+    assert [o.endpoint for o in server.store.ring.ops][-3:] == ["/x", "/y", "/no-id"]
+
+
+@pytest.mark.parametrize("client_gives_up", ["after the fsync", "before the fsync"])
+def test_a_retry_after_a_dropped_answer_is_stored_once(serve, monkeypatch, client_gives_up):
+    server = serve()
+    spy = FsyncSpy(monkeypatch, held=client_gives_up == "before the fsync")
+    body = json.dumps({"endpoint": "/pay", "op_id": "pay-1", "duration_ms": 7}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(raw_post(b"/observer/event", body))
+        if client_gives_up == "after the fsync":
+            wait_for(lambda: b"pay-1" in server.config.persist_path.read_bytes(), what="the op to be durable")
+        else:
+            wait_for(spy.entered.is_set, what="the commit to reach fsync")
+    # The connection is closed without its answer having been read; the commit goes on.
+    spy.release()
+    client = server.client()
+    assert client.post("/observer/event", body)[:2] == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
+    assert journal_op_ids(server.config.persist_path) == ["pay-1"]
+    assert [o.endpoint for o in server.store.ring.ops] == ["/pay"]
+
+
+@pytest.mark.parametrize("persist", ["durable", "ephemeral"])
+def test_eight_threads_posting_the_same_500_op_ids_store_each_once(serve, persist):
+    server = serve(**({"persist_path": ""} if persist == "ephemeral" else {}))
+    answers: list[tuple[int, str, object]] = []
+
+    def post_all(n):
+        client = server.client()
+        for op_id in (f"op-{i}" for i in range(500)):  # in step: every id is contended
+            status, body, _ = client.post("/observer/event", {"endpoint": f"/e/{op_id}", "op_id": op_id})
+            answers.append((status, op_id, body and body.get("duplicate")))
+
+    in_threads(post_all, 8, timeout=600)
+    assert len(answers) == 8 * 500 and all(status == 200 for status, _, _ in answers)
+    stored = Counter(op_id for _, op_id, duplicate in answers if duplicate is False)
+    assert stored == Counter({f"op-{i}": 1 for i in range(500)})
+    assert sorted(o.endpoint for o in server.store.ring.ops) == sorted(f"/e/op-{i}" for i in range(500))
+    if persist == "durable":
+        assert sorted(journal_op_ids(server.config.persist_path)) == sorted(f"op-{i}" for i in range(500))
+    families = scrape(server.client())
+    assert sample(families, "observerd_duplicates_total") == 7 * 500
+    assert sample(families, "observerd_events_total", source="mcp", success="false") == 500
+
+
+def test_overlapping_batches_count_exactly(serve):
+    server = serve()
+    client = server.client()
+    batch = lambda ids: [{"endpoint": f"/b/{i}", "op_id": f"b-{i}"} for i in ids]
+    assert client.post("/observer/events", batch(range(0, 100)))[1] == {"accepted": 100, "duplicates": 0, "ring_size": 100}
+    assert client.post("/observer/events", batch(range(50, 150)))[1] == {"accepted": 50, "duplicates": 50, "ring_size": 150}
+    ndjson = b"".join(json.dumps(o).encode() + b"\n" for o in batch([149, 150, 150]))
+    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert body == {"accepted": 1, "duplicates": 2, "ring_size": 151}
+    # Concurrent shippers re-sending overlapping windows of the same stream.
+    totals = []
+
+    def ship(n):
+        own = server.client()
+        for k in range(5):
+            start = 151 + (n * 5 + k) * 20
+            status, body, _ = own.post("/observer/events", batch(range(start, start + 60)))
+            assert status == 200
+            totals.append((body["accepted"], body["duplicates"]))
+
+    in_threads(ship, 6, timeout=300)
+    distinct = set(range(151, 151 + (5 * 5 + 4) * 20 + 60))
+    assert sum(accepted for accepted, _ in totals) == len(distinct)
+    assert sum(duplicates for _, duplicates in totals) == 30 * 60 - len(distinct)
+    in_file = journal_op_ids(server.config.persist_path)
+    assert len(in_file) == len(set(in_file)) == 151 + len(distinct)
+    assert len(server.store.ring.ops) == len(in_file)
+
+
+@pytest.mark.parametrize("outcome", ["stored", "failed"])
+def test_a_duplicate_of_an_op_in_flight_waits_for_its_commit_and_is_never_lost(serve, monkeypatch, outcome):
+    server = serve()
+    # The first commit is held in its fsync, which then succeeds or fails.
+    spy = FsyncSpy(monkeypatch, held=True, fail_calls={1} if outcome == "failed" else ())
+    body = {"endpoint": "/charge", "op_id": "charge-7"}
+    first = {}
+    thread = threading.Thread(target=lambda: first.update(answer=server.client().post("/observer/event", body)[:2]))
+    thread.start()
+    wait_for(spy.entered.is_set, what="the first commit to reach fsync")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(raw_post(b"/observer/event", json.dumps(body).encode()))
+        wait_for(lambda: len(server.store._queue) == 1, what="the duplicate to queue")
+        # Not answered while the op it duplicates is not yet durable.
+        assert select.select([sock], [], [], 0.3)[0] == []
+        spy.release()
+        thread.join(60)
+        second = read_responses(sock, 1)[0]
+    if outcome == "stored":
+        assert first["answer"] == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
+        assert second == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
+    else:
+        assert first["answer"][0] == 503
+        assert second == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
+    assert journal_op_ids(server.config.persist_path) == ["charge-7"]
+    assert [o.endpoint for o in server.store.ring.ops] == ["/charge"]
+    # And the first client's retry, whatever it was told, is now a duplicate.
+    assert server.client().post("/observer/event", body)[1]["duplicate"] is True
+
+
+def test_a_failed_commit_forgets_its_op_ids_so_the_retry_stores_them_once(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    n, status = 0, 200
+    while status == 200:
+        n += 1
+        status, body, _ = client.post("/observer/event", {"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40})
+    assert status == 503, body
+    batch = [{"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40}, {"endpoint": "/g", "op_id": "g"},
+             {"endpoint": "/g", "op_id": "g"}]
+    assert client.post("/observer/events", batch)[0] == 503
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    assert client.post("/observer/events", batch)[1] == {"accepted": 2, "duplicates": 1, "ring_size": n + 1}
+    assert client.post("/observer/event", batch[0])[1] == {"accepted": True, "duplicate": True, "ring_size": n + 1}
+    assert journal_op_ids(tmp_path / "ops.jsonl") == [f"fill-{i}" for i in range(1, n + 1)] + ["g"]
+    assert client.get("/observer/stats")[1]["total"] == n + 1
+
+
+def test_after_sigkill_and_restart_a_retry_is_a_duplicate(tmp_path, daemons):
+    # Small files: the ids are spread over the live file and rotated segments.
+    settings = {"max_file_bytes": 700, "keep_files": 50}
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    client = daemon.client()
+    ops = [{"endpoint": f"/k/{i}", "op_id": op_id, "timestamp": "2026-11-24T19:56:56Z"}
+           for i, op_id in enumerate([*ODD_OP_IDS, *(f"k-{i}" for i in range(20))])]
+    # A nested "op_id" is not the op's: this op has none, and must be stored every time.
+    ops.append({"endpoint": "/nested", "extra": {"op_id": "k-1"}})
+    for i, o in enumerate(ops[:-1]):
+        assert client.post("/observer/event", o)[1] == {"accepted": True, "duplicate": False, "ring_size": i + 1}
+    assert client.post("/observer/event", ops[-1])[0] == 200
+    stats = client.get("/observer/stats")[1]
+    daemon.proc.kill()
+    daemon.exit_status()
+    assert (tmp_path / "ops.jsonl.2").exists()
+
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    client = daemon.client()
+    assert f"op_ids={len(ops) - 1} " in daemon.log
+    assert client.get("/observer/stats")[1] == stats
+    for o in ops[:-1]:
+        assert client.post("/observer/event", o)[1]["duplicate"] is True, o["op_id"]
+    assert client.post("/observer/event", ops[-1])[1] == {"accepted": True, "ring_size": len(ops) + 1}
+    # Content is compared as the journal held it: restamped is the same op, changed is not.
+    assert client.post("/observer/event", {**ops[2], "timestamp": "2027-01-01T00:00:00Z"})[1]["duplicate"] is True
+    assert client.post("/observer/event", {**ops[2], "success": True})[1]["duplicate"] is True
+    # Logged before the answer is sent; read from the daemon's stderr by another thread.
+    warned = lambda: [line for line in daemon.log.splitlines() if "level=WARN" in line and "op_id" in line]
+    warnings = wait_for(warned, what="the WARN")
+    assert len(warnings) == 1 and warnings[0].endswith(f"op_id={od._logfmt_value(ops[2]['op_id'])}"), daemon.log
+    assert journal_op_ids(tmp_path / "ops.jsonl", 50) == [o.get("op_id") for o in ops] + [None]
+
+
+def test_an_op_id_older_than_the_window_is_stored_again_also_after_a_restart(serve, tmp_path):
+    path = tmp_path / "window.jsonl"
+    server = serve(persist_path=str(path), dedupe_window=3)
+    client = server.client()
+    post = lambda op_id, endpoint="/w": client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id})[1]["duplicate"]
+    assert [post("X"), post("a"), post("b"), post("X")] == [False, False, False, True]
+    assert client.post("/observer/event", {"endpoint": "/no-id"})[0] == 200  # takes a slot too
+    assert post("X") is False  # the last three stored: a, b, /no-id
+    assert journal_op_ids(path) == ["X", "a", "b", None, "X"]
+    server.close()
+    restarted = serve(persist_path=str(path), dedupe_window=3)
+    client = restarted.client()
+    # The window rebuilt from the journal: b, /no-id, X.
+    assert [post("X"), post("b"), post("a")] == [True, True, False]
+    assert journal_op_ids(path) == ["X", "a", "b", None, "X", "a"]
+
+
+def test_a_restart_remembers_no_op_id_of_a_line_that_is_not_one_observerd_wrote(serve, tmp_path):
+    path = tmp_path / "foreign.jsonl"
+    path.write_bytes(od.encode_line(od.validate_op({"op_id": "kept", "endpoint": "/k"}))
+                     + b'{"op_id":"broken","endpoint":\n'  # torn or foreign: no op in it
+                     + b'{"op_id":"no-endpoint"}\n'
+                     + b'{"op_id":"twice","op_id":"twice-2","endpoint":"/t"}\n'
+                     + b'{"op_id":"F-\xff\xfe","endpoint":"/f"}\n')
+    client = serve(persist_path=str(path)).client()
+    post = lambda op_id: client.post("/observer/event", {"endpoint": "/w", "op_id": op_id})[1]["duplicate"]
+    assert post("kept") is True
+    # U+FFFD is what a lenient decoder makes of the invalid bytes; a client may send it.
+    assert [post(op_id) for op_id in ("broken", "no-endpoint", "twice", "twice-2", "F-\ufffd\ufffd")] \
+        == [False] * 5
+
+
+@pytest.mark.parametrize("op_id", ["", "x" * 129, "😀" * 129, 5, None, True, ["a"], {"a": 1}, "line\nbreak",
+                                   "tab\there", "\u2028", "\x7f", "\ud800"])
+def test_an_op_id_that_is_not_1_to_128_printable_characters_is_400_naming_it(serve, op_id):
+    server = serve()
+    client = server.client()
+    status, body, _ = client.post("/observer/event", {"endpoint": "/e", "op_id": op_id})
+    assert status == 400 and body["error"].startswith("invalid op: op_id must be"), body
+    status, body, _ = client.post("/observer/events", [{"endpoint": "/e", "op_id": "ok"}, {"endpoint": "/e", "op_id": op_id}])
+    assert status == 400 and body["error"].startswith("invalid batch: op 1 is invalid: op_id must be"), body
+    assert server.config.persist_path.read_bytes() == b""
+    assert client.post("/observer/event", {"endpoint": "/e", "op_id": "ok"})[1]["duplicate"] is False
+
+
+def test_a_duplicate_with_different_content_logs_one_warn_and_the_first_version_wins(serve, capsys):
+    server = serve()
+    client = server.client()
+    first = {"endpoint": "/refund", "op_id": "r-1", "duration_ms": 5, "trace": {"id": "t"}}
+    client.post("/observer/event", first)  # the server stamps it
+    capsys.readouterr()
+    # The same op again, unstamped or restamped by the client: the same content.
+    assert client.post("/observer/event", first)[1]["duplicate"] is True
+    assert client.post("/observer/event", {**first, "timestamp": "2026-01-01T00:00:00Z"})[1]["duplicate"] is True
+    assert client.post("/observer/event", {**first, "source": "mcp", "success": False})[1]["duplicate"] is True
+    assert "level=WARN" not in capsys.readouterr().err
+    assert client.post("/observer/event", {**first, "duration_ms": 6})[1]["duplicate"] is True
+    # A batch of differing duplicates: one line for their op_id, however many they are.
+    batch = [{**first, "op_id": "r-2"}, *({**first, "op_id": "r-2", "error": f"e{i}"} for i in range(500))]
+    assert client.post("/observer/events", batch)[1] == {"accepted": 1, "duplicates": 500, "ring_size": 2}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "level=WARN" in line]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].endswith("duplicates=1 op_id=r-1") and warnings[1].endswith("duplicates=500 op_id=r-2")
+    ops = client.get("/observer/ops")[1]["ops"]
+    assert [(o["op_id"], o["duration_ms"], "error" in o) for o in ops] == [("r-2", 5, False), ("r-1", 5, False)]
+
+
+def test_duplicates_are_counted_apart_from_events_from_0(serve):
+    server = serve()
+    client = server.client()
+    assert sample(scrape(client), "observerd_duplicates_total") == 0
+    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
+    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
+    client.post("/observer/events", [{"endpoint": "/m", "op_id": "m", "success": True}] * 3)
+    families = scrape(client)
+    assert sample(families, "observerd_duplicates_total") == 4
+    assert sample(families, "observerd_events_total", source="mcp", success="true") == 1
+    assert client.get("/observer/stats")[1]["total"] == 1
+
+
+def test_a_dedupe_window_of_0_stores_every_op(serve):
+    server = serve(dedupe_window=0)
+    client = server.client()
+    for ring_size in (1, 2):
+        assert client.post("/observer/event", {"endpoint": "/e", "op_id": "same"})[1] == \
+            {"accepted": True, "duplicate": False, "ring_size": ring_size}
+    assert journal_op_ids(server.config.persist_path) == ["same", "same"]
+
+
+def test_the_op_id_window_holds_its_size_in_memory_whatever_the_ids():
+    window = od.OpIdWindow(10_000)
+    tracemalloc.start()
+    try:
+        for turn in range(3):  # filled, then turned over twice, 100 ops a commit
+            for start in range(0, 10_000, 100):
+                window.remember([(f"{turn}-{i}-" + "😀" * 120, hash((turn, i))) for i in range(start, start + 100)])
+            window.remember([None] * 5_000)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(window) == 5_000 and window.digest(f"2-{9_999}-" + "😀" * 120) is not None
+    assert window.digest(f"2-{4_999}-" + "😀" * 120) is None
+    # The README's bound for the longest ids: ~710 bytes each, 8 a slot.
+    assert held < 5_000 * 720 + 10_000 * 8 + 64 * 1024, held
+
+
 # -----------------------------------------------------------------------------
-# Analysis: signatures, clusters, reviews
+# [SECTION] History
 # -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("seed", range(12))
+def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(tmp_path, monkeypatch, seed):
+    """Every spelling another writer may use, escapes, decoys, corrupt lines, three segments,
+    blocks smaller than a line: the byte needles and raw checks never drop an op the filters
+    keep, nor keep another."""
+    monkeypatch.setattr(od, "BLOCK_BYTES", [64 * 1024, 700, 97][seed % 3])
+    rng = random.Random(seed)
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    expected_order = []
+    for segment in (path.with_name("ops.jsonl.2"), path.with_name("ops.jsonl.1"), path):
+        lines = []
+        for _ in range(150):
+            o = random_history_op(rng, len(expected_order), now)
+            if seed % 2:  # all ASCII, as most journals are: greps then run over whole chunks
+                o = od.validate_op(json.loads(json.dumps(o, ensure_ascii=False).replace("é", "e")))
+            expected_order.append(o)
+            lines.append(spelled(o, rng.randrange(6)))
+            if rng.random() < 0.05:
+                lines.append(rng.choice([b"not json\n", b'{"endpoint":"/mcp/search","source":"mcp",\n',
+                                         b"\n", b'{"endpoint":""}\n']))
+        segment.write_bytes(b"".join(lines))
+    assert sum(replay_forward(p) != [] for p in tmp_path.iterdir()) == 3
+    stored = replay_forward(path.with_name("ops.jsonl.2")) + replay_forward(path.with_name("ops.jsonl.1")) \
+        + replay_forward(path)
+    assert seqs(stored) == seqs(expected_order)
+    for _ in range(40):
+        given = random_filters(rng)
+        for bound in ("since", "until"):  # an op's own stamp, or a second next to one
+            if rng.random() < 0.3:
+                stamp = rng.choice(stored)["timestamp"]
+                given[bound] = stamp if rng.random() < 0.5 else od.parse_rfc3339(stamp).astimezone(od.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S') + rng.choice(["Z", ".999999Z"])
+        with od.JournalFiles(path, 2) as files:
+            page = od.read_history(files, od.OpFilter(given, now), 10 ** 9)
+        assert [plain(o) for o in page.ops] == [o for o in reversed(stored) if brute_force_keeps(o, given)], given
+        assert page.cursor is None and not page.truncated
+
+
+def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    lines = [od.encode_line(op("/a", input_summary="plain", seq=1)),
+             od.encode_line(op("/b", input_summary="q=timeout", seq=2)),
+             od.encode_line(op("/c", input_summary="q=timeout", seq=3)),
+             # Left to its default, the timestamp is the reading's "now": within any since.
+             b'{"endpoint":"/d","source":"mcp","timestamp":"","success":true,"seq":4}\n']
+    path.write_bytes(b"".join(lines))
+    now = time.time()
+
+    def kept(given):
+        with od.JournalFiles(path, 0) as files:
+            return seqs(plain(od.read_history(files, od.OpFilter(given, now), 100).ops))
+
+    # Searched over the whole chunk, this pattern's first match runs from /a's line into /c's.
+    assert kept({"regex": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
+    assert kept({"since": "1m", "success": "true"}) == [4]
+
+
+def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run_of_older_ones(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(od, "BLOCK_BYTES", 512)
+    monkeypatch.setattr(od, "SINCE_RUN_BYTES", 8 * 1024)
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    old = [history_op(i, 7200) for i in range(400)]  # about 60 KiB from two hours ago
+    backfill = [history_op(1000 + i, 5400) for i in range(20)]  # late, from 90 minutes ago
+    recent = [history_op(2000, 60), history_op(2001, 1800, flag="late but recent")]
+    lines = old + recent[:1] + backfill + recent[1:]
+    path.write_bytes(b"".join(map(od.encode_line, lines)))
+    with od.JournalFiles(path, 0) as files:
+        page = od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9)
+    # The recent op behind the backfill is found; the old ones are read only a run's worth.
+    assert seqs(plain(page.ops)) == [2001, 2000]
+    assert page.cursor is None
+    assert page.scanned_bytes < len(od.encode_line(old[0])) * 100
+    # A backfill longer than the run hides what is behind it: the documented price.
+    path.write_bytes(b"".join(map(od.encode_line, old + recent[:1] + old + recent[1:])))
+    with od.JournalFiles(path, 0) as files:
+        assert seqs(plain(od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9).ops)) == [2001]
+    # A filter few recent ops pass still reads the whole window: it knows where it is in time
+    # from a line of each block, not only from the ops it keeps.
+    rare = history_op(3000, 3000, endpoint="/rare")
+    busy = [history_op(4000 + i, 2000 - i) for i in range(200)]  # about 30 KiB after it
+    path.write_bytes(b"".join(map(od.encode_line, old + [rare] + busy)))
+    with od.JournalFiles(path, 0) as files:
+        page = od.read_history(files, od.OpFilter({"since": "1h", "endpoint": "/rare"}, now), 10 ** 9)
+    assert seqs(plain(page.ops)) == [3000]
+
+
+def test_history_pages_through_a_journal_appended_to_and_rotated_meanwhile(serve):
+    server = serve(max_file_bytes=3000, keep_files=1000)
+    client = server.client()
+    post_seqs(client, range(200))
+    seen, cursor, pages, appended = [], None, 0, 200
+    segments_before = len(list(server.config.persist_path.parent.glob("ops.jsonl.*")))
+    while True:
+        body = history_page(client, "limit=7" + (f"&cursor={cursor}" if cursor else ""))
+        assert body["count"] == len(body["ops"]) and not body["truncated"]
+        seen.extend(seqs(body["ops"]))
+        cursor, pages = body["cursor"], pages + 1
+        if cursor is None:
+            break
+        post_seqs(client, range(appended, appended + 5))  # with rotations now and then
+        appended += 5
+    assert seen == list(range(199, -1, -1)), "every op exactly once, newest first"
+    assert pages == 29
+    assert len(list(server.config.persist_path.parent.glob("ops.jsonl.*"))) > segments_before + 3
+    assert seqs(history_page(client, "limit=5")["ops"]) == list(range(appended - 1, appended - 6, -1))
+
+
+def test_grep_over_http_is_plain_text_so_no_pattern_can_stall_the_daemon(serve):
+    client = serve().client()
+    # As a regex, (a+)+b backtracks 2^n times over n a's, holding the GIL: at 40 ingest and
+    # every other request would wait for hours. As text, it finds only itself.
+    client.post("/observer/events", [{"endpoint": "/r", "error": "a" * 20}, {"endpoint": "/t", "error": "x (a+)+b y"}])
+    for route in ("/observer/history", "/observer/ops"):
+        found = client.get(f"{route}?grep=(a%2B)%2Bb")[1]["ops"]
+        assert [o["endpoint"] for o in found] == ["/t"], route
+
+
+def test_history_filters_and_reports_its_work(serve):
+    server = serve()
+    client = server.client()
+    post_seqs(client, range(10))
+    post_seqs(client, range(10, 15), success=False, error="upstream 502", trace="t-1")
+    body = history_page(client, "success=false&grep=m%2050&field=trace=t-1&since=1h&endpoint=/h/*&limit=3")
+    assert seqs(body["ops"]) == [14, 13, 12] and body["count"] == 3
+    assert body["scanned_bytes"] == server.config.persist_path.stat().st_size
+    assert body["cursor"] is not None and body["truncated"] is False
+    rest = history_page(client, f"success=false&grep=m%2050&field=trace=t-1&since=1h&endpoint=/h/*&limit=3"
+                                f"&cursor={body['cursor']}")
+    assert seqs(rest["ops"]) == [11, 10] and rest["cursor"] is None
+    full = history_page(client)
+    assert seqs(full["ops"]) == list(range(14, -1, -1)) and full["cursor"] is None
+    assert full["ops"] == plain(server.client().get("/observer/ops")[1]["ops"])
+    assert full["skipped_lines"] == 0
+    with open(server.config.persist_path, "ab") as journal:  # another writer's broken line
+        journal.write(b'{"endpoint": "/torn", \n')
+    assert history_page(client)["skipped_lines"] == 1
+
+
+def test_history_is_bounded_by_max_scan_bytes_and_goes_on_where_it_stopped(serve):
+    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
+    client = server.client()
+    post_seqs(client, range(300), success=True)
+    post_seqs(client, [300], success=False)
+    body = history_page(client, "success=false")
+    assert seqs(body["ops"]) == [300]
+    seen, truncated = [], 0
+    body = history_page(client, "success=true&limit=1000")
+    while True:
+        assert body["scanned_bytes"] < 1000 + 2 * od.BLOCK_BYTES
+        seen.extend(seqs(body["ops"]))
+        truncated += body["truncated"]
+        if body["cursor"] is None:
+            assert not body["truncated"]
+            break
+        body = history_page(client, f"success=true&limit=1000&cursor={body['cursor']}")
+    segments = len(list(server.config.persist_path.parent.glob("ops.jsonl*")))
+    assert seen == list(range(299, -1, -1)) and truncated == segments - 1 > 4
+
+
+def test_a_cursor_into_a_rotated_away_segment_is_410(serve):
+    server = serve(max_file_bytes=600, keep_files=1)
+    client = server.client()
+    post_seqs(client, range(6))
+    cursor = history_page(client, "limit=1")["cursor"]
+    assert history_page(client, f"cursor={cursor}")["ops"]  # still there
+    post_seqs(client, range(6, 30))  # the file the cursor names is deleted beyond keep_files
+    body = history_page(client, f"cursor={cursor}", expect=410)
+    assert "rotated away" in body["error"]
+    # A cursor whose file now holds other bytes (its inode reused) is as gone.
+    current = history_page(client, "limit=1")["cursor"]
+    ino, offset, crc = current.split(".")
+    assert history_page(client, f"cursor={ino}.{offset}.{int(crc, 16) ^ 1:08x}", expect=410)
+    assert history_page(client, f"cursor={ino}.{10 ** 15}.{crc}", expect=410)
+
+
+@pytest.mark.parametrize("query, param", [
+    ("nope=1", "nope"), ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
+    ("since=the%20day%20after", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
+    ("field=x", "field"), ("cursor=abc", "cursor"), ("cursor=1.0.00000000", "cursor"),
+    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("grep=a&grep=b", "grep"),
+    ("failed=1", "failed"), ("success=true&failed", "success"), ("regex=a", "regex"),
+])
+def test_bad_history_params_are_400_naming_the_param(serve, query, param):
+    body = history_page(serve().client(), query, expect=400)
+    assert body["error"].startswith(f"invalid query: {param} "), body
+
+
+def test_history_without_a_journal_is_409(serve):
+    body = history_page(serve(persist_path="").client(), expect=409)
+    assert body == {"error": "no journal: observerd runs ephemeral"}
+
+
+def test_history_never_holds_up_ingest_while_it_reads(serve, monkeypatch):
+    server = serve()
+    client = server.client()
+    post_seqs(client, range(5))
+    reading = threading.Event()
+    release = hold_history_reads(monkeypatch, reading.set)
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(history_page(server.client())))
+    reader.start()
+    assert reading.wait(30)
+    post_seqs(client, range(5, 8))  # answered while the history read is held mid-file
+    assert server.store.stats()["total"] == 8
+    release.set()
+    reader.join(60)
+    assert seqs(answers[0]["ops"]) == [4, 3, 2, 1, 0]
+
+
+def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=300, keep_files=1000)
+    client = daemon.client()
+    post_seqs(client, range(150))
+    assert len(list(tmp_path.glob("ops.jsonl.*"))) > 50
+    pid = daemon.proc.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds(pid)) + 6, hard))
+    seen, cursor = [], None
+    while True:
+        body = history_page(client, "limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        seen.extend(seqs(body["ops"]))
+        if (cursor := body["cursor"]) is None:
+            break
+    assert seen == list(range(149, -1, -1))
+    post_seqs(client, range(150, 160))  # rotations still find the descriptors they need
+    # The command line reads them all under a low limit too.
+    result = subprocess.run([sys.executable, str(DAEMON), "ops", str(tmp_path / "ops.jsonl"), "-n", "1000"],
+                            capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard)))
+    assert result.returncode == 0, result.stderr
+    assert seqs(ndjson(result.stdout)) == list(range(160))
+
+
+def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
+    server = serve()
+    post_seqs(server.client(), range(5))
+    reading = threading.Semaphore(0)
+    release = hold_history_reads(monkeypatch, reading.release)
+    answers = []
+    readers = [threading.Thread(target=lambda: answers.append(history_page(server.client()))) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for _ in readers:
+        assert reading.acquire(timeout=30)
+    # Both turns are taken: a third call would wait for one (each holds up to max_scan_bytes).
+    assert not server.server.history_reads.acquire(blocking=False)
+    release.set()
+    for reader in readers:
+        reader.join(60)
+    assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
+    assert server.server.history_reads.acquire(blocking=False)
+    server.server.history_reads.release()
+
+
+@pytest.mark.parametrize("text, zone, expected", [
+    ("2026-12-06T04:00:00Z", None, "2026-12-06T04:00:00Z"),
+    ("2026-12-06t04:00:00.5+01:00", None, "2026-12-06T03:00:00.5Z"),
+    ("2026-12-06 04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
+    ("2026-12-06 04:00", od.timezone(od.timedelta(hours=3)), "2026-12-06T01:00:00Z"),
+    ("2026-12-06 04:00:30 UTC", od.timezone(od.timedelta(hours=3)), "2026-12-06T04:00:30Z"),
+    ("2026-12-06", od.timezone.utc, "2026-12-06T00:00:00Z"),
+    ("04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
+    ("now", None, "2026-12-06T05:30:00Z"),
+    ("today", od.timezone.utc, "2026-12-06T00:00:00Z"),
+    ("today", od.timezone(od.timedelta(hours=-8)), "2026-12-05T08:00:00Z"),  # still the 5th there
+    ("yesterday", od.timezone.utc, "2026-12-05T00:00:00Z"),
+    ("tomorrow", od.timezone.utc, "2026-12-07T00:00:00Z"),
+    ("90s", None, "2026-12-06T05:28:30Z"),
+    ("15m", None, "2026-12-06T05:15:00Z"),
+    ("10 min ago", None, "2026-12-06T05:20:00Z"),
+    ("1h 30min ago", None, "2026-12-06T04:00:00Z"),
+    ("2 hours ago", None, "2026-12-06T03:30:00Z"),
+    ("-7d", None, "2026-11-29T05:30:00Z"),
+    ("+1h", None, "2026-12-06T06:30:00Z"),
+])
+def test_times_read_as_journalctl_reads_them(text, zone, expected):
+    seconds = od.parse_time_bound(text, "since", NOW_FOR_TIMES, zone=zone)
+    assert seconds == od.parse_rfc3339(expected).timestamp()
+
+
+@pytest.mark.parametrize("text", ["last week", "1y", "٣m", "2026-13-01", "2026-12-06 25:00", "10 lightyears", "ago",
+                                  "2026-12-06 04:00 PST", "", "-2026-12-06", "2026-12-06 ago", "+1h ago"])
+def test_a_time_journalctl_would_not_take_names_the_bound(text):
+    with pytest.raises(od.InvalidOp) as raised:
+        od.parse_time_bound(text, "until", NOW_FOR_TIMES)
+    assert raised.value.field == "until" and "must be a time like" in raised.value.reason
+
+
+def test_calendar_times_are_local_on_the_command_line_and_utc_over_http(serve, tmp_path):
+    server = serve()
+    client = server.client()
+    # Hourly ops on 2026-12-06, 00:00Z to 07:00Z.
+    client.post("/observer/events", [{"endpoint": f"/h/{h}", "seq": h, "timestamp": f"2026-12-06T0{h}:00:00Z"}
+                                     for h in range(8)])
+    journal = str(server.config.persist_path)
+    three_east = {"TZ": "XXX-3"}  # POSIX: three hours east of UTC, needing no tz database
+    window = ["--since", "2026-12-06 04:00", "--until", "2026-12-06 05:00", "-o", "ndjson"]
+    local = run_ops(journal, *window, env=three_east)
+    assert local.returncode == 0, local.stderr
+    assert seqs(ndjson(local.stdout)) == [1, 2]  # 04:00 to 05:00 at UTC+3
+    # The command line sends the daemon absolute times, read as it reads them.
+    remote = run_ops("--url", f"http://127.0.0.1:{server.port}", *window, env=three_east)
+    assert remote.returncode == 0, remote.stderr
+    assert remote.stdout == local.stdout
+    # The daemon reads the words it is sent in UTC.
+    over_http = history_page(client, "since=2026-12-06%2004:00&until=2026-12-06%2005:00")
+    assert seqs(over_http["ops"]) == [5, 4]
+    assert seqs(history_page(client, "since=2026-12-06&until=2026-12-06T02:00:00%2B01:00")["ops"]) == [1, 0]
+
+
+def test_relative_times_and_day_words_on_the_command_line(tmp_path):
+    now = time.time()
+    path = tmp_path / "ops.jsonl"
+    ages = {0: 3 * 86400, 1: 26 * 3600, 2: 3600, 3: 300, 4: 30, 5: -3600}  # seq: seconds before now
+    path.write_bytes(b"".join(od.encode_line(history_op(i, age, now)) for i, age in ages.items()))
+
+    def kept(*args, env=None):
+        result = run_ops(str(path), "-o", "ndjson", *args, env=env)
+        assert result.returncode == 0, result.stderr
+        return seqs(ndjson(result.stdout))
+
+    assert kept("--since", "10 min ago") == [3, 4, 5]
+    assert kept("--since", "2 hours ago", "--until", "now") == [2, 3, 4]
+    assert kept("--since", "1h 1min") == [2, 3, 4, 5]
+    assert kept("--until=-2d") == [0]
+    midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    utc = {"TZ": "UTC"}
+    assert kept("--since", "today", env=utc) == [i for i, age in ages.items() if now - age >= midnight.timestamp()]
+    assert kept("--since", "yesterday", "--until", "today", env=utc) == [
+        i for i, age in ages.items() if midnight.timestamp() - 86400 <= now - age <= midnight.timestamp()]
+
+
+@pytest.mark.parametrize("given", FILTERS_SPOKEN_ALIKE)
+def test_a_filter_means_the_same_as_a_flag_as_a_query_parameter_and_through_url(serve, given):
+    server = serve()
+    client = server.client()
+    now = time.time()
+    ops = [history_op(i, 4 * 3600 - i * 300, now, endpoint=["/mcp/a,b", "/mcp/a", "/scenario/x"][i % 3],
+                      source=od.SOURCES[i % 4], success=i % 3 != 1, trace=f"t{i % 2}",
+                      error=["x (a+)+b y", "aab", "HTTP 502"][i % 3]) for i in range(40)]
+    assert client.post("/observer/events", ops)[0] == 200
+    query = urlencode([(name, text) for name, value in given.items()
+                       for text in (value if isinstance(value, list) else [value])] + [("limit", "1000")])
+    over_http = history_page(client, query)["ops"]
+    assert bool(over_http) == (given != {"endpoint": ["/nothing"]})  # each keeps some, but the last
+    from_files = run_ops(str(server.config.persist_path), *filter_cli_args(given), "-n", "all", "-r", "-o", "ndjson")
+    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", *filter_cli_args(given), "-n", "all", "-r",
+                          "-o", "ndjson")
+    assert from_files.returncode == through_url.returncode == 0, from_files.stderr + through_url.stderr
+    assert ndjson(from_files.stdout) == ndjson(through_url.stdout) == over_http
+    ring = client.get(f"/observer/ops?{query.replace('limit=1000', 'limit=100')}")[1]["ops"]
+    assert ring == over_http
+
+
+def test_success_false_stays_an_alias_of_failed_over_http(serve):
+    client = serve().client()
+    post_seqs(client, range(4), success=True)
+    post_seqs(client, range(4, 6), success=False)
+    for route in ("/observer/history", "/observer/ops"):
+        assert [seqs(client.get(f"{route}?{q}")[1]["ops"]) for q in ("success=false", "failed=true", "failed")] \
+            == [[5, 4]] * 3, route
+        assert seqs(client.get(f"{route}?success=true&ok")[1]["ops"]) == [3, 2, 1, 0]
+
+
+def test_count_by_answers_what_failed_lately_and_where(serve):
+    server = serve()
+    client = server.client()
+    now = time.time()
+    old = [history_op(i, 3600, now, endpoint="/old", success=False, error="gone") for i in range(3)]
+    recent = ([history_op(10 + i, 60 + i, now, endpoint="/mcp/search", success=i >= 3, duration_ms=10 * (i + 1),
+                          error=None if i >= 3 else f"timeout after {i}s") for i in range(5)]
+              + [history_op(20 + i, 30, now, endpoint="/scenario/checkout", success=i == 0,
+                            error=None if i == 0 else "HTTP 502") for i in range(2)]
+              + [history_op(30, 20, now, endpoint="/fine", success=True)])
+    assert client.post("/observer/events", old + recent)[0] == 200
+    journal = str(server.config.persist_path)
+    result = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "ndjson")
+    assert result.returncode == 0, result.stderr
+    search_stamp = max(recent[:5], key=od.op_time)["timestamp"]
+    assert count_rows(result.stdout) == [
+        # Sorted by failures; each rate over all the group's ops in the window, not only its failures.
+        {"value": "/mcp/search", "ops": 5, "failures": 3, "failure_rate": 0.6, "p50_ms": 30, "p95_ms": 50,
+         "newest": search_stamp},
+        {"value": "/scenario/checkout", "ops": 2, "failures": 1, "failure_rate": 0.5, "p50_ms": 0, "p95_ms": 0,
+         "newest": recent[6]["timestamp"]},
+    ]
+    # The same grouping over HTTP: one bounded scan, no cursor.
+    body = history_page(client, "since=10m&failed&count_by=endpoint")
+    assert body["groups"] == count_rows(result.stdout) and body["count"] == 2
+    assert body["truncated"] is False and "cursor" not in body
+    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", "--since", "10m", "--failed",
+                          "--count-by", "endpoint", "-o", "json")
+    assert json.loads(through_url.stdout)["groups"] == body["groups"]
+    # Without --failed every group shows; by signature, successes count under none.
+    everything = count_rows(run_ops(journal, "--since", "10m", "--count-by", "endpoint", "-o", "ndjson").stdout)
+    assert [row["value"] for row in everything] == ["/mcp/search", "/scenario/checkout", "/fine"]
+    signatures = count_rows(run_ops(journal, "--count-by", "signature", "-o", "ndjson").stdout)
+    assert [(row["value"], row["ops"]) for row in signatures] == [
+        ("gone", 3), ("timeout after <n>s", 3), ("http <n>", 1), (None, 4)]
+    fields = count_rows(run_ops(journal, "--count-by", "seq", "-n", "2", "-o", "ndjson").stdout)
+    assert [row["value"] for row in fields] == ["0", "1"]  # not a string: its JSON
+    table = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "table").stdout
+    assert table.splitlines()[0].split() == ["FAILED", "OPS", "FAIL%", "P50", "MS", "P95", "MS", "NEWEST", "ENDPOINT"]
+    assert table.splitlines()[1].split()[:3] == ["3", "5", "60.0%"] and table.splitlines()[1].endswith("/mcp/search")
+
+
+def test_count_by_over_http_is_one_scan_bounded_by_max_scan_bytes(serve):
+    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
+    client = server.client()
+    post_seqs(client, range(100), success=False, error="boom")
+    body = history_page(client, "count_by=endpoint&limit=3")
+    assert body["truncated"] is True and body["count"] == 3  # limit: the first groups
+    whole = history_page(client, "count_by=error")
+    assert whole["truncated"] is True and 0 < whole["groups"][0]["ops"] < 100
+    assert body["scanned_bytes"] < 1000 + 2 * od.BLOCK_BYTES
+    cursor = history_page(client, "limit=1")["cursor"]
+    assert history_page(client, f"count_by=endpoint&cursor={cursor}", expect=400)["error"].startswith(
+        "invalid query: cursor does not go with count_by")
+    assert history_page(client, "count_by=", expect=400)["error"].startswith("invalid query: count_by ")
+
+
+# -----------------------------------------------------------------------------
+# [SECTION] Analysis
+# -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("a, b", [
     ("Timeout after 30s calling 10.0.0.12:8080", "timeout after 5s calling 10.0.0.7:443"),
@@ -2423,32 +4638,8 @@ def test_each_failure_is_signed_once_however_often_analysis_runs(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Statistics: Fisher exact, Mann–Whitney U, Benjamini–Hochberg
+# [SECTION] Statistics
 # -----------------------------------------------------------------------------
-
-
-def fisher_by_enumeration(a, b, c, d) -> float:
-    """Two-sided Fisher p by exact rational arithmetic over every table with the margins."""
-    from fractions import Fraction
-    row, other, column = a + b, c + d, a + c
-    tables = {x: Fraction(math.comb(row, x) * math.comb(other, column - x), math.comb(row + other, column))
-              for x in range(max(0, column - other), min(column, row) + 1)}
-    return float(sum(p for p in tables.values() if p <= tables[a]))
-
-
-def u_by_enumeration(baseline, candidate) -> tuple[float, float]:
-    """The candidate's U by counting pairs, and the exact two-sided p by trying every way of
-    splitting the pooled values into two groups of those sizes (values distinct)."""
-    def u_of(old, new):
-        return sum((n > o) + 0.5 * (n == o) for n in new for o in old)
-    pooled = baseline + candidate
-    u = u_of(baseline, candidate)
-    extreme = max(u, len(baseline) * len(candidate) - u)
-    splits = list(itertools.combinations(range(len(pooled)), len(candidate)))
-    at_least = sum(u_of([pooled[i] for i in range(len(pooled)) if i not in chosen], [pooled[i] for i in chosen])
-                   >= extreme for chosen in splits)
-    return u, min(1.0, 2 * at_least / len(splits))
-
 
 @pytest.mark.parametrize("table, expected", [
     ((3, 1, 1, 3), 0.4857142857142857),  # Fisher's tea: 34/70
@@ -2524,9 +4715,225 @@ def test_scipy_agrees_where_it_is_installed():
 
 
 # -----------------------------------------------------------------------------
-# Insights
+# [SECTION] Comparisons
 # -----------------------------------------------------------------------------
 
+def test_compare_finds_exactly_what_changed_over_http_and_on_the_command_line(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()))
+    status, answer, _ = server.client().get("/observer/compare?baseline=2h..1h&candidate=1h..now")
+    assert status == 200, answer
+    assert list(answer) == ["verdict", "baseline", "candidate", "by", "scanned_bytes", "truncated", "rows"]
+    assert (answer["verdict"], answer["baseline"], answer["candidate"], answer["by"], answer["truncated"]) == (
+        "worse", "2h..1h", "1h..now", "endpoint", False)
+    assert verdicts_of(answer) == EXPECTED_VERDICTS
+    assert [row["verdict"] for row in answer["rows"]] == ["worse", "worse", "~", "too few"]
+    triples = next(row for row in answer["rows"] if row["endpoint"] == "/triples")
+    assert list(triples) == ["endpoint", "verdict", "baseline", "candidate", "failure_rate", "duration",
+                             "new_signatures", "gone_signatures"]
+    assert triples["baseline"] == {"ops": 100, "failures": 10, "failure_rate": 0.1,
+                                   "p50_ms": triples["baseline"]["p50_ms"], "p95_ms": triples["baseline"]["p95_ms"]}
+    assert (triples["candidate"]["ops"], triples["candidate"]["failures"]) == (100, 30)  # the correction is not an op
+    assert triples["failure_rate"]["p"] == pytest.approx(od.fisher_exact_p(10, 90, 30, 70))
+    assert triples["failure_rate"]["q"] >= triples["failure_rate"]["p"]
+    assert triples["new_signatures"] == [{"signature": "connection reset by peer", "count": 10}]  # i % 10 == 1
+    steady = next(row for row in answer["rows"] if row["endpoint"] == "/steady")
+    assert steady["gone_signatures"] == [{"signature": "disk full", "count": 1}]
+    rare = next(row for row in answer["rows"] if row["endpoint"] == "/rare")
+    assert rare["failure_rate"] == rare["duration"] == {"p": None, "q": None, "verdict": "too few"}
+
+    cli = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["rows"] == answer["rows"]
+    table = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "table").stdout
+    assert "/triples" in table and "+20.0pp" in table and "too few  fewer than 5 ops" in table
+    assert re.search(r"/steady .* ~ ", table)
+
+
+def test_compare_two_runs_and_by_any_field(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()))
+    status, by_run, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2")
+    assert status == 200 and verdicts_of(by_run) == EXPECTED_VERDICTS
+    status, by_model, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2&by=model&endpoint=/doubles")
+    assert status == 200, by_model
+    assert {row["model"]: row["verdict"] for row in by_model["rows"]} == {"m0": "worse", "m1": "worse"}
+    cli = run_cli("compare", "r1", "r2", str(server.config.persist_path), "--by", "model", "--endpoint", "/doubles")
+    assert json.loads(cli.stdout)["rows"] == by_model["rows"]
+
+
+@pytest.mark.parametrize("query, name", [
+    ("candidate=1h..now", "baseline"),
+    ("baseline=2h..1h", "candidate"),
+    ("baseline=1h..2h&candidate=1h..now", "baseline"),
+    ("baseline=r1&candidate=r2&by=verdict", "by"),
+    ("baseline=r1&candidate=r2&by=", "by"),
+    ("baseline=r1&candidate=r2&success=false", "success"),
+])
+def test_bad_comparisons_are_400_naming_the_parameter(serve, query, name):
+    status, body, _ = serve().client().get("/observer/compare?" + query)
+    assert status == 400 and name in body["error"], body
+
+
+def test_compare_on_the_command_line_names_the_bad_argument(tmp_path):
+    journal = tmp_path / "ops.jsonl"
+    journal.write_text(json.dumps(op("/a", timestamp=ago(10))) + "\n")
+    cli = run_cli("compare", "1h..2h", "1h..now", str(journal))
+    assert cli.returncode == 2 and cli.stderr.startswith("observerd.py compare: baseline starts after it ends")
+    cli = run_cli("compare", "r1", "r2", str(journal), "--by", "duration")
+    assert cli.returncode == 2 and "--by cannot be 'duration'" in cli.stderr
+
+
+def test_fifty_unchanged_endpoints_with_noise_light_up_no_row():
+    """Twenty comparisons (seeds 0-19) of fifty endpoints that did not change: each has 100
+    tests, so raw p < 0.05 turns up by chance in nearly all; after Benjamini–Hochberg none."""
+    chance_findings = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        sides = []
+        for _ in range(2):
+            groups = {}
+            for n in range(50):
+                tally = groups[f"/e{n}"] = od.Tally()
+                for _ in range(40):
+                    tally.add(od.RingOp(od.validate_op(op(f"/e{n}", success=rng.random() > 0.2,
+                                                          duration_ms=rng.lognormvariate(3, 0.5)))))
+            sides.append(groups)
+        verdict, rows = od.compare_tallies("endpoint", *sides)
+        chance_findings += min(row[metric]["p"] for row in rows for metric in ("failure_rate", "duration")) < 0.05
+        assert verdict == "~" and {row["verdict"] for row in rows} == {"~"}, seed
+    assert chance_findings >= 15, "the noise must hold chance 'findings' for the test to mean anything"
+
+
+def test_runs_newest_first_with_their_numbers_over_http_and_on_the_command_line(serve):
+    server = serve()
+    post_ops(server.client(), two_hours_of_ops(time.time()) + [op("/no-run")])
+    status, answer, _ = server.client().get("/observer/runs")
+    assert status == 200, answer
+    assert [run["run"] for run in answer["runs"]] == ["r2", "r1"]
+    r2 = answer["runs"][0]
+    assert (r2["ops"], r2["failures"], r2["endpoints"]) == (
+        304, 40, ["/doubles", "/rare", "/steady", "/triples"])  # 303 ops and the correction
+    assert r2["failure_rate"] == round(40 / 304, 4) and r2["first"] < r2["last"]
+    assert list(r2) == ["run", "first", "last", "ops", "failures", "failure_rate", "p50_ms", "p95_ms", "endpoints"]
+    cli = run_cli("runs", str(server.config.persist_path), "-o", "json")
+    assert json.loads(cli.stdout)["runs"] == answer["runs"]
+    status, failed, _ = server.client().get("/observer/runs?endpoint=/triples&success=false&since=1h")
+    assert [(run["run"], run["ops"]) for run in failed["runs"]] == [("r2", 30)]
+    cli = run_cli("runs", str(server.config.persist_path), "--endpoint", "/triples", "--failed", "--since", "1h")
+    assert json.loads(cli.stdout)["runs"] == failed["runs"]
+
+
+def test_runs_are_bounded_by_max_scan_bytes_and_go_on_by_cursor(serve):
+    server = serve(max_scan_bytes=1)
+    post_ops(server.client(), [op("/a", run_id=f"r{i // 1000}", pad="x" * 200) for i in range(3000)])
+    status, first, _ = server.client().get("/observer/runs")
+    assert first["truncated"] and first["cursor"] and sum(run["ops"] for run in first["runs"]) < 3000
+    seen = Counter({run["run"]: run["ops"] for run in first["runs"]})
+    cursor = first["cursor"]
+    for _ in range(1000):  # each page reads at least a block: ~15 of them hold it all
+        page = server.client().get(f"/observer/runs?cursor={cursor}")[1]
+        seen.update({run["run"]: run["ops"] for run in page["runs"]})
+        cursor = page["cursor"]
+        if cursor is None:
+            break
+    assert seen == {"r0": 1000, "r1": 1000, "r2": 1000}
+
+
+def test_each_correction_gets_a_verdict_and_an_unhelpful_one_is_escalated_once_across_restarts(
+        tmp_path, daemons, fake_service):
+    team = fake_service()
+    settings = dict(CORRECTION_SETTINGS, escalate_url=team.url + "/api/run")
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(team.received) == 2, what="the escalations of the two unhelpful corrections")
+    sent = {body["correction"]["endpoint"]: body for _, body in team.received}
+    assert set(sent) == {"/idle", "/broke"}
+    idle = sent["/idle"]
+    assert (idle["mode"], idle["source"], idle["verdict"], idle["cluster"]["endpoint"]) == (
+        "code_review", "observerd", "no change", "/idle")
+    assert idle["comparison"]["baseline"]["failures"] == idle["comparison"]["candidate"]["failures"] == 15
+    assert sent["/broke"]["verdict"] == "hurt" and sent["/broke"]["comparison"]["failure_rate"]["verdict"] == "worse"
+    expected = {"/later": ("pending", False), "/broke": ("hurt", True), "/idle": ("no change", True),
+                "/fixed": ("helped", False)}
+    # The team has an escalation before the daemon has its answer, and records it as sent.
+    wait_for(lambda: correction_verdicts(daemon.client()) == expected, what="both escalations recorded")
+    assert list(correction_verdicts(daemon.client())) == ["/later", "/broke", "/idle", "/fixed"]  # newest first
+    cli = run_cli("corrections", "--config", str(tmp_path / "lakehouse.toml"), "-o", "json")
+    assert {e["correction"]["endpoint"]: (e["verdict"], e["escalated"]) for e in json.loads(cli.stdout)["corrections"]} == expected
+    escalations = daemon.client().get("/observer/escalations")[1]["escalations"]
+    assert sorted((e["endpoint"], e["verdict"], e["outcome"]) for e in escalations) == [
+        ("/broke", "hurt", "sent"), ("/idle", "no change", "sent")]
+    wait_for_analyses(daemon.client())
+    assert len(team.received) == 2, "a correction was escalated twice"
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    wait_for_analyses(daemon.client())
+    assert correction_verdicts(daemon.client()) == expected
+    top = run_cli("top", "--once", "--url", f"http://127.0.0.1:{daemon.port}")
+    assert re.search(r"hurt +0\.0% → 60\.0%  /broke  \(escalated\)", top.stdout), top.stdout
+    assert re.search(r"helped +50\.0% → 0\.0%  /fixed\n", top.stdout), top.stdout
+    assert len(team.received) == 2, "a restart escalated a correction again"
+
+
+def test_a_failed_correction_escalation_is_retried_and_delivered_once(tmp_path, daemons, fake_service):
+    down = fake_service(status=503)
+    settings = dict(CORRECTION_SETTINGS, escalate_url=down.url + "/api/run", escalate_cooldown_s=3600)
+    daemon = start_durable_daemon(daemons, tmp_path, **settings)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(down.received) >= 2, what="the first deliveries")
+    wait_for_analyses(daemon.client(), 40)
+    # Every analysis would be 80 attempts; doubling from 0.05 s, 30 would take hours.
+    assert 2 <= len(down.received) < 30, len(down.received)
+    assert {body["correction"]["endpoint"] for _, body in down.received} == {"/idle", "/broke"}
+    assert correction_verdicts(daemon.client())["/idle"] == ("no change", False)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    up = fake_service()
+    daemon = start_durable_daemon(daemons, tmp_path, **dict(settings, escalate_url=up.url))
+    wait_for(lambda: len(up.received) == 2, what="the deliveries once the target is up")
+    wait_for_analyses(daemon.client())
+    assert len(up.received) == 2
+    wait_for(lambda: correction_verdicts(daemon.client())["/idle"] == ("no change", True), what="the delivery recorded")
+
+
+def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(serve, fake_service):
+    team = fake_service()
+    server = serve(max_scan_bytes=1, escalate_url=team.url, **CORRECTION_SETTINGS)
+    now = time.time()
+    ops = corrected_endpoints(now)
+    early = [o for o in ops if o["timestamp"] < ago(140.5, now)]  # the first half of each before-window
+    late = [o for o in ops if o not in early]
+    # 300 KB of other ops between them: a read of the journal's last block sees /broke's last 15 ops
+    # before its correction (none failed) and the 30 after (18 failed): hurt, on a read cut short.
+    post_ops(server.client(), early + [op("/noise", timestamp=ago(140, now), pad="x" * 300) for _ in range(1000)]
+             + late)
+    wait_for_analyses(server.client(), 5)
+    status, answer, _ = server.client().get("/observer/corrections")
+    assert status == 200 and answer["truncated"] and answer["count"] == 4
+    broke = next(e for e in answer["corrections"] if e["correction"]["endpoint"] == "/broke")
+    assert (broke["verdict"], broke["truncated"], broke["comparison"]["baseline"]["ops"]) == ("hurt", True, 15)
+    assert team.received == []
+
+
+def test_the_corrections_of_one_listing_share_max_scan_bytes(serve):
+    server = serve(max_scan_bytes=300_000, verdict_window_s=60)
+    now = time.time()
+    # 2 MB of ops stamped now, then ten corrections stamped an hour back (sent late): each
+    # verdict's read goes back through all of it, looking for its endpoint's ops of that hour.
+    post_ops(server.client(), [op("/noise", timestamp=ago(1, now), pad="x" * 2000) for _ in range(1000)]
+             + [op(f"/fix/{n}", source="overseer_correction", timestamp=ago(3600, now)) for n in range(10)])
+    status, answer, _ = server.client().get("/observer/corrections")
+    assert status == 200 and answer["count"] == 10 and answer["truncated"]
+    # Ten reads of 300 KB each would be 3 MB; shared, the later ones read a block (64 KiB) each.
+    assert answer["scanned_bytes"] < 300_000 + 11 * od.BLOCK_BYTES
+
+
+# -----------------------------------------------------------------------------
+# [SECTION] Insights
+# -----------------------------------------------------------------------------
 
 def test_delivered_escalations_stay_listed_however_many_attempts_fail():
     insights = od.Insights()
@@ -2549,67 +4956,8 @@ def test_delivered_escalations_stay_listed_however_many_attempts_fail():
 
 
 # -----------------------------------------------------------------------------
-# Outbound: deadlines and hostile peers
+# [SECTION] Outbound
 # -----------------------------------------------------------------------------
-
-
-class RawService:
-    """A loopback HTTP service that answers every request with `response`, raw: the first
-    `at_once` bytes at once, then one byte every `byte_interval_s`, then it closes."""
-
-    def __init__(self, response: bytes, at_once: int | None = None, byte_interval_s: float = 0.0):
-        self.response, self.byte_interval_s = response, byte_interval_s
-        self.at_once = len(response) if at_once is None else at_once
-        self.requests = 0
-        self._stop = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(sock,), daemon=True).start()
-
-    def _answer(self, sock):
-        with sock:
-            received = b""
-            while b"\r\n\r\n" not in received:
-                received += sock.recv(65536) or b"\r\n\r\n"
-            head, _, body = received.partition(b"\r\n\r\n")
-            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-            while len(body) < length:
-                body += sock.recv(65536) or b" " * length
-            self.requests += 1
-            try:
-                sock.sendall(self.response[:self.at_once])
-                for i in range(self.at_once, len(self.response)):
-                    if self._stop.wait(self.byte_interval_s):
-                        return
-                    sock.sendall(self.response[i:i + 1])
-            except OSError:
-                pass
-
-    def close(self):
-        self._stop.set()
-        self._listener.close()
-
-
-@pytest.fixture
-def raw_service():
-    yield from started_by_test(RawService, RawService.close)
-
-
-def http_answer(body: bytes, content_length: int | None = None) -> bytes:
-    length = len(body) if content_length is None else content_length
-    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length) + body
-
-
-SLOW_ANSWER = http_answer(json.dumps({"response": "x" * 60, "done": True}).encode())
-
 
 @pytest.mark.parametrize("dribbled", ["head", "body"])
 def test_an_llm_that_dribbles_its_answer_is_cut_off_at_the_deadline(serve, raw_service, dribbled):
@@ -2664,137 +5012,8 @@ def test_every_failure_of_an_outbound_call_is_an_llm_error_or_a_failed_escalatio
 
 
 # -----------------------------------------------------------------------------
-# HTTP protocol: errors and reasons, parsing, connection cap, deadlines, answers
+# [SECTION] HTTP protocol
 # -----------------------------------------------------------------------------
-
-
-def raw_post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
-    return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
-
-
-def assert_healthy(port) -> None:
-    status, _ = parse_response(raw_exchange(port, b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n"))
-    assert status == 200
-
-
-def open_slow_requests(port: int, count: int) -> list[socket.socket]:
-    """Connections that each send the start of a request and then stall."""
-    slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
-    for sock in slow:
-        sock.sendall(b"GET /observer/health HTTP/1.1\r\nX-Slow: ")
-    return slow
-
-
-HUGE_DIGITS = b'{"endpoint": "/e", "n": ' + b"9" * 10000 + b"}"
-
-
-MALFORMED = {
-    "garbage request line": b"GARBAGE\r\n\r\n",
-    "request line with too many words": b"GET / HTTP/1.1 extra\r\n\r\n",
-    "huge request line": b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
-    "huge header": b"GET /observer/health HTTP/1.1\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n",
-    "too many headers": b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 200 + b"\r\n",
-    "non-numeric length": b"POST /observer/event HTTP/1.1\r\nContent-Length: ten\r\n\r\n{}",
-    "negative length": b"POST /observer/event HTTP/1.1\r\nContent-Length: -5\r\n\r\n{}",
-    "conflicting lengths": b"POST /observer/event HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-    "absurd length": b"POST /observer/event HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
-    "truncated body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"endpoint\":",
-    "invalid UTF-8": b"POST /observer/event HTTP/1.1\r\nContent-Length: 20\r\n\r\n{\"endpoint\": \"\xff\xfe\"}  ",
-    "deep nesting": b"POST /observer/event HTTP/1.1\r\nContent-Length: 200000\r\n\r\n" + b"[" * 200000,
-    "NaN": b"POST /observer/event HTTP/1.1\r\nContent-Length: 36\r\n\r\n{\"endpoint\": \"/e\", \"duration_ms\": NaN}",
-    "Infinity": b"POST /observer/event HTTP/1.1\r\nContent-Length: 27\r\n\r\n{\"endpoint\": \"/e\", \"x\": -Infinity}",
-    "duplicate keys": b"POST /observer/event HTTP/1.1\r\nContent-Length: 34\r\n\r\n{\"endpoint\": \"/a\", \"endpoint\": \"/b\"}",
-    "10,000-digit number": b"POST /observer/event HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(HUGE_DIGITS) + HUGE_DIGITS,
-    "body is a string": b"POST /observer/event HTTP/1.1\r\nContent-Length: 5\r\n\r\n\"abc\"",
-    "body is an array": b"POST /observer/event HTTP/1.1\r\nContent-Length: 18\r\n\r\n[{\"endpoint\":\"/e\"}]",
-    "body is null": b"POST /observer/event HTTP/1.1\r\nContent-Length: 4\r\n\r\nnull",
-    "empty body": b"POST /observer/event HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
-}
-
-
-def send_until_refused(sock: socket.socket, data: bytes) -> None:
-    """sendall that stops quietly when the peer closes or resets the connection."""
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass
-
-
-def served_keep_alive(server: InProcessServer) -> socket.socket:
-    """A connection that has had one request answered and whose handler waits for the next."""
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-    sock.sendall(b"GET /observer/health HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert read_responses(sock, 1)[0][0] == 200
-    client_end = sock.getsockname()
-
-    def waiting_for_next_request():
-        for server_end, (phase, _) in list(server.server.connections._open.items()):
-            try:
-                if server_end.getpeername() == client_end:
-                    return phase == od.ConnectionTracker.IDLE
-            except OSError:
-                pass
-        return False
-
-    wait_for(waiting_for_next_request, what="the handler to wait for the next request")
-    return sock
-
-
-GET_ROUTES = ["/observer/health", "/observer/stats", "/observer/errors", "/observer/playbooks",
-              "/observer/escalations", "/observer/ops", "/metrics"]
-
-
-def op_of_size(size: int) -> bytes:
-    """A valid op encoded in exactly size bytes."""
-    head = b'{"endpoint": "/sized", "pad": "'
-    return head + b"x" * (size - len(head) - 2) + b'"}'
-
-
-def rejections(server: InProcessServer, token: str | None = None) -> dict[str, float]:
-    """observerd_rejected_total by reason, as GET /metrics exports it."""
-    client = server.client(token=token)
-    try:
-        client.conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"} if token else {})
-        families = parse_exposition(client.conn.getresponse().read().decode())
-    finally:
-        client.close()
-    return {labels["reason"]: value for _, labels, value in families["observerd_rejected_total"]["samples"]}
-
-
-def fail_reviews(monkeypatch):
-    def review_ops(ops):
-        raise RuntimeError("a bug in a handler")
-    monkeypatch.setattr(od, "review_ops", review_ops)
-
-
-# (settings, request, status, reason it is counted under or None, fault to inject)
-ERROR_ANSWERS = {
-    "invalid op": ({}, raw_post(b"/observer/event", b'{"endpoint": ""}'), 400, "invalid", None),
-    "invalid query": ({}, b"GET /observer/ops?limit=0 HTTP/1.1\r\n\r\n", 400, "invalid", None),
-    "malformed request line": ({}, b"GET /observer/health\r\n\r\n", 400, "invalid", None),
-    "request line ended early": ({}, b"GET /observer/hea", 400, "invalid", None),
-    "conflicting lengths": ({}, b"POST /observer/event HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}",
-                            400, "invalid", None),
-    "bad gzip": ({}, raw_post(b"/observer/event", b"\x1f\x8bnot gzip", b"Content-Encoding: gzip\r\n"),
-                 400, "invalid", None),
-    "no token": ({"token": "t0ken"}, b"GET /observer/stats HTTP/1.1\r\n\r\n", 401, "unauthorized", None),
-    "no route": ({}, b"GET /nowhere HTTP/1.1\r\n\r\n", 404, None, None),
-    "wrong method": ({}, b"DELETE /observer/event HTTP/1.1\r\n\r\n", 405, None, None),
-    "no length": ({}, b"POST /observer/review HTTP/1.1\r\nHost: x\r\n\r\n", 411, "length_required", None),
-    "body over the cap": ({"max_body_bytes": 100}, raw_post(b"/observer/event", b"{}" * 60), 413, "too_large", None),
-    "batch over the cap": ({"max_batch": 1}, raw_post(b"/observer/events", b'[{"endpoint": "/a"}, {"endpoint": "/b"}]'),
-                           413, "too_large", None),
-    "unknown encoding": ({}, raw_post(b"/observer/event", b"{}", b"Content-Encoding: br\r\n"),
-                         415, "unsupported_encoding", None),
-    "too many headers": ({}, b"GET /observer/health HTTP/1.1\r\n" + b"X-H: 1\r\n" * 101 + b"\r\n", 431, "invalid", None),
-    "handler bug": ({}, raw_post(b"/observer/review", b"{}"), 500, None, fail_reviews),
-    "unknown method": ({}, b"BREW /observer/health HTTP/1.1\r\n\r\n", 501, None, None),
-    "disk full": ({"persist_path": dev_full}, raw_post(b"/observer/event", b'{"endpoint": "/e"}'),
-                  503, "persist_failed", None),
-    "HTTP/2": ({}, b"GET /observer/health HTTP/2.0\r\n\r\n", 505, None, None),
-    "request line too long": ({}, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n", 414, None, None),
-}
-
 
 def test_body_over_the_cap_is_413_before_reading_it(serve):
     server = serve(max_body_bytes=100)
@@ -3307,6 +5526,11 @@ def test_a_connection_refused_at_the_cap_is_counted_and_told_to_retry(serve, mon
     assert b"Retry-After: 1" in head and b"Connection: close" in head
     wait_for(lambda: len(server.server.connections) == 0, what="the slot to free up")
     assert rejections(server) == {**before, "too_many_connections": 1}
+    # Counted as every answer is, though no thread read its request.
+    client = server.client()
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    assert sample(families, "observerd_http_requests_total", route="unparsed", code="503") == 1
 
 
 def test_a_malformed_request_target_is_400_not_500(serve):
@@ -3328,22 +5552,6 @@ def test_leading_zeros_and_x_gzip_are_taken_as_the_rfcs_say(serve):
                                headers={"Content-Encoding": "x-gzip"})
     assert status == 200
     assert [o["endpoint"] for o in client.get("/observer/ops")[1]["ops"]] == ["/x-gzip", "/zeros", "/a"]
-
-
-def chunked(body: bytes, sizes=(7,), extension=b"", trailers=b"") -> bytes:
-    """body in chunks of the given sizes (the last repeated), then the last chunk and trailers."""
-    out, at, sizes = [], 0, list(sizes)
-    while at < len(body):
-        size = sizes.pop(0) if len(sizes) > 1 else sizes[0]
-        piece = body[at:at + size]
-        out.append(b"%x%s\r\n%s\r\n" % (len(piece), extension, piece))
-        at += size
-    return b"".join(out) + b"0\r\n" + trailers + b"\r\n"
-
-
-def post_chunked(port: int, path: bytes, framed: bytes, headers: bytes = b"") -> tuple[int, dict | None]:
-    head = b"POST %s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n%s\r\n" % (path, headers)
-    return parse_response(raw_exchange(port, head + framed))
 
 
 def test_chunked_bodies_are_read_on_every_post_route(serve):
@@ -3393,22 +5601,24 @@ def test_a_chunked_body_past_the_cap_is_413_before_the_rest_is_read(serve):
     assert post_chunked(server.port, b"/observer/event", chunked(exact, (333,)))[0] == 200
 
 
+def test_while_draining_a_new_connection_never_takes_the_place_of_a_request_in_progress():
+    tracker = od.ConnectionTracker(limit=1, request_timeout_s=600)
+    in_progress, peer = socket.socketpair()
+    newcomer, newcomer_peer = socket.socketpair()
+    try:
+        assert tracker.admit(in_progress)
+        tracker.headers_read(in_progress)  # its body is on the way
+        assert tracker.close_idle_and_drain(0) == 1
+        assert not tracker.admit(newcomer)  # answered 503 "too many connections" instead
+        assert tracker.cut_reason(in_progress) is None
+    finally:
+        for sock in (in_progress, peer, newcomer, newcomer_peer):
+            sock.close()
+
+
 # -----------------------------------------------------------------------------
-# API: stats, events, ops, review, metrics, auth
+# [SECTION] API
 # -----------------------------------------------------------------------------
-
-
-GUARDED_ROUTES = [
-    ("GET", "/observer/stats", None), ("POST", "/observer/event", {"endpoint": "/e"}),
-    ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/errors", None),
-    ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
-    ("POST", "/observer/review", {}), ("GET", "/observer/ops", None), ("GET", "/metrics", None),
-    ("GET", "/observer/timeline", None),
-    ("HEAD", "/observer/stats", None), ("HEAD", "/observer/ops", None), ("HEAD", "/metrics", None),
-    ("GET", "/observer/ready", None), ("HEAD", "/observer/ready", None),
-    ("GET", "/observer/history", None),
-]
-
 
 def test_health_stats_and_event_shapes(serve):
     server = serve()
@@ -3637,62 +5847,374 @@ def test_review_needs_a_content_length_like_every_route_with_a_body(serve, head,
         assert "Content-Length required" in answer[1]["error"]
 
 
+def test_llm_request_counters_exist_from_0(serve):
+    assert llm_counts(serve().port) == {("primary", "answered"): 0, ("primary", "failed"): 0,
+                                        ("fallback", "answered"): 0, ("fallback", "failed"): 0}
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_the_primary_answers_the_review_in_its_api(serve, backend, api):
+    primary, fallback = backend(api, "The /x endpoint is failing: check the DB."), backend("openai")
+    server = serve(**chain(primary, fallback, primary_api=api))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert (result["method"], result["llm_backend"], result["llm_model"]) == ("heuristic+llm", "primary", "local-test")
+    assert result["llm_review"] == "The /x endpoint is failing: check the DB." and result["llm_errors"] == []
+    assert result["reviews"][0]["verdict"] == "failing"
+    [(path, headers, sent, _)] = primary.requests
+    assert path == LLM_PATHS[api] and sent["model"] == "local-test"
+    prompt = sent["prompt"] if api == "ollama" else sent["messages"][0]["content"]
+    if api == "ollama":
+        assert sent["stream"] is False
+    else:
+        assert [m["role"] for m in sent["messages"]] == ["user"]
+    assert "/x" in prompt and "the 1 worst of 1 endpoints" in prompt
+    assert "authorization" not in headers  # no key configured, none sent
+    assert fallback.requests == []
+    assert llm_counts(server.port)[("primary", "answered")] == 1
+
+
+def test_a_failing_primary_hands_the_review_to_the_fallback(serve, backend):
+    primary, fallback = backend("ollama", status=500), backend("openai", "hosted says: roll back")
+    server = serve(**chain(primary, fallback))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert (result["method"], result["llm_backend"], result["llm_model"]) == ("heuristic+llm", "fallback", "hosted-test")
+    assert result["llm_review"] == "hosted says: roll back"
+    assert result["llm_errors"] == [{"backend": "primary", "error": "HTTP 500 Internal Server Error"}]
+    [(path, _, sent, _)] = fallback.requests
+    assert path == "/v1/chat/completions" and sent["model"] == "hosted-test"
+    assert sent["messages"] == [{"role": "user", "content": primary.requests[0][2]["prompt"]}]
+    counts = llm_counts(server.port)
+    assert (counts[("primary", "failed")], counts[("fallback", "answered")]) == (1, 1)
+
+
+def test_a_slow_primary_is_given_up_at_its_deadline_and_the_fallback_answers(serve, backend):
+    # The primary holds the request until teardown: the review can only end by giving it up.
+    primary, fallback = backend("ollama", held=True), backend("openai", "hosted says: hi")
+    server = serve(**chain(primary, fallback, outbound_timeout_s=2))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = server.client(timeout=120).post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
+    assert result["llm_errors"] == [{"backend": "primary", "error": "timed out"}]
+    assert len(primary.requests) == 1 and not primary.hold.is_set()
+
+
+def test_when_every_backend_fails_the_review_is_the_heuristic_one_with_both_errors(serve, backend):
+    server = serve(**chain(backend("ollama", status=503), no_port_url()))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = review(server, llm=True)
+    assert result["method"] == "heuristic" and result["reviews"][0]["verdict"] == "failing"
+    assert not {"llm_review", "llm_backend", "llm_model"} & result.keys()
+    [primary, fallback] = result["llm_errors"]
+    assert primary == {"backend": "primary", "error": "HTTP 503 Service Unavailable"}
+    assert fallback["backend"] == "fallback" and fallback["error"].startswith("unreachable: ")
+    counts = llm_counts(server.port)
+    assert (counts[("primary", "failed")], counts[("fallback", "failed")]) == (1, 1)
+
+
+def test_the_prompt_stays_under_its_cap_with_a_ring_of_large_errors(serve, backend):
+    primary, fallback = backend("ollama", status=500), backend("openai")
+    server = serve(ring_size=1000, **chain(primary, fallback))
+    client = server.client(timeout=120)
+    for batch in range(4):  # 1000 endpoints of 1 KB names, failing with distinct 4 KB errors
+        ops = [{"endpoint": f"/{'e' * 1000}/{batch}/{i}", "error": f"{batch}-{i} " + "boom " * 800}
+               for i in range(250)]
+        assert client.post("/observer/events", ops)[0] == 200
+    result = client.post("/observer/review", {"llm": True})[1]
+    assert result["llm_backend"] == "fallback" and len(result["reviews"]) == 1000
+    for prompt, body_bytes in [(primary.requests[0][2]["prompt"], primary.requests[0][3]),
+                               (fallback.requests[0][2]["messages"][0]["content"], fallback.requests[0][3])]:
+        assert len(prompt.encode()) <= od.LLM_PROMPT_MAX_BYTES
+        assert body_bytes <= 2 * od.LLM_PROMPT_MAX_BYTES  # even with every quote escaped again
+        shown = int(re.search(r"the (\d+) worst of 1000 endpoints", prompt).group(1))
+        assert shown >= 1 and prompt.count('"verdict"') == shown
+        assert "/" + "e" * (od.LLM_PROMPT_TEXT_CHARS - 1) + "…" in prompt
+
+
+@pytest.mark.parametrize("api, answer, error", [
+    ("ollama", http_answer(HUGE_ANSWER), f"answer is larger than {od.OUTBOUND_MAX_ANSWER_BYTES} bytes"),
+    ("ollama", chunked_answer(HUGE_ANSWER), f"answer is larger than {od.OUTBOUND_MAX_ANSWER_BYTES} bytes"),
+    ("openai", http_answer(b"<html>502 Bad Gateway</html>"),
+     "answer is not valid JSON: Expecting value at line 1 column 1"),
+    ("ollama", http_answer(json.dumps(openai_reply("hi")).encode()), "answer has no 'response' text in valid Unicode"),
+    ("ollama", http_answer(b'{"response": 42}'), "answer has no 'response' text in valid Unicode"),
+    ("ollama", http_answer(b'{"response": "  \\n"}'), "answer has no 'response' text in valid Unicode"),
+    ("openai", http_answer(b'{"response": "hi"}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b'{"choices": []}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b'{"choices": "hi"}'), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b"[1, 2]"), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("openai", http_answer(b""), "answer has no 'choices[0].message.content' text in valid Unicode"),
+    ("ollama", b"garbage\r\n\r\n", "BadStatusLine: garbage"),  # the status line's CRLF is not kept
+], ids=["huge", "huge chunked", "not json", "openai shape to ollama", "number", "blank",
+        "ollama shape to openai", "no choices", "choices a string", "array", "empty", "bad status"])
+def test_a_huge_or_malformed_answer_is_that_backends_error(serve, backend, raw_service, api, answer, error):
+    primary, fallback = raw_service(answer), backend("ollama" if api == "openai" else "openai", "fine")
+    server = serve(**chain(primary, fallback, primary_api=api,
+                           fallback_api="ollama" if api == "openai" else "openai"))
+    server.client().post("/observer/events", failures("/x", 6))
+    result = server.client(timeout=60).post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "fine")
+    [failed] = result["llm_errors"]
+    assert failed["backend"] == "primary" and failed["error"].startswith(error), failed
+    assert "\n" not in failed["error"] and "\r" not in failed["error"]
+
+
+def test_backend_keys_come_from_the_environment_and_show_nowhere(tmp_path, daemons, backend):
+    keys = {name: f"{name[:2]}-{os.urandom(16).hex()}" for name in KEY_VARS}
+    env = {KEY_VARS[name]: key for name, key in keys.items()}
+    # The primary refuses, echoing the key in its reason phrase: the error must not carry it on.
+    primary = backend("ollama", status=401, reason=f"invalid key {keys['primary']} for this model")
+    fallback, team = backend("openai", "hosted says: hi"), backend(None)
+    config = write_settings(tmp_path, {
+        "bind": "127.0.0.1:0", "persist_path": "ops.jsonl", "access_log": True, "token": "t0ken",
+        "analyze_interval_s": 0.05, "escalate_url": team.url + "/api/run", "escalate_threshold": 1,
+        "escalate_token_env": KEY_VARS["escalation"], "review_llm_key_env": KEY_VARS["primary"],
+        "review_fallback_key_env": KEY_VARS["fallback"], **chain(primary, fallback)})
+    checked = run_cli("check", "--config", str(config), env=env)
+    assert checked.returncode == 0, checked.stderr
+    for setting, name in [("review_llm_key_env", "primary"), ("review_fallback_key_env", "fallback"),
+                          ("escalate_token_env", "escalation")]:
+        assert f'{setting} = "{KEY_VARS[name]}"  # {KEY_VARS[name]} is set' in checked.stdout
+    daemon = daemons(tmp_path, config=config, env=env).wait_listening()
+    client = daemon.client(token="t0ken")
+    client.post("/observer/events", failures("/x", 6))
+    result = client.post("/observer/review", {"llm": True})[1]
+    assert (result["llm_backend"], result["llm_review"]) == ("fallback", "hosted says: hi")
+    assert result["llm_errors"] == [{"backend": "primary", "error": "HTTP 401 invalid key (key) for this model"}]
+    assert primary.requests[0][1]["authorization"] == f"Bearer {keys['primary']}"
+    assert fallback.requests[0][1]["authorization"] == f"Bearer {keys['fallback']}"
+    wait_for(lambda: team.requests, what="the escalation")
+    assert team.requests[0][1]["authorization"] == f"Bearer {keys['escalation']}"
+    escalations = wait_for(lambda: client.get("/observer/escalations")[1]["escalations"], what="it listed")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    assert 'msg="llm review failed" backend=primary' in daemon.log and "msg=request" in daemon.log
+    shown = json.dumps([result, escalations]) + checked.stdout + checked.stderr + daemon.log + config.read_text()
+    for key in keys.values():
+        assert key not in shown
+
+
+def test_a_key_straddling_the_cut_of_an_outbound_error_is_redacted_before_the_cut():
+    key = "sk-" + "k" * 40
+    # The reason phrase puts the key across OUTBOUND_ERROR_CHARS: cut first, its head would stay.
+    prefix = "HTTP 401 "
+    reason = "x" * (od.OUTBOUND_ERROR_CHARS - len(prefix) - 10) + " " + key + " rejected"
+    service = FakeService(status=401, reason=reason)
+    try:
+        with pytest.raises(od.OutboundError) as raised:
+            od.call_json(service.url + "/api/generate", 10, {"prompt": "p"}, key=key)
+    finally:
+        service.close()
+    message = str(raised.value)
+    assert len(message) <= od.OUTBOUND_ERROR_CHARS and "sk-" not in message and "(key)" in message
+
+
+def test_the_escalation_carries_its_token_from_the_environment(tmp_path, backend):
+    team = backend(None)
+    config = od.load_config(str(write_settings(tmp_path, {
+        "bind": "127.0.0.1:0", "persist_path": "ops.jsonl", "analyze_interval_s": 0.05,
+        "escalate_url": team.url + "/api/run", "escalate_threshold": 1, "escalate_token_env": "TEAM_TOKEN"})),
+        environ={"TEAM_TOKEN": "team-s3cret"})
+    server = InProcessServer(config)
+    try:
+        server.client().post("/observer/event", {"endpoint": "/x", "error": "boom"})
+        wait_for(lambda: team.requests, what="the escalation")
+        path, headers, sent, _ = team.requests[0]
+        assert (path, headers["authorization"], sent["mode"]) == ("/api/run", "Bearer team-s3cret", "code_review")
+    finally:
+        server.close()
+
+
+def test_the_llm_settings_are_checked_at_startup(tmp_path, daemons):
+    printed = check_and_serve_refuse(tmp_path, {
+        "escalate_token_env": "1TOKEN", "review_llm_api": "gpt", "review_llm_key_env": "sk-live-abc123",
+        "review_fallback_url": "ftp://models.example", "review_fallback_api": ""}, daemons)
+    env_name = "must be the name of an environment variable (letters, digits and _, not starting with a digit)"
+    assert printed == [
+        f"[observerd] escalate_token_env {env_name}",
+        "[observerd] review_llm_api must be one of ollama, openai, got 'gpt'",
+        f"[observerd] review_llm_key_env {env_name}",
+        "[observerd] review_fallback_url must be an http:// or https:// URL",
+        "[observerd] review_fallback_api must be one of ollama, openai, got ''",
+        "[observerd] review_fallback_model must be set when review_fallback_url is",
+    ]
+
+
+def test_a_key_variable_that_is_unset_warns_and_one_no_header_can_carry_stops_startup(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                     "review_fallback_key_env": "OBSERVERD_TEST_UNSET_KEY"})
+    checked = run_cli("check", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    warning = ("[observerd] review_fallback_key_env names OBSERVERD_TEST_UNSET_KEY, which is not set: "
+               "calls go without a key")
+    assert f"warning: {warning}" in checked.stderr
+    assert ('review_fallback_key_env = "OBSERVERD_TEST_UNSET_KEY"  # OBSERVERD_TEST_UNSET_KEY is not set'
+            in checked.stdout)
+    daemon = daemons(tmp_path, config=config).wait_listening()
+    assert any("level=WARN" in line and warning in line for line in daemon.log.splitlines())
+    daemon.stop()
+
+    env = {"OBSERVERD_TEST_UNSET_KEY": "sk-one\nsk-two"}
+    checked = run_cli("check", "--config", str(config), env=env)
+    problem = ("[observerd] review_fallback_key_env: OBSERVERD_TEST_UNSET_KEY must hold printable ASCII "
+               "without leading or trailing spaces")
+    assert checked.returncode == 2 and problem in checked.stderr
+    refused = daemons(tmp_path, config=config, env=env)
+    assert refused.exit_status() == 2 and problem in refused.log
+    assert "sk-one" not in checked.stderr + checked.stdout + refused.log
+
+
+def test_timeline_counts_known_traffic_by_source_and_second(serve):
+    server = serve(ring_size=50)
+    client = server.client()
+    assert client.post("/observer/events", known_traffic())[0] == 200
+    timeline = timeline_once_whole(client, 10)
+    assert set(timeline) == TIMELINE_KEYS
+    assert (timeline["service"], timeline["version"], timeline["ready"], timeline["seconds"]) == (
+        "observerd", od.VERSION, True, 60)
+    assert 0 <= timeline["uptime_s"] < 3600
+    now = od.parse_rfc3339(timeline["now"])
+    assert timeline["now"].endswith("Z") and now.timestamp() <= time.time() - 1
+    # One second holds them all: the arrival second, whichever of the 60 it is.
+    [second] = [i for i, n in enumerate(timeline["totals"]["ok"]) if n]
+    assert timeline["sources"] == {
+        "langfuse": {"ok": [0] * 60, "failed": [1 if i == second else 0 for i in range(60)]},
+        "mcp": {"ok": [3 if i == second else 0 for i in range(60)], "failed": [2 if i == second else 0 for i in range(60)]},
+        "scenario": {"ok": [4 if i == second else 0 for i in range(60)], "failed": [0] * 60},
+    }
+    assert timeline["totals"] == {"ok": [7 if i == second else 0 for i in range(60)],
+                                  "failed": [3 if i == second else 0 for i in range(60)]}
+    assert timeline["ring"] == {"ops": 10, "capacity": 50, "bytes": server.store.ring.bytes}
+    assert timeline["journal"] == {"path": str(server.config.persist_path),
+                                   "bytes": server.config.persist_path.stat().st_size}
+    assert timeline["fsync_p99_ms"] > 0
+    assert timeline["endpoints"] == [
+        {"endpoint": "/mcp/search", "ops": 5, "failures": 2, "failure_rate": 0.4, "p50_ms": 10, "p95_ms": 30},
+        {"endpoint": "/langfuse/trace", "ops": 1, "failures": 1, "failure_rate": 1.0, "p50_ms": 5, "p95_ms": 5},
+        {"endpoint": "/scenario/checkout", "ops": 4, "failures": 0, "failure_rate": 0.0, "p50_ms": 100,
+         "p95_ms": 100},
+    ]
+    short = client.get("/observer/timeline?seconds=5")[1]
+    assert short["seconds"] == 5 and all(len(row) == 5 for row in short["totals"].values())
+    assert len(client.get("/observer/timeline?seconds=300")[1]["totals"]["ok"]) == 300
+
+
+def test_timeline_of_an_ephemeral_daemon_has_no_journal_and_no_fsync(serve):
+    server = serve(persist_path="")
+    assert server.client().post("/observer/event", {"endpoint": "/e"})[0] == 200
+    timeline = timeline_once_whole(server.client(), 1)
+    assert (timeline["journal"], timeline["fsync_p99_ms"]) == (None, None)
+    assert list(timeline["sources"]) == ["mcp"] and sum(timeline["sources"]["mcp"]["failed"]) == 1
+
+
+def test_timeline_carries_the_first_clusters_and_the_newest_escalations(serve, fake_service):
+    target = fake_service()
+    server = serve(analyze_interval_s=0.05, escalate_url=target.url, escalate_threshold=1)
+    client = server.client()
+    client.post("/observer/events", [{"endpoint": f"/failing/{n}", "error": "boom"} for n in range(12)]
+                + [{"endpoint": "/failing/0", "error": "boom"}])
+    wait_for(lambda: len(client.get("/observer/escalations")[1]["escalations"]) == 12, what="12 escalations")
+    timeline = client.get("/observer/timeline")[1]
+    clusters = client.get("/observer/errors")[1]["clusters"]
+    assert len(clusters) == 12 and timeline["clusters"] == clusters[:10]
+    assert timeline["clusters"][0]["endpoint"] == "/failing/0"
+    assert timeline["escalations"] == client.get("/observer/escalations")[1]["escalations"][:10]
+
+
+def test_timeline_ranks_endpoints_over_a_window_or_the_ring_and_dates_the_clusters(serve):
+    server = serve(analyze_interval_s=0.05)
+    client = server.client()
+    now = time.time()
+    client.post("/observer/events", [history_op(i, 3600, now, endpoint="/old", success=False) for i in range(3)]
+                + [history_op(10 + i, 10, now, endpoint="/new") for i in range(2)])
+    recent = client.get("/observer/timeline")[1]
+    assert [e["endpoint"] for e in recent["endpoints"]] == ["/new"]
+    assert recent["endpoints_window"] == "5m"
+    assert 295 <= now - od.parse_rfc3339(recent["endpoints_since"]).timestamp() <= 310
+    ring = client.get("/observer/timeline?window=ring")[1]
+    assert [e["endpoint"] for e in ring["endpoints"]] == ["/old", "/new"] and ring["endpoints_since"] is None
+    assert len(client.get("/observer/timeline?window=2h")[1]["endpoints"]) == 2
+    wait_for(lambda: client.get("/observer/timeline")[1]["clusters"], what="an analysis")
+    analysed_at = client.get("/observer/timeline")[1]["clusters_analyzed_at"]
+    assert abs(od.parse_rfc3339(analysed_at).timestamp() - time.time()) < 600
+    # top says which window it ranks over, and when the clusters were found.
+    url = f"http://127.0.0.1:{server.port}"
+    top = run_cli("top", "--once", "--url", url)
+    assert "ENDPOINTS OF THE LAST 5m (since " in top.stdout and "/old" not in top.stdout.split("FAILURE")[0]
+    assert "FAILURE CLUSTERS, largest first, as analysed at " in top.stdout
+    spelled = run_cli("top", "--once", "--url", url, "--window", "1h 30min")  # sent URL-encoded
+    assert spelled.returncode == 0 and "ENDPOINTS OF THE LAST 1h 30min" in spelled.stdout, spelled.stderr
+    whole = run_cli("top", "--once", "--url", url, "--window", "ring")
+    assert "ENDPOINTS IN THE RING" in whole.stdout and "/old" in whole.stdout.split("FAILURE")[0]
+    bad = run_cli("top", "--once", "--url", url, "--window", "5 parsecs")
+    assert bad.returncode == 2 and "--window: '5 parsecs' must be a span like 90s, 5m, 1h, or ring" in bad.stderr
+
+
+@pytest.mark.parametrize("query, param", [
+    ("seconds=0", "seconds"), ("seconds=301", "seconds"), ("seconds=abc", "seconds"), ("seconds=", "seconds"),
+    ("seconds=-1", "seconds"), ("seconds=1e2", "seconds"), ("seconds=99999999999999999999999", "seconds"),
+    ("seconds=1&seconds=2", "seconds"), ("second=5", "second"), ("seconds=5&limit=1", "limit"),
+    ("window=5", "window"), ("window=all", "window"), ("window=ring&window=5m", "window"),
+])
+def test_a_bad_timeline_query_is_400_naming_the_param(serve, query, param):
+    status, body, _ = serve().client().get(f"/observer/timeline?{query}")
+    assert status == 400 and body["error"].startswith(f"invalid query: {param} ")
+
+
+@pytest.mark.parametrize("answer", [
+    {"service": "observerd"},  # an observerd of another version
+    {"service": "observerd", "version": "9", "uptime_s": "soon", "seconds": 60},
+    [1, 2, 3],  # another service
+])
+def test_top_says_when_the_answer_is_not_a_timeline_it_can_show(answer):
+    class Handler(od.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{other.server_address[1]}"
+        result = run_cli("top", "--once", "--url", url)
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"observerd.py top: {url}: the answer is not a timeline this top can show\n"
+
+
+def test_ready_is_200_when_a_write_would_be_accepted_ephemeral_too(serve):
+    for server in (serve(), serve(persist_path="")):
+        client = server.client()
+        status, body, resp = client.get("/observer/ready")
+        assert (status, body, resp.getheader("Retry-After")) == (200, {"ready": True}, None)
+        assert client.request("HEAD", "/observer/ready")[:2] == (200, None)
+
+
+def test_a_failed_commit_makes_observerd_unready_and_the_next_good_commit_ready(serve, monkeypatch):
+    server = serve()
+    FsyncSpy(monkeypatch, fail_calls={1})  # a real EIO from the disk, as fsync reports it
+    client = server.client()
+    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body["ready"], resp.getheader("Retry-After")) == (503, False, "1")
+    assert body["reason"] == f"journal cannot be written: Input/output error ({server.config.persist_path})"
+    assert client.get("/observer/health")[0] == 200
+    assert client.post("/observer/event", {"endpoint": "/kept"})[0] == 200  # writes are still tried
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+
+
 # -----------------------------------------------------------------------------
-# Background loops: corrections tailer, escalation, playbooks
+# [SECTION] Background loops
 # -----------------------------------------------------------------------------
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/api/run"
-
-
-def make_tailer(tmp_path, corrections: Path):
-    config = make_config(tmp_path)
-    store = od.open_store(config)
-    store.restore()
-    sidecar = tmp_path / "ops.jsonl.corrections-position"
-    return od.CorrectionsTailer(corrections, store, sidecar, config.max_batch, config.max_body_bytes), store
-
-
-def wait_for_analyses(client, count=3):
-    """Block until the error analysis has run `count` more times."""
-    seen = set()
-
-    def analyses_seen():
-        seen.add(client.get("/observer/errors")[1]["analyzed_at"])
-        return len(seen) > count
-
-    wait_for(analyses_seen, what=f"{count} analyses")
-
-
-def journal_corrections(folder: Path) -> list[str]:
-    return [o["endpoint"] for o in replay_forward(folder / "ops.jsonl") if o["endpoint"].startswith("/fix/")]
-
-
-def padded_correction(n: int, pad: int) -> bytes:
-    return json.dumps({"endpoint": f"/fix/{n}", "note": "n" * pad}).encode() + b"\n"
-
-
-def position_line(sidecar: Path) -> int | None:
-    """The line number the corrections tailer saved, None before it saved one."""
-    return json.loads(sidecar.read_bytes())["line"] if sidecar.exists() else None
-
-
-def record_commits(server: InProcessServer) -> list[int]:
-    """How many lines each durable append of the server's journal holds, from now on."""
-    commits = []
-    journal = server.store.journal
-    append = journal.append_durably
-
-    def recording(data):
-        commits.append(data.count(b"\n"))
-        append(data)
-
-    journal.append_durably = recording
-    return commits
-
 
 def test_playbooks_consolidate_scenarios_and_are_written_atomically(serve, tmp_path):
     playbooks_path = tmp_path / "shared" / "playbooks.json"
@@ -3803,6 +6325,20 @@ def test_a_truncated_or_replaced_corrections_file_is_read_from_its_start(tmp_pat
     os.replace(replacement, corrections)  # a new inode, even though it is longer
     assert tailer.poll() == 3
     assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3", "/fix/4", "/fix/5", "/fix/6"]
+    store.close()
+
+
+def test_a_replaced_corrections_file_is_read_to_its_end_before_the_new_one(tmp_path):
+    corrections = tmp_path / "corrections.jsonl"
+    corrections.write_bytes(correction(1))
+    tailer, store = make_tailer(tmp_path, corrections)
+    assert tailer.poll() == 1
+    append_to(corrections, correction(2))  # written just before logrotate moved the file
+    os.replace(corrections, tmp_path / "corrections.jsonl.1")
+    corrections.write_bytes(correction(3))
+    assert tailer.poll() == 2
+    assert endpoints(store) == ["/fix/1", "/fix/2", "/fix/3"]
+    tailer.close()
     store.close()
 
 
@@ -4084,110 +6620,238 @@ def test_a_lost_corrections_position_is_repaired_reading_the_file_in_blocks(serv
 
 
 # -----------------------------------------------------------------------------
-# CLI and main: check, stats, serve startup, signals, old Pythons, TLS
+# [SECTION] Supervisor
 # -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_systemd_hears_restoring_ready_not_writable_and_stopping(tmp_path, daemons, fake_systemd, abstract):
+    systemd = fake_systemd(abstract=abstract)
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path, env={"NOTIFY_SOCKET": systemd.address},
+                                              preexec_fn=limit_file_size(1 << 40))
+    systemd.wait(lambda m: m == f"STATUS=not ready: {od.RESTORING}", "saying it restores")
+    assert not any("READY=1" in m for m in systemd.messages)
+    with open(gate, "wb"):
+        pass  # the restore goes on
+    ready = systemd.wait(lambda m: "READY=1" in m.split("\n"), "READY=1")
+    assert systemd.messages[ready] == "READY=1\nSTATUS=ready"
+    client = daemon.client()
+    assert client.post("/observer/event", op("/a"))[0] == 200
 
-def make_self_signed_cert(folder: Path) -> tuple[Path, Path]:
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    if shutil.which("openssl"):
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                        "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
-                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-        return cert, key
-    test_dir = Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "test"
-    bundled = next((p for p in (test_dir / "keycert.pem", test_dir / "certdata" / "keycert.pem") if p.exists()), None)
-    if bundled is None:
-        pytest.skip("no openssl and no CPython test certificate to make a TLS cert from")
-    shutil.copy(bundled, cert)
-    shutil.copy(bundled, key)
-    return cert, key
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "ops.jsonl").stat().st_size,
+                                                              resource.RLIM_INFINITY))
+    assert client.post("/observer/event", op("/b"))[0] == 503
+    failing = systemd.wait(lambda m: m.startswith("STATUS=not ready: journal cannot be written: File too large"),
+                           "saying the journal cannot be written")
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    systemd.wait(lambda m: m == "STATUS=ready", "ready again", after=failing)
 
-
-def older_pythons() -> list[str]:
-    """Interpreters older than 3.11 on PATH that really run (a pyenv shim may not)."""
-    found = []
-    for minor in (8, 9, 10):
-        path = shutil.which(f"python3.{minor}")
-        if path is None:
-            continue
-        probe = subprocess.run([path, "-c", "import sys; print(sys.version_info < (3, 11))"],
-                               capture_output=True, text=True, timeout=60)
-        if probe.stdout.strip() == "True":
-            found.append(path)
-    return found
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
+    assert not any("WATCHDOG" in m for m in systemd.messages), "no WATCHDOG_USEC: no pings"
 
 
-SUBCOMMANDS = [[], ["serve"], ["check"], ["stats", "ops.jsonl"], ["--version"], ["--help"]]
+def test_the_watchdog_is_pinged_while_alive_and_not_while_the_committer_is_wedged(tmp_path, daemons, fake_systemd):
+    systemd = fake_systemd(abstract=True)
+    daemon = daemons(tmp_path, config=write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"}),
+                     env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"}).wait_listening()
+    first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
+    systemd.wait(lambda m: m == "WATCHDOG=1", "a second ping", after=first + 1)
+
+    # A real fault: the journal's path now names a FIFO no one reads (as a hung NFS server or
+    # a dead disk would hold a write), and an append fills its buffer and blocks in write().
+    journal = tmp_path / "ops.jsonl"
+    journal.unlink()
+    os.mkfifo(journal)
+    batch = json.dumps([op(f"/wedge/{i}", pad="x" * 1024) for i in range(200)]).encode()
+    wedged = socket.create_connection(("127.0.0.1", daemon.port))
+    wedged.sendall(b"POST /observer/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(batch) + batch)
+    stuck = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the committer has held one commit"),
+                         "the watchdog withheld")
+    # The status counts the seconds held: once it says 3 s or more, six pings would have been due.
+    held = systemd.wait(lambda m: re.search(r"held one commit for ([3-9]|\d\d+)\.\d s$", m) is not None,
+                        "three seconds held", after=stuck)
+    assert "WATCHDOG=1" not in systemd.messages[stuck:held + 1]
+    assert daemon.client().get("/observer/health")[0] == 200, "the accept loop still answers"
+
+    # Reading the FIFO lets the write through (its fsync then fails: a FIFO is no file):
+    # the committer is free, and the pings resume.
+    drained = threading.Thread(target=lambda: open(journal, "rb").read(), daemon=True)
+    drained.start()
+    systemd.wait(lambda m: m == "WATCHDOG=1", "the pings to resume", after=held)
+    wedged.close()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
 
 
-WRITE_SYSCALL = {"x86_64": "1", "aarch64": "64"}
+def test_the_readme_unit_is_the_shipped_one_type_notify_with_a_watchdog_and_check_first(tmp_path):
+    readme = (HERE / "README.md").read_text()
+    unit = (DEPLOY / "observerd.service").read_text()
+    shown = readme.split("`/etc/systemd/system/observerd.service`", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
+    assert shown == unit
+    settings = [line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")]
+    assert ["Type", "notify"] in settings
+    assert [value for key, value in settings if key == "WatchdogSec"] == ["30"]
+    (pre,) = [shlex.split(value) for key, value in settings if key == "ExecStartPre"]
+    (start,) = [shlex.split(value) for key, value in settings if key == "ExecStart"]
+    assert pre[:3] == start[:2] + ["check"] and pre[3:] == start[2:]
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not on PATH: the unit's syntax is not verified")
+    shutil.copy(DEPLOY / "observerd.service", tmp_path / "observerd.service")
+    result = subprocess.run([analyze, "verify", str(tmp_path / "observerd.service")], capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
 
 
-class StartupHeldDaemon(Daemon):
-    """observerd whose stderr pipe is full before it starts, so it blocks in its first log
-    write until release(): a signal sent meanwhile arrives during startup, on any machine."""
-
-    def __init__(self, folder: Path, config: Path):
-        if platform.machine() not in WRITE_SYSCALL:
-            pytest.skip(f"no write syscall number known for {platform.machine()}")
-        read_end, write_end = os.pipe()
-        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-        self._filler = b"#" * fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
-        os.write(write_end, self._filler)
-        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "--config", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=write_end, cwd=folder,
-                                     preexec_fn=default_sigint())
-        os.close(write_end)
-        self._stderr = os.fdopen(read_end, "rb")
-        self._lines: list[str] = []
-        self._released = threading.Event()
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        self.port = None
-        wait_for(self._blocked_writing_stderr, what="the daemon to block in its first log line")
-
-    def _blocked_writing_stderr(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon exited {self.proc.returncode} before its first log line")
-        fields = Path(f"/proc/{self.proc.pid}/syscall").read_text().split()
-        return fields[:2] == [WRITE_SYSCALL[platform.machine()], "0x2"]
-
-    def _collect(self):
-        self._released.wait()
-        assert self._stderr.read(len(self._filler)) == self._filler
-        for line in self._stderr:
-            self._lines.append(line.decode(errors="replace"))
-
-    def release(self) -> None:
-        self._released.set()
-
-    def stop(self):
-        self.release()
-        super().stop()
+def test_the_watchdog_is_not_pinged_once_the_accept_loop_stops_going_round(serve, fake_systemd):
+    systemd = fake_systemd(abstract=True)
+    server = serve()
+    notifier = od.SystemdNotifier(server.server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "400000"})
+    try:
+        first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
+        server.server.shutdown()  # serve_forever returns: nothing accepts connections any more
+        stopped = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the accept loop"),
+                               "the watchdog withheld", after=first)
+        held = systemd.wait(lambda m: re.search(r"has not gone round for ([2-9]|\d\d+)\.\d s$", m) is not None,
+                            "two seconds without a turn", after=stopped)
+        assert "WATCHDOG=1" not in systemd.messages[stopped:held + 1]
+    finally:
+        notifier.stopping()
+    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
+    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
 
 
-@pytest.fixture
-def held_daemon(tmp_path):
-    started = []
-
-    def start(**settings) -> StartupHeldDaemon:
-        settings.setdefault("bind", "127.0.0.1:0")
-        settings.setdefault("persist_path", "ops.jsonl")
-        daemon = StartupHeldDaemon(tmp_path, write_config(tmp_path, settings))
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.stop()
+def test_a_watchdog_too_short_to_keep_is_said_and_pinged_as_often_as_allowed(serve, fake_systemd, capsys):
+    systemd = fake_systemd(abstract=True)
+    notifier = od.SystemdNotifier(serve().server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1"})
+    notifier.stopping()
+    assert notifier.ping_interval_s == od.SystemdNotifier.MIN_PING_INTERVAL_S
+    assert 'msg="WatchdogSec is too short to be kept; pinging as often as allowed" watchdog_usec=1' in capsys.readouterr().err
 
 
-def write_rotated_journal(path: Path, counts: list[int]) -> None:
-    """The live file and its rotated segments, newest first, holding counts[i] ops each."""
-    for n, (segment, count) in enumerate(zip(od.segment_paths(path, len(counts) - 1), counts)):
-        segment.write_bytes(b"".join(od.encode_line(op(f"/segment{n}/{i}")) + b"\n" for i in range(count)))
+# -----------------------------------------------------------------------------
+# [SECTION] Daemon
+# -----------------------------------------------------------------------------
 
+def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_without_traffic(tmp_path, daemons):
+    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
+    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
+    client = daemon.client()
+    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
+    accepted, status = 0, 200
+    while status == 200:
+        status, _, _ = client.post("/observer/event", {"endpoint": f"/fill/{accepted}", "pad": "x" * 40})
+        accepted += status == 200
+    assert status == 503
+    path = tmp_path / "ops.jsonl"
+    journal = path.read_bytes()
+    reason = f"journal cannot be written: File too large ({path.resolve()})"
+    unready = (503, {"ready": False, "reason": reason}, "1")
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == unready
+    # The probe runs every second and fails while the limit stands: a byte appended at the
+    # end would fit, the op that failed would not. After two probes the answer must not
+    # have changed.
+    def probes(found):
+        samples = scrape(client)["observerd_journal_probes_total"]["samples"]
+        return next(value for _, labels, value in samples if labels == {"found": found})
+
+    wait_for(lambda: probes("failing") >= 2, what="two probes")
+    status, body, resp = client.get("/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == unready
+    assert client.get("/observer/health")[0] == 200
+
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
+    assert client.get("/observer/ready")[1] == {"ready": True}
+    assert "found_by=probe" in daemon.log and probes("writable") == 1
+    assert path.read_bytes() == journal, "the probe must leave the journal as it was"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ops.jsonl.lock", "lakehouse.toml", "ops.jsonl"]
+    assert client.post("/observer/event", {"endpoint": "/after"})[0] == 200
+    assert len(replay_forward(path)) == accepted + 1
+
+
+def test_it_answers_before_restoring_and_serves_no_ops_until_restored(tmp_path, daemons):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(op(f"/before/{i}")) for i in range(3)))
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    status, body, resp = get_fresh(daemon.port, "/observer/ready")
+    assert (status, body, resp.getheader("Retry-After")) == (503, {"ready": False, "reason": od.RESTORING}, "1")
+    assert get_fresh(daemon.port, "/observer/health")[:2] == (200, {"status": "ok", "service": "observerd",
+                                                                     "ring_size": 0})
+    refused = [("POST", "/observer/event", {"endpoint": "/early"}),
+               ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/stats", None),
+               ("GET", "/observer/ops", None), ("GET", "/observer/errors", None),
+               ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
+               ("POST", "/observer/review", {})]
+    for method, route, body in refused:
+        status, answer, resp = get_fresh(daemon.port, route, method, body)
+        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.RESTORING}, "1"), route
+    # What reads the files on disk, not the ring, is whole already.
+    status, history, _ = get_fresh(daemon.port, "/observer/history")
+    assert status == 200 and [o["endpoint"] for o in history["ops"]] == ["/before/2", "/before/1", "/before/0"]
+    metrics = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    metrics.request("GET", "/metrics")
+    response = metrics.getresponse()
+    assert response.status == 200
+    refusals = sample(parse_exposition(response.read().decode()), "observerd_rejected_total", reason="not_ready")
+    assert refusals == len(refused)
+    metrics.close()
+    assert 'msg="restored ops"' not in daemon.log
+
+    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
+    wait_for(lambda: get_fresh(daemon.port, "/observer/ready")[0] == 200, what="the restore to finish")
+    wait_for(lambda: 'msg="restored ops" count=3' in daemon.log, what="the restore's log line")
+    client = daemon.client()
+    assert client.get("/observer/stats")[1]["total"] == 3
+    assert client.post("/observer/event", {"endpoint": "/after"})[1] == {"accepted": True, "ring_size": 4}
+    assert endpoints_in(path) == ["/before/0", "/before/1", "/before/2", "/after"]
+
+
+def test_from_sigterm_to_exit_ready_says_shutting_down_and_health_still_answers(tmp_path, daemons):
+    # The drain waits for the request held below as long as the test needs, on any machine.
+    script = hooked_daemon_script(tmp_path, "observerd.SHUTDOWN_GRACE_S = 600")
+    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
+                                       "request_timeout_s": 600.0})
+    daemon = daemons(tmp_path, config=config, script=script).wait_listening()
+    assert get_fresh(daemon.port, "/observer/ready")[0] == 200
+    body = json.dumps({"endpoint": "/in-flight"}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as held:
+        # 100 Continue comes once the request is dispatched and its body awaited: in progress.
+        held.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body))
+        assert held.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        daemon.proc.send_signal(signal.SIGTERM)
+
+        def ready_status():
+            try:
+                return get_fresh(daemon.port, "/observer/ready")[0]
+            except (OSError, http.client.HTTPException):
+                return None  # a connection accepted just as closing began is closed unanswered
+        wait_for(lambda: ready_status() == 503, what="ready to say 503")
+        status, answer, resp = get_fresh(daemon.port, "/observer/ready")
+        assert (status, answer) == (503, {"ready": False, "reason": od.SHUTTING_DOWN})
+        assert (resp.getheader("Retry-After"), resp.getheader("Connection")) == ("1", "close")
+        assert get_fresh(daemon.port, "/observer/health")[0] == 200
+        assert get_fresh(daemon.port, "/observer/stats")[0] == 200
+        status, answer, resp = get_fresh(daemon.port, "/observer/event", "POST", {"endpoint": "/late"})
+        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.SHUTTING_DOWN}, "1")
+        assert daemon.proc.poll() is None, "the drain waits for the request in progress"
+        held.sendall(body)
+        assert parse_response(read_until_closed(held)) == (200, {"accepted": True, "ring_size": 1})
+    assert daemon.exit_status() == 0
+    assert "abandoned_connections=0" in daemon.log
+    assert endpoints_in(tmp_path / "ops.jsonl") == ["/in-flight"]
+
+
+# -----------------------------------------------------------------------------
+# [SECTION] CLI and main
+# -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, needle", [
     (None, "file not found"),
@@ -4204,46 +6868,6 @@ def test_bad_config_file_exits_2_with_one_line(tmp_path, content, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0] and "bad.toml" in lines[0] and "Traceback" not in proc.stderr
-
-
-LISTENABLE = '[observerd]\nbind = "127.0.0.1:0"\npersist_path = ""\n'
-# Each config serve must refuse: check must refuse it too, naming the same problem in the same words.
-REFUSED_CONFIGS = {
-    "a scheme": ('[observerd]\nbind = "http://127.0.0.1:3374"\n', "without http://"),
-    "a space": ('[observerd]\nbind = "127.0.0.1 :3373"\n', "without spaces"),
-    "a port out of range": ('[observerd]\nbind = "127.0.0.1:65536"\n', "port must be 0-65535"),
-    "a host that does not resolve": ('[observerd]\nbind = "locahost.invalid:3376"\n'
-                                     "allow_unauthenticated = true\n", "'locahost.invalid' does not resolve"),
-    "a port in use": ('[observerd]\nbind = "127.0.0.1:{port}"\n', "port {port} is in use by pid {pid} ("),
-    "a privileged port": ('[observerd]\nbind = "127.0.0.1:80"\n', "port 80 is privileged (below"),
-    "an address of another host": ('[observerd]\nbind = "192.0.2.1:3219"\nallow_unauthenticated = true\n',
-                                   "192.0.2.1 is not an address of this host"),
-    "a misspelled table": ('[observed]\nbind = "127.0.0.1:0"\n', "table [observed] is not read: "
-                           "did you mean [observerd]?"),
-    "a setting above any table": ('bind = "127.0.0.1:0"\n[observerd]\n',
-                                  "bind is above any table, where it is not read: it belongs in [observerd]"),
-    "no [observerd] table": ('[auth]\ntoken = "s3cret"\n', "no [observerd] table"),
-    "a misspelled key": (LISTENABLE + "rign_size = 5\n", "unknown key 'rign_size' in [observerd] ("
-                         "did you mean 'ring_size'?)"),
-    "a key in the wrong table": (LISTENABLE + 'token = "s3cret"\n', "token in [observerd] is not read there: "
-                                 "it belongs in [auth]"),
-}
-
-
-LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: a child imports nothing
-PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE = 24, 10
-
-
-def without_privileged_ports():
-    """preexec_fn: the child may not listen below the privileged port limit, even as root."""
-    if os.geteuid() == 0 and LIBC.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
-        os._exit(99)
-
-
-def can_listen_on_port_80_without_privilege() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import socket; socket.socket().bind(('127.0.0.1', 80))"],
-                           capture_output=True, text=True, timeout=60, preexec_fn=without_privileged_ports)
-    return "Permission denied" not in probe.stderr
 
 
 @pytest.mark.parametrize("case", list(REFUSED_CONFIGS))
@@ -4456,7 +7080,7 @@ def test_sighup_reopens_the_log_under_load_without_losing_or_duplicating(tmp_pat
     wait_for(lambda: len(acked) > 200, timeout=120, what="load")
     os.rename(live, rotated)  # what logrotate does before signalling, with `create`
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
+    wait_for(lambda: "reopened journal" in daemon.log, timeout=60, what="the reopen")
     wait_for(lambda: live.exists() and len(replay_forward(live)) > 100, timeout=120, interval=0.1,
              what="ops in the new file")
     writers.stop()
@@ -4534,7 +7158,7 @@ def test_sighup_during_startup_is_not_fatal_and_reopens_the_log(held_daemon, tmp
         daemon.proc.send_signal(signal.SIGHUP)
     daemon.release()
     daemon.wait_listening()
-    wait_for(lambda: "reopened log" in daemon.log, what="the reopen the SIGHUP asked for")
+    wait_for(lambda: "reopened journal" in daemon.log, what="the reopen the SIGHUP asked for")
     assert daemon.client().post("/observer/event", {"endpoint": "/after-early-hup"})[0] == 200
     assert replay_forward(tmp_path / "ops.jsonl")[-1]["endpoint"] == "/after-early-hup"
     daemon.proc.send_signal(signal.SIGTERM)
@@ -4669,14 +7293,816 @@ def test_a_combined_pem_may_be_both_tls_cert_and_tls_key(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_top_once_shows_the_numbers_stats_serves(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret", ring_size=500, analyze_interval_s=0.05)
+    client = daemon.client(token="s3cret")
+    assert client.post("/observer/events", known_traffic())[0] == 200
+    timeline_once_whole(client, 10)
+    wait_for(lambda: client.get("/observer/errors")[1]["clusters"], what="the failures' analysis")
+    stats = client.get("/observer/stats")[1]
+    url = f"http://127.0.0.1:{daemon.port}"
+    result = run_cli("top", "--once", "--url", url, "--token", "s3cret")
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    rows = top_snapshot_rows(result.stdout)
+    assert set(rows) == {*stats["by_source"], "all"}
+    for source, total in stats["by_source"].items():
+        assert rows[source][1] + rows[source][2] == total
+    assert rows["all"][1:] == [stats["successes"], stats["failures"]]
+    assert f"ring {stats['total']}/500 ops" in result.stdout
+    assert f"observerd {od.VERSION} at {url}" in result.stdout
+    assert "/mcp/search" in result.stdout and "upstream <n> for job <n>" in result.stdout
+    # Without --once, on a pipe: the same snapshot; the token from the environment.
+    piped = run_cli("top", "--url", url, env={"OBSERVERD_TOKEN": "s3cret"})
+    assert piped.returncode == 0
+    # EV/S is the newest whole second's: by now a later one, without ops.
+    assert {name: row[1:] for name, row in top_snapshot_rows(piped.stdout).items()} == {
+        name: row[1:] for name, row in rows.items()}
+    unauthorized = run_cli("top", "--once", "--url", url, env={"OBSERVERD_TOKEN": "wrong"})
+    assert unauthorized.returncode == 1 and unauthorized.stdout == ""
+    # A 401 names the token source tried (never the token) and how to pass one.
+    assert unauthorized.stderr.splitlines() == [
+        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the token from "
+        "OBSERVERD_TOKEN was refused: set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    gone = run_cli("top", "--once", "--url", url)
+    assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "unreachable" in gone.stderr
+
+
+def test_top_takes_the_daemons_url_and_token_from_the_config(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret")
+    daemon.client(token="s3cret").post("/observer/events", known_traffic())
+    url = f"http://127.0.0.1:{daemon.port}"
+    no_env = {"OBSERVERD_TOKEN": ""}
+
+    def client_config(name: str, **settings) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        return str(write_settings(folder, settings))
+
+    # A wildcard bind is reached on loopback; the token comes from [auth].
+    shared = client_config("shared", bind=f"0.0.0.0:{daemon.port}", token="s3cret")
+    top = run_cli("top", "--once", "--config", shared, env=no_env)
+    assert top.returncode == 0, top.stderr
+    assert f"at {url} " in top.stdout and "/mcp/search" in top.stdout
+    # A 401 names the source of the token tried, never the token, and how to pass one. A bind
+    # beyond loopback without a token in the file is the daemon's to check (systemd may give it
+    # OBSERVERD_TOKEN): top asks, and says what to pass.
+    tokenless = client_config("tokenless", bind=f"0.0.0.0:{daemon.port}")
+    refused = run_cli("top", "--once", "--config", tokenless, env=no_env)
+    assert refused.returncode == 1 and refused.stderr.splitlines() == [
+        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the daemon wants a "
+        f"token and no token (none in --token, OBSERVERD_TOKEN or [auth] token of {tokenless}) was found: "
+        "set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
+    wrong = client_config("wrong", bind=f"127.0.0.1:{daemon.port}", token="guess")
+    refused = run_cli("stats", "--config", wrong, "--url", url, env=no_env)
+    assert refused.returncode == 1 and f"the token from [auth] token of {wrong} was refused" in refused.stderr
+    assert "guess" not in refused.stderr
+    # The flag and the variable come first, as for the daemon.
+    assert run_cli("top", "--once", "--config", wrong, "--token", "s3cret", env=no_env).returncode == 0
+    assert run_cli("top", "--once", "--config", wrong, env={"OBSERVERD_TOKEN": "s3cret"}).returncode == 0
+    missing = run_cli("top", "--once", "--config", str(tmp_path / "nope.toml"))
+    assert (missing.returncode, missing.stderr) == (2, f"{tmp_path / 'nope.toml'}: file not found "
+                                                       "(--config names another)\n")
+
+
+def test_top_over_tls_trusts_the_certificate_its_config_names(tmp_path, daemons):
+    make_self_signed_cert(tmp_path)
+    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem", request_timeout_s=5)
+    client_folder = tmp_path / "client"
+    client_folder.mkdir()
+    config = write_settings(client_folder, {"bind": f"127.0.0.1:{daemon.port}", "tls_cert": str(tmp_path / "cert.pem"),
+                                            "tls_key": str(tmp_path / "key.pem")})
+    top = run_cli("top", "--once", "--config", str(config))
+    assert top.returncode == 0, top.stderr
+    assert f"at https://127.0.0.1:{daemon.port} " in top.stdout
+    # Without the config's certificate, a self-signed one is refused as by any client.
+    untrusted = run_cli("top", "--once", "--url", f"https://127.0.0.1:{daemon.port}", env={"SSL_CERT_FILE": os.devnull})
+    assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+
+
+def test_top_draws_resizes_sorts_and_quits_on_a_terminal(serve, screens):
+    server = serve()
+    # The endpoint failing most, first in its table, is twice as wide on a terminal as it is long:
+    # at 13 rows it is the last line, and runs past the screen's last cell.
+    wide = [{"endpoint": "/検索" * 40, "error": "boom"}] * 5
+    server.client().post("/observer/events", known_traffic() + wide)
+    screen = screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{server.port}"])
+    screen.shows(od.VERSION)
+    screen.shows("scenario")
+    screen.shows("/mcp/search")
+    # A 1x1 screen shows nothing (the last column stays free), but it is cleared: bytes are drawn.
+    for rows, cols, needle in ((5, 20, "observerd"), (1, 1, ""), (2, 3, "o…"), (13, 50, "検索"),
+                               (24, 50, "observerd"), (40, 100, "observerd")):
+        mark = screen.mark()
+        screen.resize(rows, cols)
+        screen.shows(needle, since=mark, what=f"a redraw at {cols}x{rows}")
+    screen.shows("scenario", since=mark)
+    mark = screen.mark()
+    screen.press(b"s")
+    screen.shows("rate", since=mark, what="the endpoints sorted by failure rate")
+    mark = screen.mark()
+    screen.press(b"w")
+    screen.shows("IN THE RING", since=mark, what="the endpoints ranked over the whole ring")
+    screen.press(b"q")
+    assert screen.proc.wait(60) == 0
+    assert "Traceback" not in screen.text()
+
+
+def test_top_survives_the_daemon_going_away_and_coming_back(tmp_path, daemons, screens):
+    first = start_durable_daemon(daemons, tmp_path, token="s3cret")
+    port = first.port
+    first.client(token="s3cret").post("/observer/event", {"endpoint": "/before-restart"})
+    screen = screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{port}"],
+                     env={"OBSERVERD_TOKEN": "s3cret"})
+    screen.shows("/before-restart")
+    mark = screen.mark()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.exit_status() == 0
+    screen.shows("disconnected,", since=mark)
+    screen.shows("retrying", since=mark)
+    mark = screen.mark()
+    second = start_durable_daemon(daemons, tmp_path, token="s3cret", bind=f"127.0.0.1:{port}")
+    second.client(token="s3cret").post("/observer/event", {"endpoint": "/after-restart"})
+    screen.shows("/after-restart", since=mark)
+    screen.press(b"q")
+    assert screen.proc.wait(60) == 0
+    assert "Traceback" not in screen.text()
+
+
+def test_top_says_why_it_is_not_ready_and_keeps_its_last_screen_marked_stale(tmp_path, daemons, tmux_screens):
+    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op("/restored", success=False, error="boom")))
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    screen = tmux_screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{daemon.port}"])
+    screen.shows(f"NOT READY: {od.RESTORING}")
+    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
+    assert "NOT READY" not in screen.shows("/restored")
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.exit_status() == 0
+    text = screen.shows("STALE since ")
+    assert re.search(r"^STALE since \d\d:\d\d:\d\dZ, disconnected, retrying every 1 s: ", text, re.M), text
+    assert "/restored" in text and f"observerd {od.VERSION}" in text, text
+
+
+def test_check_prints_the_effective_settings_as_toml_that_loads_back(tmp_path):
+    # A path with a quote, a backslash, DEL and non-ASCII in it, and a token from file and env.
+    config = write_config(tmp_path, {"persist_path": 'we"ird\\\u007f\u00e9/ops.jsonl', "ring_size": 7,
+                                     "request_timeout_s": 2.5}, {"token": "hunter2"})
+    result = run_cli("check", "--config", str(config), env={"OBSERVERD_TOKEN": "env-s3cret"})
+    assert result.returncode == 0, result.stderr
+    document = tomllib.loads(result.stdout)
+    assert document["observerd"]["persist_path"] == str(tmp_path / 'we"ird\\\x7f\u00e9/ops.jsonl')
+    assert (document["observerd"]["ring_size"], document["observerd"]["request_timeout_s"]) == (7, 2.5)
+    assert document["auth"] == {} and "# token is set (never shown)" in result.stdout
+    assert "hunter2" not in result.stdout and "s3cret" not in result.stdout
+    # What check prints is a config that loads to the same settings (the token aside).
+    (tmp_path / "again").mkdir()
+    again = tmp_path / "again" / "effective.toml"
+    again.write_text(result.stdout)
+    reprinted = run_cli("check", "--config", str(again))
+    assert reprinted.returncode == 0, reprinted.stderr
+    assert tomllib.loads(reprinted.stdout) == document
+    assert "# token is not set (never shown)" in reprinted.stdout
+
+
+def test_output_into_a_pipe_the_reader_closed_ends_quietly(tmp_path, serve):
+    config = write_config(tmp_path)
+    write_rotated_journal(tmp_path / "ops.jsonl", [3])
+    server = serve()
+    for args in (["check", "--config", str(config)], ["stats", str(tmp_path / "ops.jsonl")],
+                 ["top", "--once", "--url", f"http://127.0.0.1:{server.port}"]):
+        result = run_into_a_closed_pipe(*args)
+        assert (result.returncode, result.stderr) == (0, ""), (args, result.stderr)
+    shell = subprocess.run(f"{sys.executable} {DAEMON} check --config {config} | head -1", shell=True,
+                           capture_output=True, text=True, timeout=60)
+    assert shell.stdout.startswith("# ") and shell.stderr == ""
+
+
+@pytest.mark.parametrize("command", ["", "serve", "check", "stats", "top", "ops"])
+def test_every_subcommand_has_help_with_examples_and_the_exit_statuses(command):
+    result = run_cli(*filter(None, [command]), "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    examples = result.stdout.split("examples:\n")[1]
+    assert f"observerd.py {command}".strip() in examples
+    assert "exit status: 0 ok; 1 runtime error" in result.stdout and "2 usage or config error" in result.stdout
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    (["stats"], "no journal there: file not found, nor rotated segments beside it; it is the default persist_path"),
+    (["ops", "--lines", "-1"], "argument -n/--lines: must be a whole number >= 0, got '-1'"),
+    (["check", "--bogus"], "unrecognized arguments: --bogus"),
+    (["top", "--interval", "0"], "--interval: '0' is not a number of seconds from 0.1 to 3600"),
+    (["top", "--url", "localhost:3219"], "--url: 'localhost:3219' is not an http:// or https:// URL"),
+    (["stats", "x.jsonl", "--ring-size", "many"], "--ring-size: invalid int value: 'many'"),
+])
+def test_a_usage_error_is_one_line_naming_the_problem_and_exits_2(tmp_path, args, problem):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and problem in result.stderr, result.stderr
+
+
+def test_stats_of_a_file_it_cannot_read_is_one_line_and_exit_1(tmp_path):
+    not_a_file = run_cli("stats", str(tmp_path))
+    assert (not_a_file.returncode, not_a_file.stderr) == (2, f"{tmp_path}: not a regular file\n")
+    write_rotated_journal(tmp_path / "ops.jsonl", [1])
+    (tmp_path / "ops.jsonl.1").mkdir()  # restore reads on into the segments: this one fails
+    result = run_cli("stats", str(tmp_path / "ops.jsonl"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"{tmp_path / 'ops.jsonl.1'}: cannot read: Is a directory\n"
+
+
+def test_top_shows_what_clients_sent_without_letting_it_drive_the_terminal(serve):
+    server = serve(analyze_interval_s=0.05)
+    hostile = "/evil\x1b]2;owned\x07\x1b[2J\r\n\u202egnp.exe\x9b"
+    server.client().post("/observer/events", [{"endpoint": hostile, "error": "\x1b[31mred\tboom"}] * 2)
+    wait_for(lambda: server.client().get("/observer/errors")[1]["clusters"], what="the failures' analysis")
+    result = run_cli("top", "--once", "--url", f"http://127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr
+    assert "/evil\\u001b]2;owned\\u0007\\u001b[2J\\r\\n\\u202egnp.exe\\u009b" in result.stdout
+    assert "\\u001b[<n>mred boom" in result.stdout  # the cluster's signature
+    assert not od._UNSHOWABLE.search(result.stdout.replace("\n", ""))
+
+
+def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
+    now = time.time()
+    ops = write_history_segments(tmp_path, now)
+    newest_first = ops[::-1]
+    journal = str(tmp_path / "ops.jsonl")
+
+    def check(args, keep, n=50):
+        result = run_ops(journal, "-o", "ndjson", *args)
+        assert result.returncode == 0, result.stderr
+        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n][::-1], args
+        return result
+
+    check([], lambda o: True)
+    result = check(["-n", "1000"], lambda o: True, n=1000)
+    # Each corrupt line is skipped and counted, in one line of stderr, not one per line.
+    assert result.stderr.count("\n") == 1 and "skipped 6 line(s)" in result.stderr
+    check(["-n", "3"], lambda o: True, n=3)
+    check(["--endpoint", "/h/7"], lambda o: o["endpoint"] == "/h/7")
+    check(["--endpoint", "/h/1?"], lambda o: re.fullmatch(r"/h/1\d", o["endpoint"]))
+    check(["--source", "scenario"], lambda o: o["source"] == "scenario")
+    check(["--failed", "-n", "1000"], lambda o: not o["success"], n=1000)
+    check(["--ok", "-n", "1000"], lambda o: o["success"], n=1000)
+    check(["--regex", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
+    check(["--grep", "502 for job 1"], lambda o: "502 for job 1" in o.get("error", ""))
+    check(["--grep", "job \\d"], lambda o: False)  # plain text, not a regex
+    check(["--endpoint", "/h/7", "--endpoint", "/h/1?", "--source", "mcp", "--source", "langfuse"],
+          lambda o: re.fullmatch(r"/h/(7|1\d)", o["endpoint"]) and o["source"] == "mcp")
+    check(["--field", "trace=t3"], lambda o: o["trace"] == "t3")
+    check(["--field", "seq=12"], lambda o: o["seq"] == 12)
+    # Relative and absolute times; ops stamped out of order are judged by their own stamp.
+    check(["--since", "2h", "-n", "1000"], lambda o: od.op_time(o).timestamp() >= now - 7200, n=1000)
+    check(["--since", "150m", "--until", "100m"],
+          lambda o: now - 9000 <= od.op_time(o).timestamp() <= now - 6000)
+    until = history_op(0, 9000, now)["timestamp"]
+    check(["--until", until, "--failed"], lambda o: not o["success"] and o["timestamp"] <= until)
+    check(["--failed", "--source", "scenario", "--since", "10000s"],
+          lambda o: not o["success"] and o["source"] == "scenario" and od.op_time(o).timestamp() >= now - 10000)
+    # As journalctl: -r (--reverse) prints newest first, --lines is -n, and all is every op.
+    for flags in (["-n", "5", "-r"], ["--lines", "5", "--reverse"]):
+        assert ndjson(run_ops(journal, "-o", "ndjson", *flags).stdout) == newest_first[:5]
+    assert ndjson(run_ops(journal, "-o", "ndjson", "-n", "all").stdout) == ops
+
+
+def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
+    ops = write_history_segments(tmp_path, time.time())
+    config = write_settings(tmp_path, {"persist_path": "ops.jsonl", "keep_files": 1})
+    result = run_ops("--config", str(config), "-n", "1000", "-o", "ndjson", cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert ndjson(result.stdout) == ops[30:]  # .2 is beyond keep_files = 1
+    # A file named alone: no config is read (not even a broken one in the working folder), and
+    # every segment beside it is, however far.
+    (tmp_path / "ops.jsonl.2").rename(tmp_path / "ops.jsonl.7")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "lakehouse.toml").write_text("[observerd]\nkeep_files = 'x'\n")
+    alone = run_ops(str(tmp_path / "ops.jsonl"), "-n", "1000", cwd=tmp_path / "elsewhere")
+    assert alone.returncode == 0 and ndjson(alone.stdout) == ops
+
+
+def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
+    now = time.time()
+    ops = [history_op(1, 30, now, endpoint="/mcp/search", success=True, duration_ms=12.5),
+           history_op(2, 20, now, endpoint="/scenario/checkout\x1b[2J", source="scenario",
+                      error="HTTP 502 from the payment gateway, after three retries"),
+           history_op(3, 10, now, endpoint="/mcp/search", success=False, error="timeout\nafter 30s")]
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(map(od.encode_line, ops)))
+    as_json = run_ops(str(path), "-o", "json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops
+    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops
+    assert ndjson(run_ops(str(path)).stdout) == ops  # not a terminal: ndjson
+    table = run_ops(str(path), "-o", "table", env={"COLUMNS": "120"}).stdout.splitlines()
+    assert re.split(r"\s{2,}", table[0]) == ["TIME", "SOURCE", "ENDPOINT", "OK", "DURATION", "ERROR"]
+    assert len(table) == 4 and all(len(line) <= 120 for line in table)
+    oldest, middle, newest = table[1:]
+    # What a client sent is shown, never obeyed: controls as their JSON escapes.
+    assert newest.startswith(ops[2]["timestamp"]) and " FAIL " in newest and "timeout\\nafter 30s" in newest
+    assert "\x1b" not in middle and "/scenario/checkout\\u001b[2J" in middle
+    assert middle.endswith("…") and "HTTP 502 from the" in middle
+    assert re.search(r" ok +12\.5ms$", oldest)
+    # Columns line up: each column starts where its title does.
+    for title in ("ENDPOINT", "OK", "ERROR"):
+        column = table[0].index(title)
+        assert all(line[column - 2:column] == "  " and line[column] != " " for line in table[1:] if len(line) > column)
+    wide = run_ops(str(path), "-o", "table", env={"COLUMNS": "1000"}).stdout
+    assert "HTTP 502 from the payment gateway, after three retries" in wide
+
+
+@pytest.mark.parametrize("args, status, needle", [
+    (["--since", "last week"], 2, "--since must be a time like 2026-12-06T04:00:00Z, '2026-12-06 04:00'"),
+    (["--until", "2026-13-01T00:00:00Z"], 2, "--until must be"),
+    (["--regex", "("], 2, "--regex is not a valid regular expression"),
+    (["--grep", "a", "--grep", "b"], 2, "--grep is given more than once"),
+    (["--failed", "--ok"], 2, "--ok contradicts failed"),
+    (["-f", "-r"], 2, "-f with -r: following prints oldest first, -r newest first"),
+    (["-f", "--count-by", "endpoint"], 2, "-f with --count-by"),
+    (["--lines", "some"], 2, "--lines: must be a whole number"),
+    (["--nope"], 2, "unrecognized arguments: --nope (see observerd.py ops --help)"),
+    (["--count-by", ""], 2, "--count-by must name a field"),
+    (["--field", "novalue"], 2, "--field must be key=value"),
+    (["--source", "nope"], 2, "--source must be one of"),
+    (["-f", "-o", "json"], 2, "-f with -o json: one array"),
+])
+def test_ops_names_a_bad_argument_in_one_line_and_exits_2(tmp_path, args, status, needle):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(od.encode_line(op()))
+    result = run_ops(str(path), *args)
+    assert (result.returncode, result.stdout) == (status, "")
+    assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_ops_without_a_journal_says_why_and_exits_2(tmp_path):
+    missing = run_ops(str(tmp_path / "none.jsonl"))
+    assert missing.returncode == 2 and "none.jsonl: no journal there" in missing.stderr
+    ephemeral = run_ops("--config", str(write_settings(tmp_path, {"persist_path": ""})))
+    assert ephemeral.returncode == 2 and "ephemeral" in ephemeral.stderr
+    assert missing.stderr.count("\n") == ephemeral.stderr.count("\n") == 1
+    bad = run_ops("--config", str(write_settings(tmp_path, {"keep_files": -1})))
+    assert bad.returncode == 2 and "keep_files must be >= 0" in bad.stderr
+
+
+def test_ops_that_cannot_read_the_journal_says_so_in_one_line_and_exits_1(tmp_path):
+    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op()))
+    os.symlink("ops.jsonl.1", tmp_path / "ops.jsonl.1")  # a loop: no file can be read there
+    result = run_ops(str(tmp_path / "ops.jsonl"))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{tmp_path / 'ops.jsonl.1'}: cannot read: Too many levels of symbolic links\n"
+
+
+def test_ops_help_has_an_example():
+    result = run_ops("--help")
+    assert result.returncode == 0 and "examples:" in result.stdout and "--since 1h --failed" in result.stdout
+    assert "exit status" in result.stdout
+
+
+def test_ops_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    # Far more than a pipe holds, so the writer is still writing when head exits.
+    path.write_bytes(b"".join(od.encode_line(history_op(i, 100, extra="x" * 200)) for i in range(5000)))
+    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops "
+                            f"{shlex.quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert json.loads(result.stdout)["seq"] == 0  # the newest 5000, oldest first
+
+
+def test_ops_follow_prints_appended_ops_across_the_daemons_rotations(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1200, keep_files=50)
+    client = daemon.client()
+    post_seqs(client, range(10))
+    post_seqs(client, [10], keep="yes")
+    follower = followers(str(tmp_path / "ops.jsonl"), "-n", "3", "--field", "keep=yes")
+    follower.wait_seqs([10], "the backlog: the one op kept")
+    post_seqs(client, range(11, 14), keep="no")
+    post_seqs(client, range(14, 30), keep="yes")
+    follower.wait_seqs([10] + list(range(14, 30)), "every kept op once, in order, across rotations")
+    # Stopped while the daemon rotates several times: on waking it reads the segments rotated
+    # meanwhile too, not only the file the path names now.
+    follower.proc.send_signal(signal.SIGSTOP)
+    rotations = daemon.log.count('msg="rotated journal"')
+    post_seqs(client, range(30, 80), keep="yes")
+    assert daemon.log.count('msg="rotated journal"') - rotations >= 3
+    follower.proc.send_signal(signal.SIGCONT)
+    follower.wait_seqs([10] + list(range(14, 80)), "the ops of every segment rotated while it slept")
+    status, stderr = follower.interrupt()
+    assert (status, stderr) == (0, "")
+
+
+def test_ops_follow_reads_every_segment_newer_than_a_file_rotated_away_while_it_slept(tmp_path, daemons,
+                                                                                     followers):
+    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1200, keep_files=2)
+    client = daemon.client()
+    live = tmp_path / "ops.jsonl"
+    follower = followers(str(live), "-n", "1")
+    post_seqs(client, [0])
+    follower.wait_seqs([0], "the backlog")
+    follower.proc.send_signal(signal.SIGSTOP)
+    followed = live.stat().st_ino
+    names = [live] + [tmp_path / f"ops.jsonl.{n}" for n in (1, 2)]
+    seq = 1
+    # Until the file it follows is deleted (rotated past keep_files), and no further: every
+    # segment on disk then came after it.
+    while any(path.exists() and path.stat().st_ino == followed for path in names):
+        post_seqs(client, [seq])
+        seq += 1
+    follower.proc.send_signal(signal.SIGCONT)
+    follower.wait_seqs(list(range(seq)), "the rest of the deleted file, then every segment after it")
+
+
+def test_ops_follow_starts_with_the_newest_n_oldest_first(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    post_seqs(daemon.client(), range(10))
+    follower = followers(str(tmp_path / "ops.jsonl"), "-n", "3")
+    follower.wait_seqs([7, 8, 9], "the backlog")
+    post_seqs(daemon.client(), [10])
+    follower.wait_seqs([7, 8, 9, 10], "the new op")
+
+
+def test_ops_follow_moves_to_the_new_file_after_logrotate_and_sighup(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    post_seqs(client, range(5))
+    live = tmp_path / "ops.jsonl"
+    follower = followers(str(live), "-n", "1")
+    follower.wait_seqs([4], "the backlog")
+    post_seqs(client, range(5, 8))
+    follower.wait_seqs([4, 5, 6, 7], "ops before the rotation")
+    os.rename(live, tmp_path / "ops.jsonl-20261126")  # logrotate's move, without `create`
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reopened journal" in daemon.log, timeout=60, what="the reopen")
+    post_seqs(client, range(8, 12))
+    follower.wait_seqs(list(range(4, 12)), "ops after the SIGHUP, in the new file")
+    os.rename(live, tmp_path / "ops.jsonl-20261127")
+    post_seqs(client, range(12, 15))  # no signal: the next append makes the path again
+    follower.wait_seqs(list(range(4, 15)), "ops after a move without a signal")
+    assert follower.interrupt() == (0, "")
+
+
+def test_ops_follow_into_a_pipe_that_closes_ends_quietly(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    client = daemon.client()
+    post_seqs(client, range(2))
+    pipeline = subprocess.Popen(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops -f -n 2 "
+                                f"{shlex.quote(str(tmp_path / 'ops.jsonl'))} | head -n 3; exit ${{PIPESTATUS[0]}}",
+                                shell=True, executable="/bin/bash", stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    i = 2
+    # head exits after its third line; ops learns it at its next write, and must end quietly.
+    while pipeline.poll() is None:
+        post_seqs(client, [i])
+        i += 1
+        time.sleep(0.05)
+        assert i < 5000, "ops -f never noticed its reader had gone"
+    assert (pipeline.returncode, pipeline.stderr.read()) == (0, "")
+    first = seqs(ndjson(pipeline.stdout.read()))
+    assert first == list(range(first[0], first[0] + 3))  # the backlog's two, and the next
+
+
+def test_ops_follow_reads_a_file_truncated_in_place_from_its_start(tmp_path):
+    path = tmp_path / "ops.jsonl"
+    path.write_bytes(b"".join(od.encode_line(history_op(i, 10)) for i in range(3)))
+    with od.JournalFiles(path, 0) as files:
+        follower = od.JournalFollower(path, 0, od.OpFilter({}, time.time()), od.SkippedLines(), files.live())
+    try:
+        append_to(path, od.encode_line(history_op(3, 5)))
+        assert seqs(plain(follower.poll())) == [3]
+        with open(path, "r+b") as f:  # logrotate's copytruncate
+            f.truncate(0)
+        append_to(path, od.encode_line(history_op(4, 1)))
+        assert seqs(plain(follower.poll())) == [4]
+    finally:
+        follower.close()
+
+
+def test_ops_since_reads_on_through_lines_another_writer_spelled_otherwise(tmp_path):
+    now = datetime.now(timezone.utc)
+    lines = []
+    for i in range(20_000):  # ~2 MB, all in the last half hour, keys in another order than observerd's
+        stamp = (now - timedelta(seconds=i * 0.09)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        endpoint = "/rare" if i in (0, 19_999) else f"/common/{i % 7}"
+        lines.append(json.dumps({"duration_ms": 1, "success": True, "timestamp": stamp, "source": "mcp",
+                                 "endpoint": endpoint, "n": i}))
+    journal = tmp_path / "other.jsonl"
+    journal.write_text("\n".join(reversed(lines)) + "\n")
+    result = run_cli("ops", str(journal), "--since", "1h", "--endpoint", "/rare", "-o", "ndjson")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["n"] for line in result.stdout.splitlines()] == [19_999, 0]
+
+
+def test_ops_follow_starts_with_the_newest_ten_as_tail_does(tmp_path, daemons, followers):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    post_seqs(daemon.client(), range(15))
+    follower = followers(str(tmp_path / "ops.jsonl"))
+    follower.wait_seqs(list(range(5, 15)), "the newest ten")
+    post_seqs(daemon.client(), [15])
+    follower.wait_seqs(list(range(5, 16)), "the new op")
+
+
+def test_ops_over_url_refuses_what_the_daemon_cannot_do_in_one_line(serve):
+    url = f"http://127.0.0.1:{serve().port}"
+    for args, needle in ((["-f"], "-f follows the journal's files, not --url"),
+                         (["--regex", "a.b"], "--regex is the command line's only"),
+                         (["ops.jsonl"], "FILE and --url name two journals")):
+        result = run_ops("--url", url, *args)
+        assert (result.returncode, result.stdout) == (2, "")
+        assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
 # -----------------------------------------------------------------------------
-# Docs: a README a newcomer finishes, links that resolve, every example honest
+# [SECTION] Browser page
+# -----------------------------------------------------------------------------
+
+def test_ui_page_is_served_with_its_security_headers_and_an_etag(serve):
+    resp, body = get_page(serve().port)
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert resp.getheader("X-Content-Type-Options") == "nosniff"
+    assert resp.getheader("Cache-Control") == "no-cache"
+    csp = csp_directives(resp.getheader("Content-Security-Policy"))
+    assert csp["default-src"] == ["'none'"] and csp["connect-src"] == ["'self'"]
+    assert csp["frame-ancestors"] == csp["base-uri"] == csp["form-action"] == ["'none'"]
+    assert csp["img-src"] == ["data:"]
+    assert all(len(csp[name]) == 1 and csp[name][0].startswith("'sha256-") for name in ("script-src", "style-src"))
+    etag = resp.getheader("ETag")
+    assert re.fullmatch(r'"[0-9a-f]{32}"', etag), etag  # strong: no W/
+    assert etag.strip('"') == od.hashlib.sha256(body).hexdigest()[:32]
+
+
+@pytest.mark.parametrize("if_none_match, status", [
+    ("{etag}", 304), ("W/{etag}", 304), ('"other", {etag}', 304), ("*", 304),
+    ('"other"', 200), ("{etag}x", 200),
+])
+def test_ui_page_answers_304_when_the_browser_holds_it(serve, if_none_match, status):
+    server = serve()
+    etag = get_page(server.port)[0].getheader("ETag")
+    head = "GET /observer/ui HTTP/1.1\r\nHost: x\r\nIf-None-Match: {}\r\nConnection: close\r\n\r\n"
+    raw = raw_exchange(server.port, head.format(if_none_match.format(etag=etag)).encode())
+    stream = io.BytesIO(raw)
+    got, headers = read_head(stream)
+    assert got == status and headers["etag"] == etag
+    assert headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
+    assert int(headers["content-length"]) == len(od.UI_DOCUMENT.payload)
+    assert len(stream.read()) == (0 if status == 304 else len(od.UI_DOCUMENT.payload))
+
+
+def test_ui_page_parses_and_holds_every_element_its_script_fills():
+    page = PageParts(od.UI_DOCUMENT.payload.decode())
+    assert len(page.scripts) == 1 and len(page.styles) == 1
+    filled = set(re.findall(r'\$\("([\w-]+)"\)', page.scripts[0]))
+    assert {"chart", "conn", "ready", "endpoints-body", "ops-body", "history-body", "token"} <= filled
+    assert filled <= set(page.ids), filled - set(page.ids)
+    assert len(page.ids) == len(set(page.ids))
+    assert "innerHTML" not in page.scripts[0] and "outerHTML" not in page.scripts[0]
+    assert "insertAdjacentHTML" not in page.scripts[0] and "document.write" not in page.scripts[0]
+    assert not [name for _, name, _ in page.attributes if name.startswith("on")]  # CSP blocks them
+
+
+def test_ui_page_refers_to_nothing_outside_itself_and_its_api():
+    page = PageParts(od.UI_DOCUMENT.payload.decode())
+    url = re.compile(r"(?i)(?:[a-z][a-z0-9+.-]*:)?//[^\s*/]|url\(|@import|\bimport\s*\(")
+    for text in page.scripts + page.styles:
+        assert not url.search(text), url.search(text)
+    links = [(tag, name, value) for tag, name, value in page.attributes
+             if name in ("src", "href", "action", "formaction", "srcset", "poster", "data", "xlink:href")]
+    assert links == [("link", "href", "data:,")]  # no favicon request either
+    assert len(od.UI_DOCUMENT.payload) < 40 * 1024
+
+
+def test_ui_page_fetches_relative_paths_so_the_gateway_prefix_is_kept():
+    script = PageParts(od.UI_DOCUMENT.payload.decode()).scripts[0]
+    fetched = re.findall(r'\bapi\("([^"?]+)', script)
+    assert set(fetched) >= {"timeline", "stats", "playbooks", "ready", "history"}, fetched
+    assert "/observer" not in script
+
+
+def test_ui_csp_hashes_match_the_inline_script_and_style(serve):
+    resp, body = get_page(serve().port)
+    page = PageParts(body.decode())
+    csp = csp_directives(resp.getheader("Content-Security-Policy"))
+    for directive, text in (("script-src", page.scripts[0]), ("style-src", page.styles[0])):
+        digest = od.base64.b64encode(od.hashlib.sha256(text.encode()).digest()).decode()
+        assert csp[directive] == [f"'sha256-{digest}'"], directive
+
+
+def test_ui_page_loads_while_the_daemon_restores_and_its_data_waits(tmp_path, daemons):
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    resp, body = get_page(daemon.port)
+    assert resp.status == 200 and body == od.UI_DOCUMENT.payload
+    assert get_fresh(daemon.port, "/observer/stats")[:2] == (503, {"error": od.RESTORING})
+    os.close(os.open(gate, os.O_WRONLY))
+    wait_for(lambda: get_fresh(daemon.port, "/observer/stats")[0] == 200, what="the restore to finish")
+
+
+def test_ui_page_needs_no_token_but_its_data_does(serve):
+    server = serve(token="s3cret")
+    resp, body = get_page(server.port)
+    assert resp.status == 200 and b"<svg" in body
+    assert get_page(server.port, method="HEAD")[0].status == 200
+    client = server.client()
+    for path in ("/observer/timeline", "/observer/stats", "/observer/playbooks", "/observer/ops",
+                 "/observer/history", "/observer/ready"):
+        assert client.get(path)[0] == 401, path
+
+
+@in_chromium
+def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons, fake_service):
+    daemon = start_observed_daemon(daemons, tmp_path, escalate_url=fake_service().url + "/api/run")
+    client = daemon.client()
+    posted = page_traffic()
+    post_over_time(client, posted, 20)
+    failed_newest_first = [o["error"] for o in reversed(posted) if o["endpoint"] == "/mcp/fail"]
+    wait_for(lambda: client.get("/observer/escalations")[1]["escalations"]
+             and client.get("/observer/playbooks")[1]["playbooks"], what="escalation and playbooks")
+    stats = client.get("/observer/stats")[1]
+    url = f"http://127.0.0.1:{daemon.port}/observer/ui"
+    shots = screenshot_folder(tmp_path)
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(url)
+        state = tab.wait(f"(s => s.connClass === 'ok' && s.escalations[0].length > 1 && s.playbooks[0].length > 1 && s)({PAGE_STATE})",
+                         "the first refresh with data")
+        # The header's counts are /observer/stats'; the chart counted the same ops per source.
+        assert (number_in(state["total"]), number_in(state["ok"]), number_in(state["failed"])) == (
+            stats["total"], stats["successes"], stats["failures"])
+        assert state["bySource"] == stats["by_source"]
+        for source, count in stats["by_source"].items():
+            assert f"{source}: {count} ops in 300 s" in state["legend"]
+        assert f"failures (all sources): {stats['failures']} ops in 300 s" in state["legend"]
+        assert state["polylines"] == [300] * (len(stats["by_source"]) + 1)  # a point a second
+        assert state["ready"] == "ready"
+        # The failing endpoint leads the table and the clusters, and was escalated.
+        assert state["endpoints"][0][:3] == ["/mcp/fail", "60", "60"]
+        assert state["clusters"][0][:2] == ["/mcp/fail", "60"]
+        assert [state["escalations"][0][1], state["escalations"][0][3]] == ["/mcp/fail", "sent"]
+        assert state["playbooks"][0][:2] == ["/scenario/checkout", "12"]
+        # Hostile strings are shown as text: nothing they hold ran, or even became an element.
+        assert [HOSTILE, "<script>alert(2)</script>"] in [[row[2], row[5]] for row in state["ops"]]
+        assert state["images"] == 0 and tab.problems() == []
+        tab.screenshot(shots / "ui-1280x800.png")
+
+        # The table sorts by a header, both ways.
+        tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
+        ops_column = [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]]
+        assert ops_column == sorted(ops_column, reverse=True)
+        tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
+        assert [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]] == sorted(ops_column)
+
+        # The endpoints are of the last 5 minutes, or of the whole ring at a click; clusters are dated.
+        assert state["endpointsOver"].startswith("Over the ops of the ring stamped since ")
+        assert state["clustersNote"].startswith("As the analysis at ")
+        tab.js('document.getElementById("endpoints-window").click()')
+        tab.wait(f"(s => s.endpointsOver === 'Over the ops in the ring')({PAGE_STATE})", "the whole ring")
+        tab.js('document.getElementById("endpoints-window").click()')
+        tab.wait(f"(s => s.endpointsOver.startsWith('Over the ops of the ring stamped'))({PAGE_STATE})", "5 min")
+
+        # Filters narrow the recent ops.
+        tab.js('document.getElementById("f-failed").click()')
+        tab.wait(f"(s => s.ops.length && s.ops.every((r) => r[3] === 'FAIL'))({PAGE_STATE})", "failed ops only")
+        type_into(tab, "f-text", "JOB 7")
+        assert sorted(row[5] for row in tab.js(PAGE_STATE)["ops"]) == ["upstream 502 for job 7"]
+
+        # An endpoint opens its ops from the journal, 50 at a time, older ones by cursor;
+        # an endpoint that looks like a glob means itself only.
+        click(tab, "endpoints-body", "/q[1]")
+        state = tab.wait(f"(s => s.history.length && s.historyNote && s)({PAGE_STATE})", "history of /q[1]")
+        assert [row[2] for row in state["history"]] == ["/q[1]"] and state["olderHidden"]
+        click(tab, "clusters-body", "/mcp/fail")
+        state = tab.wait(f"(s => s.history.length === 50 && !s.olderHidden && s)({PAGE_STATE})", "a first page")
+        assert {row[2] for row in state["history"]} == {"/mcp/fail"}
+        assert [row[5] for row in state["history"]] == failed_newest_first[:50]
+        tab.js('document.getElementById("history-older").click()')
+        state = tab.wait(f"(s => s.history.length === 60 && s)({PAGE_STATE})", "the older page")
+        assert state["olderHidden"] and "no older ops" in state["historyNote"]
+        assert [row[5] for row in state["history"]] == failed_newest_first
+        tab.js('document.getElementById("history-close").click(); document.getElementById("f-failed").click(); '
+               'document.querySelector("#endpoints button[data-sort=failures]").click()')
+        type_into(tab, "f-text", "")
+
+        for width, height, dark in ((1280, 800, True), (390, 844, False), (390, 844, True)):
+            tab.view(width, height, dark)
+            tab.js("document.activeElement.blur(); window.scrollTo(0, 0)")
+            tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
+                     "the chart redrawn")
+            tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
+            assert tab.js(PAGE_LAYOUT) == {"sideways": [], "cutHeaders": [], "cutSignatures": [],
+                                           "pageSideways": False}, (width, dark)
+        assert any(LONG_ERROR[:40] in row[4] for row in tab.js(PAGE_STATE)["clusters"])
+
+        # New data redraws the table under a keyboard user's focus, which stays where it was.
+        tab.js('[...document.querySelectorAll("#ops-body button")].find((b) => b.textContent === "/q1").focus()')
+        assert client.post("/observer/event", {"endpoint": "/new"})[0] == 200
+        tab.wait(f"{PAGE_STATE}.ops[0][2] === '/new'", "the new op listed")
+        assert tab.js("document.activeElement.textContent") == "/q1"
+        assert tab.js("document.getElementById('ops-body').contains(document.activeElement)")
+        stats = client.get("/observer/stats")[1]
+
+        # Hidden, the page stops asking; shown again, it starts at once.
+        tab.js("(real => { window.fetches = 0; window.fetch = (...a) => (window.fetches++, real(...a)); })(window.fetch)")
+        tab.js('Object.defineProperty(document, "hidden", {configurable: true, get: () => true}); '
+               'document.dispatchEvent(new Event("visibilitychange"))')
+        time.sleep(3)  # any refresh already under way ends
+        before = tab.js("window.fetches")
+        time.sleep(5)  # more than two refresh periods: nothing may be asked
+        assert tab.js("window.fetches") == before
+        tab.js('delete document.hidden; document.dispatchEvent(new Event("visibilitychange"))')
+        tab.wait(f"window.fetches > {before}", "refreshing again")
+
+        # The daemon goes away: the page says so; it comes back: the page recovers by itself.
+        daemon.proc.kill()
+        daemon.exit_status()
+        tab.wait(f"{PAGE_STATE}.conn.startsWith('disconnected — retrying')", "disconnected")
+        write_settings(tmp_path, {"bind": f"127.0.0.1:{daemon.port}", "persist_path": "ops.jsonl"})
+        daemons(tmp_path, config=tmp_path / "lakehouse.toml").wait_listening()
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "live again")
+        assert number_in(state["total"]) == stats["total"]
+        assert tab.problems() == []
+    finally:
+        browser.close()
+    print(f"screenshots: {shots}/ui-1280x800.png, {shots}/ui-390x844.png; dark ones in {tmp_path}")
+
+
+@in_chromium
+def test_chromium_says_why_it_is_not_ready_until_it_is(tmp_path, daemons):
+    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
+        state = tab.wait(f"(s => s.ready.startsWith('not ready') && s)({PAGE_STATE})", "not ready, and why")
+        assert state["ready"] == f"not ready: {od.RESTORING}" and state["connClass"] == "bad"
+        assert state["conn"] == f"GET stats: 503 {od.RESTORING} — retrying" and state["total"] == "…"
+        assert state["endpoints"] == [["no ops in the last 5m"]]  # what the timeline said, meanwhile
+        os.close(os.open(gate, os.O_WRONLY))
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "ready once restored")
+        assert state["ready"] == "ready" and tab.problems() == []
+    finally:
+        browser.close()
+
+
+@in_chromium
+def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons):
+    daemon = start_observed_daemon(daemons, tmp_path, token="s3cret", access_log=True)
+    client = daemon.client(token="s3cret")
+    assert client.post("/observer/events", page_traffic())[0] == 200
+    stats = client.get("/observer/stats")[1]
+    url = f"http://127.0.0.1:{daemon.port}/observer/ui"
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(url)
+        state = tab.wait(f"(s => !s.authHidden && s)({PAGE_STATE})", "the token form")
+        assert "needs its bearer token" in state["authMessage"] and state["total"] == "…"
+        tab.js('document.getElementById("token").value = "é"; document.getElementById("auth").requestSubmit()')
+        tab.wait(f"{PAGE_STATE}.authMessage.includes('printable ASCII')", "a token fetch could not send, refused")
+        submit = ('document.getElementById("token").value = {}; '
+                  'document.getElementById("auth").requestSubmit()')
+        tab.js(submit.format(json.dumps("s3cres")))
+        state = tab.wait(f"(s => !s.authHidden && s.authMessage.includes('refused') && s)({PAGE_STATE})",
+                         "the wrong token refused")
+        assert "401" in state["authMessage"] and state["total"] == "…"
+        print(f"screenshot: {tab.screenshot(tmp_path / 'ui-token-refused.png')}")
+        tab.js(submit.format(json.dumps("s3cret")))
+        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "data with the right token")
+        assert state["authHidden"] and number_in(state["total"]) == stats["total"]
+        # Kept for this tab only, and never put in the address.
+        assert tab.js('sessionStorage.getItem("observerd.token")') == "s3cret"
+        assert tab.js("location.href") == url and tab.js('document.getElementById("token").value') == ""
+        assert "/observer/timeline" in daemon.log and "s3cret" not in daemon.log
+        assert tab.problems() == []
+    finally:
+        browser.close()
+
+
+@in_chromium
+def test_chromium_shows_the_latest_correction_verdicts(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, **CORRECTION_SETTINGS)
+    post_ops(daemon.client(), corrected_endpoints(time.time()))
+    wait_for(lambda: len(daemon.client().get("/observer/timeline")[1]["corrections"]) == 4, what="four verdicts")
+    browser = Browser(tmp_path)
+    try:
+        tab = browser.tab(1280, 800)
+        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
+        rows = tab.wait("(r => r.length === 4 && r[0].length > 1 && r)(Array.from("
+                        "document.querySelectorAll('#corrections-body tr'), (tr) => Array.from(tr.cells, (td) => td.textContent)))",
+                        "the correction verdicts")
+        assert [row[1:3] for row in rows] == [["/later", "pending"], ["/broke", "hurt"], ["/idle", "no change"],
+                                              ["/fixed", "helped"]]
+        assert rows[1][3] == "0 % → 60 %" and tab.problems() == []
+    finally:
+        browser.close()
+
+
+# -----------------------------------------------------------------------------
+# [SECTION] Docs: a README a newcomer finishes, links that resolve, every example honest (no one section's)
 # -----------------------------------------------------------------------------
 
 README_MAX_LINES = 400
 # The pages a person reads: the README, every page of docs/, and the benchmark's.
 DOC_PAGES = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md")), HERE / "bench" / "README.md"]
-SUBCOMMANDS = ("serve", "check", "stats", "top", "ops", "runs", "compare", "corrections")
+DOC_SUBCOMMANDS = ("serve", "check", "stats", "top", "ops", "runs", "compare", "corrections")
 
 
 def test_the_readme_stays_at_most_400_lines():
@@ -4804,7 +8230,7 @@ def test_every_observerd_example_of_the_docs_runs(daemons, tmp_path):
             elif word.endswith(".jsonl"):
                 argv[i] = str(journal)
         if any(word.startswith("[") for word in argv):  # a synopsis: each flag its command's
-            sub = next((word for word in argv if word in SUBCOMMANDS), None)
+            sub = next((word for word in argv if word in DOC_SUBCOMMANDS), None)
             usage = run_cli(*([sub] if sub else []), "--help").stdout
             assert all(re.search(rf"{flag}\b", usage) for flag in re.findall(r"--?[a-z][\w-]*", line)), \
                 f"{page}: {line}"
@@ -4826,7 +8252,7 @@ def test_every_observerd_example_of_the_docs_runs(daemons, tmp_path):
         assert result.returncode == 0 and "Traceback" not in result.stderr, \
             f"{page}: {line}\n{argv}\n{result.stderr}"
         ran[command] += 1
-    assert set(ran) == set(SUBCOMMANDS), ran
+    assert set(ran) == set(DOC_SUBCOMMANDS), ran
 
 
 def test_every_curl_example_of_the_docs_names_a_route_and_method_the_daemon_serves(serve):
@@ -5421,2686 +8847,88 @@ def top_snapshot_rows(text: str) -> dict[str, list[int]]:
     return rows
 
 
-def test_top_once_shows_the_numbers_stats_serves(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret", ring_size=500, analyze_interval_s=0.05)
-    client = daemon.client(token="s3cret")
-    assert client.post("/observer/events", known_traffic())[0] == 200
-    timeline_once_whole(client, 10)
-    wait_for(lambda: client.get("/observer/errors")[1]["clusters"], what="the failures' analysis")
-    stats = client.get("/observer/stats")[1]
-    url = f"http://127.0.0.1:{daemon.port}"
-    result = run_cli("top", "--once", "--url", url, "--token", "s3cret")
-    assert (result.returncode, result.stderr) == (0, ""), result.stderr
-    rows = top_snapshot_rows(result.stdout)
-    assert set(rows) == {*stats["by_source"], "all"}
-    for source, total in stats["by_source"].items():
-        assert rows[source][1] + rows[source][2] == total
-    assert rows["all"][1:] == [stats["successes"], stats["failures"]]
-    assert f"ring {stats['total']}/500 ops" in result.stdout
-    assert f"observerd {od.VERSION} at {url}" in result.stdout
-    assert "/mcp/search" in result.stdout and "upstream <n> for job <n>" in result.stdout
-    # Without --once, on a pipe: the same snapshot; the token from the environment.
-    piped = run_cli("top", "--url", url, env={"OBSERVERD_TOKEN": "s3cret"})
-    assert piped.returncode == 0
-    # EV/S is the newest whole second's: by now a later one, without ops.
-    assert {name: row[1:] for name, row in top_snapshot_rows(piped.stdout).items()} == {
-        name: row[1:] for name, row in rows.items()}
-    unauthorized = run_cli("top", "--once", "--url", url, env={"OBSERVERD_TOKEN": "wrong"})
-    assert unauthorized.returncode == 1 and unauthorized.stdout == ""
-    # A 401 names the token source tried (never the token) and how to pass one.
-    assert unauthorized.stderr.splitlines() == [
-        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the token from "
-        "OBSERVERD_TOKEN was refused: set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.exit_status() == 0
-    gone = run_cli("top", "--once", "--url", url)
-    assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1 and "unreachable" in gone.stderr
-
-
-def test_top_takes_the_daemons_url_and_token_from_the_config(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path, token="s3cret")
-    daemon.client(token="s3cret").post("/observer/events", known_traffic())
-    url = f"http://127.0.0.1:{daemon.port}"
-    no_env = {"OBSERVERD_TOKEN": ""}
-
-    def client_config(name: str, **settings) -> str:
-        folder = tmp_path / name
-        folder.mkdir()
-        return str(write_settings(folder, settings))
-
-    # A wildcard bind is reached on loopback; the token comes from [auth].
-    shared = client_config("shared", bind=f"0.0.0.0:{daemon.port}", token="s3cret")
-    top = run_cli("top", "--once", "--config", shared, env=no_env)
-    assert top.returncode == 0, top.stderr
-    assert f"at {url} " in top.stdout and "/mcp/search" in top.stdout
-    # A 401 names the source of the token tried, never the token, and how to pass one. A bind
-    # beyond loopback without a token in the file is the daemon's to check (systemd may give it
-    # OBSERVERD_TOKEN): top asks, and says what to pass.
-    tokenless = client_config("tokenless", bind=f"0.0.0.0:{daemon.port}")
-    refused = run_cli("top", "--once", "--config", tokenless, env=no_env)
-    assert refused.returncode == 1 and refused.stderr.splitlines() == [
-        f"observerd.py top: {url}: HTTP 401 Unauthorized: missing or invalid bearer token; the daemon wants a "
-        f"token and no token (none in --token, OBSERVERD_TOKEN or [auth] token of {tokenless}) was found: "
-        "set OBSERVERD_TOKEN, or [auth] token in the file --config names"]
-    wrong = client_config("wrong", bind=f"127.0.0.1:{daemon.port}", token="guess")
-    refused = run_cli("stats", "--config", wrong, "--url", url, env=no_env)
-    assert refused.returncode == 1 and f"the token from [auth] token of {wrong} was refused" in refused.stderr
-    assert "guess" not in refused.stderr
-    # The flag and the variable come first, as for the daemon.
-    assert run_cli("top", "--once", "--config", wrong, "--token", "s3cret", env=no_env).returncode == 0
-    assert run_cli("top", "--once", "--config", wrong, env={"OBSERVERD_TOKEN": "s3cret"}).returncode == 0
-    missing = run_cli("top", "--once", "--config", str(tmp_path / "nope.toml"))
-    assert (missing.returncode, missing.stderr) == (2, f"{tmp_path / 'nope.toml'}: file not found "
-                                                       "(--config names another)\n")
-
-
-def test_top_over_tls_trusts_the_certificate_its_config_names(tmp_path, daemons):
-    make_self_signed_cert(tmp_path)
-    daemon = start_durable_daemon(daemons, tmp_path, tls_cert="cert.pem", tls_key="key.pem", request_timeout_s=5)
-    client_folder = tmp_path / "client"
-    client_folder.mkdir()
-    config = write_settings(client_folder, {"bind": f"127.0.0.1:{daemon.port}", "tls_cert": str(tmp_path / "cert.pem"),
-                                            "tls_key": str(tmp_path / "key.pem")})
-    top = run_cli("top", "--once", "--config", str(config))
-    assert top.returncode == 0, top.stderr
-    assert f"at https://127.0.0.1:{daemon.port} " in top.stdout
-    # Without the config's certificate, a self-signed one is refused as by any client.
-    untrusted = run_cli("top", "--once", "--url", f"https://127.0.0.1:{daemon.port}", env={"SSL_CERT_FILE": os.devnull})
-    assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
-
-
-class Screen:
-    """A program on a pseudo-terminal of its own: the bytes it draws, collected by a thread;
-    keys and resizes sent to it as a terminal would."""
-
-    def __init__(self, argv, rows=40, cols=100, env=None):
-        master, terminal = pty.openpty()
-        self.master = master
-        self.resize(rows, cols, signal_it=False)
-        # LINES and COLUMNS would override the terminal's size in curses.
-        environ = {k: v for k, v in os.environ.items() if k not in ("LINES", "COLUMNS")}
-        self.proc = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal,
-                                     env={**environ, "TERM": "xterm", **(env or {})}, start_new_session=True,
-                                     preexec_fn=default_sigint())
-        os.close(terminal)
-        self.output = bytearray()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:  # EIO: the program closed the terminal's last descriptor
-                return
-            if not data:
-                return
-            self.output += data
-
-    def mark(self) -> int:
-        return len(self.output)
-
-    def shows(self, needle: str, since: int = 0, what: str | None = None) -> None:
-        """Wait until needle is drawn after the mark since; the program must stay alive."""
-        def drawn():
-            if len(self.output) > since and needle.encode() in self.output[since:]:
-                return True
-            assert self.proc.poll() is None, f"exited {self.proc.returncode}:\n{self.text()}"
-            return False
-        wait_for(drawn, timeout=60, what=what or f"{needle!r} on the screen")
-
-    def text(self) -> str:
-        return bytes(self.output).decode("utf-8", "replace")
-
-    def resize(self, rows: int, cols: int, signal_it: bool = True) -> None:
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        if signal_it:  # the kernel signals only a terminal's own session; this is not its one
-            self.proc.send_signal(signal.SIGWINCH)
-
-    def press(self, key: bytes) -> None:
-        os.write(self.master, key)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(60)
-        self._reader.join(10)
-        os.close(self.master)
-
-
-@pytest.fixture
-def screens():
-    yield from started_by_test(Screen, Screen.stop)
-
-
-def test_top_draws_resizes_sorts_and_quits_on_a_terminal(serve, screens):
-    server = serve()
-    # The endpoint failing most, first in its table, is twice as wide on a terminal as it is long:
-    # at 13 rows it is the last line, and runs past the screen's last cell.
-    wide = [{"endpoint": "/検索" * 40, "error": "boom"}] * 5
-    server.client().post("/observer/events", known_traffic() + wide)
-    screen = screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{server.port}"])
-    screen.shows(od.VERSION)
-    screen.shows("scenario")
-    screen.shows("/mcp/search")
-    # A 1x1 screen shows nothing (the last column stays free), but it is cleared: bytes are drawn.
-    for rows, cols, needle in ((5, 20, "observerd"), (1, 1, ""), (2, 3, "o…"), (13, 50, "検索"),
-                               (24, 50, "observerd"), (40, 100, "observerd")):
-        mark = screen.mark()
-        screen.resize(rows, cols)
-        screen.shows(needle, since=mark, what=f"a redraw at {cols}x{rows}")
-    screen.shows("scenario", since=mark)
-    mark = screen.mark()
-    screen.press(b"s")
-    screen.shows("rate", since=mark, what="the endpoints sorted by failure rate")
-    mark = screen.mark()
-    screen.press(b"w")
-    screen.shows("IN THE RING", since=mark, what="the endpoints ranked over the whole ring")
-    screen.press(b"q")
-    assert screen.proc.wait(60) == 0
-    assert "Traceback" not in screen.text()
-
-
-def test_top_survives_the_daemon_going_away_and_coming_back(tmp_path, daemons, screens):
-    first = start_durable_daemon(daemons, tmp_path, token="s3cret")
-    port = first.port
-    first.client(token="s3cret").post("/observer/event", {"endpoint": "/before-restart"})
-    screen = screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{port}"],
-                     env={"OBSERVERD_TOKEN": "s3cret"})
-    screen.shows("/before-restart")
-    mark = screen.mark()
-    first.proc.send_signal(signal.SIGTERM)
-    assert first.exit_status() == 0
-    screen.shows("disconnected,", since=mark)
-    screen.shows("retrying", since=mark)
-    mark = screen.mark()
-    second = start_durable_daemon(daemons, tmp_path, token="s3cret", bind=f"127.0.0.1:{port}")
-    second.client(token="s3cret").post("/observer/event", {"endpoint": "/after-restart"})
-    screen.shows("/after-restart", since=mark)
-    screen.press(b"q")
-    assert screen.proc.wait(60) == 0
-    assert "Traceback" not in screen.text()
-
-
-class TmuxScreen:
-    """A program in a window of a tmux server of its own: capture-pane gives the screen a person
-    would see, whatever bytes drew it."""
-
-    def __init__(self, folder: Path, argv, rows=40, cols=100, env=None):
-        if shutil.which("tmux") is None:
-            pytest.skip("tmux is not installed, so no screen of top is looked at")
-        self.tmux = ["tmux", "-S", str(folder / "tmux.sock"), "-f", "/dev/null"]
-        subprocess.run([*self.tmux, "new-session", "-d", "-x", str(cols), "-y", str(rows), shlex.join(argv)],
-                       check=True, timeout=60, env={**os.environ, **(env or {})})
-
-    def text(self) -> str:
-        return subprocess.run([*self.tmux, "capture-pane", "-p"], capture_output=True, text=True,
-                              timeout=60).stdout
-
-    def shows(self, needle: str) -> str:
-        """The screen once it shows needle."""
-        return wait_for(lambda: (lambda text: needle in text and text)(self.text()), timeout=60,
-                        what=f"{needle!r} on the screen")
-
-    def stop(self) -> None:
-        subprocess.run([*self.tmux, "kill-server"], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def tmux_screens(tmp_path):
-    yield from started_by_test(lambda argv, **kw: TmuxScreen(tmp_path, argv, **kw), TmuxScreen.stop)
-
-
-def test_top_says_why_it_is_not_ready_and_keeps_its_last_screen_marked_stale(tmp_path, daemons, tmux_screens):
-    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op("/restored", success=False, error="boom")))
-    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
-    screen = tmux_screens([sys.executable, str(DAEMON), "top", "--url", f"http://127.0.0.1:{daemon.port}"])
-    screen.shows(f"NOT READY: {od.RESTORING}")
-    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
-    assert "NOT READY" not in screen.shows("/restored")
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.exit_status() == 0
-    text = screen.shows("STALE since ")
-    assert re.search(r"^STALE since \d\d:\d\d:\d\dZ, disconnected, retrying every 1 s: ", text, re.M), text
-    assert "/restored" in text and f"observerd {od.VERSION}" in text, text
-
-
-def test_check_prints_the_effective_settings_as_toml_that_loads_back(tmp_path):
-    # A path with a quote, a backslash, DEL and non-ASCII in it, and a token from file and env.
-    config = write_config(tmp_path, {"persist_path": 'we"ird\\\u007f\u00e9/ops.jsonl', "ring_size": 7,
-                                     "request_timeout_s": 2.5}, {"token": "hunter2"})
-    result = run_cli("check", "--config", str(config), env={"OBSERVERD_TOKEN": "env-s3cret"})
-    assert result.returncode == 0, result.stderr
-    document = tomllib.loads(result.stdout)
-    assert document["observerd"]["persist_path"] == str(tmp_path / 'we"ird\\\x7f\u00e9/ops.jsonl')
-    assert (document["observerd"]["ring_size"], document["observerd"]["request_timeout_s"]) == (7, 2.5)
-    assert document["auth"] == {} and "# token is set (never shown)" in result.stdout
-    assert "hunter2" not in result.stdout and "s3cret" not in result.stdout
-    # What check prints is a config that loads to the same settings (the token aside).
-    (tmp_path / "again").mkdir()
-    again = tmp_path / "again" / "effective.toml"
-    again.write_text(result.stdout)
-    reprinted = run_cli("check", "--config", str(again))
-    assert reprinted.returncode == 0, reprinted.stderr
-    assert tomllib.loads(reprinted.stdout) == document
-    assert "# token is not set (never shown)" in reprinted.stdout
-
-
-def run_into_a_closed_pipe(*args) -> subprocess.CompletedProcess:
-    """The CLI with a stdout nobody reads any more, as after `| head -1` has its line."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        return subprocess.run([sys.executable, str(DAEMON), *args], stdout=write_end, stderr=subprocess.PIPE,
-                              text=True, timeout=60)
-    finally:
-        os.close(write_end)
-
-
-def test_output_into_a_pipe_the_reader_closed_ends_quietly(tmp_path, serve):
-    config = write_config(tmp_path)
-    write_rotated_journal(tmp_path / "ops.jsonl", [3])
-    server = serve()
-    for args in (["check", "--config", str(config)], ["stats", str(tmp_path / "ops.jsonl")],
-                 ["top", "--once", "--url", f"http://127.0.0.1:{server.port}"]):
-        result = run_into_a_closed_pipe(*args)
-        assert (result.returncode, result.stderr) == (0, ""), (args, result.stderr)
-    shell = subprocess.run(f"{sys.executable} {DAEMON} check --config {config} | head -1", shell=True,
-                           capture_output=True, text=True, timeout=60)
-    assert shell.stdout.startswith("# ") and shell.stderr == ""
-
-
-@pytest.mark.parametrize("command", ["", "serve", "check", "stats", "top", "ops"])
-def test_every_subcommand_has_help_with_examples_and_the_exit_statuses(command):
-    result = run_cli(*filter(None, [command]), "--help")
-    assert result.returncode == 0 and result.stderr == ""
-    examples = result.stdout.split("examples:\n")[1]
-    assert f"observerd.py {command}".strip() in examples
-    assert "exit status: 0 ok; 1 runtime error" in result.stdout and "2 usage or config error" in result.stdout
-
-
-@pytest.mark.parametrize("args, problem", [
-    (["nosuch"], "invalid choice: 'nosuch'"),
-    (["stats"], "no journal there: file not found, nor rotated segments beside it; it is the default persist_path"),
-    (["ops", "--lines", "-1"], "argument -n/--lines: must be a whole number >= 0, got '-1'"),
-    (["check", "--bogus"], "unrecognized arguments: --bogus"),
-    (["top", "--interval", "0"], "--interval: '0' is not a number of seconds from 0.1 to 3600"),
-    (["top", "--url", "localhost:3219"], "--url: 'localhost:3219' is not an http:// or https:// URL"),
-    (["stats", "x.jsonl", "--ring-size", "many"], "--ring-size: invalid int value: 'many'"),
-])
-def test_a_usage_error_is_one_line_naming_the_problem_and_exits_2(tmp_path, args, problem):
-    result = run_cli(*args, cwd=tmp_path)
-    assert result.returncode == 2 and result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1 and problem in result.stderr, result.stderr
-
-
-def test_stats_of_a_file_it_cannot_read_is_one_line_and_exit_1(tmp_path):
-    not_a_file = run_cli("stats", str(tmp_path))
-    assert (not_a_file.returncode, not_a_file.stderr) == (2, f"{tmp_path}: not a regular file\n")
-    write_rotated_journal(tmp_path / "ops.jsonl", [1])
-    (tmp_path / "ops.jsonl.1").mkdir()  # restore reads on into the segments: this one fails
-    result = run_cli("stats", str(tmp_path / "ops.jsonl"), cwd=tmp_path)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == f"{tmp_path / 'ops.jsonl.1'}: cannot read: Is a directory\n"
-
-
-def test_top_shows_what_clients_sent_without_letting_it_drive_the_terminal(serve):
-    server = serve(analyze_interval_s=0.05)
-    hostile = "/evil\x1b]2;owned\x07\x1b[2J\r\n\u202egnp.exe\x9b"
-    server.client().post("/observer/events", [{"endpoint": hostile, "error": "\x1b[31mred\tboom"}] * 2)
-    wait_for(lambda: server.client().get("/observer/errors")[1]["clusters"], what="the failures' analysis")
-    result = run_cli("top", "--once", "--url", f"http://127.0.0.1:{server.port}")
-    assert result.returncode == 0, result.stderr
-    assert "/evil\\u001b]2;owned\\u0007\\u001b[2J\\r\\n\\u202egnp.exe\\u009b" in result.stdout
-    assert "\\u001b[<n>mred boom" in result.stdout  # the cluster's signature
-    assert not od._UNSHOWABLE.search(result.stdout.replace("\n", ""))
-
-
-@pytest.mark.parametrize("answer", [
-    {"service": "observerd"},  # an observerd of another version
-    {"service": "observerd", "version": "9", "uptime_s": "soon", "seconds": 60},
-    [1, 2, 3],  # another service
-])
-def test_top_says_when_the_answer_is_not_a_timeline_it_can_show(answer):
-    class Handler(od.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    other = od.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=other.serve_forever, args=(0.05,), daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{other.server_address[1]}"
-        result = run_cli("top", "--once", "--url", url)
-    finally:
-        other.shutdown()
-        other.server_close()
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == f"observerd.py top: {url}: the answer is not a timeline this top can show\n"
-
-
-# --- issue 11: readiness ---
-
-
-HOOKED_DAEMON = """\
-import sys
-sys.path.insert(0, {here!r})
-import observerd
-{hook}
-sys.exit(observerd.main(sys.argv[1:]))
-"""
-
-
-def hooked_daemon_script(folder: Path, hook: str) -> Path:
-    """observerd.py's main run after hook, Python that patches the observerd module: a way to
-    hold the real daemon at a chosen point for as long as a test needs."""
-    script = folder / "hooked_observerd.py"
-    script.write_text(HOOKED_DAEMON.format(here=str(HERE), hook=hook))
-    return script
-
-
-def get_fresh(port: int, path: str, method: str = "GET", body=None) -> tuple[int, dict | None, object]:
-    """One request on a connection of its own, closed after the answer."""
-    client = Client(port)
-    try:
-        return client.request(method, path, body)
-    finally:
-        client.close()
-
-
-def test_ready_is_200_when_a_write_would_be_accepted_ephemeral_too(serve):
-    for server in (serve(), serve(persist_path="")):
-        client = server.client()
-        status, body, resp = client.get("/observer/ready")
-        assert (status, body, resp.getheader("Retry-After")) == (200, {"ready": True}, None)
-        assert client.request("HEAD", "/observer/ready")[:2] == (200, None)
-
-
-def test_a_failed_commit_makes_observerd_unready_and_the_next_good_commit_ready(serve, monkeypatch):
-    server = serve()
-    FsyncSpy(monkeypatch, fail_calls={1})  # a real EIO from the disk, as fsync reports it
-    client = server.client()
-    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
-    status, body, resp = client.get("/observer/ready")
-    assert (status, body["ready"], resp.getheader("Retry-After")) == (503, False, "1")
-    assert body["reason"] == f"journal cannot be written: Input/output error ({server.config.persist_path})"
-    assert client.get("/observer/health")[0] == 200
-    assert client.post("/observer/event", {"endpoint": "/kept"})[0] == 200  # writes are still tried
-    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
-
-
-def test_the_probe_never_follows_what_is_planted_at_its_scratch_name(serve, monkeypatch, tmp_path):
-    server = serve()
-    FsyncSpy(monkeypatch, fail_calls={1})
-    client = server.client()
-    assert client.post("/observer/event", {"endpoint": "/lost"})[0] == 503
-    victim = tmp_path / "victim"
-    victim.write_bytes(b"precious\n")
-    journal = server.store.journal
-    scratch = od.probe_scratch_path(journal.path)
-    scratch.symlink_to(victim)
-    journal.probe()  # the disk works again: the probe finds it, through its own new file
-    assert victim.read_bytes() == b"precious\n"
-    assert not scratch.exists() and not scratch.is_symlink()
-    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
-
-
-def test_ready_follows_a_real_write_fault_and_the_probe_finds_the_recovery_without_traffic(tmp_path, daemons):
-    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
-    client = daemon.client()
-    assert client.get("/observer/ready")[:2] == (200, {"ready": True})
-    accepted, status = 0, 200
-    while status == 200:
-        status, _, _ = client.post("/observer/event", {"endpoint": f"/fill/{accepted}", "pad": "x" * 40})
-        accepted += status == 200
-    assert status == 503
-    path = tmp_path / "ops.jsonl"
-    journal = path.read_bytes()
-    reason = f"journal cannot be written: File too large ({path.resolve()})"
-    unready = (503, {"ready": False, "reason": reason}, "1")
-    status, body, resp = client.get("/observer/ready")
-    assert (status, body, resp.getheader("Retry-After")) == unready
-    # The probe runs every second and fails while the limit stands: a byte appended at the
-    # end would fit, the op that failed would not. After two probes the answer must not
-    # have changed.
-    def probes(found):
-        samples = scrape(client)["observerd_journal_probes_total"]["samples"]
-        return next(value for _, labels, value in samples if labels == {"found": found})
-
-    wait_for(lambda: probes("failing") >= 2, what="two probes")
-    status, body, resp = client.get("/observer/ready")
-    assert (status, body, resp.getheader("Retry-After")) == unready
-    assert client.get("/observer/health")[0] == 200
-
-    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-    wait_for(lambda: client.get("/observer/ready")[0] == 200, what="the probe to find the journal writable")
-    assert client.get("/observer/ready")[1] == {"ready": True}
-    assert "found_by=probe" in daemon.log and probes("writable") == 1
-    assert path.read_bytes() == journal, "the probe must leave the journal as it was"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ops.jsonl.lock", "lakehouse.toml", "ops.jsonl"]
-    assert client.post("/observer/event", {"endpoint": "/after"})[0] == 200
-    assert len(replay_forward(path)) == accepted + 1
-
-
-def daemon_holding_its_restore(daemons, folder: Path) -> tuple[Daemon, Path]:
-    """A daemon whose restore waits until the test opens the FIFO returned, as a slow disk would."""
-    gate = folder / "restore-gate"
-    os.mkfifo(gate)
-    script = hooked_daemon_script(folder, f"""
-restore_journal = observerd.restore_journal
-def held_restore_journal(*args, **kwargs):
-    with open({str(gate)!r}, "rb") as fifo:
-        fifo.read()
-    return restore_journal(*args, **kwargs)
-observerd.restore_journal = held_restore_journal
-""")
-    config = write_settings(folder, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    return daemons(folder, config=config, script=script).wait_listening(restored=False), gate
-
-
-def test_it_answers_before_restoring_and_serves_no_ops_until_restored(tmp_path, daemons):
-    path = tmp_path / "ops.jsonl"
-    path.write_bytes(b"".join(od.encode_line(op(f"/before/{i}")) for i in range(3)))
-    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
-    status, body, resp = get_fresh(daemon.port, "/observer/ready")
-    assert (status, body, resp.getheader("Retry-After")) == (503, {"ready": False, "reason": od.RESTORING}, "1")
-    assert get_fresh(daemon.port, "/observer/health")[:2] == (200, {"status": "ok", "service": "observerd",
-                                                                     "ring_size": 0})
-    refused = [("POST", "/observer/event", {"endpoint": "/early"}),
-               ("POST", "/observer/events", [{"endpoint": "/e"}]), ("GET", "/observer/stats", None),
-               ("GET", "/observer/ops", None), ("GET", "/observer/errors", None),
-               ("GET", "/observer/playbooks", None), ("GET", "/observer/escalations", None),
-               ("POST", "/observer/review", {})]
-    for method, route, body in refused:
-        status, answer, resp = get_fresh(daemon.port, route, method, body)
-        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.RESTORING}, "1"), route
-    # What reads the files on disk, not the ring, is whole already.
-    status, history, _ = get_fresh(daemon.port, "/observer/history")
-    assert status == 200 and [o["endpoint"] for o in history["ops"]] == ["/before/2", "/before/1", "/before/0"]
-    metrics = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
-    metrics.request("GET", "/metrics")
-    response = metrics.getresponse()
-    assert response.status == 200
-    refusals = sample(parse_exposition(response.read().decode()), "observerd_rejected_total", reason="not_ready")
-    assert refusals == len(refused)
-    metrics.close()
-    assert 'msg="restored ops"' not in daemon.log
-
-    os.close(os.open(gate, os.O_WRONLY))  # the restore goes on
-    wait_for(lambda: get_fresh(daemon.port, "/observer/ready")[0] == 200, what="the restore to finish")
-    wait_for(lambda: 'msg="restored ops" count=3' in daemon.log, what="the restore's log line")
-    client = daemon.client()
-    assert client.get("/observer/stats")[1]["total"] == 3
-    assert client.post("/observer/event", {"endpoint": "/after"})[1] == {"accepted": True, "ring_size": 4}
-    assert endpoints_in(path) == ["/before/0", "/before/1", "/before/2", "/after"]
-
-
-def test_from_sigterm_to_exit_ready_says_shutting_down_and_health_still_answers(tmp_path, daemons):
-    # The drain waits for the request held below as long as the test needs, on any machine.
-    script = hooked_daemon_script(tmp_path, "observerd.SHUTDOWN_GRACE_S = 600")
-    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl",
-                                       "request_timeout_s": 600.0})
-    daemon = daemons(tmp_path, config=config, script=script).wait_listening()
-    assert get_fresh(daemon.port, "/observer/ready")[0] == 200
-    body = json.dumps({"endpoint": "/in-flight"}).encode()
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as held:
-        # 100 Continue comes once the request is dispatched and its body awaited: in progress.
-        held.sendall(b"POST /observer/event HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body))
-        assert held.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
-        daemon.proc.send_signal(signal.SIGTERM)
-
-        def ready_status():
-            try:
-                return get_fresh(daemon.port, "/observer/ready")[0]
-            except (OSError, http.client.HTTPException):
-                return None  # a connection accepted just as closing began is closed unanswered
-        wait_for(lambda: ready_status() == 503, what="ready to say 503")
-        status, answer, resp = get_fresh(daemon.port, "/observer/ready")
-        assert (status, answer) == (503, {"ready": False, "reason": od.SHUTTING_DOWN})
-        assert (resp.getheader("Retry-After"), resp.getheader("Connection")) == ("1", "close")
-        assert get_fresh(daemon.port, "/observer/health")[0] == 200
-        assert get_fresh(daemon.port, "/observer/stats")[0] == 200
-        status, answer, resp = get_fresh(daemon.port, "/observer/event", "POST", {"endpoint": "/late"})
-        assert (status, answer, resp.getheader("Retry-After")) == (503, {"error": od.SHUTTING_DOWN}, "1")
-        assert daemon.proc.poll() is None, "the drain waits for the request in progress"
-        held.sendall(body)
-        assert parse_response(read_until_closed(held)) == (200, {"accepted": True, "ring_size": 1})
-    assert daemon.exit_status() == 0
-    assert "abandoned_connections=0" in daemon.log
-    assert endpoints_in(tmp_path / "ops.jsonl") == ["/in-flight"]
-
-
-def test_while_draining_a_new_connection_never_takes_the_place_of_a_request_in_progress():
-    tracker = od.ConnectionTracker(limit=1, request_timeout_s=600)
-    in_progress, peer = socket.socketpair()
-    newcomer, newcomer_peer = socket.socketpair()
-    try:
-        assert tracker.admit(in_progress)
-        tracker.headers_read(in_progress)  # its body is on the way
-        assert tracker.close_idle_and_drain(0) == 1
-        assert not tracker.admit(newcomer)  # answered 503 "too many connections" instead
-        assert tracker.cut_reason(in_progress) is None
-    finally:
-        for sock in (in_progress, peer, newcomer, newcomer_peer):
-            sock.close()
-
-
-def test_a_probe_file_left_by_a_crash_mid_probe_is_removed_at_start(tmp_path):
-    path = tmp_path / "ops.jsonl"
-    od.probe_scratch_path(path).write_bytes(b"\n")
-    journal = od.Journal(path)
-    journal.open()
-    journal.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ops.jsonl"]
-
-
-# --- issue 11: op_id deduplication ---
-
-
-def scrape(client: Client) -> dict[str, dict]:
-    client.conn.request("GET", "/metrics")
-    return parse_exposition(client.conn.getresponse().read().decode())
-
-
-def journal_op_ids(path: Path, keep_files: int = 0) -> list[str | None]:
-    """The op_id of every line of a journal and its segments, oldest first."""
-    segments = reversed([p for p in od.segment_paths(path, keep_files) if p.exists()])
-    return [json.loads(line).get("op_id") for p in segments for line in p.read_bytes().splitlines()]
-
-
-def answer_body(raw: bytes) -> bytes:
-    return raw.partition(b"\r\n\r\n")[2]
-
-
-def test_answers_say_whether_an_op_was_a_duplicate_and_stay_byte_identical_without_op_id(serve):
-    server = serve()
-    port = server.port
-    # Without an op_id, the original answers, byte for byte.
-    assert answer_body(raw_exchange(port, raw_post(b"/observer/event", b'{"endpoint":"/plain"}'))) == \
-        b'{"accepted": true, "ring_size": 1}'
-    assert answer_body(raw_exchange(port, raw_post(b"/observer/events", b'[{"endpoint":"/a"},{"endpoint":"/b"}]'))) == \
-        b'{"accepted": 2, "ring_size": 3}'
-    client = server.client()
-    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
-        (200, {"accepted": True, "duplicate": False, "ring_size": 4})
-    assert client.post("/observer/event", {"endpoint": "/x", "op_id": "x"})[:2] == \
-        (200, {"accepted": True, "duplicate": True, "ring_size": 4})
-    # Two of one op_id in a batch: the second is the duplicate; ops without one are stored.
-    status, body, _ = client.post("/observer/events", [
-        {"endpoint": "/x", "op_id": "x"}, {"endpoint": "/y", "op_id": "y"}, {"endpoint": "/y", "op_id": "y"},
-        {"endpoint": "/no-id"}])
-    assert (status, list(body.items())) == (200, [("accepted", 2), ("duplicates", 2), ("ring_size", 6)])
-    assert journal_op_ids(server.config.persist_path) == [None, None, None, "x", "y", None]
-    assert [o.endpoint for o in server.store.ring.ops][-3:] == ["/x", "/y", "/no-id"]
-
-
-@pytest.mark.parametrize("client_gives_up", ["after the fsync", "before the fsync"])
-def test_a_retry_after_a_dropped_answer_is_stored_once(serve, monkeypatch, client_gives_up):
-    server = serve()
-    spy = FsyncSpy(monkeypatch, held=client_gives_up == "before the fsync")
-    body = json.dumps({"endpoint": "/pay", "op_id": "pay-1", "duration_ms": 7}).encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(raw_post(b"/observer/event", body))
-        if client_gives_up == "after the fsync":
-            wait_for(lambda: b"pay-1" in server.config.persist_path.read_bytes(), what="the op to be durable")
-        else:
-            wait_for(spy.entered.is_set, what="the commit to reach fsync")
-    # The connection is closed without its answer having been read; the commit goes on.
-    spy.release()
-    client = server.client()
-    assert client.post("/observer/event", body)[:2] == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
-    assert journal_op_ids(server.config.persist_path) == ["pay-1"]
-    assert [o.endpoint for o in server.store.ring.ops] == ["/pay"]
-
-
-@pytest.mark.parametrize("persist", ["durable", "ephemeral"])
-def test_eight_threads_posting_the_same_500_op_ids_store_each_once(serve, persist):
-    server = serve(**({"persist_path": ""} if persist == "ephemeral" else {}))
-    answers: list[tuple[int, str, object]] = []
-
-    def post_all(n):
-        client = server.client()
-        for op_id in (f"op-{i}" for i in range(500)):  # in step: every id is contended
-            status, body, _ = client.post("/observer/event", {"endpoint": f"/e/{op_id}", "op_id": op_id})
-            answers.append((status, op_id, body and body.get("duplicate")))
-
-    in_threads(post_all, 8, timeout=600)
-    assert len(answers) == 8 * 500 and all(status == 200 for status, _, _ in answers)
-    stored = Counter(op_id for _, op_id, duplicate in answers if duplicate is False)
-    assert stored == Counter({f"op-{i}": 1 for i in range(500)})
-    assert sorted(o.endpoint for o in server.store.ring.ops) == sorted(f"/e/op-{i}" for i in range(500))
-    if persist == "durable":
-        assert sorted(journal_op_ids(server.config.persist_path)) == sorted(f"op-{i}" for i in range(500))
-    families = scrape(server.client())
-    assert sample(families, "observerd_duplicates_total") == 7 * 500
-    assert sample(families, "observerd_events_total", source="mcp", success="false") == 500
-
-
-def test_overlapping_batches_count_exactly(serve):
-    server = serve()
-    client = server.client()
-    batch = lambda ids: [{"endpoint": f"/b/{i}", "op_id": f"b-{i}"} for i in ids]
-    assert client.post("/observer/events", batch(range(0, 100)))[1] == {"accepted": 100, "duplicates": 0, "ring_size": 100}
-    assert client.post("/observer/events", batch(range(50, 150)))[1] == {"accepted": 50, "duplicates": 50, "ring_size": 150}
-    ndjson = b"".join(json.dumps(o).encode() + b"\n" for o in batch([149, 150, 150]))
-    status, body, _ = client.post("/observer/events", ndjson, headers={"Content-Type": "application/x-ndjson"})
-    assert body == {"accepted": 1, "duplicates": 2, "ring_size": 151}
-    # Concurrent shippers re-sending overlapping windows of the same stream.
-    totals = []
-
-    def ship(n):
-        own = server.client()
-        for k in range(5):
-            start = 151 + (n * 5 + k) * 20
-            status, body, _ = own.post("/observer/events", batch(range(start, start + 60)))
-            assert status == 200
-            totals.append((body["accepted"], body["duplicates"]))
-
-    in_threads(ship, 6, timeout=300)
-    distinct = set(range(151, 151 + (5 * 5 + 4) * 20 + 60))
-    assert sum(accepted for accepted, _ in totals) == len(distinct)
-    assert sum(duplicates for _, duplicates in totals) == 30 * 60 - len(distinct)
-    in_file = journal_op_ids(server.config.persist_path)
-    assert len(in_file) == len(set(in_file)) == 151 + len(distinct)
-    assert len(server.store.ring.ops) == len(in_file)
-
-
-@pytest.mark.parametrize("outcome", ["stored", "failed"])
-def test_a_duplicate_of_an_op_in_flight_waits_for_its_commit_and_is_never_lost(serve, monkeypatch, outcome):
-    server = serve()
-    # The first commit is held in its fsync, which then succeeds or fails.
-    spy = FsyncSpy(monkeypatch, held=True, fail_calls={1} if outcome == "failed" else ())
-    body = {"endpoint": "/charge", "op_id": "charge-7"}
-    first = {}
-    thread = threading.Thread(target=lambda: first.update(answer=server.client().post("/observer/event", body)[:2]))
-    thread.start()
-    wait_for(spy.entered.is_set, what="the first commit to reach fsync")
-    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
-        sock.sendall(raw_post(b"/observer/event", json.dumps(body).encode()))
-        wait_for(lambda: len(server.store._queue) == 1, what="the duplicate to queue")
-        # Not answered while the op it duplicates is not yet durable.
-        assert select.select([sock], [], [], 0.3)[0] == []
-        spy.release()
-        thread.join(60)
-        second = read_responses(sock, 1)[0]
-    if outcome == "stored":
-        assert first["answer"] == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
-        assert second == (200, {"accepted": True, "duplicate": True, "ring_size": 1})
-    else:
-        assert first["answer"][0] == 503
-        assert second == (200, {"accepted": True, "duplicate": False, "ring_size": 1})
-    assert journal_op_ids(server.config.persist_path) == ["charge-7"]
-    assert [o.endpoint for o in server.store.ring.ops] == ["/charge"]
-    # And the first client's retry, whatever it was told, is now a duplicate.
-    assert server.client().post("/observer/event", body)[1]["duplicate"] is True
-
-
-def test_a_failed_commit_forgets_its_op_ids_so_the_retry_stores_them_once(tmp_path, daemons):
-    config = write_config(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    daemon = daemons(tmp_path, config=config, preexec_fn=limit_file_size(1000)).wait_listening()
-    client = daemon.client()
-    n, status = 0, 200
-    while status == 200:
-        n += 1
-        status, body, _ = client.post("/observer/event", {"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40})
-    assert status == 503, body
-    batch = [{"endpoint": "/fill", "op_id": f"fill-{n}", "pad": "x" * 40}, {"endpoint": "/g", "op_id": "g"},
-             {"endpoint": "/g", "op_id": "g"}]
-    assert client.post("/observer/events", batch)[0] == 503
-    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-    assert client.post("/observer/events", batch)[1] == {"accepted": 2, "duplicates": 1, "ring_size": n + 1}
-    assert client.post("/observer/event", batch[0])[1] == {"accepted": True, "duplicate": True, "ring_size": n + 1}
-    assert journal_op_ids(tmp_path / "ops.jsonl") == [f"fill-{i}" for i in range(1, n + 1)] + ["g"]
-    assert client.get("/observer/stats")[1]["total"] == n + 1
-
-
-ODD_OP_IDS = ['q"uo\\te', "é" * 128, "😀" * 128, " spaced ", "x" * 128, "{\"op_id\":\"nested\"}"]
-
-
-def test_after_sigkill_and_restart_a_retry_is_a_duplicate(tmp_path, daemons):
-    # Small files: the ids are spread over the live file and rotated segments.
-    settings = {"max_file_bytes": 700, "keep_files": 50}
-    daemon = start_durable_daemon(daemons, tmp_path, **settings)
-    client = daemon.client()
-    ops = [{"endpoint": f"/k/{i}", "op_id": op_id, "timestamp": "2026-11-24T19:56:56Z"}
-           for i, op_id in enumerate([*ODD_OP_IDS, *(f"k-{i}" for i in range(20))])]
-    # A nested "op_id" is not the op's: this op has none, and must be stored every time.
-    ops.append({"endpoint": "/nested", "extra": {"op_id": "k-1"}})
-    for i, o in enumerate(ops[:-1]):
-        assert client.post("/observer/event", o)[1] == {"accepted": True, "duplicate": False, "ring_size": i + 1}
-    assert client.post("/observer/event", ops[-1])[0] == 200
-    stats = client.get("/observer/stats")[1]
+# -----------------------------------------------------------------------------
+# [SECTION] End to end: crashes under load, fuzzing, restarts (no one section's)
+# -----------------------------------------------------------------------------
+
+def test_unknown_fields_round_trip_through_file_stats_and_restart(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path)
+    sent = {"endpoint": "/run", "source": "scenario", "trace_id": "t-1", "langfuse": {"span": [1, 2.5, None]},
+            "timestamp": "2026-11-24T19:56:56.123456Z"}
+    assert daemon.client().post("/observer/event", sent)[0] == 200
+    stored = json.loads((tmp_path / "ops.jsonl").read_text())
+    assert stored == {**sent, "success": False, "duration_ms": 0}
+    daemon.stop()
+    daemon = start_durable_daemon(daemons, tmp_path)
+    assert daemon.client().get("/observer/stats")[1]["recent_scenario_ops"] == [stored]
+
+
+def test_sigkill_under_concurrent_load_loses_no_acknowledged_op(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
+    writers = Writers(daemon.port, 8, lambda n, i: {"endpoint": f"/w{n}/{i}", "success": i % 3 == 0})
+    acked = writers.acked
+    wait_for(lambda: len(acked) >= 400, timeout=120, what="400 acknowledged ops")
     daemon.proc.kill()
     daemon.exit_status()
-    assert (tmp_path / "ops.jsonl.2").exists()
-
-    daemon = start_durable_daemon(daemons, tmp_path, **settings)
-    client = daemon.client()
-    assert f"op_ids={len(ops) - 1} " in daemon.log
-    assert client.get("/observer/stats")[1] == stats
-    for o in ops[:-1]:
-        assert client.post("/observer/event", o)[1]["duplicate"] is True, o["op_id"]
-    assert client.post("/observer/event", ops[-1])[1] == {"accepted": True, "ring_size": len(ops) + 1}
-    # Content is compared as the journal held it: restamped is the same op, changed is not.
-    assert client.post("/observer/event", {**ops[2], "timestamp": "2027-01-01T00:00:00Z"})[1]["duplicate"] is True
-    assert client.post("/observer/event", {**ops[2], "success": True})[1]["duplicate"] is True
-    # Logged before the answer is sent; read from the daemon's stderr by another thread.
-    warned = lambda: [line for line in daemon.log.splitlines() if "level=WARN" in line and "op_id" in line]
-    warnings = wait_for(warned, what="the WARN")
-    assert len(warnings) == 1 and warnings[0].endswith(f"op_id={od._logfmt_value(ops[2]['op_id'])}"), daemon.log
-    assert journal_op_ids(tmp_path / "ops.jsonl", 50) == [o.get("op_id") for o in ops] + [None]
-
-
-def test_an_op_id_older_than_the_window_is_stored_again_also_after_a_restart(serve, tmp_path):
-    path = tmp_path / "window.jsonl"
-    server = serve(persist_path=str(path), dedupe_window=3)
-    client = server.client()
-    post = lambda op_id, endpoint="/w": client.post("/observer/event", {"endpoint": endpoint, "op_id": op_id})[1]["duplicate"]
-    assert [post("X"), post("a"), post("b"), post("X")] == [False, False, False, True]
-    assert client.post("/observer/event", {"endpoint": "/no-id"})[0] == 200  # takes a slot too
-    assert post("X") is False  # the last three stored: a, b, /no-id
-    assert journal_op_ids(path) == ["X", "a", "b", None, "X"]
-    server.close()
-    restarted = serve(persist_path=str(path), dedupe_window=3)
-    client = restarted.client()
-    # The window rebuilt from the journal: b, /no-id, X.
-    assert [post("X"), post("b"), post("a")] == [True, True, False]
-    assert journal_op_ids(path) == ["X", "a", "b", None, "X", "a"]
-
-
-def test_a_restart_remembers_no_op_id_of_a_line_that_is_not_one_observerd_wrote(serve, tmp_path):
-    path = tmp_path / "foreign.jsonl"
-    path.write_bytes(od.encode_line(od.validate_op({"op_id": "kept", "endpoint": "/k"}))
-                     + b'{"op_id":"broken","endpoint":\n'  # torn or foreign: no op in it
-                     + b'{"op_id":"no-endpoint"}\n'
-                     + b'{"op_id":"twice","op_id":"twice-2","endpoint":"/t"}\n'
-                     + b'{"op_id":"F-\xff\xfe","endpoint":"/f"}\n')
-    client = serve(persist_path=str(path)).client()
-    post = lambda op_id: client.post("/observer/event", {"endpoint": "/w", "op_id": op_id})[1]["duplicate"]
-    assert post("kept") is True
-    # U+FFFD is what a lenient decoder makes of the invalid bytes; a client may send it.
-    assert [post(op_id) for op_id in ("broken", "no-endpoint", "twice", "twice-2", "F-\ufffd\ufffd")] \
-        == [False] * 5
-
-
-@pytest.mark.parametrize("op_id", ["", "x" * 129, "😀" * 129, 5, None, True, ["a"], {"a": 1}, "line\nbreak",
-                                   "tab\there", "\u2028", "\x7f", "\ud800"])
-def test_an_op_id_that_is_not_1_to_128_printable_characters_is_400_naming_it(serve, op_id):
-    server = serve()
-    client = server.client()
-    status, body, _ = client.post("/observer/event", {"endpoint": "/e", "op_id": op_id})
-    assert status == 400 and body["error"].startswith("invalid op: op_id must be"), body
-    status, body, _ = client.post("/observer/events", [{"endpoint": "/e", "op_id": "ok"}, {"endpoint": "/e", "op_id": op_id}])
-    assert status == 400 and body["error"].startswith("invalid batch: op 1 is invalid: op_id must be"), body
-    assert server.config.persist_path.read_bytes() == b""
-    assert client.post("/observer/event", {"endpoint": "/e", "op_id": "ok"})[1]["duplicate"] is False
-
-
-def test_a_duplicate_with_different_content_logs_one_warn_and_the_first_version_wins(serve, capsys):
-    server = serve()
-    client = server.client()
-    first = {"endpoint": "/refund", "op_id": "r-1", "duration_ms": 5, "trace": {"id": "t"}}
-    client.post("/observer/event", first)  # the server stamps it
-    capsys.readouterr()
-    # The same op again, unstamped or restamped by the client: the same content.
-    assert client.post("/observer/event", first)[1]["duplicate"] is True
-    assert client.post("/observer/event", {**first, "timestamp": "2026-01-01T00:00:00Z"})[1]["duplicate"] is True
-    assert client.post("/observer/event", {**first, "source": "mcp", "success": False})[1]["duplicate"] is True
-    assert "level=WARN" not in capsys.readouterr().err
-    assert client.post("/observer/event", {**first, "duration_ms": 6})[1]["duplicate"] is True
-    # A batch of differing duplicates: one line for their op_id, however many they are.
-    batch = [{**first, "op_id": "r-2"}, *({**first, "op_id": "r-2", "error": f"e{i}"} for i in range(500))]
-    assert client.post("/observer/events", batch)[1] == {"accepted": 1, "duplicates": 500, "ring_size": 2}
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "level=WARN" in line]
-    assert len(warnings) == 2, warnings
-    assert warnings[0].endswith("duplicates=1 op_id=r-1") and warnings[1].endswith("duplicates=500 op_id=r-2")
-    ops = client.get("/observer/ops")[1]["ops"]
-    assert [(o["op_id"], o["duration_ms"], "error" in o) for o in ops] == [("r-2", 5, False), ("r-1", 5, False)]
-
-
-def test_duplicates_are_counted_apart_from_events_from_0(serve):
-    server = serve()
-    client = server.client()
-    assert sample(scrape(client), "observerd_duplicates_total") == 0
-    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
-    client.post("/observer/event", {"endpoint": "/m", "op_id": "m", "success": True})
-    client.post("/observer/events", [{"endpoint": "/m", "op_id": "m", "success": True}] * 3)
-    families = scrape(client)
-    assert sample(families, "observerd_duplicates_total") == 4
-    assert sample(families, "observerd_events_total", source="mcp", success="true") == 1
-    assert client.get("/observer/stats")[1]["total"] == 1
-
-
-def test_a_dedupe_window_of_0_stores_every_op(serve):
-    server = serve(dedupe_window=0)
-    client = server.client()
-    for ring_size in (1, 2):
-        assert client.post("/observer/event", {"endpoint": "/e", "op_id": "same"})[1] == \
-            {"accepted": True, "duplicate": False, "ring_size": ring_size}
-    assert journal_op_ids(server.config.persist_path) == ["same", "same"]
-
-
-def test_the_op_id_window_holds_its_size_in_memory_whatever_the_ids():
-    window = od.OpIdWindow(10_000)
-    tracemalloc.start()
-    try:
-        for turn in range(3):  # filled, then turned over twice, 100 ops a commit
-            for start in range(0, 10_000, 100):
-                window.remember([(f"{turn}-{i}-" + "😀" * 120, hash((turn, i))) for i in range(start, start + 100)])
-            window.remember([None] * 5_000)
-        held = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    assert len(window) == 5_000 and window.digest(f"2-{9_999}-" + "😀" * 120) is not None
-    assert window.digest(f"2-{4_999}-" + "😀" * 120) is None
-    # The README's bound for the longest ids: ~710 bytes each, 8 a slot.
-    assert held < 5_000 * 720 + 10_000 * 8 + 64 * 1024, held
-
-
-# --- issue 12: ops CLI and history ---
-
-
-def history_op(i: int, seconds_ago: float, now: float | None = None, **fields) -> dict:
-    """A valid op numbered i, stamped seconds_ago before now."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime((now or time.time()) - seconds_ago))
-    return op(fields.pop("endpoint", f"/h/{i}"), timestamp=f"{stamp}.{i % 1000000:06d}Z", seq=i, **fields)
-
-
-def seqs(ops) -> list[int]:
-    return [o["seq"] for o in ops]
-
-
-def run_ops(*args, cwd=None, env=None):
-    return run_cli("ops", *args, cwd=cwd, env=env)
-
-
-def ndjson(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def spelled(o: dict, how: int) -> bytes:
-    """One op as one line, in one of the spellings another writer might use."""
-    if how == 1:  # spaces, and every non-ASCII character escaped
-        return json.dumps(o).encode() + b"\n"
-    if how == 2:  # escaped slashes, as PHP writes them
-        return json.dumps(o, ensure_ascii=False).replace("/", "\\/").encode() + b"\n"
-    if how == 3:  # another key order, with decoys of the filtered fields nested inside
-        decoy = {"endpoint": "/decoy", "success": not o["success"], "source": "langfuse",
-                 "timestamp": "2000-01-01T00:00:00Z", "error": "timeout decoy"}
-        return json.dumps({"nested": decoy, **dict(reversed(list(o.items())))},
-                          separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
-    if how == 5:  # defaults spelled as "" or null, in observerd's own key order and spacing
-        return od.encode_line({**o, "source": "" if o["source"] == "mcp" else o["source"],
-                               "success": None if o == od.validate_op({**o, "success": None}) else o["success"]})
-    if how == 4:  # defaults left out: source mcp, success false, duration 0
-        return json.dumps({k: v for k, v in o.items() if not (k in ("source", "success", "duration_ms")
-                           and v == od.validate_op({"endpoint": "/", "timestamp": o["timestamp"]})[k])},
-                          ensure_ascii=False).encode() + b"\n"
-    return od.encode_line(o)
-
-
-HISTORY_ENDPOINTS = ["/mcp/search", "/mcp/é", '/mcp/a"b', "/scenario/x/y", "/mcp/[x]"]
-
-
-def random_history_op(rng, i: int, now: float) -> dict:
-    fields = {"endpoint": rng.choice(HISTORY_ENDPOINTS), "source": rng.choice(od.SOURCES),
-              "success": rng.random() < 0.6, "duration_ms": rng.choice([0, 1.5, 12, 300])}
-    if rng.random() < 0.5:
-        fields["error"] = rng.choice(["Timeout after 30s", "a\"b failed", "é broke", "refused\nretry"])
-    if rng.random() < 0.5:
-        fields["input_summary"] = rng.choice(["q=timeout", "plain"])
-    fields.update(rng.choice([{}, {"trace": f"t{i % 5}"}, {"n": i % 4}, {"flag": i % 2 == 0},
-                              {"obj": {"a": i % 2}}, {"n": "3"}]))
-    if rng.random() < 0.3:  # written first, before the fields a canonical head holds
-        fields["op_id"] = rng.choice([f"id-{i}", f'id "{i}"'])
-    # Out of order: each op up to a minute either side of its place.
-    o = history_op(i, 3600 - i + rng.uniform(-60, 60), now, **fields)
-    if rng.random() < 0.2:  # the same instant an hour east, or spelled partly in lower case
-        at = od.parse_rfc3339(o["timestamp"]).astimezone(od.timezone(od.timedelta(hours=1)))
-        o["timestamp"] = rng.choice([at.isoformat(), o["timestamp"].lower(),
-                                     o["timestamp"][:10] + "t" + o["timestamp"][11:]])
-    return o
-
-
-def brute_force_keeps(o: dict, given: dict) -> bool:
-    """The filters as the README states them, written out plainly: the reference."""
-    endpoints = given.get("endpoint")
-    if endpoints is not None and not any(fnmatch.fnmatchcase(o["endpoint"], e) if any(c in e for c in "*?[")
-                                         else o["endpoint"] == e for e in endpoints):
-        return False
-    if "source" in given and o["source"] not in given["source"]:
-        return False
-    wanted = {"failed": False, "ok": True}
-    for name in ("failed", "ok", "success"):
-        if name in given and o["success"] != wanted.get(name, given[name] == "true"):
-            return False
-    if "until" in given and od.parse_rfc3339(o["timestamp"]) > od.parse_rfc3339(given["until"]):
-        return False
-    if "since" in given and od.parse_rfc3339(o["timestamp"]) < od.parse_rfc3339(given["since"]):
-        return False
-    texts = [o[k] for k in ("error", "input_summary", "output_summary") if isinstance(o.get(k), str)]
-    if "grep" in given and not any(given["grep"] in text for text in texts):
-        return False
-    if "regex" in given and not any(re.search(given["regex"], text) for text in texts):
-        return False
-    if "field" in given:
-        key, value = given["field"].split("=", 1)
-        if key not in o:
-            return False
-        text = o[key] if isinstance(o[key], str) else json.dumps(o[key], separators=(",", ":"), ensure_ascii=False)
-        return text == value
-    return True
-
-
-HISTORY_FILTER_CHOICES = {
-    "endpoint": HISTORY_ENDPOINTS + ["/mcp/*", "*é", "/scenario/?/*", "/mcp/[[]x]", "/nothing"],
-    "source": list(od.SOURCES),
-    "grep": ["timeout", "Timeout after 30s", "é", 'a"b', "q=", "\nretry", "broke", ""],
-    "regex": ["timeout", "Timeout after \\d+s", "é", 'a"b', "^q=", "retry$", "(?i)TIMEOUT", "f.i", "\\bbroke",
-              "(?s)plain.*q=timeout|q=timeout"],  # runs from line to line over a whole chunk
-    "field": ["trace=t3", "n=3", "flag=true", 'obj={"a":1}', "n=", "seq=7"],
-}
-OUTCOME_CHOICES = [{"success": "true"}, {"success": "false"}, {"failed": "true"}, {"ok": ""},
-                   {"failed": "", "success": "false"}]
-
-
-def random_filters(rng) -> dict:
-    """Filters as OpFilter takes them: each maybe, repeatable ones once or twice."""
-    given = {}
-    for name, values in HISTORY_FILTER_CHOICES.items():
-        if rng.random() < 0.4:
-            given[name] = rng.sample(values, rng.choice([1, 1, 2])) if od.FILTER[name].repeatable else rng.choice(values)
-    if rng.random() < 0.4:
-        given.update(rng.choice(OUTCOME_CHOICES))
-    return given
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_history_keeps_exactly_what_a_plain_filter_over_a_forward_replay_keeps(tmp_path, monkeypatch, seed):
-    """Every spelling another writer may use, escapes, decoys, corrupt lines, three segments,
-    blocks smaller than a line: the byte needles and raw checks never drop an op the filters
-    keep, nor keep another."""
-    monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", [64 * 1024, 700, 97][seed % 3])
-    rng = random.Random(seed)
-    now = time.time()
-    path = tmp_path / "ops.jsonl"
-    expected_order = []
-    for segment in (path.with_name("ops.jsonl.2"), path.with_name("ops.jsonl.1"), path):
-        lines = []
-        for _ in range(150):
-            o = random_history_op(rng, len(expected_order), now)
-            if seed % 2:  # all ASCII, as most journals are: greps then run over whole chunks
-                o = od.validate_op(json.loads(json.dumps(o, ensure_ascii=False).replace("é", "e")))
-            expected_order.append(o)
-            lines.append(spelled(o, rng.randrange(6)))
-            if rng.random() < 0.05:
-                lines.append(rng.choice([b"not json\n", b'{"endpoint":"/mcp/search","source":"mcp",\n',
-                                         b"\n", b'{"endpoint":""}\n']))
-        segment.write_bytes(b"".join(lines))
-    assert sum(replay_forward(p) != [] for p in tmp_path.iterdir()) == 3
-    stored = replay_forward(path.with_name("ops.jsonl.2")) + replay_forward(path.with_name("ops.jsonl.1")) \
-        + replay_forward(path)
-    assert seqs(stored) == seqs(expected_order)
-    for _ in range(40):
-        given = random_filters(rng)
-        for bound in ("since", "until"):  # an op's own stamp, or a second next to one
-            if rng.random() < 0.3:
-                stamp = rng.choice(stored)["timestamp"]
-                given[bound] = stamp if rng.random() < 0.5 else od.parse_rfc3339(stamp).astimezone(od.timezone.utc).strftime('%Y-%m-%dT%H:%M:%S') + rng.choice(["Z", ".999999Z"])
-        with od.JournalFiles(path, 2) as files:
-            page = od.read_history(files, od.OpFilter(given, now), 10 ** 9)
-        assert [plain(o) for o in page.ops] == [o for o in reversed(stored) if brute_force_keeps(o, given)], given
-        assert page.cursor is None and not page.truncated
-
-
-def test_history_raw_checks_never_hide_what_decoding_would_find(tmp_path):
-    path = tmp_path / "ops.jsonl"
-    lines = [od.encode_line(op("/a", input_summary="plain", seq=1)),
-             od.encode_line(op("/b", input_summary="q=timeout", seq=2)),
-             od.encode_line(op("/c", input_summary="q=timeout", seq=3)),
-             # Left to its default, the timestamp is the reading's "now": within any since.
-             b'{"endpoint":"/d","source":"mcp","timestamp":"","success":true,"seq":4}\n']
-    path.write_bytes(b"".join(lines))
-    now = time.time()
-
-    def kept(given):
-        with od.JournalFiles(path, 0) as files:
-            return seqs(plain(od.read_history(files, od.OpFilter(given, now), 100).ops))
-
-    # Searched over the whole chunk, this pattern's first match runs from /a's line into /c's.
-    assert kept({"regex": "(?s)plain.*q=timeout|q=timeout"}) == [3, 2]
-    assert kept({"since": "1m", "success": "true"}) == [4]
-
-
-def test_history_with_since_reads_on_past_out_of_order_ops_and_stops_after_a_run_of_older_ones(
-        tmp_path, monkeypatch):
-    monkeypatch.setattr(od, "HISTORY_BLOCK_BYTES", 512)
-    monkeypatch.setattr(od, "SINCE_RUN_BYTES", 8 * 1024)
-    now = time.time()
-    path = tmp_path / "ops.jsonl"
-    old = [history_op(i, 7200) for i in range(400)]  # about 60 KiB from two hours ago
-    backfill = [history_op(1000 + i, 5400) for i in range(20)]  # late, from 90 minutes ago
-    recent = [history_op(2000, 60), history_op(2001, 1800, flag="late but recent")]
-    lines = old + recent[:1] + backfill + recent[1:]
-    path.write_bytes(b"".join(map(od.encode_line, lines)))
-    with od.JournalFiles(path, 0) as files:
-        page = od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9)
-    # The recent op behind the backfill is found; the old ones are read only a run's worth.
-    assert seqs(plain(page.ops)) == [2001, 2000]
-    assert page.cursor is None
-    assert page.scanned_bytes < len(od.encode_line(old[0])) * 100
-    # A backfill longer than the run hides what is behind it: the documented price.
-    path.write_bytes(b"".join(map(od.encode_line, old + recent[:1] + old + recent[1:])))
-    with od.JournalFiles(path, 0) as files:
-        assert seqs(plain(od.read_history(files, od.OpFilter({"since": "1h"}, now), 10 ** 9).ops)) == [2001]
-    # A filter few recent ops pass still reads the whole window: it knows where it is in time
-    # from a line of each block, not only from the ops it keeps.
-    rare = history_op(3000, 3000, endpoint="/rare")
-    busy = [history_op(4000 + i, 2000 - i) for i in range(200)]  # about 30 KiB after it
-    path.write_bytes(b"".join(map(od.encode_line, old + [rare] + busy)))
-    with od.JournalFiles(path, 0) as files:
-        page = od.read_history(files, od.OpFilter({"since": "1h", "endpoint": "/rare"}, now), 10 ** 9)
-    assert seqs(plain(page.ops)) == [3000]
-
-
-def write_history_segments(folder: Path, now: float) -> list[dict]:
-    """ops.jsonl.2, .1 and the live file, with corrupt lines and out-of-order timestamps;
-    returns the valid ops, oldest first in file order."""
-    ops, n = [], 0
-    for name in ("ops.jsonl.2", "ops.jsonl.1", "ops.jsonl"):
-        lines = []
-        for _ in range(30):
-            # Every fifth op is stamped ten minutes early (a late batch): out of order.
-            o = history_op(n, 3 * 3600 - n * 300 + (600 if n % 5 == 0 else 0), now,
-                           source="scenario" if n % 3 == 0 else "mcp", success=n % 4 != 0,
-                           error=None if n % 4 else f"upstream 502 for job {n}", trace=f"t{n % 7}")
-            o = {k: v for k, v in o.items() if v is not None}
-            ops.append(o)
-            lines.append(od.encode_line(o))
-            n += 1
-        lines.insert(10, b'{"endpoint":"/torn","source":"mcp","timest\n')
-        lines.insert(20, b"garbage\n")
-        (folder / name).write_bytes(b"".join(lines))
-    return ops
-
-
-def test_ops_applies_each_filter_and_reads_the_rotated_segments(tmp_path):
-    now = time.time()
-    ops = write_history_segments(tmp_path, now)
-    newest_first = ops[::-1]
-    journal = str(tmp_path / "ops.jsonl")
-
-    def check(args, keep, n=50):
-        result = run_ops(journal, "-o", "ndjson", *args)
-        assert result.returncode == 0, result.stderr
-        assert ndjson(result.stdout) == [o for o in newest_first if keep(o)][:n][::-1], args
-        return result
-
-    check([], lambda o: True)
-    result = check(["-n", "1000"], lambda o: True, n=1000)
-    # Each corrupt line is skipped and counted, in one line of stderr, not one per line.
-    assert result.stderr.count("\n") == 1 and "skipped 6 line(s)" in result.stderr
-    check(["-n", "3"], lambda o: True, n=3)
-    check(["--endpoint", "/h/7"], lambda o: o["endpoint"] == "/h/7")
-    check(["--endpoint", "/h/1?"], lambda o: re.fullmatch(r"/h/1\d", o["endpoint"]))
-    check(["--source", "scenario"], lambda o: o["source"] == "scenario")
-    check(["--failed", "-n", "1000"], lambda o: not o["success"], n=1000)
-    check(["--ok", "-n", "1000"], lambda o: o["success"], n=1000)
-    check(["--regex", r"502 for job \d*5$"], lambda o: o.get("error", "").endswith("5"))
-    check(["--grep", "502 for job 1"], lambda o: "502 for job 1" in o.get("error", ""))
-    check(["--grep", "job \\d"], lambda o: False)  # plain text, not a regex
-    check(["--endpoint", "/h/7", "--endpoint", "/h/1?", "--source", "mcp", "--source", "langfuse"],
-          lambda o: re.fullmatch(r"/h/(7|1\d)", o["endpoint"]) and o["source"] == "mcp")
-    check(["--field", "trace=t3"], lambda o: o["trace"] == "t3")
-    check(["--field", "seq=12"], lambda o: o["seq"] == 12)
-    # Relative and absolute times; ops stamped out of order are judged by their own stamp.
-    check(["--since", "2h", "-n", "1000"], lambda o: od.op_time(o).timestamp() >= now - 7200, n=1000)
-    check(["--since", "150m", "--until", "100m"],
-          lambda o: now - 9000 <= od.op_time(o).timestamp() <= now - 6000)
-    until = history_op(0, 9000, now)["timestamp"]
-    check(["--until", until, "--failed"], lambda o: not o["success"] and o["timestamp"] <= until)
-    check(["--failed", "--source", "scenario", "--since", "10000s"],
-          lambda o: not o["success"] and o["source"] == "scenario" and od.op_time(o).timestamp() >= now - 10000)
-    # As journalctl: -r (--reverse) prints newest first, --lines is -n, and all is every op.
-    for flags in (["-n", "5", "-r"], ["--lines", "5", "--reverse"]):
-        assert ndjson(run_ops(journal, "-o", "ndjson", *flags).stdout) == newest_first[:5]
-    assert ndjson(run_ops(journal, "-o", "ndjson", "-n", "all").stdout) == ops
-
-
-def test_ops_reads_the_journal_and_segments_the_config_names(tmp_path):
-    ops = write_history_segments(tmp_path, time.time())
-    config = write_settings(tmp_path, {"persist_path": "ops.jsonl", "keep_files": 1})
-    result = run_ops("--config", str(config), "-n", "1000", "-o", "ndjson", cwd="/")
-    assert result.returncode == 0, result.stderr
-    assert ndjson(result.stdout) == ops[30:]  # .2 is beyond keep_files = 1
-    # A file named alone: no config is read (not even a broken one in the working folder), and
-    # every segment beside it is, however far.
-    (tmp_path / "ops.jsonl.2").rename(tmp_path / "ops.jsonl.7")
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "lakehouse.toml").write_text("[observerd]\nkeep_files = 'x'\n")
-    alone = run_ops(str(tmp_path / "ops.jsonl"), "-n", "1000", cwd=tmp_path / "elsewhere")
-    assert alone.returncode == 0 and ndjson(alone.stdout) == ops
-
-
-def test_ops_outputs_a_table_one_json_array_or_ndjson(tmp_path):
-    now = time.time()
-    ops = [history_op(1, 30, now, endpoint="/mcp/search", success=True, duration_ms=12.5),
-           history_op(2, 20, now, endpoint="/scenario/checkout\x1b[2J", source="scenario",
-                      error="HTTP 502 from the payment gateway, after three retries"),
-           history_op(3, 10, now, endpoint="/mcp/search", success=False, error="timeout\nafter 30s")]
-    path = tmp_path / "ops.jsonl"
-    path.write_bytes(b"".join(map(od.encode_line, ops)))
-    as_json = run_ops(str(path), "-o", "json")
-    assert as_json.returncode == 0 and json.loads(as_json.stdout) == ops
-    assert ndjson(run_ops(str(path), "-o", "ndjson").stdout) == ops
-    assert ndjson(run_ops(str(path)).stdout) == ops  # not a terminal: ndjson
-    table = run_ops(str(path), "-o", "table", env={"COLUMNS": "120"}).stdout.splitlines()
-    assert re.split(r"\s{2,}", table[0]) == ["TIME", "SOURCE", "ENDPOINT", "OK", "DURATION", "ERROR"]
-    assert len(table) == 4 and all(len(line) <= 120 for line in table)
-    oldest, middle, newest = table[1:]
-    # What a client sent is shown, never obeyed: controls as their JSON escapes.
-    assert newest.startswith(ops[2]["timestamp"]) and " FAIL " in newest and "timeout\\nafter 30s" in newest
-    assert "\x1b" not in middle and "/scenario/checkout\\u001b[2J" in middle
-    assert middle.endswith("…") and "HTTP 502 from the" in middle
-    assert re.search(r" ok +12\.5ms$", oldest)
-    # Columns line up: each column starts where its title does.
-    for title in ("ENDPOINT", "OK", "ERROR"):
-        column = table[0].index(title)
-        assert all(line[column - 2:column] == "  " and line[column] != " " for line in table[1:] if len(line) > column)
-    wide = run_ops(str(path), "-o", "table", env={"COLUMNS": "1000"}).stdout
-    assert "HTTP 502 from the payment gateway, after three retries" in wide
-
-
-@pytest.mark.parametrize("args, status, needle", [
-    (["--since", "last week"], 2, "--since must be a time like 2026-12-06T04:00:00Z, '2026-12-06 04:00'"),
-    (["--until", "2026-13-01T00:00:00Z"], 2, "--until must be"),
-    (["--regex", "("], 2, "--regex is not a valid regular expression"),
-    (["--grep", "a", "--grep", "b"], 2, "--grep is given more than once"),
-    (["--failed", "--ok"], 2, "--ok contradicts failed"),
-    (["-f", "-r"], 2, "-f with -r: following prints oldest first, -r newest first"),
-    (["-f", "--count-by", "endpoint"], 2, "-f with --count-by"),
-    (["--lines", "some"], 2, "--lines: must be a whole number"),
-    (["--nope"], 2, "unrecognized arguments: --nope (see observerd.py ops --help)"),
-    (["--count-by", ""], 2, "--count-by must name a field"),
-    (["--field", "novalue"], 2, "--field must be key=value"),
-    (["--source", "nope"], 2, "--source must be one of"),
-    (["-f", "-o", "json"], 2, "-f with -o json: one array"),
-])
-def test_ops_names_a_bad_argument_in_one_line_and_exits_2(tmp_path, args, status, needle):
-    path = tmp_path / "ops.jsonl"
-    path.write_bytes(od.encode_line(op()))
-    result = run_ops(str(path), *args)
-    assert (result.returncode, result.stdout) == (status, "")
-    assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
-
-
-def test_ops_without_a_journal_says_why_and_exits_2(tmp_path):
-    missing = run_ops(str(tmp_path / "none.jsonl"))
-    assert missing.returncode == 2 and "none.jsonl: no journal there" in missing.stderr
-    ephemeral = run_ops("--config", str(write_settings(tmp_path, {"persist_path": ""})))
-    assert ephemeral.returncode == 2 and "ephemeral" in ephemeral.stderr
-    assert missing.stderr.count("\n") == ephemeral.stderr.count("\n") == 1
-    bad = run_ops("--config", str(write_settings(tmp_path, {"keep_files": -1})))
-    assert bad.returncode == 2 and "keep_files must be >= 0" in bad.stderr
-
-
-def test_ops_that_cannot_read_the_journal_says_so_in_one_line_and_exits_1(tmp_path):
-    (tmp_path / "ops.jsonl").write_bytes(od.encode_line(op()))
-    os.symlink("ops.jsonl.1", tmp_path / "ops.jsonl.1")  # a loop: no file can be read there
-    result = run_ops(str(tmp_path / "ops.jsonl"))
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == f"{tmp_path / 'ops.jsonl.1'}: cannot read: Too many levels of symbolic links\n"
-
-
-def test_ops_help_has_an_example():
-    result = run_ops("--help")
-    assert result.returncode == 0 and "examples:" in result.stdout and "--since 1h --failed" in result.stdout
-    assert "exit status" in result.stdout
-
-
-def test_ops_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
-    path = tmp_path / "ops.jsonl"
-    # Far more than a pipe holds, so the writer is still writing when head exits.
-    path.write_bytes(b"".join(od.encode_line(history_op(i, 100, extra="x" * 200)) for i in range(5000)))
-    result = subprocess.run(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops "
-                            f"{shlex.quote(str(path))} -n 5000 | head -n 1; exit ${{PIPESTATUS[0]}}",
-                            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (0, "")
-    assert json.loads(result.stdout)["seq"] == 0  # the newest 5000, oldest first
-
-
-class OpsFollower:
-    """`ops -f` as a real subprocess; the lines it prints are collected by a reader thread."""
-
-    def __init__(self, *args, stdout=subprocess.PIPE):
-        self.proc = subprocess.Popen([sys.executable, str(DAEMON), "ops", "-o", "ndjson", "-f", *args],
-                                     stdout=stdout, stderr=subprocess.PIPE, text=True,
-                                     preexec_fn=default_sigint())
-        self.lines: list[str] = []
-        if stdout is subprocess.PIPE:
-            threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-
-    def ops(self) -> list[dict]:
-        return [json.loads(line) for line in list(self.lines)]
-
-    def wait_seqs(self, expected: list[int], what: str) -> None:
-        wait_for(lambda: len(self.lines) >= len(expected) or self.proc.poll() is not None,
-                 timeout=60, interval=0.05, what=what)
-        wait_for(lambda: len(self.lines) >= len(expected), timeout=5, what=what)
-        assert seqs(self.ops()) == expected, what
-
-    def interrupt(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGINT)
-        status = self.proc.wait(60)
-        return status, self.proc.stderr.read()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(60)
-
-
-@pytest.fixture
-def followers():
-    yield from started_by_test(OpsFollower, OpsFollower.stop)
-
-
-def post_seqs(client, numbers, **fields) -> None:
-    for i in numbers:
-        status, body, _ = client.post("/observer/event", {"endpoint": f"/h/{i}", "seq": i, **fields})
-        assert status == 200, body
-
-
-def test_ops_follow_prints_appended_ops_across_the_daemons_rotations(tmp_path, daemons, followers):
-    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1200, keep_files=50)
-    client = daemon.client()
-    post_seqs(client, range(10))
-    post_seqs(client, [10], keep="yes")
-    follower = followers(str(tmp_path / "ops.jsonl"), "-n", "3", "--field", "keep=yes")
-    follower.wait_seqs([10], "the backlog: the one op kept")
-    post_seqs(client, range(11, 14), keep="no")
-    post_seqs(client, range(14, 30), keep="yes")
-    follower.wait_seqs([10] + list(range(14, 30)), "every kept op once, in order, across rotations")
-    # Stopped while the daemon rotates several times: on waking it reads the segments rotated
-    # meanwhile too, not only the file the path names now.
-    follower.proc.send_signal(signal.SIGSTOP)
-    rotations = daemon.log.count('msg="rotated log"')
-    post_seqs(client, range(30, 80), keep="yes")
-    assert daemon.log.count('msg="rotated log"') - rotations >= 3
-    follower.proc.send_signal(signal.SIGCONT)
-    follower.wait_seqs([10] + list(range(14, 80)), "the ops of every segment rotated while it slept")
-    status, stderr = follower.interrupt()
-    assert (status, stderr) == (0, "")
-
-
-def test_ops_follow_reads_every_segment_newer_than_a_file_rotated_away_while_it_slept(tmp_path, daemons,
-                                                                                     followers):
-    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=1200, keep_files=2)
-    client = daemon.client()
-    live = tmp_path / "ops.jsonl"
-    follower = followers(str(live), "-n", "1")
-    post_seqs(client, [0])
-    follower.wait_seqs([0], "the backlog")
-    follower.proc.send_signal(signal.SIGSTOP)
-    followed = live.stat().st_ino
-    names = [live] + [tmp_path / f"ops.jsonl.{n}" for n in (1, 2)]
-    seq = 1
-    # Until the file it follows is deleted (rotated past keep_files), and no further: every
-    # segment on disk then came after it.
-    while any(path.exists() and path.stat().st_ino == followed for path in names):
-        post_seqs(client, [seq])
-        seq += 1
-    follower.proc.send_signal(signal.SIGCONT)
-    follower.wait_seqs(list(range(seq)), "the rest of the deleted file, then every segment after it")
-
-
-def test_ops_follow_starts_with_the_newest_n_oldest_first(tmp_path, daemons, followers):
-    daemon = start_durable_daemon(daemons, tmp_path)
-    post_seqs(daemon.client(), range(10))
-    follower = followers(str(tmp_path / "ops.jsonl"), "-n", "3")
-    follower.wait_seqs([7, 8, 9], "the backlog")
-    post_seqs(daemon.client(), [10])
-    follower.wait_seqs([7, 8, 9, 10], "the new op")
-
-
-def test_ops_follow_moves_to_the_new_file_after_logrotate_and_sighup(tmp_path, daemons, followers):
-    daemon = start_durable_daemon(daemons, tmp_path)
-    client = daemon.client()
-    post_seqs(client, range(5))
-    live = tmp_path / "ops.jsonl"
-    follower = followers(str(live), "-n", "1")
-    follower.wait_seqs([4], "the backlog")
-    post_seqs(client, range(5, 8))
-    follower.wait_seqs([4, 5, 6, 7], "ops before the rotation")
-    os.rename(live, tmp_path / "ops.jsonl-20261126")  # logrotate's move, without `create`
-    daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reopened log" in daemon.log, timeout=60, what="the reopen")
-    post_seqs(client, range(8, 12))
-    follower.wait_seqs(list(range(4, 12)), "ops after the SIGHUP, in the new file")
-    os.rename(live, tmp_path / "ops.jsonl-20261127")
-    post_seqs(client, range(12, 15))  # no signal: the next append makes the path again
-    follower.wait_seqs(list(range(4, 15)), "ops after a move without a signal")
-    assert follower.interrupt() == (0, "")
-
-
-def test_ops_follow_into_a_pipe_that_closes_ends_quietly(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path)
-    client = daemon.client()
-    post_seqs(client, range(2))
-    pipeline = subprocess.Popen(f"{shlex.quote(sys.executable)} {shlex.quote(str(DAEMON))} ops -f -n 2 "
-                                f"{shlex.quote(str(tmp_path / 'ops.jsonl'))} | head -n 3; exit ${{PIPESTATUS[0]}}",
-                                shell=True, executable="/bin/bash", stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    i = 2
-    # head exits after its third line; ops learns it at its next write, and must end quietly.
-    while pipeline.poll() is None:
-        post_seqs(client, [i])
-        i += 1
-        time.sleep(0.05)
-        assert i < 5000, "ops -f never noticed its reader had gone"
-    assert (pipeline.returncode, pipeline.stderr.read()) == (0, "")
-    first = seqs(ndjson(pipeline.stdout.read()))
-    assert first == list(range(first[0], first[0] + 3))  # the backlog's two, and the next
-
-
-def test_ops_follow_reads_a_file_truncated_in_place_from_its_start(tmp_path):
-    path = tmp_path / "ops.jsonl"
-    path.write_bytes(b"".join(od.encode_line(history_op(i, 10)) for i in range(3)))
-    with od.JournalFiles(path, 0) as files:
-        follower = od.JournalFollower(path, 0, od.OpFilter({}, time.time()), od.SkippedLines(), files.live())
-    try:
-        append_to(path, od.encode_line(history_op(3, 5)))
-        assert seqs(plain(follower.poll())) == [3]
-        with open(path, "r+b") as f:  # logrotate's copytruncate
-            f.truncate(0)
-        append_to(path, od.encode_line(history_op(4, 1)))
-        assert seqs(plain(follower.poll())) == [4]
-    finally:
-        follower.close()
-
-
-def history_page(client, query: str = "", expect: int = 200):
-    status, body, _ = client.get(f"/observer/history{'?' if query else ''}{query}")
-    assert status == expect, body
-    return body
-
-
-def test_history_pages_through_a_journal_appended_to_and_rotated_meanwhile(serve):
-    server = serve(max_file_bytes=3000, keep_files=1000)
-    client = server.client()
-    post_seqs(client, range(200))
-    seen, cursor, pages, appended = [], None, 0, 200
-    segments_before = len(list(server.config.persist_path.parent.glob("ops.jsonl.*")))
-    while True:
-        body = history_page(client, "limit=7" + (f"&cursor={cursor}" if cursor else ""))
-        assert body["count"] == len(body["ops"]) and not body["truncated"]
-        seen.extend(seqs(body["ops"]))
-        cursor, pages = body["cursor"], pages + 1
-        if cursor is None:
-            break
-        post_seqs(client, range(appended, appended + 5))  # with rotations now and then
-        appended += 5
-    assert seen == list(range(199, -1, -1)), "every op exactly once, newest first"
-    assert pages == 29
-    assert len(list(server.config.persist_path.parent.glob("ops.jsonl.*"))) > segments_before + 3
-    assert seqs(history_page(client, "limit=5")["ops"]) == list(range(appended - 1, appended - 6, -1))
-
-
-def test_ops_since_reads_on_through_lines_another_writer_spelled_otherwise(tmp_path):
-    now = datetime.now(timezone.utc)
-    lines = []
-    for i in range(20_000):  # ~2 MB, all in the last half hour, keys in another order than observerd's
-        stamp = (now - timedelta(seconds=i * 0.09)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        endpoint = "/rare" if i in (0, 19_999) else f"/common/{i % 7}"
-        lines.append(json.dumps({"duration_ms": 1, "success": True, "timestamp": stamp, "source": "mcp",
-                                 "endpoint": endpoint, "n": i}))
-    journal = tmp_path / "other.jsonl"
-    journal.write_text("\n".join(reversed(lines)) + "\n")
-    result = run_cli("ops", str(journal), "--since", "1h", "--endpoint", "/rare", "-o", "ndjson")
-    assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["n"] for line in result.stdout.splitlines()] == [19_999, 0]
-
-
-def test_grep_over_http_is_plain_text_so_no_pattern_can_stall_the_daemon(serve):
-    client = serve().client()
-    # As a regex, (a+)+b backtracks 2^n times over n a's, holding the GIL: at 40 ingest and
-    # every other request would wait for hours. As text, it finds only itself.
-    client.post("/observer/events", [{"endpoint": "/r", "error": "a" * 20}, {"endpoint": "/t", "error": "x (a+)+b y"}])
-    for route in ("/observer/history", "/observer/ops"):
-        found = client.get(f"{route}?grep=(a%2B)%2Bb")[1]["ops"]
-        assert [o["endpoint"] for o in found] == ["/t"], route
-
-
-def test_history_filters_and_reports_its_work(serve):
-    server = serve()
-    client = server.client()
-    post_seqs(client, range(10))
-    post_seqs(client, range(10, 15), success=False, error="upstream 502", trace="t-1")
-    body = history_page(client, "success=false&grep=m%2050&field=trace=t-1&since=1h&endpoint=/h/*&limit=3")
-    assert seqs(body["ops"]) == [14, 13, 12] and body["count"] == 3
-    assert body["scanned_bytes"] == server.config.persist_path.stat().st_size
-    assert body["cursor"] is not None and body["truncated"] is False
-    rest = history_page(client, f"success=false&grep=m%2050&field=trace=t-1&since=1h&endpoint=/h/*&limit=3"
-                                f"&cursor={body['cursor']}")
-    assert seqs(rest["ops"]) == [11, 10] and rest["cursor"] is None
-    full = history_page(client)
-    assert seqs(full["ops"]) == list(range(14, -1, -1)) and full["cursor"] is None
-    assert full["ops"] == plain(server.client().get("/observer/ops")[1]["ops"])
-    assert full["skipped_lines"] == 0
-    with open(server.config.persist_path, "ab") as journal:  # another writer's broken line
-        journal.write(b'{"endpoint": "/torn", \n')
-    assert history_page(client)["skipped_lines"] == 1
-
-
-def test_history_is_bounded_by_max_scan_bytes_and_goes_on_where_it_stopped(serve):
-    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
-    client = server.client()
-    post_seqs(client, range(300), success=True)
-    post_seqs(client, [300], success=False)
-    body = history_page(client, "success=false")
-    assert seqs(body["ops"]) == [300]
-    seen, truncated = [], 0
-    body = history_page(client, "success=true&limit=1000")
-    while True:
-        assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
-        seen.extend(seqs(body["ops"]))
-        truncated += body["truncated"]
-        if body["cursor"] is None:
-            assert not body["truncated"]
-            break
-        body = history_page(client, f"success=true&limit=1000&cursor={body['cursor']}")
-    segments = len(list(server.config.persist_path.parent.glob("ops.jsonl*")))
-    assert seen == list(range(299, -1, -1)) and truncated == segments - 1 > 4
-
-
-def test_a_cursor_into_a_rotated_away_segment_is_410(serve):
-    server = serve(max_file_bytes=600, keep_files=1)
-    client = server.client()
-    post_seqs(client, range(6))
-    cursor = history_page(client, "limit=1")["cursor"]
-    assert history_page(client, f"cursor={cursor}")["ops"]  # still there
-    post_seqs(client, range(6, 30))  # the file the cursor names is deleted beyond keep_files
-    body = history_page(client, f"cursor={cursor}", expect=410)
-    assert "rotated away" in body["error"]
-    # A cursor whose file now holds other bytes (its inode reused) is as gone.
-    current = history_page(client, "limit=1")["cursor"]
-    ino, offset, crc = current.split(".")
-    assert history_page(client, f"cursor={ino}.{offset}.{int(crc, 16) ^ 1:08x}", expect=410)
-    assert history_page(client, f"cursor={ino}.{10 ** 15}.{crc}", expect=410)
-
-
-@pytest.mark.parametrize("query, param", [
-    ("nope=1", "nope"), ("limit=0", "limit"), ("limit=1001", "limit"), ("limit=x", "limit"),
-    ("since=the%20day%20after", "since"), ("until=1y", "until"), ("source=x", "source"), ("success=yes", "success"),
-    ("field=x", "field"), ("cursor=abc", "cursor"), ("cursor=1.0.00000000", "cursor"),
-    ("cursor=1.2.3", "cursor"), ("since=1h&since=2h", "since"), ("grep=a&grep=b", "grep"),
-    ("failed=1", "failed"), ("success=true&failed", "success"), ("regex=a", "regex"),
-])
-def test_bad_history_params_are_400_naming_the_param(serve, query, param):
-    body = history_page(serve().client(), query, expect=400)
-    assert body["error"].startswith(f"invalid query: {param} "), body
-
-
-def test_history_without_a_journal_is_409(serve):
-    body = history_page(serve(persist_path="").client(), expect=409)
-    assert body == {"error": "no journal: observerd runs ephemeral"}
-
-
-def hold_history_reads(monkeypatch, on_read) -> threading.Event:
-    """Hold every read of the journal's blocks but the committer's (its one-byte reads pass)
-    until the event returned is set; on_read() is called as each one begins."""
-    release = threading.Event()
-    real_pread = os.pread
-
-    def held_pread(fd, size, offset):
-        if threading.current_thread().name != "committer" and size > 1:
-            on_read()
-            release.wait(60)
-        return real_pread(fd, size, offset)
-
-    monkeypatch.setattr(os, "pread", held_pread)
-    return release
-
-
-def test_history_never_holds_up_ingest_while_it_reads(serve, monkeypatch):
-    server = serve()
-    client = server.client()
-    post_seqs(client, range(5))
-    reading = threading.Event()
-    release = hold_history_reads(monkeypatch, reading.set)
-    answers = []
-    reader = threading.Thread(target=lambda: answers.append(history_page(server.client())))
-    reader.start()
-    assert reading.wait(30)
-    post_seqs(client, range(5, 8))  # answered while the history read is held mid-file
-    assert server.store.stats()["total"] == 8
-    release.set()
-    reader.join(60)
-    assert seqs(answers[0]["ops"]) == [4, 3, 2, 1, 0]
-
-
-def test_history_holds_a_file_or_two_open_however_many_segments(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path, max_file_bytes=300, keep_files=1000)
-    client = daemon.client()
-    post_seqs(client, range(150))
-    assert len(list(tmp_path.glob("ops.jsonl.*"))) > 50
-    pid = daemon.proc.pid
-    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (max(open_fds(pid)) + 6, hard))
-    seen, cursor = [], None
-    while True:
-        body = history_page(client, "limit=1000" + (f"&cursor={cursor}" if cursor else ""))
-        seen.extend(seqs(body["ops"]))
-        if (cursor := body["cursor"]) is None:
-            break
-    assert seen == list(range(149, -1, -1))
-    post_seqs(client, range(150, 160))  # rotations still find the descriptors they need
-    # The command line reads them all under a low limit too.
-    result = subprocess.run([sys.executable, str(DAEMON), "ops", str(tmp_path / "ops.jsonl"), "-n", "1000"],
-                            capture_output=True, text=True, timeout=60,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (16, hard)))
-    assert result.returncode == 0, result.stderr
-    assert seqs(ndjson(result.stdout)) == list(range(160))
-
-
-def test_at_most_two_history_reads_run_at_once(serve, monkeypatch):
-    server = serve()
-    post_seqs(server.client(), range(5))
-    reading = threading.Semaphore(0)
-    release = hold_history_reads(monkeypatch, reading.release)
-    answers = []
-    readers = [threading.Thread(target=lambda: answers.append(history_page(server.client()))) for _ in range(2)]
-    for reader in readers:
-        reader.start()
-    for _ in readers:
-        assert reading.acquire(timeout=30)
-    # Both turns are taken: a third call would wait for one (each holds up to max_scan_bytes).
-    assert not server.server.history_reads.acquire(blocking=False)
-    release.set()
-    for reader in readers:
-        reader.join(60)
-    assert [seqs(answer["ops"]) for answer in answers] == [[4, 3, 2, 1, 0]] * 2
-    assert server.server.history_reads.acquire(blocking=False)
-    server.server.history_reads.release()
-
-
-NOW_FOR_TIMES = od.parse_rfc3339("2026-12-06T05:30:00Z").timestamp()  # a Sunday
-
-
-@pytest.mark.parametrize("text, zone, expected", [
-    ("2026-12-06T04:00:00Z", None, "2026-12-06T04:00:00Z"),
-    ("2026-12-06t04:00:00.5+01:00", None, "2026-12-06T03:00:00.5Z"),
-    ("2026-12-06 04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
-    ("2026-12-06 04:00", od.timezone(od.timedelta(hours=3)), "2026-12-06T01:00:00Z"),
-    ("2026-12-06 04:00:30 UTC", od.timezone(od.timedelta(hours=3)), "2026-12-06T04:00:30Z"),
-    ("2026-12-06", od.timezone.utc, "2026-12-06T00:00:00Z"),
-    ("04:00", od.timezone.utc, "2026-12-06T04:00:00Z"),
-    ("now", None, "2026-12-06T05:30:00Z"),
-    ("today", od.timezone.utc, "2026-12-06T00:00:00Z"),
-    ("today", od.timezone(od.timedelta(hours=-8)), "2026-12-05T08:00:00Z"),  # still the 5th there
-    ("yesterday", od.timezone.utc, "2026-12-05T00:00:00Z"),
-    ("tomorrow", od.timezone.utc, "2026-12-07T00:00:00Z"),
-    ("90s", None, "2026-12-06T05:28:30Z"),
-    ("15m", None, "2026-12-06T05:15:00Z"),
-    ("10 min ago", None, "2026-12-06T05:20:00Z"),
-    ("1h 30min ago", None, "2026-12-06T04:00:00Z"),
-    ("2 hours ago", None, "2026-12-06T03:30:00Z"),
-    ("-7d", None, "2026-11-29T05:30:00Z"),
-    ("+1h", None, "2026-12-06T06:30:00Z"),
-])
-def test_times_read_as_journalctl_reads_them(text, zone, expected):
-    seconds = od.parse_time_bound(text, "since", NOW_FOR_TIMES, zone=zone)
-    assert seconds == od.parse_rfc3339(expected).timestamp()
-
-
-@pytest.mark.parametrize("text", ["last week", "1y", "٣m", "2026-13-01", "2026-12-06 25:00", "10 lightyears", "ago",
-                                  "2026-12-06 04:00 PST", "", "-2026-12-06", "2026-12-06 ago", "+1h ago"])
-def test_a_time_journalctl_would_not_take_names_the_bound(text):
-    with pytest.raises(od.InvalidOp) as raised:
-        od.parse_time_bound(text, "until", NOW_FOR_TIMES)
-    assert raised.value.field == "until" and "must be a time like" in raised.value.reason
-
-
-def test_calendar_times_are_local_on_the_command_line_and_utc_over_http(serve, tmp_path):
-    server = serve()
-    client = server.client()
-    # Hourly ops on 2026-12-06, 00:00Z to 07:00Z.
-    client.post("/observer/events", [{"endpoint": f"/h/{h}", "seq": h, "timestamp": f"2026-12-06T0{h}:00:00Z"}
-                                     for h in range(8)])
-    journal = str(server.config.persist_path)
-    three_east = {"TZ": "XXX-3"}  # POSIX: three hours east of UTC, needing no tz database
-    window = ["--since", "2026-12-06 04:00", "--until", "2026-12-06 05:00", "-o", "ndjson"]
-    local = run_ops(journal, *window, env=three_east)
-    assert local.returncode == 0, local.stderr
-    assert seqs(ndjson(local.stdout)) == [1, 2]  # 04:00 to 05:00 at UTC+3
-    # The command line sends the daemon absolute times, read as it reads them.
-    remote = run_ops("--url", f"http://127.0.0.1:{server.port}", *window, env=three_east)
-    assert remote.returncode == 0, remote.stderr
-    assert remote.stdout == local.stdout
-    # The daemon reads the words it is sent in UTC.
-    over_http = history_page(client, "since=2026-12-06%2004:00&until=2026-12-06%2005:00")
-    assert seqs(over_http["ops"]) == [5, 4]
-    assert seqs(history_page(client, "since=2026-12-06&until=2026-12-06T02:00:00%2B01:00")["ops"]) == [1, 0]
-
-
-def test_relative_times_and_day_words_on_the_command_line(tmp_path):
-    now = time.time()
-    path = tmp_path / "ops.jsonl"
-    ages = {0: 3 * 86400, 1: 26 * 3600, 2: 3600, 3: 300, 4: 30, 5: -3600}  # seq: seconds before now
-    path.write_bytes(b"".join(od.encode_line(history_op(i, age, now)) for i, age in ages.items()))
-
-    def kept(*args, env=None):
-        result = run_ops(str(path), "-o", "ndjson", *args, env=env)
-        assert result.returncode == 0, result.stderr
-        return seqs(ndjson(result.stdout))
-
-    assert kept("--since", "10 min ago") == [3, 4, 5]
-    assert kept("--since", "2 hours ago", "--until", "now") == [2, 3, 4]
-    assert kept("--since", "1h 1min") == [2, 3, 4, 5]
-    assert kept("--until=-2d") == [0]
-    midnight = datetime.fromtimestamp(now, timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    utc = {"TZ": "UTC"}
-    assert kept("--since", "today", env=utc) == [i for i, age in ages.items() if now - age >= midnight.timestamp()]
-    assert kept("--since", "yesterday", "--until", "today", env=utc) == [
-        i for i, age in ages.items() if midnight.timestamp() - 86400 <= now - age <= midnight.timestamp()]
-
-
-def filter_cli_args(given: dict) -> list[str]:
-    """A filter dict (name: text, or texts when repeated; a switch: "") as ops' flags."""
-    args = []
-    for name, value in given.items():
-        spec = od.FILTER[name]
-        for text in value if isinstance(value, list) else [value]:
-            args += [f"--{name}"] if spec.metavar is None else [f"--{name}", text]
-    return args
-
-
-FILTERS_SPOKEN_ALIKE = [
-    {"endpoint": ["/mcp/a,b", "/scenario/*"]},  # free text: never split on commas
-    {"source": ["scenario", "langfuse"], "failed": ""},
-    {"ok": "", "endpoint": ["/mcp/*"]},
-    {"grep": "(a+)+b"},  # plain text in both
-    {"grep": "502", "field": "trace=t1"},
-    {"since": "2h", "until": "30m", "failed": ""},
-    {"endpoint": ["/nothing"]},
-]
-
-
-@pytest.mark.parametrize("given", FILTERS_SPOKEN_ALIKE)
-def test_a_filter_means_the_same_as_a_flag_as_a_query_parameter_and_through_url(serve, given):
-    server = serve()
-    client = server.client()
-    now = time.time()
-    ops = [history_op(i, 4 * 3600 - i * 300, now, endpoint=["/mcp/a,b", "/mcp/a", "/scenario/x"][i % 3],
-                      source=od.SOURCES[i % 4], success=i % 3 != 1, trace=f"t{i % 2}",
-                      error=["x (a+)+b y", "aab", "HTTP 502"][i % 3]) for i in range(40)]
-    assert client.post("/observer/events", ops)[0] == 200
-    query = urlencode([(name, text) for name, value in given.items()
-                       for text in (value if isinstance(value, list) else [value])] + [("limit", "1000")])
-    over_http = history_page(client, query)["ops"]
-    assert bool(over_http) == (given != {"endpoint": ["/nothing"]})  # each keeps some, but the last
-    from_files = run_ops(str(server.config.persist_path), *filter_cli_args(given), "-n", "all", "-r", "-o", "ndjson")
-    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", *filter_cli_args(given), "-n", "all", "-r",
-                          "-o", "ndjson")
-    assert from_files.returncode == through_url.returncode == 0, from_files.stderr + through_url.stderr
-    assert ndjson(from_files.stdout) == ndjson(through_url.stdout) == over_http
-    ring = client.get(f"/observer/ops?{query.replace('limit=1000', 'limit=100')}")[1]["ops"]
-    assert ring == over_http
-
-
-def test_success_false_stays_an_alias_of_failed_over_http(serve):
-    client = serve().client()
-    post_seqs(client, range(4), success=True)
-    post_seqs(client, range(4, 6), success=False)
-    for route in ("/observer/history", "/observer/ops"):
-        assert [seqs(client.get(f"{route}?{q}")[1]["ops"]) for q in ("success=false", "failed=true", "failed")] \
-            == [[5, 4]] * 3, route
-        assert seqs(client.get(f"{route}?success=true&ok")[1]["ops"]) == [3, 2, 1, 0]
-
-
-def test_ops_follow_starts_with_the_newest_ten_as_tail_does(tmp_path, daemons, followers):
-    daemon = start_durable_daemon(daemons, tmp_path)
-    post_seqs(daemon.client(), range(15))
-    follower = followers(str(tmp_path / "ops.jsonl"))
-    follower.wait_seqs(list(range(5, 15)), "the newest ten")
-    post_seqs(daemon.client(), [15])
-    follower.wait_seqs(list(range(5, 16)), "the new op")
-
-
-def test_ops_over_url_refuses_what_the_daemon_cannot_do_in_one_line(serve):
-    url = f"http://127.0.0.1:{serve().port}"
-    for args, needle in ((["-f"], "-f follows the journal's files, not --url"),
-                         (["--regex", "a.b"], "--regex is the command line's only"),
-                         (["ops.jsonl"], "FILE and --url name two journals")):
-        result = run_ops("--url", url, *args)
-        assert (result.returncode, result.stdout) == (2, "")
-        assert needle in result.stderr and result.stderr.count("\n") == 1, result.stderr
-
-
-def count_rows(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def test_count_by_answers_what_failed_lately_and_where(serve):
-    server = serve()
-    client = server.client()
-    now = time.time()
-    old = [history_op(i, 3600, now, endpoint="/old", success=False, error="gone") for i in range(3)]
-    recent = ([history_op(10 + i, 60 + i, now, endpoint="/mcp/search", success=i >= 3, duration_ms=10 * (i + 1),
-                          error=None if i >= 3 else f"timeout after {i}s") for i in range(5)]
-              + [history_op(20 + i, 30, now, endpoint="/scenario/checkout", success=i == 0,
-                            error=None if i == 0 else "HTTP 502") for i in range(2)]
-              + [history_op(30, 20, now, endpoint="/fine", success=True)])
-    assert client.post("/observer/events", old + recent)[0] == 200
-    journal = str(server.config.persist_path)
-    result = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "ndjson")
-    assert result.returncode == 0, result.stderr
-    search_stamp = max(recent[:5], key=od.op_time)["timestamp"]
-    assert count_rows(result.stdout) == [
-        # Sorted by failures; each rate over all the group's ops in the window, not only its failures.
-        {"value": "/mcp/search", "ops": 5, "failures": 3, "failure_rate": 0.6, "p50_ms": 30, "p95_ms": 50,
-         "newest": search_stamp},
-        {"value": "/scenario/checkout", "ops": 2, "failures": 1, "failure_rate": 0.5, "p50_ms": 0, "p95_ms": 0,
-         "newest": recent[6]["timestamp"]},
-    ]
-    # The same grouping over HTTP: one bounded scan, no cursor.
-    body = history_page(client, "since=10m&failed&count_by=endpoint")
-    assert body["groups"] == count_rows(result.stdout) and body["count"] == 2
-    assert body["truncated"] is False and "cursor" not in body
-    through_url = run_ops("--url", f"http://127.0.0.1:{server.port}", "--since", "10m", "--failed",
-                          "--count-by", "endpoint", "-o", "json")
-    assert json.loads(through_url.stdout)["groups"] == body["groups"]
-    # Without --failed every group shows; by signature, successes count under none.
-    everything = count_rows(run_ops(journal, "--since", "10m", "--count-by", "endpoint", "-o", "ndjson").stdout)
-    assert [row["value"] for row in everything] == ["/mcp/search", "/scenario/checkout", "/fine"]
-    signatures = count_rows(run_ops(journal, "--count-by", "signature", "-o", "ndjson").stdout)
-    assert [(row["value"], row["ops"]) for row in signatures] == [
-        ("gone", 3), ("timeout after <n>s", 3), ("http <n>", 1), (None, 4)]
-    fields = count_rows(run_ops(journal, "--count-by", "seq", "-n", "2", "-o", "ndjson").stdout)
-    assert [row["value"] for row in fields] == ["0", "1"]  # not a string: its JSON
-    table = run_ops(journal, "--since", "10m", "--failed", "--count-by", "endpoint", "-o", "table").stdout
-    assert table.splitlines()[0].split() == ["FAILED", "OPS", "FAIL%", "P50", "MS", "P95", "MS", "NEWEST", "ENDPOINT"]
-    assert table.splitlines()[1].split()[:3] == ["3", "5", "60.0%"] and table.splitlines()[1].endswith("/mcp/search")
-
-
-def test_count_by_over_http_is_one_scan_bounded_by_max_scan_bytes(serve):
-    server = serve(max_scan_bytes=1000, max_file_bytes=5000, keep_files=100)
-    client = server.client()
-    post_seqs(client, range(100), success=False, error="boom")
-    body = history_page(client, "count_by=endpoint&limit=3")
-    assert body["truncated"] is True and body["count"] == 3  # limit: the first groups
-    whole = history_page(client, "count_by=error")
-    assert whole["truncated"] is True and 0 < whole["groups"][0]["ops"] < 100
-    assert body["scanned_bytes"] < 1000 + 2 * od.HISTORY_BLOCK_BYTES
-    cursor = history_page(client, "limit=1")["cursor"]
-    assert history_page(client, f"count_by=endpoint&cursor={cursor}", expect=400)["error"].startswith(
-        "invalid query: cursor does not go with count_by")
-    assert history_page(client, "count_by=", expect=400)["error"].startswith("invalid query: count_by ")
-
-
-# --- issue 14: browser page ---
-
-
-from html.parser import HTMLParser  # noqa: E402  (this block's own import, for merges)
-
-
-class PageParts(HTMLParser):
-    """What a page holds: element ids, attributes, and the text of its script and style."""
-
-    def __init__(self, html: str):
-        super().__init__()
-        self.ids: list[str] = []
-        self.attributes: list[tuple[str, str, str]] = []
-        self.scripts: list[str] = []
-        self.styles: list[str] = []
-        self._inside = None
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        for name, value in attrs:
-            self.attributes.append((tag, name, value or ""))
-            if name == "id":
-                self.ids.append(value)
-        if tag in ("script", "style"):
-            self._inside = self.scripts if tag == "script" else self.styles
-            self._inside.append("")
-
-    def handle_endtag(self, tag):
-        if tag in ("script", "style"):
-            self._inside = None
-
-    def handle_data(self, data):
-        if self._inside is not None:
-            self._inside[-1] += data
-
-
-def get_page(port: int, headers: dict | None = None, method: str = "GET"):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request(method, "/observer/ui", headers=headers or {})
-    resp = conn.getresponse()
-    body = resp.read()
-    conn.close()
-    return resp, body
-
-
-def csp_directives(header: str) -> dict[str, list[str]]:
-    return {name: values for name, *values in (part.split() for part in header.split(";"))}
-
-
-def test_ui_page_is_served_with_its_security_headers_and_an_etag(serve):
-    resp, body = get_page(serve().port)
-    assert resp.status == 200 and resp.getheader("Content-Type") == "text/html; charset=utf-8"
-    assert resp.getheader("X-Content-Type-Options") == "nosniff"
-    assert resp.getheader("Cache-Control") == "no-cache"
-    csp = csp_directives(resp.getheader("Content-Security-Policy"))
-    assert csp["default-src"] == ["'none'"] and csp["connect-src"] == ["'self'"]
-    assert csp["frame-ancestors"] == csp["base-uri"] == csp["form-action"] == ["'none'"]
-    assert csp["img-src"] == ["data:"]
-    assert all(len(csp[name]) == 1 and csp[name][0].startswith("'sha256-") for name in ("script-src", "style-src"))
-    etag = resp.getheader("ETag")
-    assert re.fullmatch(r'"[0-9a-f]{32}"', etag), etag  # strong: no W/
-    assert etag.strip('"') == od.hashlib.sha256(body).hexdigest()[:32]
-
-
-@pytest.mark.parametrize("if_none_match, status", [
-    ("{etag}", 304), ("W/{etag}", 304), ('"other", {etag}', 304), ("*", 304),
-    ('"other"', 200), ("{etag}x", 200),
-])
-def test_ui_page_answers_304_when_the_browser_holds_it(serve, if_none_match, status):
-    server = serve()
-    etag = get_page(server.port)[0].getheader("ETag")
-    head = "GET /observer/ui HTTP/1.1\r\nHost: x\r\nIf-None-Match: {}\r\nConnection: close\r\n\r\n"
-    raw = raw_exchange(server.port, head.format(if_none_match.format(etag=etag)).encode())
-    stream = io.BytesIO(raw)
-    got, headers = read_head(stream)
-    assert got == status and headers["etag"] == etag
-    assert headers["content-security-policy"] and headers["x-content-type-options"] == "nosniff"
-    assert int(headers["content-length"]) == len(od.UI_DOCUMENT.payload)
-    assert len(stream.read()) == (0 if status == 304 else len(od.UI_DOCUMENT.payload))
-
-
-def test_ui_page_parses_and_holds_every_element_its_script_fills():
-    page = PageParts(od.UI_DOCUMENT.payload.decode())
-    assert len(page.scripts) == 1 and len(page.styles) == 1
-    filled = set(re.findall(r'\$\("([\w-]+)"\)', page.scripts[0]))
-    assert {"chart", "conn", "ready", "endpoints-body", "ops-body", "history-body", "token"} <= filled
-    assert filled <= set(page.ids), filled - set(page.ids)
-    assert len(page.ids) == len(set(page.ids))
-    assert "innerHTML" not in page.scripts[0] and "outerHTML" not in page.scripts[0]
-    assert "insertAdjacentHTML" not in page.scripts[0] and "document.write" not in page.scripts[0]
-    assert not [name for _, name, _ in page.attributes if name.startswith("on")]  # CSP blocks them
-
-
-def test_ui_page_refers_to_nothing_outside_itself_and_its_api():
-    page = PageParts(od.UI_DOCUMENT.payload.decode())
-    url = re.compile(r"(?i)(?:[a-z][a-z0-9+.-]*:)?//[^\s*/]|url\(|@import|\bimport\s*\(")
-    for text in page.scripts + page.styles:
-        assert not url.search(text), url.search(text)
-    links = [(tag, name, value) for tag, name, value in page.attributes
-             if name in ("src", "href", "action", "formaction", "srcset", "poster", "data", "xlink:href")]
-    assert links == [("link", "href", "data:,")]  # no favicon request either
-    assert len(od.UI_DOCUMENT.payload) < 40 * 1024
-
-
-def test_ui_page_fetches_relative_paths_so_the_gateway_prefix_is_kept():
-    script = PageParts(od.UI_DOCUMENT.payload.decode()).scripts[0]
-    fetched = re.findall(r'\bapi\("([^"?]+)', script)
-    assert set(fetched) >= {"timeline", "stats", "playbooks", "ready", "history"}, fetched
-    assert "/observer" not in script
-
-
-def test_ui_csp_hashes_match_the_inline_script_and_style(serve):
-    resp, body = get_page(serve().port)
-    page = PageParts(body.decode())
-    csp = csp_directives(resp.getheader("Content-Security-Policy"))
-    for directive, text in (("script-src", page.scripts[0]), ("style-src", page.styles[0])):
-        digest = od.base64.b64encode(od.hashlib.sha256(text.encode()).digest()).decode()
-        assert csp[directive] == [f"'sha256-{digest}'"], directive
-
-
-def test_ui_page_loads_while_the_daemon_restores_and_its_data_waits(tmp_path, daemons):
-    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
-    resp, body = get_page(daemon.port)
-    assert resp.status == 200 and body == od.UI_DOCUMENT.payload
-    assert get_fresh(daemon.port, "/observer/stats")[:2] == (503, {"error": od.RESTORING})
-    os.close(os.open(gate, os.O_WRONLY))
-    wait_for(lambda: get_fresh(daemon.port, "/observer/stats")[0] == 200, what="the restore to finish")
-
-
-def test_ui_page_needs_no_token_but_its_data_does(serve):
-    server = serve(token="s3cret")
-    resp, body = get_page(server.port)
-    assert resp.status == 200 and b"<svg" in body
-    assert get_page(server.port, method="HEAD")[0].status == 200
-    client = server.client()
-    for path in ("/observer/timeline", "/observer/stats", "/observer/playbooks", "/observer/ops",
-                 "/observer/history", "/observer/ready"):
-        assert client.get(path)[0] == 401, path
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol on a pipe: it reads commands on its
-    fd 3 and writes answers and events on its fd 4, each a JSON text ended by a NUL byte."""
-
-    def __init__(self, folder: Path):
-        commands_read, self._commands = os.pipe()
-        self._answers_fd, answers_write = os.pipe()
-        chromium = shutil.which("chromium")
-        assert chromium, "no chromium: make test-browser installs Debian's"
-        # bash (dash takes single-digit fds only) moves the pipe ends to fds 3 and 4, then
-        # becomes chromium.
-        argv = ["bash", "-c", f'exec "$@" 3<&{commands_read} 4>&{answers_write}', "sh", chromium,
-                "--headless", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--hide-scrollbars", f"--user-data-dir={folder / 'chromium-profile'}", "about:blank"]
-        self.log_path = folder / "chromium.log"
-        with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(argv, pass_fds=(commands_read, answers_write),
-                                         stdout=log_file, stderr=log_file)
-        os.close(commands_read)
-        os.close(answers_write)
-        self._ids = itertools.count(1)
-        self._answers: dict[int, dict] = {}
-        self.events: list[dict] = []
-        self._closed = False
-        self._arrived = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        pending = b""
-        while chunk := os.read(self._answers_fd, 1 << 16):
-            *messages, pending = (pending + chunk).split(b"\0")
-            with self._arrived:
-                for message in map(json.loads, messages):
-                    if "id" in message:
-                        self._answers[message["id"]] = message
-                    else:
-                        self.events.append(message)
-                self._arrived.notify_all()
-        with self._arrived:
-            self._closed = True
-            self._arrived.notify_all()
-
-    def send(self, method: str, session: str | None = None, **params):
-        number = next(self._ids)
-        message = {"id": number, "method": method, "params": params}
-        if session is not None:
-            message["sessionId"] = session
-        try:
-            os.write(self._commands, json.dumps(message).encode() + b"\0")
-        except BrokenPipeError:
-            raise AssertionError(f"chromium exited: {self.log_path.read_text()[-2000:]}") from None
-        with self._arrived:
-            if not self._arrived.wait_for(lambda: number in self._answers or self._closed, 60):
-                raise AssertionError(f"chromium did not answer {method}")
-            if self._closed and number not in self._answers:
-                raise AssertionError(f"chromium exited: {self.log_path.read_text()[-2000:]}")
-            answer = self._answers.pop(number)
-        assert "error" not in answer, (method, answer["error"])
-        return answer["result"]
-
-    def tab(self, width: int, height: int, dark: bool = False) -> "Tab":
-        target = self.send("Target.createTarget", url="about:blank")["targetId"]
-        tab = Tab(self, self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"])
-        for domain in ("Page", "Runtime", "Log"):
-            tab.call(f"{domain}.enable")
-        tab.view(width, height, dark)
-        return tab
-
-    def close(self):
-        try:
-            self.send("Browser.close")
-        except AssertionError:
-            pass
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self._commands)
-
-
-class Tab:
-    """One page of a Browser, attached as a flat session."""
-
-    def __init__(self, browser: Browser, session: str):
-        self.browser, self.session = browser, session
-
-    def call(self, method: str, **params):
-        return self.browser.send(method, self.session, **params)
-
-    def view(self, width: int, height: int, dark: bool = False):
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                  deviceScaleFactor=1, mobile=width < 600)
-        self.call("Emulation.setEmulatedMedia",
-                  features=[{"name": "prefers-color-scheme", "value": "dark" if dark else "light"}])
-
-    def go(self, url: str):
-        self.call("Page.navigate", url=url)
-        self.wait(f"location.href === {json.dumps(url)} && document.readyState === 'complete'", f"{url} to load")
-
-    def js(self, expression: str):
-        """The value of a JavaScript expression in the page (awaited if a promise)."""
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        assert "exceptionDetails" not in result, (expression, result["exceptionDetails"])
-        return result["result"].get("value")
-
-    def wait(self, expression: str, what: str, timeout: float = 60):
-        return wait_for(lambda: self.js(expression), timeout, interval=0.1, what=what)
-
-    def screenshot(self, path: Path) -> Path:
-        path.write_bytes(od.base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
-        return path
-
-    def events(self, *methods: str) -> list[dict]:
-        return [e for e in self.browser.events if e.get("sessionId") == self.session and e["method"] in methods]
-
-    def problems(self) -> list[dict]:
-        """Script errors, CSP violations and dialogs: a page that works has none."""
-        logged = [e for e in self.events("Log.entryAdded")
-                  if e["params"]["entry"]["source"] in ("security", "javascript")
-                  or "Content Security Policy" in e["params"]["entry"]["text"]]
-        return logged + self.events("Runtime.exceptionThrown", "Page.javascriptDialogOpening")
-
-
-# A real browser is slow to install and start, and needs Debian's chromium: `make test-browser`.
-in_chromium = pytest.mark.skipif(os.environ.get("OBSERVERD_BROWSER") != "1",
-                                 reason="drives a real browser: run make test-browser")
-
-
-def screenshot_folder(tmp_path: Path) -> Path:
-    """Where make test-browser keeps the README's screenshots (bench/), else tmp_path."""
-    return Path(os.environ.get("OBSERVERD_SCREENSHOTS") or tmp_path)
-
-
-HOSTILE = "<img src=x onerror=alert(1)>"
-
-
-LONG_ERROR = ("connection reset by peer while reading the answer of https://search.internal.example/api/v2/"
-              "query/expanded-with-synonyms-and-typo-tolerance after the upstream closed its keep-alive socket")
-# What a person at that width could not read: a table scrolling sideways (its headers out of
-# sight), a header cut, a failure cluster's signature cut.
-PAGE_LAYOUT = """(() => {
-  const shown = (e) => e.offsetParent !== null;
-  return {sideways: [...document.querySelectorAll(".scroll")].filter((d) => shown(d) && d.scrollWidth > d.clientWidth)
-      .map((d) => d.parentElement.querySelector("h2").textContent),
-    cutHeaders: [...document.querySelectorAll("th")].filter((th) => shown(th) &&
-      (th.scrollWidth > th.clientWidth || th.getBoundingClientRect().right > window.innerWidth)).map((th) => th.textContent),
-    cutSignatures: [...document.querySelectorAll("#clusters-body td")].filter((td) => td.scrollWidth > td.clientWidth)
-      .map((td) => td.textContent),
-    pageSideways: document.documentElement.scrollWidth > window.innerWidth};
-})()"""
-
-
-def page_traffic() -> list[dict]:
-    """Ops with a cluster of failures, playbooks, a hostile endpoint and one glob-like endpoint,
-    in a fixed shuffled order."""
-    ops = [{"endpoint": "/mcp/search", "duration_ms": 10 + i, "success": True} for i in range(40)]
-    ops += [{"endpoint": "/mcp/fail", "duration_ms": 200 + i, "error": f"upstream 502 for job {i}"}
-            for i in range(60)]
-    ops += [{"endpoint": "/scenario/checkout", "source": "scenario", "duration_ms": 900 + i,
-             "success": i % 5 != 0, "error": None if i % 5 else f"timeout after {i} s"} for i in range(12)]
-    ops += [{"endpoint": "/langfuse/trace", "source": "langfuse", "success": True, "duration_ms": 3}] * 5
-    ops += [{"endpoint": HOSTILE, "error": "<script>alert(2)</script>", "input_summary": "<b onclick=alert(3)>"},
-            {"endpoint": "/q[1]", "error": "glob-like endpoint"}, {"endpoint": "/mcp/fetch", "error": LONG_ERROR}]
-    ops += [{"endpoint": "/q1", "success": True}] * 3
-    ops = [{key: value for key, value in o.items() if value is not None} for o in ops]
-    random.Random(14).shuffle(ops)
-    return ops
-
-
-def post_over_time(client: Client, ops: list[dict], seconds: int):
-    """Post ops in one batch a second, so the chart has a shape to draw."""
-    size = -(-len(ops) // seconds)
-    for start in range(0, len(ops), size):
-        assert client.post("/observer/events", ops[start:start + size])[0] == 200
-        time.sleep(1)
-
-
-PAGE_STATE = """(() => {
-  const text = (id) => document.getElementById(id).textContent;
-  const rows = (id) => [...document.getElementById(id).rows].map((r) => [...r.cells].map((c) => c.textContent));
-  return {conn: text("conn"), connClass: document.getElementById("conn").className,
-    total: text("stat-total"), ok: text("stat-ok"), failed: text("stat-failed"),
-    bySource: Object.fromEntries([...document.querySelectorAll("#by-source li")].map((li) => [li.dataset.source, +li.dataset.count])),
-    endpoints: rows("endpoints-body"), clusters: rows("clusters-body"), escalations: rows("escalations-body"),
-    playbooks: rows("playbooks-body"), ops: rows("ops-body"), history: rows("history-body"),
-    historyHidden: document.getElementById("history").hidden, historyNote: text("history-note"),
-    olderHidden: document.getElementById("history-older").hidden,
-    polylines: [...document.querySelectorAll("#chart polyline")].map((p) => p.getAttribute("points").split(" ").length),
-    legend: text("legend"), ready: text("ready"), images: document.images.length,
-    authHidden: document.getElementById("auth").hidden, authMessage: text("auth-msg"),
-    endpointsOver: text("endpoints-over"), clustersNote: text("clusters-note")};
-})()"""
-
-
-def number_in(text: str) -> int:
-    return int(re.sub(r"[^0-9]", "", text))
-
-
-def click(tab: Tab, body_id: str, text: str):
-    """Click the button in tbody body_id whose text is exactly text (as a keyboard user would)."""
-    assert tab.js(f"""(() => {{
-      const b = [...document.querySelectorAll("#{body_id} button")].find((b) => b.textContent === {json.dumps(text)});
-      if (b) {{ b.focus(); b.click(); }}
-      return !!b; }})()"""), (body_id, text)
-
-
-def type_into(tab: Tab, element_id: str, text: str):
-    tab.js(f"""(() => {{ const f = document.getElementById("{element_id}"); f.focus(); f.value = {json.dumps(text)};
-      f.dispatchEvent(new Event("input", {{bubbles: true}})); }})()""")
-
-
-def start_observed_daemon(daemons, folder: Path, **settings) -> Daemon:
-    return start_durable_daemon(daemons, folder, analyze_interval_s=0.2, consolidate_interval_s=0.2, **settings)
-
-
-@in_chromium
-def test_chromium_shows_what_stats_says_and_survives_a_restart(tmp_path, daemons, fake_service):
-    daemon = start_observed_daemon(daemons, tmp_path, escalate_url=fake_service().url + "/api/run")
-    client = daemon.client()
-    posted = page_traffic()
-    post_over_time(client, posted, 20)
-    failed_newest_first = [o["error"] for o in reversed(posted) if o["endpoint"] == "/mcp/fail"]
-    wait_for(lambda: client.get("/observer/escalations")[1]["escalations"]
-             and client.get("/observer/playbooks")[1]["playbooks"], what="escalation and playbooks")
+    writers.stop()
+
+    lines = (tmp_path / "ops.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"", "file must end with a complete line"
+    stored = [od.validate_op(od.parse_json_strict(line)) for line in lines[:-1]]
+    stored_endpoints = {o["endpoint"] for o in stored}
+    missing = [e for e in acked if e not in stored_endpoints]
+    assert not missing, f"{len(missing)} acknowledged ops lost, e.g. {missing[:3]}"
+
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=100000)
+    assert daemon.client().get("/observer/stats")[1] == stats_of(stored, ring_size=100000)
+
+
+def test_fuzzed_requests_never_kill_the_daemon_and_stats_match_the_200s(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, ring_size=10000, request_timeout_s=0.5)
+    rng = random.Random(20261124)
+    accepted = 0
+    for i in range(3000):
+        raw = raw_exchange(daemon.port, fuzz_request(rng, i))
+        if not raw:
+            continue
+        status, body = parse_response(raw)
+        assert status < 500 or status in (501, 505), (i, status, body)
+        if status == 200 and body and body.get("accepted") is True:
+            accepted += 1
+    assert daemon.proc.poll() is None, "daemon died"
+    assert accepted > 200
+    stats = daemon.client().get("/observer/stats")[1]
+    assert stats["total"] == accepted
+    assert stats == stats_of(replay_forward(tmp_path / "ops.jsonl"), ring_size=10000)
+    assert "Traceback" not in daemon.log
+
+
+def test_hostile_ops_keep_the_daemon_small_and_are_served_whole(tmp_path, daemons):
+    daemon = start_durable_daemon(daemons, tmp_path, max_ring_bytes=8 * MIB)
+    client = daemon.client(timeout=60)
+    # 2 MiB of [{},{},…] decodes to ~50 MB: held decoded, ten of them were half a gigabyte.
+    body = b'{"endpoint":"/hostile","source":"scenario","x":[' + b"{}," * (2 * MIB // 3) + b"{}]}"
+    for _ in range(10):
+        assert client.post("/observer/event", body)[0] == 200
+    status = Path(f"/proc/{daemon.proc.pid}/status").read_text()
+    rss_kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    assert rss_kib < 200 * 1024, status
+    client.conn.request("GET", "/metrics")
+    families = parse_exposition(client.conn.getresponse().read().decode())
+    assert 0 < sample(families, "observerd_ring_bytes") <= 8 * MIB
     stats = client.get("/observer/stats")[1]
-    url = f"http://127.0.0.1:{daemon.port}/observer/ui"
-    shots = screenshot_folder(tmp_path)
-    browser = Browser(tmp_path)
-    try:
-        tab = browser.tab(1280, 800)
-        tab.go(url)
-        state = tab.wait(f"(s => s.connClass === 'ok' && s.escalations[0].length > 1 && s.playbooks[0].length > 1 && s)({PAGE_STATE})",
-                         "the first refresh with data")
-        # The header's counts are /observer/stats'; the chart counted the same ops per source.
-        assert (number_in(state["total"]), number_in(state["ok"]), number_in(state["failed"])) == (
-            stats["total"], stats["successes"], stats["failures"])
-        assert state["bySource"] == stats["by_source"]
-        for source, count in stats["by_source"].items():
-            assert f"{source}: {count} ops in 300 s" in state["legend"]
-        assert f"failures (all sources): {stats['failures']} ops in 300 s" in state["legend"]
-        assert state["polylines"] == [300] * (len(stats["by_source"]) + 1)  # a point a second
-        assert state["ready"] == "ready"
-        # The failing endpoint leads the table and the clusters, and was escalated.
-        assert state["endpoints"][0][:3] == ["/mcp/fail", "60", "60"]
-        assert state["clusters"][0][:2] == ["/mcp/fail", "60"]
-        assert [state["escalations"][0][1], state["escalations"][0][3]] == ["/mcp/fail", "sent"]
-        assert state["playbooks"][0][:2] == ["/scenario/checkout", "12"]
-        # Hostile strings are shown as text: nothing they hold ran, or even became an element.
-        assert [HOSTILE, "<script>alert(2)</script>"] in [[row[2], row[5]] for row in state["ops"]]
-        assert state["images"] == 0 and tab.problems() == []
-        tab.screenshot(shots / "ui-1280x800.png")
-
-        # The table sorts by a header, both ways.
-        tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
-        ops_column = [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]]
-        assert ops_column == sorted(ops_column, reverse=True)
-        tab.js('document.querySelector("#endpoints button[data-sort=ops]").click()')
-        assert [number_in(row[1]) for row in tab.js(PAGE_STATE)["endpoints"]] == sorted(ops_column)
-
-        # The endpoints are of the last 5 minutes, or of the whole ring at a click; clusters are dated.
-        assert state["endpointsOver"].startswith("Over the ops of the ring stamped since ")
-        assert state["clustersNote"].startswith("As the analysis at ")
-        tab.js('document.getElementById("endpoints-window").click()')
-        tab.wait(f"(s => s.endpointsOver === 'Over the ops in the ring')({PAGE_STATE})", "the whole ring")
-        tab.js('document.getElementById("endpoints-window").click()')
-        tab.wait(f"(s => s.endpointsOver.startsWith('Over the ops of the ring stamped'))({PAGE_STATE})", "5 min")
-
-        # Filters narrow the recent ops.
-        tab.js('document.getElementById("f-failed").click()')
-        tab.wait(f"(s => s.ops.length && s.ops.every((r) => r[3] === 'FAIL'))({PAGE_STATE})", "failed ops only")
-        type_into(tab, "f-text", "JOB 7")
-        assert sorted(row[5] for row in tab.js(PAGE_STATE)["ops"]) == ["upstream 502 for job 7"]
-
-        # An endpoint opens its ops from the journal, 50 at a time, older ones by cursor;
-        # an endpoint that looks like a glob means itself only.
-        click(tab, "endpoints-body", "/q[1]")
-        state = tab.wait(f"(s => s.history.length && s.historyNote && s)({PAGE_STATE})", "history of /q[1]")
-        assert [row[2] for row in state["history"]] == ["/q[1]"] and state["olderHidden"]
-        click(tab, "clusters-body", "/mcp/fail")
-        state = tab.wait(f"(s => s.history.length === 50 && !s.olderHidden && s)({PAGE_STATE})", "a first page")
-        assert {row[2] for row in state["history"]} == {"/mcp/fail"}
-        assert [row[5] for row in state["history"]] == failed_newest_first[:50]
-        tab.js('document.getElementById("history-older").click()')
-        state = tab.wait(f"(s => s.history.length === 60 && s)({PAGE_STATE})", "the older page")
-        assert state["olderHidden"] and "no older ops" in state["historyNote"]
-        assert [row[5] for row in state["history"]] == failed_newest_first
-        tab.js('document.getElementById("history-close").click(); document.getElementById("f-failed").click(); '
-               'document.querySelector("#endpoints button[data-sort=failures]").click()')
-        type_into(tab, "f-text", "")
-
-        for width, height, dark in ((1280, 800, True), (390, 844, False), (390, 844, True)):
-            tab.view(width, height, dark)
-            tab.js("document.activeElement.blur(); window.scrollTo(0, 0)")
-            tab.wait("(c => c.viewBox.baseVal.width === Math.max(300, c.clientWidth))(document.getElementById('chart'))",
-                     "the chart redrawn")
-            tab.screenshot((tmp_path if dark else shots) / f"ui-{width}x{height}{'-dark' if dark else ''}.png")
-            assert tab.js(PAGE_LAYOUT) == {"sideways": [], "cutHeaders": [], "cutSignatures": [],
-                                           "pageSideways": False}, (width, dark)
-        assert any(LONG_ERROR[:40] in row[4] for row in tab.js(PAGE_STATE)["clusters"])
-
-        # New data redraws the table under a keyboard user's focus, which stays where it was.
-        tab.js('[...document.querySelectorAll("#ops-body button")].find((b) => b.textContent === "/q1").focus()')
-        assert client.post("/observer/event", {"endpoint": "/new"})[0] == 200
-        tab.wait(f"{PAGE_STATE}.ops[0][2] === '/new'", "the new op listed")
-        assert tab.js("document.activeElement.textContent") == "/q1"
-        assert tab.js("document.getElementById('ops-body').contains(document.activeElement)")
-        stats = client.get("/observer/stats")[1]
-
-        # Hidden, the page stops asking; shown again, it starts at once.
-        tab.js("(real => { window.fetches = 0; window.fetch = (...a) => (window.fetches++, real(...a)); })(window.fetch)")
-        tab.js('Object.defineProperty(document, "hidden", {configurable: true, get: () => true}); '
-               'document.dispatchEvent(new Event("visibilitychange"))')
-        time.sleep(3)  # any refresh already under way ends
-        before = tab.js("window.fetches")
-        time.sleep(5)  # more than two refresh periods: nothing may be asked
-        assert tab.js("window.fetches") == before
-        tab.js('delete document.hidden; document.dispatchEvent(new Event("visibilitychange"))')
-        tab.wait(f"window.fetches > {before}", "refreshing again")
-
-        # The daemon goes away: the page says so; it comes back: the page recovers by itself.
-        daemon.proc.kill()
-        daemon.exit_status()
-        tab.wait(f"{PAGE_STATE}.conn.startsWith('disconnected — retrying')", "disconnected")
-        write_settings(tmp_path, {"bind": f"127.0.0.1:{daemon.port}", "persist_path": "ops.jsonl"})
-        daemons(tmp_path, config=tmp_path / "lakehouse.toml").wait_listening()
-        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "live again")
-        assert number_in(state["total"]) == stats["total"]
-        assert tab.problems() == []
-    finally:
-        browser.close()
-    print(f"screenshots: {shots}/ui-1280x800.png, {shots}/ui-390x844.png; dark ones in {tmp_path}")
-
-
-@in_chromium
-def test_chromium_says_why_it_is_not_ready_until_it_is(tmp_path, daemons):
-    daemon, gate = daemon_holding_its_restore(daemons, tmp_path)
-    browser = Browser(tmp_path)
-    try:
-        tab = browser.tab(1280, 800)
-        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
-        state = tab.wait(f"(s => s.ready.startsWith('not ready') && s)({PAGE_STATE})", "not ready, and why")
-        assert state["ready"] == f"not ready: {od.RESTORING}" and state["connClass"] == "bad"
-        assert state["conn"] == f"GET stats: 503 {od.RESTORING} — retrying" and state["total"] == "…"
-        assert state["endpoints"] == [["no ops in the last 5m"]]  # what the timeline said, meanwhile
-        os.close(os.open(gate, os.O_WRONLY))
-        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "ready once restored")
-        assert state["ready"] == "ready" and tab.problems() == []
-    finally:
-        browser.close()
-
-
-@in_chromium
-def test_chromium_asks_for_the_token_and_says_when_it_is_wrong(tmp_path, daemons):
-    daemon = start_observed_daemon(daemons, tmp_path, token="s3cret", access_log=True)
-    client = daemon.client(token="s3cret")
-    assert client.post("/observer/events", page_traffic())[0] == 200
-    stats = client.get("/observer/stats")[1]
-    url = f"http://127.0.0.1:{daemon.port}/observer/ui"
-    browser = Browser(tmp_path)
-    try:
-        tab = browser.tab(1280, 800)
-        tab.go(url)
-        state = tab.wait(f"(s => !s.authHidden && s)({PAGE_STATE})", "the token form")
-        assert "needs its bearer token" in state["authMessage"] and state["total"] == "…"
-        tab.js('document.getElementById("token").value = "é"; document.getElementById("auth").requestSubmit()')
-        tab.wait(f"{PAGE_STATE}.authMessage.includes('printable ASCII')", "a token fetch could not send, refused")
-        submit = ('document.getElementById("token").value = {}; '
-                  'document.getElementById("auth").requestSubmit()')
-        tab.js(submit.format(json.dumps("s3cres")))
-        state = tab.wait(f"(s => !s.authHidden && s.authMessage.includes('refused') && s)({PAGE_STATE})",
-                         "the wrong token refused")
-        assert "401" in state["authMessage"] and state["total"] == "…"
-        print(f"screenshot: {tab.screenshot(tmp_path / 'ui-token-refused.png')}")
-        tab.js(submit.format(json.dumps("s3cret")))
-        state = tab.wait(f"(s => s.connClass === 'ok' && s)({PAGE_STATE})", "data with the right token")
-        assert state["authHidden"] and number_in(state["total"]) == stats["total"]
-        # Kept for this tab only, and never put in the address.
-        assert tab.js('sessionStorage.getItem("observerd.token")') == "s3cret"
-        assert tab.js("location.href") == url and tab.js('document.getElementById("token").value') == ""
-        assert "/observer/timeline" in daemon.log and "s3cret" not in daemon.log
-        assert tab.problems() == []
-    finally:
-        browser.close()
-
-
-# --- issue 21: runs, comparisons, correction verdicts ---
-
-
-def ago(seconds: float, now: float | None = None) -> str:
-    return od.rfc3339_of((time.time() if now is None else now) - seconds)
-
-
-def two_hours_of_ops(now: float) -> list[dict]:
-    """An hour (2h..1h ago, run r1) and the next (1h..now, run r2) of four endpoints: /triples'
-    failure rate triples, /doubles' durations double, /steady stays as it was, /rare has 3 ops a
-    side. Candidate failures of /triples bring a new error; one of /steady's goes away."""
-    rng = random.Random(21)
-    ops = []
-    for side, (start, end) in enumerate(((7000, 3700), (3500, 100))):
-        run = f"r{side + 1}"
-        for i in range(100):
-            at = ago(start - (start - end) * i / 100, now)
-            fails = i % 10 < (1, 3)[side]
-            ops.append(op("/triples", timestamp=at, run_id=run, success=not fails, duration_ms=rng.uniform(10, 20),
-                          error=("connection reset by peer" if side and i % 2 else "upstream 502 for job 9")))
-            ops.append(op("/doubles", timestamp=at, run_id=run, success=True,
-                          duration_ms=rng.uniform(10, 20) * (1, 2)[side], model=f"m{i % 2}"))
-            ops.append(op("/steady", timestamp=at, run_id=run, success=i % 10 != 0, duration_ms=rng.uniform(10, 20),
-                          error="disk full" if (side, i) == (0, 0) else "boom"))
-        ops += [op("/rare", timestamp=ago(start - i, now), run_id=run, success=True, duration_ms=5.0) for i in range(3)]
-    ops.append(op("/triples", timestamp=ago(200, now), source="overseer_correction", run_id="r2"))
-    return ops
-
-
-def post_ops(client, ops) -> None:
-    for start in range(0, len(ops), 500):
-        status, body, _ = client.post("/observer/events", ops[start:start + 500])
-        assert status == 200, body
-
-
-def verdicts_of(answer) -> dict[str, tuple[str, str, str]]:
-    return {row["endpoint"]: (row["verdict"], row["failure_rate"]["verdict"], row["duration"]["verdict"])
-            for row in answer["rows"]}
-
-
-EXPECTED_VERDICTS = {"/triples": ("worse", "worse", "~"), "/doubles": ("worse", "~", "worse"),
-                     "/steady": ("~", "~", "~"), "/rare": ("too few", "too few", "too few")}
-
-
-def test_compare_finds_exactly_what_changed_over_http_and_on_the_command_line(serve):
-    server = serve()
-    post_ops(server.client(), two_hours_of_ops(time.time()))
-    status, answer, _ = server.client().get("/observer/compare?baseline=2h..1h&candidate=1h..now")
-    assert status == 200, answer
-    assert list(answer) == ["verdict", "baseline", "candidate", "by", "scanned_bytes", "truncated", "rows"]
-    assert (answer["verdict"], answer["baseline"], answer["candidate"], answer["by"], answer["truncated"]) == (
-        "worse", "2h..1h", "1h..now", "endpoint", False)
-    assert verdicts_of(answer) == EXPECTED_VERDICTS
-    assert [row["verdict"] for row in answer["rows"]] == ["worse", "worse", "~", "too few"]
-    triples = next(row for row in answer["rows"] if row["endpoint"] == "/triples")
-    assert list(triples) == ["endpoint", "verdict", "baseline", "candidate", "failure_rate", "duration",
-                             "new_signatures", "gone_signatures"]
-    assert triples["baseline"] == {"ops": 100, "failures": 10, "failure_rate": 0.1,
-                                   "p50_ms": triples["baseline"]["p50_ms"], "p95_ms": triples["baseline"]["p95_ms"]}
-    assert (triples["candidate"]["ops"], triples["candidate"]["failures"]) == (100, 30)  # the correction is not an op
-    assert triples["failure_rate"]["p"] == pytest.approx(od.fisher_exact_p(10, 90, 30, 70))
-    assert triples["failure_rate"]["q"] >= triples["failure_rate"]["p"]
-    assert triples["new_signatures"] == [{"signature": "connection reset by peer", "count": 10}]  # i % 10 == 1
-    steady = next(row for row in answer["rows"] if row["endpoint"] == "/steady")
-    assert steady["gone_signatures"] == [{"signature": "disk full", "count": 1}]
-    rare = next(row for row in answer["rows"] if row["endpoint"] == "/rare")
-    assert rare["failure_rate"] == rare["duration"] == {"p": None, "q": None, "verdict": "too few"}
-
-    cli = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "json")
-    assert cli.returncode == 0, cli.stderr
-    assert json.loads(cli.stdout)["rows"] == answer["rows"]
-    table = run_cli("compare", "2h..1h", "1h..now", str(server.config.persist_path), "-o", "table").stdout
-    assert "/triples" in table and "+20.0pp" in table and "too few  fewer than 5 ops" in table
-    assert re.search(r"/steady .* ~ ", table)
-
-
-def test_compare_two_runs_and_by_any_field(serve):
-    server = serve()
-    post_ops(server.client(), two_hours_of_ops(time.time()))
-    status, by_run, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2")
-    assert status == 200 and verdicts_of(by_run) == EXPECTED_VERDICTS
-    status, by_model, _ = server.client().get("/observer/compare?baseline=r1&candidate=r2&by=model&endpoint=/doubles")
-    assert status == 200, by_model
-    assert {row["model"]: row["verdict"] for row in by_model["rows"]} == {"m0": "worse", "m1": "worse"}
-    cli = run_cli("compare", "r1", "r2", str(server.config.persist_path), "--by", "model", "--endpoint", "/doubles")
-    assert json.loads(cli.stdout)["rows"] == by_model["rows"]
-
-
-@pytest.mark.parametrize("query, name", [
-    ("candidate=1h..now", "baseline"),
-    ("baseline=2h..1h", "candidate"),
-    ("baseline=1h..2h&candidate=1h..now", "baseline"),
-    ("baseline=r1&candidate=r2&by=verdict", "by"),
-    ("baseline=r1&candidate=r2&by=", "by"),
-    ("baseline=r1&candidate=r2&success=false", "success"),
-])
-def test_bad_comparisons_are_400_naming_the_parameter(serve, query, name):
-    status, body, _ = serve().client().get("/observer/compare?" + query)
-    assert status == 400 and name in body["error"], body
-
-
-def test_compare_on_the_command_line_names_the_bad_argument(tmp_path):
-    journal = tmp_path / "ops.jsonl"
-    journal.write_text(json.dumps(op("/a", timestamp=ago(10))) + "\n")
-    cli = run_cli("compare", "1h..2h", "1h..now", str(journal))
-    assert cli.returncode == 2 and cli.stderr.startswith("observerd.py compare: baseline starts after it ends")
-    cli = run_cli("compare", "r1", "r2", str(journal), "--by", "duration")
-    assert cli.returncode == 2 and "--by cannot be 'duration'" in cli.stderr
-
-
-def test_fifty_unchanged_endpoints_with_noise_light_up_no_row():
-    """Twenty comparisons (seeds 0-19) of fifty endpoints that did not change: each has 100
-    tests, so raw p < 0.05 turns up by chance in nearly all; after Benjamini–Hochberg none."""
-    chance_findings = 0
-    for seed in range(20):
-        rng = random.Random(seed)
-        sides = []
-        for _ in range(2):
-            groups = {}
-            for n in range(50):
-                tally = groups[f"/e{n}"] = od.Tally()
-                for _ in range(40):
-                    tally.add(od.RingOp(od.validate_op(op(f"/e{n}", success=rng.random() > 0.2,
-                                                          duration_ms=rng.lognormvariate(3, 0.5)))))
-            sides.append(groups)
-        verdict, rows = od.compare_tallies("endpoint", *sides)
-        chance_findings += min(row[metric]["p"] for row in rows for metric in ("failure_rate", "duration")) < 0.05
-        assert verdict == "~" and {row["verdict"] for row in rows} == {"~"}, seed
-    assert chance_findings >= 15, "the noise must hold chance 'findings' for the test to mean anything"
-
-
-def test_runs_newest_first_with_their_numbers_over_http_and_on_the_command_line(serve):
-    server = serve()
-    post_ops(server.client(), two_hours_of_ops(time.time()) + [op("/no-run")])
-    status, answer, _ = server.client().get("/observer/runs")
-    assert status == 200, answer
-    assert [run["run"] for run in answer["runs"]] == ["r2", "r1"]
-    r2 = answer["runs"][0]
-    assert (r2["ops"], r2["failures"], r2["endpoints"]) == (
-        304, 40, ["/doubles", "/rare", "/steady", "/triples"])  # 303 ops and the correction
-    assert r2["failure_rate"] == round(40 / 304, 4) and r2["first"] < r2["last"]
-    assert list(r2) == ["run", "first", "last", "ops", "failures", "failure_rate", "p50_ms", "p95_ms", "endpoints"]
-    cli = run_cli("runs", str(server.config.persist_path), "-o", "json")
-    assert json.loads(cli.stdout)["runs"] == answer["runs"]
-    status, failed, _ = server.client().get("/observer/runs?endpoint=/triples&success=false&since=1h")
-    assert [(run["run"], run["ops"]) for run in failed["runs"]] == [("r2", 30)]
-    cli = run_cli("runs", str(server.config.persist_path), "--endpoint", "/triples", "--failed", "--since", "1h")
-    assert json.loads(cli.stdout)["runs"] == failed["runs"]
-
-
-def test_runs_are_bounded_by_max_scan_bytes_and_go_on_by_cursor(serve):
-    server = serve(max_scan_bytes=1)
-    post_ops(server.client(), [op("/a", run_id=f"r{i // 1000}", pad="x" * 200) for i in range(3000)])
-    status, first, _ = server.client().get("/observer/runs")
-    assert first["truncated"] and first["cursor"] and sum(run["ops"] for run in first["runs"]) < 3000
-    seen = Counter({run["run"]: run["ops"] for run in first["runs"]})
-    cursor = first["cursor"]
-    for _ in range(1000):  # each page reads at least a block: ~15 of them hold it all
-        page = server.client().get(f"/observer/runs?cursor={cursor}")[1]
-        seen.update({run["run"]: run["ops"] for run in page["runs"]})
-        cursor = page["cursor"]
-        if cursor is None:
-            break
-    assert seen == {"r0": 1000, "r1": 1000, "r2": 1000}
-
-
-def corrected_endpoints(now: float) -> list[dict]:
-    """Three endpoints each corrected 125 s ago (verdict_window_s 120: its after-window closed 5 s
-    ago, and it stays among the corrections an analysis judges for another 115 s), 30 ops in the
-    30 s before and 30 in the 30 s after: /fixed goes from 50% failures to none, /idle stays at
-    50%, /broke goes from none to 60%. A fourth correction, 10 s ago, still waits."""
-    ops = []
-    for endpoint, (before, after) in {"/fixed": (5, 0), "/idle": (5, 5), "/broke": (0, 6)}.items():
-        for i in range(30):
-            ops.append(op(endpoint, timestamp=ago(155 - i, now), success=i % 10 >= before, duration_ms=10.0 + i,
-                          error=f"upstream 502 for job {i}"))
-            ops.append(op(endpoint, timestamp=ago(120 - i, now), success=i % 10 >= after, duration_ms=10.5 + i,
-                          error=f"upstream 502 for job {i}"))
-        ops.append(op(endpoint, source="overseer_correction", timestamp=ago(125, now), input_summary="retries=5"))
-    ops.append(op("/later", source="overseer_correction", timestamp=ago(10, now)))
-    return ops
-
-
-CORRECTION_SETTINGS = dict(verdict_window_s=120, analyze_interval_s=0.05, escalate_threshold=1_000_000,
-                           escalate_window_s=3600)
-
-
-def correction_verdicts(client) -> dict[str, tuple[str, bool]]:
-    status, answer, _ = client.get("/observer/corrections")
-    assert status == 200, answer
-    return {entry["correction"]["endpoint"]: (entry["verdict"], entry["escalated"]) for entry in answer["corrections"]}
-
-
-def test_each_correction_gets_a_verdict_and_an_unhelpful_one_is_escalated_once_across_restarts(
-        tmp_path, daemons, fake_service):
-    team = fake_service()
-    settings = dict(CORRECTION_SETTINGS, escalate_url=team.url + "/api/run")
-    daemon = start_durable_daemon(daemons, tmp_path, **settings)
-    post_ops(daemon.client(), corrected_endpoints(time.time()))
-    wait_for(lambda: len(team.received) == 2, what="the escalations of the two unhelpful corrections")
-    sent = {body["correction"]["endpoint"]: body for _, body in team.received}
-    assert set(sent) == {"/idle", "/broke"}
-    idle = sent["/idle"]
-    assert (idle["mode"], idle["source"], idle["verdict"], idle["cluster"]["endpoint"]) == (
-        "code_review", "observerd", "no change", "/idle")
-    assert idle["comparison"]["baseline"]["failures"] == idle["comparison"]["candidate"]["failures"] == 15
-    assert sent["/broke"]["verdict"] == "hurt" and sent["/broke"]["comparison"]["failure_rate"]["verdict"] == "worse"
-    expected = {"/later": ("pending", False), "/broke": ("hurt", True), "/idle": ("no change", True),
-                "/fixed": ("helped", False)}
-    # The receiver has the POSTs; the daemon records each delivery once it has the answer.
-    wait_for(lambda: correction_verdicts(daemon.client()) == expected, what="both deliveries recorded")
-    assert list(correction_verdicts(daemon.client())) == ["/later", "/broke", "/idle", "/fixed"]  # newest first
-    cli = run_cli("corrections", "--config", str(tmp_path / "lakehouse.toml"), "-o", "json")
-    assert {e["correction"]["endpoint"]: (e["verdict"], e["escalated"]) for e in json.loads(cli.stdout)["corrections"]} == expected
-    escalations = daemon.client().get("/observer/escalations")[1]["escalations"]
-    assert sorted((e["endpoint"], e["verdict"], e["outcome"]) for e in escalations) == [
-        ("/broke", "hurt", "sent"), ("/idle", "no change", "sent")]
-    wait_for_analyses(daemon.client())
-    assert len(team.received) == 2, "a correction was escalated twice"
-
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.exit_status() == 0
-    daemon = start_durable_daemon(daemons, tmp_path, **settings)
-    wait_for_analyses(daemon.client())
-    assert correction_verdicts(daemon.client()) == expected
-    top = run_cli("top", "--once", "--url", f"http://127.0.0.1:{daemon.port}")
-    assert re.search(r"hurt +0\.0% → 60\.0%  /broke  \(escalated\)", top.stdout), top.stdout
-    assert re.search(r"helped +50\.0% → 0\.0%  /fixed\n", top.stdout), top.stdout
-    assert len(team.received) == 2, "a restart escalated a correction again"
-
-
-def test_a_failed_correction_escalation_is_retried_and_delivered_once(tmp_path, daemons, fake_service):
-    down = fake_service(status=503)
-    settings = dict(CORRECTION_SETTINGS, escalate_url=down.url + "/api/run", escalate_cooldown_s=3600)
-    daemon = start_durable_daemon(daemons, tmp_path, **settings)
-    post_ops(daemon.client(), corrected_endpoints(time.time()))
-    wait_for(lambda: len(down.received) >= 2, what="the first deliveries")
-    wait_for_analyses(daemon.client(), 40)
-    # Every analysis would be 80 attempts; doubling from 0.05 s, 30 would take hours.
-    assert 2 <= len(down.received) < 30, len(down.received)
-    assert {body["correction"]["endpoint"] for _, body in down.received} == {"/idle", "/broke"}
-    assert correction_verdicts(daemon.client())["/idle"] == ("no change", False)
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.exit_status() == 0
-    up = fake_service()
-    daemon = start_durable_daemon(daemons, tmp_path, **dict(settings, escalate_url=up.url))
-    wait_for(lambda: len(up.received) == 2, what="the deliveries once the target is up")
-    wait_for_analyses(daemon.client())
-    assert len(up.received) == 2
-    wait_for(lambda: correction_verdicts(daemon.client())["/idle"] == ("no change", True), what="the delivery recorded")
-
-
-def test_corrections_judged_on_a_read_cut_short_say_so_and_are_never_escalated(serve, fake_service):
-    team = fake_service()
-    server = serve(max_scan_bytes=1, escalate_url=team.url, **CORRECTION_SETTINGS)
-    now = time.time()
-    ops = corrected_endpoints(now)
-    early = [o for o in ops if o["timestamp"] < ago(140.5, now)]  # the first half of each before-window
-    late = [o for o in ops if o not in early]
-    # 300 KB of other ops between them: a read of the journal's last block sees /broke's last 15 ops
-    # before its correction (none failed) and the 30 after (18 failed): hurt, on a read cut short.
-    post_ops(server.client(), early + [op("/noise", timestamp=ago(140, now), pad="x" * 300) for _ in range(1000)]
-             + late)
-    wait_for_analyses(server.client(), 5)
-    status, answer, _ = server.client().get("/observer/corrections")
-    assert status == 200 and answer["truncated"] and answer["count"] == 4
-    broke = next(e for e in answer["corrections"] if e["correction"]["endpoint"] == "/broke")
-    assert (broke["verdict"], broke["truncated"], broke["comparison"]["baseline"]["ops"]) == ("hurt", True, 15)
-    assert team.received == []
-
-
-def test_the_corrections_of_one_listing_share_max_scan_bytes(serve):
-    server = serve(max_scan_bytes=300_000, verdict_window_s=60)
-    now = time.time()
-    # 2 MB of ops stamped now, then ten corrections stamped an hour back (sent late): each
-    # verdict's read goes back through all of it, looking for its endpoint's ops of that hour.
-    post_ops(server.client(), [op("/noise", timestamp=ago(1, now), pad="x" * 2000) for _ in range(1000)]
-             + [op(f"/fix/{n}", source="overseer_correction", timestamp=ago(3600, now)) for n in range(10)])
-    status, answer, _ = server.client().get("/observer/corrections")
-    assert status == 200 and answer["count"] == 10 and answer["truncated"]
-    # Ten reads of 300 KB each would be 3 MB; shared, the later ones read a block (64 KiB) each.
-    assert answer["scanned_bytes"] < 300_000 + 11 * od.HISTORY_BLOCK_BYTES
-
-
-@in_chromium
-def test_chromium_shows_the_latest_correction_verdicts(tmp_path, daemons):
-    daemon = start_durable_daemon(daemons, tmp_path, **CORRECTION_SETTINGS)
-    post_ops(daemon.client(), corrected_endpoints(time.time()))
-    wait_for(lambda: len(daemon.client().get("/observer/timeline")[1]["corrections"]) == 4, what="four verdicts")
-    browser = Browser(tmp_path)
-    try:
-        tab = browser.tab(1280, 800)
-        tab.go(f"http://127.0.0.1:{daemon.port}/observer/ui")
-        rows = tab.wait("(r => r.length === 4 && r[0].length > 1 && r)(Array.from("
-                        "document.querySelectorAll('#corrections-body tr'), (tr) => Array.from(tr.cells, (td) => td.textContent)))",
-                        "the correction verdicts")
-        assert [row[1:3] for row in rows] == [["/later", "pending"], ["/broke", "hurt"], ["/idle", "no change"],
-                                              ["/fixed", "helped"]]
-        assert rows[1][3] == "0 % → 60 %" and tab.problems() == []
-    finally:
-        browser.close()
+    assert 1 <= stats["total"] < 10  # the ring covers fewer ops; the journal keeps all ten
+    assert len(stats["recent_scenario_ops"]) == stats["total"]
+    assert len(stats["recent_scenario_ops"][-1]["x"]) == 2 * MIB // 3 + 1
+    assert len((tmp_path / "ops.jsonl").read_bytes().splitlines()) == 10
+    ops = client.get(f"/observer/ops?limit={stats['total']}")[1]
+    assert ops["count"] == stats["total"] and ops["ops"][0] == stats["recent_scenario_ops"][-1]
 
 
 # -----------------------------------------------------------------------------
-# Deploy: the shipped rules (promtool), a real Prometheus over two daemons, systemd notify,
-# the unit file and the scaling-out configs
+# [SECTION] Deploy files: the shipped rules (promtool), a real Prometheus over two daemons, the shippers
+# and the unit (beside the code, in deploy/)
 # -----------------------------------------------------------------------------
-
-DEPLOY = HERE / "deploy"
-RULES = DEPLOY / "observerd.rules.yml"
-PROMTOOL, PROMETHEUS = shutil.which("promtool"), shutil.which("prometheus")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not on PATH (apt-get install prometheus)")
-
-
-def alerts_and_runbooks() -> dict[str, str]:
-    """Each alert of the shipped rules, with its runbook annotation (read without a YAML parser:
-    the file keeps one key a line)."""
-    found, alert = {}, None
-    for line in RULES.read_text().splitlines():
-        if match := re.fullmatch(r"\s*- alert: (\w+)", line):
-            alert = match[1]
-            found[alert] = None
-        elif match := re.fullmatch(r"\s*runbook: (\S+)", line):
-            found[alert] = match[1]
-    return found
-
 
 @needs_promtool
 def test_the_shipped_rules_pass_promtool_check_and_their_unit_tests():
@@ -8129,227 +8957,6 @@ def test_the_rules_read_only_metrics_observerd_exports_and_the_readme_lists_ever
     readme_metrics = next(line for line in (HERE / "README.md").read_text().splitlines()
                           if line.startswith("| `GET /metrics` |"))
     assert [name for name in families if f"`{name}" not in readme_metrics] == []
-
-
-class FakeSystemd:
-    """A datagram socket standing in for systemd's notify socket: collects each message sent to
-    it (a path, or with abstract=True an @name in the abstract namespace)."""
-
-    def __init__(self, abstract: bool = False):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._folder = None
-        if abstract:
-            name = f"observerd-test-{os.getpid()}-{random.randrange(1 << 30)}"
-            self.sock.bind("\0" + name)
-            self.address = "@" + name
-        else:  # a short folder of its own: a socket path holds at most 107 bytes
-            self._folder = tempfile.TemporaryDirectory(prefix="sd-")
-            self.address = os.path.join(self._folder.name, "notify")
-            self.sock.bind(self.address)
-        self.messages: list[str] = []
-        self._arrived = threading.Condition()
-        threading.Thread(target=self._collect, daemon=True).start()
-
-    def _collect(self):
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                return
-            with self._arrived:
-                self.messages.append(data.decode())
-                self._arrived.notify_all()
-
-    def wait(self, predicate, what: str, after: int = 0, timeout: float = 60) -> int:
-        """The index of the first message from `after` on that predicate accepts."""
-        def found():
-            return next((i for i in range(after, len(self.messages)) if predicate(self.messages[i])), None)
-        with self._arrived:
-            if not self._arrived.wait_for(lambda: found() is not None, timeout):
-                raise AssertionError(f"no notify message {what}; got {self.messages[after:]}")
-            return found()
-
-    def statuses(self, start: int = 0) -> list[str]:
-        return [line[len("STATUS="):] for message in self.messages[start:]
-                for line in message.split("\n") if line.startswith("STATUS=")]
-
-    def close(self):
-        self.sock.close()
-        if self._folder is not None:
-            self._folder.cleanup()
-
-
-@pytest.fixture
-def fake_systemd():
-    yield from started_by_test(FakeSystemd, FakeSystemd.close)
-
-
-@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_systemd_hears_restoring_ready_not_writable_and_stopping(tmp_path, daemons, fake_systemd, abstract):
-    systemd = fake_systemd(abstract=abstract)
-    gate = tmp_path / "restore-gate"
-    os.mkfifo(gate)
-    script = hooked_daemon_script(tmp_path, f"""
-restore_journal = observerd.restore_journal
-def held_restore_journal(*args, **kwargs):
-    with open({str(gate)!r}, "rb") as fifo:
-        fifo.read()
-    return restore_journal(*args, **kwargs)
-observerd.restore_journal = held_restore_journal
-""")
-    config = write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"})
-    daemon = daemons(tmp_path, config=config, script=script, env={"NOTIFY_SOCKET": systemd.address},
-                     preexec_fn=limit_file_size(1 << 40)).wait_listening(restored=False)
-    systemd.wait(lambda m: m == f"STATUS=not ready: {od.RESTORING}", "saying it restores")
-    assert not any("READY=1" in m for m in systemd.messages)
-    with open(gate, "wb"):
-        pass  # the restore goes on
-    ready = systemd.wait(lambda m: "READY=1" in m.split("\n"), "READY=1")
-    assert systemd.messages[ready] == "READY=1\nSTATUS=ready"
-    client = daemon.client()
-    assert client.post("/observer/event", op("/a"))[0] == 200
-
-    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, ((tmp_path / "ops.jsonl").stat().st_size,
-                                                              resource.RLIM_INFINITY))
-    assert client.post("/observer/event", op("/b"))[0] == 503
-    failing = systemd.wait(lambda m: m.startswith("STATUS=not ready: journal cannot be written: File too large"),
-                           "saying the journal cannot be written")
-    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-    systemd.wait(lambda m: m == "STATUS=ready", "ready again", after=failing)
-
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.exit_status() == 0
-    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
-    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
-    assert not any("WATCHDOG" in m for m in systemd.messages), "no WATCHDOG_USEC: no pings"
-
-
-def test_the_watchdog_is_pinged_while_alive_and_not_while_the_committer_is_wedged(tmp_path, daemons, fake_systemd):
-    systemd = fake_systemd(abstract=True)
-    daemon = daemons(tmp_path, config=write_settings(tmp_path, {"bind": "127.0.0.1:0", "persist_path": "ops.jsonl"}),
-                     env={"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1000000"}).wait_listening()
-    first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
-    systemd.wait(lambda m: m == "WATCHDOG=1", "a second ping", after=first + 1)
-
-    # A real fault: the journal's path now names a FIFO no one reads (as a hung NFS server or
-    # a dead disk would hold a write), and an append fills its buffer and blocks in write().
-    journal = tmp_path / "ops.jsonl"
-    journal.unlink()
-    os.mkfifo(journal)
-    batch = json.dumps([op(f"/wedge/{i}", pad="x" * 1024) for i in range(200)]).encode()
-    wedged = socket.create_connection(("127.0.0.1", daemon.port))
-    wedged.sendall(b"POST /observer/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: %d\r\n\r\n" % len(batch) + batch)
-    stuck = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the committer has held one commit"),
-                         "the watchdog withheld")
-    # The status counts the seconds held: once it says 3 s or more, six pings would have been due.
-    held = systemd.wait(lambda m: re.search(r"held one commit for ([3-9]|\d\d+)\.\d s$", m) is not None,
-                        "three seconds held", after=stuck)
-    assert "WATCHDOG=1" not in systemd.messages[stuck:held + 1]
-    assert daemon.client().get("/observer/health")[0] == 200, "the accept loop still answers"
-
-    # Reading the FIFO lets the write through (its fsync then fails: a FIFO is no file):
-    # the committer is free, and the pings resume.
-    drained = threading.Thread(target=lambda: open(journal, "rb").read(), daemon=True)
-    drained.start()
-    systemd.wait(lambda m: m == "WATCHDOG=1", "the pings to resume", after=held)
-    wedged.close()
-    daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.exit_status() == 0
-    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
-    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
-
-
-def test_the_readme_unit_is_the_shipped_one_type_notify_with_a_watchdog_and_check_first(tmp_path):
-    readme = (HERE / "README.md").read_text()
-    unit = (DEPLOY / "observerd.service").read_text()
-    shown = readme.split("`/etc/systemd/system/observerd.service`", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
-    assert shown == unit
-    settings = [line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")]
-    assert ["Type", "notify"] in settings
-    assert [value for key, value in settings if key == "WatchdogSec"] == ["30"]
-    (pre,) = [shlex.split(value) for key, value in settings if key == "ExecStartPre"]
-    (start,) = [shlex.split(value) for key, value in settings if key == "ExecStart"]
-    assert pre[:3] == start[:2] + ["check"] and pre[3:] == start[2:]
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not on PATH: the unit's syntax is not verified")
-    shutil.copy(DEPLOY / "observerd.service", tmp_path / "observerd.service")
-    result = subprocess.run([analyze, "verify", str(tmp_path / "observerd.service")], capture_output=True,
-                            text=True, timeout=120)
-    assert (result.returncode, result.stderr) == (0, ""), result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Prometheus:
-    """A real Prometheus on 127.0.0.1 scraping targets as job "observerd" with the shipped
-    rules, scrape and evaluation every half second; its data in folder."""
-
-    def __init__(self, folder: Path, targets: list[str]):
-        folder.mkdir()
-        config = folder / "prometheus.yml"
-        config.write_text(json.dumps({  # JSON is YAML
-            "global": {"scrape_interval": "500ms", "evaluation_interval": "500ms", "scrape_timeout": "400ms"},
-            "rule_files": [str(RULES)],
-            "scrape_configs": [{"job_name": "observerd", "static_configs": [{"targets": targets}]}],
-        }))
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = folder / "prometheus.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
-                 f"--web.listen-address={self.url[len('http://'):]}"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=folder)
-        wait_for(self._ready, timeout=120, what="prometheus to be ready")
-
-    def _ready(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"prometheus exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            return self.get("/-/ready", raw=True) == 200
-        except OSError:
-            return False
-
-    def get(self, path: str, raw: bool = False, **query):
-        with urlopen(f"{self.url}{path}" + (f"?{urlencode(query)}" if query else ""), timeout=30) as answer:
-            if raw:
-                return answer.status
-            body = json.loads(answer.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def query(self, promql: str, **at) -> dict[tuple, float]:
-        """{labels as sorted (name, value) pairs: value} of an instant vector."""
-        return {tuple(sorted(r["metric"].items())): float(r["value"][1])
-                for r in self.get("/api/v1/query", query=promql, **at)["result"]}
-
-    def by_instance(self, promql: str) -> dict[str, float]:
-        """{instance: value} of an instant vector with one series per instance."""
-        return {dict(labels)["instance"]: value for labels, value in self.query(promql).items()}
-
-    def firing(self, alertname: str) -> set[str]:
-        """The instances alertname fires for now."""
-        return {a["labels"].get("instance") for a in self.get("/api/v1/alerts")["alerts"]
-                if a["labels"]["alertname"] == alertname and a["state"] == "firing"}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@pytest.fixture
-def prometheus():
-    yield from started_by_test(Prometheus, Prometheus.stop)
 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not on PATH (apt-get install prometheus)")
@@ -8414,12 +9021,6 @@ def test_a_real_prometheus_over_two_daemons_sums_the_fleet_and_alerts_on_one_jou
     assert prom.by_instance("observerd_journal_writable") == {i: 1.0 for i in instance.values()}
 
 
-def shown_deploy_files() -> dict[str, str]:
-    """The deploy/ files docs/scaling-out.md shows, each as the block after its name."""
-    page = (HERE / "docs" / "scaling-out.md").read_text()
-    return dict(re.findall(r"^`deploy/([\w.-]+)`:\n\n```\w*\n(.*?)```$", page, re.M | re.S))
-
-
 def test_the_scaling_out_page_shows_the_deploy_files_exactly():
     shown = shown_deploy_files()
     assert sorted(shown) == ["clickhouse.sql", "fluent-bit.conf", "prometheus-global.yml", "prometheus.yml",
@@ -8472,29 +9073,3 @@ def test_the_shipper_configs_pass_their_own_tools_check_where_installed(tool, ar
     result = subprocess.run([path, *argv], capture_output=True, text=True, timeout=120, cwd=DEPLOY,
                             env={**os.environ, "CLICKHOUSE_PASSWORD": "x", "HOSTNAME": "host-a"})
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_the_watchdog_is_not_pinged_once_the_accept_loop_stops_going_round(serve, fake_systemd):
-    systemd = fake_systemd(abstract=True)
-    server = serve()
-    notifier = od.SystemdNotifier(server.server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "400000"})
-    try:
-        first = systemd.wait(lambda m: m == "WATCHDOG=1", "a first ping")
-        server.server.shutdown()  # serve_forever returns: nothing accepts connections any more
-        stopped = systemd.wait(lambda m: m.startswith("STATUS=not pinging the watchdog: the accept loop"),
-                               "the watchdog withheld", after=first)
-        held = systemd.wait(lambda m: re.search(r"has not gone round for ([2-9]|\d\d+)\.\d s$", m) is not None,
-                            "two seconds without a turn", after=stopped)
-        assert "WATCHDOG=1" not in systemd.messages[stopped:held + 1]
-    finally:
-        notifier.stopping()
-    stopping = systemd.wait(lambda m: m == "STOPPING=1\nSTATUS=shutting down", "STOPPING=1")
-    assert stopping == len(systemd.messages) - 1, "nothing after STOPPING=1"
-
-
-def test_a_watchdog_too_short_to_keep_is_said_and_pinged_as_often_as_allowed(serve, fake_systemd, capsys):
-    systemd = fake_systemd(abstract=True)
-    notifier = od.SystemdNotifier(serve().server, {"NOTIFY_SOCKET": systemd.address, "WATCHDOG_USEC": "1"})
-    notifier.stopping()
-    assert notifier.ping_interval_s == od.SystemdNotifier.MIN_PING_INTERVAL_S
-    assert 'msg="WatchdogSec is too short to be kept; pinging as often as allowed" watchdog_usec=1' in capsys.readouterr().err
