@@ -2482,6 +2482,21 @@ def test_shipped_lakehouse_toml_loads_with_the_defaults():
     assert config.persist_path == HERE / "data/observer/ops.jsonl"
 
 
+def test_shipped_lakehouse_toml_sets_what_a_host_must_and_shows_every_other_setting_at_its_default():
+    # Uncommented, every "# key = value" line is the setting at its default: a default changed
+    # in code can never be pinned at its old value by the shipped file.
+    text = (HERE / "lakehouse.toml").read_text()
+    document = tomllib.loads(text)
+    assert document == {"observerd": {"bind": "127.0.0.1:3219", "persist_path": "data/observer/ops.jsonl"},
+                        "auth": {}}
+    shown = tomllib.loads(re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M))
+    for setting in od.SETTINGS:
+        value = shown[setting.table][setting.name]
+        if setting.name not in document[setting.table]:
+            assert value == ("" if setting.default is None else setting.default), setting.name
+    assert sum(len(table) for table in shown.values()) == len(od.SETTINGS)
+
+
 def test_cli_flags_and_env_override_the_file(tmp_path):
     path = write_config(tmp_path, {"bind": "127.0.0.1:1000", "persist_path": "x.jsonl"}, {"token": "file"})
     config = od.load_config(str(path), bind="127.0.0.1:0", persist_path="",
