@@ -2092,6 +2092,7 @@ class Journal:
             fd = rotate_segments(self.path, self.keep_files, self.record)
             os.close(self._fd)
             self._fd, size = fd, 0
+            status = os.fstat(fd)
         if size and os.pread(self._fd, 1, size - 1) != b"\n":
             # Another writer's line is unfinished. Glued onto it, our first op would be
             # lost in one unparseable line, so it starts its own; if that writer was
@@ -2099,7 +2100,6 @@ class Journal:
             data = b"\n" + data
         view = memoryview(data)
         start = None
-        written_to = os.fstat(self._fd)  # the file these bytes go to, should they need recording
         try:
             while view:
                 written = os.write(self._fd, view)
@@ -2115,7 +2115,7 @@ class Journal:
             if start is not None:
                 # Written, not known durable: never to be trusted, by this process or the next.
                 sent = data[:len(data) - len(view)]
-                self._pending = Unsynced(written_to.st_dev, written_to.st_ino, start, start + len(sent),
+                self._pending = Unsynced(status.st_dev, status.st_ino, start, start + len(sent),
                                          zlib.crc32(sent), self.path.name)
                 self._pending_logged = False
                 try:
